@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make run` (main job) and `make test` (the suite).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/securefml run --dataset digits-fewshot --algorithm fomaml --rounds 30 --clients-per-round 8 \
+		--protocol ckks --select topk:0.5 --attack signflip --malicious 0.25 --defense krum --out results/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check securefml protocols defenses attacks tests benchmarks
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .hypothesis

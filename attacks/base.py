@@ -1,0 +1,64 @@
+"""The attack interface: what a malicious client may do before its update is encoded.
+
+An attack controls its own data (``poison_task``) and/or its own update
+(``poison_updates``).  An omniscient attack also sees the round's honest updates, which the
+federation loop passes in ``AttackContext.honest_updates`` only when ``omniscient`` is True.
+Subclass ``Attack`` and override one or both hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Attack", "AttackContext"]
+
+
+@dataclass
+class AttackContext:
+    """What a malicious client knows in a round.
+
+    Attributes
+    ----------
+    round:
+        The round index.
+    n_clients:
+        Size of the round's cohort (honest + malicious).
+    n_malicious:
+        How many of the cohort are malicious (the colluding group).
+    honest_updates:
+        ``[h, d]`` honest updates of the round (omniscient attacks only; else None).
+    defense:
+        The server's defense, for adaptive attacks that know the rule (else None).
+    generator:
+        Randomness the attack must use (injected, never global).
+    """
+
+    round: int
+    n_clients: int
+    n_malicious: int
+    honest_updates: torch.Tensor | None = None
+    defense: Any = None
+    generator: torch.Generator | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Attack:
+    """Base class: by default an attack changes nothing (an honest client)."""
+
+    name: str = "none"
+    omniscient: bool = False
+
+    def poison_task(self, task: Any, *, generator: torch.Generator | None = None) -> Any:
+        """Return the (possibly poisoned) local task a malicious client trains on."""
+        return task
+
+    def poison_updates(self, own: torch.Tensor, context: AttackContext) -> torch.Tensor:
+        """Return the ``[m, d]`` updates the malicious clients send, given their own ``[m, d]``."""
+        return own
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"

@@ -1,0 +1,171 @@
+"""The interface every aggregation protocol implements, and the pieces they share.
+
+A protocol is a client half (turns a client's selected layers into message bytes) and a
+server half (turns the messages it received into an aggregate, running the defense on what
+the protocol can reveal).  ``AggregationProtocol.run_round`` is the in-memory driver the
+federation loop uses; messages still cross a ``Transport`` as bytes, so dropouts and
+tampering are injected there, never by hooks in the protocol code.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
+from securefml.updates import LayerLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from securefml.defenses.base import AggregationResult, Defense
+
+__all__ = [
+    "ClientUpdate",
+    "RoundOutput",
+    "Transport",
+    "AggregationProtocol",
+    "Reveals",
+    "weighted_layer_mean",
+    "check_finite",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Reveals:
+    """What the server half can show a defense (DESIGN.md, robust aggregation under secrecy)."""
+
+    UPDATES = "updates"  # every client's coordinates (plaintext)
+    GRAM = "gram"  # norms / inner products only (CKKS statistics)
+    BUCKETS = "buckets"  # sums of random buckets of clients (SecAgg bucketed mode)
+    SUM = "sum"  # only the total (SecAgg)
+
+
+@dataclass
+class ClientUpdate:
+    """One client's contribution before encoding.
+
+    Attributes
+    ----------
+    client_id:
+        Stable id of the client.
+    vector:
+        The client's update for ``layers`` only, laid out by the round's ``LayerLayout``.
+    layers:
+        The layers uploaded (layout order); every other layer costs zero bytes.
+    weight:
+        Aggregation weight, usually the client's sample count.
+    """
+
+    client_id: int
+    vector: torch.Tensor
+    layers: tuple[str, ...]
+    weight: float = 1.0
+
+
+@dataclass
+class RoundOutput:
+    """What the server half produced for one round."""
+
+    aggregate: torch.Tensor  # full-length, zeros where no client uploaded
+    layer_weight: dict[str, float]  # total weight behind each layer (0 = keep global value)
+    accepted: tuple[int, ...]
+    rejected: dict[int, str] = field(default_factory=dict)
+    flagged: tuple[int, ...] = ()
+    bytes_uploaded: int = 0
+    defense: AggregationResult | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+class Transport:
+    """Carries message bytes from a client to the server; returns None if the client dropped.
+
+    The default delivers everything untouched.  Tests and protocol attacks subclass it to
+    drop, delay, replay or tamper with messages at a named stage.
+    """
+
+    def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
+        return data
+
+
+def check_finite(vector: torch.Tensor, sender: int) -> None:
+    if not torch.isfinite(vector).all():
+        raise InvalidUpdateError("update contains NaN or Inf", sender=sender)
+
+
+def weighted_layer_mean(
+    layout: LayerLayout,
+    vectors: Sequence[torch.Tensor],
+    layer_sets: Sequence[tuple[str, ...]],
+    weights: Sequence[float] | torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-layer weighted mean over the clients that uploaded each layer.
+
+    Returns the full-length aggregate (zeros where nobody uploaded) and the total weight
+    behind each layer.  Accumulates in float64 so the mean does not depend on client order.
+    """
+    full = torch.zeros(layout.numel, dtype=torch.float64)
+    totals = dict.fromkeys(layout.layer_names, 0.0)
+    w = [float(x) for x in weights]
+    for vec, layers, wi in zip(vectors, layer_sets, w):
+        if wi == 0:
+            continue
+        pos = 0
+        v = vec.to(torch.float64)
+        for name, s in layout.slices(layers).items():
+            size = s.stop - s.start
+            full[s] += wi * v[pos : pos + size]
+            totals[name] += wi
+            pos += size
+    for name, s in layout.slices().items():
+        if totals[name] != 0:
+            full[s] /= totals[name]
+    return full.to(torch.float32), totals
+
+
+class AggregationProtocol(ABC):
+    """A secure (or reference) aggregation protocol.
+
+    Subclasses declare ``reveals`` (what a defense may see) and implement ``run_round``.
+    """
+
+    name: str = "protocol"
+    reveals: str = Reveals.UPDATES
+
+    @abstractmethod
+    def run_round(
+        self,
+        round_idx: int,
+        updates: Sequence[ClientUpdate],
+        layout: LayerLayout,
+        *,
+        defense: Defense,
+        transport: Transport | None = None,
+        reference: torch.Tensor | None = None,
+        context: Mapping[str, object] | None = None,
+    ) -> RoundOutput:
+        """Encode every client's update, carry it over ``transport``, decode and aggregate.
+
+        A client whose message is invalid is rejected with a ``ProtocolError`` (or an
+        ``InvalidUpdateError``) recorded in ``RoundOutput.rejected``; the round goes on.
+        """
+
+    def check_defense(self, defense: Defense) -> None:
+        """Raise ``ConfigError`` if ``defense`` cannot run on what this protocol reveals."""
+        if self.reveals not in defense.runs_on:
+            need = ", ".join(sorted(defense.runs_on))
+            raise ConfigError(
+                f"defense {defense!r} cannot run under protocol {self.name!r} (it reveals {self.reveals!r}); "
+                f"it needs a protocol that reveals one of: {need}"
+            )
+
+    @staticmethod
+    def record_rejection(rejected: dict[int, str], sender: int, exc: Exception) -> None:
+        if not isinstance(exc, (ProtocolError, InvalidUpdateError)):
+            raise exc
+        log.warning("round: rejected client %s: %s", sender, exc)
+        rejected[sender] = f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,149 @@
+"""The reference protocol: no secrecy, the same interface and wire checks as the secure ones."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from securefml.errors import MalformedMessageError, ProtocolError, ReplayError
+from securefml.protocols.base import (
+    AggregationProtocol,
+    ClientUpdate,
+    Reveals,
+    RoundOutput,
+    Transport,
+    check_finite,
+    weighted_layer_mean,
+)
+from securefml.protocols.wire import Envelope, decode, encode, pack_array, unpack_array
+from securefml.updates import LayerLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from securefml.defenses.base import Defense
+
+__all__ = ["Plaintext", "encode_manifest", "decode_manifest"]
+
+KIND = "plain-update"
+
+
+def encode_manifest(layers: Sequence[str]) -> bytes:
+    return "\n".join(layers).encode("utf-8")
+
+
+def decode_manifest(data: bytes, layout: LayerLayout, *, sender: int) -> tuple[str, ...]:
+    try:
+        names = tuple(data.decode("utf-8").split("\n")) if data else ()
+        canon = layout.canonical(names)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedMessageError(f"bad layer manifest: {exc}", sender=sender) from None
+    if canon != names:
+        raise MalformedMessageError("layer manifest is not in layout order or has duplicates", sender=sender)
+    return canon
+
+
+class Plaintext(AggregationProtocol):
+    """Clients send float32 updates in the clear; the server sees every coordinate.
+
+    Threat model: none for privacy (declared leakage: every update).  Kept as the reference
+    the secure protocols are measured against, and for defenses that need coordinates.
+    """
+
+    name = "plaintext"
+    reveals = Reveals.UPDATES
+
+    # -- client half ------------------------------------------------------------------------
+    def encode(self, round_idx: int, update: ClientUpdate, layout: LayerLayout) -> bytes:
+        layers = layout.canonical(update.layers)
+        fields = {
+            "layout": layout.fingerprint(),
+            "layers": encode_manifest(layers),
+            "weight": struct.pack(">d", float(update.weight)),
+            "vector": pack_array(update.vector.detach().to("cpu", torch.float32).numpy()),
+        }
+        return encode(Envelope(KIND, round_idx, update.client_id, fields))
+
+    # -- server half ------------------------------------------------------------------------
+    def decode(self, round_idx: int, sender: int, data: bytes, layout: LayerLayout) -> ClientUpdate:
+        env = decode(data, sender=sender, max_bytes=16 * layout.numel + 65536)
+        env.expect(kind=KIND, round=round_idx, sender=sender)
+        if env.field("layout") != layout.fingerprint():
+            raise ProtocolError("update was built for another model layout", sender=sender)
+        layers = decode_manifest(env.field("layers"), layout, sender=sender)
+        raw_w = env.field("weight")
+        if len(raw_w) != 8:
+            raise MalformedMessageError("weight field must be 8 bytes", sender=sender)
+        (weight,) = struct.unpack(">d", raw_w)
+        if not np.isfinite(weight) or weight <= 0:
+            raise MalformedMessageError(f"weight must be positive and finite, got {weight}", sender=sender)
+        arr = unpack_array(env.field("vector"), expected_len=layout.numel_of(layers), sender=sender)
+        vec = torch.from_numpy(arr.astype(np.float32, copy=True))
+        check_finite(vec, sender)
+        return ClientUpdate(sender, vec, layers, weight)
+
+    def run_round(
+        self,
+        round_idx: int,
+        updates: Sequence[ClientUpdate],
+        layout: LayerLayout,
+        *,
+        defense: Defense,
+        transport: Transport | None = None,
+        reference: torch.Tensor | None = None,
+        context: Mapping[str, object] | None = None,
+    ) -> RoundOutput:
+        self.check_defense(defense)
+        transport = transport or Transport()
+        received: dict[int, ClientUpdate] = {}
+        rejected: dict[int, str] = {}
+        nbytes = 0
+        for upd in updates:
+            msg = transport.deliver(upd.client_id, "update", self.encode(round_idx, upd, layout))
+            if msg is None:
+                continue
+            nbytes += len(msg)
+            try:
+                if upd.client_id in received:
+                    raise ReplayError("duplicate message in this round", sender=upd.client_id)
+                received[upd.client_id] = self.decode(round_idx, upd.client_id, msg, layout)
+            except Exception as exc:  # typed errors recorded, anything else re-raised
+                self.record_rejection(rejected, upd.client_id, exc)
+        return aggregate_plain(layout, list(received.values()), defense, rejected, nbytes, context)
+
+
+def aggregate_plain(
+    layout: LayerLayout,
+    clients: Sequence[ClientUpdate],
+    defense: Defense,
+    rejected: dict[int, str],
+    nbytes: int,
+    context: Mapping[str, object] | None,
+) -> RoundOutput:
+    """Run ``defense`` on decoded plaintext updates and place the result in the full layout."""
+    if not clients:
+        return RoundOutput(torch.zeros(layout.numel), dict.fromkeys(layout.layer_names, 0.0), (), rejected,
+                           bytes_uploaded=nbytes)
+    ids = tuple(c.client_id for c in clients)
+    weights = [c.weight for c in clients]
+    layer_sets = {c.layers for c in clients}
+    if len(layer_sets) > 1:
+        if defense.name != "mean":
+            from securefml.errors import ConfigError
+
+            raise ConfigError(
+                f"defense {defense!r} needs every client to upload the same layers; "
+                "use a server-dictated selection plan with robust rules"
+            )
+        agg, totals = weighted_layer_mean(layout, [c.vector for c in clients], [c.layers for c in clients], weights)
+        return RoundOutput(agg, totals, ids, rejected, bytes_uploaded=nbytes)
+    (layers,) = layer_sets
+    result = defense(torch.stack([c.vector for c in clients]), weights, client_ids=ids, context=dict(context or {}))
+    assert result.aggregate is not None
+    agg = layout.scatter(result.aggregate.to(torch.float32), layers)
+    total = float(sum(weights))
+    totals = {name: (total if name in layers else 0.0) for name in layout.layer_names}
+    return RoundOutput(agg, totals, ids, rejected, flagged=tuple(result.flagged), bytes_uploaded=nbytes,
+                       defense=result)

@@ -1,0 +1,82 @@
+"""One exception tree for the whole library, so callers can catch ``SecureFMLError`` once.
+
+Leaves also subclass a builtin where it fits (``ConfigError`` is a ``ValueError``), so
+pre-existing ``except ValueError`` handlers keep working.  Every failed decrypt, unmask or
+authentication check becomes one ``DecryptionError`` whichever check failed: an attacker
+learns nothing from which one it was.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SecureFMLError",
+    "ConfigError",
+    "DataError",
+    "InvalidUpdateError",
+    "ProtocolError",
+    "MalformedMessageError",
+    "ReplayError",
+    "DecryptionError",
+    "ProtocolAbort",
+    "PrivacyBudgetExceeded",
+]
+
+
+class SecureFMLError(Exception):
+    """Root of every error raised by securefml."""
+
+
+class ConfigError(SecureFMLError, ValueError):
+    """A configuration value is invalid or a combination of options cannot work."""
+
+
+class DataError(SecureFMLError, ValueError):
+    """A dataset or a client's task is unusable (e.g. an empty support set)."""
+
+
+class InvalidUpdateError(SecureFMLError, ValueError):
+    """A client's update is unusable (NaN/Inf, wrong shape); the round goes on without it.
+
+    Attributes
+    ----------
+    sender:
+        The id of the client whose update was rejected, or ``None`` if unknown.
+    """
+
+    def __init__(self, message: str, *, sender: int | None = None) -> None:
+        super().__init__(message if sender is None else f"client {sender}: {message}")
+        self.sender = sender
+
+
+class ProtocolError(SecureFMLError):
+    """A protocol message or step is invalid; names the sender so the round can drop it.
+
+    Attributes
+    ----------
+    sender:
+        The id of the party whose message was rejected, or ``None`` if it cannot be told.
+    """
+
+    def __init__(self, message: str, *, sender: int | None = None) -> None:
+        super().__init__(message if sender is None else f"sender {sender}: {message}")
+        self.sender = sender
+
+
+class MalformedMessageError(ProtocolError):
+    """Bytes that do not decode to a well-formed message (truncated, oversized, bad version)."""
+
+
+class ReplayError(ProtocolError):
+    """A message from another round, a wrong sender, or a duplicate."""
+
+
+class DecryptionError(ProtocolError):
+    """Any failed decryption, unmasking or authentication, folded into one error type."""
+
+
+class ProtocolAbort(ProtocolError):
+    """Too few clients survived to finish the round safely; nothing was revealed."""
+
+
+class PrivacyBudgetExceeded(SecureFMLError):
+    """A privacy budget (epsilon at the given delta) would be exceeded."""
