@@ -1,0 +1,30 @@
+"""Meta-learners on ``torch.func`` (``securefml.meta``): FedAvg, MAML, FOMAML, Meta-SGD, Reptile."""
+
+from __future__ import annotations
+
+from securefml.meta.base import MetaConfig, MetaLearner, Params, task_loss
+from securefml.meta.local import FedAvg, Reptile
+from securefml.meta.maml import FOMAML, MAML
+from securefml.meta.metasgd import ALPHA_PREFIX, MetaSGD
+from securefml.registry import Registry
+
+__all__ = [
+    "ALPHA_PREFIX",
+    "FOMAML",
+    "LEARNERS",
+    "MAML",
+    "FedAvg",
+    "MetaConfig",
+    "MetaLearner",
+    "MetaSGD",
+    "Params",
+    "Reptile",
+    "task_loss",
+]
+
+LEARNERS: Registry[MetaLearner] = Registry("algorithm")
+LEARNERS.register("fedavg")(FedAvg)
+LEARNERS.register("maml")(MAML)
+LEARNERS.register("fomaml")(FOMAML)
+LEARNERS.register("metasgd")(MetaSGD)
+LEARNERS.register("reptile")(Reptile)

@@ -1,0 +1,125 @@
+"""The small interface every meta-learner implements, written on ``torch.func``.
+
+A learner is stateless apart from its configuration: it maps ``(params, task)`` to a new set
+of parameters.  Parameters are plain ``dict[str, Tensor]`` so that the same code runs on any
+device and composes with ``torch.func.grad``/``vmap`` (second-order MAML, per-example
+gradients for DP).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+from securefml.data.base import Task
+from securefml.errors import ConfigError
+
+__all__ = ["MetaConfig", "MetaLearner", "Params", "task_loss"]
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Hyper-parameters shared by the learners.
+
+    Attributes
+    ----------
+    inner_steps:
+        Adaptation (inner-loop) steps on the support set; for FedAvg/Reptile, local SGD steps.
+    inner_lr:
+        Inner-loop learning rate (Meta-SGD's initial per-parameter rate).
+    outer_lr:
+        Client-side learning rate of the meta-step (MAML/FOMAML/Meta-SGD).
+    outer_steps:
+        Meta-steps each client takes per round before sending its update.
+    """
+
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    outer_lr: float = 0.001
+    outer_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 0 or self.outer_steps < 1:
+            raise ConfigError("inner_steps must be >= 0 and outer_steps >= 1")
+        if not (self.inner_lr > 0 and self.outer_lr > 0):
+            raise ConfigError("learning rates must be positive")
+
+
+def task_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if kind == "classification":
+        return nn.functional.cross_entropy
+    if kind == "regression":
+        return nn.functional.mse_loss
+    raise ConfigError(f"unknown task kind {kind!r}")
+
+
+class MetaLearner(ABC):
+    """Base class: ``adapt`` (inner loop) and ``meta_update`` (one client's round).
+
+    Parameters
+    ----------
+    model:
+        The architecture; its own parameters are never modified (``functional_call``).
+    config:
+        Learning rates and step counts.
+    """
+
+    name = "learner"
+    #: whether personalization should use the learner's own adaptation (Meta-SGD's rates)
+    adapts_with_learned_rates = False
+
+    def __init__(self, model: nn.Module, config: MetaConfig | None = None) -> None:
+        self.model = model
+        self.config = config or MetaConfig()
+
+    # -- parameters ------------------------------------------------------------------------
+    def init_params(self, device: torch.device | str | None = None) -> Params:
+        """Meta-parameters the server holds and broadcasts (model weights, plus extras)."""
+        return {n: p.detach().clone().to(device or p.device) for n, p in self.model.named_parameters()}
+
+    def model_params(self, params: Params) -> Params:
+        """The subset of ``params`` that are model weights (drops learner-specific extras)."""
+        return params
+
+    # -- functional model ------------------------------------------------------------------
+    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.model_params(params), (x,))
+
+    def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+        return task_loss(kind)(self.forward(params, x), y)
+
+    def sgd_adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, kind: str, *, steps: int,
+                  lr: float) -> Params:
+        """Plain SGD on the model weights, differentiable through ``torch.func`` when traced."""
+        weights = self.model_params(params)
+        grad_fn = grad(lambda p: task_loss(kind)(functional_call(self.model, p, (x,)), y))
+        for _ in range(steps):
+            g = grad_fn(weights)
+            weights = {n: w - lr * g[n] for n, w in weights.items()}
+        return weights
+
+    def adapt(self, params: Params, task_x: torch.Tensor, task_y: torch.Tensor, kind: str,
+              *, steps: int | None = None) -> Params:
+        """Fine-tune on a support set; returns model weights (personalization uses this)."""
+        steps = self.config.inner_steps if steps is None else steps
+        return self.sgd_adapt(params, task_x, task_y, kind, steps=steps, lr=self.config.inner_lr)
+
+    # -- one client round --------------------------------------------------------------------
+    @abstractmethod
+    def meta_update(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        """Return the client's new meta-parameters (detached) and training metrics."""
+
+    def update(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        """``meta_update`` as a difference: ``theta_local - theta`` (what the client uploads)."""
+        new, metrics = self.meta_update({n: p.detach() for n, p in params.items()}, task)
+        return {n: (new[n] - params[n]).detach() for n in params}, metrics
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"

@@ -1,0 +1,233 @@
+"""Which layers a client uploads: all, named, the most changed, or Cedar's representational change.
+
+Non-uploaded layers cost zero bytes; the server aggregates each layer over the clients that
+sent it and keeps the global value where nobody did.  A selector is either *client-chosen*
+(each client decides from its own update) or *server-dictated* (every client uploads the same
+layers, which mask-based protocols and robust rules need): a dictated selector decides from the
+server's previous aggregate, which every client also knows.
+
+References
+----------
+You et al., "A framework reforming personalized IoT by federated meta-learning" (Cedar),
+Nat. Commun. 2025: layers are ranked by how much their representational dissimilarity
+structure changed; the min(3, floor(L/4)) least-changed layers are withheld each round.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from securefml.errors import ConfigError
+from securefml.registry import Registry, parse_spec
+from securefml.updates import LayerLayout
+
+__all__ = [
+    "LayerSelector",
+    "AllLayers",
+    "NamedLayers",
+    "TopKImportance",
+    "RepresentationalChange",
+    "SELECTORS",
+    "make_selector",
+    "relative_change",
+    "rdm_change",
+]
+
+#: maps a full flat parameter vector to {layer name: features of that layer on the stimulus}
+Probe = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
+
+
+def _tie_extras(layout: LayerLayout, chosen: Iterable[str]) -> tuple[str, ...]:
+    """Layers that shadow a model layer (Meta-SGD's ``alpha.<layer>``) follow that layer's choice."""
+    chosen = set(chosen)
+    for name in layout.layer_names:
+        for prefix in ("alpha.",):
+            if name.startswith(prefix) and name[len(prefix):] in chosen:
+                chosen.add(name)
+    return layout.canonical(chosen)
+
+
+def _model_layers(layout: LayerLayout) -> tuple[str, ...]:
+    return tuple(n for n in layout.layer_names if not n.startswith("alpha."))
+
+
+class LayerSelector(ABC):
+    """Base class.  ``server_dictated`` selectors return one plan for the whole cohort."""
+
+    name = "selector"
+    server_dictated = False
+
+    @abstractmethod
+    def select(
+        self,
+        layout: LayerLayout,
+        update: torch.Tensor,
+        global_vector: torch.Tensor,
+        *,
+        probe: Probe | None = None,
+    ) -> tuple[str, ...]:
+        """Layers to upload given a full-length ``update`` and the received ``global_vector``."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class AllLayers(LayerSelector):
+    """Upload everything (the default)."""
+
+    name = "all"
+    server_dictated = True
+
+    def select(self, layout, update, global_vector, *, probe=None):  # type: ignore[no-untyped-def]
+        return layout.layer_names
+
+
+class NamedLayers(LayerSelector):
+    """Upload the layers whose name matches one of ``patterns`` (exact names or regexes)."""
+
+    name = "named"
+    server_dictated = True
+
+    def __init__(self, patterns: Iterable[str] | str) -> None:
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        if not pats:
+            raise ConfigError("NamedLayers needs at least one name or pattern")
+        try:
+            self._compiled = [re.compile(p) for p in pats]
+        except re.error as exc:
+            raise ConfigError(f"bad layer pattern: {exc}") from None
+        self.patterns = tuple(pats)
+
+    def select(self, layout, update, global_vector, *, probe=None):  # type: ignore[no-untyped-def]
+        chosen = [n for n in layout.layer_names if any(p.fullmatch(n) for p in self._compiled)]
+        if not chosen:
+            raise ConfigError(f"no layer matches {self.patterns}; layers are {layout.layer_names}")
+        return _tie_extras(layout, chosen)
+
+
+def relative_change(layout: LayerLayout, update: torch.Tensor, global_vector: torch.Tensor) -> dict[str, float]:
+    """||delta_l|| / ||theta_l|| per layer (a tiny floor keeps zero-initialised layers finite)."""
+    out = {}
+    for name, s in layout.slices().items():
+        out[name] = float(update[s].norm() / global_vector[s].norm().clamp_min(1e-8))
+    return out
+
+
+def _budget_pick(layout: LayerLayout, scores: Mapping[str, float], fraction: float) -> tuple[str, ...]:
+    """Highest-scoring model layers while their bytes (with tied extras) stay within the budget."""
+    total = layout.numel
+    budget = fraction * total
+    chosen: list[str] = []
+    used = 0
+    for name in sorted(scores, key=scores.__getitem__, reverse=True):
+        size = layout.numel_of(_tie_extras(layout, [name]))
+        if chosen and used + size > budget:
+            continue
+        chosen.append(name)
+        used += size
+    return _tie_extras(layout, chosen)
+
+
+class TopKImportance(LayerSelector):
+    """Keep the layers with the largest relative change ||delta_l|| / ||theta_l||.
+
+    Parameters
+    ----------
+    fraction:
+        Byte budget as a fraction of the all-layers upload (at least one layer is sent).
+    server_dictated:
+        If True the server ranks layers by its previous aggregate and every client uploads
+        the same ones (needed by SecAgg and by robust rules); else each client ranks its own.
+    """
+
+    name = "topk"
+
+    def __init__(self, fraction: float = 0.25, *, server_dictated: bool = False) -> None:
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"topk fraction must be in (0, 1], got {fraction}")
+        self.fraction = float(fraction)
+        self.server_dictated = bool(server_dictated)
+
+    def select(self, layout, update, global_vector, *, probe=None):  # type: ignore[no-untyped-def]
+        scores = relative_change(layout, update, global_vector)
+        return _budget_pick(layout, {n: scores[n] for n in _model_layers(layout)}, self.fraction)
+
+
+def _rdm(features: torch.Tensor) -> torch.Tensor:
+    """Condensed representational dissimilarity matrix: pairwise distances between stimuli."""
+    f = features.reshape(features.shape[0], -1).to(torch.float64)
+    d = torch.cdist(f, f)
+    iu = torch.triu_indices(f.shape[0], f.shape[0], offset=1)
+    return d[iu[0], iu[1]]
+
+
+def rdm_change(local: torch.Tensor, received: torch.Tensor) -> float:
+    """1 - r^2, with r the Pearson correlation of the local and received RDMs (Cedar's score)."""
+    a, b = _rdm(local), _rdm(received)
+    a, b = a - a.mean(), b - b.mean()
+    denom = a.norm() * b.norm()
+    if denom <= 1e-12:
+        return 0.0 if torch.allclose(a, b) else 1.0
+    r = float((a @ b) / denom)
+    return 1.0 - r * r
+
+
+class RepresentationalChange(LayerSelector):
+    """Cedar: withhold the layers whose representation changed least on a stimulus batch.
+
+    Each layer's features on a fixed stimulus batch are compared between the local model
+    (global + update) and the received global model; ``withhold`` layers with the smallest
+    change are not uploaded (Cedar: min(3, floor(L/4)); set ``withhold`` to override).
+    """
+
+    name = "cedar"
+
+    def __init__(self, withhold: int | None = None) -> None:
+        if withhold is not None and withhold < 0:
+            raise ConfigError(f"withhold must be >= 0, got {withhold}")
+        self.withhold = withhold
+
+    def n_withheld(self, n_layers: int) -> int:
+        k = min(3, n_layers // 4) if self.withhold is None else self.withhold
+        return min(k, n_layers - 1)
+
+    def select(self, layout, update, global_vector, *, probe=None):  # type: ignore[no-untyped-def]
+        if probe is None:
+            raise ConfigError("RepresentationalChange needs a probe that returns per-layer stimulus features")
+        layers = _model_layers(layout)
+        local = probe(global_vector + update)
+        received = probe(global_vector)
+        scores = {n: rdm_change(local[n], received[n]) for n in layers}
+        withheld = set(sorted(layers, key=scores.__getitem__)[: self.n_withheld(len(layers))])
+        return _tie_extras(layout, [n for n in layers if n not in withheld])
+
+
+SELECTORS: Registry[LayerSelector] = Registry("selector")
+SELECTORS.register("all")(AllLayers)
+SELECTORS.register("named")(NamedLayers)
+SELECTORS.register("topk")(TopKImportance)
+SELECTORS.register("cedar")(RepresentationalChange)
+
+
+def make_selector(spec: str) -> LayerSelector:
+    """``all``, ``named:layers.4``, ``topk:0.25`` (``topk:fraction=0.25,server_dictated=true``), ``cedar:1``."""
+    name, kwargs = parse_spec(spec)
+    if "_" in kwargs:
+        positional = {"named": "patterns", "topk": "fraction", "cedar": "withhold"}.get(name)
+        if positional is None:
+            raise ConfigError(f"selector {name!r} takes no positional value")
+        kwargs[positional] = kwargs.pop("_")
+    if name == "named" and isinstance(kwargs.get("patterns"), str):
+        kwargs["patterns"] = str(kwargs["patterns"]).split("|")
+    return SELECTORS.create(name, **kwargs)
+
+
+def bytes_fraction(layout: LayerLayout, layers: Iterable[str]) -> float:
+    return layout.numel_of(layers) / max(1, layout.numel)
+
+
