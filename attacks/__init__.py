@@ -1,20 +1,155 @@
-"""Data-, model- and protocol-level attacks applied inside malicious clients (``securefml.attacks``)."""
+"""Data-, model- and protocol-level attacks applied inside malicious clients (``securefml.attacks``).
 
+One module per family: ``data_poisoning`` (LabelFlip, Backdoor), ``model_poisoning`` (SignFlip,
+Gaussian, Scaling, ALIE, IPM, MinMax, MinSum, Fang's attacks, Mimic), ``adaptive`` (a line
+search against the server's own rule), ``meta_attacks`` (attacks on meta-learning), and
+``protocol_attacks`` (``Transport`` subclasses that corrupt messages on the wire).  Subclass
+``Attack`` to write your own.
+"""
+
+from securefml.attacks.adaptive import Adaptive, defense_deviation
 from securefml.attacks.base import Attack, AttackContext
-from securefml.attacks.model_poisoning import SignFlip
+from securefml.attacks.data_poisoning import Backdoor, LabelFlip, attack_success_rate
+from securefml.attacks.meta_attacks import MetaBackdoor, MetaSGDLearningRate
+from securefml.attacks.model_poisoning import (
+    ALIE,
+    IPM,
+    FangKrum,
+    FangTrimmedMean,
+    Gaussian,
+    Mimic,
+    MinMax,
+    MinSum,
+    ModelReplacement,
+    Scaling,
+    SignFlip,
+    alie_z,
+)
+from securefml.attacks.protocol_attacks import (
+    Drop,
+    Duplicate,
+    LieAboutDropouts,
+    Malformed,
+    Oversize,
+    Replay,
+    Tamper,
+    TamperEvent,
+    TamperingTransport,
+    Truncate,
+    WrongRound,
+    WrongSender,
+)
+from securefml.errors import ConfigError
 from securefml.registry import Registry, parse_spec
 
-__all__ = ["Attack", "AttackContext", "SignFlip", "ATTACKS", "make_attack"]
+__all__ = [
+    "Attack",
+    "AttackContext",
+    "SignFlip",
+    "Gaussian",
+    "Scaling",
+    "ModelReplacement",
+    "ALIE",
+    "IPM",
+    "MinMax",
+    "MinSum",
+    "FangKrum",
+    "FangTrimmedMean",
+    "Mimic",
+    "alie_z",
+    "LabelFlip",
+    "Backdoor",
+    "attack_success_rate",
+    "Adaptive",
+    "defense_deviation",
+    "MetaBackdoor",
+    "MetaSGDLearningRate",
+    "TamperEvent",
+    "TamperingTransport",
+    "Truncate",
+    "Oversize",
+    "Malformed",
+    "Tamper",
+    "Replay",
+    "WrongSender",
+    "WrongRound",
+    "Duplicate",
+    "Drop",
+    "LieAboutDropouts",
+    "ATTACKS",
+    "PROTOCOL_ATTACKS",
+    "make_attack",
+    "make_protocol_attack",
+]
 
 ATTACKS: Registry[Attack] = Registry("attack")
 ATTACKS.register("none")(Attack)
 ATTACKS.register("signflip")(SignFlip)
+ATTACKS.register("gaussian")(Gaussian)
+ATTACKS.register("scaling")(Scaling)
+ATTACKS.register("model-replacement")(ModelReplacement)
+ATTACKS.register("alie")(ALIE)
+ATTACKS.register("ipm")(IPM)
+ATTACKS.register("minmax")(MinMax)
+ATTACKS.register("minsum")(MinSum)
+ATTACKS.register("fang-krum")(FangKrum)
+ATTACKS.register("fang-trmean")(FangTrimmedMean)
+ATTACKS.register("mimic")(Mimic)
+ATTACKS.register("labelflip")(LabelFlip)
+ATTACKS.register("backdoor")(Backdoor)
+ATTACKS.register("adaptive")(Adaptive)
+ATTACKS.register("meta-backdoor")(MetaBackdoor)
+ATTACKS.register("metasgd-lr")(MetaSGDLearningRate)
+
+# The option a bare positional value in a CLI spec sets (``"ipm:0.5"`` -> ``IPM(epsilon=0.5)``).
+_POSITIONAL = {
+    "alie": "z",
+    "ipm": "epsilon",
+    "gaussian": "std",
+    "minmax": "perturbation",
+    "minsum": "perturbation",
+    "fang-trmean": "b",
+    "mimic": "target",
+    "labelflip": "fraction",
+    "backdoor": "target",
+    "meta-backdoor": "target",
+    "adaptive": "direction",
+    "metasgd-lr": "mode",
+}
+
+PROTOCOL_ATTACKS: Registry[TamperingTransport] = Registry("protocol attack")
+PROTOCOL_ATTACKS.register("truncate")(Truncate)
+PROTOCOL_ATTACKS.register("oversize")(Oversize)
+PROTOCOL_ATTACKS.register("malformed")(Malformed)
+PROTOCOL_ATTACKS.register("tamper")(Tamper)
+PROTOCOL_ATTACKS.register("replay")(Replay)
+PROTOCOL_ATTACKS.register("wrong-sender")(WrongSender)
+PROTOCOL_ATTACKS.register("wrong-round")(WrongRound)
+PROTOCOL_ATTACKS.register("duplicate")(Duplicate)
+PROTOCOL_ATTACKS.register("drop")(Drop)
 
 
 def make_attack(spec: str) -> Attack:
-    """Build an attack from a CLI spec such as ``"signflip:scale=2"``."""
+    """Build an attack from a CLI spec such as ``"signflip:scale=2"`` or ``"ipm:epsilon=0.5"``.
+
+    A bare value sets the attack's main option (``"ipm:0.5"``, ``"alie:1.5"``; ``scale``
+    for the rest).
+
+    >>> make_attack("ipm:0.5")
+    IPM(epsilon=0.5, omniscient=True)
+    """
     name, kwargs = parse_spec(spec)
     if "_" in kwargs:
-        raise_positional = kwargs.pop("_")
-        kwargs["scale"] = raise_positional
+        kwargs[_POSITIONAL.get(name, "scale")] = kwargs.pop("_")
     return ATTACKS.create(name, **kwargs)
+
+
+def make_protocol_attack(spec: str, senders: list[int] | None) -> TamperingTransport:
+    """Build a protocol attack on ``senders`` from a spec such as ``"truncate:keep=0.3"``.
+
+    ``LieAboutDropouts`` needs the clients it lies about and is built directly.
+    """
+    name, kwargs = parse_spec(spec)
+    if "_" in kwargs:
+        raise ConfigError(f"protocol attack specs take key=value options only, got {kwargs['_']!r} in {spec!r}")
+    return PROTOCOL_ATTACKS.create(name, senders=senders, **kwargs)

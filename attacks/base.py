@@ -46,7 +46,39 @@ class AttackContext:
 
 
 class Attack:
-    """Base class: by default an attack changes nothing (an honest client)."""
+    """Base class of every attack; by default it changes nothing (an honest client).
+
+    Subclass it and override ``poison_task`` (data poisoning: return a modified ``Task``),
+    ``poison_updates`` (model poisoning: return the ``[m, d]`` rows the malicious clients send
+    instead of their own), or both.  Set ``omniscient = True`` (class or instance attribute)
+    when the attack needs the round's honest updates: the federation loop passes them in
+    ``AttackContext.honest_updates`` only then.  Draw randomness from ``context.generator``
+    (or the ``generator`` argument), never from global state, so runs are reproducible.  An
+    attack may report what it chose (a strength, a target) under
+    ``context.extras["attack_info"][name]``.
+
+    Threat model: the malicious clients are the colluding group of ``context.n_malicious``
+    clients; they act before their update is encoded, so any protocol carries their rows.
+
+    Examples
+    --------
+    An attack that sends the negated honest mean, scaled (a simple omniscient attack):
+
+    >>> import torch
+    >>> class NegMean(Attack):
+    ...     name = "negmean"
+    ...     omniscient = True
+    ...     def __init__(self, scale: float = 1.0) -> None:
+    ...         self.scale = scale
+    ...     def poison_updates(self, own, context):
+    ...         mean = context.honest_updates.mean(0)
+    ...         return (-self.scale * mean).expand_as(own).clone()
+    >>> ctx = AttackContext(round=0, n_clients=4, n_malicious=1, honest_updates=torch.ones(3, 2))
+    >>> NegMean(2.0).poison_updates(torch.zeros(1, 2), ctx)
+    tensor([[-2., -2.]])
+    >>> NegMean(2.0)
+    NegMean(scale=2.0)
+    """
 
     name: str = "none"
     omniscient: bool = False
