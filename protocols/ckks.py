@@ -1,0 +1,534 @@
+"""TenSEAL CKKS aggregation: encrypted selected layers, homomorphic sums, encrypted statistics.
+
+Three roles (DESIGN.md, threat model):
+
+* ``CKKSKeyHolder`` (``ckks_keys``): the secret key; decrypts aggregates and ``Gram`` scalars.
+* ``CKKSServer``: the public context only (``is_private()`` is False); validates messages,
+  adds ciphertexts, multiplies by plaintext weights, computes encrypted inner products.
+* ``CKKSClient``: the public context; packs its selected layers densely and encrypts them.
+
+``CKKS`` drives one round of all three for the federation loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import struct
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tenseal as ts
+import torch
+
+from securefml.errors import ConfigError, InvalidUpdateError, MalformedMessageError, ProtocolError, ReplayError
+from securefml.protocols.base import (
+    AggregationProtocol,
+    ClientUpdate,
+    Reveals,
+    RoundOutput,
+    Transport,
+    check_finite,
+)
+from securefml.protocols.ckks_keys import (
+    CKKSKeyHolder,
+    CKKSPreset,
+    context_fingerprint,
+    get_preset,
+    load_public_context,
+)
+from securefml.protocols.ckks_stats import (
+    PackingFrame,
+    encrypted_inner_products,
+    encrypted_reference_products,
+    weighted_sum,
+)
+from securefml.protocols.plaintext import decode_manifest, encode_manifest
+from securefml.protocols.wire import Envelope, decode, encode, pack_array, unpack_array
+from securefml.updates import LayerLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from securefml.defenses.base import Defense
+
+__all__ = ["CKKS", "CKKSClient", "CKKSServer", "ReceivedCiphertexts", "KIND"]
+
+log = logging.getLogger(__name__)
+
+KIND = "ckks-update"
+_ENVELOPE_OVERHEAD = 65536
+
+
+def _ct_field(k: int) -> str:
+    return f"ct{k}"
+
+
+class CKKSClient:
+    """Client half: packs a client's selected layers into frame chunks and encrypts them.
+
+    Parameters
+    ----------
+    public_context:
+        The key holder's serialized public context (no secret key; refused otherwise).
+    preset:
+        The public parameters the context was made with.
+    """
+
+    def __init__(self, public_context: bytes, preset: str | CKKSPreset) -> None:
+        self.preset = get_preset(preset)
+        self.context = load_public_context(public_context)
+        self.fingerprint = context_fingerprint(public_context)
+
+    def encode(
+        self,
+        round_idx: int,
+        update: ClientUpdate,
+        frame: PackingFrame,
+        *,
+        layers: Sequence[str] | None = None,
+        prescale: float = 1.0,
+    ) -> bytes:
+        """Encrypt ``update`` (restricted to ``layers``, default all of its layers) as envelope bytes.
+
+        ``prescale`` multiplies the plaintext before encryption: for a weighted mean the
+        client encrypts ``(weight / W) * update`` with the round's public normalizer W, so the
+        server only adds (no multiplicative level is spent, which the add-only preset lacks).
+        """
+        if frame.slots != self.preset.slots:
+            raise ConfigError(f"frame packs {frame.slots} slots, the context has {self.preset.slots}")
+        own = frame.layout.canonical(update.layers)
+        chosen = own if layers is None else frame.layout.canonical(layers)
+        if not set(chosen) <= set(own):
+            raise ConfigError(f"client {update.client_id} cannot upload layers it did not compute: {chosen}")
+        vec = update.vector.detach().to("cpu", torch.float64)
+        check_finite(vec, update.client_id)
+        if vec.numel() != frame.layout.numel_of(own):
+            raise InvalidUpdateError(f"vector has {vec.numel()} entries for layers {own}", sender=update.client_id)
+        if chosen != own:
+            vec = frame.layout.gather(frame.layout.scatter(vec, own), chosen)
+        chunks = frame.pack(vec.numpy() * float(prescale), chosen)
+        fields: dict[str, bytes] = {
+            "ctx": self.fingerprint,
+            "layout": frame.layout.fingerprint(),
+            "frame": frame.fingerprint(),
+            "layers": encode_manifest(chosen),
+            "weight": struct.pack(">d", float(update.weight)),
+            "chunks": pack_array(np.asarray(list(chunks), dtype=np.uint32)),
+        }
+        for k, arr in chunks.items():
+            fields[_ct_field(k)] = ts.ckks_vector(self.context, arr.tolist()).serialize()
+        return encode(Envelope(KIND, round_idx, update.client_id, fields))
+
+
+@dataclass
+class ReceivedCiphertexts:
+    """A validated client message: its chunk ciphertexts, bound to the server's context."""
+
+    client_id: int
+    weight: float
+    layers: tuple[str, ...]
+    chunks: dict[int, ts.CKKSVector]
+    nbytes: int
+    digests: tuple[bytes, ...] = field(default=(), repr=False)
+
+
+class CKKSServer:
+    """Server half: public context only; validates, adds, weights and multiplies ciphertexts.
+
+    A message is rejected with a ``ProtocolError`` subclass naming its sender when it is for
+    another round, sender, context, layout or packing frame; when its blob is oversized or
+    truncated; when a ciphertext does not load under the context (other parameters) or has the
+    wrong size, scale or level; or when a ciphertext repeats one already received (from any
+    sender, this round or the last ``replay_window`` rounds).  CKKS ciphertexts are malleable
+    and not authenticated: a ciphertext made under a different key with the *same* parameters
+    cannot be detected here; it decrypts to noise inside the aggregate (a Byzantine update).
+
+    Parameters
+    ----------
+    public_context:
+        The key holder's serialized public context.
+    preset:
+        The public parameters the context was made with.
+    replay_window:
+        How many past rounds' ciphertext digests to remember.
+    """
+
+    def __init__(self, public_context: bytes, preset: str | CKKSPreset, *, replay_window: int = 8) -> None:
+        self.preset = get_preset(preset)
+        self.context = load_public_context(public_context)
+        self.fingerprint = context_fingerprint(public_context)
+        if replay_window < 0:
+            raise ConfigError(f"replay_window must be >= 0, got {replay_window}")
+        self.replay_window = int(replay_window)
+        self._seen: dict[bytes, tuple[int, int]] = {}
+
+    def is_private(self) -> bool:
+        """False by construction: the server's context never holds the secret key."""
+        return bool(self.context.is_private())
+
+    def max_message_bytes(self, frame: PackingFrame) -> int:
+        return frame.n_chunks * self.preset.max_ciphertext_bytes + _ENVELOPE_OVERHEAD
+
+    @staticmethod
+    def _digest(blob: bytes) -> bytes:
+        # Fresh ciphertexts are randomized: the head and tail (past the fixed headers) identify one.
+        return hashlib.blake2b(blob[:8192] + blob[-8192:] + struct.pack(">Q", len(blob)), digest_size=16).digest()
+
+    def decode(self, round_idx: int, sender: int, data: bytes, frame: PackingFrame) -> ReceivedCiphertexts:
+        """Validate one client message and load its ciphertexts under the public context."""
+        env = decode(data, sender=sender, max_bytes=self.max_message_bytes(frame))
+        env.expect(kind=KIND, round=round_idx, sender=sender)
+        if env.field("ctx") != self.fingerprint:
+            raise ProtocolError("ciphertexts were made under another CKKS context", sender=sender)
+        if env.field("layout") != frame.layout.fingerprint():
+            raise ProtocolError("update was built for another model layout", sender=sender)
+        if env.field("frame") != frame.fingerprint():
+            raise ProtocolError("update was packed for another packing frame", sender=sender)
+        layers = decode_manifest(env.field("layers"), frame.layout, sender=sender)
+        if not layers or not set(layers) <= set(frame.spans):
+            raise MalformedMessageError("layer manifest is empty or outside this round's frame", sender=sender)
+        raw_w = env.field("weight")
+        if len(raw_w) != 8:
+            raise MalformedMessageError("weight field must be 8 bytes", sender=sender)
+        (weight,) = struct.unpack(">d", raw_w)
+        if not math.isfinite(weight) or weight <= 0:
+            raise MalformedMessageError(f"weight must be positive and finite, got {weight}", sender=sender)
+        expected = frame.chunks_for(layers)
+        got = tuple(int(k) for k in unpack_array(env.field("chunks"), expected_len=len(expected), sender=sender))
+        if got != expected:
+            raise MalformedMessageError(f"chunk list {got} does not match the layers' chunks {expected}", sender=sender)
+        if set(env.fields) != {"ctx", "layout", "frame", "layers", "weight", "chunks"} | {_ct_field(k) for k in got}:
+            raise MalformedMessageError("unexpected or missing ciphertext fields", sender=sender)
+        chunks: dict[int, ts.CKKSVector] = {}
+        digests = []
+        for k in got:
+            blob = env.fields[_ct_field(k)]
+            chunks[k] = self._load(blob, frame.chunk_len(k), sender)
+            digests.append(self._digest(blob))
+        self._check_replay(round_idx, sender, digests)
+        return ReceivedCiphertexts(sender, float(weight), layers, chunks, len(data), tuple(digests))
+
+    def _load(self, blob: bytes, size: int, sender: int) -> ts.CKKSVector:
+        if len(blob) > self.preset.max_ciphertext_bytes:
+            raise MalformedMessageError(f"ciphertext of {len(blob)} bytes is oversized", sender=sender)
+        try:
+            vec = ts.ckks_vector_from(self.context, blob)
+            cts = vec.ciphertext()
+        except Exception:
+            raise MalformedMessageError(
+                "ciphertext does not load under this context (truncated, corrupt or other parameters)", sender=sender
+            ) from None
+        if vec.size() != size or len(cts) != 1:
+            raise MalformedMessageError(f"ciphertext holds {vec.size()} slots, expected {size}", sender=sender)
+        ct = cts[0]
+        if (
+            ct.size() != 2
+            or ct.coeff_modulus_size() != self.preset.fresh_primes
+            or not ct.is_ntt_form()
+            or abs(ct.scale - self.preset.scale) > 1e-6 * self.preset.scale
+        ):
+            raise MalformedMessageError("ciphertext is not a fresh encryption at this context's scale", sender=sender)
+        return vec
+
+    def _check_replay(self, round_idx: int, sender: int, digests: Sequence[bytes]) -> None:
+        horizon = round_idx - self.replay_window
+        self._seen = {d: rs for d, rs in self._seen.items() if rs[0] >= horizon}
+        if len(set(digests)) != len(digests):
+            raise ReplayError("the message repeats one of its own ciphertexts", sender=sender)
+        for d in digests:
+            if d in self._seen:
+                rnd, who = self._seen[d]
+                raise ReplayError(f"ciphertext replays one sent by client {who} in round {rnd}", sender=sender)
+        for d in digests:
+            self._seen[d] = (round_idx, sender)
+
+    def state_dict(self) -> dict[str, object]:
+        return {"seen": {d.hex(): list(rs) for d, rs in self._seen.items()}}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        seen = state.get("seen", {})
+        assert isinstance(seen, Mapping)
+        self._seen = {bytes.fromhex(d): (int(rs[0]), int(rs[1])) for d, rs in seen.items()}
+
+
+class CKKS(AggregationProtocol):
+    """Clients upload CKKS-encrypted selected layers; the server never holds the secret key.
+
+    With ``Mean`` the server forms the weighted homomorphic sum (clients pre-scale by their
+    weight over the round's public total, so the server only adds) per layer, over the clients
+    that sent each layer.  With a rule that runs on geometry (``runs_on`` contains
+    ``Reveals.GRAM``) the server computes the encrypted Gram matrix (squared norms, pairwise
+    inner products, inner products with ``reference``), the key holder decrypts only that
+    matrix, the rule returns per-client coefficients, and the server forms the coefficient-
+    weighted homomorphic sum.  The key holder then decrypts the aggregate.
+
+    Threat model
+    ------------
+    Server: honest-but-curious; holds the public context only.  Key holder: non-colluding with
+    the server; sees aggregates and the ``Gram``.  Clients: up to f Byzantine clients send
+    anything, honest ones may drop out.  Declared leakage: participants, each client's layer
+    manifest and weight (so per-layer upload counts), and in robust mode the ``Gram`` and the
+    rule's coefficients.  A rule that keeps one client (Krum) outputs that client's update.
+
+    Assumptions and guarantees
+    --------------------------
+    A layer is aggregated only when at least ``key_holder.min_contributors`` accepted clients
+    sent it (otherwise it keeps the global value, weight 0), so a sum the key holder decrypts
+    never covers a single client.  The decrypted aggregate matches the plaintext one within
+    ``ckks_stats.sum_error_bound``; Gram entries within ``inner_product_error_bound``.  Robust
+    rules need every client to send the same layers (a server-dictated selection plan).
+
+    Parameters
+    ----------
+    key_holder:
+        The party with the secret key; generated with ``preset`` when omitted.
+    preset:
+        ``"stats"`` (default: robust rules available) or ``"add-only"`` (smallest ciphertexts,
+        ``Mean`` only).
+    min_contributors:
+        Passed to a generated key holder (ignored when ``key_holder`` is given).
+    replay_window:
+        Rounds of ciphertext digests the server remembers to reject replays.
+
+    References
+    ----------
+    Cheon, Kim, Kim, Song, Homomorphic Encryption for Arithmetic of Approximate Numbers
+    (CKKS), ASIACRYPT 2017.  Benaissa et al., TenSEAL, 2021.  NVIDIA FLARE homomorphic
+    encryption (shared key, no robust rules).  Gram-based robust rules: Blanchard et al. 2017
+    (Krum), Cao et al. 2021 (FLTrust).
+    """
+
+    name = "ckks"
+    reveals = Reveals.GRAM
+
+    def __init__(
+        self,
+        key_holder: CKKSKeyHolder | None = None,
+        *,
+        preset: str | CKKSPreset = "stats",
+        min_contributors: int = 2,
+        replay_window: int = 8,
+    ) -> None:
+        self.key_holder = key_holder or CKKSKeyHolder.generate(preset, min_contributors=min_contributors)
+        self.preset = self.key_holder.preset
+        public = self.key_holder.public_context_bytes()
+        self.server = CKKSServer(public, self.preset, replay_window=replay_window)
+        self.client = CKKSClient(public, self.preset)
+
+    @property
+    def min_contributors(self) -> int:
+        return self.key_holder.min_contributors
+
+    def frame_for(self, layout: LayerLayout, layer_sets: Sequence[Sequence[str]]) -> PackingFrame:
+        """The round's packing frame: layers announced by at least ``min_contributors`` clients."""
+        counts = Counter(name for layers in layer_sets for name in set(layout.canonical(layers)))
+        chosen = tuple(n for n in layout.layer_names if counts[n] >= self.min_contributors)
+        return PackingFrame(layout, chosen, self.preset.slots)
+
+    def run_round(
+        self,
+        round_idx: int,
+        updates: Sequence[ClientUpdate],
+        layout: LayerLayout,
+        *,
+        defense: Defense,
+        transport: Transport | None = None,
+        reference: torch.Tensor | None = None,
+        context: Mapping[str, object] | None = None,
+    ) -> RoundOutput:
+        self.check_defense(defense)
+        gram_mode = defense.name != "mean"
+        if gram_mode and not self.preset.statistics:
+            raise ConfigError(
+                f"defense {defense!r} needs encrypted statistics; preset {self.preset.name!r} has no "
+                "relinearization/Galois keys (use preset='stats')"
+            )
+        t_start = time.perf_counter()
+        transport = transport or Transport()
+        announced: dict[int, tuple[str, ...]] = {}
+        for u in updates:
+            announced.setdefault(u.client_id, layout.canonical(u.layers))
+        if gram_mode and len(set(announced.values())) > 1:
+            raise ConfigError(
+                f"defense {defense!r} needs every client to upload the same layers; "
+                "use a server-dictated selection plan with robust rules"
+            )
+        frame = self.frame_for(layout, list(announced.values()))
+        weights_ok = [float(u.weight) for u in updates if math.isfinite(float(u.weight)) and float(u.weight) > 0]
+        norm = sum(weights_ok) or 1.0  # the round's public weight normalizer W
+
+        received: dict[int, ReceivedCiphertexts] = {}
+        rejected: dict[int, str] = {}
+        nbytes = n_cts = carried = 0
+        t_enc = t_srv = 0.0
+        for upd in updates:
+            cid = upd.client_id
+            chosen = tuple(n for n in layout.canonical(upd.layers) if n in frame.spans)
+            if not chosen:
+                continue  # nothing of this client's is aggregated this round: it sends nothing
+            t0 = time.perf_counter()
+            try:
+                prescale = 1.0 if gram_mode else float(upd.weight) / norm
+                msg: bytes | None = self.client.encode(round_idx, upd, frame, layers=chosen, prescale=prescale)
+            except (InvalidUpdateError, ProtocolError) as exc:
+                self.record_rejection(rejected, cid, exc)
+                continue
+            t_enc += time.perf_counter() - t0
+            n_cts += len(frame.chunks_for(chosen))
+            carried += layout.numel_of(chosen)
+            msg = transport.deliver(cid, "update", msg)
+            if msg is None:
+                continue
+            nbytes += len(msg)
+            t0 = time.perf_counter()
+            try:
+                if cid in received:
+                    raise ReplayError("duplicate message in this round", sender=cid)
+                received[cid] = self.server.decode(round_idx, cid, msg, frame)
+            except Exception as exc:  # typed errors recorded, anything else re-raised
+                self.record_rejection(rejected, cid, exc)
+            t_srv += time.perf_counter() - t0
+
+        extras: dict[str, object] = {
+            "preset": self.preset.name,
+            "mode": "gram" if gram_mode else "sum",
+            "bytes_uploaded": nbytes,
+            "ciphertexts": n_cts,
+            "slot_utilisation": carried / (n_cts * self.preset.slots) if n_cts else 0.0,
+            "bytes_per_float": nbytes / carried if carried else 0.0,
+            "frame_layers": frame.layers,
+        }
+        timing = {"encrypt_s": t_enc, "server_decode_s": t_srv}
+        clients = list(received.values())
+        if gram_mode:
+            out = self._robust(layout, frame, clients, defense, reference, context, timing)
+        else:
+            out = self._mean(layout, frame, clients, norm, timing)
+        out.rejected = rejected
+        out.bytes_uploaded = nbytes
+        timing["total_s"] = time.perf_counter() - t_start
+        extras["timing"] = timing
+        out.extras.update(extras)
+        return out
+
+    # -- weighted mean: additions only --------------------------------------------------------
+    def _mean(
+        self,
+        layout: LayerLayout,
+        frame: PackingFrame,
+        clients: Sequence[ReceivedCiphertexts],
+        norm: float,
+        timing: dict[str, float],
+    ) -> RoundOutput:
+        t0 = time.perf_counter()
+        counts = Counter(n for c in clients for n in c.layers)
+        totals = Counter()
+        for c in clients:
+            for n in c.layers:
+                totals[n] += c.weight
+        mins = self.min_contributors
+        withheld = {k for k in range(frame.n_chunks) if any(0 < counts[n] < mins for n in frame.layers_in_chunk(k))}
+        sums: dict[int, tuple[ts.CKKSVector, int]] = {}
+        for c in clients:
+            for k, ct in c.chunks.items():
+                if k in withheld:
+                    continue
+                if k not in sums:
+                    sums[k] = (ct, 1)  # not mutated: the second addend makes a new ciphertext
+                    continue
+                acc, m = sums[k]
+                if m == 1:
+                    acc = acc + ct
+                else:
+                    acc.add_(ct)
+                sums[k] = (acc, m + 1)
+        timing["server_aggregate_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        packed = np.zeros(frame.numel, dtype=np.float64)
+        for k, (acc, m) in sums.items():
+            lo, hi = frame.chunk_range(k)
+            packed[lo:hi] = self.key_holder.decrypt_aggregate([acc.serialize()], contributors=m)
+        timing["decrypt_s"] = time.perf_counter() - t0
+        full = torch.zeros(layout.numel, dtype=torch.float64)
+        layer_weight = dict.fromkeys(layout.layer_names, 0.0)
+        dropped_layers = []
+        slices = layout.slices()
+        for name, (a, b) in frame.spans.items():
+            chunks = range(a // frame.slots, (b - 1) // frame.slots + 1) if b > a else range(0)
+            if counts[name] < mins or any(k in withheld for k in chunks):
+                if counts[name]:
+                    dropped_layers.append(name)
+                continue
+            full[slices[name]] = torch.from_numpy(packed[a:b] * (norm / totals[name]))
+            layer_weight[name] = float(totals[name])
+        ids = tuple(c.client_id for c in clients)
+        out = RoundOutput(full.to(torch.float32), layer_weight, ids)
+        out.extras["withheld_layers"] = tuple(dropped_layers)
+        out.extras["layer_counts"] = {n: int(counts[n]) for n in layout.layer_names}
+        return out
+
+    # -- robust: encrypted Gram -> rule -> weighted homomorphic sum ----------------------------
+    def _robust(
+        self,
+        layout: LayerLayout,
+        frame: PackingFrame,
+        clients: Sequence[ReceivedCiphertexts],
+        defense: Defense,
+        reference: torch.Tensor | None,
+        context: Mapping[str, object] | None,
+        timing: dict[str, float],
+    ) -> RoundOutput:
+        ids = tuple(c.client_id for c in clients)
+        empty = RoundOutput(torch.zeros(layout.numel), dict.fromkeys(layout.layer_names, 0.0), ids)
+        empty.extras["layer_counts"] = {n: (len(clients) if n in frame.spans else 0) for n in layout.layer_names}
+        if len(clients) < self.min_contributors or frame.numel == 0:
+            empty.extras["withheld_layers"] = frame.layers if clients else ()
+            return empty
+        order = range(frame.n_chunks)
+        chunks = [[c.chunks[k] for k in order] for c in clients]
+        t0 = time.perf_counter()
+        inner = encrypted_inner_products(chunks)
+        ref_blobs = None
+        ref_sq = None
+        if reference is not None:
+            r = reference.detach().to("cpu", torch.float64).reshape(-1)
+            if r.numel() == layout.numel:
+                r = layout.gather(r, frame.layers)
+            if r.numel() != frame.numel:
+                raise ConfigError(f"reference has {r.numel()} entries; expected {layout.numel} (full layout)")
+            r_np = r.numpy()
+            ref_cts = encrypted_reference_products(chunks, frame.chunk_arrays(r_np))
+            ref_blobs = [None if ct is None else ct.serialize() for ct in ref_cts]
+            ref_sq = float(r_np @ r_np)
+        inner_blobs = {ij: ct.serialize() for ij, ct in inner.items()}
+        timing["gram_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gram = self.key_holder.decrypt_gram(ids, inner_blobs, ref_blobs, ref_sq)
+        timing["decrypt_gram_s"] = time.perf_counter() - t0
+        sample_w = torch.tensor([c.weight for c in clients], dtype=torch.float64)
+        result = defense.aggregate_gram(gram, sample_w, context=dict(context or {}))
+        coeffs = result.weights
+        if coeffs is None or coeffs.numel() != len(clients) or not torch.isfinite(coeffs).all():
+            raise ConfigError(f"defense {defense!r} returned no valid per-client weights from the Gram")
+        coeff_list = [float(x) for x in coeffs.to(torch.float64)]
+        t0 = time.perf_counter()
+        acc, used = weighted_sum(chunks, coeff_list)
+        timing["server_aggregate_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if acc is None:
+            vec = np.zeros(frame.numel)
+        else:
+            vec = self.key_holder.decrypt_aggregate([a.serialize() for a in acc], contributors=len(clients))
+        timing["decrypt_s"] = time.perf_counter() - t0
+        full = layout.scatter(torch.from_numpy(vec).to(torch.float32), frame.layers)
+        kept = sum(c.weight for c, w in zip(clients, coeff_list) if abs(w) > 1e-9)
+        layer_weight = {n: (float(kept) if n in frame.spans and used else 0.0) for n in layout.layer_names}
+        out = RoundOutput(full, layer_weight, ids, flagged=tuple(result.flagged), defense=result)
+        out.extras["gram"] = gram
+        out.extras["withheld_layers"] = ()
+        out.extras["layer_counts"] = empty.extras["layer_counts"]
+        return out
