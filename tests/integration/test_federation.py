@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+
+from securefml.cli import main
+from securefml.client import Client
+from securefml.data import make_digits_fewshot, make_sine
+from securefml.defenses import Mean
+from securefml.errors import ConfigError, DataError
+from securefml.experiment import RunConfig, run_experiment
+from securefml.meta import FOMAML, MetaConfig
+from securefml.models import make_model
+from securefml.protocols import Plaintext
+from securefml.server import Server, detection_rates
+
+TINY = {"n_train": 6, "n_heldout": 3, "k_shot": 3, "query": 3}
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "maml", "fomaml", "metasgd", "reptile"])
+@pytest.mark.parametrize("dataset", ["digits-fewshot", "sine"])
+def test_three_real_rounds_each_algorithm(algorithm, dataset):
+    opts = TINY if dataset == "digits-fewshot" else {"n_train": 6, "n_heldout": 3, "k_shot": 5}
+    cfg = RunConfig(dataset=dataset, algorithm=algorithm, rounds=3, clients_per_round=3, dataset_options=opts)
+    res = run_experiment(cfg)
+    metric = "accuracy" if dataset == "digits-fewshot" else "mse"
+    pers = res.metrics["personalized"]
+    assert len(pers["per_client"]) == 3 and pers[metric] >= 0
+    assert len(res.history) == 3 and all(len(h["accepted"]) == 3 for h in res.history)
+    assert res.metrics["bytes_uploaded"] > 0
+
+
+def test_same_seed_same_result():
+    cfg = RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=2, clients_per_round=3, dataset_options=TINY)
+    a, b = run_experiment(cfg), run_experiment(cfg)
+    assert a.metrics["personalized"]["per_client"] == b.metrics["personalized"]["per_client"]
+
+
+def test_signflip_attack_moves_mean_and_is_recorded():
+    cfg = RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=2, clients_per_round=6,
+                    dataset_options=TINY, attack="signflip", malicious=0.34)
+    res = run_experiment(cfg)
+    assert len(res.metrics["detection"]["malicious_ids"]) == 2
+    assert all(len(h["malicious"]) == 2 for h in res.history)
+
+
+def test_invalid_client_update_dropped_round_continues():
+    data = make_sine(n_train=4, n_heldout=1, seed=0)
+    learner = FOMAML(make_model(data), MetaConfig(inner_steps=1))
+    server = Server(learner, Plaintext(), Mean())
+    bad = data.train[1].with_data(support_y=torch.full_like(data.train[1].support_y, float("nan")))
+    cohort = [Client(data.train[0]), Client(bad), Client(data.train[2])]
+    before = server.global_vector.clone()
+    rec = server.run_round(0, cohort)
+    assert rec.accepted == [0, 2]
+    assert "InvalidUpdateError" in rec.rejected[1] and "client 1" in rec.rejected[1]
+    assert not torch.equal(before, server.global_vector)
+    assert torch.isfinite(server.global_vector).all()
+
+
+def test_empty_support_is_a_data_error():
+    data = make_sine(n_train=2, n_heldout=1)
+    with pytest.raises(DataError, match="client 0 has an empty support"):
+        data.train[0].with_data(support_x=torch.zeros(0, 1), support_y=torch.zeros(0, 1))
+
+
+def test_bad_run_config():
+    with pytest.raises(ConfigError, match="rounds must be positive"):
+        RunConfig(rounds=0)
+    with pytest.raises(ConfigError, match="choose one of"):
+        RunConfig(algorithm="protonet")
+    with pytest.raises(ConfigError, match="malicious"):
+        RunConfig(attack="signflip")
+
+
+def test_detection_rates():
+    assert detection_rates([1, 5], [1, 2], [1, 2, 3, 4, 5]) == {"tpr": 0.5, "fpr": 1 / 3}
+
+
+def test_cli_run_writes_result(tmp_path, capsys):
+    rc = main(["run", "--dataset", "digits-fewshot", "--algorithm", "reptile", "--rounds", "2",
+               "--clients-per-round", "3", "--out", str(tmp_path), "--no-progress",
+               "--dataset-option", "n_train=6", "--dataset-option", "n_heldout=2", "--select", "topk:0.5"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "personalized accuracy" in out
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert set(data) == {"config", "metrics", "history"}
+    assert {"personalized", "global", "bytes_uploaded", "rounds", "wall_seconds"} <= set(data["metrics"])
+    assert data["metrics"]["personalized"]["metric"] == "accuracy"
+
+
+def test_cli_unknown_dataset_is_clear(capsys):
+    assert main(["run", "--dataset", "nope", "--no-progress"]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err
+
+
+def test_fedavg_ft_is_fine_tuned_fedavg():
+    data = make_digits_fewshot(**TINY)
+    cfg = RunConfig(dataset="digits-fewshot", algorithm="fedavg", rounds=2, clients_per_round=3)
+    res = run_experiment(cfg, dataset=data)
+    assert res.metrics["global"]["steps"] == 0 and res.metrics["personalized"]["steps"] > 0
