@@ -78,6 +78,7 @@ class Server:
         server_lr: float = 1.0,
         device: torch.device | str = "cpu",
         update_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        aggregate_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         protocol.check_defense(defense)
         self.learner = learner
@@ -88,6 +89,7 @@ class Server:
         self.params: Params = learner.init_params(self.device)
         self.layout = LayerLayout.from_params(self.params)
         self.update_hook = update_hook
+        self.aggregate_hook = aggregate_hook
         self._vector = torch.nn.Parameter(self.layout.flatten(self.params).detach().clone())
         if server_lr <= 0:
             raise ConfigError(f"server_lr must be positive, got {server_lr}")
@@ -204,6 +206,8 @@ class Server:
             round_idx, updates, self.layout, defense=self.defense, transport=transport,
             reference=reference, context=context,
         )
+        if self.aggregate_hook is not None and out.accepted:
+            out.aggregate = self.aggregate_hook(len(out.accepted), out.aggregate)
         self._step(out)
         uploaded: dict[str, int] = {}
         for u in updates:
