@@ -19,9 +19,9 @@ from securefml.attacks import (
     FangKrum,
     FangTrimmedMean,
     Gaussian,
+    Mimic,
     MinMax,
     MinSum,
-    Mimic,
     ModelReplacement,
     Scaling,
     SignFlip,
@@ -83,7 +83,8 @@ def test_gaussian_statistics_and_reproducibility() -> None:
     ctx = AttackContext(round=0, n_clients=10, n_malicious=4, generator=torch.Generator().manual_seed(3))
     out = Gaussian(2.0, mean=1.0).poison_updates(own, ctx)
     assert abs(float(out.mean()) - 1.0) < 0.05 and abs(float(out.std()) - 2.0) < 0.05
-    again = Gaussian(2.0, mean=1.0).poison_updates(own, AttackContext(0, 10, 4, generator=torch.Generator().manual_seed(3)))
+    ctx2 = AttackContext(round=0, n_clients=10, n_malicious=4, generator=torch.Generator().manual_seed(3))
+    again = Gaussian(2.0, mean=1.0).poison_updates(own, ctx2)
     assert torch.equal(out, again)
     around = Gaussian(1e-9, around_own=True).poison_updates(own + 5, ctx)
     assert torch.allclose(around, own + 5, atol=1e-6)
