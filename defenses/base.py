@@ -16,11 +16,25 @@ from typing import Any
 
 import torch
 
-from securefml.errors import ConfigError
+from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.gram import Gram
 from securefml.protocols.base import Reveals
 
-__all__ = ["AggregationResult", "Defense", "PreAggregator", "Composed", "prepare_inputs"]
+__all__ = [
+    "AggregationResult",
+    "Defense",
+    "PreAggregator",
+    "Composed",
+    "prepare_inputs",
+    "prepare_weights",
+    "nonfinite_rows",
+    "effective_f",
+    "NONFINITE_KEY",
+]
+
+#: Context key under which ``Defense.__call__`` / ``aggregate_gram`` pass the ids of the rows
+#: they excluded as non-finite; rules use it (``effective_f``) to lower their Byzantine budget.
+NONFINITE_KEY = "nonfinite"
 
 
 @dataclass
@@ -72,6 +86,52 @@ def prepare_inputs(
     return x, w, ids
 
 
+def prepare_weights(weights: torch.Tensor | Sequence[float] | None, n: int) -> torch.Tensor:
+    """Validate optional per-client weights for ``n`` clients (float64, CPU; all ones if None)."""
+    if weights is None:
+        return torch.ones(n, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1).cpu()
+    if w.numel() != n or (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
+        raise ConfigError("weights must be n finite non-negative numbers with a positive sum")
+    return w
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[n]`` mask of rows holding a NaN or an Inf.
+
+    For float32/float16 rows a float64 row sum is finite exactly when every entry is (it cannot
+    overflow), which avoids materialising an ``[n, d]`` boolean mask.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return ~torch.isfinite(x.sum(dim=1, dtype=torch.float64))
+    return ~torch.isfinite(x).all(dim=1)
+
+
+def effective_f(f: int, context: Mapping[str, Any]) -> int:
+    """The Byzantine budget left once non-finite rows were excluded.
+
+    Honest clients never send NaN/Inf, so every excluded row was Byzantine: at most
+    ``f - excluded`` of the remaining rows can be.
+    """
+    return max(int(f) - len(context.get(NONFINITE_KEY, ())), 0)
+
+
+def _expand(res: AggregationResult, ids: tuple[int, ...], keep: torch.Tensor, bad: tuple[int, ...]) -> None:
+    """Re-index a result computed on the finite rows onto every original row (in place)."""
+    n = len(ids)
+    if res.weights is not None and res.weights.numel() == keep.numel():
+        full = torch.zeros(n, dtype=res.weights.dtype, device=res.weights.device)
+        full[keep.to(res.weights.device)] = res.weights
+        res.weights = full
+    if res.scores is not None and res.scores.dim() == 1 and res.scores.numel() == keep.numel():
+        full_s = torch.full((n,), float("nan"), dtype=res.scores.dtype, device=res.scores.device)
+        full_s[keep.to(res.scores.device)] = res.scores
+        res.scores = full_s
+    res.client_ids = ids
+    res.flagged = bad + tuple(c for c in res.flagged if c not in bad)
+    res.info[NONFINITE_KEY] = bad
+
+
 class Defense(ABC):
     """Base class of every aggregation rule.
 
@@ -90,7 +150,21 @@ class Defense(ABC):
         context: Mapping[str, Any] | None = None,
     ) -> AggregationResult:
         x, w, ids = prepare_inputs(updates, weights, client_ids)
-        return self.aggregate(x, w, ids, context=context or {})
+        bad_mask = nonfinite_rows(x)
+        if not bool(bad_mask.any()):
+            return self.aggregate(x, w, ids, context=context or {})
+        bad = tuple(ids[i] for i in bad_mask.nonzero().flatten().tolist())
+        keep = (~bad_mask).nonzero().flatten()
+        if keep.numel() == 0:
+            raise InvalidUpdateError(f"every update contains NaN or Inf (clients {list(bad)})", sender=bad[0])
+        if w[keep].sum() <= 0:
+            raise ConfigError("the finite updates all have zero weight")
+        ctx = dict(context or {})
+        ctx[NONFINITE_KEY] = bad
+        kept_ids = tuple(ids[i] for i in keep.tolist())
+        res = self.aggregate(x[keep], w[keep], kept_ids, context=ctx)
+        _expand(res, ids, keep.cpu(), bad)
+        return res
 
     @abstractmethod
     def aggregate(
@@ -101,7 +175,44 @@ class Defense(ABC):
     def aggregate_gram(
         self, gram: Gram, weights: torch.Tensor | None = None, *, context: Mapping[str, Any] | None = None
     ) -> AggregationResult:
-        """Decide per-client weights from geometry only (for encrypted updates)."""
+        """Decide per-client weights from geometry only (for encrypted updates).
+
+        Rows whose Gram entries (or reference inner product) are non-finite are flagged and
+        get weight 0 before the rule's ``decide_gram`` runs, as ``__call__`` does for updates.
+        """
+        if type(self).decide_gram is Defense.decide_gram:
+            raise ConfigError(
+                f"{self!r} needs every client's coordinates; it cannot run on a Gram matrix "
+                f"(use a protocol that reveals {sorted(self.runs_on)})"
+            )
+        w = prepare_weights(weights, gram.n)
+        ok = torch.isfinite(torch.diagonal(gram.inner)).cpu()
+        if gram.reference is not None:
+            ok &= torch.isfinite(gram.reference).cpu()
+        ids = gram.client_ids
+        if bool(ok.all()):
+            if not bool(torch.isfinite(gram.inner).all()):
+                raise InvalidUpdateError("Gram matrix has non-finite off-diagonal entries", sender=None)
+            return self.decide_gram(gram, w, context=context or {})
+        bad = tuple(ids[i] for i in (~ok).nonzero().flatten().tolist())
+        keep = ok.nonzero().flatten()
+        if keep.numel() == 0:
+            raise InvalidUpdateError(f"every update has a non-finite Gram row (clients {list(bad)})", sender=bad[0])
+        sub = gram.subset(keep.tolist())
+        if not bool(torch.isfinite(sub.inner).all()):
+            raise InvalidUpdateError("Gram matrix has non-finite off-diagonal entries", sender=None)
+        ctx = dict(context or {})
+        ctx[NONFINITE_KEY] = bad
+        res = self.decide_gram(sub, w[keep], context=ctx)
+        _expand(res, ids, keep, bad)
+        return res
+
+    def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
+        """Rule hook behind ``aggregate_gram``: ``gram`` holds finite rows only.
+
+        Gram-capable rules override this and return ``aggregate=None`` and ``weights``, the
+        coefficients to apply to the clients' (encrypted) updates.
+        """
         raise ConfigError(f"{self!r} needs every client's coordinates; it cannot run on a Gram matrix")
 
     def __rshift__(self, other: Defense) -> Defense:
@@ -116,12 +227,31 @@ class Defense(ABC):
         return None
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "runs_on")
         return f"{type(self).__name__}({params})"
 
 
 class PreAggregator(Defense):
-    """A transform applied before a rule (NNM, Bucketing, clipping, ARC)."""
+    """A transform applied before a rule (NNM, Bucketing, clipping, ARC).
+
+    A *linear* pre-aggregator (every one in this package) produces rows ``M @ updates`` for a
+    mixing matrix ``M`` it reports through ``transform_with_mixing``; then the composed rule's
+    row weights map back to per-client coefficients ``M.T @ w`` and the composition can also
+    run on a Gram matrix (``transform_gram``: the mixed Gram is ``M G M.T``).
+    """
+
+    def transform_with_mixing(
+        self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], torch.Tensor | None]:
+        """``transform`` plus the ``[k, n]`` float64 mixing matrix, or None if not linear."""
+        x, w, ids = self.transform(updates, weights, client_ids, context=context)
+        return x, w, ids, None
+
+    def transform_gram(
+        self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, Gram, torch.Tensor]:
+        """Return the mixing matrix ``M``, the Gram of the mixed rows and their weights."""
+        raise ConfigError(f"{self!r} cannot run on a Gram matrix")
 
     @abstractmethod
     def transform(
@@ -132,9 +262,17 @@ class PreAggregator(Defense):
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
-        x, w, ids = self.transform(updates, weights, client_ids, context=context)
-        agg = (w[:, None] * x.to(torch.float64)).sum(0) / w.sum()
-        return AggregationResult(agg.to(updates.dtype), ids, weights=w / w.sum())
+        x, w, ids, mixing = self.transform_with_mixing(updates, weights, client_ids, context=context)
+        row_w = w / w.sum()
+        agg = (row_w.to(x.device)[:, None] * x.to(torch.float64)).sum(0)
+        coeffs = row_w if mixing is None else mixing.T @ row_w
+        return AggregationResult(agg.to(updates.dtype), client_ids if mixing is not None else ids, weights=coeffs)
+
+    def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
+        if type(self).transform_gram is PreAggregator.transform_gram:
+            return super().decide_gram(gram, weights, context=context)
+        mixing, _, w = self.transform_gram(gram, weights, context=context)
+        return AggregationResult(None, gram.client_ids, weights=mixing.T @ (w / w.sum()))
 
 
 class Composed(Defense):
@@ -149,11 +287,41 @@ class Composed(Defense):
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
-        x, w, ids = self.pre.transform(updates, weights, client_ids, context=context)
+        x, w, ids, mixing = self.pre.transform_with_mixing(updates, weights, client_ids, context=context)
         res = self.rule.aggregate(x, w, ids, context=context)
+        return self._lift(res, client_ids, ids, mixing)
+
+    def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
+        mixing, mixed, w = self.pre.transform_gram(gram, weights, context=context)
+        res = self.rule.decide_gram(mixed, w, context=context)
+        return self._lift(res, gram.client_ids, mixed.client_ids, mixing)
+
+    @staticmethod
+    def _lift(
+        res: AggregationResult, client_ids: tuple[int, ...], row_ids: tuple[int, ...], mixing: torch.Tensor | None
+    ) -> AggregationResult:
+        """Express a rule's result on the pre-aggregated rows in terms of the clients."""
+        res.info["pre_aggregated_ids"] = row_ids
+        if res.weights is not None and (mixing is not None or row_ids != client_ids):
+            res.info["row_weights"] = res.weights
+            res.weights = None if mixing is None else mixing.to(res.weights.device, torch.float64).T @ res.weights.to(
+                torch.float64
+            )
+        if row_ids != client_ids:
+            res.info["row_scores"] = res.scores
+            res.scores = None
+        if not set(row_ids) <= set(client_ids):
+            res.info["flagged_rows"] = res.flagged
+            res.flagged = ()
         res.client_ids = client_ids
-        res.info["pre_aggregated_ids"] = ids
         return res
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pre": self.pre.state_dict(), "rule": self.rule.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pre.load_state_dict(state.get("pre", {}))
+        self.rule.load_state_dict(state.get("rule", {}))
 
     def __repr__(self) -> str:
         return f"{self.pre!r} >> {self.rule!r}"

@@ -31,8 +31,6 @@ class Mean(Defense):
         agg = (w[:, None] * updates.to(torch.float64)).sum(0)
         return AggregationResult(agg.to(updates.dtype), client_ids, weights=w)
 
-    def aggregate_gram(
-        self, gram: Gram, weights: torch.Tensor | None = None, *, context: Mapping[str, Any] | None = None
-    ) -> AggregationResult:
-        w = torch.ones(gram.n, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+    def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
+        w = weights.to(torch.float64)
         return AggregationResult(None, gram.client_ids, weights=w / w.sum())

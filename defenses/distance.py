@@ -1,0 +1,296 @@
+"""Distance-based rules: Krum, MultiKrum, Bulyan, NormBound.
+
+Krum, MultiKrum and NormBound need only the geometry of the updates (pairwise distances,
+norms), so they also run on a ``Gram`` matrix: under CKKS the key holder decrypts the Gram,
+the rule returns per-client coefficients, and the server forms the weighted homomorphic sum.
+In plaintext every pairwise distance comes from one (blocked, float64, centred) Gram matmul.
+Bulyan ends with a coordinate-wise step, so it needs coordinates (plaintext or buckets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from securefml.defenses.base import AggregationResult, Defense, effective_f
+from securefml.defenses.coordinate import check_f, meamed
+from securefml.defenses.linalg import DEFAULT_CHUNK, gram_matrix, mix, row_norms, sq_distances_from_gram
+from securefml.errors import ConfigError
+from securefml.gram import Gram
+from securefml.protocols.base import Reveals
+
+__all__ = [
+    "krum_scores",
+    "multikrum_select",
+    "bulyan_select",
+    "norm_bound_coefficients",
+    "combine",
+    "Krum",
+    "MultiKrum",
+    "Bulyan",
+    "NormBound",
+]
+
+_GEOMETRY = frozenset({Reveals.UPDATES, Reveals.GRAM, Reveals.BUCKETS})
+
+
+def combine(coeffs: torch.Tensor, x: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``sum_i coeffs[i] * x[i]`` accumulated in float64, returned in ``dtype`` (default: x's)."""
+    return mix(coeffs[None, :], x, dtype=dtype)[0]
+
+
+def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum score of each row: the sum of squared distances to its ``n - f - 2`` nearest others.
+
+    Parameters
+    ----------
+    sq_dist:
+        ``[n, n]`` squared pairwise distances (zero diagonal).
+    f:
+        Byzantine budget; the caller checks ``n > 2f + 2``.
+    """
+    n = sq_dist.shape[0]
+    k = min(max(n - f - 2, 0), n - 1)
+    if k == 0:
+        return torch.zeros(n, dtype=sq_dist.dtype, device=sq_dist.device)
+    others = sq_dist + torch.diag(torch.full((n,), float("inf"), dtype=sq_dist.dtype, device=sq_dist.device))
+    return others.topk(k, dim=1, largest=False).values.sum(dim=1)
+
+
+def _check_krum(n: int, f: int, who: str) -> None:
+    if n <= 2 * f + 2:
+        raise ConfigError(f"{who} with f={f} needs n > 2f + 2 clients, got n={n}")
+
+
+def multikrum_select(sq_dist: torch.Tensor, f: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the ``m`` rows with the lowest Krum scores (stable order), and all scores."""
+    scores = krum_scores(sq_dist, f)
+    order = torch.sort(scores, stable=True).indices
+    return order[:m].sort().values, scores
+
+
+def bulyan_select(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
+    """Bulyan's selection set: ``n - 2f`` rows picked one by one by Krum on the rows left.
+
+    Each step recomputes Krum scores on the remaining rows (a masked top-k on the one
+    precomputed distance matrix, no new distances).
+    """
+    n = sq_dist.shape[0]
+    theta = n - 2 * f
+    remaining = torch.ones(n, dtype=torch.bool, device=sq_dist.device)
+    chosen: list[int] = []
+    for _ in range(theta):
+        idx = remaining.nonzero().flatten()
+        scores = krum_scores(sq_dist[idx][:, idx], f)
+        pick = int(idx[int(torch.argmin(scores))])
+        chosen.append(pick)
+        remaining[pick] = False
+    return torch.tensor(sorted(chosen), dtype=torch.long, device=sq_dist.device)
+
+
+def norm_bound_coefficients(
+    norms: torch.Tensor, weights: torch.Tensor, bound: float | None
+) -> tuple[torch.Tensor, float]:
+    """Coefficients of the weighted mean of norm-clipped updates, and the bound used.
+
+    ``bound=None`` takes the median norm (FLAME's adaptive bound).
+    """
+    norms = norms.to(torch.float64)
+    b = float(norms.median()) if bound is None else float(bound)
+    scale = torch.where(norms > b, b / norms.clamp_min(1e-300), torch.ones_like(norms))
+    w = weights.to(device=norms.device, dtype=torch.float64)
+    return w * scale / w.sum(), b
+
+
+class _GeometryRule(Defense):
+    """A rule that decides from squared distances; shared plaintext and Gram entry points."""
+
+    runs_on = _GEOMETRY
+
+    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.f = check_f(f)
+        self.chunk = int(chunk)
+
+    def _decide(
+        self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], dict[str, Any]]:
+        raise NotImplementedError
+
+    def aggregate(
+        self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
+    ) -> AggregationResult:
+        sq = sq_distances_from_gram(gram_matrix(updates, center=True, chunk=self.chunk))
+        coeffs, scores, flagged, info = self._decide(sq, client_ids, effective_f(self.f, context))
+        agg = combine(coeffs, updates)
+        return AggregationResult(agg, client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
+
+    def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
+        coeffs, scores, flagged, info = self._decide(gram.sq_distances(), gram.client_ids, effective_f(self.f, context))
+        return AggregationResult(None, gram.client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
+
+
+class Krum(_GeometryRule):
+    """Krum (Blanchard et al., NeurIPS 2017): output the update closest to its neighbours.
+
+    Each update is scored by the sum of squared distances to its ``n - f - 2`` nearest other
+    updates; the lowest-scoring update is the output (its coefficient is 1, all others 0).
+
+    Threat model: up to ``f`` Byzantine clients with ``n > 2f + 2``.  Guarantee (paper,
+    Prop. 1): (alpha, f)-Byzantine resilience; in particular, when the honest updates are
+    closer to each other than to any Byzantine vector the chosen update is honest.
+    ``flagged`` lists the ``f`` highest-scoring clients (the ones Krum finds most isolated).
+    Runs on plaintext updates, on a CKKS Gram matrix, and on SecAgg bucket means.
+
+    References
+    ----------
+    P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer. Machine Learning with
+    Adversaries: Byzantine Tolerant Gradient Descent. NeurIPS 2017.
+    """
+
+    name = "krum"
+
+    def _decide(
+        self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], dict[str, Any]]:
+        n = sq_dist.shape[0]
+        _check_krum(n, f, "Krum")
+        sel, scores = multikrum_select(sq_dist, f, 1)
+        coeffs = torch.zeros(n, dtype=torch.float64, device=sq_dist.device)
+        coeffs[sel] = 1.0
+        worst = torch.sort(scores, descending=True, stable=True).indices[:f].tolist()
+        flagged = tuple(client_ids[i] for i in sorted(worst))
+        return coeffs, scores, flagged, {"selected": (client_ids[int(sel[0])],), "f": f}
+
+
+class MultiKrum(_GeometryRule):
+    """Multi-Krum (Blanchard et al., NeurIPS 2017): average the ``m`` best Krum-scored updates.
+
+    Scores are computed once, as in the paper (some later works re-score after each pick;
+    that variant is Bulyan's selection).  ``m`` defaults to ``n - f``.
+
+    Threat model: up to ``f`` Byzantine clients, ``n > 2f + 2``.  Guarantee: the
+    selected set inherits Krum's resilience; averaging ``m`` updates reduces the variance.
+    ``flagged`` lists the clients left out.  Runs on plaintext updates, on a CKKS Gram
+    matrix, and on SecAgg bucket means; the same clients are selected on a Gram as on the
+    plaintext updates, up to the Gram's numerical error.
+
+    References
+    ----------
+    P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer. Machine Learning with
+    Adversaries: Byzantine Tolerant Gradient Descent. NeurIPS 2017.
+    """
+
+    name = "multikrum"
+
+    def __init__(self, f: int = 0, *, m: int | None = None, chunk: int = DEFAULT_CHUNK) -> None:
+        super().__init__(f, chunk=chunk)
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ConfigError(f"m (how many updates MultiKrum averages) must be a positive integer, got {m!r}")
+        self.m = m
+
+    def _decide(
+        self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], dict[str, Any]]:
+        n = sq_dist.shape[0]
+        _check_krum(n, f, "MultiKrum")
+        m = n - f if self.m is None else min(self.m, n)
+        sel, scores = multikrum_select(sq_dist, f, m)
+        coeffs = torch.zeros(n, dtype=torch.float64, device=sq_dist.device)
+        coeffs[sel] = 1.0 / m
+        chosen = set(sel.tolist())
+        flagged = tuple(client_ids[i] for i in range(n) if i not in chosen)
+        return coeffs, scores, flagged, {"selected": tuple(client_ids[i] for i in sorted(chosen)), "f": f, "m": m}
+
+
+class Bulyan(Defense):
+    """Bulyan (El Mhamdi et al., ICML 2018): Krum selection, then a coordinate-wise trim.
+
+    1. Select ``theta = n - 2f`` updates one at a time, each by Krum on the updates not yet
+       selected.  2. Per coordinate, average the ``beta = theta - 2f`` selected values
+       closest to the coordinate-wise median of the selection.
+
+    Threat model: up to ``f`` Byzantine clients with ``n >= 4f + 3``.  Guarantee (paper,
+    Prop. 2): each coordinate of the output deviates from the honest ones by at most
+    O(sigma / sqrt(d)) and Bulyan resists the "hidden in high dimension" attack on Krum.
+    ``flagged`` lists the ``2f`` clients the selection left out.  Needs coordinates.
+
+    References
+    ----------
+    E. M. El Mhamdi, R. Guerraoui, S. Rouault. The Hidden Vulnerability of Distributed
+    Learning in Byzantium. ICML 2018.
+    """
+
+    name = "bulyan"
+    runs_on = frozenset({Reveals.UPDATES, Reveals.BUCKETS})
+
+    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.f = check_f(f)
+        self.chunk = int(chunk)
+
+    def aggregate(
+        self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
+    ) -> AggregationResult:
+        f = effective_f(self.f, context)
+        n = updates.shape[0]
+        if n < 4 * f + 3:
+            raise ConfigError(f"Bulyan with f={f} needs n >= 4f + 3 clients, got n={n}")
+        sq = sq_distances_from_gram(gram_matrix(updates, center=True, chunk=self.chunk))
+        sel = bulyan_select(sq, f)
+        agg = meamed(updates[sel.to(updates.device)], 2 * f, chunk=self.chunk)
+        chosen = set(sel.tolist())
+        flagged = tuple(client_ids[i] for i in range(n) if i not in chosen)
+        return AggregationResult(
+            agg, client_ids, flagged=flagged, info={"selected": tuple(client_ids[i] for i in sorted(chosen)), "f": f}
+        )
+
+
+class NormBound(Defense):
+    """Norm bounding (Sun et al., 2019): clip every update to norm ``bound``, then average.
+
+    ``bound=None`` uses the median update norm of the round (the adaptive bound of FLAME),
+    so an honest majority sets it.  Client weights are honoured (it is a weighted mean of
+    clipped updates).  ``flagged`` lists the clients whose update was clipped.
+
+    Threat model: any number of clients scaling their update (model replacement, boosted
+    backdoors); it bounds each client's influence to ``weight * bound`` but does not remove
+    direction-based attacks.  Needs only norms: runs on a CKKS Gram (its diagonal).
+
+    References
+    ----------
+    Z. Sun, P. Kairouz, A. T. Suresh, H. B. McMahan. Can You Really Backdoor Federated
+    Learning? arXiv:1911.07963, 2019.
+    """
+
+    name = "normbound"
+    runs_on = _GEOMETRY
+
+    def __init__(self, bound: float | None = None, *, chunk: int = DEFAULT_CHUNK) -> None:
+        if bound is not None and not (isinstance(bound, (int, float)) and bound > 0 and bound < float("inf")):
+            raise ConfigError(f"bound must be a positive finite number or None, got {bound!r}")
+        self.bound = None if bound is None else float(bound)
+        self.chunk = int(chunk)
+
+    def _decide(
+        self, norms: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...]
+    ) -> tuple[torch.Tensor, tuple[int, ...], float]:
+        coeffs, b = norm_bound_coefficients(norms, weights, self.bound)
+        flagged = tuple(client_ids[i] for i in (norms > b).nonzero().flatten().tolist())
+        return coeffs, flagged, b
+
+    def aggregate(
+        self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
+    ) -> AggregationResult:
+        norms = row_norms(updates, chunk=self.chunk)
+        coeffs, flagged, b = self._decide(norms, weights, client_ids)
+        return AggregationResult(
+            combine(coeffs, updates), client_ids, weights=coeffs, scores=norms, flagged=flagged, info={"bound": b}
+        )
+
+    def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
+        norms = gram.norms
+        coeffs, flagged, b = self._decide(norms, weights, gram.client_ids)
+        return AggregationResult(
+            None, gram.client_ids, weights=coeffs, scores=norms, flagged=flagged, info={"bound": b}
+        )

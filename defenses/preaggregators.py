@@ -1,0 +1,281 @@
+"""Pre-aggregators: NNM, Bucketing, ARC and Clipping, composed before a rule with ``>>``.
+
+Every pre-aggregator here is *linear*: it replaces the ``[n, d]`` updates by ``M @ updates``
+for an ``[k, n]`` mixing matrix ``M`` computed from geometry (distances, norms) or from
+randomness.  That makes each of them usable on a CKKS ``Gram`` (the mixed Gram is
+``M G M.T``) and lets a composed rule's row weights be reported per client as ``M.T @ w``,
+so ``NNM(f=2) >> Krum(f=2)`` runs under CKKS as a weighted homomorphic sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from securefml.defenses.base import PreAggregator, effective_f
+from securefml.defenses.coordinate import check_f
+from securefml.defenses.linalg import DEFAULT_CHUNK, gram_matrix, mix, row_norms, sq_distances_from_gram
+from securefml.errors import ConfigError
+from securefml.gram import Gram
+from securefml.protocols.base import Reveals
+
+__all__ = [
+    "nnm_mixing",
+    "bucket_mixing",
+    "clip_scales",
+    "arc_scales",
+    "NNM",
+    "Bucketing",
+    "ARC",
+    "Clipping",
+]
+
+_ALL = frozenset({Reveals.UPDATES, Reveals.GRAM, Reveals.BUCKETS})
+
+
+def nnm_mixing(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
+    """NNM's ``[n, n]`` mixing matrix: row i averages the ``n - f`` nearest rows to i (i included)."""
+    n = sq_dist.shape[0]
+    if n <= f:
+        raise ConfigError(f"NNM with f={f} needs n > f clients, got n={n}")
+    k = n - f
+    # the diagonal is 0, so each row's own index is among its k nearest
+    idx = sq_dist.topk(k, dim=1, largest=False).indices
+    m = torch.zeros(n, n, dtype=torch.float64, device=sq_dist.device)
+    m.scatter_(1, idx, 1.0 / k)
+    return m
+
+
+def bucket_mixing(
+    weights: torch.Tensor, size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Random buckets of ``size`` clients: weighted-mean mixing matrix, bucket weights, members.
+
+    The permutation is drawn on the CPU from ``generator``, so the same seed gives the same
+    buckets on every device.
+    """
+    n = weights.numel()
+    perm = torch.randperm(n, generator=generator).tolist()
+    members = [sorted(perm[i : i + size]) for i in range(0, n, size)]
+    w = weights.to(torch.float64).cpu()
+    m = torch.zeros(len(members), n, dtype=torch.float64)
+    for b, mem in enumerate(members):  # O(n) in total: one entry per client
+        tot = w[mem].sum()
+        m[b, mem] = w[mem] / tot if tot > 0 else 1.0 / len(mem)
+    return m, m.new_tensor([float(w[mem].sum()) for mem in members]), members
+
+
+def clip_scales(norms: torch.Tensor, bound: float) -> torch.Tensor:
+    """Per-row factors ``min(1, bound / ||u_i||)``."""
+    n64 = norms.to(torch.float64)
+    return torch.where(n64 > bound, bound / n64.clamp_min(1e-300), torch.ones_like(n64))
+
+
+def arc_scales(norms: torch.Tensor, f: int) -> torch.Tensor:
+    """ARC: clip the ``floor(2 (f/n) (n - f))`` largest-norm rows to the next largest norm."""
+    n = norms.numel()
+    k = min(int(math.floor(2 * f * (n - f) / n)), n - 1) if n else 0
+    if k <= 0:
+        return torch.ones(n, dtype=torch.float64, device=norms.device)
+    bound = float(norms.to(torch.float64).sort(descending=True).values[k])
+    return clip_scales(norms, bound)
+
+
+class _LinearPre(PreAggregator):
+    """Shared plumbing: subclasses say how to build ``M`` from updates and from a Gram."""
+
+    runs_on = _ALL
+
+    def _mixing_plain(
+        self, x: torch.Tensor, w: torch.Tensor, ids: tuple[int, ...], context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _mixing_gram(
+        self, gram: Gram, w: torch.Tensor, context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _rows(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return mix(m, x, chunk=getattr(self, "chunk", DEFAULT_CHUNK))
+
+    def transform(
+        self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        x, w, ids, _ = self.transform_with_mixing(updates, weights, client_ids, context=context)
+        return x, w, ids
+
+    def transform_with_mixing(
+        self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], torch.Tensor | None]:
+        m, w, ids = self._mixing_plain(updates, weights, client_ids, context)
+        return self._rows(m, updates), w.to(updates.device), ids, m
+
+    def transform_gram(
+        self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, Gram, torch.Tensor]:
+        m, w, ids = self._mixing_gram(gram, weights, context)
+        m = m.to(gram.inner.device, torch.float64)
+        inner = m @ gram.inner.to(torch.float64) @ m.T
+        ref = None if gram.reference is None else m @ gram.reference.to(torch.float64)
+        return m, Gram(ids, inner, ref, gram.reference_sq_norm), w
+
+
+class NNM(_LinearPre):
+    """Nearest Neighbor Mixing (Allouah et al., AISTATS 2023).
+
+    Each update is replaced by the average of its ``n - f`` nearest updates (itself
+    included); the downstream rule then runs on the mixed rows.  Mixing rows map one to
+    one to clients, so the rule's flags still name clients.
+
+    Threat model: up to ``f < n/2`` Byzantine clients.  Guarantee (paper, Thm. 1): composed
+    with a rule that is robust for i.i.d. inputs (Krum, CoordinateMedian, TrimmedMean,
+    GeometricMedian), the composition is (f, kappa)-robust with an optimal-order kappa under
+    heterogeneity.  Needs only pairwise distances: runs on a CKKS Gram.
+
+    References
+    ----------
+    Y. Allouah, S. Farhadkhani, R. Guerraoui, N. Gupta, R. Pinot, J. Stephan. Fixing by
+    Mixing: A Recipe for Optimal Byzantine ML under Heterogeneity. AISTATS 2023.
+    """
+
+    name = "nnm"
+
+    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.f = check_f(f)
+        self.chunk = int(chunk)
+
+    def _mixing_plain(
+        self, x: torch.Tensor, w: torch.Tensor, ids: tuple[int, ...], context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        sq = sq_distances_from_gram(gram_matrix(x, center=True, chunk=self.chunk))
+        return nnm_mixing(sq, effective_f(self.f, context)), w, ids
+
+    def _mixing_gram(
+        self, gram: Gram, w: torch.Tensor, context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        return nnm_mixing(gram.sq_distances(), effective_f(self.f, context)), w, gram.client_ids
+
+
+class Bucketing(_LinearPre):
+    """Bucketing (Karimireddy, He, Jaggi, ICLR 2022): average random buckets of ``size`` clients.
+
+    The clients are shuffled with ``context["generator"]`` (a ``torch.Generator``; a
+    ``ConfigError`` names the key if it is missing) and split into ``ceil(n / size)``
+    buckets; each bucket's (client-weighted) mean becomes one row for the downstream rule.
+    The rows are buckets, not clients: a composed rule's flags are reported in
+    ``info["flagged_rows"]`` (bucket ``b`` has id ``-(b + 1)``), never as client ids.
+
+    Threat model: ``f`` Byzantine clients contaminate at most ``f`` buckets; with
+    ``size <= n / (2f)`` a majority of buckets is honest, and the heterogeneity the
+    downstream rule sees shrinks by ``size``.  Under SecAgg the protocol itself securely sums
+    random buckets (``Reveals.BUCKETS``); this class is the plaintext/CKKS equivalent.
+
+    References
+    ----------
+    S. P. Karimireddy, L. He, M. Jaggi. Byzantine-Robust Learning on Heterogeneous Datasets
+    via Bucketing. ICLR 2022.
+    """
+
+    name = "bucketing"
+
+    def __init__(self, size: int = 2, *, chunk: int = DEFAULT_CHUNK) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"bucket size must be a positive integer, got {size!r}")
+        self.size = size
+        self.chunk = int(chunk)
+
+    def buckets(self, weights: torch.Tensor, context: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        gen = context.get("generator")
+        if not isinstance(gen, torch.Generator):
+            raise ConfigError("Bucketing needs context['generator'] (a torch.Generator) to draw the buckets")
+        return bucket_mixing(weights, self.size, gen)
+
+    def _mixing(self, w: torch.Tensor, context: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        m, bw, members = self.buckets(w, context)
+        return m, bw, tuple(-(b + 1) for b in range(len(members)))
+
+    def _mixing_plain(
+        self, x: torch.Tensor, w: torch.Tensor, ids: tuple[int, ...], context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        return self._mixing(w, context)
+
+    def _mixing_gram(
+        self, gram: Gram, w: torch.Tensor, context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        return self._mixing(w, context)
+
+
+class _ScalePre(_LinearPre):
+    """A diagonal mixing matrix: rows are rescaled, never combined."""
+
+    chunk = DEFAULT_CHUNK
+
+    def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rows(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.diagonal(m).to(x.device, x.dtype)[:, None]
+
+    def _mixing_plain(
+        self, x: torch.Tensor, w: torch.Tensor, ids: tuple[int, ...], context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        return torch.diag(self._scales(row_norms(x, chunk=self.chunk), context)), w, ids
+
+    def _mixing_gram(
+        self, gram: Gram, w: torch.Tensor, context: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        return torch.diag(self._scales(gram.norms, context)), w, gram.client_ids
+
+
+class Clipping(_ScalePre):
+    """Static clipping: scale every update to norm at most ``bound`` before the rule.
+
+    Threat model: bounds each client's influence on the downstream rule to ``bound``; the
+    bound must be set from knowledge of honest norms (ARC chooses it adaptively).  Needs
+    only norms: runs on a CKKS Gram.
+
+    References
+    ----------
+    ByzFL's ``Clipping`` pre-aggregator (LPD-EPFL); Sun et al., arXiv:1911.07963, 2019.
+    """
+
+    name = "clipping"
+
+    def __init__(self, bound: float = 2.0, *, chunk: int = DEFAULT_CHUNK) -> None:
+        if not (isinstance(bound, (int, float)) and 0 < bound < float("inf")):
+            raise ConfigError(f"bound must be a positive finite number, got {bound!r}")
+        self.bound = float(bound)
+        self.chunk = int(chunk)
+
+    def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
+        return clip_scales(norms, self.bound)
+
+
+class ARC(_ScalePre):
+    """Adaptive Robust Clipping (Allouah et al., NeurIPS 2024).
+
+    The ``k = floor(2 (f/n) (n - f))`` updates with the largest norms are clipped to the
+    norm of the ``(k+1)``-th largest; the rest are unchanged.  No bound to tune.
+
+    Threat model: up to ``f < n/2`` Byzantine clients.  Guarantee (paper, Thm. 1): composed
+    with an (f, kappa)-robust rule it preserves robustness and improves it when the honest
+    updates are small.  Needs only norms: runs on a CKKS Gram.
+
+    References
+    ----------
+    Y. Allouah, R. Guerraoui, N. Gupta, A. Jellouli, G. Rizk, J. Stephan. Boosting
+    Robustness by Clipping Gradients in Distributed Learning. NeurIPS 2024 (arXiv:2405.14432).
+    """
+
+    name = "arc"
+
+    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.f = check_f(f)
+        self.chunk = int(chunk)
+
+    def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
+        return arc_scales(norms, effective_f(self.f, context))
