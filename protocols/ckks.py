@@ -64,7 +64,7 @@ _ENVELOPE_OVERHEAD = 65536
 
 
 def _ct_field(k: int) -> str:
-    return f"ct{k}"
+    return f"ct.{k}"
 
 
 class CKKSClient:
@@ -207,7 +207,7 @@ class CKKSServer:
         digests = []
         for k in got:
             blob = env.fields[_ct_field(k)]
-            chunks[k] = self._load(blob, frame.chunk_len(k), sender)
+            chunks[k] = self._load(blob, frame.slots, sender)
             digests.append(self._digest(blob))
         self._check_replay(round_idx, sender, digests)
         return ReceivedCiphertexts(sender, float(weight), layers, chunks, len(data), tuple(digests))
@@ -451,7 +451,7 @@ class CKKS(AggregationProtocol):
         packed = np.zeros(frame.numel, dtype=np.float64)
         for k, (acc, m) in sums.items():
             lo, hi = frame.chunk_range(k)
-            packed[lo:hi] = self.key_holder.decrypt_aggregate([acc.serialize()], contributors=m)
+            packed[lo:hi] = self.key_holder.decrypt_aggregate([acc.serialize()], contributors=m)[: hi - lo]
         timing["decrypt_s"] = time.perf_counter() - t0
         full = torch.zeros(layout.numel, dtype=torch.float64)
         layer_weight = dict.fromkeys(layout.layer_names, 0.0)
@@ -522,7 +522,8 @@ class CKKS(AggregationProtocol):
         if acc is None:
             vec = np.zeros(frame.numel)
         else:
-            vec = self.key_holder.decrypt_aggregate([a.serialize() for a in acc], contributors=len(clients))
+            dec = self.key_holder.decrypt_aggregate([a.serialize() for a in acc], contributors=len(clients))
+            vec = np.concatenate([dec[k * frame.slots : k * frame.slots + frame.chunk_len(k)] for k in order])
         timing["decrypt_s"] = time.perf_counter() - t0
         full = layout.scatter(torch.from_numpy(vec).to(torch.float32), frame.layers)
         kept = sum(c.weight for c, w in zip(clients, coeff_list) if abs(w) > 1e-9)

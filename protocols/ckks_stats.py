@@ -7,8 +7,10 @@ clients announced).  The frame's entries are concatenated in layout order and cu
 chunks of ``slots`` entries; a client encrypts only the chunks that hold one of *its* layers,
 with zeros in the slots of frame layers it did not select.  When every client uploads the
 same layers (a server-dictated plan) the frame is exactly those layers, so each client sends
-``ceil(d / slots)`` ciphertexts: the fewest possible.  Chunks line up across clients, so the
-server can add them slot by slot and still count each layer only over the clients that sent it.
+``ceil(d / slots)`` ciphertexts: the fewest possible.  Every chunk is zero-padded to
+``slots`` entries (the last one included): it costs no bytes and keeps chunks aligned.
+Chunks line up across clients, so the server can add them slot by slot and still count each
+layer only over the clients that sent it.
 
 Encrypted statistics
 --------------------
@@ -143,11 +145,19 @@ class PackingFrame:
             pos += b - a
         if pos != vector.size:
             raise ConfigError(f"vector has {vector.size} entries, layers {chosen} have {pos}")
-        return {k: frame[slice(*self.chunk_range(k))] for k in self.chunks_for(chosen)}
+        return {k: self._padded(frame, k) for k in self.chunks_for(chosen)}
+
+    def _padded(self, frame_vector: np.ndarray, k: int) -> np.ndarray:
+        # Every chunk fills all slots (zeros past the frame's end): a ciphertext costs the same
+        # bytes whatever its length, and equal lengths let chunks be multiplied and accumulated.
+        out = np.zeros(self.slots, dtype=np.float64)
+        lo, hi = self.chunk_range(k)
+        out[: hi - lo] = frame_vector[lo:hi]
+        return out
 
     def chunk_arrays(self, frame_vector: np.ndarray) -> list[np.ndarray]:
-        """Cut a full frame vector into its chunks."""
-        return [frame_vector[slice(*self.chunk_range(k))] for k in range(self.n_chunks)]
+        """Cut a full frame vector into its (zero-padded, ``slots``-long) chunks."""
+        return [self._padded(frame_vector, k) for k in range(self.n_chunks)]
 
 
 def encrypted_inner_products(

@@ -1,0 +1,372 @@
+"""CKKS protocol: roles, packing, weighted sums, encrypted Gram, and rejection of bad messages."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import tenseal as ts
+import torch
+
+from securefml.defenses.base import AggregationResult, Defense
+from securefml.defenses.mean import Mean
+from securefml.errors import (
+    ConfigError,
+    DecryptionError,
+    InvalidUpdateError,
+    MalformedMessageError,
+    ProtocolError,
+    ReplayError,
+)
+from securefml.gram import Gram
+from securefml.protocols.base import ClientUpdate, Reveals, Transport, weighted_layer_mean
+from securefml.protocols.ckks import CKKS, CKKSClient, CKKSServer
+from securefml.protocols.ckks_keys import PRESETS, CKKSKeyHolder, get_preset, load_public_context
+from securefml.protocols.ckks_stats import (
+    PackingFrame,
+    encrypted_inner_products,
+    inner_product_error_bound,
+    naive_inner_product,
+    sum_error_bound,
+)
+from securefml.protocols.wire import Envelope, decode, encode
+from securefml.updates import LayerLayout
+
+LAYOUT = LayerLayout([("a.weight", (30, 150)), ("a.bias", (30,)), ("b.weight", (10, 30)), ("b.bias", (10,))])
+
+
+class DropLargest(Defense):
+    """Test-only geometry rule: drop the client with the largest norm, weighted mean of the rest."""
+
+    name = "droplargest"
+    runs_on = frozenset({Reveals.UPDATES, Reveals.GRAM})
+
+    def aggregate(self, updates, weights, client_ids, *, context):
+        res = self.aggregate_gram(Gram.from_updates(updates, client_ids), weights)
+        res.aggregate = (res.weights[:, None] * updates.to(torch.float64)).sum(0)
+        return res
+
+    def aggregate_gram(self, gram, weights=None, *, context=None):
+        w = torch.ones(gram.n, dtype=torch.float64) if weights is None else weights.clone().to(torch.float64)
+        i = int(torch.argmax(gram.sq_norms))
+        w[i] = 0
+        return AggregationResult(None, gram.client_ids, weights=w / w.sum(), flagged=(gram.client_ids[i],))
+
+
+class CoordinatesOnly(Defense):
+    name = "coords"
+    runs_on = frozenset({Reveals.UPDATES})
+
+    def aggregate(self, updates, weights, client_ids, *, context):  # pragma: no cover - never reached
+        raise AssertionError
+
+
+@pytest.fixture(scope="module")
+def stats_holder() -> CKKSKeyHolder:
+    return CKKSKeyHolder.generate("stats")
+
+
+@pytest.fixture(scope="module")
+def add_holder() -> CKKSKeyHolder:
+    return CKKSKeyHolder.generate("add-only")
+
+
+@pytest.fixture(scope="module")
+def stats_proto(stats_holder) -> CKKS:
+    return CKKS(stats_holder)
+
+
+@pytest.fixture(scope="module")
+def add_proto(add_holder) -> CKKS:
+    return CKKS(add_holder)
+
+
+def make_updates(sets, *, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ClientUpdate(i, torch.randn(LAYOUT.numel_of(s), generator=g) * scale, LAYOUT.canonical(s), float(i + 1))
+        for i, s in enumerate(sets)
+    ]
+
+
+def reference_mean(updates, min_contributors=2):
+    agg, totals = weighted_layer_mean(LAYOUT, [u.vector for u in updates], [u.layers for u in updates],
+                                      [u.weight for u in updates])
+    counts = {n: sum(n in u.layers for u in updates) for n in LAYOUT.layer_names}
+    for n, s in LAYOUT.slices().items():
+        if counts[n] < min_contributors:
+            agg[s] = 0
+            totals[n] = 0.0
+    return agg, totals
+
+
+# -- roles -------------------------------------------------------------------------------------------
+def test_server_and_client_hold_no_secret_key(stats_proto, stats_holder):
+    assert stats_proto.server.is_private() is False
+    assert not stats_proto.server.context.has_secret_key()
+    assert not stats_proto.client.context.is_private()
+    assert stats_proto.server.context.has_galois_keys() and stats_proto.server.context.has_relin_keys()
+    # the public bytes never carry the secret key: loading them gives a public context
+    assert not ts.context_from(stats_holder.public_context_bytes()).is_private()
+    # and the server refuses a context that does
+    secret = stats_holder._ctx.serialize(save_secret_key=True)
+    with pytest.raises(ConfigError, match="secret key"):
+        CKKSServer(secret, "stats")
+    assert "secret" not in repr(stats_holder).lower() or "fingerprint" in repr(stats_holder)
+
+
+def test_server_cannot_decrypt(stats_proto):
+    ct = ts.ckks_vector(stats_proto.client.context, [1.0, 2.0])
+    with pytest.raises(ValueError):
+        ct.decrypt()
+
+
+def test_presets_and_unknown_preset():
+    assert PRESETS["add-only"].coeff_mod_bit_sizes == (60, 60) and not PRESETS["add-only"].statistics
+    assert PRESETS["stats"].coeff_mod_bit_sizes == (60, 40, 40, 60) and PRESETS["stats"].statistics
+    with pytest.raises(ConfigError, match="add-only"):
+        get_preset("nope")
+
+
+@pytest.mark.parametrize("name,lo,hi", [("add-only", 7.5, 8.6), ("stats", 19.0, 21.5)])
+def test_bytes_per_float32(name, lo, hi, request):
+    proto = request.getfixturevalue("add_proto" if name == "add-only" else "stats_proto")
+    layout = LayerLayout([("w", (4 * proto.preset.slots,))])
+    frame = PackingFrame(layout, ("w",), proto.preset.slots)
+    msg = proto.client.encode(0, ClientUpdate(0, torch.randn(layout.numel), ("w",)), frame)
+    assert lo < len(msg) / (4 * layout.numel) < hi
+
+
+def test_key_holder_refuses_single_contributor_and_foreign_blobs(stats_holder, add_holder):
+    ct = ts.ckks_vector(load_public_context(stats_holder.public_context_bytes()), [1.0, 2.0]).serialize()
+    with pytest.raises(ProtocolError, match="refuses"):
+        stats_holder.decrypt_aggregate([ct], contributors=1)
+    assert np.allclose(stats_holder.decrypt_aggregate([ct], contributors=2)[:2], [1, 2], atol=1e-5)
+    with pytest.raises(DecryptionError):
+        add_holder.decrypt_aggregate([ct], contributors=2)
+    with pytest.raises(ProtocolError, match="scalar"):
+        stats_holder.decrypt_gram([0], {(0, 0): ct})
+
+
+# -- packing -----------------------------------------------------------------------------------------
+def test_frame_packs_densely_and_reports_utilisation(add_proto):
+    slots = add_proto.preset.slots
+    frame = PackingFrame(LAYOUT, ("b", "a"), slots)
+    assert frame.layers == ("a", "b") and frame.n_chunks == -(-LAYOUT.numel // slots)
+    assert frame.chunks_for(("a",)) == (0, 1) and frame.chunks_for(("b",)) == (1,)
+    only_b = PackingFrame(LAYOUT, ("b",), slots)
+    assert only_b.n_chunks == 1 and only_b.chunks_for(("b",)) == (0,)
+    ups = make_updates([("a", "b")] * 3)
+    out = add_proto.run_round(0, ups, LAYOUT, defense=Mean())
+    assert out.extras["ciphertexts"] == 3 * frame.n_chunks
+    assert out.extras["slot_utilisation"] == pytest.approx(LAYOUT.numel / (frame.n_chunks * slots))
+    assert out.bytes_uploaded == out.extras["bytes_uploaded"] > 0
+
+
+# -- weighted mean -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("proto_name", ["add_proto", "stats_proto"])
+def test_mean_over_client_chosen_layers_matches_plaintext(proto_name, request):
+    proto = request.getfixturevalue(proto_name)
+    ups = make_updates([("a", "b"), ("a",), ("a", "b"), ("b",)], seed=1)
+    out = proto.run_round(1, ups, LAYOUT, defense=Mean())
+    ref, totals = reference_mean(ups)
+    assert out.accepted == (0, 1, 2, 3) and not out.rejected
+    assert out.layer_weight == totals
+    assert torch.allclose(out.aggregate.double(), ref.double(), atol=sum_error_bound(4, 5.0) * 10)
+    assert out.extras["layer_counts"] == {"a": 3, "b": 3}
+    for key in ("encrypt_s", "server_decode_s", "server_aggregate_s", "decrypt_s", "total_s"):
+        assert out.extras["timing"][key] >= 0
+
+
+def test_layer_sent_by_one_client_is_withheld_and_costs_nothing(add_proto):
+    ups = make_updates([("a",), ("a",), ("b",)], seed=2)
+    out = add_proto.run_round(2, ups, LAYOUT, defense=Mean())
+    assert out.layer_weight["b"] == 0 and out.layer_weight["a"] == 3.0
+    assert torch.all(LAYOUT.gather(out.aggregate, ("b",)) == 0)
+    assert out.extras["frame_layers"] == ("a",)
+    assert out.accepted == (0, 1)  # client 2 had nothing to send
+
+
+def test_min_contributors_one_aggregates_every_layer():
+    proto = CKKS(preset="add-only", min_contributors=1)
+    ups = make_updates([("a",), ("b",)], seed=3)
+    out = proto.run_round(0, ups, LAYOUT, defense=Mean())
+    ref, totals = reference_mean(ups, min_contributors=1)
+    assert out.layer_weight == totals
+    assert torch.allclose(out.aggregate.double(), ref.double(), atol=1e-4)
+
+
+def test_dropout_and_nan_update_do_not_stop_the_round(add_proto):
+    class Drop(Transport):
+        def deliver(self, sender, stage, data):
+            return None if sender == 1 else data
+
+    ups = make_updates([("a", "b")] * 4, seed=4)
+    ups[3].vector[0] = float("nan")
+    out = add_proto.run_round(3, ups, LAYOUT, defense=Mean(), transport=Drop())
+    assert out.accepted == (0, 2)
+    assert set(out.rejected) == {3} and "InvalidUpdateError" in out.rejected[3]
+    ref, _ = reference_mean([ups[0], ups[2]])
+    assert torch.allclose(out.aggregate.double(), ref.double(), atol=1e-4)
+
+
+# -- robust (Gram) mode ------------------------------------------------------------------------------
+def test_gram_mode_matches_plaintext_rule(stats_proto):
+    ups = make_updates([("a", "b")] * 5, seed=5)
+    ups[3].vector.mul_(8)
+    ref_vec = torch.randn(LAYOUT.numel, generator=torch.Generator().manual_seed(9))
+    out = stats_proto.run_round(4, ups, LAYOUT, defense=DropLargest(), reference=ref_vec)
+    x = torch.stack([u.vector for u in ups])
+    w = torch.tensor([u.weight for u in ups], dtype=torch.float64)
+    expected = DropLargest()(x, w)
+    assert out.flagged == (3,)
+    assert torch.allclose(out.aggregate.double(), expected.aggregate, atol=sum_error_bound(5, 1.0) * 10)
+    exact = Gram.from_updates(x, reference=ref_vec)
+    got = out.extras["gram"]
+    bound = inner_product_error_bound(LAYOUT.numel, float(x.abs().max()))
+    assert torch.allclose(got.inner, exact.inner, atol=bound)
+    assert torch.allclose(got.reference, exact.reference, atol=bound)
+    assert got.reference_sq_norm == pytest.approx(exact.reference_sq_norm)
+    assert out.layer_weight["a"] == float(w.sum() - w[3])
+    assert out.extras["mode"] == "gram" and out.extras["timing"]["gram_s"] > 0
+
+
+def test_gram_mode_requires_same_layers_and_statistics_keys(stats_proto, add_proto):
+    ups = make_updates([("a", "b"), ("a",)], seed=6)
+    with pytest.raises(ConfigError, match="same layers"):
+        stats_proto.run_round(5, ups, LAYOUT, defense=DropLargest())
+    with pytest.raises(ConfigError, match="statistics"):
+        add_proto.run_round(5, make_updates([("a",)] * 2), LAYOUT, defense=DropLargest())
+    with pytest.raises(ConfigError, match="cannot run under protocol"):
+        stats_proto.run_round(5, make_updates([("a",)] * 2), LAYOUT, defense=CoordinatesOnly())
+
+
+def test_multiply_accumulate_gram_equals_naive_dot_products(stats_proto, stats_holder):
+    g = torch.Generator().manual_seed(7)
+    layout = LayerLayout([("w", (3 * 4096 + 100,))])
+    frame = PackingFrame(layout, ("w",), 4096)
+    xs = [torch.randn(layout.numel, generator=g).double().numpy() for _ in range(2)]
+    cts = [[ts.ckks_vector(stats_proto.client.context, c.tolist()) for c in frame.chunk_arrays(x)] for x in xs]
+    fast = encrypted_inner_products(cts)
+    slow = naive_inner_product(cts[0], cts[1])
+    a = stats_holder._scalar(fast[(0, 1)].serialize())
+    b = stats_holder._scalar(slow.serialize())
+    assert a == pytest.approx(float(xs[0] @ xs[1]), abs=inner_product_error_bound(layout.numel, 5.0))
+    assert a == pytest.approx(b, abs=inner_product_error_bound(layout.numel, 5.0))
+
+
+# -- rejection of bad messages -----------------------------------------------------------------------
+class Tamper(Transport):
+    """Applies ``fn(sender, data)`` to every message of the clients in ``targets``."""
+
+    def __init__(self, targets, fn):
+        self.targets, self.fn = set(targets), fn
+
+    def deliver(self, sender, stage, data):
+        return self.fn(sender, data) if sender in self.targets else data
+
+
+def _rebuild(data, **changes):
+    env = decode(data)
+    fields = dict(env.fields)
+    fields.update(changes.pop("fields", {}))
+    return encode(Envelope(env.kind, changes.get("round", env.round), changes.get("sender", env.sender), fields))
+
+
+def run_tampered(proto, round_idx, fn, *, targets=(1,), error=ProtocolError, match=None):
+    ups = make_updates([("a", "b")] * 4, seed=10 + round_idx)
+    out = proto.run_round(round_idx, ups, LAYOUT, defense=Mean(), transport=Tamper(targets, fn))
+    assert set(out.rejected) == set(targets), out.rejected
+    for t in targets:
+        assert error.__name__ in out.rejected[t]
+        if match:
+            assert match in out.rejected[t]
+    good = [u for u in ups if u.client_id not in targets]
+    ref, _ = reference_mean(good)
+    assert out.accepted == tuple(u.client_id for u in good)
+    assert torch.allclose(out.aggregate.double(), ref.double(), atol=1e-4)
+    return out
+
+
+def test_rejects_ciphertext_from_another_context(add_proto):
+    other = CKKSClient(CKKSKeyHolder.generate("add-only").public_context_bytes(), "add-only")
+    frame = add_proto.frame_for(LAYOUT, [("a", "b")] * 4)
+
+    def swap(sender, data):
+        env = decode(data)
+        upd = ClientUpdate(sender, torch.zeros(LAYOUT.numel), ("a", "b"), struct.unpack(">d", env.fields["weight"])[0])
+        return other.encode(env.round, upd, frame)
+
+    run_tampered(add_proto, 20, swap, match="another CKKS context")
+
+
+def test_rejects_ciphertext_under_other_parameters_even_with_forged_fingerprint(add_proto, stats_holder):
+    other = CKKSClient(stats_holder.public_context_bytes(), "stats")
+    frame = add_proto.frame_for(LAYOUT, [("a", "b")] * 4)
+
+    def forge(sender, data):
+        env = decode(data)
+        cts = {k: v for k, v in env.fields.items() if k.startswith("ct.")}
+        forged = {k: ts.ckks_vector(other.context, [0.5] * 8).serialize() for k in cts}
+        assert frame.n_chunks == len(cts)
+        return _rebuild(data, fields=forged)
+
+    run_tampered(add_proto, 21, forge, error=MalformedMessageError)
+
+
+def test_rejects_other_round_and_other_sender(add_proto):
+    run_tampered(add_proto, 22, lambda s, d: _rebuild(d, round=21), error=ReplayError, match="round")
+    run_tampered(add_proto, 23, lambda s, d: _rebuild(d, sender=0), error=ReplayError, match="sender")
+
+
+def test_rejects_duplicate_message_and_replayed_ciphertext(add_proto):
+    ups = make_updates([("a", "b")] * 3, seed=30)
+    out = add_proto.run_round(24, ups + [ups[1]], LAYOUT, defense=Mean())
+    assert out.accepted == (0, 1, 2) and "ReplayError" in out.rejected[1]
+
+    stolen = {}
+
+    def steal(sender, data):
+        if sender == 0:
+            stolen.update({k: v for k, v in decode(data).fields.items() if k.startswith("ct.")})
+            return data
+        return _rebuild(data, fields=stolen)
+
+    ups = make_updates([("a", "b")] * 3, seed=31)
+    out = add_proto.run_round(25, ups, LAYOUT, defense=Mean(), transport=Tamper({0, 2}, steal))
+    assert set(out.rejected) == {2} and "replays one sent by client 0" in out.rejected[2]
+
+
+def test_rejects_truncated_oversized_and_corrupt_blobs(add_proto):
+    run_tampered(add_proto, 26, lambda s, d: d[: len(d) // 2], error=MalformedMessageError, match="truncated")
+    run_tampered(add_proto, 27, lambda s, d: d + b"\x00" * 10, error=MalformedMessageError)
+    huge = add_proto.server.max_message_bytes(add_proto.frame_for(LAYOUT, [("a", "b")] * 4)) + 1
+    run_tampered(add_proto, 28, lambda s, d: d + b"\x00" * huge, error=MalformedMessageError, match="exceeds")
+
+    def cut_ct(sender, data):
+        ct = decode(data).fields["ct.0"]
+        return _rebuild(data, fields={"ct.0": ct[: len(ct) - 100]})
+
+    run_tampered(add_proto, 29, cut_ct, error=MalformedMessageError, match="does not load")
+
+    def big_ct(sender, data):
+        ct = decode(data).fields["ct.0"]
+        pad = add_proto.preset.max_ciphertext_bytes + 1 - len(ct)
+        return _rebuild(data, fields={"ct.0": ct + b"\x00" * pad})
+
+    run_tampered(add_proto, 30, big_ct, error=MalformedMessageError, match="oversized")
+
+
+def test_rejects_wrong_chunks_weight_and_manifest(add_proto):
+    run_tampered(add_proto, 31, lambda s, d: _rebuild(d, fields={"weight": struct.pack(">d", -1.0)}),
+                 error=MalformedMessageError, match="weight")
+    run_tampered(add_proto, 32, lambda s, d: _rebuild(d, fields={"layers": b"b"}), error=MalformedMessageError)
+    run_tampered(add_proto, 33, lambda s, d: _rebuild(d, fields={"layout": b"x" * 16}), match="layout")
+
+
+def test_nan_client_vector_is_refused_before_encryption(add_proto):
+    frame = add_proto.frame_for(LAYOUT, [("a",)] * 2)
+    bad = ClientUpdate(5, torch.full((LAYOUT.numel_of(("a",)),), float("inf")), ("a",))
+    with pytest.raises(InvalidUpdateError):
+        add_proto.client.encode(0, bad, frame)
