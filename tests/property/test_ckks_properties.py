@@ -1,0 +1,142 @@
+"""Security and correctness claims of the CKKS protocol, as hypothesis properties.
+
+* the decrypted weighted aggregate equals the plaintext per-layer weighted mean within the
+  documented CKKS bound (``sum_error_bound``), for any layer shapes, weights and subsets;
+* the decrypted Gram equals the plaintext Gram within ``inner_product_error_bound``;
+* every truncation or byte flip of a message is either rejected with a typed error naming
+  the sender or accepted, and never stops the round for the other clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from securefml.defenses.base import AggregationResult, Defense
+from securefml.defenses.mean import Mean
+from securefml.gram import Gram
+from securefml.protocols.base import ClientUpdate, Reveals, Transport, weighted_layer_mean
+from securefml.protocols.ckks import CKKS
+from securefml.protocols.ckks_stats import inner_product_error_bound, sum_error_bound
+from securefml.testing.layered import layer_layouts, layered_updates
+from securefml.updates import LayerLayout
+
+ROUNDS = itertools.count(1)
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+class GramWeightedMean(Defense):
+    """Test-only geometry rule: the sample-weighted mean, but computed through the Gram path."""
+
+    name = "gram-mean"
+    runs_on = frozenset({Reveals.UPDATES, Reveals.GRAM})
+
+    def aggregate(self, updates, weights, client_ids, *, context):  # pragma: no cover - not used here
+        raise AssertionError
+
+    def aggregate_gram(self, gram, weights=None, *, context=None):
+        w = torch.ones(gram.n, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+        return AggregationResult(None, gram.client_ids, weights=w / w.sum())
+
+
+@pytest.fixture(scope="module")
+def add_proto() -> CKKS:
+    return CKKS(preset="add-only")
+
+
+@pytest.fixture(scope="module")
+def stats_proto() -> CKKS:
+    return CKKS(preset="stats")
+
+
+def plaintext_mean(layout, updates, min_contributors):
+    agg, totals = weighted_layer_mean(
+        layout, [u.vector for u in updates], [u.layers for u in updates], [u.weight for u in updates]
+    )
+    counts = {n: sum(n in u.layers for u in updates) for n in layout.layer_names}
+    for name, s in layout.slices().items():
+        if counts[name] < min_contributors:
+            agg[s] = 0
+            totals[name] = 0.0
+    return agg.to(torch.float64), totals
+
+
+@SETTINGS
+@given(layer_layouts(max_layers=4, max_layer_size=2500), st.data())
+def test_weighted_aggregate_within_ckks_bound(add_proto, layout, data):
+    updates = data.draw(layered_updates(layout, st.integers(1, 5), scale=data.draw(st.sampled_from([0.01, 1.0, 30.0]))))
+    out = add_proto.run_round(next(ROUNDS), updates, layout, defense=Mean())
+    expected, totals = plaintext_mean(layout, updates, add_proto.min_contributors)
+    assert out.layer_weight == pytest.approx(totals)
+    norm = sum(u.weight for u in updates)
+    max_abs = max(float(u.vector.abs().max()) for u in updates)
+    got = out.aggregate.to(torch.float64)
+    for name, s in layout.slices().items():
+        if totals[name] == 0:
+            assert torch.all(got[s] == 0)
+            continue
+        m = sum(name in u.layers for u in updates)
+        bound = sum_error_bound(m, max_abs) * norm / totals[name] + 1e-6 * max(1.0, max_abs)  # + float32 rounding
+        assert float((got[s] - expected[s]).abs().max()) <= bound
+
+
+@SETTINGS
+@given(layer_layouts(max_layers=3, max_layer_size=2000), st.data())
+def test_decrypted_gram_and_weighted_sum_within_bound(stats_proto, layout, data):
+    updates = data.draw(layered_updates(layout, st.integers(2, 4), same_layers=True))
+    layers = updates[0].layers
+    reference = torch.randn(layout.numel, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    out = stats_proto.run_round(next(ROUNDS), updates, layout, defense=GramWeightedMean(), reference=reference)
+    x = torch.stack([u.vector for u in updates]).to(torch.float64)
+    exact = Gram.from_updates(x, reference=layout.gather(reference, layers))
+    gram = out.extras["gram"]
+    max_abs = max(float(x.abs().max()), float(reference.abs().max()))
+    bound = inner_product_error_bound(x.shape[1], max_abs)
+    assert float((gram.inner - exact.inner).abs().max()) <= bound
+    assert float((gram.reference - exact.reference).abs().max()) <= bound
+    w = torch.tensor([u.weight for u in updates], dtype=torch.float64)
+    expected = layout.scatter(((w / w.sum())[:, None] * x).sum(0), layers)
+    tol = sum_error_bound(len(updates), max_abs) + 1e-6 * max(1.0, max_abs)
+    assert float((out.aggregate.to(torch.float64) - expected).abs().max()) <= tol
+
+
+class Mutate(Transport):
+    def __init__(self, target, fn):
+        self.target, self.fn = target, fn
+
+    def deliver(self, sender, stage, data):
+        return self.fn(data) if sender == self.target else data
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.sampled_from(["truncate", "flip", "extend"]),
+    st.floats(0, 1, exclude_max=True),
+    st.integers(1, 255),
+)
+def test_tampered_message_is_rejected_by_name_or_harmless(add_proto, how, where, xor):
+    layout = LayerLayout([("l0.w", (40, 50)), ("l1.w", (30,))])
+    g = torch.Generator().manual_seed(0)
+    ups = [ClientUpdate(i, torch.randn(layout.numel, generator=g), layout.layer_names, 1.0) for i in range(3)]
+
+    def fn(data: bytes) -> bytes:
+        pos = int(where * len(data))
+        if how == "truncate":
+            return data[:pos]
+        if how == "extend":
+            return data + bytes([xor]) * (pos % 64 + 1)
+        return data[:pos] + bytes([data[pos] ^ xor]) + data[pos + 1 :]
+
+    out = add_proto.run_round(next(ROUNDS), ups, layout, defense=Mean(), transport=Mutate(1, fn))
+    assert {0, 2} <= set(out.accepted)
+    if how in ("truncate", "extend"):
+        assert set(out.rejected) == {1}
+    for sender, reason in out.rejected.items():
+        assert sender == 1 and f"sender {sender}" in reason
+    honest = weighted_layer_mean(layout, [ups[0].vector, ups[2].vector], [layout.layer_names] * 2, [1.0, 1.0])[0]
+    if 1 in out.rejected:
+        assert torch.allclose(out.aggregate, honest, atol=1e-4)
