@@ -94,20 +94,26 @@ class Adaptive(Attack):
         self.refine = int(refine)
         self.omniscient = bool(omniscient)
 
+    def _base(self, benign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(origin, direction)`` with rows ``origin + gamma * direction`` (float64)."""
+        b = benign.to(torch.float64)
+        mu = b.mean(0)
+        if self.direction == "ipm":
+            return torch.zeros_like(mu), -mu
+        return mu, perturbation_direction(b, self.direction)
+
     def rows(self, benign: torch.Tensor, gamma: float, m: int) -> torch.Tensor:
         """The ``[m, d]`` malicious rows for strength ``gamma`` (float64)."""
-        b = benign.to(torch.float64)
-        if self.direction == "ipm":
-            row = -gamma * b.mean(0)
-        else:
-            row = b.mean(0) + gamma * perturbation_direction(b, self.direction)
-        return row.unsqueeze(0).expand(m, -1)
+        origin, p = self._base(benign)
+        return (origin + gamma * p).unsqueeze(0).expand(m, -1)
 
     def search(self, benign: torch.Tensor, m: int, defense: Any) -> tuple[float, float]:
         """Return ``(gamma, deviation)`` of the best strength found."""
+        honest = benign.to(torch.float64)
+        origin, p = self._base(honest)
 
         def score(g: float) -> float:
-            return defense_deviation(defense, benign.to(torch.float64), self.rows(benign, g, m))
+            return defense_deviation(defense, honest, (origin + g * p).unsqueeze(0).expand(m, -1))
 
         grid = torch.logspace(math.log10(self.gamma_min), math.log10(self.gamma_max), self.grid, dtype=torch.float64)
         values = [score(float(g)) for g in grid]

@@ -41,8 +41,8 @@ def _check_splits(splits: Sequence[str] | str) -> tuple[str, ...]:
 def _pick(n: int, fraction: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Boolean mask selecting ``round(fraction * n)`` rows (at least one) uniformly at random."""
     k = n if fraction >= 1 else max(1, round(fraction * n))
-    perm = torch.randperm(n, generator=generator)
-    mask = torch.zeros(n, dtype=torch.bool)
+    perm = torch.randperm(n, generator=generator, device=generator.device if generator is not None else "cpu")
+    mask = torch.zeros(n, dtype=torch.bool, device=perm.device)
     mask[perm[:k]] = True
     return mask.to(device)
 

@@ -72,6 +72,13 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
     return value
 
 
+def _random(kind: str, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Float64 ``randn``/``rand`` drawn on the generator's device, then moved to ``device``."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    draw = torch.randn if kind == "normal" else torch.rand
+    return draw(shape, generator=generator, dtype=torch.float64, device=gen_device).to(device)
+
+
 def _rows(vector: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
     return vector.to(dtype).unsqueeze(0).expand(m, -1).clone()
 
@@ -146,7 +153,7 @@ class Gaussian(Attack):
         self.around_own = bool(around_own)
 
     def poison_updates(self, own: torch.Tensor, context: AttackContext) -> torch.Tensor:
-        noise = torch.randn(own.shape, generator=context.generator, dtype=torch.float64, device=own.device)
+        noise = _random("normal", tuple(own.shape), context.generator, own.device)
         centre = own.to(torch.float64) if self.around_own else torch.full_like(noise, self.mean)
         return (centre + self.std * noise).to(own.dtype)
 
@@ -330,8 +337,14 @@ def minmax_gamma(
     else:
         raise ConfigError(f"unknown objective {objective!r}; choose minmax or minsum")
 
+    # ||b_i - mu - gamma p||^2 = a_i - 2 gamma c_i + gamma^2 pp: each test costs O(h), not O(h d).
+    centred = b - mu
+    a = centred.pow(2).sum(1)
+    c = centred @ p
+    pp = p @ p
+
     def ok(gamma: float) -> bool:
-        dist2 = (b - (mu + gamma * p)).pow(2).sum(1)
+        dist2 = (a - 2 * gamma * c + gamma * gamma * pp).clamp_min(0)
         score = dist2.max() if objective == "minmax" else dist2.sum()
         return bool(score <= threshold)
 
@@ -507,7 +520,7 @@ class FangTrimmedMean(Attack):
         lo = torch.where(s < 0, wmax, torch.where(wmin > 0, wmin / self.b, self.b * wmin))
         hi = torch.where(s < 0, torch.where(wmax > 0, self.b * wmax, wmax / self.b), wmin)
         lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
-        u = torch.rand((m, benign.shape[1]), generator=context.generator, dtype=torch.float64, device=own.device)
+        u = _random("uniform", (m, benign.shape[1]), context.generator, own.device)
         return (lo + u * (hi - lo)).to(own.dtype)
 
 
@@ -550,8 +563,10 @@ class Mimic(Attack):
         centred = h - h.mean(0)
         if h.shape[0] < 2 or centred.abs().max() == 0:
             return 0
-        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        return int((centred @ vh[0]).abs().argmax())
+        # The projections on the top right-singular vector are u_1 * s_1: the top eigenvector of
+        # the small [h, h] Gram matrix gives them without an SVD of the [h, d] matrix.
+        _, vecs = torch.linalg.eigh(centred @ centred.T)
+        return int(vecs[:, -1].abs().argmax())
 
     def poison_updates(self, own: torch.Tensor, context: AttackContext) -> torch.Tensor:
         honest = benign_reference(own, context, omniscient=True)

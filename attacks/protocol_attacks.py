@@ -219,8 +219,10 @@ class Tamper(TamperingTransport):
 
     def _flip(self, raw: bytes) -> bytes:
         buf = bytearray(raw)
-        positions = torch.randperm(len(buf), generator=self._generator)[: self.n_bytes].tolist()
-        for pos in positions:
+        positions: set[int] = set()
+        while len(positions) < min(self.n_bytes, len(buf)):  # distinct positions: no flip undoes another
+            positions.add(self._randint(len(buf))[0])
+        for pos in sorted(positions):
             buf[pos] ^= 1 + self._randint(255)[0]  # a non-zero xor: the byte really changes
         return bytes(buf)
 
