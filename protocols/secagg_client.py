@@ -1,0 +1,325 @@
+"""The client half of SecAgg+: five stages, each turning the server's message into bytes.
+
+A client keeps its state in a ``ClientState`` dataclass and checks stage order explicitly:
+calling a stage out of order, or receiving a server message that breaks the plan, raises a
+typed error (never ``return False``).  Bad peer material (a tampered sealed share, an
+advertisement whose signature fails) is *not* fatal: the client leaves that peer out, keeps
+the typed error in ``ClientState.errors`` and reports the peer in its masked message, so the
+server treats the peer as dropped (see ``secagg_server``).
+
+The heavy step (quantize + self mask + pairwise masks) is a pure function of a ``MaskJob``,
+so a driver may run many clients' jobs in worker processes (``run_mask_job``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from securefml.errors import DecryptionError, ProtocolAbort, ProtocolError
+from securefml.protocols import shamir
+from securefml.protocols.prg import apply_masks, new_seed
+from securefml.protocols.quantize import FixedPoint
+from securefml.protocols.secagg_crypto import (
+    SEALED_BYTES,
+    KeyPair,
+    advert_payload,
+    commit_seed,
+    consistency_payload,
+    generate_keypair,
+    open_share,
+    pair_key,
+    seal_share,
+    sign,
+    verify,
+)
+from securefml.protocols.secagg_messages import (
+    KIND,
+    SERVER_ID,
+    Stage,
+    check_subset,
+    pack_ids,
+    pack_records,
+    unpack_ids,
+    unpack_records,
+)
+from securefml.protocols.secagg_plan import RoundPlan
+from securefml.protocols.wire import Envelope, decode, encode, pack_array
+
+__all__ = ["SecAggClient", "ClientState", "MaskJob", "run_mask_job", "KEY_RECORD_BYTES", "UNMASK_RECORD_BYTES"]
+
+log = logging.getLogger(__name__)
+
+KEY_RECORD_BYTES = 64 + 64  # c_pk | s_pk | signature (zeros when unsigned)
+UNMASK_RECORD_BYTES = 1 + shamir.SHARE_BYTES  # kind (0 = self-mask seed, 1 = masking key) | share
+B_SHARE, S_SHARE = 0, 1
+
+
+class _Step(IntEnum):
+    NEW = 0
+    ADVERTISED = 1
+    SHARED = 2
+    MASKED = 3
+    CONFIRMED = 4
+    DONE = 5
+
+
+@dataclass
+class MaskJob:
+    """Inputs of the masked-input computation (secret: stays on the client's machine)."""
+
+    vector: np.ndarray
+    weight: float
+    fixed_point: FixedPoint
+    plus: list[bytes]
+    minus: list[bytes]
+    client_id: int
+
+
+def run_mask_job(job: MaskJob) -> np.ndarray:
+    """Quantize ``weight * vector`` (plus the weight coordinate) and add every mask, mod 2^bits."""
+    y = job.fixed_point.encode(job.vector, job.weight, sender=job.client_id)
+    apply_masks(y, job.plus, job.minus)
+    fp = job.fixed_point
+    if fp.bits != 8 * fp.dtype.itemsize:
+        y &= fp.dtype.type(fp.mask)
+    return y
+
+
+@dataclass
+class ClientState:
+    """What a client remembers between stages (secrets included: never serialized by default)."""
+
+    step: _Step = _Step.NEW
+    c_keys: KeyPair | None = None
+    s_keys: KeyPair | None = None
+    seed: bytes = b""
+    peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    channel: dict[int, bytes] = field(default_factory=dict)
+    held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    peers: tuple[int, ...] = ()
+    survivors: tuple[int, ...] = ()
+    errors: dict[int, ProtocolError] = field(default_factory=dict)
+
+
+class SecAggClient:
+    """One client's half of a SecAgg+ round.
+
+    Parameters
+    ----------
+    client_id:
+        This client's id (must be in ``plan.cohort``).
+    plan:
+        The round's public plan.
+    identity:
+        Long-term Ed25519 identity key; required when ``plan.signatures``.
+    """
+
+    def __init__(self, client_id: int, plan: RoundPlan, *, identity: Ed25519PrivateKey | None = None) -> None:
+        self.id = client_id
+        self.plan = plan
+        self.neighbours = plan.neighbours(client_id)
+        if plan.signatures and identity is None:
+            raise ProtocolError("signatures are on but this client has no identity key", sender=client_id)
+        self._identity = identity
+        self.state = ClientState()
+
+    def __repr__(self) -> str:
+        return f"SecAggClient(id={self.id}, round={self.plan.round_idx}, step={self.state.step.name})"
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _expect(self, step: _Step) -> None:
+        if self.state.step != step:
+            raise ProtocolError(f"stage out of order: client is at {self.state.step.name}", sender=SERVER_ID)
+
+    def _open(self, data: bytes, kind: str) -> Envelope:
+        env = decode(data, sender=SERVER_ID, max_bytes=1 << 26)
+        env.expect(kind=kind, round=self.plan.round_idx, sender=SERVER_ID)
+        return env
+
+    def _msg(self, stage: Stage, fields: dict[str, bytes]) -> bytes:
+        return encode(Envelope(KIND[stage], self.plan.round_idx, self.id, fields))
+
+    def _complain(self, exc: ProtocolError) -> None:
+        log.warning("client %s: leaving out a peer: %s", self.id, exc)
+        if exc.sender is not None:
+            self.state.errors[exc.sender] = exc
+
+    # -- stage 0: advertise keys -----------------------------------------------------------------
+    def advertise(self) -> bytes:
+        """Two fresh X25519 public keys (share channel, masks), signed when the plan asks."""
+        self._expect(_Step.NEW)
+        st = self.state
+        st.c_keys, st.s_keys = generate_keypair(), generate_keypair()
+        fields = {"c_pk": st.c_keys.public, "s_pk": st.s_keys.public}
+        if self.plan.signatures:
+            assert self._identity is not None
+            payload = advert_payload(self.plan.round_idx, self.id, st.c_keys.public, st.s_keys.public)
+            fields["sig"] = sign(self._identity, payload)
+        st.step = _Step.ADVERTISED
+        return self._msg(Stage.ADVERTISE, fields)
+
+    # -- stage 1: share keys ----------------------------------------------------------------------
+    def share(self, keys_msg: bytes) -> bytes:
+        """Shamir-share the self-mask seed and the masking key among the advertised neighbours."""
+        self._expect(_Step.ADVERTISED)
+        st = self.state
+        assert st.c_keys is not None and st.s_keys is not None
+        env = self._open(keys_msg, KIND["keys"])
+        records = unpack_records(env.field("keys"), KEY_RECORD_BYTES, sender=SERVER_ID)
+        check_subset([r for r, _ in records], self.neighbours, "key list", sender=SERVER_ID)
+        rnd = self.plan.round_idx
+        for peer, body in records:
+            c_pk, s_pk, sig = body[:32], body[32:64], body[64:]
+            try:
+                if self.plan.signatures:
+                    verify(self.plan.identities[peer], sig, advert_payload(rnd, peer, c_pk, s_pk), sender=peer)
+                key = pair_key(st.c_keys.private, c_pk, purpose=b"share", round_idx=rnd, a=self.id, b=peer,
+                               sender=peer)
+            except ProtocolError as exc:
+                self._complain(exc)
+                continue
+            st.peer_keys[peer] = (c_pk, s_pk)
+            st.channel[peer] = key
+        peers = sorted(st.peer_keys)
+        if len(peers) < self.plan.t:
+            raise ProtocolAbort(f"only {len(peers)} neighbours advertised keys, threshold is {self.plan.t}",
+                                sender=self.id)
+        st.seed = new_seed()
+        xs = [p + 1 for p in peers]
+        b_shares = shamir.split_bytes(st.seed, self.plan.t, xs)
+        s_shares = shamir.split_bytes(st.s_keys.private, self.plan.t, xs)
+        sealed = [
+            (p, seal_share(st.channel[p], b + s, round_idx=rnd, sender=self.id, receiver=p))
+            for p, b, s in zip(peers, b_shares, s_shares)
+        ]
+        st.step = _Step.SHARED
+        return self._msg(Stage.SHARE, {"shares": pack_records(sealed, SEALED_BYTES)})
+
+    # -- stage 2: masked input ----------------------------------------------------------------------
+    def prepare_masked(
+        self,
+        shares_msg: bytes,
+        vector: torch.Tensor | np.ndarray,
+        weight: float,
+        *,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> MaskJob:
+        """Open the shares addressed to us, pick the peers to mask with, and build the mask job."""
+        self._expect(_Step.SHARED)
+        st = self.state
+        assert st.s_keys is not None
+        env = self._open(shares_msg, KIND["shares"])
+        records = unpack_records(env.field("shares"), SEALED_BYTES, sender=SERVER_ID)
+        check_subset([r for r, _ in records], self.neighbours, "share list", sender=SERVER_ID)
+        rnd = self.plan.round_idx
+        for peer, sealed in records:
+            if peer not in st.channel:
+                continue  # a peer we left out at the key stage
+            try:
+                plain = open_share(st.channel[peer], sealed, round_idx=rnd, sender=peer, receiver=self.id)
+            except DecryptionError as exc:
+                self._complain(exc)
+                continue
+            st.held[peer] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
+        st.peers = tuple(sorted(st.held))
+        plus, minus = [st.seed], []
+        for peer in st.peers:
+            seed = pair_key(st.s_keys.private, st.peer_keys[peer][1], purpose=b"mask", round_idx=rnd, a=self.id,
+                            b=peer, sender=peer)
+            (plus if self.id < peer else minus).append(seed)
+        x = vector if isinstance(vector, torch.Tensor) else torch.as_tensor(vector)
+        x = x.detach().to("cpu")
+        if noise_fn is not None:
+            x = noise_fn(x)
+        arr = x.to(torch.float32).numpy().reshape(-1)
+        if arr.size != self.plan.length:
+            raise ProtocolError(f"vector has {arr.size} entries, the plan says {self.plan.length}", sender=self.id)
+        st.step = _Step.MASKED
+        return MaskJob(arr, float(weight), self.plan.fixed_point, plus, minus, self.id)
+
+    def finish_masked(self, masked: np.ndarray) -> bytes:
+        """Wrap the masked ring vector (from ``run_mask_job``) in the stage-2 message."""
+        if self.state.step != _Step.MASKED:
+            raise ProtocolError("finish_masked before prepare_masked", sender=self.id)
+        fields = {
+            "layout": self.plan.layout_fingerprint,
+            "layers": "\n".join(self.plan.layers).encode(),
+            "peers": pack_ids(self.state.peers),
+            "complaints": pack_ids(self.state.errors),
+            "commit": commit_seed(self.state.seed, self.plan.round_idx, self.id),
+            "vector": pack_array(masked),
+        }
+        return self._msg(Stage.MASKED, fields)
+
+    def masked(self, shares_msg: bytes, vector: torch.Tensor | np.ndarray, weight: float, *,
+               noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bytes:
+        """``prepare_masked`` + ``run_mask_job`` + ``finish_masked`` in this process."""
+        return self.finish_masked(run_mask_job(self.prepare_masked(shares_msg, vector, weight, noise_fn=noise_fn)))
+
+    # -- stage 3: consistency check (active-server option) -------------------------------------------
+    def consistency(self, survivors_msg: bytes) -> bytes:
+        """Sign the survivor list the server announced, so neighbours can check they saw the same."""
+        self._expect(_Step.MASKED)
+        if not self.plan.signatures:
+            raise ProtocolError("the plan has no consistency round", sender=SERVER_ID)
+        env = self._open(survivors_msg, KIND["survivors"])
+        survivors = unpack_ids(env.field("alive"), sender=SERVER_ID)
+        self._check_survivors(survivors)
+        self.state.survivors = survivors
+        self.state.step = _Step.CONFIRMED
+        assert self._identity is not None
+        sig = sign(self._identity, consistency_payload(self.plan.round_idx, survivors))
+        return self._msg(Stage.CONSISTENCY, {"sig": sig})
+
+    def _check_survivors(self, survivors: tuple[int, ...]) -> None:
+        check_subset(survivors, self.plan.cohort, "survivor list", sender=SERVER_ID)
+        if self.id not in survivors:
+            raise ProtocolError("server lists this client as dropped although it sent its input", sender=SERVER_ID)
+        if len(survivors) < self.plan.t:
+            raise ProtocolAbort(f"only {len(survivors)} survivors, threshold is {self.plan.t}", sender=SERVER_ID)
+
+    # -- stage 4: unmask ------------------------------------------------------------------------------
+    def unmask(self, request_msg: bytes) -> bytes:
+        """Reveal, per neighbour, the seed share if it survived or the key share if it dropped; never both."""
+        st = self.state
+        if st.step not in ((_Step.CONFIRMED,) if self.plan.signatures else (_Step.MASKED,)):
+            raise ProtocolError(f"stage out of order: client is at {st.step.name}", sender=SERVER_ID)
+        env = self._open(request_msg, KIND["request"])
+        alive = unpack_ids(env.field("alive"), sender=SERVER_ID)
+        dropped = unpack_ids(env.field("dropped"), sender=SERVER_ID)
+        if set(alive) & set(dropped):
+            raise ProtocolError("server lists a client as both alive and dropped", sender=SERVER_ID)
+        check_subset(dropped, self.plan.cohort, "dropped list", sender=SERVER_ID)
+        if self.plan.signatures:
+            if alive != st.survivors:
+                raise ProtocolError("unmask request disagrees with the signed survivor list", sender=SERVER_ID)
+            self._check_signatures(env)
+        else:
+            self._check_survivors(alive)
+        alive_set, dropped_set = set(alive), set(dropped)
+        out = []
+        for peer, (b_share, s_share) in st.held.items():
+            if peer in alive_set:
+                out.append((peer, bytes([B_SHARE]) + b_share))
+            elif peer in dropped_set:
+                out.append((peer, bytes([S_SHARE]) + s_share))
+        st.step = _Step.DONE
+        return self._msg(Stage.UNMASK, {"shares": pack_records(out, UNMASK_RECORD_BYTES)})
+
+    def _check_signatures(self, env: Envelope) -> None:
+        st = self.state
+        sigs = unpack_records(env.field("sigs"), 64, sender=SERVER_ID)
+        check_subset([r for r, _ in sigs], self.neighbours, "signature list", sender=SERVER_ID)
+        payload = consistency_payload(self.plan.round_idx, st.survivors)
+        for peer, sig in sigs:
+            verify(self.plan.identities[peer], sig, payload, sender=peer)
+        if len(sigs) < self.plan.t:
+            raise ProtocolAbort(f"only {len(sigs)} neighbours confirmed the survivor list", sender=SERVER_ID)
+

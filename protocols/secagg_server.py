@@ -1,0 +1,312 @@
+"""The server half of SecAgg+: collect, forward, decide who is in the sum, unmask.
+
+The server keeps its state in a ``ServerState`` dataclass; each ``receive_*`` checks that the
+message is the right kind for this round from a client entitled to send it at this stage,
+and raises a typed error naming the sender otherwise (the driver records the client as
+rejected and goes on).  Decisions that need the whole stage (who contributes) are taken in
+``close_masked``; ``finish`` checks that *every* secret it needs has ``t`` shares before it
+reconstructs *any*, so a round below threshold aborts with ``ProtocolAbort`` having
+unmasked nothing.
+
+Who is in the sum.  ``C`` (contributors) = clients whose masked input arrived and passed the
+checks, minus clients a neighbour reported for a bad sealed share or signature (treated as
+dropped: their masking key is recovered, their self-mask seed never is, so their input stays
+hidden), minus both ends of any pair whose mask lists disagree.  ``D`` = clients that shared
+their keys but are not in ``C``: their pairwise masks are removed from the neighbours in
+``C`` that used them, with the masking key reconstructed from ``t`` shares.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from securefml.errors import DecryptionError, MalformedMessageError, ProtocolAbort, ProtocolError, ReplayError
+from securefml.protocols import shamir
+from securefml.protocols.prg import apply_masks
+from securefml.protocols.secagg_client import B_SHARE, KEY_RECORD_BYTES, S_SHARE, UNMASK_RECORD_BYTES
+from securefml.protocols.secagg_crypto import (
+    SEALED_BYTES,
+    advert_payload,
+    commit_seed,
+    consistency_payload,
+    pair_key,
+    public_of,
+    verify,
+)
+from securefml.protocols.secagg_messages import (
+    KIND,
+    SERVER_ID,
+    Stage,
+    check_subset,
+    pack_ids,
+    pack_records,
+    unpack_ids,
+    unpack_records,
+)
+from securefml.protocols.secagg_plan import RoundPlan
+from securefml.protocols.wire import Envelope, decode, encode, unpack_array
+
+__all__ = ["SecAggServer", "ServerState", "mask_total"]
+
+log = logging.getLogger(__name__)
+
+MaskRunner = Callable[[int, np.dtype, Sequence[bytes], Sequence[bytes]], np.ndarray]
+
+
+def mask_total(n: int, dtype: np.dtype, plus: Sequence[bytes], minus: Sequence[bytes]) -> np.ndarray:
+    """Sum of the ``plus`` masks minus the ``minus`` masks (a job a worker process can run)."""
+    return apply_masks(np.zeros(n, dtype=dtype), plus, minus)
+
+
+@dataclass
+class _Masked:
+    vector: np.ndarray
+    peers: tuple[int, ...]
+    complaints: tuple[int, ...]
+    commit: bytes
+
+
+@dataclass
+class ServerState:
+    """What the server has collected so far in one round."""
+
+    adverts: dict[int, tuple[bytes, bytes, bytes]] = field(default_factory=dict)
+    sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    masked: dict[int, _Masked] = field(default_factory=dict)
+    rejected: dict[int, ProtocolError] = field(default_factory=dict)
+    contributors: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()
+    closed: bool = False
+    sigs: dict[int, bytes] = field(default_factory=dict)
+    shares: dict[int, list[tuple[int, int, bytes]]] = field(default_factory=dict)
+
+
+class SecAggServer:
+    """The server's half of one SecAgg+ round (one secure sum over ``plan.cohort``)."""
+
+    def __init__(self, plan: RoundPlan) -> None:
+        self.plan = plan
+        self.state = ServerState()
+        self._cohort = frozenset(plan.cohort)
+
+    def __repr__(self) -> str:
+        return f"SecAggServer(round={self.plan.round_idx}, n={self.plan.n}, k={self.plan.params.k}, t={self.plan.t})"
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _open(self, sender: int, data: bytes, stage: Stage, max_bytes: int = 1 << 24) -> Envelope:
+        if sender not in self._cohort:
+            raise ProtocolError("not a member of this round's cohort", sender=sender)
+        if sender in self.state.rejected:
+            raise ProtocolError("already rejected in this round", sender=sender)
+        env = decode(data, sender=sender, max_bytes=max_bytes)
+        env.expect(kind=KIND[stage], round=self.plan.round_idx, sender=sender)
+        return env
+
+    def _msg(self, kind: str, fields: dict[str, bytes]) -> bytes:
+        return encode(Envelope(kind, self.plan.round_idx, SERVER_ID, fields))
+
+    def reject(self, sender: int, exc: ProtocolError) -> None:
+        """Record a client as rejected (the driver calls this for failed messages)."""
+        self.state.rejected.setdefault(sender, exc)
+
+    @staticmethod
+    def _exact(env: Envelope, name: str, size: int) -> bytes:
+        value = env.field(name)
+        if len(value) != size:
+            raise MalformedMessageError(f"field {name!r} must be {size} bytes, got {len(value)}", sender=env.sender)
+        return value
+
+    # -- stage 0 ---------------------------------------------------------------------------------------
+    def receive_advertise(self, sender: int, data: bytes) -> None:
+        env = self._open(sender, data, Stage.ADVERTISE, 1024)
+        if sender in self.state.adverts:
+            raise ReplayError("duplicate advertisement", sender=sender)
+        c_pk, s_pk = self._exact(env, "c_pk", 32), self._exact(env, "s_pk", 32)
+        sig = b""
+        if self.plan.signatures:
+            sig = self._exact(env, "sig", 64)
+            verify(self.plan.identities[sender], sig, advert_payload(self.plan.round_idx, sender, c_pk, s_pk),
+                   sender=sender)
+        self.state.adverts[sender] = (c_pk, s_pk, sig)
+
+    def keys_for(self, client: int) -> bytes:
+        """The advertised keys of ``client``'s neighbours."""
+        st = self.state
+        recs = [
+            (v, st.adverts[v][0] + st.adverts[v][1] + (st.adverts[v][2] or bytes(64)))
+            for v in self.plan.neighbours(client)
+            if v in st.adverts and v not in st.rejected
+        ]
+        return self._msg(KIND["keys"], {"keys": pack_records(recs, KEY_RECORD_BYTES)})
+
+    # -- stage 1 ----------------------------------------------------------------------------------------
+    def receive_share(self, sender: int, data: bytes) -> None:
+        env = self._open(sender, data, Stage.SHARE)
+        st = self.state
+        if sender not in st.adverts:
+            raise ProtocolError("sent shares without advertising keys", sender=sender)
+        if sender in st.sealed:
+            raise ReplayError("duplicate share message", sender=sender)
+        recs = unpack_records(env.field("shares"), SEALED_BYTES, sender=sender)
+        targets = [r for r, _ in recs]
+        check_subset(targets, [v for v in self.plan.neighbours(sender) if v in st.adverts], "share list",
+                     sender=sender)
+        if len(targets) < self.plan.t:
+            raise ProtocolError(f"shared with {len(targets)} neighbours, threshold is {self.plan.t}", sender=sender)
+        st.sealed[sender] = dict(recs)
+
+    def shares_for(self, client: int) -> bytes:
+        """The sealed shares addressed to ``client`` (the server cannot open them)."""
+        st = self.state
+        recs = [(u, st.sealed[u][client]) for u in self.plan.neighbours(client)
+                if u in st.sealed and u not in st.rejected and client in st.sealed[u]]
+        return self._msg(KIND["shares"], {"shares": pack_records(recs, SEALED_BYTES)})
+
+    # -- stage 2 -----------------------------------------------------------------------------------------
+    def receive_masked(self, sender: int, data: bytes) -> None:
+        fp = self.plan.fixed_point
+        env = self._open(sender, data, Stage.MASKED, (self.plan.length + 1) * fp.dtype.itemsize + 65536)
+        st = self.state
+        if sender not in st.sealed:
+            raise ProtocolError("sent a masked input without sharing its keys", sender=sender)
+        if sender in st.masked:
+            raise ReplayError("duplicate masked input", sender=sender)
+        if st.closed:
+            raise ProtocolError("masked input arrived after the stage closed", sender=sender)
+        if env.field("layout") != self.plan.layout_fingerprint:
+            raise ProtocolError("masked input was built for another model layout", sender=sender)
+        if env.field("layers") != "\n".join(self.plan.layers).encode():
+            raise ProtocolError("masked input carries other layers than the round's plan", sender=sender)
+        peers = unpack_ids(env.field("peers"), sender=sender)
+        sent_to_me = [u for u, recs in st.sealed.items() if sender in recs]
+        check_subset(peers, sent_to_me, "mask peer list", sender=sender)
+        complaints = unpack_ids(env.field("complaints"), sender=sender)
+        check_subset(complaints, self.plan.neighbours(sender), "complaint list", sender=sender)
+        commit = self._exact(env, "commit", 32)
+        vec = unpack_array(env.field("vector"), expected_len=self.plan.length + 1, sender=sender)
+        if vec.dtype != fp.dtype:
+            raise MalformedMessageError(f"masked vector must be {fp.dtype}, got {vec.dtype}", sender=sender)
+        st.masked[sender] = _Masked(vec, peers, complaints, commit)
+
+    def close_masked(self) -> tuple[int, ...]:
+        """Fix the contributors ``C`` and the dropped set ``D``; returns ``C``."""
+        st = self.state
+        if st.closed:
+            raise ProtocolError("masked stage already closed", sender=SERVER_ID)
+        st.closed = True
+        for c, m in st.masked.items():
+            for accused in m.complaints:
+                if accused not in st.rejected:
+                    self.reject(accused, DecryptionError(f"neighbour {c} could not authenticate its material",
+                                                         sender=accused))
+        live = {c for c in st.masked if c not in st.rejected}
+        for c in sorted(live):
+            for p in st.masked[c].peers:
+                if p in live and c not in st.masked[p].peers:
+                    for bad in (c, p):
+                        self.reject(bad, ProtocolError(f"mask lists of {c} and {p} disagree", sender=bad))
+        st.contributors = tuple(sorted(c for c in live if c not in st.rejected))
+        st.dropped = tuple(sorted(u for u in st.sealed if u not in st.contributors))
+        if len(st.contributors) < self.plan.t:
+            raise ProtocolAbort(f"only {len(st.contributors)} masked inputs, threshold is {self.plan.t}")
+        return st.contributors
+
+    # -- stage 3 (active-server option) ----------------------------------------------------------------------
+    def survivors_for(self, client: int) -> bytes:
+        return self._msg(KIND["survivors"], {"alive": pack_ids(self.state.contributors)})
+
+    def receive_consistency(self, sender: int, data: bytes) -> None:
+        env = self._open(sender, data, Stage.CONSISTENCY, 1024)
+        st = self.state
+        if sender not in st.contributors:
+            raise ProtocolError("only contributors sign the survivor list", sender=sender)
+        if sender in st.sigs:
+            raise ReplayError("duplicate consistency signature", sender=sender)
+        sig = self._exact(env, "sig", 64)
+        verify(self.plan.identities[sender], sig, consistency_payload(self.plan.round_idx, st.contributors),
+               sender=sender)
+        st.sigs[sender] = sig
+
+    # -- stage 4 ---------------------------------------------------------------------------------------------
+    def request_for(self, client: int) -> bytes:
+        st = self.state
+        fields = {"alive": pack_ids(st.contributors), "dropped": pack_ids(st.dropped)}
+        if self.plan.signatures:
+            recs = [(v, st.sigs[v]) for v in self.plan.neighbours(client) if v in st.sigs]
+            fields["sigs"] = pack_records(recs, 64)
+        return self._msg(KIND["request"], fields)
+
+    def receive_unmask(self, sender: int, data: bytes) -> None:
+        env = self._open(sender, data, Stage.UNMASK)
+        st = self.state
+        allowed = st.sigs if self.plan.signatures else st.contributors
+        if sender not in allowed:
+            raise ProtocolError("not asked to unmask", sender=sender)
+        if sender in st.shares:
+            raise ReplayError("duplicate unmask message", sender=sender)
+        recs = unpack_records(env.field("shares"), UNMASK_RECORD_BYTES, sender=sender)
+        alive, dropped = set(st.contributors), set(st.dropped)
+        out = []
+        for about, body in recs:
+            kind = body[0]
+            if about not in self.plan.neighbours(sender) or sender not in st.sealed.get(about, {}):
+                raise MalformedMessageError(f"share about {about}, who never shared with this client", sender=sender)
+            if (kind == B_SHARE and about not in alive) or (kind == S_SHARE and about not in dropped) or kind > 1:
+                raise MalformedMessageError(f"wrong kind of share about client {about}", sender=sender)
+            out.append((about, kind, body[1:]))
+        st.shares[sender] = out
+
+    def finish(self, *, mask_runner: MaskRunner | None = None) -> np.ndarray:
+        """The modular sum of the contributors' encodings, or ``ProtocolAbort`` (nothing unmasked).
+
+        ``mask_runner(n, dtype, plus, minus)`` computes a mask total; a driver may pass one that
+        splits the work over worker processes.
+        """
+        st = self.state
+        plan = self.plan
+        t = plan.t
+        need_s = sorted({d for d in st.dropped for c in st.contributors if d in st.masked[c].peers})
+        points: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+        for responder, recs in st.shares.items():
+            for about, kind, share in recs:
+                points.setdefault((about, kind), []).append((responder + 1, share))
+        short = [c for c in st.contributors if len(points.get((c, B_SHARE), ())) < t]
+        short += [d for d in need_s if len(points.get((d, S_SHARE), ())) < t]
+        if short:
+            raise ProtocolAbort(f"fewer than t={t} shares for clients {sorted(short)[:8]}; nothing was unmasked")
+        seeds = []
+        for c in st.contributors:
+            seed = self._recover(points[(c, B_SHARE)], c)
+            if commit_seed(seed, plan.round_idx, c) != st.masked[c].commit:
+                raise ProtocolAbort(f"shares of client {c}'s self-mask seed do not match its commitment")
+            seeds.append(seed)
+        plus, minus = [], []
+        for d in need_s:
+            key = self._recover(points[(d, S_SHARE)], d)
+            if public_of(key) != st.adverts[d][1]:
+                raise ProtocolAbort(f"shares of client {d}'s masking key do not match its advertised key")
+            for c in st.contributors:
+                if d in st.masked[c].peers:
+                    seed = pair_key(key, st.adverts[c][1], purpose=b"mask", round_idx=plan.round_idx, a=c, b=d)
+                    (minus if c < d else plus).append(seed)
+        fp = plan.fixed_point
+        total = np.zeros(plan.length + 1, dtype=fp.dtype)
+        for c in st.contributors:
+            np.add(total, st.masked[c].vector, out=total)
+        if mask_runner is None:
+            apply_masks(total, plus, minus + seeds)
+        else:
+            np.add(total, mask_runner(plan.length + 1, fp.dtype, plus, minus + seeds), out=total)
+        if fp.bits != 8 * fp.dtype.itemsize:
+            total &= fp.dtype.type(fp.mask)
+        return total
+
+    def _recover(self, points: list[tuple[int, bytes]], client: int) -> bytes:
+        try:
+            return shamir.reconstruct_bytes(points, self.plan.t)
+        except ValueError:
+            raise ProtocolAbort(f"shares of client {client} do not reconstruct a secret") from None
