@@ -21,7 +21,7 @@ attack             what it sends                                        expected
 ``Duplicate``      a copy of another client's message, or one framed    ``ReplayError`` /
                    twice                                                ``MalformedMessageError``
 ``Drop``           nothing (the client drops out)                       dropout handling
-``LieAboutDrop…``  a server-side survivor list missing live clients     protocol-specific
+``LieAboutDrop…``  a server survivor list that omits live clients      protocol-specific
 =================  ===================================================  ==========================
 
 Threat model: Byzantine clients (or a network adversary) control the bytes of their own
@@ -332,23 +332,28 @@ class Drop(TamperingTransport):
 
 
 class LieAboutDropouts(TamperingTransport):
-    """Active-server attack: remove live clients from a survivor list the server broadcasts.
+    """Active-server attack: remove live clients from a survivor list the server sends.
 
     In SecAgg the server tells the survivors which clients dropped so that they reveal the
     dropped clients' mask seeds.  A malicious server that calls a *live* client "dropped"
     could learn both that client's self-mask share and its pairwise seeds, and unmask its
-    individual update; SecAgg's consistency round (and share-type exclusivity) must refuse.
-    This transport rewrites the ``field`` of every message at ``stage`` -- a ``pack_array``
-    vector of client ids -- to drop the ids in ``claim_dropped``.
+    individual update; SecAgg's consistency round (signed survivor lists) must refuse.  This
+    transport rewrites the id-list ``field`` of every envelope that carries it (optionally only
+    envelopes of ``kind``) so that the ids in ``claim_dropped`` are gone.  It acts wherever the
+    protocol routes the server's messages through a ``Transport``.
 
     Parameters
     ----------
     claim_dropped:
         Live clients the server pretends have dropped out.
     field:
-        Name of the survivor-list field in the server's envelope.
-    stage:
-        The protocol stage of the server's broadcast.
+        Name of the survivor-list field (``"alive"`` in securefml's SecAgg messages).
+    encoding:
+        ``"u32be"`` (concatenated big-endian u32 ids) or ``"array"`` (``wire.pack_array``).
+    kind:
+        Only envelopes of this kind (None: any envelope carrying ``field``).
+    stage, senders:
+        As for ``TamperingTransport`` (default: every stage, every sender).
     """
 
     action = "lie-about-dropouts"
@@ -357,25 +362,40 @@ class LieAboutDropouts(TamperingTransport):
         self,
         claim_dropped: Iterable[int],
         *,
-        field: str = "survivors",
-        stage: str | None = "unmask",
+        field: str = "alive",
+        encoding: str = "u32be",
+        kind: str | None = None,
+        stage: str | None = None,
         senders: Iterable[int] | None = None,
         **kwargs: Any,
     ) -> None:
+        if encoding not in ("u32be", "array"):
+            raise ConfigError(f"unknown id-list encoding {encoding!r}; choose u32be or array")
         super().__init__(senders, stage=stage, **kwargs)
         self.claim_dropped = frozenset(int(c) for c in claim_dropped)
         if not self.claim_dropped:
             raise ConfigError("LieAboutDropouts needs at least one client to claim dropped")
         self.field = field
+        self.encoding = encoding
+        self.kind = kind
 
     def tamper(self, sender: int, stage: str, data: bytes) -> bytes:
         env = _peek(data)
-        if env is None or self.field not in env.fields:
+        if env is None or self.field not in env.fields or (self.kind is not None and env.kind != self.kind):
             return data
-        ids = unpack_array(env.fields[self.field])
-        kept = np.array([i for i in ids.tolist() if int(i) not in self.claim_dropped], dtype=ids.dtype)
-        if kept.size == ids.size:
+        raw = env.fields[self.field]
+        if self.encoding == "array":
+            ids = unpack_array(raw)
+            kept = np.array([i for i in ids.tolist() if int(i) not in self.claim_dropped], dtype=ids.dtype)
+            new_raw, changed = pack_array(kept), kept.size != ids.size
+        else:
+            if len(raw) % 4:
+                return data
+            ids_be = [int.from_bytes(raw[i : i + 4], "big") for i in range(0, len(raw), 4)]
+            kept_be = [i for i in ids_be if i not in self.claim_dropped]
+            new_raw, changed = b"".join(i.to_bytes(4, "big") for i in kept_be), len(kept_be) != len(ids_be)
+        if not changed:
             return data
         fields = dict(env.fields)
-        fields[self.field] = pack_array(kept)
+        fields[self.field] = new_raw
         return encode(replace(env, fields=fields))

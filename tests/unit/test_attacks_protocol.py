@@ -143,7 +143,7 @@ def test_plaintext_does_not_authenticate_payloads() -> None:
 def test_lie_about_dropouts_rewrites_the_survivor_list() -> None:
     survivors = np.array([0, 1, 2, 3, 4], dtype=np.uint32)
     msg = encode(Envelope("unmask-request", 2, 0, {"survivors": pack_array(survivors), "other": b"keep"}))
-    transport = LieAboutDropouts([1, 3])
+    transport = LieAboutDropouts([1, 3], field="survivors", encoding="array", stage="unmask")
     out = decode(transport.deliver(0, "unmask", msg))
     assert unpack_array(out.field("survivors")).tolist() == [0, 2, 4]
     assert out.field("other") == b"keep" and out.round == 2 and out.sender == 0
@@ -151,6 +151,17 @@ def test_lie_about_dropouts_rewrites_the_survivor_list() -> None:
     assert transport.deliver(0, "update", msg) == msg  # other stages untouched
     with pytest.raises(ConfigError):
         LieAboutDropouts([])
+
+
+def test_lie_about_dropouts_on_big_endian_id_lists() -> None:
+    alive = b"".join(i.to_bytes(4, "big") for i in (2, 5, 7, 9))
+    msg = encode(Envelope("secagg/survivors", 0, 0, {"alive": alive}))
+    transport = LieAboutDropouts([5, 9], kind="secagg/survivors")
+    out = decode(transport.deliver(0, "consistency", msg))
+    assert out.field("alive") == (2).to_bytes(4, "big") + (7).to_bytes(4, "big")
+    other_kind = encode(Envelope("secagg/keys", 0, 0, {"alive": alive}))
+    assert transport.deliver(0, "consistency", other_kind) == other_kind
+    assert len(transport.log) == 1
 
 
 def test_registry_builds_protocol_attacks() -> None:
