@@ -21,14 +21,16 @@ attack             what it sends                                        expected
 ``Duplicate``      a copy of another client's message, or one framed    ``ReplayError`` /
                    twice                                                ``MalformedMessageError``
 ``Drop``           nothing (the client drops out)                       dropout handling
-``LieAboutDrop…``  a server survivor list that omits live clients      protocol-specific
+``LieAbout...``   a server survivor list that omits live clients      protocol-specific
 =================  ===================================================  ==========================
 
 Threat model: Byzantine clients (or a network adversary) control the bytes of their own
 messages; ``LieAboutDropouts`` models an active server.  Payload tampering is only detectable
-where the protocol authenticates the payload (sealed shares, signatures, CKKS decoding); the
-plaintext reference protocol has no integrity protection, so byte flips that still decode to
-a finite, well-formed update are accepted there by design.
+where the protocol authenticates the payload (AES-GCM sealed shares, signatures).  The
+plaintext protocol has no integrity protection, so byte flips that still decode to a finite,
+well-formed update are accepted there by design; CKKS ciphertexts carry no tag either:
+structural damage fails to load and is rejected, but a small flip may load and then decrypts
+to noise inside the aggregate (a Byzantine contribution, for the robust rule to handle).
 """
 
 from __future__ import annotations
