@@ -93,6 +93,11 @@ class PackingFrame:
             pos += size
         object.__setattr__(self, "_spans", spans)
         object.__setattr__(self, "_numel", pos)
+        layout_fp = self.layout.fingerprint()
+        h = hashlib.sha256(layout_fp)
+        h.update(str(self.slots).encode() + b"\x00" + "\n".join(self.layers).encode())
+        object.__setattr__(self, "_layout_fp", layout_fp)
+        object.__setattr__(self, "_fp", h.digest()[:16])
 
     @property
     def numel(self) -> int:
@@ -127,9 +132,12 @@ class PackingFrame:
         return tuple(n for n, (a, b) in self.spans.items() if a < hi and b > lo)
 
     def fingerprint(self) -> bytes:
-        h = hashlib.sha256(self.layout.fingerprint())
-        h.update(str(self.slots).encode() + b"\x00" + "\n".join(self.layers).encode())
-        return h.digest()[:16]
+        """16 bytes naming the layout, the slot count and the frame layers."""
+        return self._fp  # type: ignore[attr-defined]
+
+    @property
+    def layout_fingerprint(self) -> bytes:
+        return self._layout_fp  # type: ignore[attr-defined]
 
     def pack(self, vector: np.ndarray, layers: Sequence[str]) -> dict[int, np.ndarray]:
         """Place a client's selected-layers vector (layout order) into its frame chunks."""
