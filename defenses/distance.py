@@ -16,7 +16,7 @@ import torch
 
 from securefml.defenses.base import AggregationResult, Defense, effective_f
 from securefml.defenses.coordinate import check_f, meamed
-from securefml.defenses.linalg import DEFAULT_CHUNK, gram_matrix, mix, row_norms, sq_distances_from_gram
+from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.protocols.base import Reveals
@@ -24,6 +24,7 @@ from securefml.protocols.base import Reveals
 __all__ = [
     "krum_scores",
     "multikrum_select",
+    "rank_by",
     "bulyan_select",
     "norm_bound_coefficients",
     "combine",
@@ -64,11 +65,20 @@ def _check_krum(n: int, f: int, who: str) -> None:
         raise ConfigError(f"{who} with f={f} needs n > 2f + 2 clients, got n={n}")
 
 
-def multikrum_select(sq_dist: torch.Tensor, f: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the ``m`` rows with the lowest Krum scores (stable order), and all scores."""
+def rank_by(scores: torch.Tensor, client_ids: tuple[int, ...], *, descending: bool = False) -> torch.Tensor:
+    """Row positions sorted by score, ties broken by client id (so the order ignores row order)."""
+    ids = torch.tensor(client_ids, dtype=torch.long, device=scores.device)
+    by_id = torch.sort(ids, stable=True).indices
+    return by_id[torch.sort(scores[by_id], descending=descending, stable=True).indices]
+
+
+def multikrum_select(
+    sq_dist: torch.Tensor, f: int, m: int, client_ids: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the ``m`` rows with the lowest Krum scores (ties: lower client id), and all scores."""
     scores = krum_scores(sq_dist, f)
-    order = torch.sort(scores, stable=True).indices
-    return order[:m].sort().values, scores
+    ids = tuple(range(scores.numel())) if client_ids is None else client_ids
+    return rank_by(scores, ids)[:m].sort().values, scores
 
 
 def bulyan_select(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
@@ -121,7 +131,7 @@ class _GeometryRule(Defense):
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
-        sq = sq_distances_from_gram(gram_matrix(updates, center=True, chunk=self.chunk))
+        sq = sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
         coeffs, scores, flagged, info = self._decide(sq, client_ids, effective_f(self.f, context))
         agg = combine(coeffs, updates)
         return AggregationResult(agg, client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
@@ -156,10 +166,10 @@ class Krum(_GeometryRule):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], dict[str, Any]]:
         n = sq_dist.shape[0]
         _check_krum(n, f, "Krum")
-        sel, scores = multikrum_select(sq_dist, f, 1)
+        sel, scores = multikrum_select(sq_dist, f, 1, client_ids)
         coeffs = torch.zeros(n, dtype=torch.float64, device=sq_dist.device)
         coeffs[sel] = 1.0
-        worst = torch.sort(scores, descending=True, stable=True).indices[:f].tolist()
+        worst = rank_by(scores, client_ids, descending=True)[:f].tolist()
         flagged = tuple(client_ids[i] for i in sorted(worst))
         return coeffs, scores, flagged, {"selected": (client_ids[int(sel[0])],), "f": f}
 
@@ -196,7 +206,7 @@ class MultiKrum(_GeometryRule):
         n = sq_dist.shape[0]
         _check_krum(n, f, "MultiKrum")
         m = n - f if self.m is None else min(self.m, n)
-        sel, scores = multikrum_select(sq_dist, f, m)
+        sel, scores = multikrum_select(sq_dist, f, m, client_ids)
         coeffs = torch.zeros(n, dtype=torch.float64, device=sq_dist.device)
         coeffs[sel] = 1.0 / m
         chosen = set(sel.tolist())
@@ -236,7 +246,7 @@ class Bulyan(Defense):
         n = updates.shape[0]
         if n < 4 * f + 3:
             raise ConfigError(f"Bulyan with f={f} needs n >= 4f + 3 clients, got n={n}")
-        sq = sq_distances_from_gram(gram_matrix(updates, center=True, chunk=self.chunk))
+        sq = sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
         sel = bulyan_select(sq, f)
         agg = meamed(updates[sel.to(updates.device)], 2 * f, chunk=self.chunk)
         chosen = set(sel.tolist())

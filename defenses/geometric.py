@@ -16,7 +16,7 @@ import torch
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.distance import combine
-from securefml.defenses.linalg import DEFAULT_CHUNK, column_blocks, gram_matrix
+from securefml.defenses.linalg import DEFAULT_CHUNK, column_blocks, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.protocols.base import Reveals
@@ -40,9 +40,10 @@ def geometric_median_coefficients(
     """Smoothed Weiszfeld iterations on a Gram matrix (Pillutla et al., Algorithm 2).
 
     Minimises ``sum_i w_i * max(nu, ||z - u_i||)`` over ``z = sum_i alpha_i u_i``.  Each step
-    sets ``alpha_i`` proportional to ``w_i / max(nu, ||z - u_i||)``; the loop stops when the
-    smoothed objective changes by less than ``tol`` relative to its value, or after
-    ``max_iter`` steps.
+    sets ``alpha_i`` proportional to ``w_i / max(nu, ||z - u_i||)``; the loop stops when a
+    step moves ``z`` by less than ``tol`` times the median distance from ``z`` to the updates
+    (a scale set by the majority, unlike the objective, which far outliers dominate), or
+    after ``max_iter`` steps.
 
     Returns
     -------
@@ -60,15 +61,18 @@ def geometric_median_coefficients(
 
     alpha = w.clone()
     d = dists(alpha)
-    obj = float((w * d.clamp_min(nu)).sum())
     for it in range(1, max_iter + 1):
         beta = w / d.clamp_min(nu)
-        alpha = beta / beta.sum()
+        new = beta / beta.sum()
+        delta = new - alpha
+        step = float((delta @ g @ delta).clamp_min(0).sqrt())
+        alpha = new
         d = dists(alpha)
-        new_obj = float((w * d.clamp_min(nu)).sum())
-        if abs(obj - new_obj) <= tol * max(new_obj, 1e-300):
+        # stop on the step length relative to the median distance (robust to far outliers,
+        # which would dominate a relative change of the objective); never on the first step,
+        # whose length from the plain mean can be lost to cancellation when outliers are huge
+        if it > 1 and step <= tol * max(float(d.median()), nu):
             return alpha, d, it, True
-        obj = new_obj
     return alpha, d, max_iter, False
 
 
@@ -91,7 +95,8 @@ class GeometricMedian(Defense):
 
     Minimises the weighted sum of (smoothed) Euclidean distances to the updates.  Unlike
     implementations that stop after a fixed 3 iterations (ByzFL's default), it runs until
-    the objective's relative change falls below ``tol`` (at most ``max_iter`` steps);
+    a step moves the estimate by less than ``tol`` times the median distance to the updates
+    (at most ``max_iter`` steps);
     ``info`` reports the iterations and whether it converged.
 
     Threat model: a Byzantine minority (breakdown point 1/2 of the total weight): with
@@ -128,7 +133,7 @@ class GeometricMedian(Defense):
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
-        alpha, d, info = self._run(gram_matrix(updates, center=True, chunk=self.chunk), weights)
+        alpha, d, info = self._run(stable_gram(updates, chunk=self.chunk), weights)
         return AggregationResult(combine(alpha, updates), client_ids, weights=alpha, scores=d, info=info)
 
     def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:

@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_CHUNK",
     "column_blocks",
     "gram_matrix",
+    "stable_gram",
     "sq_distances_from_gram",
     "mix",
     "row_norms",
@@ -32,7 +33,9 @@ def column_blocks(d: int, chunk: int = DEFAULT_CHUNK) -> Iterator[slice]:
         yield slice(start, min(start + chunk, d))
 
 
-def gram_matrix(x: torch.Tensor, *, center: bool = False, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def gram_matrix(
+    x: torch.Tensor, *, center: bool | torch.Tensor = False, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor:
     """``[n, n]`` float64 inner products of the rows of ``x`` (one blocked matmul).
 
     Parameters
@@ -40,17 +43,52 @@ def gram_matrix(x: torch.Tensor, *, center: bool = False, chunk: int = DEFAULT_C
     x:
         ``[n, d]`` updates, any floating dtype, any device.
     center:
-        Subtract the coordinate-wise mean first.  Pairwise distances are translation
-        invariant, so a centred Gram gives the same distances with far less cancellation in
-        ``||a||^2 + ||b||^2 - 2<a, b>`` when the updates share a large common component.
+        ``True`` subtracts the coordinate-wise mean first; a ``[d]`` tensor subtracts that
+        vector.  Pairwise distances (and any combination whose coefficients sum to 1) are
+        translation invariant, so a centred Gram gives the same geometry with far less
+        cancellation in ``||a||^2 + ||b||^2 - 2<a, b>`` when the rows share a large component.
     """
     n, d = x.shape
     g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    vec = center if isinstance(center, torch.Tensor) else None
+    if vec is not None:
+        vec = vec.to(device=x.device, dtype=torch.float64).reshape(-1)
     for s in column_blocks(d, chunk):
         xc = x[:, s].to(torch.float64)
-        if center:
+        if vec is not None:
+            xc = xc - vec[s]
+        elif center:
             xc = xc - xc.mean(dim=0, keepdim=True)
         g.addmm_(xc, xc.T)
+    return g
+
+
+#: Recentre on a medoid when the largest row norm exceeds the median row norm by this factor.
+_SCALE_GAP = 1e3
+
+
+def stable_gram(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, max_passes: int = 8) -> torch.Tensor:
+    """A translated Gram of ``x`` whose pairwise distances survive rows of wildly different scale.
+
+    One mean-centred matmul in the common case.  A Byzantine row of norm 1e30 would swamp
+    that centre and, through cancellation in ``||a||^2 + ||b||^2 - 2<a, b>``, hide the
+    distances between the honest rows (and a second Byzantine row of norm 1e15 among them).
+    So when the largest row norm exceeds the median one by ``1e3``, the Gram is recomputed
+    centred on the medoid row (smallest median distance to the others: an honest row when
+    honest rows are a majority) until the medoid no longer changes.  Only distances and
+    affine combinations (coefficients summing to 1) may be read from the result.
+    """
+    g = gram_matrix(x, center=True, chunk=chunk)
+    norms = row_norms(x, chunk=chunk)
+    if float(norms.max()) <= _SCALE_GAP * max(float(norms.median()), 1e-300):
+        return g
+    previous = -1
+    for _ in range(max_passes):
+        medoid = int(torch.argmin(sq_distances_from_gram(g).median(dim=1).values))
+        if medoid == previous:
+            break
+        previous = medoid
+        g = gram_matrix(x, center=x[medoid], chunk=chunk)
     return g
 
 

@@ -17,7 +17,7 @@ import torch
 
 from securefml.defenses.base import PreAggregator, effective_f
 from securefml.defenses.coordinate import check_f
-from securefml.defenses.linalg import DEFAULT_CHUNK, gram_matrix, mix, row_norms, sq_distances_from_gram
+from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.protocols.base import Reveals
@@ -151,7 +151,7 @@ class NNM(_LinearPre):
     def _mixing_plain(
         self, x: torch.Tensor, w: torch.Tensor, ids: tuple[int, ...], context: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-        sq = sq_distances_from_gram(gram_matrix(x, center=True, chunk=self.chunk))
+        sq = sq_distances_from_gram(stable_gram(x, chunk=self.chunk))
         return nnm_mixing(sq, effective_f(self.f, context)), w, ids
 
     def _mixing_gram(
