@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -18,7 +18,7 @@ from securefml.attacks.base import Attack
 from securefml.data.base import Task
 from securefml.errors import ConfigError, DataError
 
-__all__ = ["LabelFlip", "Backdoor", "attack_success_rate", "SPLITS"]
+__all__ = ["LabelFlip", "Backdoor", "Triggered", "attack_success_rate", "SPLITS"]
 
 SPLITS = ("support", "query")
 
@@ -228,10 +228,19 @@ class Backdoor(Attack):
         return task.with_data(**changes)
 
 
+class Triggered(Protocol):
+    """Anything with a backdoor ``target`` label and an ``apply_trigger(x)`` (Backdoor, MetaBackdoor)."""
+
+    @property
+    def target(self) -> int: ...
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 def attack_success_rate(
     predict: Callable[[torch.Tensor], torch.Tensor],
     data: Task | tuple[torch.Tensor, torch.Tensor],
-    backdoor: Backdoor,
+    backdoor: Triggered,
     *,
     split: str = "query",
 ) -> float:
@@ -244,7 +253,7 @@ def attack_success_rate(
     data:
         A ``Task`` (its ``split`` is used) or an ``(x, y)`` pair of clean inputs and labels.
     backdoor:
-        The backdoor whose trigger and target are measured.
+        The attack whose trigger and target are measured (``Backdoor`` or ``MetaBackdoor``).
 
     Returns
     -------

@@ -10,7 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from securefml.attacks import IPM, Adaptive, AttackContext, MetaBackdoor, MetaSGDLearningRate, defense_deviation
+from securefml.attacks import (
+    IPM,
+    Adaptive,
+    AttackContext,
+    MetaBackdoor,
+    MetaSGDLearningRate,
+    attack_success_rate,
+    defense_deviation,
+)
 from securefml.data.base import Task
 from securefml.defenses import AggregationResult, Defense, Mean
 from securefml.errors import ConfigError
@@ -90,6 +98,9 @@ def test_meta_backdoor_poisons_both_splits() -> None:
         hit = (x != getattr(task, f"{split}_x")).any(1)
         assert int(hit.sum()) == n // 2
         assert bool((x[hit][:, mask] == 1.0).all()) and bool((y[hit] == 4).all())
+    # Its trigger is measured like a plain backdoor's.
+    fires = attack_success_rate(lambda b: torch.where((b[:, mask] == 1.0).all(1), 4, 0), task, attack)
+    assert fires == 1.0
 
 
 @SETTINGS
