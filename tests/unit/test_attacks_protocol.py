@@ -30,7 +30,7 @@ from securefml.attacks import (
     WrongSender,
     make_protocol_attack,
 )
-from securefml.defenses import Mean
+from securefml.defenses import CoordinateMedian, Mean
 from securefml.errors import ConfigError, MalformedMessageError, ProtocolError, ReplayError
 from securefml.protocols import ClientUpdate, Plaintext
 from securefml.protocols.wire import Envelope, decode, encode, pack_array, unpack_array
@@ -63,16 +63,16 @@ def make_updates(n: int, seed: int, *, layers: tuple[str, ...] = ("a", "b")) -> 
     return [ClientUpdate(i, torch.randn(d, generator=g), layers, weight=float(1 + i % 3)) for i in range(n)]
 
 
-def honest_round(updates: list[ClientUpdate], attackers: set[int], round_idx: int) -> torch.Tensor:
+def honest_round(updates: list[ClientUpdate], attackers: set[int], round_idx: int, defense=None) -> torch.Tensor:
     honest = [u for u in updates if u.client_id not in attackers]
-    return Plaintext().run_round(round_idx, honest, LAYOUT, defense=Mean()).aggregate
+    return Plaintext().run_round(round_idx, honest, LAYOUT, defense=defense or Mean()).aggregate
 
 
-def attacked_round(updates: list[ClientUpdate], transport: TamperingTransport, warmup: int):
+def attacked_round(updates: list[ClientUpdate], transport: TamperingTransport, warmup: int, defense=None):
     proto = Plaintext()
     for r in range(warmup):
-        proto.run_round(r, updates, LAYOUT, defense=Mean(), transport=transport)
-    return proto.run_round(warmup, updates, LAYOUT, defense=Mean(), transport=transport)
+        proto.run_round(r, updates, LAYOUT, defense=defense or Mean(), transport=transport)
+    return proto.run_round(warmup, updates, LAYOUT, defense=defense or Mean(), transport=transport)
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
@@ -180,8 +180,10 @@ def test_registry_builds_protocol_attacks() -> None:
     st.sampled_from(sorted(ATTACKS)),
     st.integers(0, 2**16),
     st.sampled_from([("a", "b"), ("a",), ("b",)]),
+    st.sampled_from(["mean", "median"]),
 )
-def test_property_any_attack_any_subset_honest_aggregate_intact(n, data, name, seed, layers) -> None:
+def test_property_any_attack_any_subset_honest_aggregate_intact(n, data, name, seed, layers, rule) -> None:
+    defense = Mean() if rule == "mean" else CoordinateMedian()
     attackers = set(data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n - 1)))
     factory, error, warmup = ATTACKS[name]
     if name == "duplicate-copy" and 0 in attackers:
@@ -190,7 +192,7 @@ def test_property_any_attack_any_subset_honest_aggregate_intact(n, data, name, s
             return
     updates = make_updates(n, seed, layers=layers)
     transport = factory(sorted(attackers))
-    out = attacked_round(updates, transport, warmup)
+    out = attacked_round(updates, transport, warmup, defense)
     assert set(out.rejected) == attackers
     assert all(f"sender {s}" in reason for s, reason in out.rejected.items())
-    assert torch.equal(out.aggregate, honest_round(updates, attackers, warmup))
+    assert torch.equal(out.aggregate, honest_round(updates, attackers, warmup, defense))
