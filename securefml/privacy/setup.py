@@ -21,7 +21,7 @@ from securefml.privacy.config import PrivacyConfig
 from securefml.privacy.record import RecordLevelDP, record_route, steps_per_participation
 from securefml.privacy.user import UserLevelDP
 
-__all__ = ["PrivacySetup", "setup_privacy"]
+__all__ = ["PARTICIPATION_QUANTILE", "PrivacySetup", "participation_quantile", "setup_privacy"]
 
 
 def _finite_or_none(eps: float) -> float | None:
@@ -117,6 +117,27 @@ class PrivacySetup:
                 f"learner={self.learner!r})")
 
 
+#: record-level noise is calibrated for the number of rounds a client joins with this probability
+PARTICIPATION_QUANTILE = 0.95
+
+
+def participation_quantile(rounds: int, sample_rate: float, quantile: float) -> int:
+    """Smallest k >= 1 with P[Binomial(rounds, sample_rate) <= k] >= quantile.
+
+    A record-level client's budget is spent per round it joins; calibrating the noise for the
+    expected count would stop about half the clients early, so the noise is calibrated for a high
+    quantile of the participation count and the rare client sampled more often sits out.
+    """
+    if sample_rate >= 1:
+        return rounds
+    cdf = 0.0
+    for k in range(rounds + 1):
+        cdf += math.comb(rounds, k) * sample_rate**k * (1 - sample_rate) ** (rounds - k)
+        if cdf >= quantile:
+            return max(1, k)
+    return rounds
+
+
 def _noise_generator(config: PrivacyConfig, generator: torch.Generator | None) -> torch.Generator:
     if config.secure_rng:
         return torch.Generator().manual_seed(secrets.randbits(63))
@@ -209,7 +230,7 @@ def setup_privacy(
             f"{1 / (10 * local_dataset_size):.2g}"
         )
     per_round = steps_per_participation(learner)
-    planned_participations = max(1, math.ceil(rounds * q_cohort))
+    planned_participations = participation_quantile(rounds, q_cohort, PARTICIPATION_QUANTILE)
     sigma = config.noise_multiplier
     max_part: int | None = None
     if sigma is None:

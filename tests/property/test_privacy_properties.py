@@ -1,0 +1,162 @@
+"""Security properties of the DP mechanisms, on the real Opacus optimizer and real torch models.
+
+* every clipped per-example gradient has norm <= C (record level, hook and vmap routes) and
+  every clipped client update has norm <= S (user level);
+* the added noise has standard deviation sigma*C (record) / z*S on the sum (user), within a
+  statistical tolerance;
+* with zero noise and clipping off, the DP path equals the non-private path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securefml.data import make_digits_fewshot, make_sine
+from securefml.data.base import Task
+from securefml.meta import LEARNERS, MetaConfig, MetaSGD
+from securefml.models import make_model
+from securefml.privacy import Ledger, RecordLevelDP, UserLevelDP, clip_update
+
+SINE = make_sine(n_train=3, n_heldout=1, seed=0)
+DIGITS = make_digits_fewshot(n_train=2, n_heldout=1, k_shot=2, query=2, seed=0)
+PROPS = settings(max_examples=12, deadline=None)
+
+
+def _learner(name: str, data, config: MetaConfig):  # type: ignore[no-untyped-def]
+    model = make_model(data, hidden=(8,), seed=0)
+    if name == "metasgd-fo":
+        return MetaSGD(model, config, first_order=True)
+    return LEARNERS.create(name, model=model, config=config)
+
+
+def _dp(learner, **kw) -> RecordLevelDP:  # type: ignore[no-untyped-def]
+    base = dict(noise_multiplier=0.0, max_grad_norm=1.0, sample_rate=1.0, generator=torch.Generator().manual_seed(1),
+                allow_support_leak=True)
+    return RecordLevelDP(learner, **{**base, **kw})
+
+
+def _one_example(task: Task, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return task.support_x[i:i + 1], task.support_y[i:i + 1]
+
+
+@PROPS
+@given(c=st.floats(0.01, 5.0), i=st.integers(0, 9), scale=st.floats(0.1, 100.0))
+def test_clipped_per_example_gradient_norm_at_most_c_hook_route(c: float, i: int, scale: float) -> None:
+    """A batch of one example (q=1, no noise): the released gradient is that example's clipped gradient."""
+    learner = _learner("fedavg", SINE, MetaConfig(inner_steps=1))
+    dp = _dp(learner, max_grad_norm=c)
+    params = learner.init_params()
+    task = SINE.train[0]
+    x, y = _one_example(task, i)
+    state = dp._state(task.client_id, params)
+    g = dp.hook_gradient(state, params, x, y * scale, task.kind)
+    norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))
+    assert norm <= c * (1 + 1e-5)
+
+
+@PROPS
+@given(c=st.floats(0.01, 5.0), i=st.integers(0, 3))
+def test_clipped_per_example_meta_gradient_norm_at_most_c_vmap_route(c: float, i: int) -> None:
+    learner = _learner("maml", DIGITS, MetaConfig(inner_steps=1, inner_lr=0.5))
+    dp = _dp(learner, max_grad_norm=c)
+    params = learner.init_params()
+    task = DIGITS.train[0]
+    state = dp._state(task.client_id, params)
+
+    def per_example(p, x, y):  # type: ignore[no-untyped-def]
+        adapted = learner.adapt(p, task.support_x, task.support_y, task.kind)
+        return learner.loss(adapted, x.unsqueeze(0), y.unsqueeze(0), task.kind) * 50.0
+
+    g = dp.vmap_gradient(state, per_example, params, task.query_x[i:i + 1], task.query_y[i:i + 1])
+    norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))
+    assert norm <= c * (1 + 1e-5)
+
+
+@PROPS
+@given(d=st.integers(1, 200), s=st.floats(1e-3, 1e3), scale=st.floats(1e-4, 1e4), seed=st.integers(0, 2**16))
+def test_clipped_update_norm_at_most_s(d: int, s: float, scale: float, seed: int) -> None:
+    u = torch.randn(d, generator=torch.Generator().manual_seed(seed)) * scale
+    out = clip_update(u, s)
+    assert float(out.norm()) <= s * (1 + 1e-5)
+    if float(u.norm()) <= s:
+        assert torch.equal(out, u)
+    else:  # clipping only rescales
+        assert torch.allclose(out / out.norm(), u / u.norm(), atol=1e-5)
+
+
+def _std_ok(sample: torch.Tensor, expected: float) -> bool:
+    # relative standard error of a sample std is about 1/sqrt(2N); allow ~6 of them
+    tol = 6 / math.sqrt(2 * sample.numel())
+    return abs(float(sample.std()) / expected - 1) < tol
+
+
+@PROPS
+@given(sigma=st.floats(0.2, 4.0), c=st.floats(0.05, 5.0), secure=st.booleans(), seed=st.integers(0, 2**16))
+def test_record_noise_std_is_sigma_c(sigma: float, c: float, secure: bool, seed: int) -> None:
+    """Same Poisson batch (q=1) with and without noise: the difference times the batch size is the noise."""
+    learner = _learner("fedavg", DIGITS, MetaConfig(inner_steps=1))
+    params = {n: p for n, p in learner.init_params().items()}
+    task = DIGITS.train[0]
+    quiet = _dp(learner, max_grad_norm=c)
+    noisy = _dp(learner, max_grad_norm=c, noise_multiplier=sigma, secure_mode=secure,
+                generator=torch.Generator().manual_seed(seed))
+    x, y = task.support_x, task.support_y
+    g0 = quiet.hook_gradient(quiet._state(0, params), params, x, y, task.kind)
+    g1 = noisy.hook_gradient(noisy._state(0, params), params, x, y, task.kind)
+    noise = torch.cat([(g1[n] - g0[n]).flatten() for n in g0]) * len(x)
+    assert noise.numel() > 500
+    assert abs(float(noise.mean())) < 6 * sigma * c / math.sqrt(noise.numel())
+    assert _std_ok(noise, sigma * c)
+
+
+@PROPS
+@given(z=st.floats(0.1, 5.0), s=st.floats(0.01, 10.0), m=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_user_central_noise_std_is_z_s_over_m(z: float, s: float, m: int, seed: int) -> None:
+    dp = UserLevelDP(clip=s, noise_multiplier=z, cohort_size=m, sample_rate=0.1, ledger=Ledger("rdp", 1e-5),
+                     generator=torch.Generator().manual_seed(seed))
+    agg = torch.zeros(4000)
+    noise = dp.aggregate_hook(m, agg)
+    assert _std_ok(noise, z * s / m)
+
+
+@PROPS
+@given(z=st.floats(0.1, 5.0), s=st.floats(0.01, 10.0), n=st.integers(2, 12), seed=st.integers(0, 2**16))
+def test_user_distributed_shares_sum_to_full_noise(z: float, s: float, n: int, seed: int) -> None:
+    dp = UserLevelDP(clip=s, noise_multiplier=z, cohort_size=n, sample_rate=0.1, ledger=Ledger("rdp", 1e-5),
+                     placement="distributed", generator=torch.Generator().manual_seed(seed))
+    total = sum(dp.update_hook(i, torch.zeros(3000)) for i in range(n))
+    assert isinstance(total, torch.Tensor)
+    assert _std_ok(total, z * s)  # the sum carries N(0, (z S)^2)
+    assert torch.equal(dp.aggregate_hook(n, torch.zeros(5)), torch.zeros(5))  # the server adds nothing
+
+
+@pytest.mark.parametrize("name", ["fedavg", "reptile", "fomaml", "metasgd-fo", "maml", "metasgd"])
+@settings(max_examples=4, deadline=None)
+@given(client=st.integers(0, 1), steps=st.integers(1, 2), outer=st.integers(1, 2))
+def test_no_noise_no_clipping_equals_non_private_path(name: str, client: int, steps: int, outer: int) -> None:
+    cfg = MetaConfig(inner_steps=steps, inner_lr=0.05, outer_lr=0.1, outer_steps=outer)
+    learner = _learner(name, DIGITS, cfg)
+    dp = _dp(learner, max_grad_norm=math.inf)
+    params = learner.init_params()
+    task = DIGITS.train[client]
+    ref, m_ref = learner.update(params, task)
+    got, m_got = dp.update(params, task)
+    assert set(ref) == set(got)
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], atol=1e-6, rtol=1e-4), n
+    assert m_ref.keys() == m_got.keys()
+
+
+@settings(max_examples=6, deadline=None)
+@given(d=st.integers(1, 100), seed=st.integers(0, 2**16))
+def test_user_level_without_noise_or_clipping_is_identity(d: int, seed: int) -> None:
+    u = torch.randn(d, generator=torch.Generator().manual_seed(seed)) * 1e3
+    for placement in ("central", "distributed"):
+        dp = UserLevelDP(clip=math.inf, noise_multiplier=0.0, cohort_size=3, sample_rate=0.5,
+                         ledger=Ledger("rdp", 1e-5), placement=placement)
+        assert torch.equal(dp.aggregate_hook(3, dp.update_hook(0, u)), u)
