@@ -24,6 +24,7 @@ __all__ = [
     "coordinate_median",
     "trimmed_mean",
     "meamed",
+    "mean_around_median",
     "check_f",
     "CoordinateMedian",
     "TrimmedMean",
@@ -63,19 +64,27 @@ def trimmed_mean(x: torch.Tensor, f: int, *, chunk: int = DEFAULT_CHUNK) -> torc
     return coordinatewise(x, block, chunk=chunk)
 
 
+def mean_around_median(x: torch.Tensor, keep: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Per coordinate, average the ``keep`` values closest to the coordinate's median."""
+    n = x.shape[0]
+    if not 1 <= keep <= n:
+        raise ConfigError(f"cannot keep {keep} of {n} values per coordinate")
+
+    def block(xb: torch.Tensor) -> torch.Tensor:
+        x64 = xb.to(torch.float64)
+        med = _median_block(xb)
+        idx = (x64 - med).abs().topk(keep, dim=0, largest=False).indices
+        return x64.gather(0, idx).mean(dim=0)
+
+    return coordinatewise(x, block, chunk=chunk)
+
+
 def meamed(x: torch.Tensor, f: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Per coordinate, average the ``n - f`` values closest to the coordinate's median."""
     n = x.shape[0]
     if n <= 2 * f:
         raise ConfigError(f"Meamed with f={f} needs n > 2f clients, got n={n}")
-
-    def block(xb: torch.Tensor) -> torch.Tensor:
-        x64 = xb.to(torch.float64)
-        med = _median_block(xb)
-        idx = (x64 - med).abs().topk(n - f, dim=0, largest=False).indices
-        return x64.gather(0, idx).mean(dim=0)
-
-    return coordinatewise(x, block, chunk=chunk)
+    return mean_around_median(x, n - f, chunk=chunk)
 
 
 class CoordinateMedian(Defense):

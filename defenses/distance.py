@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from securefml.defenses.base import AggregationResult, Defense, effective_f
-from securefml.defenses.coordinate import check_f, meamed
+from securefml.defenses.coordinate import check_f, mean_around_median
 from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
@@ -248,7 +248,7 @@ class Bulyan(Defense):
             raise ConfigError(f"Bulyan with f={f} needs n >= 4f + 3 clients, got n={n}")
         sq = sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
         sel = bulyan_select(sq, f)
-        agg = meamed(updates[sel.to(updates.device)], 2 * f, chunk=self.chunk)
+        agg = mean_around_median(updates[sel.to(updates.device)], n - 4 * f, chunk=self.chunk)
         chosen = set(sel.tolist())
         flagged = tuple(client_ids[i] for i in range(n) if i not in chosen)
         return AggregationResult(
