@@ -1,0 +1,170 @@
+"""Reported epsilons equal Opacus' accountants fed the same (sigma, sample rate, steps), end to end."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from securefml.client import Client
+from securefml.data import make_sine
+from securefml.defenses import make_defense
+from securefml.errors import PrivacyBudgetExceeded
+from securefml.meta import LEARNERS, MetaConfig
+from securefml.models import make_model
+from securefml.privacy import Ledger, PrivacyConfig, epsilon_for, noise_for_target, setup_privacy
+from securefml.protocols import PROTOCOLS, Transport
+from securefml.server import Server
+
+SINE = make_sine(n_train=12, n_heldout=1, seed=0)
+ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
+def _opacus_epsilon(name: str, steps: list[tuple[float, float]], delta: float) -> float:
+    acc = ACCOUNTANTS[name]()
+    for sigma, q in steps:
+        acc.step(noise_multiplier=sigma, sample_rate=q)
+    return float(acc.get_epsilon(delta=delta))
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv"])
+@pytest.mark.parametrize(("sigma", "q", "steps"), [(1.0, 0.05, 100), (2.3, 0.5, 7)])
+def test_ledger_equals_opacus_accountant(name: str, sigma: float, q: float, steps: int) -> None:
+    ledger = Ledger(name, 1e-5)
+    ledger.step(noise_multiplier=sigma, sample_rate=q, steps=steps)
+    assert ledger.epsilon() == pytest.approx(_opacus_epsilon(name, [(sigma, q)] * steps, 1e-5), rel=1e-9)
+    assert ledger.steps == steps
+    restored = Ledger(name, 1e-5)
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.epsilon() == ledger.epsilon()
+
+
+def test_zero_noise_is_unbounded_and_no_step_is_free() -> None:
+    assert epsilon_for("rdp", ((0.0, 0.1, 3),), 1e-5) == math.inf
+    assert Ledger("rdp", 1e-5).epsilon() == 0.0
+
+
+def test_noise_for_target_is_opacus_get_noise_multiplier() -> None:
+    got = noise_for_target(target_epsilon=1.0, delta=1e-5, sample_rate=0.05, steps=100, accountant="rdp")
+    assert got == get_noise_multiplier(target_epsilon=1.0, target_delta=1e-5, sample_rate=0.05, steps=100,
+                                       accountant="rdp")
+    assert noise_for_target(target_epsilon=math.inf, delta=1e-5, sample_rate=0.05, steps=100, accountant="rdp") == 0
+
+
+class _DropOne(Transport):
+    """Drops client ``victim``'s message (dropout), to check distributed-noise accounting."""
+
+    def __init__(self, victim: int) -> None:
+        self.victim = victim
+
+    def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
+        return None if sender == self.victim else data
+
+
+def _run(cfg: PrivacyConfig, *, rounds: int = 3, per_round: int = 4, algorithm: str = "fomaml",
+         transport: Transport | None = None):  # type: ignore[no-untyped-def]
+    learner = LEARNERS.create(algorithm, model=make_model(SINE, hidden=(8,), seed=0),
+                              config=MetaConfig(inner_steps=1, inner_lr=0.05, outer_lr=0.1))
+    train = list(SINE.train)
+    setup = setup_privacy(cfg, learner, n_train_clients=len(train), clients_per_round=per_round, rounds=rounds,
+                          dataset_kind="regression", algorithm_name=algorithm, local_dataset_size=20,
+                          generator=torch.Generator().manual_seed(0))
+    server = Server(setup.learner, PROTOCOLS.create("plaintext"), make_defense("mean"),
+                    update_hook=setup.update_hook, aggregate_hook=setup.aggregate_hook)
+    clients = [Client.build(t) for t in train]
+    gen = torch.Generator().manual_seed(3)
+    records = []
+    for r in range(rounds):
+        idx = torch.randperm(len(clients), generator=gen)[:per_round].tolist()
+        records.append(server.run_round(r, [clients[i] for i in sorted(idx)], transport=transport, generator=gen))
+        setup.end_round(r)
+    return setup, records, server
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv"])
+def test_record_level_epsilon_per_client_equals_accountant(name: str) -> None:
+    cfg = PrivacyConfig(mode="record", noise_multiplier=1.3, delta=1e-3, sample_rate=0.4, accountant=name)
+    setup, records, _ = _run(cfg, rounds=3)
+    report = setup.report()
+    joined = Counter(cid for rec in records for cid in rec.cohort)
+    per_round = report["steps_per_participation"]
+    assert per_round == 2  # FOMAML: one inner DP step + the query DP step
+    assert set(report["epsilon_per_client"]) == {str(c) for c in joined}
+    for cid, times in joined.items():
+        expected = _opacus_epsilon(name, [(1.3, 0.4)] * (per_round * times), 1e-3)
+        assert report["epsilon_per_client"][str(cid)] == pytest.approx(expected, rel=1e-9)
+    assert report["epsilon_max"] == pytest.approx(max(report["epsilon_per_client"].values()))
+    assert report["mode"] == "record" and report["accountant"] == name and report["delta"] == 1e-3
+
+
+def test_user_level_epsilon_equals_accountant_fed_cohort_sampling() -> None:
+    cfg = PrivacyConfig(mode="user", target_epsilon=5.0, delta=1e-3, clip=0.5)
+    setup, records, _ = _run(cfg, rounds=3, per_round=4)
+    q = 4 / 12
+    z = get_noise_multiplier(target_epsilon=5.0, target_delta=1e-3, sample_rate=q, steps=3, accountant="rdp")
+    assert setup.noise_multiplier == z
+    report = setup.report()
+    assert report["epsilon_max"] == pytest.approx(_opacus_epsilon("rdp", [(z, q)] * 3, 1e-3), rel=1e-9)
+    assert report["epsilon_max"] <= 5.0
+    assert report["rounds_accounted"] == 3 and report["cohort_sample_rate"] == pytest.approx(q)
+    assert setup.epsilon_history == sorted(setup.epsilon_history)
+
+
+def test_distributed_noise_accounts_dropouts_as_less_noise() -> None:
+    cfg = PrivacyConfig(mode="user", noise_multiplier=1.5, delta=1e-3, clip=0.5, placement="distributed")
+    full, _, _ = _run(cfg, rounds=2, per_round=4)
+    # the same run, but one client drops in every round it is sampled
+    dropped, records, _ = _run(cfg, rounds=2, per_round=4, transport=_DropOne(victim=0))
+    steps = [(1.5 * math.sqrt(len(r.accepted) / 4), 4 / 12) for r in records]
+    assert dropped.report()["epsilon_max"] == pytest.approx(_opacus_epsilon("rdp", steps, 1e-3), rel=1e-9)
+    if any(len(r.accepted) < 4 for r in records):
+        assert dropped.report()["epsilon_max"] > full.report()["epsilon_max"]
+
+
+def test_user_level_updates_reaching_the_protocol_are_clipped() -> None:
+    cfg = PrivacyConfig(mode="user", noise_multiplier=0.0, delta=1e-3, clip=1e-3)
+    setup, records, server = _run(cfg, rounds=1, per_round=4)
+    # the plain mean of clipped updates has norm <= S, and without noise the aggregate is that mean
+    assert records[0].update_norm <= 1e-3 * (1 + 1e-5)
+
+
+def test_record_level_budget_is_enforced_per_client() -> None:
+    cfg = PrivacyConfig(mode="record", target_epsilon=2.0, delta=1e-3, sample_rate=0.5)
+    learner = LEARNERS.create("reptile", model=make_model(SINE, hidden=(8,)), config=MetaConfig(inner_steps=2))
+    setup = setup_privacy(cfg, learner, n_train_clients=12, clients_per_round=4, rounds=3, dataset_kind="regression",
+                          local_dataset_size=20)
+    limit = setup.report()["max_participations"]
+    assert limit is not None and limit >= setup.report()["planned_participations"]
+    params = setup.learner.init_params()
+    task = SINE.train[0]
+    for _ in range(limit):
+        setup.learner.update(params, task)
+    setup.end_round(0)
+    assert setup.report()["epsilon_max"] <= 2.0
+    with pytest.raises(PrivacyBudgetExceeded, match=f"client {task.client_id}"):
+        setup.learner.update(params, task)
+
+
+def test_secure_rng_noise_is_not_reproducible_from_the_run_seed() -> None:
+    cfg = PrivacyConfig(mode="user", noise_multiplier=1.0, delta=1e-3, secure_rng=True)
+    outs = []
+    for _ in range(2):
+        learner = LEARNERS.create("reptile", model=make_model(SINE, hidden=(8,)), config=MetaConfig())
+        s = setup_privacy(cfg, learner, n_train_clients=12, clients_per_round=4, rounds=2,
+                          generator=torch.Generator().manual_seed(0))
+        assert s.aggregate_hook is not None
+        outs.append(s.aggregate_hook(4, torch.zeros(50)))
+    assert not torch.equal(outs[0], outs[1])
+    plain = PrivacyConfig(mode="user", noise_multiplier=1.0, delta=1e-3)
+    again = []
+    for _ in range(2):
+        learner = LEARNERS.create("reptile", model=make_model(SINE, hidden=(8,)), config=MetaConfig())
+        s = setup_privacy(plain, learner, n_train_clients=12, clients_per_round=4, rounds=2,
+                          generator=torch.Generator().manual_seed(0))
+        assert s.aggregate_hook is not None
+        again.append(s.aggregate_hook(4, torch.zeros(50)))
+    assert torch.equal(again[0], again[1])
