@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from securefml.errors import ConfigError
 
-__all__ = ["SEED_BYTES", "keystream", "apply_masks", "uniform01", "new_seed"]
+__all__ = ["SEED_BYTES", "keystream", "MaskStreams", "apply_masks", "uniform01", "new_seed"]
 
 SEED_BYTES = 32
 _ZERO_IV = bytes(16)
@@ -49,6 +49,37 @@ def keystream(seed: bytes, n: int, dtype: np.dtype | type = np.uint32) -> np.nda
     return out[:n].copy()
 
 
+class MaskStreams:
+    """The keystreams of several seeds, consumed chunk by chunk in lockstep.
+
+    ``apply(part)`` adds the next ``len(part)`` words of every ``plus`` stream to ``part`` and
+    subtracts those of every ``minus`` stream, in place (mod 2^w), so a caller can mask a chunk
+    right after producing it, while it is still in cache.
+    """
+
+    def __init__(self, plus: Sequence[bytes] = (), minus: Sequence[bytes] = (), *, chunk_bytes: int = CHUNK_BYTES):
+        self._streams = [(_encryptor(s), np.add) for s in plus] + [(_encryptor(s), np.subtract) for s in minus]
+        self._chunk = max(16, chunk_bytes // 16 * 16)
+        self._buf = np.empty(self._chunk + 16, dtype=np.uint8)
+        self._zeros = memoryview(bytes(self._chunk))
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def apply(self, part: np.ndarray) -> None:
+        if not self._streams or part.size == 0:
+            return
+        item = part.dtype.itemsize
+        step = self._chunk // item
+        for start in range(0, part.size, step):
+            sub = part[start : start + step]
+            nb = sub.size * item
+            src = self._zeros[:nb]
+            for enc, op in self._streams:
+                enc.update_into(src, self._buf)
+                op(sub, self._buf[:nb].view(part.dtype), out=sub)
+
+
 def apply_masks(
     acc: np.ndarray, plus: Sequence[bytes] = (), minus: Sequence[bytes] = (), *, chunk_bytes: int = CHUNK_BYTES
 ) -> np.ndarray:
@@ -59,21 +90,7 @@ def apply_masks(
     """
     if acc.dtype.kind != "u" or not acc.flags.c_contiguous or acc.ndim != 1:
         raise ConfigError("masks apply to a contiguous 1-D unsigned integer array")
-    item = acc.dtype.itemsize
-    streams = [(_encryptor(s), np.add) for s in plus] + [(_encryptor(s), np.subtract) for s in minus]
-    if not streams or acc.size == 0:
-        return acc
-    step = max(16, chunk_bytes // 16 * 16) // item
-    buf = np.empty(step * item + 16, dtype=np.uint8)
-    zeros = bytes(step * item)
-    zview = memoryview(zeros)
-    for start in range(0, acc.size, step):
-        part = acc[start : start + step]
-        nb = part.size * item
-        src = zview if nb == len(zeros) else zview[:nb]
-        for enc, op in streams:
-            enc.update_into(src, buf)
-            op(part, buf[:nb].view(acc.dtype), out=part)
+    MaskStreams(plus, minus, chunk_bytes=chunk_bytes).apply(acc)
     return acc
 
 

@@ -23,6 +23,7 @@ total weight by at most ``m / (2 * weight_scale)``, so the weighted mean is off 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,16 +100,30 @@ class FixedPoint:
         return (m / self.scale + self.clip * ew) / (total_weight - ew)
 
     # -- client side --------------------------------------------------------------------------
-    def encode(self, x: np.ndarray, weight: float, *, seed: bytes | None = None, sender: int | None = None) -> np.ndarray:
+    def encode(
+        self,
+        x: np.ndarray,
+        weight: float,
+        *,
+        seed: bytes | None = None,
+        sender: int | None = None,
+        out: np.ndarray | None = None,
+        chunk_hook: Callable[[np.ndarray], None] | None = None,
+    ) -> np.ndarray:
         """``[len(x) + 1]`` ring elements: ``w * clip(x)`` stochastically rounded, then the weight.
 
-        ``seed`` keys the rounding randomness (AES-256-CTR); None draws a fresh one.
+        ``seed`` keys the rounding randomness (AES-256-CTR); None draws a fresh one.  ``out``
+        receives the result when given; ``chunk_hook`` is called on each encoded chunk of
+        ``out`` while it is still in cache (the masking step uses it).
         """
         x = np.asarray(x).reshape(-1)
         if not np.isfinite(weight) or weight <= 0:
             raise InvalidUpdateError(f"weight must be positive and finite, got {weight}", sender=sender)
         w = min(float(weight), self.max_weight)
-        out = np.empty(x.size + 1, dtype=self.dtype)
+        if out is None:
+            out = np.empty(x.size + 1, dtype=self.dtype)
+        elif out.shape != (x.size + 1,) or out.dtype != self.dtype:
+            raise ConfigError(f"out must be a [{x.size + 1}] {self.dtype} array")
         factor = w * self.scale
         lim = self.clip
         enc = Cipher(algorithms.AES(seed or new_seed()), modes.CTR(bytes(16))).encryptor()
@@ -129,8 +144,13 @@ class FixedPoint:
             u >>= np.uint64(11)
             t += u * (1.0 / (1 << 53))
             np.floor(t, out=t)
-            out[start : start + m] = t.astype(np.int64).astype(self.dtype)
-        out[-1] = int(round(w * self.weight_scale)) & self.mask
+            dst = out[start : start + m]
+            dst[...] = t.astype(np.int64).astype(self.dtype)
+            if chunk_hook is not None:
+                chunk_hook(dst)
+        out[-1:] = int(round(w * self.weight_scale)) & self.mask
+        if chunk_hook is not None:
+            chunk_hook(out[-1:])
         if self.bits != 8 * self.dtype.itemsize:
             out &= self.dtype.type(self.mask)
         return out

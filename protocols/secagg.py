@@ -30,11 +30,13 @@ Guarantees
 Weights: each client encodes ``w * x`` and, in one extra coordinate, ``w`` itself, so the server
 divides the decoded sum by the decoded total weight and never sees a single weight.
 
-Bucketed mode (``buckets >= 2``): the cohort is split into ``buckets`` groups by a partition
-derived from SHA-256 of the public round data (the server cannot choose it; clients can
-recompute it); each group runs its own secure sum; the defense receives the bucket means with
-the bucket total weights (Karimireddy et al., ICLR 2022, bucketing).  A bucket that falls below
-threshold aborts alone and the others go on.
+Bucketed mode (``buckets = s >= 2``): the cohort is split into ``n // s`` random buckets of
+(at least) ``s`` clients by a partition derived from SHA-256 of the public round data (the
+server cannot choose it; clients can recompute it); each bucket runs its own secure sum; the
+defense receives the bucket means with the bucket total weights (Karimireddy et al., ICLR 2022,
+bucketing), through ``securefml.defenses.buckets.aggregate_buckets``.  The declared leakage
+grows as ``s`` shrinks: the server learns the sum of every bucket of ``s`` clients.  A bucket
+that falls below threshold aborts alone and the others go on.
 
 Differences from Flower's SecAgg+ (1.42): AES-256-CTR masks from full 256-bit seeds (not
 MT19937 seeded with 32 bits); 33-byte Shamir shares of raw 32-byte secrets (not 306-byte PEM
@@ -111,8 +113,8 @@ class SecAggPlus(AggregationProtocol):
     bits:
         Ring size ``2**bits`` (8..32); the scale is picked from the cohort size so sums never overflow.
     buckets:
-        0 or 1: one secure sum (reveals ``Reveals.SUM``); ``>= 2``: that many random buckets
-        (reveals ``Reveals.BUCKETS``, for robust rules).
+        Bucket size ``s``. 0 or 1: one secure sum (reveals ``Reveals.SUM``); ``>= 2``: random
+        buckets of ``s`` clients, one secure sum each (reveals ``Reveals.BUCKETS``, for robust rules).
     signatures:
         Active-server option: Ed25519-signed advertisements and the consistency round.
     noise_fn:
@@ -328,7 +330,7 @@ class SecAggPlus(AggregationProtocol):
                 res.rejected[c] = masked
                 alive.discard(c)
                 continue
-            deliver(c, Stage.MASKED, clients[c].finish_masked(masked), server.receive_masked)
+            deliver(c, Stage.MASKED, masked, server.receive_masked)
         try:
             server.close_masked()
             if plan.signatures:
@@ -355,9 +357,9 @@ class SecAggPlus(AggregationProtocol):
         res.error_bound = plan.fixed_point.error_bound(len(res.contributors), res.total_weight)
         return res
 
-    def _run_jobs(self, jobs: dict[int, MaskJob]) -> list[tuple[int, np.ndarray | InvalidUpdateError]]:
+    def _run_jobs(self, jobs: dict[int, MaskJob]) -> list[tuple[int, bytes | InvalidUpdateError]]:
         pool = self._get_pool()
-        out: list[tuple[int, np.ndarray | InvalidUpdateError]] = []
+        out: list[tuple[int, bytes | InvalidUpdateError]] = []
         if pool is None or len(jobs) < 2:
             for c, job in jobs.items():
                 try:
@@ -423,9 +425,10 @@ class SecAggPlus(AggregationProtocol):
         inputs = {u.client_id: (u.vector, float(u.weight)) for u in updates}
         cohort = tuple(sorted(ids))
         if self.buckets >= 2:
-            if len(cohort) // self.buckets < 2:
-                raise ConfigError(f"{len(cohort)} clients cannot fill {self.buckets} buckets of at least 2")
-            groups = bucket_partition(cohort, self.buckets, round_seed(round_idx, cohort, self.public_seed, "buckets"))
+            if len(cohort) < self.buckets:
+                raise ConfigError(f"{len(cohort)} clients cannot fill a bucket of {self.buckets}")
+            seed = round_seed(round_idx, cohort, self.public_seed, "buckets")
+            groups = bucket_partition(cohort, len(cohort) // self.buckets, seed)
         else:
             groups = [cohort]
         results = [
@@ -457,15 +460,22 @@ class SecAggPlus(AggregationProtocol):
         if not ok:
             reasons = "; ".join(r.aborted or "no weight" for r in results)
             raise ProtocolAbort(f"no secure sum survived this round: {reasons}")
-        means = torch.stack([torch.from_numpy(r.weighted_sum / r.total_weight) for _, r in ok]).to(torch.float32)
+        sums = torch.stack([torch.from_numpy(r.weighted_sum) for _, r in ok])  # type: ignore[arg-type]
         weights = [r.total_weight for _, r in ok]
-        bucket_ids = tuple(i for i, _ in ok)
-        result = defense(means, weights, client_ids=bucket_ids, context=dict(context or {}))
+        ctx = dict(context or {})
+        if self.buckets >= 2:
+            from securefml.defenses.buckets import aggregate_buckets  # defenses import protocols: import late
+
+            result = aggregate_buckets(defense, sums.to(torch.float32), weights, [r.contributors for _, r in ok],
+                                       context=ctx)
+            extras["bucket_index"] = tuple(i for i, _ in ok)
+            extras["flagged_buckets"] = result.info.get("flagged_buckets", ())
+        else:
+            result = defense((sums / weights[0]).to(torch.float32), weights, client_ids=(-1,), context=ctx)
         assert result.aggregate is not None
-        flagged = tuple(sorted(c for b in result.flagged for c in results[b].contributors))
         agg = layout.scatter(result.aggregate.to(torch.float32), layers)
         total = float(sum(weights))
         totals = {name: (total if name in layers else 0.0) for name in layout.layer_names}
         accepted = tuple(sorted(c for _, r in ok for c in r.contributors))
-        return RoundOutput(agg, totals, accepted, rejected, flagged=flagged, bytes_uploaded=nbytes, defense=result,
-                           extras=extras)
+        return RoundOutput(agg, totals, accepted, rejected, flagged=tuple(result.flagged), bytes_uploaded=nbytes,
+                           defense=result, extras=extras)

@@ -14,6 +14,7 @@ so a driver may run many clients' jobs in worker processes (``run_mask_job``).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from securefml.errors import DecryptionError, ProtocolAbort, ProtocolError
 from securefml.protocols import shamir
-from securefml.protocols.prg import apply_masks, new_seed
+from securefml.protocols.prg import MaskStreams, new_seed
 from securefml.protocols.quantize import FixedPoint
 from securefml.protocols.secagg_crypto import (
     SEALED_BYTES,
@@ -50,7 +51,7 @@ from securefml.protocols.secagg_messages import (
     unpack_records,
 )
 from securefml.protocols.secagg_plan import RoundPlan
-from securefml.protocols.wire import Envelope, decode, encode, pack_array
+from securefml.protocols.wire import Envelope, decode, encode
 
 __all__ = ["SecAggClient", "ClientState", "MaskJob", "run_mask_job", "KEY_RECORD_BYTES", "UNMASK_RECORD_BYTES"]
 
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 KEY_RECORD_BYTES = 64 + 64  # c_pk | s_pk | signature (zeros when unsigned)
 UNMASK_RECORD_BYTES = 1 + shamir.SHARE_BYTES  # kind (0 = self-mask seed, 1 = masking key) | share
 B_SHARE, S_SHARE = 0, 1
+_CODES = {2: b"u2", 4: b"u4"}
 
 
 class _Step(IntEnum):
@@ -72,7 +74,11 @@ class _Step(IntEnum):
 
 @dataclass
 class MaskJob:
-    """Inputs of the masked-input computation (secret: stays on the client's machine)."""
+    """Inputs of the masked-input computation (secret: stays on the client's machine).
+
+    ``fields`` are the public fields of the stage-2 message; ``run_mask_job`` adds the masked
+    vector and returns the finished message, so a worker process hands back bytes only.
+    """
 
     vector: np.ndarray
     weight: float
@@ -80,16 +86,36 @@ class MaskJob:
     plus: list[bytes]
     minus: list[bytes]
     client_id: int
+    round_idx: int
+    fields: dict[str, bytes]
 
 
-def run_mask_job(job: MaskJob) -> np.ndarray:
-    """Quantize ``weight * vector`` (plus the weight coordinate) and add every mask, mod 2^bits."""
-    y = job.fixed_point.encode(job.vector, job.weight, sender=job.client_id)
-    apply_masks(y, job.plus, job.minus)
+_scratch: dict[int, np.ndarray] = {}  # per-process buffer reuse (a fresh 4 MB buffer costs page faults)
+
+
+def run_mask_job(job: MaskJob) -> bytes:
+    """Quantize ``weight * vector`` (plus the weight coordinate), add every mask mod 2^bits, encode.
+
+    Each chunk is masked right after it is quantized, while it is still in cache, and the
+    masked words are written straight into a ``wire.pack_array`` payload (dtype code, then
+    little-endian words, aligned), so the only copy left is the envelope's final join.
+    """
     fp = job.fixed_point
-    if fp.bits != 8 * fp.dtype.itemsize:
-        y &= fp.dtype.type(fp.mask)
-    return y
+    item = fp.dtype.itemsize
+    size = 4 + item * (job.vector.size + 1)
+    raw = _scratch.get(size)
+    if raw is None:
+        _scratch.clear()
+        raw = _scratch[size] = np.empty(size, dtype=np.uint8)
+    raw[2:4] = np.frombuffer(_CODES[item], dtype=np.uint8)
+    y = raw[4:].view(fp.dtype)
+    streams = MaskStreams(job.plus, job.minus)
+    fp.encode(job.vector, job.weight, sender=job.client_id, out=y, chunk_hook=streams.apply)
+    if sys.byteorder != "little":  # pragma: no cover - the wire is little-endian
+        y.byteswap(inplace=True)
+    fields = dict(job.fields)
+    fields["vector"] = memoryview(raw)[2:]
+    return encode(Envelope(KIND[Stage.MASKED], job.round_idx, job.client_id, fields))
 
 
 @dataclass
@@ -242,26 +268,19 @@ class SecAggClient:
         if arr.size != self.plan.length:
             raise ProtocolError(f"vector has {arr.size} entries, the plan says {self.plan.length}", sender=self.id)
         st.step = _Step.MASKED
-        return MaskJob(arr, float(weight), self.plan.fixed_point, plus, minus, self.id)
-
-    def finish_masked(self, masked: np.ndarray) -> bytes:
-        """Wrap the masked ring vector (from ``run_mask_job``) in the stage-2 message."""
-        if self.state.step != _Step.MASKED:
-            raise ProtocolError("finish_masked before prepare_masked", sender=self.id)
         fields = {
             "layout": self.plan.layout_fingerprint,
             "layers": "\n".join(self.plan.layers).encode(),
-            "peers": pack_ids(self.state.peers),
-            "complaints": pack_ids(self.state.errors),
-            "commit": commit_seed(self.state.seed, self.plan.round_idx, self.id),
-            "vector": pack_array(masked),
+            "peers": pack_ids(st.peers),
+            "complaints": pack_ids(st.errors),
+            "commit": commit_seed(st.seed, rnd, self.id),
         }
-        return self._msg(Stage.MASKED, fields)
+        return MaskJob(arr, float(weight), self.plan.fixed_point, plus, minus, self.id, rnd, fields)
 
     def masked(self, shares_msg: bytes, vector: torch.Tensor | np.ndarray, weight: float, *,
                noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bytes:
-        """``prepare_masked`` + ``run_mask_job`` + ``finish_masked`` in this process."""
-        return self.finish_masked(run_mask_job(self.prepare_masked(shares_msg, vector, weight, noise_fn=noise_fn)))
+        """The stage-2 message: ``prepare_masked`` then ``run_mask_job`` in this process."""
+        return run_mask_job(self.prepare_masked(shares_msg, vector, weight, noise_fn=noise_fn))
 
     # -- stage 3: consistency check (active-server option) -------------------------------------------
     def consistency(self, survivors_msg: bytes) -> bytes:

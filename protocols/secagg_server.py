@@ -18,6 +18,7 @@ their keys but are not in ``C``: their pairwise masks are removed from the neigh
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ from securefml.protocols.wire import Envelope, decode, encode, unpack_array
 __all__ = ["SecAggServer", "ServerState", "mask_total"]
 
 log = logging.getLogger(__name__)
+
+MAX_SUBSETS = 5000  # t-subsets tried to route around bad revealed shares
 
 MaskRunner = Callable[[int, np.dtype, Sequence[bytes], Sequence[bytes]], np.ndarray]
 
@@ -97,12 +100,13 @@ class SecAggServer:
         return f"SecAggServer(round={self.plan.round_idx}, n={self.plan.n}, k={self.plan.params.k}, t={self.plan.t})"
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _open(self, sender: int, data: bytes, stage: Stage, max_bytes: int = 1 << 24) -> Envelope:
+    def _open(self, sender: int, data: bytes, stage: Stage, max_bytes: int = 1 << 24,
+              views: tuple[str, ...] = ()) -> Envelope:
         if sender not in self._cohort:
             raise ProtocolError("not a member of this round's cohort", sender=sender)
         if sender in self.state.rejected:
             raise ProtocolError("already rejected in this round", sender=sender)
-        env = decode(data, sender=sender, max_bytes=max_bytes)
+        env = decode(data, sender=sender, max_bytes=max_bytes, views=views)
         env.expect(kind=KIND[stage], round=self.plan.round_idx, sender=sender)
         return env
 
@@ -169,7 +173,8 @@ class SecAggServer:
     # -- stage 2 -----------------------------------------------------------------------------------------
     def receive_masked(self, sender: int, data: bytes) -> None:
         fp = self.plan.fixed_point
-        env = self._open(sender, data, Stage.MASKED, (self.plan.length + 1) * fp.dtype.itemsize + 65536)
+        env = self._open(sender, data, Stage.MASKED, (self.plan.length + 1) * fp.dtype.itemsize + 65536,
+                         views=("vector",))
         st = self.state
         if sender not in st.sealed:
             raise ProtocolError("sent a masked input without sharing its keys", sender=sender)
@@ -278,17 +283,18 @@ class SecAggServer:
         short += [d for d in need_s if len(points.get((d, S_SHARE), ())) < t]
         if short:
             raise ProtocolAbort(f"fewer than t={t} shares for clients {sorted(short)[:8]}; nothing was unmasked")
+        culprits: set[int] = set()
         seeds = []
         for c in st.contributors:
-            seed = self._recover(points[(c, B_SHARE)], c)
-            if commit_seed(seed, plan.round_idx, c) != st.masked[c].commit:
-                raise ProtocolAbort(f"shares of client {c}'s self-mask seed do not match its commitment")
+            seed = self._recover(points[(c, B_SHARE)], c, culprits,
+                                 lambda v, c=c: commit_seed(v, plan.round_idx, c) == st.masked[c].commit)
             seeds.append(seed)
+        keys = {d: self._recover(points[(d, S_SHARE)], d, culprits, lambda v, d=d: public_of(v) == st.adverts[d][1])
+                for d in need_s}
+        for r in sorted(culprits):
+            self.reject(r, DecryptionError("revealed a share that is not on its polynomial", sender=r))
         plus, minus = [], []
-        for d in need_s:
-            key = self._recover(points[(d, S_SHARE)], d)
-            if public_of(key) != st.adverts[d][1]:
-                raise ProtocolAbort(f"shares of client {d}'s masking key do not match its advertised key")
+        for d, key in keys.items():
             for c in st.contributors:
                 if d in st.masked[c].peers:
                     seed = pair_key(key, st.adverts[c][1], purpose=b"mask", round_idx=plan.round_idx, a=c, b=d)
@@ -305,8 +311,36 @@ class SecAggServer:
             total &= fp.dtype.type(fp.mask)
         return total
 
-    def _recover(self, points: list[tuple[int, bytes]], client: int) -> bytes:
+    def _recover(
+        self, points: list[tuple[int, bytes]], client: int, culprits: set[int], check: Callable[[bytes], bool]
+    ) -> bytes:
+        """Reconstruct a secret and check it (commitment or public key).
+
+        If the first ``t`` shares fail the check and more are present, search ``t``-subsets
+        (at most ``MAX_SUBSETS``) for one that passes, and add the responders whose shares are
+        off the recovered polynomial to ``culprits``.  No valid subset: ``ProtocolAbort``.
+        """
+        t = self.plan.t
+        ints = [(x, int.from_bytes(y, "big")) for x, y in points]
+        first = self._value(ints[:t], check)
+        if first is not None:
+            return first
+        for n_tried, subset in enumerate(itertools.combinations(ints, t)):
+            if n_tried >= MAX_SUBSETS:
+                break
+            value = self._value(list(subset), check)
+            if value is not None:
+                culprits.update(x - 1 for x, y in ints if shamir.interpolate_at(list(subset), x) != y)
+                return value
+        raise ProtocolAbort(f"shares of client {client}'s secret do not reconstruct it (commitment mismatch)")
+
+    @staticmethod
+    def _value(points: list[tuple[int, int]], check: Callable[[bytes], bool]) -> bytes | None:
+        v = shamir.reconstruct(points, len(points))
+        if v >= 2**256:
+            return None
+        raw = v.to_bytes(32, "big")
         try:
-            return shamir.reconstruct_bytes(points, self.plan.t)
+            return raw if check(raw) else None
         except ValueError:
-            raise ProtocolAbort(f"shares of client {client} do not reconstruct a secret") from None
+            return None

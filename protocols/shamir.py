@@ -30,6 +30,7 @@ __all__ = [
     "lagrange_at_zero",
     "split_bytes",
     "reconstruct_bytes",
+    "interpolate_at",
 ]
 
 P256 = 2**256 + 297
@@ -88,6 +89,19 @@ def reconstruct(points: Sequence[tuple[int, int]], t: int, *, prime: int = P256)
     _check(t, xs, prime)
     coeffs = lagrange_at_zero(xs, prime)
     return sum(c * y for c, (_, y) in zip(coeffs, use)) % prime
+
+
+def interpolate_at(points: Sequence[tuple[int, int]], x: int, *, prime: int = P256) -> int:
+    """``f(x)`` for the polynomial of degree ``len(points) - 1`` through ``points``."""
+    total = 0
+    for i, (xi, yi) in enumerate(points):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                num = num * (x - xj) % prime
+                den = den * (xi - xj) % prime
+        total += yi * num * pow(den, -1, prime)
+    return total % prime
 
 
 def split_bytes(secret: bytes, t: int, xs: Sequence[int]) -> list[bytes]:

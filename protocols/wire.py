@@ -65,7 +65,9 @@ def encode(env: Envelope) -> bytes:
         k = key.encode("ascii")
         if len(k) > 255:
             raise MalformedMessageError(f"field name {key!r} too long", sender=env.sender)
-        out += [bytes([len(k)]), k, struct.pack(">I", len(value)), bytes(value)]
+        value = value if isinstance(value, (bytes, bytearray, memoryview)) else bytes(value)
+        size = value.nbytes if isinstance(value, memoryview) else len(value)
+        out += [bytes([len(k)]), k, struct.pack(">I", size), value]  # joined below: no extra copy
     return b"".join(out)
 
 
@@ -83,8 +85,18 @@ class _Reader:
         return chunk
 
 
-def decode(data: bytes, *, sender: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
-    """Decode an envelope; ``sender`` is who the transport says sent it (for error messages)."""
+def decode(
+    data: bytes,
+    *,
+    sender: int | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    views: frozenset[str] | set[str] | tuple[str, ...] = (),
+) -> Envelope:
+    """Decode an envelope; ``sender`` is who the transport says sent it (for error messages).
+
+    Fields named in ``views`` are returned as read-only ``memoryview`` slices of ``data``
+    instead of copies (for large payloads such as masked vectors).
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedMessageError(f"message must be bytes, got {type(data).__name__}", sender=sender)
     if len(data) > max_bytes:
@@ -105,7 +117,8 @@ def decode(data: bytes, *, sender: int | None = None, max_bytes: int = DEFAULT_M
             (length,) = struct.unpack(">I", r.take(4))
             if key in fields:
                 raise MalformedMessageError(f"duplicate field {key!r}", sender=sender)
-            fields[key] = bytes(r.take(length))
+            chunk = r.take(length)
+            fields[key] = chunk if key in views else bytes(chunk)
     except UnicodeDecodeError:
         raise MalformedMessageError("non-ascii kind or field name", sender=sender) from None
     if r.pos != len(r.view):
@@ -113,7 +126,7 @@ def decode(data: bytes, *, sender: int | None = None, max_bytes: int = DEFAULT_M
     return Envelope(kind, rnd, snd, fields)
 
 
-_DTYPES = {"f4": np.float32, "f8": np.float64, "u4": np.uint32, "i8": np.int64, "u8": np.uint64}
+_DTYPES = {"f4": np.float32, "f8": np.float64, "u2": np.uint16, "u4": np.uint32, "i8": np.int64, "u8": np.uint64}
 
 
 def pack_array(arr: np.ndarray) -> bytes:
