@@ -46,7 +46,7 @@ def _one_example(task: Task, i: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @PROPS
 @given(c=st.floats(0.01, 5.0), i=st.integers(0, 9), scale=st.floats(0.1, 100.0))
-def test_clipped_per_example_gradient_norm_at_most_c_hook_route(c: float, i: int, scale: float) -> None:
+def test_clipped_per_example_gradient_norm_at_most_c_module_route(c: float, i: int, scale: float) -> None:
     """A batch of one example (q=1, no noise): the released gradient is that example's clipped gradient."""
     learner = _learner("fedavg", SINE, MetaConfig(inner_steps=1))
     dp = _dp(learner, max_grad_norm=c)
