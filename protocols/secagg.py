@@ -226,8 +226,13 @@ class SecAggPlus(AggregationProtocol):
             raise ConfigError(f"secure aggregation needs at least 2 clients, got {n}")
         derived = None
         if self.neighbours is None or self.threshold is None:
-            derived = derive_parameters(n, dropout_fraction=self.dropout_fraction,
-                                        corrupt_fraction=self.corrupt_fraction, sigma=self.sigma, eta=self.eta)
+            try:
+                derived = derive_parameters(n, dropout_fraction=self.dropout_fraction,
+                                            corrupt_fraction=self.corrupt_fraction, sigma=self.sigma, eta=self.eta)
+            except ConfigError as exc:  # small cohorts: keep the security condition, lose dropout tolerance
+                corrupt = math.ceil(self.corrupt_fraction * n)
+                derived = GraphParams(n - 1, min(n - 1, (n - 1 + corrupt) // 2 + 1))
+                log.warning("secagg: %s; using the complete graph with t=%d", exc, derived.t)
         k = min(self.neighbours, n - 1) if self.neighbours is not None else derived.k  # type: ignore[union-attr]
         if self.threshold is not None:
             t = self.threshold
