@@ -131,8 +131,10 @@ def dnc_good_set(
         idx = torch.randperm(d, generator=generator)[:b].sort().values.to(x.device)
         xs = x[:, idx].to(torch.float64)
         xc = xs - xs.mean(dim=0, keepdim=True)
-        v = torch.linalg.svd(xc, full_matrices=False).Vh[0]
-        scores = (xc @ v).square()
+        # top right singular vector v of xc: with xc xc^T = sum_k s_k^2 u_k u_k^T, the
+        # projections are xc v = s_1 u_1, so the scores come from an [n, n] eigenproblem
+        evals, evecs = torch.linalg.eigh(xc @ xc.T)
+        scores = evals[-1].clamp_min(0) * evecs[:, -1].square()
         keep = torch.zeros(n, dtype=torch.bool, device=x.device)
         keep[torch.sort(scores, stable=True).indices[: n - remove]] = True
         if not bool((good & keep).any()):

@@ -78,8 +78,15 @@ def stable_gram(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, max_passes: int 
     honest rows are a majority) until the medoid no longer changes.  Only distances and
     affine combinations (coefficients summing to 1) may be read from the result.
     """
-    g = gram_matrix(x, center=True, chunk=chunk)
-    norms = row_norms(x, chunk=chunk)
+    n, d = x.shape
+    g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    sq = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for s in column_blocks(d, chunk):  # mean-centred Gram and raw row norms in one pass
+        xc = x[:, s].to(torch.float64)
+        sq += xc.square().sum(dim=1)
+        xc = xc - xc.mean(dim=0, keepdim=True)  # never in place: x[:, s] may be a view of x
+        g.addmm_(xc, xc.T)
+    norms = sq.sqrt()
     if float(norms.max()) <= _SCALE_GAP * max(float(norms.median()), 1e-300):
         return g
     previous = -1

@@ -379,6 +379,17 @@ def test_rules_run_in_float32_and_keep_the_dtype():
         f = {"bulyan": 1}.get(name, 2)
         takes_f = name in ("trimmedmean", "krum", "multikrum", "bulyan", "meamed", "nnm", "arc", "dnc")
         rule = make_defense(f"{name}:f={f}" if takes_f else name)
+        before = x32.clone()
         res = rule(x32, context=ctx)
+        assert torch.equal(x32, before), f"{name} modified its input"
         assert res.aggregate.dtype == torch.float32, name
         assert torch.isfinite(res.aggregate).all(), name
+
+
+def test_rules_never_modify_float64_inputs():
+    x, _ = cluster()
+    before = x.clone()
+    ctx = {"generator": torch.Generator().manual_seed(0), "reference": x[:8].mean(0)}
+    for spec in ("krum:f=2", "multikrum:f=2", "geomed", "nnm:f=2>>median", "flame", "dnc:f=2", "cclip", "fltrust"):
+        make_defense(spec)(x, context=ctx)
+        assert torch.equal(x, before), spec
