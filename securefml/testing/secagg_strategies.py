@@ -137,17 +137,29 @@ class SecAggScenario:
 
 @st.composite
 def secagg_scenarios(
-    draw: st.DrawFn, *, min_clients: int = 3, max_clients: int = 10, max_length: int = 16, max_weight: float = 50.0
+    draw: st.DrawFn,
+    *,
+    min_clients: int = 3,
+    max_clients: int = 10,
+    max_length: int = 16,
+    max_weight: float = 50.0,
+    max_drop_fraction: float = 0.5,
+    slack: int = 0,
 ) -> SecAggScenario:
-    """Whole SecAgg+ rounds: cohort, vectors, weights, any ``k``, any majority ``t``, any dropouts."""
+    """Whole SecAgg+ rounds: cohort, vectors, weights, any ``k``, any majority ``t``, any dropouts.
+
+    ``slack`` keeps ``t <= k - slack`` (room for dropouts) where the cohort allows it.
+    """
+    if not 0 <= max_drop_fraction <= 1 or slack < 0:
+        raise ConfigError(f"need 0 <= max_drop_fraction <= 1 and slack >= 0, got {max_drop_fraction}, {slack}")
     ids = draw(cohorts(min_size=min_clients, max_size=max_clients, max_id=4 * max_clients))
     n = len(ids)
     k = draw(st.integers(2, n - 1))
-    t = draw(st.integers(k // 2 + 1, k))
+    t = draw(st.integers(k // 2 + 1, max(k // 2 + 1, k - slack)))
     m = draw(st.integers(1, max_length))
     vecs = draw(update_vectors(n, m))
     w = draw(client_weights(n, max_weight=max_weight))
-    drops = draw(dropout_patterns(ids))
+    drops = draw(dropout_patterns(ids, max_fraction=max_drop_fraction))
     return SecAggScenario(ids, vecs, tuple(w), k, t, drops)
 
 
