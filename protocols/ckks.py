@@ -192,10 +192,12 @@ class CKKSServer:
     ) -> ReceivedCiphertexts:
         """Validate one client message and load its ciphertexts under the public context.
 
-        ``strict`` also checks every ciphertext's size, level, NTT form and scale (needed before
-        multiplications).  A sum does not need it: ``accumulate`` rejects, atomically, any
-        ciphertext that cannot be added, and a lower-level or size-3 ciphertext still sums and
-        decrypts correctly; skipping the checks keeps the server within 1.2x of raw TenSEAL.
+        ``strict`` checks every ciphertext's size, level, NTT form and scale (needed before
+        multiplications).  A sum does not need it: ``accumulate`` checks the first ciphertext of
+        each chunk strictly, and TenSEAL/SEAL refuse to add a ciphertext of another size, scale
+        or form to it (``accumulate`` then rejects the sender atomically); a lower-level or
+        size-3 ciphertext still sums and decrypts correctly.  Skipping the per-ciphertext checks
+        keeps the server's cost close to the raw TenSEAL deserialize-and-add loop.
         """
         # ciphertext fields stay views into ``data``: each is copied just before it is loaded and
         # dropped right after, so the copies reuse warm memory instead of faulting in a new buffer
@@ -236,15 +238,18 @@ class CKKSServer:
             raise MalformedMessageError(f"ciphertext of {len(blob)} bytes is oversized", sender=sender)
         try:
             vec = ts.ckks_vector_from(self.context, bytes(blob))
-            slots = vec.size()
         except Exception:
             raise MalformedMessageError(
                 "ciphertext does not load under this context (truncated, corrupt or other parameters)", sender=sender
             ) from None
-        if slots != size:
-            raise MalformedMessageError(f"ciphertext holds {slots} slots, expected {size}", sender=sender)
-        if not strict:
-            return vec
+        if strict:
+            self.check_fresh(vec, size, sender)
+        return vec
+
+    def check_fresh(self, vec: ts.CKKSVector, size: int, sender: int) -> None:
+        """Raise ``MalformedMessageError`` unless ``vec`` is one fresh ciphertext of ``size`` slots."""
+        if vec.size() != size:
+            raise MalformedMessageError(f"ciphertext holds {vec.size()} slots, expected {size}", sender=sender)
         cts = vec.ciphertext()
         if len(cts) != 1:
             raise MalformedMessageError("a chunk must be exactly one ciphertext", sender=sender)
@@ -256,7 +261,6 @@ class CKKSServer:
             or abs(ct.scale - self.preset.scale) > 1e-6 * self.preset.scale
         ):
             raise MalformedMessageError("ciphertext is not a fresh encryption at this context's scale", sender=sender)
-        return vec
 
     def _check_replay(self, round_idx: int, sender: int, digests: Sequence[bytes]) -> None:
         horizon = round_idx - self.replay_window
@@ -270,13 +274,15 @@ class CKKSServer:
         for d in digests:
             self._seen[d] = (round_idx, sender)
 
-    @staticmethod
-    def accumulate(sums: dict[int, list], received: ReceivedCiphertexts) -> None:
+    def accumulate(self, sums: dict[int, list], received: ReceivedCiphertexts) -> None:
         """Add a validated message's chunks into the running ``sums`` (chunk -> [ciphertext, count]).
 
         Consumes ``received.chunks``: its first ciphertext per chunk becomes the accumulator,
         so the server holds one ciphertext per chunk however many clients send.
         """
+        for k, ct in received.chunks.items():
+            if k not in sums:  # this ciphertext would seed the sum: every later one is added to it
+                self.check_fresh(ct, self.preset.slots, received.client_id)
         added: list[int] = []
         try:
             for k, ct in received.chunks.items():

@@ -53,10 +53,11 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ from securefml.protocols.secagg_client import MaskJob, SecAggClient, run_mask_jo
 from securefml.protocols.secagg_graph import GraphParams, bucket_partition, derive_parameters, round_seed
 from securefml.protocols.secagg_messages import Stage
 from securefml.protocols.secagg_plan import RoundPlan
-from securefml.protocols.secagg_server import SecAggServer, mask_total
+from securefml.protocols.secagg_server import MaskRunner, SecAggServer, mask_total
 from securefml.updates import LayerLayout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,6 +95,7 @@ class SumResult:
     bytes_uploaded: int = 0
     aborted: str | None = None
     error_bound: float = math.inf
+    timings: dict[str, float] = field(default_factory=lambda: {"clients_s": 0.0, "server_s": 0.0})
 
 
 class SecAggPlus(AggregationProtocol):
@@ -207,10 +209,11 @@ class SecAggPlus(AggregationProtocol):
         self.close()
 
     def _get_pool(self) -> ProcessPoolExecutor | None:
+        """``workers - 1`` helper processes; this process always takes a share of the work."""
         if self.workers <= 1:
             return None
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers)
+            self._pool = ProcessPoolExecutor(self.workers - 1)
         return self._pool
 
     def identity(self, client_id: int) -> Ed25519PrivateKey:
@@ -289,8 +292,17 @@ class SecAggPlus(AggregationProtocol):
         }
         res = SumResult(plan.cohort, plan.params, None, 0.0, ())
         alive = set(plan.cohort)
+        clock = res.timings
 
-        def client_step(c: int, fn: Callable[[], object]) -> object | None:
+        def srv(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock["server_s"] += time.perf_counter() - t0
+
+        def client_step(c: int, fn: Callable[[], Any]) -> Any:
+            t0 = time.perf_counter()
             try:
                 return fn()
             except InvalidUpdateError as exc:
@@ -299,6 +311,8 @@ class SecAggPlus(AggregationProtocol):
             except ProtocolError as exc:  # the client stops (e.g. it caught the server cheating)
                 log.warning("secagg: client %s stopped: %s", c, exc)
                 res.client_errors[c] = f"{type(exc).__name__}: {exc}"
+            finally:
+                clock["clients_s"] += time.perf_counter() - t0
             alive.discard(c)
             return None
 
@@ -309,7 +323,7 @@ class SecAggPlus(AggregationProtocol):
                 return
             res.bytes_uploaded += len(msg)
             try:
-                receive(c, msg)
+                srv(receive, c, msg)
             except (ProtocolError, InvalidUpdateError) as exc:
                 log.warning("secagg: rejected client %s at %s: %s", c, stage.value, exc)
                 server.reject(c, exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc), sender=c))
@@ -317,19 +331,26 @@ class SecAggPlus(AggregationProtocol):
                 alive.discard(c)
 
         for c in plan.cohort:
-            deliver(c, Stage.ADVERTISE, clients[c].advertise(), server.receive_advertise)
+            adv = client_step(c, clients[c].advertise)
+            if adv is not None:
+                deliver(c, Stage.ADVERTISE, adv, server.receive_advertise)
         for c in sorted(alive):
-            data = client_step(c, lambda c=c: clients[c].share(server.keys_for(c)))
+            keys = srv(server.keys_for, c)
+            data = client_step(c, lambda c=c, m=keys: clients[c].share(m))
             if data is not None:
                 deliver(c, Stage.SHARE, data, server.receive_share)
         jobs: dict[int, MaskJob] = {}
         for c in sorted(alive):
             vec, weight = inputs[c]
-            job = client_step(c, lambda c=c, v=vec, w=weight: clients[c].prepare_masked(
-                server.shares_for(c), v, w, noise_fn=self.noise_fn))
+            shares = srv(server.shares_for, c)
+            job = client_step(c, lambda c=c, m=shares, v=vec, w=weight: clients[c].prepare_masked(
+                m, v, w, noise_fn=self.noise_fn))
             if job is not None:
-                jobs[c] = job  # type: ignore[assignment]
-        for c, masked in self._run_jobs(jobs):
+                jobs[c] = job
+        t0 = time.perf_counter()
+        masked_msgs = self._run_jobs(jobs)
+        clock["clients_s"] += time.perf_counter() - t0
+        for c, masked in masked_msgs:
             if isinstance(masked, InvalidUpdateError):
                 server.reject(c, ProtocolError(str(masked), sender=c))
                 res.rejected[c] = masked
@@ -337,20 +358,22 @@ class SecAggPlus(AggregationProtocol):
                 continue
             deliver(c, Stage.MASKED, masked, server.receive_masked)
         try:
-            server.close_masked()
+            srv(server.close_masked)
             if plan.signatures:
                 for c in [c for c in server.state.contributors if c in alive]:
-                    data = client_step(c, lambda c=c: clients[c].consistency(server.survivors_for(c)))
+                    msg = srv(server.survivors_for, c)
+                    data = client_step(c, lambda c=c, m=msg: clients[c].consistency(m))
                     if data is not None:
                         deliver(c, Stage.CONSISTENCY, data, server.receive_consistency)
                 askers = [c for c in server.state.sigs if c in alive]
             else:
                 askers = [c for c in server.state.contributors if c in alive]
             for c in sorted(askers):
-                data = client_step(c, lambda c=c: clients[c].unmask(server.request_for(c)))
+                msg = srv(server.request_for, c)
+                data = client_step(c, lambda c=c, m=msg: clients[c].unmask(m))
                 if data is not None:
                     deliver(c, Stage.UNMASK, data, server.receive_unmask)
-            total = server.finish(mask_runner=self._mask_runner())
+            total = srv(server.finish, mask_runner=self._mask_runner())
         except ProtocolAbort as exc:
             log.warning("secagg: round %s aborted: %s", plan.round_idx, exc)
             res.aborted = str(exc)
@@ -358,41 +381,49 @@ class SecAggPlus(AggregationProtocol):
             return res
         res.rejected.update({c: e for c, e in server.state.rejected.items() if c not in res.rejected})
         res.contributors = server.state.contributors
-        res.weighted_sum, res.total_weight = plan.fixed_point.decode_sum(total)
+        res.weighted_sum, res.total_weight = srv(plan.fixed_point.decode_sum, total)
         res.error_bound = plan.fixed_point.error_bound(len(res.contributors), res.total_weight)
         return res
 
     def _run_jobs(self, jobs: dict[int, MaskJob]) -> list[tuple[int, bytes | InvalidUpdateError]]:
+        """Run the clients' mask jobs: every ``workers``-th one here, the rest in the helpers."""
         pool = self._get_pool()
-        out: list[tuple[int, bytes | InvalidUpdateError]] = []
-        if pool is None or len(jobs) < 2:
-            for c, job in jobs.items():
+        items = list(jobs.items())
+        futures = {}
+        if pool is not None and len(items) > 1:
+            futures = {c: pool.submit(run_mask_job, job) for i, (c, job) in enumerate(items) if i % self.workers}
+        done: dict[int, bytes | InvalidUpdateError] = {}
+        for c, job in items:
+            if c not in futures:
                 try:
-                    out.append((c, run_mask_job(job)))
+                    done[c] = run_mask_job(job)
                 except InvalidUpdateError as exc:
-                    out.append((c, exc))
-            return out
-        futures = {c: pool.submit(run_mask_job, job) for c, job in jobs.items()}
+                    done[c] = exc
         for c, fut in futures.items():
             try:
-                out.append((c, fut.result()))
+                done[c] = fut.result()
             except InvalidUpdateError as exc:
-                out.append((c, exc))
-        return out
+                done[c] = exc
+        return [(c, done[c]) for c, _ in items]
 
-    def _mask_runner(self) -> Callable[[int, np.dtype, Sequence[bytes], Sequence[bytes]], np.ndarray] | None:
+    def _mask_runner(self) -> MaskRunner | None:
         pool = self._get_pool()
         if pool is None:
             return None
-        workers = self.workers
+        parts = self.workers
 
-        def runner(n: int, dtype: np.dtype, plus: Sequence[bytes], minus: Sequence[bytes]) -> np.ndarray:
-            tasks = [(list(plus[i::workers]), list(minus[i::workers])) for i in range(workers)]
-            futures = [pool.submit(mask_total, n, dtype, p, m) for p, m in tasks if p or m]
-            total = np.zeros(n, dtype=dtype)
-            for fut in futures:
-                np.add(total, fut.result(), out=total)
-            return total
+        def runner(n: int, dtype: np.dtype, plus: Sequence[bytes], minus: Sequence[bytes]) -> Callable[[], np.ndarray]:
+            # helpers take (parts - 1) / parts of the streams; this process the rest, after its own summation
+            futures = [pool.submit(mask_total, n, dtype, list(plus[i::parts]), list(minus[i::parts]))
+                       for i in range(1, parts) if plus[i::parts] or minus[i::parts]]
+
+            def wait() -> np.ndarray:
+                total = mask_total(n, dtype, list(plus[0::parts]), list(minus[0::parts]))
+                for fut in futures:
+                    np.add(total, fut.result(), out=total)
+                return total
+
+            return wait
 
         return runner
 
@@ -457,6 +488,7 @@ class SecAggPlus(AggregationProtocol):
             "params": [(r.params.k, r.params.t) for r in results],
             "client_errors": {c: m for r in results for c, m in r.client_errors.items()},
             "error_bound": max((r.error_bound for r in results if r.aborted is None), default=math.inf),
+            "timings": {k: sum(r.timings[k] for r in results) for k in ("clients_s", "server_s")},
         }
         if self.buckets >= 2:
             extras["buckets"] = {i: r.cohort for i, r in enumerate(results)}

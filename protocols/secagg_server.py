@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_SUBSETS = 5000  # t-subsets tried to route around bad revealed shares
 
-MaskRunner = Callable[[int, np.dtype, Sequence[bytes], Sequence[bytes]], np.ndarray]
+MaskRunner = Callable[[int, np.dtype, Sequence[bytes], Sequence[bytes]], Callable[[], np.ndarray]]
 
 
 def mask_total(n: int, dtype: np.dtype, plus: Sequence[bytes], minus: Sequence[bytes]) -> np.ndarray:
@@ -268,8 +268,9 @@ class SecAggServer:
     def finish(self, *, mask_runner: MaskRunner | None = None) -> np.ndarray:
         """The modular sum of the contributors' encodings, or ``ProtocolAbort`` (nothing unmasked).
 
-        ``mask_runner(n, dtype, plus, minus)`` computes a mask total; a driver may pass one that
-        splits the work over worker processes.
+        ``mask_runner(n, dtype, plus, minus)`` starts computing a mask total and returns a
+        function that waits for it; a driver may pass one that splits the work over worker
+        processes, which then overlaps with the summation of the masked vectors here.
         """
         st = self.state
         plan = self.plan
@@ -300,13 +301,14 @@ class SecAggServer:
                     seed = pair_key(key, st.adverts[c][1], purpose=b"mask", round_idx=plan.round_idx, a=c, b=d)
                     (minus if c < d else plus).append(seed)
         fp = plan.fixed_point
+        pending = None if mask_runner is None else mask_runner(plan.length + 1, fp.dtype, plus, minus + seeds)
         total = np.zeros(plan.length + 1, dtype=fp.dtype)
         for c in st.contributors:
             np.add(total, st.masked[c].vector, out=total)
-        if mask_runner is None:
+        if pending is None:
             apply_masks(total, plus, minus + seeds)
         else:
-            np.add(total, mask_runner(plan.length + 1, fp.dtype, plus, minus + seeds), out=total)
+            np.add(total, pending(), out=total)
         if fp.bits != 8 * fp.dtype.itemsize:
             total &= fp.dtype.type(fp.mask)
         return total
