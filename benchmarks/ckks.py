@@ -91,13 +91,18 @@ def bench_aggregation(n: int, length: int, repeat: int) -> dict:
             acc.add_(v)
         return acc
 
-    # interleave the two so that load from other processes hits both alike; keep the best of each
-    raw_s = ours_s = float("inf")
+    # Interleave the two so that load from other processes hits both alike; keep the best of
+    # each, in wall-clock and in CPU time (process_time: robust to other processes on a shared
+    # machine; both loops are single-threaded).
+    raw_s = ours_s = raw_cpu = ours_cpu = float("inf")
     sums: dict[int, list] = {}
     for _ in range(repeat):
-        raw_s = min(raw_s, _best(raw_loop, 1)[0])
-        t, sums = _best(server_half, 1)
-        ours_s = min(ours_s, t)
+        c0, t0 = time.process_time(), time.perf_counter()
+        raw_loop()
+        raw_s, raw_cpu = min(raw_s, time.perf_counter() - t0), min(raw_cpu, time.process_time() - c0)
+        c0, t0 = time.process_time(), time.perf_counter()
+        sums = server_half()
+        ours_s, ours_cpu = min(ours_s, time.perf_counter() - t0), min(ours_cpu, time.process_time() - c0)
     plain_s, _ = _best(plain_floor, repeat)
     # the aggregate is right: decrypt it once and compare with the mean of what was encrypted
     dec = np.concatenate(
@@ -113,6 +118,9 @@ def bench_aggregation(n: int, length: int, repeat: int) -> dict:
         "raw_deserialize_add_s": raw_s,
         "server_half_s": ours_s,
         "ratio_server_to_raw": ours_s / raw_s,
+        "raw_deserialize_add_cpu_s": raw_cpu,
+        "server_half_cpu_s": ours_cpu,
+        "ratio_server_to_raw_cpu": ours_cpu / raw_cpu,
         "target_ratio_max": 1.2,
         "plaintext_sum_s": plain_s,
         "ratio_server_to_plaintext_sum": ours_s / plain_s,
@@ -191,6 +199,7 @@ def main() -> None:
     if "aggregation" in args.parts:
         agg = result["aggregation"] = bench_aggregation(args.clients, args.length, args.repeat)
         met["server_aggregation_le_1.2x_raw"] = agg["ratio_server_to_raw"] <= 1.2
+        met["server_aggregation_le_1.2x_raw_cpu"] = agg["ratio_server_to_raw_cpu"] <= 1.2
     if "bytes" in args.parts:
         result["bytes"] = bench_bytes(min(args.length, 200_000))
     if "gram" in args.parts:
