@@ -18,7 +18,8 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/securefml run --dataset digits-fewshot --algorithm fomaml --rounds 30 --clients-per-round 8 \
-		--protocol ckks --select topk:0.5 --attack signflip --malicious 0.25 --defense krum --out results/demo
+		--protocol ckks --select topk:fraction=0.5,server_dictated=true \
+		--attack signflip --malicious 0.25 --defense multikrum:f=2 --out results/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests
