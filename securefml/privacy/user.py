@@ -29,7 +29,10 @@ Assumptions: the aggregate is the plain (equally weighted) mean of the accepted,
 updates.  With unequal client weights one client's share of the mean is ``w_i / W`` rather than
 ``1 / m``, and with a robust rule that selects or reweights updates from the data (Krum,
 trimmed mean...) the sensitivity analysis does not hold; the noise is still added, but the
-stated epsilon is then not a guarantee.  The cohort is sampled as a fixed-size draw; it is
+stated epsilon is then not a guarantee.  Layer selection must give every accepted client the
+same layers (uploading everything, or a server-dictated set): with per-client selection a layer
+uploaded by fewer than m clients is averaged over fewer updates than the noise is sized for.
+The cohort is sampled as a fixed-size draw; it is
 accounted as Poisson sampling at rate q, as is common in practice (DP-FedAvg).
 
 References
