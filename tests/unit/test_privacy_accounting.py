@@ -168,3 +168,16 @@ def test_secure_rng_noise_is_not_reproducible_from_the_run_seed() -> None:
         assert s.aggregate_hook is not None
         again.append(s.aggregate_hook(4, torch.zeros(50)))
     assert torch.equal(again[0], again[1])
+
+
+@pytest.mark.parametrize(("rounds", "q"), [(20, 0.1), (30, 1 / 3), (5, 0.05), (7, 1.0)])
+def test_record_noise_is_calibrated_for_a_high_participation_quantile(rounds: int, q: float) -> None:
+    from securefml.privacy.setup import PARTICIPATION_QUANTILE, participation_quantile
+
+    k = participation_quantile(rounds, q, PARTICIPATION_QUANTILE)
+
+    def cdf(j: int) -> float:
+        return sum(math.comb(rounds, i) * q**i * (1 - q) ** (rounds - i) for i in range(j + 1))
+
+    assert cdf(k) >= PARTICIPATION_QUANTILE - 1e-12
+    assert k == 1 or cdf(k - 1) < PARTICIPATION_QUANTILE
