@@ -8,6 +8,30 @@ Three roles (DESIGN.md, threat model):
 * ``CKKSClient``: the public context; packs its selected layers densely and encrypts them.
 
 ``CKKS`` drives one round of all three for the federation loop.
+
+Message (stage ``"update"``, a ``wire`` envelope of kind ``"ckks-update"``, bound to round and
+sender by the envelope header)::
+
+    ctx     16-byte fingerprint of the public context (the key set)
+    layout  16-byte fingerprint of the model layout
+    frame   16-byte fingerprint of the round's packing frame (layers, slot count)
+    layers  the client's layer manifest (layout order)
+    weight  float64 sample count
+    chunks  u32 indices of the frame chunks sent (exactly those overlapping ``layers``)
+    ct.<k>  one serialized fresh CKKS ciphertext per chunk (``slots`` values, zero padded)
+
+Example
+-------
+>>> import torch
+>>> from securefml.defenses.mean import Mean
+>>> from securefml.protocols.base import ClientUpdate
+>>> from securefml.updates import LayerLayout
+>>> layout = LayerLayout([("fc.weight", (2, 3)), ("fc.bias", (2,))])
+>>> proto = CKKS(preset="add-only")
+>>> ups = [ClientUpdate(i, torch.full((8,), float(i)), ("fc",), weight=1.0) for i in range(3)]
+>>> out = proto.run_round(0, ups, layout, defense=Mean())
+>>> proto.server.is_private(), round(float(out.aggregate[0]), 4), out.extras["ciphertexts"]
+(False, 1.0, 3)
 """
 
 from __future__ import annotations
@@ -56,11 +80,15 @@ from securefml.updates import LayerLayout
 if TYPE_CHECKING:  # pragma: no cover
     from securefml.defenses.base import Defense
 
-__all__ = ["CKKS", "CKKSClient", "CKKSServer", "ReceivedCiphertexts", "KIND"]
+__all__ = ["CKKS", "CKKSClient", "CKKSServer", "ReceivedCiphertexts", "KIND", "MAX_ABS"]
 
 log = logging.getLogger(__name__)
 
 KIND = "ckks-update"
+#: Largest |entry| a client encrypts.  With scale 2^40 the add-only preset holds sums below
+#: 2^19 and the statistics preset inner products below 2^59; 2^16 leaves room for any number of
+#: (weight-normalised) clients and for inner products of up to 2^27 entries.
+MAX_ABS = float(2**16)
 _ENVELOPE_OVERHEAD = 65536
 
 
@@ -112,6 +140,11 @@ class CKKSClient:
             raise ConfigError(f"client {update.client_id} cannot upload layers it did not compute: {chosen}")
         vec = update.vector.detach().to("cpu", torch.float64)
         check_finite(vec, update.client_id)
+        if vec.numel() and float(vec.abs().max()) * max(abs(prescale), 1.0) > MAX_ABS:
+            raise InvalidUpdateError(
+                f"entries beyond +-{MAX_ABS:g} would overflow the CKKS modulus; clip the update first",
+                sender=update.client_id,
+            )
         if vec.numel() != frame.layout.numel_of(own):
             raise InvalidUpdateError(f"vector has {vec.numel()} entries for layers {own}", sender=update.client_id)
         if chosen != own:
@@ -329,6 +362,12 @@ class CKKS(AggregationProtocol):
     anything, honest ones may drop out.  Declared leakage: participants, each client's layer
     manifest and weight (so per-layer upload counts), and in robust mode the ``Gram`` and the
     rule's coefficients.  A rule that keeps one client (Krum) outputs that client's update.
+
+    CKKS ciphertexts are malleable and unauthenticated, and nothing proves a ciphertext's
+    plaintext is in range: a Byzantine client can encrypt entries beyond ``MAX_ABS`` (honest
+    clients refuse to) so that its decrypted statistics wrap around the modulus and look
+    small.  Closing that needs zero-knowledge range proofs, which this protocol does not have;
+    pair CKKS with rules that also bound the aggregate (e.g. norm bounding of the result).
 
     Assumptions and guarantees
     --------------------------
