@@ -3,7 +3,8 @@
 Why: masks only cancel in a ring, so SecAgg sums integers modulo ``2**bits``.  A client
 clips every entry of its update to ``[-clip, clip]``, multiplies by its weight ``w`` (its
 sample count, at most ``max_weight``), scales by ``scale`` and rounds *stochastically* in
-float64 (``floor(v * scale + u)``, ``u ~ U[0, 1)``: unbiased, error below one unit).  One
+float64 (``floor(v * scale + u)``, ``u`` uniform on the 2**32-point grid of [0, 1) from an
+AES-256-CTR stream: unbiased up to 2**-32 of a unit, error below one unit).  One
 extra coordinate carries the weight itself, rounded to nearest on its own scale, so the
 server learns only the *total* weight of the clients in the sum, never a single weight.
 
@@ -127,27 +128,29 @@ class FixedPoint:
         factor = w * self.scale
         lim = self.clip
         enc = Cipher(algorithms.AES(seed or new_seed()), modes.CTR(bytes(16))).encryptor()
-        rnd = np.empty(_CHUNK + 2, dtype=np.uint64)
+        rnd = np.empty(_CHUNK + 4, dtype=np.uint32)  # 32 random bits per entry for the rounding
         rview = rnd.view(np.uint8)
-        zeros = memoryview(bytes(_CHUNK * 8))
+        zeros = memoryview(bytes(_CHUNK * 4))
         tmp = np.empty(_CHUNK, dtype=np.float64)
+        uni = np.empty(_CHUNK, dtype=np.float64)
+        signed = out.view(np.int16 if self.dtype.itemsize == 2 else np.int32)
         for start in range(0, x.size, _CHUNK):
             part = x[start : start + _CHUNK]
             m = part.size
             if not np.isfinite(part).all():
                 raise InvalidUpdateError("update contains NaN or Inf", sender=sender)
-            enc.update_into(zeros[: m * 8], rview)
+            enc.update_into(zeros[: m * 4], rview)
             t = tmp[:m]
             np.clip(part, -lim, lim, out=t)
             t *= factor
-            u = rnd[:m]
-            u >>= np.uint64(11)
-            t += u * (1.0 / (1 << 53))
+            u = uni[:m]
+            np.multiply(rnd[:m], 2.0**-32, out=u)
+            t += u
             np.floor(t, out=t)
-            dst = out[start : start + m]
-            dst[...] = t.astype(np.int64).astype(self.dtype)
+            # |t| <= budget + 1 < 2**(bits-1): the signed cast is exact and wraps into the ring
+            np.copyto(signed[start : start + m], t, casting="unsafe")
             if chunk_hook is not None:
-                chunk_hook(dst)
+                chunk_hook(out[start : start + m])
         out[-1:] = int(round(w * self.weight_scale)) & self.mask
         if chunk_hook is not None:
             chunk_hook(out[-1:])

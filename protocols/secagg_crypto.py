@@ -1,6 +1,6 @@
 """The SecAgg+ key schedule on ``cryptography``: X25519, HKDF-SHA256, AES-256-GCM, Ed25519.
 
-Why each piece (Bonawitz et al., CCS 2017, Section 4):
+Why each piece (the key schedule of Bonawitz et al., CCS 2017):
 
 - two fresh X25519 key pairs per client per round: ``c`` keys make the pairwise channel that
   seals Shamir shares, ``s`` keys make the pairwise mask seeds.  Keeping them apart means a

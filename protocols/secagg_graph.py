@@ -2,7 +2,7 @@
 
 Everything here is a deterministic function of public data (round index, the cohort's ids,
 an optional public beacon value), so every client recomputes its own neighbourhood and its
-bucket and the server cannot choose them (Bell et al., CCS 2020, Section 4: the graph must be
+bucket and the server cannot choose them (Bell et al., CCS 2020: the graph must be
 random from the adversary's point of view).
 
 Graph (Bell et al.'s random Harary graph): the cohort is put in a pseudorandom order derived
@@ -13,15 +13,16 @@ graph, i.e. classic SecAgg (Bonawitz et al., CCS 2017).
 Choosing ``k`` and ``t`` (``derive_parameters``).  With a random labelling, the neighbour set
 of a node is a uniformly random ``k``-subset of the other ``n-1`` nodes, so the number of
 dropped (or corrupt) neighbours is exactly hypergeometric.  Following the three conditions
-of Bell et al. (Theorem 3.6 and Section 4), union-bounded over the ``n`` nodes:
+of Bell et al.'s analysis of the Harary-graph construction, union-bounded over the ``n`` nodes:
 
 1. security against collusion: ``c`` = the count that no node's corrupt neighbours exceed,
    except with probability ``2**-sigma``; the threshold satisfies ``2t > k + c`` (so neither
    the corrupt neighbours alone, ``c < t``, nor a server that splits the honest neighbours
    into two camps, can gather ``t`` shares of both of a node's secrets);
 2. privacy of the sum: the honest survivors stay connected, which in the ring fails only if
-   two runs of ``k/2`` consecutive removed nodes appear: probability at most
-   ``(n * C(R, h) / C(n, h))**2`` with ``R`` removed nodes, ``h = k/2``; required ``<= 2**-sigma``;
+   two runs of ``k/2`` consecutive removed nodes appear: probability about
+   ``(n * C(R, h) / C(n, h))**2`` with ``R`` removed nodes, ``h = k/2`` (union bound over the
+   start of each run, the two runs treated as independent); required ``<= 2**-sigma``;
 3. correctness: every node keeps at least ``t`` live neighbours except with probability
    ``2**-eta`` (dropped and corrupt nodes both count as lost).
 
