@@ -5,8 +5,9 @@ neighbours, with no dropouts and with 10% of clients dropping after sharing thei
 server then removes their pairwise masks); full SecAgg (k = n - 1) at N=100, L=100,000.
 The floor is the plain sum of N float32 vectors of L entries (numpy, in place).  ``clients_s``
 and ``server_s`` split the round as the in-memory driver saw it; ``round_s`` is the whole
-round's wall time.  The machine's other load shows in ``load_avg``: timings are only
-comparable within one run.
+round's wall time; ``main_process_cpu_s`` is the CPU time of this process during the round
+(the whole cost when ``workers == 1``; it does not grow with other load on the machine).  The
+machine's other load shows in ``load_avg``: timings are only comparable within one run.
 
 Usage: ``python benchmarks/secagg.py [--quick] [--workers 2]``.
 """
@@ -49,9 +50,11 @@ def make_updates(n: int, length: int, seed: int) -> tuple[list[ClientUpdate], La
 
 def timed_round(proto: SecAggPlus, ups: list[ClientUpdate], layout: LayerLayout, round_idx: int, drops=None) -> dict:
     transport = DropAt(drops or {})
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out = proto.run_round(round_idx, ups, layout, defense=Mean(), transport=transport)
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     accepted = set(out.accepted)
     w = sum(u.weight for u in ups if u.client_id in accepted)
     ref = sum(u.weight * u.vector.double().clamp(-1, 1) for u in ups if u.client_id in accepted) / w
@@ -59,6 +62,7 @@ def timed_round(proto: SecAggPlus, ups: list[ClientUpdate], layout: LayerLayout,
     tim = out.extras["timings"]
     return {
         "round_s": wall,
+        "main_process_cpu_s": cpu,  # the whole round's CPU cost when workers == 1
         "clients_s": tim["clients_s"],
         "server_s": tim["server_s"],
         "accepted": len(out.accepted),
