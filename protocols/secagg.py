@@ -42,6 +42,28 @@ Differences from Flower's SecAgg+ (1.42): AES-256-CTR masks from full 256-bit se
 MT19937 seeded with 32 bits); 33-byte Shamir shares of raw 32-byte secrets (not 306-byte PEM
 keys); uint32 (or uint16) on the wire (not int64); optional signatures and consistency round.
 
+Driving the halves over your own transport (every message is ``bytes``):
+
+>>> import numpy as np
+>>> from securefml.protocols.secagg import SecAggPlus
+>>> from securefml.protocols.secagg_client import SecAggClient
+>>> from securefml.protocols.secagg_server import SecAggServer
+>>> plan = SecAggPlus().plan(0, [1, 2, 3], 4, max_weight=1.0)
+>>> server, clients = SecAggServer(plan), {c: SecAggClient(c, plan) for c in plan.cohort}
+>>> for c, cl in clients.items():
+...     server.receive_advertise(c, cl.advertise())
+>>> for c, cl in clients.items():
+...     server.receive_share(c, cl.share(server.keys_for(c)))
+>>> for c, cl in clients.items():
+...     server.receive_masked(c, cl.masked(server.shares_for(c), np.full(4, 0.25 * c, np.float32), 1.0))
+>>> server.close_masked()
+(1, 2, 3)
+>>> for c, cl in clients.items():
+...     server.receive_unmask(c, cl.unmask(server.request_for(c)))
+>>> weighted_sum, total_weight = plan.fixed_point.decode_sum(server.finish())
+>>> np.round(weighted_sum / total_weight, 6).tolist(), round(total_weight, 6)
+([0.5, 0.5, 0.5, 0.5], 3.0)
+
 References
 ----------
 Bonawitz et al., Practical Secure Aggregation for Privacy-Preserving Machine Learning, CCS 2017.
