@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from securefml.attacks import make_attack
+from securefml.attacks import Attack, make_attack
 from securefml.client import Client
 from securefml.data import load_dataset
 from securefml.data.base import FederatedDataset
-from securefml.defenses import make_defense
+from securefml.defenses import Defense, make_defense
 from securefml.errors import ConfigError
 from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
@@ -153,8 +153,18 @@ def run_experiment(
     transport: Transport | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     update_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    attack: Attack | None = None,
+    defense: Defense | None = None,
+    on_finish: Callable[[Server, FederatedDataset], Mapping[str, Any] | None] | None = None,
 ) -> RunResult:
-    """Run ``config.rounds`` rounds and evaluate personalization on the held-out clients."""
+    """Run ``config.rounds`` rounds and evaluate personalization on the held-out clients.
+
+    ``attack`` / ``defense`` instances, when given, are used instead of building
+    ``config.attack`` / ``config.defense`` from their specs (users' own classes; the config
+    fields then only label the run).  ``on_finish(server, data)`` is called after the last
+    round; the mapping it returns is merged into ``metrics`` (e.g. a backdoor's success rate
+    measured on the final model).
+    """
     started = time.perf_counter()
     data = dataset or load_dataset(config.dataset, seed=config.seed, **config.dataset_options)
     hp = config.resolved(data.kind)
@@ -162,7 +172,7 @@ def run_experiment(
     model = make_model(data, hidden=config.hidden, seed=config.seed, device=device)
     meta_cfg = MetaConfig(hp["inner_steps"], hp["inner_lr"], hp["outer_lr"], hp["outer_steps"])
     learner = LEARNERS.create(config.algorithm, model=model, config=meta_cfg)
-    defense = make_defense(config.defense)
+    defense = defense if defense is not None else make_defense(config.defense)
     protocol = _build_protocol(config.protocol, config.seed)
     server = Server(
         learner, protocol, defense, selector=make_selector(config.select), server_optimizer=hp["server_opt"],
@@ -174,7 +184,7 @@ def run_experiment(
     root = train.pop() if needs_reference else None  # the server's own clean data (FLTrust)
     n_mal = int(round(config.malicious * len(train)))
     mal_ids = set(torch.randperm(len(train), generator=gen)[:n_mal].tolist())
-    attack = make_attack(config.attack) if n_mal else None
+    attack = (attack if attack is not None else make_attack(config.attack)) if n_mal else None
     clients = [Client.build(t, attack=attack if i in mal_ids else None, generator=gen) for i, t in enumerate(train)]
     malicious_ids = [c.client_id for c in clients if c.malicious]
     per_round = min(config.clients_per_round, len(clients))
@@ -218,6 +228,8 @@ def run_experiment(
             "per_round": det_rounds,
         },
     }
+    if on_finish is not None:
+        metrics.update(on_finish(server, data) or {})
     cfg = asdict(config)
     cfg["resolved"] = hp
     return RunResult(cfg, metrics, [asdict(r) for r in history])
