@@ -80,7 +80,7 @@ def bench_aggregation(n: int, length: int, repeat: int) -> dict:
         server.load_state_dict({"seen": {}})  # the same messages again: forget them first
         sums: dict[int, list] = {}
         for i, m in enumerate(msgs):
-            server.accumulate(sums, server.decode(0, i, m, frame, strict=False))
+            server.decode(0, i, m, frame, strict=False, into=sums)
         return sums
 
     x = [torch.randn(length) for _ in range(n)]

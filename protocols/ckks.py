@@ -221,16 +221,30 @@ class CKKSServer:
         return hashlib.blake2b(view[-256:], digest_size=16, salt=struct.pack(">Q", len(view))).digest()
 
     def decode(
-        self, round_idx: int, sender: int, data: bytes, frame: PackingFrame, *, strict: bool = True
+        self,
+        round_idx: int,
+        sender: int,
+        data: bytes,
+        frame: PackingFrame,
+        *,
+        strict: bool = True,
+        into: dict[int, list] | None = None,
     ) -> ReceivedCiphertexts:
         """Validate one client message and load its ciphertexts under the public context.
 
-        ``strict`` checks every ciphertext's size, level, NTT form and scale (needed before
-        multiplications).  A sum does not need it: ``accumulate`` checks the first ciphertext of
-        each chunk strictly, and TenSEAL/SEAL refuse to add a ciphertext of another size, scale
-        or form to it (``accumulate`` then rejects the sender atomically); a lower-level or
-        size-3 ciphertext still sums and decrypts correctly.  Skipping the per-ciphertext checks
-        keeps the server's cost close to the raw TenSEAL deserialize-and-add loop.
+        Parameters
+        ----------
+        strict:
+            Check every ciphertext's size, level, NTT form and scale (needed before
+            multiplications).
+        into:
+            Running chunk sums (``chunk -> [ciphertext, count]``): each ciphertext is added as
+            soon as it is loaded (while it is still in cache) and the returned record keeps no
+            ciphertexts.  The first ciphertext of a chunk seeds its sum and is checked strictly;
+            TenSEAL/SEAL refuse to add one of another size, scale or form to it.  A lower-level
+            or size-3 ciphertext still sums and decrypts correctly, so a sum needs no other
+            per-ciphertext check.  If the message is rejected at any point, its additions are
+            undone exactly (CKKS addition is modular arithmetic) before the error propagates.
         """
         # ciphertext fields stay views into ``data``: each is copied just before it is loaded and
         # dropped right after, so the copies reuse warm memory instead of faulting in a new buffer
@@ -259,12 +273,45 @@ class CKKSServer:
             raise MalformedMessageError("unexpected or missing ciphertext fields", sender=sender)
         chunks: dict[int, ts.CKKSVector] = {}
         digests = []
-        for k in got:
-            blob = env.fields[_ct_field(k)]
-            chunks[k] = self._load(blob, frame.slots, sender, strict=strict)
-            digests.append(self._digest(blob))
-        self._check_replay(round_idx, sender, digests)
-        return ReceivedCiphertexts(sender, float(weight), layers, chunks, len(data), tuple(digests))
+        try:
+            for k in got:
+                blob = env.fields[_ct_field(k)]
+                vec = self._load(blob, frame.slots, sender, strict=strict)
+                digests.append(self._digest(blob))
+                if into is not None:
+                    self._add(into, k, vec, sender)
+                chunks[k] = vec
+            self._check_replay(round_idx, sender, digests)
+        except Exception:
+            if into is not None:
+                self._undo(into, chunks)
+            raise
+        kept = {} if into is not None else chunks
+        return ReceivedCiphertexts(sender, float(weight), layers, kept, len(data), tuple(digests))
+
+    def _add(self, sums: dict[int, list], k: int, vec: ts.CKKSVector, sender: int) -> None:
+        slot = sums.get(k)
+        if slot is None:  # this ciphertext seeds the sum: every later one is added to it
+            self.check_fresh(vec, self.preset.slots, sender)
+            sums[k] = [vec, 1]
+            return
+        try:
+            slot[0].add_(vec)  # SEAL refuses a size / scale / form mismatch before writing
+        except Exception:
+            raise MalformedMessageError(
+                "a ciphertext cannot be added to the others (size, scale or form mismatch)", sender=sender
+            ) from None
+        slot[1] += 1
+
+    @staticmethod
+    def _undo(sums: dict[int, list], added: Mapping[int, ts.CKKSVector]) -> None:
+        for k, vec in added.items():
+            slot = sums[k]
+            if slot[1] == 1 and slot[0] is vec:
+                del sums[k]
+            else:
+                slot[0].sub_(vec)
+                slot[1] -= 1
 
     def _load(self, blob: bytes | memoryview, size: int, sender: int, *, strict: bool = True) -> ts.CKKSVector:
         if len(blob) > self.preset.max_ciphertext_bytes:
@@ -306,34 +353,6 @@ class CKKSServer:
                 raise ReplayError(f"ciphertext replays one sent by client {who} in round {rnd}", sender=sender)
         for d in digests:
             self._seen[d] = (round_idx, sender)
-
-    def accumulate(self, sums: dict[int, list], received: ReceivedCiphertexts) -> None:
-        """Add a validated message's chunks into the running ``sums`` (chunk -> [ciphertext, count]).
-
-        Consumes ``received.chunks``: its first ciphertext per chunk becomes the accumulator,
-        so the server holds one ciphertext per chunk however many clients send.
-        """
-        for k, ct in received.chunks.items():
-            if k not in sums:  # this ciphertext would seed the sum: every later one is added to it
-                self.check_fresh(ct, self.preset.slots, received.client_id)
-        added: list[int] = []
-        try:
-            for k, ct in received.chunks.items():
-                if k in sums:
-                    sums[k][0].add_(ct)
-                    added.append(k)
-        except Exception:  # SEAL refuses a scale / NTT-form / parameter mismatch before writing
-            for k in added:  # additions are exact modular operations: subtracting undoes them
-                sums[k][0].sub_(received.chunks[k])
-            raise MalformedMessageError(
-                "a ciphertext cannot be added to the others (scale or form mismatch)", sender=received.client_id
-            ) from None
-        for k, ct in received.chunks.items():
-            if k in sums:
-                sums[k][1] += 1
-            else:
-                sums[k] = [ct, 1]
-        received.chunks = {}
 
     def state_dict(self) -> dict[str, object]:
         return {"seen": {d.hex(): list(rs) for d, rs in self._seen.items()}}
@@ -484,10 +503,9 @@ class CKKS(AggregationProtocol):
             try:
                 if cid in received:
                     raise ReplayError("duplicate message in this round", sender=cid)
-                rec = self.server.decode(round_idx, cid, msg, frame, strict=gram_mode)
-                if not gram_mode:
-                    self.server.accumulate(sums, rec)
-                received[cid] = rec
+                received[cid] = self.server.decode(
+                    round_idx, cid, msg, frame, strict=gram_mode, into=None if gram_mode else sums
+                )
             except Exception as exc:  # typed errors recorded, anything else re-raised
                 self.record_rejection(rejected, cid, exc)
             t_srv += time.perf_counter() - t0

@@ -380,3 +380,17 @@ def test_client_refuses_entries_that_would_overflow_the_modulus(add_proto):
     big[3] = 2 * MAX_ABS
     with pytest.raises(InvalidUpdateError, match="overflow"):
         add_proto.client.encode(0, ClientUpdate(5, big, ("a",)), frame)
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_ciphertext_at_another_scale_is_rejected_and_its_additions_undone(add_proto, add_holder, target):
+    odd = load_public_context(add_holder.public_context_bytes())
+    odd.global_scale = 2.0**30  # same key, different scale: SEAL cannot add it to the others
+
+    def rescale_last(sender, data):
+        env = decode(data)
+        last = max(k for k in env.fields if k.startswith("ct."))
+        return _rebuild(data, fields={last: ts.ckks_vector(odd, [0.25] * 4096).serialize()})
+
+    # target 0 seeds the sums (strict check refuses it); target 1's first chunk is added, then undone
+    run_tampered(add_proto, 40 + target, rescale_last, targets=(target,), error=MalformedMessageError)
