@@ -102,6 +102,8 @@ __all__ = ["SecAggPlus", "SumResult"]
 
 log = logging.getLogger(__name__)
 
+MAIN_SHARE = 0.8  # the driver's process takes 80% of an equal share of the mask jobs
+
 
 @dataclass
 class SumResult:
@@ -408,12 +410,17 @@ class SecAggPlus(AggregationProtocol):
         return res
 
     def _run_jobs(self, jobs: dict[int, MaskJob]) -> list[tuple[int, bytes | InvalidUpdateError]]:
-        """Run the clients' mask jobs: every ``workers``-th one here, the rest in the helpers."""
+        """Run the clients' mask jobs, some here and the rest in the helper processes.
+
+        This process also feeds the helpers and plays the server, so it keeps a smaller share
+        (``MAIN_SHARE`` of an equal split).
+        """
         pool = self._get_pool()
         items = list(jobs.items())
         futures = {}
         if pool is not None and len(items) > 1:
-            futures = {c: pool.submit(run_mask_job, job) for i, (c, job) in enumerate(items) if i % self.workers}
+            mine = int(len(items) * MAIN_SHARE / self.workers)
+            futures = {c: pool.submit(run_mask_job, job) for c, job in items[mine:]}
         done: dict[int, bytes | InvalidUpdateError] = {}
         for c, job in items:
             if c not in futures:
