@@ -38,6 +38,17 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--malicious", type=float, default=0.0, help="fraction of training clients that are malicious")
     p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset constructor option, e.g. k_shot=10 (repeatable)")
+    dp = p.add_argument_group("differential privacy")
+    dp.add_argument("--dp", choices=["none", "record", "user"], default="none",
+                    help="record: Opacus DP-SGD in each client; user: clip + noise each client's update")
+    dp.add_argument("--target-epsilon", type=float,
+                    help="derive the noise multiplier from this epsilon (inf: clip only)")
+    dp.add_argument("--delta", type=float)
+    dp.add_argument("--noise-multiplier", type=float, help="sigma (record) or z (user), instead of a target")
+    dp.add_argument("--max-grad-norm", type=float, help="record level: per-example clip norm C")
+    dp.add_argument("--dp-clip", type=float, help="user level: per-client update clip norm S")
+    dp.add_argument("--dp-placement", choices=["central", "distributed"], help="user level: who adds the noise")
+    dp.add_argument("--accountant", choices=["rdp", "prv"])
     p.add_argument("--out", default="results/run", help="output folder for result.json")
     p.add_argument("--no-progress", action="store_true")
 
@@ -71,7 +82,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         outer_steps=args.outer_steps, server_opt=args.server_opt, server_lr=args.server_lr,
         finetune_steps=args.finetune_steps, protocol=protocol, select=args.select, defense=args.defense,
         attack=args.attack, malicious=args.malicious, dataset_options=_dataset_options(args.dataset_option),
+        privacy=_privacy_options(args),
     )
+
+
+def _privacy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Map the DP flags onto ``PrivacyConfig`` fields, leaving unset ones at their defaults."""
+    mapping = {"target_epsilon": "target_epsilon", "delta": "delta", "noise_multiplier": "noise_multiplier",
+               "max_grad_norm": "max_grad_norm", "dp_clip": "clip", "dp_placement": "placement",
+               "accountant": "accountant"}
+    opts: dict[str, Any] = {"mode": args.dp}
+    for flag, key in mapping.items():
+        value = getattr(args, flag)
+        if value is not None:
+            opts[key] = value
+    return opts if args.dp != "none" else {}
 
 
 def _fmt(value: Any) -> str:

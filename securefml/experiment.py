@@ -20,6 +20,7 @@ from securefml.errors import ConfigError
 from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
 from securefml.personalize import personalize
+from securefml.privacy import PrivacyConfig, setup_privacy
 from securefml.protocols import PROTOCOLS, Transport
 from securefml.registry import parse_spec
 from securefml.selection import make_selector
@@ -74,6 +75,7 @@ class RunConfig:
     malicious: float = 0.0
     dataset_options: dict[str, Any] = field(default_factory=dict)
     hidden: tuple[int, ...] | None = None
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -86,6 +88,11 @@ class RunConfig:
             LEARNERS.get(self.algorithm)  # raises ConfigError listing the valid names
         if self.attack != "none" and self.malicious == 0:
             raise ConfigError("an attack needs malicious clients: set --malicious to a fraction > 0")
+        self.privacy_config()  # validate early
+
+    def privacy_config(self) -> PrivacyConfig:
+        """The DP settings (``privacy`` holds ``PrivacyConfig`` keyword arguments)."""
+        return PrivacyConfig(**self.privacy)
 
     def resolved(self, kind: str) -> dict[str, Any]:
         """Hyper-parameters with the defaults filled in for a dataset of ``kind``."""
@@ -174,20 +181,27 @@ def run_experiment(
     learner = LEARNERS.create(config.algorithm, model=model, config=meta_cfg)
     defense = defense if defense is not None else make_defense(config.defense)
     protocol = _build_protocol(config.protocol, config.seed)
-    server = Server(
-        learner, protocol, defense, selector=make_selector(config.select), server_optimizer=hp["server_opt"],
-        server_lr=hp["server_lr"], device=device, update_hook=update_hook,
-    )
     gen = torch.Generator().manual_seed(config.seed)
     train = list(data.train)
     needs_reference = bool(getattr(defense, "needs_reference", False))
     root = train.pop() if needs_reference else None  # the server's own clean data (FLTrust)
+    per_round = min(config.clients_per_round, len(train))
+    priv = setup_privacy(
+        config.privacy_config(), learner, n_train_clients=len(train), clients_per_round=per_round,
+        rounds=config.rounds, dataset_kind=data.kind, algorithm_name=config.algorithm,
+        local_dataset_size=min(t.n_samples for t in train), device=device,
+        generator=torch.Generator().manual_seed(config.seed + 1),
+    )
+    hooks = [h for h in (update_hook, priv.update_hook) if h is not None]
+    server = Server(
+        priv.learner, protocol, defense, selector=make_selector(config.select), server_optimizer=hp["server_opt"],
+        server_lr=hp["server_lr"], device=device, update_hook=_chain(hooks), aggregate_hook=priv.aggregate_hook,
+    )
     n_mal = int(round(config.malicious * len(train)))
     mal_ids = set(torch.randperm(len(train), generator=gen)[:n_mal].tolist())
     attack = (attack if attack is not None else make_attack(config.attack)) if n_mal else None
     clients = [Client.build(t, attack=attack if i in mal_ids else None, generator=gen) for i, t in enumerate(train)]
     malicious_ids = [c.client_id for c in clients if c.malicious]
-    per_round = min(config.clients_per_round, len(clients))
     history: list[RoundRecord] = []
     stimulus = (root or data.heldout[0] if data.heldout else train[0]).support_x[:32].to(device)
     for rnd in range(config.rounds):
@@ -200,6 +214,9 @@ def run_experiment(
         forward = _forward_fn(learner, server, stimulus)
         rec = server.run_round(rnd, cohort, transport=transport, generator=gen, reference=reference,
                                defense_context={"forward": forward})
+        epsilon = priv.end_round(rnd)
+        if epsilon is not None:
+            rec.extras["epsilon"] = epsilon
         history.append(rec)
         if on_round is not None:
             on_round(rec)
@@ -230,9 +247,25 @@ def run_experiment(
     }
     if on_finish is not None:
         metrics.update(on_finish(server, data) or {})
+    if config.privacy_config().mode != "none":
+        metrics["privacy"] = priv.report()
     cfg = asdict(config)
     cfg["resolved"] = hp
     return RunResult(cfg, metrics, [asdict(r) for r in history])
+
+
+def _chain(
+    hooks: list[Callable[[int, torch.Tensor], torch.Tensor]],
+) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+    if not hooks:
+        return None
+
+    def chained(client_id: int, update: torch.Tensor) -> torch.Tensor:
+        for hook in hooks:
+            update = hook(client_id, update)
+        return update
+
+    return chained
 
 
 def _forward_fn(learner: Any, server: Server, stimulus: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

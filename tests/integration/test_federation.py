@@ -100,3 +100,27 @@ def test_fedavg_ft_is_fine_tuned_fedavg():
     cfg = RunConfig(dataset="digits-fewshot", algorithm="fedavg", rounds=2, clients_per_round=3)
     res = run_experiment(cfg, dataset=data)
     assert res.metrics["global"]["steps"] == 0 and res.metrics["personalized"]["steps"] > 0
+
+
+def test_user_level_dp_is_wired_into_runs_and_reported(tmp_path, capsys):
+    rc = main(["run", "--dataset", "digits-fewshot", "--rounds", "2", "--clients-per-round", "3", "--no-progress",
+               "--dataset-option", "n_train=6", "--dataset-option", "n_heldout=2", "--out", str(tmp_path),
+               "--dp", "user", "--target-epsilon", "8", "--delta", "1e-5"])
+    assert rc == 0
+    assert "privacy epsilon" in capsys.readouterr().out
+    priv = json.loads((tmp_path / "result.json").read_text())["metrics"]["privacy"]
+    assert priv["mode"] == "user" and priv["delta"] == 1e-5
+    assert 0 < priv["epsilon_max"] <= 8.0 + 1e-6
+
+
+def test_record_level_dp_reports_per_client_epsilon():
+    cfg = RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=2, clients_per_round=3, dataset_options=TINY,
+                    privacy={"mode": "record", "noise_multiplier": 1.0, "delta": 1e-3})
+    priv = run_experiment(cfg).metrics["privacy"]
+    assert priv["mode"] == "record" and len(priv["epsilon_per_client"]) >= 3
+    assert priv["epsilon_max"] == max(priv["epsilon_per_client"].values())
+
+
+def test_bad_privacy_config_is_a_config_error():
+    with pytest.raises(ConfigError):
+        RunConfig(privacy={"mode": "user", "target_epsilon": -1.0})
