@@ -71,10 +71,17 @@ def mean_around_median(x: torch.Tensor, keep: int, *, chunk: int = DEFAULT_CHUNK
         raise ConfigError(f"cannot keep {keep} of {n} values per coordinate")
 
     def block(xb: torch.Tensor) -> torch.Tensor:
-        x64 = xb.to(torch.float64)
-        med = _median_block(xb)
-        idx = (x64 - med).abs().topk(keep, dim=0, largest=False).indices
-        return x64.gather(0, idx).mean(dim=0)
+        # the `keep` values closest to the median form a window of the sorted column: pick,
+        # among the n - keep + 1 windows, the one whose farther end is nearest the median
+        # (ties: the lower window, decided on values only, so row order never matters)
+        v = xb.sort(dim=0).values.to(torch.float64)
+        med = (v[(n - 1) // 2] + v[n // 2]) / 2
+        starts = torch.arange(n - keep + 1, device=v.device)
+        cost = torch.maximum(med - v[starts], v[starts + keep - 1] - med)
+        best = cost.argmin(dim=0)
+        csum = torch.cat([torch.zeros_like(v[:1]), v.cumsum(dim=0)])
+        total = csum.gather(0, (best + keep)[None]) - csum.gather(0, best[None])
+        return total[0] / keep
 
     return coordinatewise(x, block, chunk=chunk)
 

@@ -15,6 +15,7 @@ from securefml.defenses import (
     Clipping,
     CoordinateMedian,
     FLTrust,
+    FoolsGold,
     GeometricMedian,
     Krum,
     Meamed,
@@ -122,6 +123,8 @@ def _rules(n, f):
     ]
     if n > 2 * f + 2:
         rules += [Krum(f), MultiKrum(f), ARC(f) >> MultiKrum(f)]
+    if n >= 4 * f + 3:
+        rules.append(Bulyan(f))
     return rules
 
 
@@ -137,6 +140,7 @@ def test_rules_are_permutation_invariant(data, draw):
     for rule in _rules(x.shape[0], f):
         assert_permutation_invariant(rule, x, perm, atol=1e-6, rtol=1e-6)
     assert_permutation_invariant(lambda: CenteredClipping(tau=1.0, iterations=3), x, perm, atol=1e-6, rtol=1e-6)
+    assert_permutation_invariant(FoolsGold, x, perm, atol=1e-6, rtol=1e-6)
     ref = x.mean(dim=0) + 1.0
     assert_permutation_invariant(FLTrust(), x, perm, context={"reference": ref})
 
