@@ -22,8 +22,7 @@ ALGORITHMS = ["fedavg", "maml", "fomaml", "metasgd", "reptile"]
 
 
 def run_one(dataset: str, algorithm: str, rounds: int, seed: int, options: dict) -> dict:
-    cfg = RunConfig(dataset=dataset, algorithm=algorithm, rounds=rounds, clients_per_round=10, seed=seed,
-                    **options)
+    cfg = RunConfig(dataset=dataset, algorithm=algorithm, rounds=rounds, seed=seed, **options)
     t = time.perf_counter()
     res = run_experiment(cfg)
     m = res.metrics
@@ -35,15 +34,16 @@ def run_one(dataset: str, algorithm: str, rounds: int, seed: int, options: dict)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--digits-rounds", type=int, default=200)
-    ap.add_argument("--sine-rounds", type=int, default=1500)
+    ap.add_argument("--sine-rounds", type=int, default=1000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args()
     torch.set_num_threads(1)
     setups = {
-        "digits-fewshot": (args.digits_rounds, {}),
-        "sine": (args.sine_rounds, {"finetune_steps": 10, "dataset_options": {"n_train": 1000}}),
+        "digits-fewshot": (args.digits_rounds, {"clients_per_round": 10}),
+        "sine": (args.sine_rounds,
+                 {"clients_per_round": 25, "finetune_steps": 10, "dataset_options": {"n_train": 1000}}),
     }
-    report: dict = {"budget": {k: {"rounds": r, "clients_per_round": 10} for k, (r, _) in setups.items()},
+    report: dict = {"budget": {k: {"rounds": r, **o} for k, (r, o) in setups.items()},
                     "seeds": args.seeds, "results": {}}
     for dataset, (rounds, options) in setups.items():
         table: dict = {}

@@ -31,11 +31,11 @@ __all__ = ["RunConfig", "RunResult", "run_experiment", "default_hyperparameters"
 # (dataset kind, algorithm) -> inner_steps, inner_lr, outer_lr, server_opt, server_lr.
 # Chosen on these machines with benchmarks/meta.py (same seed, same budget for every learner).
 _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("regression", "fedavg"): dict(inner_steps=5, inner_lr=0.01, server_opt="adam", server_lr=0.01),
-    ("regression", "reptile"): dict(inner_steps=10, inner_lr=0.01, server_opt="adam", server_lr=0.01),
-    ("regression", "maml"): dict(inner_steps=1, inner_lr=0.01, outer_lr=1.0, server_opt="adam", server_lr=0.005),
-    ("regression", "fomaml"): dict(inner_steps=1, inner_lr=0.01, outer_lr=1.0, server_opt="adam", server_lr=0.005),
-    ("regression", "metasgd"): dict(inner_steps=1, inner_lr=0.01, outer_lr=1.0, server_opt="adam", server_lr=0.005),
+    ("regression", "fedavg"): dict(inner_steps=5, inner_lr=0.02, server_opt="adam", server_lr=0.005),
+    ("regression", "reptile"): dict(inner_steps=10, inner_lr=0.02, server_opt="adam", server_lr=0.005),
+    ("regression", "maml"): dict(inner_steps=5, inner_lr=0.02, outer_lr=1.0, server_opt="adam", server_lr=0.005),
+    ("regression", "fomaml"): dict(inner_steps=5, inner_lr=0.02, outer_lr=1.0, server_opt="adam", server_lr=0.005),
+    ("regression", "metasgd"): dict(inner_steps=5, inner_lr=0.02, outer_lr=1.0, server_opt="adam", server_lr=0.005),
     ("classification", "fedavg"): dict(inner_steps=5, inner_lr=0.1, server_opt="adam", server_lr=0.005),
     ("classification", "reptile"): dict(inner_steps=10, inner_lr=0.1, server_opt="adam", server_lr=0.005),
     ("classification", "maml"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam", server_lr=0.005),
