@@ -1,0 +1,35 @@
+"""Attack x defense evaluation (``securefml.evaluation``): the matrix, its metrics and its reports.
+
+``evaluate(attacks, defenses, ...)`` runs every cell as a real federated run and returns the
+records; ``securefml eval`` does the same from the command line (``add_eval_parser`` /
+``run_eval``).  Attacks and defenses are spec strings or instances of users' own classes.
+"""
+
+from securefml.evaluation.api import Evaluation, evaluate
+from securefml.evaluation.cli import PRESETS, add_eval_parser, run_eval
+from securefml.evaluation.matrix import Cell, Matrix, cell_key, label_of, run_cell, run_matrix
+from securefml.evaluation.metrics import METRICS, backdoor_success, cell_metrics, is_backdoor
+from securefml.evaluation.report import load_records, markdown_table, pivot, save_records, write_reports
+
+__all__ = [
+    "Evaluation",
+    "evaluate",
+    "Matrix",
+    "Cell",
+    "cell_key",
+    "label_of",
+    "run_cell",
+    "run_matrix",
+    "METRICS",
+    "backdoor_success",
+    "cell_metrics",
+    "is_backdoor",
+    "load_records",
+    "save_records",
+    "write_reports",
+    "markdown_table",
+    "pivot",
+    "PRESETS",
+    "add_eval_parser",
+    "run_eval",
+]
