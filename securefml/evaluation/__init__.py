@@ -6,7 +6,7 @@ records; ``securefml eval`` does the same from the command line (``add_eval_pars
 """
 
 from securefml.evaluation.api import Evaluation, evaluate
-from securefml.evaluation.cli import PRESETS, add_eval_parser, run_eval
+from securefml.evaluation.cli import PRESETS, add_eval_parser, preset, run_eval
 from securefml.evaluation.matrix import Cell, Matrix, cell_key, label_of, run_cell, run_matrix
 from securefml.evaluation.metrics import METRICS, backdoor_success, cell_metrics, is_backdoor
 from securefml.evaluation.report import load_records, markdown_table, pivot, save_records, write_reports
@@ -30,6 +30,7 @@ __all__ = [
     "markdown_table",
     "pivot",
     "PRESETS",
+    "preset",
     "add_eval_parser",
     "run_eval",
 ]

@@ -87,7 +87,9 @@ def evaluate(
         Folder for ``eval.json`` (saved after every cell), ``eval.csv``, ``eval.md`` and the
         heatmaps.  None keeps everything in memory.
     resume:
-        Reuse the cells already recorded in ``out/eval.json`` (same configuration hash).
+        Reuse the cells already recorded in ``out/eval.json`` (same configuration hash).  Cells
+        of an earlier, different matrix in the same folder are kept there as archived records
+        (reusable, not in the tables).
     threads:
         torch intra-op threads during the runs (1 is fastest for these small models).
     progress:
@@ -115,7 +117,7 @@ def evaluate(
     """
     base = RunConfig.from_dict(dict(config)) if config else RunConfig()
     matrix = Matrix(tuple(attacks), tuple(defenses), tuple(protocols), tuple(malicious), tuple(seeds), base)
-    previous = load_records(out) if (out is not None and resume) else []
+    previous = load_records(out, archived=True) if (out is not None and resume) else []
     bars = None
     if progress:
         from securefml.evaluation.cli import ProgressBars
@@ -130,7 +132,7 @@ def evaluate(
         done.append(record)
         if out is not None and not was_reused:
             keys = {r["key"] for r in done}
-            save_records(done + [r for r in previous if r.get("key") not in keys], out)
+            save_records(done, out, archived=[r for r in previous if r.get("key") not in keys])
         if bars is not None:
             bars.cell_done(cell, record, was_reused)
         if on_cell is not None:
@@ -144,6 +146,10 @@ def evaluate(
     finally:
         if bars is not None:
             bars.close()
-    paths = write_reports(records, out, metrics=metrics, plots=plots) if out is not None else {}
+    paths: dict[str, Path] = {}
+    if out is not None:
+        keys = {r["key"] for r in records}
+        archived = [r for r in previous if r.get("key") not in keys]
+        paths = write_reports(records, out, metrics=metrics, plots=plots, archived=archived)
     return Evaluation(records, matrix, paths, reused)
 

@@ -15,10 +15,11 @@ import sys
 import time
 from typing import Any
 
+from securefml.errors import ConfigError
 from securefml.evaluation.matrix import Cell
 from securefml.server import RoundRecord
 
-__all__ = ["add_eval_parser", "run_eval", "ProgressBars", "PRESETS"]
+__all__ = ["add_eval_parser", "run_eval", "preset", "ProgressBars", "PRESETS"]
 
 _KHJ_DATA = {"n_clients": 25, "n_heldout": 5, "classes_per_client": 2}
 
@@ -148,25 +149,39 @@ def _dataset_options(items: list[str]) -> dict[str, Any]:
     return parse_spec("options:" + ",".join(items))[1] if items else {}
 
 
+def _evaluate_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
+    """``evaluate`` keyword arguments from resolved preset/flag values."""
+    kwargs: dict[str, Any] = {k: opts[k] for k in ("attacks", "defenses", "protocols", "malicious", "seeds")}
+    for key in ("dataset", "algorithm", "rounds", "clients_per_round", "inner_steps", "inner_lr", "outer_lr",
+                "server_opt", "server_lr", "finetune_steps", "select", "device"):
+        if opts.get(key) is not None:
+            kwargs[key] = opts[key]
+    kwargs["dataset_options"] = _dataset_options(opts.get("dataset_option") or [])
+    return kwargs
+
+
+def preset(name: str = "default") -> dict[str, Any]:
+    """The ``evaluate`` keyword arguments of a built-in matrix (``"default"`` or ``"quick"``).
+
+    >>> sorted(preset("quick")["defenses"])
+    ['cclip', 'krum:f=3', 'mean', 'median']
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown evaluation preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return _evaluate_kwargs(dict(PRESETS[name]))
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Run the matrix described by ``args`` (see ``add_eval_parser``); print where the reports are."""
     from securefml.evaluation.api import evaluate
 
     opts = _resolved(args)
-    config: dict[str, Any] = {
-        "dataset": opts["dataset"], "algorithm": opts["algorithm"], "rounds": opts["rounds"],
-        "clients_per_round": opts["clients_per_round"], "inner_steps": opts["inner_steps"],
-        "inner_lr": opts["inner_lr"], "server_opt": opts["server_opt"], "server_lr": opts["server_lr"],
-        "dataset_options": _dataset_options(opts["dataset_option"]), "device": args.device,
-    }
-    for key in ("outer_lr", "finetune_steps", "select"):
-        if getattr(args, key, None) is not None:
-            config[key] = getattr(args, key)
+    for key in ("outer_lr", "finetune_steps", "select", "device"):
+        opts[key] = getattr(args, key, None)
     started = time.perf_counter()
     ev = evaluate(
-        opts["attacks"], opts["defenses"], protocols=opts["protocols"], malicious=opts["malicious"],
-        seeds=opts["seeds"], out=args.out, resume=not args.fresh, plots=not args.no_plots, threads=args.threads,
-        progress=not args.no_progress, **config,
+        **_evaluate_kwargs(opts), out=args.out, resume=not args.fresh, plots=not args.no_plots,
+        threads=args.threads, progress=not args.no_progress,
     )
     seconds = time.perf_counter() - started
     print(ev.table("global"))

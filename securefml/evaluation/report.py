@@ -86,15 +86,24 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def save_records(records: Sequence[Mapping[str, Any]], out_dir: str | Path) -> Path:
-    """Write ``eval.json`` (atomically) and return its path."""
+def save_records(
+    records: Sequence[Mapping[str, Any]], out_dir: str | Path, *, archived: Sequence[Mapping[str, Any]] = ()
+) -> Path:
+    """Write ``eval.json`` (atomically) and return its path.
+
+    ``archived`` records (cells of earlier matrices written to the same folder) are kept
+    under their own key: they stay reusable by a later run but are not part of the tables.
+    """
     path = Path(out_dir) / "eval.json"
-    _atomic_write(path, json.dumps({"records": _clean(list(records))}, indent=1, allow_nan=False) + "\n")
+    payload: dict[str, Any] = {"records": _clean(list(records))}
+    if archived:
+        payload["archived"] = _clean(list(archived))
+    _atomic_write(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
     return path
 
 
-def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Records of ``out_dir/eval.json``; an empty list if there is none yet.
+def load_records(out_dir: str | Path, *, archived: bool = False) -> list[dict[str, Any]]:
+    """Records of ``out_dir/eval.json`` (plus its archived ones if asked); [] if there is none yet.
 
     Raises
     ------
@@ -109,9 +118,12 @@ def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable evaluation file ({exc})") from exc
     records = data.get("records") if isinstance(data, dict) else None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+    old = data.get("archived", []) if isinstance(data, dict) else None
+    if not isinstance(records, list) or not isinstance(old, list) or not all(
+        isinstance(r, dict) for r in [*records, *old]
+    ):
         raise DataError(f"{path}: expected an object with a 'records' list")
-    return records
+    return records + old if archived else records
 
 
 def _stat(values: Sequence[float]) -> tuple[float | None, float | None, int]:
@@ -265,16 +277,18 @@ def write_reports(
     metrics: Sequence[str] = METRICS,
     title: str = "securefml attack x defense evaluation",
     plots: bool = True,
+    archived: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Path]:
     """Write ``eval.json``, ``eval.csv``, ``eval.md`` and ``heatmap_<metric>.png`` into ``out_dir``.
 
     A heatmap is drawn only for metrics with at least one value (e.g. no attack success rate
     plot when no backdoor ran).  Returns the written paths by name (``"json"``, ``"csv"``,
-    ``"md"``, ``"heatmap_<metric>"``).
+    ``"md"``, ``"heatmap_<metric>"``).  ``archived`` records are kept in ``eval.json`` only
+    (see ``save_records``).
     """
     out = Path(out_dir)
     clean = _clean(list(records))
-    paths = {"json": save_records(clean, out)}
+    paths = {"json": save_records(clean, out, archived=archived)}
     paths["csv"] = out / "eval.csv"
     _atomic_write(paths["csv"], _csv(clean))
     paths["md"] = out / "eval.md"

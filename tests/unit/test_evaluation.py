@@ -99,6 +99,9 @@ def test_rerun_reuses_recorded_cells_and_runs_only_new_ones(tmp_path) -> None:
     assert grown.reused == 2 and len(grown.records) == 4
     changed = evaluate(["none", "ipm"], ["mean"], out=tmp_path, plots=False, **{**TINY, "rounds": 1})
     assert changed.reused == 0  # any knob changes the key
+    assert len(load_records(tmp_path)) == 2 and len(load_records(tmp_path, archived=True)) == 6
+    back = evaluate(["none", "ipm"], ["mean", "median"], out=tmp_path, plots=False, **TINY)
+    assert back.reused == 4 and back.records == grown.records  # earlier matrices stay reusable
 
 
 def test_interrupted_evaluation_resumes_from_the_saved_cells(tmp_path) -> None:
