@@ -13,7 +13,7 @@ import torch
 from securefml.attacks.base import AttackContext
 from securefml.client import Client, LocalResult
 from securefml.defenses.base import Defense
-from securefml.errors import ConfigError, SecureFMLError
+from securefml.errors import ConfigError, ProtocolAbort, SecureFMLError
 from securefml.meta.base import MetaLearner, Params
 from securefml.protocols.base import AggregationProtocol, ClientUpdate, RoundOutput, Transport
 from securefml.selection import AllLayers, LayerSelector, NamedLayers
@@ -202,10 +202,15 @@ class Server:
             **({"reference": reference} if reference is not None else {}),
             **dict(defense_context or {}),
         }
-        out = self.protocol.run_round(
-            round_idx, updates, self.layout, defense=self.defense, transport=transport,
-            reference=reference, context=context,
-        )
+        try:
+            out = self.protocol.run_round(
+                round_idx, updates, self.layout, defense=self.defense, transport=transport,
+                reference=reference, context=context,
+            )
+        except ProtocolAbort as exc:  # too few survivors: nothing revealed, the model stays as it is
+            log.warning("round %d aborted: %s", round_idx, exc)
+            out = RoundOutput(torch.zeros(self.layout.numel), dict.fromkeys(self.layout.layer_names, 0.0), (),
+                              rejected, extras={"aborted": str(exc)})
         if self.aggregate_hook is not None and out.accepted:
             out.aggregate = self.aggregate_hook(len(out.accepted), out.aggregate)
         self._step(out)

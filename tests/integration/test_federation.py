@@ -124,3 +124,22 @@ def test_record_level_dp_reports_per_client_epsilon():
 def test_bad_privacy_config_is_a_config_error():
     with pytest.raises(ConfigError):
         RunConfig(privacy={"mode": "user", "target_epsilon": -1.0})
+
+
+def test_aborted_round_keeps_model_and_is_recorded():
+    from securefml.errors import ProtocolAbort
+    from securefml.protocols.base import AggregationProtocol
+
+    class AlwaysAbort(AggregationProtocol):
+        name = "abort"
+        reveals = "updates"
+
+        def run_round(self, round_idx, updates, layout, **kwargs):
+            raise ProtocolAbort("too few survivors")
+
+    data = make_sine(n_train=3, n_heldout=1, seed=0)
+    server = Server(FOMAML(make_model(data), MetaConfig(inner_steps=1)), AlwaysAbort(), Mean())
+    before = server.global_vector.clone()
+    rec = server.run_round(0, [Client(t) for t in data.train])
+    assert rec.accepted == [] and "too few survivors" in rec.extras["aborted"]
+    assert torch.equal(before, server.global_vector)
