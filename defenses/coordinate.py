@@ -41,10 +41,17 @@ def check_f(f: object) -> int:
     return f
 
 
+def _sorted_block(xb: torch.Tensor) -> torch.Tensor:
+    """Each column sorted (a contiguous row-wise sort of the transpose: faster than sorting dim 0)."""
+    return xb.T.contiguous().sort(dim=1).values.T
+
+
 def _median_block(xb: torch.Tensor) -> torch.Tensor:
-    n = xb.shape[0]
-    v = xb.sort(dim=0).values
-    return (v[(n - 1) // 2].to(torch.float64) + v[n // 2].to(torch.float64)) / 2
+    lower = xb.median(dim=0).values.to(torch.float64)
+    if xb.shape[0] % 2:
+        return lower
+    # the lower median of -x is minus the upper median of x
+    return (lower - (-xb).median(dim=0).values.to(torch.float64)) / 2
 
 
 def coordinate_median(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -59,7 +66,7 @@ def trimmed_mean(x: torch.Tensor, f: int, *, chunk: int = DEFAULT_CHUNK) -> torc
         raise ConfigError(f"TrimmedMean with f={f} needs n > 2f clients, got n={n}")
 
     def block(xb: torch.Tensor) -> torch.Tensor:
-        return xb.sort(dim=0).values[f : n - f].to(torch.float64).mean(dim=0)
+        return _sorted_block(xb)[f : n - f].to(torch.float64).mean(dim=0)
 
     return coordinatewise(x, block, chunk=chunk)
 
@@ -74,7 +81,7 @@ def mean_around_median(x: torch.Tensor, keep: int, *, chunk: int = DEFAULT_CHUNK
         # the `keep` values closest to the median form a window of the sorted column: pick,
         # among the n - keep + 1 windows, the one whose farther end is nearest the median
         # (ties: the lower window, decided on values only, so row order never matters)
-        v = xb.sort(dim=0).values.to(torch.float64)
+        v = _sorted_block(xb).to(torch.float64)
         med = (v[(n - 1) // 2] + v[n // 2]) / 2
         starts = torch.arange(n - keep + 1, device=v.device)
         cost = torch.maximum(med - v[starts], v[starts + keep - 1] - med)
