@@ -8,10 +8,16 @@ from securefml.protocols.base import (
     Transport,
     weighted_layer_mean,
 )
-from securefml.protocols.ckks import CKKS, CKKSClient, CKKSServer
-from securefml.protocols.ckks_keys import CKKSKeyHolder, CKKSPreset
+from securefml.protocols.ckks import CKKS, MAX_ABS, CKKSClient, CKKSServer
+from securefml.protocols.ckks_keys import PRESETS, CKKSKeyHolder, CKKSPreset
+from securefml.protocols.ckks_stats import PackingFrame, inner_product_error_bound, sum_error_bound
 from securefml.protocols.plaintext import Plaintext
+from securefml.protocols.quantize import FixedPoint
 from securefml.protocols.secagg import SecAggPlus
+from securefml.protocols.secagg_client import SecAggClient
+from securefml.protocols.secagg_graph import derive_parameters
+from securefml.protocols.secagg_plan import RoundPlan
+from securefml.protocols.secagg_server import SecAggServer
 from securefml.registry import Registry
 
 __all__ = [
@@ -21,6 +27,16 @@ __all__ = [
     "CKKSKeyHolder",
     "CKKSPreset",
     "CKKSServer",
+    "FixedPoint",
+    "MAX_ABS",
+    "PRESETS",
+    "PackingFrame",
+    "RoundPlan",
+    "SecAggClient",
+    "SecAggServer",
+    "derive_parameters",
+    "inner_product_error_bound",
+    "sum_error_bound",
     "ClientUpdate",
     "PROTOCOLS",
     "Plaintext",

@@ -1,0 +1,60 @@
+"""Hypothesis strategies and property checkers for users' own security tests.
+
+Reads like ``hypothesis.extra.numpy``: strategy functions whose data-defining arguments are
+positional and tuning options keyword-only, plus ``assert_*`` checkers.  hypothesis is
+imported only inside this package.
+"""
+
+from securefml.testing.defense_checks import (
+    BYZANTINE_KINDS,
+    UpdateBatch,
+    assert_gram_matches_plaintext,
+    assert_permutation_invariant,
+    assert_selects_honest,
+    assert_translation_equivariant,
+    assert_weighted_mean,
+    assert_within_honest_range,
+    client_updates,
+)
+from securefml.testing.layered import layer_layouts, layer_subsets, layered_updates
+from securefml.testing.secagg_strategies import (
+    DROP_STAGES,
+    DropAt,
+    Replay,
+    SecAggScenario,
+    Tamper,
+    client_weights,
+    cohorts,
+    dropout_patterns,
+    neighbour_graphs,
+    recoverable,
+    secagg_scenarios,
+    update_vectors,
+)
+
+__all__ = [
+    "BYZANTINE_KINDS",
+    "DROP_STAGES",
+    "DropAt",
+    "Replay",
+    "SecAggScenario",
+    "Tamper",
+    "UpdateBatch",
+    "assert_gram_matches_plaintext",
+    "assert_permutation_invariant",
+    "assert_selects_honest",
+    "assert_translation_equivariant",
+    "assert_weighted_mean",
+    "assert_within_honest_range",
+    "client_updates",
+    "client_weights",
+    "cohorts",
+    "dropout_patterns",
+    "layer_layouts",
+    "layer_subsets",
+    "layered_updates",
+    "neighbour_graphs",
+    "recoverable",
+    "secagg_scenarios",
+    "update_vectors",
+]
