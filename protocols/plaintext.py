@@ -140,7 +140,11 @@ def aggregate_plain(
         agg, totals = weighted_layer_mean(layout, [c.vector for c in clients], [c.layers for c in clients], weights)
         return RoundOutput(agg, totals, ids, rejected, bytes_uploaded=nbytes)
     (layers,) = layer_sets
-    result = defense(torch.stack([c.vector for c in clients]), weights, client_ids=ids, context=dict(context or {}))
+    ctx = dict(context or {})
+    ref = ctx.get("reference")
+    if isinstance(ref, torch.Tensor) and ref.numel() == layout.numel:
+        ctx["reference"] = layout.gather(ref, layers)  # the reference over the uploaded layers only
+    result = defense(torch.stack([c.vector for c in clients]), weights, client_ids=ids, context=ctx)
     assert result.aggregate is not None
     agg = layout.scatter(result.aggregate.to(torch.float32), layers)
     total = float(sum(weights))
