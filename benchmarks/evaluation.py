@@ -27,7 +27,7 @@ import torch
 from securefml.evaluation import Evaluation, evaluate, load_records, preset
 from securefml.experiment import RunConfig, run_experiment
 
-KHJ = ["cclip", "geomed", "median", "krum:f=5"]
+KHJ = ["cclip:tau=1", "geomed", "median", "krum:f=5"]
 BUCKETED = {"median": "bucketing:size=2>>median", "krum:f=5": "bucketing:size=2>>krum:f=5"}
 
 

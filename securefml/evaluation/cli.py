@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dataset_option": [f"{k}={v}" for k, v in _KHJ_DATA.items()],
         "attacks": ["none", "signflip:scale=10", "scaling:scale=100", "ipm:epsilon=0.1", "alie", "backdoor",
                     "meta-backdoor"],
-        "defenses": ["mean", "cclip", "geomed", "median", "krum:f=5", "bucketing:size=2>>median",
+        "defenses": ["mean", "cclip:tau=1", "geomed", "median", "krum:f=5", "bucketing:size=2>>median",
                      "bucketing:size=2>>krum:f=5", "normbound", "flame"],
         "protocols": ["plaintext"],
         "malicious": [0.2],
@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "server_lr": 0.02,
         "dataset_option": ["n_clients=15", "n_heldout=5", "classes_per_client=2"],
         "attacks": ["none", "signflip:scale=10", "ipm:epsilon=0.1", "backdoor"],
-        "defenses": ["mean", "cclip", "median", "krum:f=3"],
+        "defenses": ["mean", "cclip:tau=1", "median", "krum:f=3"],
         "protocols": ["plaintext"],
         "malicious": [0.2],
         "seeds": [0],
@@ -164,7 +164,7 @@ def preset(name: str = "default") -> dict[str, Any]:
     """The ``evaluate`` keyword arguments of a built-in matrix (``"default"`` or ``"quick"``).
 
     >>> sorted(preset("quick")["defenses"])
-    ['cclip', 'krum:f=3', 'mean', 'median']
+    ['cclip:tau=1', 'krum:f=3', 'mean', 'median']
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown evaluation preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")

@@ -250,7 +250,7 @@ def _heatmap(records: Sequence[Mapping[str, Any]], metric: str, path: Path) -> b
     higher = HIGHER_IS_BETTER.get(metric, True)
     if metric in ("personalized", "global") and name == "mse":
         higher = False
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.5 * len(rows)), dpi=110)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.1 * len(cols), 1.2 + 0.5 * len(rows)), dpi=110)
     bounded = metric in ("personalized", "global", "asr_personalized", "asr_global", "tpr", "fpr") and name != "mse"
     im = ax.imshow(grid, cmap="viridis" if higher else "viridis_r", aspect="auto",
                    vmin=0.0 if bounded else None, vmax=1.0 if bounded else None)
@@ -260,12 +260,13 @@ def _heatmap(records: Sequence[Mapping[str, Any]], metric: str, path: Path) -> b
         for j in range(len(cols)):
             if not np.isnan(grid[i, j]):
                 text = f"{grid[i, j] / 1e6:.1f}M" if metric == "bytes_uploaded" else f"{grid[i, j]:.2f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if bounded else "k")
+                shade = float(im.norm(grid[i, j]))
+                light = shade > 0.6 if higher else shade < 0.4  # viridis is light at its top end
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="k" if light else "w")
     ax.set_title(TITLES.get(metric, metric).format(metric=name), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return True
 
