@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one federated meta-learning run")
     _add_run_arguments(run)
+    from securefml.evaluation.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -171,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "eval":
+            from securefml.evaluation.cli import run_eval
+
+            return run_eval(args)
     except SecureFMLError as exc:
         print(f"securefml: error: {exc}", file=sys.stderr)
         return 2
