@@ -140,6 +140,8 @@ class Defense(ABC):
 
     runs_on: frozenset[str] = frozenset({Reveals.UPDATES, Reveals.BUCKETS})
     name: str = "defense"
+    #: True when the rule needs the server's own update on clean root data (``context["reference"]``)
+    needs_reference: bool = False
 
     def __call__(
         self,
@@ -283,6 +285,7 @@ class Composed(Defense):
         self.rule = rule
         self.runs_on = pre.runs_on & rule.runs_on
         self.name = f"{pre.name}>>{rule.name}"
+        self.needs_reference = pre.needs_reference or rule.needs_reference
 
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]

@@ -63,6 +63,8 @@ class FLTrust(Defense):
     Trust Bootstrapping. NDSS 2021.
     """
 
+    needs_reference = True
+
     name = "fltrust"
     runs_on = frozenset({Reveals.UPDATES, Reveals.GRAM, Reveals.BUCKETS})
 
