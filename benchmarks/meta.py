@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--digits-rounds", type=int, default=200)
     ap.add_argument("--sine-rounds", type=int, default=1000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--only", choices=["digits-fewshot", "sine"], help="run one dataset (checks need both)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     setups = {
@@ -45,6 +46,8 @@ def main() -> None:
     }
     report: dict = {"budget": {k: {"rounds": r, **o} for k, (r, o) in setups.items()},
                     "seeds": args.seeds, "results": {}}
+    if args.only:
+        setups = {args.only: setups[args.only]}
     for dataset, (rounds, options) in setups.items():
         table: dict = {}
         for alg in ALGORITHMS:
@@ -59,6 +62,9 @@ def main() -> None:
                                    "per_seed": [r["global"] for r in runs], "note": "no fine-tuning"}
             print(f"# {dataset} {alg}: {mean:.4f}", flush=True)
         report["results"][dataset] = table
+    if args.only:
+        print(json.dumps(report, indent=2))
+        return
     d = {k: v["value"] for k, v in report["results"]["digits-fewshot"].items()}
     s = {k: v["value"] for k, v in report["results"]["sine"].items()}
     best_meta = max(d["maml"], d["fomaml"], d["metasgd"])

@@ -39,7 +39,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("classification", "fedavg"): dict(inner_steps=5, inner_lr=0.1, server_opt="adam", server_lr=0.005),
     ("classification", "reptile"): dict(inner_steps=10, inner_lr=0.1, server_opt="adam", server_lr=0.005),
     ("classification", "maml"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam", server_lr=0.005),
-    ("classification", "fomaml"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
+    ("classification", "fomaml"): dict(inner_steps=2, inner_lr=0.2, outer_lr=1.0, server_opt="adam",
                                        server_lr=0.005),
     ("classification", "metasgd"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
                                         server_lr=0.005),
