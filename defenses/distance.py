@@ -93,7 +93,13 @@ def bulyan_select(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
     chosen: list[int] = []
     for _ in range(theta):
         idx = remaining.nonzero().flatten()
-        scores = krum_scores(sq_dist[idx][:, idx], f)
+        m = idx.numel()
+        # Late steps leave few rows, where Krum's n - f - 2 neighbours drop to 0 or 1: with
+        # 0 every row ties, with 1 the two rows of a mutually-nearest pair tie, and the pick
+        # then depends on row order.  Score against at least two others (all, if fewer) so
+        # the selection stays a function of the set, not of its order.
+        k = max(m - f - 2, min(2, m - 1))
+        scores = krum_scores(sq_dist[idx][:, idx], m - 2 - k)
         pick = int(idx[int(torch.argmin(scores))])
         chosen.append(pick)
         remaining[pick] = False
