@@ -23,6 +23,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients-per-round", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (the bundled models are small: one thread avoids contention)")
     p.add_argument("--inner-steps", type=int)
     p.add_argument("--inner-lr", type=float)
     p.add_argument("--outer-lr", type=float)
@@ -144,6 +146,10 @@ def summary_rows(result: RunResult) -> list[tuple[str, Any]]:
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
