@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/securefml run --dataset digits-fewshot --algorithm fomaml --rounds 30 --clients-per-round 8 \
+	$(BIN)/securefml run --dataset digits-fewshot --algorithm fomaml --rounds 60 --clients-per-round 8 \
 		--protocol ckks --select topk:fraction=0.5,server_dictated=true \
 		--attack signflip --malicious 0.25 --defense multikrum:f=2 --out results/demo
 
