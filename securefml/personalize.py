@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -63,5 +62,6 @@ def personalize(
             adapted = {**base, **adapted}
         scores.append(evaluate_task(learner, adapted, t))
     metric = "accuracy" if tasks and tasks[0].kind == "classification" else "mse"
-    std = statistics.pstdev(scores) if len(scores) > 1 else 0.0
-    return PersonalizationReport(metric, float(statistics.fmean(scores)), float(std), tuple(scores), steps)
+    values = torch.tensor(scores, dtype=torch.float64)  # a diverged model gives inf/nan: report it, do not crash
+    std = float(values.std(unbiased=False)) if len(scores) > 1 else 0.0
+    return PersonalizationReport(metric, float(values.mean()), std, tuple(scores), steps)

@@ -73,3 +73,13 @@ def test_bad_meta_config():
         MetaConfig(inner_lr=0)
     with pytest.raises(ConfigError, match="choose one of"):
         LEARNERS.get("protonet")
+
+
+def test_personalize_reports_a_diverged_model_instead_of_crashing():
+    from securefml.personalize import personalize
+
+    model = make_model(SINE)
+    learner = MAML(model, MetaConfig(inner_steps=1))
+    params = {n: torch.full_like(p, 1e30) for n, p in learner.init_params().items()}
+    rep = personalize(learner, params, SINE.heldout, steps=1)
+    assert rep.metric == "mse" and not (rep.mean < 1e6)
