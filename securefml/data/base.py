@@ -52,7 +52,7 @@ class Task:
 
     def with_data(self, **changes: torch.Tensor) -> Task:
         """A copy with some tensors replaced (data poisoning uses this)."""
-        return replace(self, **changes)
+        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

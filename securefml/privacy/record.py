@@ -291,7 +291,7 @@ class RecordLevelDP(MetaLearner):
                 summed_loss(st.gsm(x[sel]), y[sel], kind).backward()
         else:
             for p in st.params.values():
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
         return self._release(st.optimizer, list(st.params.items()), self.sample_rate * len(x))
 
     def vmap_gradient(self, st: _ClientState, per_example_loss: Callable[[Params, torch.Tensor, torch.Tensor],
@@ -308,7 +308,7 @@ class RecordLevelDP(MetaLearner):
             per_ex = {n: torch.zeros((0, *t.shape), dtype=t.dtype, device=t.device) for n, t in base.items()}
         st.meta_optimizer.zero_grad(set_to_none=True)
         for n, p in zip(st.meta_names, st.meta_params):
-            p.grad_sample = per_ex[n].detach()
+            p.grad_sample = per_ex[n].detach()  # type: ignore[attr-defined]
         return self._release(st.meta_optimizer, list(zip(st.meta_names, st.meta_params)), self.sample_rate * len(x))
 
     # -- one client round ------------------------------------------------------------------------
