@@ -26,6 +26,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check securefml protocols defenses attacks tests benchmarks
+	$(BIN)/mypy securefml protocols defenses attacks
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .hypothesis

@@ -42,7 +42,7 @@ import logging
 import math
 import struct
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -543,7 +543,7 @@ class CKKS(AggregationProtocol):
         timing: dict[str, float],
     ) -> RoundOutput:
         counts = Counter(n for c in clients for n in c.layers)
-        totals: Counter[str] = Counter()
+        totals: defaultdict[str, float] = defaultdict(float)
         for c in clients:
             for n in c.layers:
                 totals[n] += c.weight

@@ -260,13 +260,15 @@ class CKKSKeyHolder:
         for (i, j), blob in inner.items():
             mat[i, j] = mat[j, i] = self._scalar(blob)
         ref = None
+        ref_sq: float | None = None
         if reference is not None:
             if len(reference) != n:
                 raise ProtocolError("one reference inner product per client expected")
             ref = torch.tensor([0.0 if b is None else self._scalar(b) for b in reference], dtype=torch.float64)
             if reference_sq_norm is None or not math.isfinite(reference_sq_norm):
                 raise ProtocolError("reference inner products need the reference's squared norm")
-        return Gram(tuple(int(c) for c in client_ids), mat, ref, None if ref is None else float(reference_sq_norm))
+            ref_sq = float(reference_sq_norm)
+        return Gram(tuple(int(c) for c in client_ids), mat, ref, ref_sq)
 
     def __repr__(self) -> str:
         return (

@@ -139,7 +139,7 @@ class FixedPoint:
             m = part.size
             if not np.isfinite(part).all():
                 raise InvalidUpdateError("update contains NaN or Inf", sender=sender)
-            enc.update_into(zeros[: m * 4], rview)
+            enc.update_into(zeros[: m * 4], rview)  # type: ignore[arg-type]  # an ndarray is a writable buffer
             t = tmp[:m]
             np.clip(part, -lim, lim, out=t)
             t *= factor

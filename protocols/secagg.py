@@ -73,6 +73,7 @@ Karimireddy, He, Jaggi, Byzantine-Robust Learning on Heterogeneous Datasets via 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -360,15 +361,15 @@ class SecAggPlus(AggregationProtocol):
                 deliver(c, Stage.ADVERTISE, adv, server.receive_advertise)
         for c in sorted(alive):
             keys = srv(server.keys_for, c)
-            data = client_step(c, lambda c=c, m=keys: clients[c].share(m))
+            data = client_step(c, functools.partial(clients[c].share, keys))
             if data is not None:
                 deliver(c, Stage.SHARE, data, server.receive_share)
         jobs: dict[int, MaskJob] = {}
         for c in sorted(alive):
             vec, weight = inputs[c]
             shares = srv(server.shares_for, c)
-            job = client_step(c, lambda c=c, m=shares, v=vec, w=weight: clients[c].prepare_masked(
-                m, v, w, noise_fn=self.noise_fn))
+            job = client_step(c, functools.partial(clients[c].prepare_masked, shares, vec, weight,
+                                                   noise_fn=self.noise_fn))
             if job is not None:
                 jobs[c] = job
         t0 = time.perf_counter()
@@ -386,7 +387,7 @@ class SecAggPlus(AggregationProtocol):
             if plan.signatures:
                 for c in [c for c in server.state.contributors if c in alive]:
                     msg = srv(server.survivors_for, c)
-                    data = client_step(c, lambda c=c, m=msg: clients[c].consistency(m))
+                    data = client_step(c, functools.partial(clients[c].consistency, msg))
                     if data is not None:
                         deliver(c, Stage.CONSISTENCY, data, server.receive_consistency)
                 askers = [c for c in server.state.sigs if c in alive]
@@ -394,7 +395,7 @@ class SecAggPlus(AggregationProtocol):
                 askers = [c for c in server.state.contributors if c in alive]
             for c in sorted(askers):
                 msg = srv(server.request_for, c)
-                data = client_step(c, lambda c=c, m=msg: clients[c].unmask(m))
+                data = client_step(c, functools.partial(clients[c].unmask, msg))
                 if data is not None:
                     deliver(c, Stage.UNMASK, data, server.receive_unmask)
             total = srv(server.finish, mask_runner=self._mask_runner())

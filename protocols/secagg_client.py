@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import cast
 
 import numpy as np
 import torch
@@ -114,7 +115,8 @@ def run_mask_job(job: MaskJob) -> bytes:
     if sys.byteorder != "little":  # pragma: no cover - the wire is little-endian
         y.byteswap(inplace=True)
     fields = dict(job.fields)
-    fields["vector"] = memoryview(raw)[2:]
+    # a zero-copy view, which ``encode`` writes as is; numpy declares the buffer protocol only for 3.12+
+    fields["vector"] = cast(bytes, memoryview(raw)[2:])  # type: ignore[arg-type]
     return encode(Envelope(KIND[Stage.MASKED], job.round_idx, job.client_id, fields))
 
 
@@ -255,7 +257,8 @@ class SecAggClient:
                 continue
             st.held[peer] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
         st.peers = tuple(sorted(st.held))
-        plus, minus = [st.seed], []
+        plus: list[bytes] = [st.seed]
+        minus: list[bytes] = []
         for peer in st.peers:
             seed = pair_key(st.s_keys.private, st.peer_keys[peer][1], purpose=b"mask", round_idx=rnd, a=self.id,
                             b=peer, sender=peer)

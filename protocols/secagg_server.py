@@ -285,16 +285,22 @@ class SecAggServer:
         if short:
             raise ProtocolAbort(f"fewer than t={t} shares for clients {sorted(short)[:8]}; nothing was unmasked")
         culprits: set[int] = set()
+
+        def commit_check(c: int) -> Callable[[bytes], bool]:
+            return lambda v: commit_seed(v, plan.round_idx, c) == st.masked[c].commit
+
+        def key_check(d: int) -> Callable[[bytes], bool]:
+            return lambda v: public_of(v) == st.adverts[d][1]
+
         seeds = []
         for c in st.contributors:
-            seed = self._recover(points[(c, B_SHARE)], c, culprits,
-                                 lambda v, c=c: commit_seed(v, plan.round_idx, c) == st.masked[c].commit)
+            seed = self._recover(points[(c, B_SHARE)], c, culprits, commit_check(c))
             seeds.append(seed)
-        keys = {d: self._recover(points[(d, S_SHARE)], d, culprits, lambda v, d=d: public_of(v) == st.adverts[d][1])
-                for d in need_s}
+        keys = {d: self._recover(points[(d, S_SHARE)], d, culprits, key_check(d)) for d in need_s}
         for r in sorted(culprits):
             self.reject(r, DecryptionError("revealed a share that is not on its polynomial", sender=r))
-        plus, minus = [], []
+        plus: list[bytes] = []
+        minus: list[bytes] = []
         for d, key in keys.items():
             for c in st.contributors:
                 if d in st.masked[c].peers:

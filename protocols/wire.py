@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -118,7 +119,8 @@ def decode(
             if key in fields:
                 raise MalformedMessageError(f"duplicate field {key!r}", sender=sender)
             chunk = r.take(length)
-            fields[key] = chunk if key in views else bytes(chunk)
+            # a zero-copy view where asked (see above): bytes-like for every reader of the field
+            fields[key] = cast(bytes, chunk) if key in views else bytes(chunk)
     except UnicodeDecodeError:
         raise MalformedMessageError("non-ascii kind or field name", sender=sender) from None
     if r.pos != len(r.view):

@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -46,8 +46,8 @@ __all__ = [
 #: Bumped when the meaning of a record changes, so stale records are recomputed, not reused.
 KEY_VERSION = 1
 
-AttackLike = str | Attack
-DefenseLike = str | Defense
+AttackLike: TypeAlias = str | Attack
+DefenseLike: TypeAlias = str | Defense
 
 
 def label_of(item: AttackLike | DefenseLike) -> str:

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from securefml.errors import DataError
 from securefml.evaluation.metrics import HIGHER_IS_BETTER, METRICS
@@ -177,7 +177,7 @@ def _fmt(metric: str, mean: float | None, std: float | None) -> str:
 
 
 def _metric_name(records: Sequence[Mapping[str, Any]]) -> str:
-    names = {r.get("metric") for r in records if r.get("metric")}
+    names: set[str] = {r["metric"] for r in records if r.get("metric")}
     return names.pop() if len(names) == 1 else "score"
 
 
@@ -260,7 +260,7 @@ def _heatmap(records: Sequence[Mapping[str, Any]], metric: str, path: Path) -> b
         for j in range(len(cols)):
             if not np.isnan(grid[i, j]):
                 text = f"{grid[i, j] / 1e6:.1f}M" if metric == "bytes_uploaded" else f"{grid[i, j]:.2f}"
-                shade = float(im.norm(grid[i, j]))
+                shade = float(cast(float, im.norm(grid[i, j])))  # a scalar in, a numpy scalar out
                 light = shade > 0.6 if higher else shade < 0.4  # viridis is light at its top end
                 ax.text(j, i, text, ha="center", va="center", fontsize=7, color="k" if light else "w")
     ax.set_title(TITLES.get(metric, metric).format(metric=name), fontsize=9)

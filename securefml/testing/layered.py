@@ -43,7 +43,7 @@ def layer_layouts(
         raise ConfigError(f"max_layer_size must be >= 1, got {max_layer_size}")
 
     side = max(1, int(max_layer_size**0.5))
-    shape = st.one_of(
+    shape: st.SearchStrategy[tuple[int, ...]] = st.one_of(
         st.tuples(st.integers(1, max_layer_size)),
         st.tuples(st.integers(1, side), st.integers(1, side)),
     )
