@@ -36,6 +36,8 @@ class Client:
 
     task: Task
     attack: Attack | None = None
+    #: withheld part of earlier updates, re-sent later when the selector uses error feedback
+    residual: torch.Tensor | None = None
 
     @property
     def client_id(self) -> int:

@@ -143,15 +143,20 @@ class TopKImportance(LayerSelector):
     server_dictated:
         If True the server ranks layers by its previous aggregate and every client uploads
         the same ones (needed by SecAgg and by robust rules); else each client ranks its own.
+    error_feedback:
+        If True each client keeps what it withheld and adds it to its next update (error
+        feedback / memory, Stich et al. 2018; Karimireddy et al. 2019), so withheld layers
+        are delayed rather than dropped.
     """
 
     name = "topk"
 
-    def __init__(self, fraction: float = 0.25, *, server_dictated: bool = False) -> None:
+    def __init__(self, fraction: float = 0.25, *, server_dictated: bool = False, error_feedback: bool = False) -> None:
         if not 0 < fraction <= 1:
             raise ConfigError(f"topk fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
         self.server_dictated = bool(server_dictated)
+        self.error_feedback = bool(error_feedback)
 
     def select(self, layout, update, global_vector, *, probe=None):  # type: ignore[no-untyped-def]
         scores = relative_change(layout, update, global_vector)

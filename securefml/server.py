@@ -188,12 +188,20 @@ class Server:
             for r in results:
                 r.update = self.update_hook(r.client_id, r.update)
         plan = self._plan()
+        feedback = bool(getattr(self.selector, "error_feedback", False))
         updates = []
         for r in results:
+            client = by_id[r.client_id]
+            if feedback and client.residual is not None and not client.malicious:
+                r.update = r.update + client.residual
             layers = plan if plan is not None else self.selector.select(
-                self.layout, r.update, self.global_vector, probe=self._probe(by_id[r.client_id])
+                self.layout, r.update, self.global_vector, probe=self._probe(client)
             )
-            updates.append(ClientUpdate(r.client_id, self.layout.gather(r.update, layers), layers, r.weight))
+            sent = self.layout.gather(r.update, layers)
+            if feedback and not client.malicious:
+                # error feedback: what was withheld now is added to this client's next upload
+                client.residual = r.update - self.layout.scatter(sent, layers)
+            updates.append(ClientUpdate(r.client_id, sent, layers, r.weight))
         context = {
             "layout": self.layout,
             "global_vector": self.global_vector,

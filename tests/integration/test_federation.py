@@ -143,3 +143,27 @@ def test_aborted_round_keeps_model_and_is_recorded():
     rec = server.run_round(0, [Client(t) for t in data.train])
     assert rec.accepted == [] and "too few survivors" in rec.extras["aborted"]
     assert torch.equal(before, server.global_vector)
+
+
+def test_error_feedback_keeps_what_topk_withholds():
+    from securefml.selection import TopKImportance
+
+    data = make_digits_fewshot(**TINY)
+    learner = FOMAML(make_model(data), MetaConfig(inner_steps=1, inner_lr=0.1))
+    server = Server(learner, Plaintext(), Mean(), selector=TopKImportance(0.1, error_feedback=True))
+    client = Client(data.train[0])
+    expected = client.local_update(learner, server.params, server.layout).update
+    rec = server.run_round(0, [client, Client(data.train[1])])
+    sent_layers = [n for n, c in rec.uploaded_layers.items() if c >= 1]
+    assert client.residual is not None and len(sent_layers) < len(server.layout.layer_names)
+    withheld = [n for n in server.layout.layer_names if n not in sent_layers]
+    # the residual is exactly the withheld part of the update; the sent part left no residue
+    for name, sl in server.layout.slices().items():
+        part = client.residual[sl]
+        assert torch.allclose(part, expected[sl], atol=1e-6) or bool((part == 0).all())
+        if name in withheld:
+            assert torch.allclose(part, expected[sl], atol=1e-6)
+    assert bool((client.residual != 0).any())
+    before = client.residual.clone()
+    server.run_round(1, [client])
+    assert not torch.equal(before, client.residual)  # the residual was added to the next upload
