@@ -2,8 +2,8 @@
 
     python benchmarks/selection.py [--rounds 200] [--protocol plaintext]
 
-Rows: all layers, top-k by relative change with a 25% byte budget (client-chosen and
-server-dictated), and Cedar's representational-change selection (withholding 1 layer).
+Rows: all layers, top-k by relative change with a 25% byte budget (client-chosen, with error
+feedback, and server-dictated), and Cedar's representational-change selection (withholding 1 layer).
 Bytes are what crossed the wire in the run; the ratio is against the all-layers run.
 """
 
@@ -16,7 +16,8 @@ import torch
 
 from securefml.experiment import RunConfig, run_experiment
 
-SELECTIONS = ["all", "topk:0.25", "topk:fraction=0.25,server_dictated=true", "cedar:1"]
+SELECTIONS = ["all", "topk:0.25", "topk:fraction=0.25,error_feedback=true", "topk:fraction=0.25,server_dictated=true",
+              "cedar:1"]
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     for r in rows.values():
         r["bytes_ratio"] = r["bytes"] / base["bytes"]
         r["accuracy_delta_points"] = 100 * (r["accuracy"] - base["accuracy"])
-    top = rows["topk:0.25"]
+    top = rows["topk:fraction=0.25,error_feedback=true"]
     report = {
         "config": vars(args),
         "rows": rows,
