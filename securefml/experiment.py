@@ -105,7 +105,10 @@ class RunConfig:
         if self.finetune_steps is not None:
             d["finetune_steps"] = self.finetune_steps
         if d["finetune_steps"] is None:
-            d["finetune_steps"] = max(10, int(d["inner_steps"])) if kind == "regression" else max(5, d["inner_steps"])
+            if self.algorithm == "metasgd":  # its learned rates are calibrated for this many steps
+                d["finetune_steps"] = int(d["inner_steps"])
+            else:
+                d["finetune_steps"] = max(10 if kind == "regression" else 5, int(d["inner_steps"]))
         return d
 
     @classmethod
