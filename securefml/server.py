@@ -146,6 +146,60 @@ class Server:
         last = self._last_aggregate if self._last_aggregate is not None else torch.zeros_like(self.global_vector)
         return self.selector.select(self.layout, last, self.global_vector)
 
+    def _poison(
+        self,
+        round_idx: int,
+        results: list[LocalResult],
+        by_id: Mapping[int, Client],
+        cohort_size: int,
+        generator: torch.Generator | None,
+    ) -> None:
+        """Let the colluding malicious clients rewrite their updates together (before encoding)."""
+        malicious = [r for r in results if by_id[r.client_id].malicious]
+        if not malicious:
+            return
+        honest = [r for r in results if not by_id[r.client_id].malicious]
+        attack = by_id[malicious[0].client_id].attack
+        assert attack is not None
+        ctx = AttackContext(
+            round=round_idx,
+            n_clients=cohort_size,
+            n_malicious=len(malicious),
+            honest_updates=torch.stack([r.update for r in honest]) if attack.omniscient and honest else None,
+            defense=self.defense,
+            generator=generator,
+            extras={"layout": self.layout, "global_vector": self.global_vector,
+                    "lr_mask": self.layout.mask([n for n in self.layout.layer_names if n.startswith("alpha.")])},
+        )
+        poisoned = attack.poison_updates(torch.stack([r.update for r in malicious]), ctx)
+        for r, vec in zip(malicious, poisoned):
+            r.update = vec.to(r.update.dtype)
+
+    def _prepare_uploads(self, results: list[LocalResult], by_id: Mapping[int, Client]) -> list[ClientUpdate]:
+        """Client side, after training: error feedback, layer selection, then the update hook.
+
+        The hook (user-level DP clipping and noise) runs last, on exactly what is sent, so its
+        bound holds for the uploaded vector whatever selection and error feedback did.
+        """
+        plan = self._plan()
+        feedback = bool(getattr(self.selector, "error_feedback", False))
+        updates = []
+        for r in results:
+            client = by_id[r.client_id]
+            if feedback and client.residual is not None and not client.malicious:
+                r.update = r.update + client.residual
+            layers = plan if plan is not None else self.selector.select(
+                self.layout, r.update, self.global_vector, probe=self._probe(client)
+            )
+            sent = self.layout.gather(r.update, layers)
+            if feedback and not client.malicious:
+                # error feedback: what was withheld now is added to this client's next upload
+                client.residual = r.update - self.layout.scatter(sent, layers)
+            if self.update_hook is not None:
+                sent = self.layout.gather(self.update_hook(r.client_id, self.layout.scatter(sent, layers)), layers)
+            updates.append(ClientUpdate(r.client_id, sent, layers, r.weight))
+        return updates
+
     def run_round(
         self,
         round_idx: int,
@@ -166,42 +220,8 @@ class Server:
                 log.warning("round %d: client %d failed locally: %s", round_idx, client.client_id, exc)
                 rejected[client.client_id] = f"{type(exc).__name__}: {exc}"
         by_id = {c.client_id: c for c in cohort}
-        malicious = [r for r in results if by_id[r.client_id].malicious]
-        honest = [r for r in results if not by_id[r.client_id].malicious]
-        if malicious:
-            attack = by_id[malicious[0].client_id].attack
-            assert attack is not None
-            ctx = AttackContext(
-                round=round_idx,
-                n_clients=len(cohort),
-                n_malicious=len(malicious),
-                honest_updates=torch.stack([r.update for r in honest]) if attack.omniscient and honest else None,
-                defense=self.defense,
-                generator=generator,
-                extras={"layout": self.layout, "global_vector": self.global_vector,
-                        "lr_mask": self.layout.mask([n for n in self.layout.layer_names if n.startswith("alpha.")])},
-            )
-            poisoned = attack.poison_updates(torch.stack([r.update for r in malicious]), ctx)
-            for r, vec in zip(malicious, poisoned):
-                r.update = vec.to(r.update.dtype)
-        if self.update_hook is not None:
-            for r in results:
-                r.update = self.update_hook(r.client_id, r.update)
-        plan = self._plan()
-        feedback = bool(getattr(self.selector, "error_feedback", False))
-        updates = []
-        for r in results:
-            client = by_id[r.client_id]
-            if feedback and client.residual is not None and not client.malicious:
-                r.update = r.update + client.residual
-            layers = plan if plan is not None else self.selector.select(
-                self.layout, r.update, self.global_vector, probe=self._probe(client)
-            )
-            sent = self.layout.gather(r.update, layers)
-            if feedback and not client.malicious:
-                # error feedback: what was withheld now is added to this client's next upload
-                client.residual = r.update - self.layout.scatter(sent, layers)
-            updates.append(ClientUpdate(r.client_id, sent, layers, r.weight))
+        self._poison(round_idx, results, by_id, len(cohort), generator)
+        updates = self._prepare_uploads(results, by_id)
         context = {
             "layout": self.layout,
             "global_vector": self.global_vector,
