@@ -4,9 +4,9 @@
 (``secagg_client.SecAggClient``), the server half (``secagg_server.SecAggServer``), the public
 round plan (``secagg_plan.RoundPlan``) and the stage vocabulary (``secagg_messages``) are the
 low-level pieces a user drives over their own transport (every message is ``bytes``).
-``SecAggPlus.run_round`` is the in-memory driver: it runs all five stages through a
-``Transport`` (``"advertise"``, ``"share"``, ``"masked"``, ``"consistency"``, ``"unmask"``;
-``None`` from the transport means the client dropped at that stage).
+``SecAggPlus.run_round`` is the in-memory driver: it runs all six stages through a
+``Transport`` (``"advertise"``, ``"share"``, ``"complaints"``, ``"masked"``, ``"consistency"``,
+``"unmask"``; ``None`` from the transport means the client dropped at that stage).
 
 Threat model
 ------------
@@ -18,6 +18,21 @@ Threat model
   stage.  ``k`` and ``t`` follow from these fractions (``secagg_graph.derive_parameters``).
 - A Byzantine client can still send any *input* (secure aggregation hides inputs, it does
   not validate them): use bucketed mode with a robust rule for that.
+- Share complaints (after the share stage, before anyone masks): each client reports the
+  neighbours whose sealed shares fail AES-GCM authentication (or whose keys are unusable);
+  the server excludes every accused client before the masked stage, and every client masks
+  with none of them.  So a client that sends bad sealed shares costs only itself (it is
+  rejected with a ``DecryptionError`` naming it), not the round.  The trade-off: a complaint
+  cannot be verified (only the accuser holds the channel key), so a malicious client can get
+  honest neighbours that sent it shares excluded from *this* round, as if they had dropped
+  out before masking.  It cannot learn anything by it, nor abort the round unless the
+  exclusions leave fewer than ``t`` clients, or a client with fewer than ``t`` live
+  neighbours (exactly as that many dropouts would).  Each accused client's error names its
+  accusers (whose complaint lists are signed when ``signatures=True``), so repeat accusers
+  are visible across rounds.  The exclusion list is the server's word: a lying server can
+  only make clients skip masks with some peers (as dropping messages would); which share an
+  honest client reveals about whom is still decided by the (signed) survivor list, so no
+  client ever reveals both secrets of one peer.
 
 Guarantees
 ----------
@@ -25,7 +40,8 @@ Guarantees
 - If some needed secret has fewer than ``t`` shares, ``ProtocolAbort`` is raised before any
   secret is reconstructed: nothing is unmasked.
 - A tampered sealed share or advertisement, a replayed or misdirected message, a malformed
-  message: a typed ``ProtocolError`` naming the sender, recorded in ``RoundOutput.rejected``.
+  message: a typed ``ProtocolError`` naming the sender, recorded in ``RoundOutput.rejected``;
+  the round goes on over the others while thresholds hold.
 
 Weights: each client encodes ``w * x`` and, in one extra coordinate, ``w`` itself, so the server
 divides the decoded sum by the decoded total weight and never sees a single weight.
@@ -55,7 +71,11 @@ Driving the halves over your own transport (every message is ``bytes``):
 >>> for c, cl in clients.items():
 ...     server.receive_share(c, cl.share(server.keys_for(c)))
 >>> for c, cl in clients.items():
-...     server.receive_masked(c, cl.masked(server.shares_for(c), np.full(4, 0.25 * c, np.float32), 1.0))
+...     server.receive_complaints(c, cl.complain(server.shares_for(c)))
+>>> server.close_complaints()
+(1, 2, 3)
+>>> for c, cl in clients.items():
+...     server.receive_masked(c, cl.masked(server.exclusions_for(c), np.full(4, 0.25 * c, np.float32), 1.0))
 >>> server.close_masked()
 (1, 2, 3)
 >>> for c, cl in clients.items():
@@ -364,25 +384,32 @@ class SecAggPlus(AggregationProtocol):
             data = client_step(c, functools.partial(clients[c].share, keys))
             if data is not None:
                 deliver(c, Stage.SHARE, data, server.receive_share)
-        jobs: dict[int, MaskJob] = {}
         for c in sorted(alive):
-            vec, weight = inputs[c]
             shares = srv(server.shares_for, c)
-            job = client_step(c, functools.partial(clients[c].prepare_masked, shares, vec, weight,
-                                                   noise_fn=self.noise_fn))
-            if job is not None:
-                jobs[c] = job
-        t0 = time.perf_counter()
-        masked_msgs = self._run_jobs(jobs)
-        clock["clients_s"] += time.perf_counter() - t0
-        for c, masked in masked_msgs:
-            if isinstance(masked, InvalidUpdateError):
-                server.reject(c, ProtocolError(str(masked), sender=c))
-                res.rejected[c] = masked
-                alive.discard(c)
-                continue
-            deliver(c, Stage.MASKED, masked, server.receive_masked)
+            data = client_step(c, functools.partial(clients[c].complain, shares))
+            if data is not None:
+                deliver(c, Stage.COMPLAINTS, data, server.receive_complaints)
         try:
+            srv(server.close_complaints)
+            alive.difference_update(server.state.excluded)
+            jobs: dict[int, MaskJob] = {}
+            for c in sorted(alive):
+                vec, weight = inputs[c]
+                excluded = srv(server.exclusions_for, c)
+                job = client_step(c, functools.partial(clients[c].prepare_masked, excluded, vec, weight,
+                                                       noise_fn=self.noise_fn))
+                if job is not None:
+                    jobs[c] = job
+            t0 = time.perf_counter()
+            masked_msgs = self._run_jobs(jobs)
+            clock["clients_s"] += time.perf_counter() - t0
+            for c, masked in masked_msgs:
+                if isinstance(masked, InvalidUpdateError):
+                    server.reject(c, ProtocolError(str(masked), sender=c))
+                    res.rejected[c] = masked
+                    alive.discard(c)
+                    continue
+                deliver(c, Stage.MASKED, masked, server.receive_masked)
             srv(server.close_masked)
             if plan.signatures:
                 for c in [c for c in server.state.contributors if c in alive]:

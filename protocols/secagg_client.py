@@ -1,11 +1,14 @@
-"""The client half of SecAgg+: five stages, each turning the server's message into bytes.
+"""The client half of SecAgg+: six stages, each turning the server's message into bytes.
 
 A client keeps its state in a ``ClientState`` dataclass and checks stage order explicitly:
 calling a stage out of order, or receiving a server message that breaks the plan, raises a
 typed error (never ``return False``).  Bad peer material (a tampered sealed share, an
-advertisement whose signature fails) is *not* fatal: the client leaves that peer out, keeps
-the typed error in ``ClientState.errors`` and reports the peer in its masked message, so the
-server treats the peer as dropped (see ``secagg_server``).
+unusable X25519 key, an advertisement whose signature fails) is *not* fatal: the client
+leaves that peer out, keeps the typed error in ``ClientState.errors`` and reports the peer in
+its complaints message (``complain``, after the share stage and before any input is masked).
+The server forwards the union of accused peers (``exclusions``); the client masks with none of
+them, so they leave the round like clients that dropped before the masked stage and no key of
+theirs ever has to be reconstructed (see ``secagg_server``).
 
 The heavy step (quantize + self mask + pairwise masks) is a pure function of a ``MaskJob``,
 so a driver may run many clients' jobs in worker processes (``run_mask_job``).
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from securefml.errors import DecryptionError, ProtocolAbort, ProtocolError
+from securefml.errors import ProtocolAbort, ProtocolError
 from securefml.protocols import shamir
 from securefml.protocols.prg import MaskStreams, new_seed
 from securefml.protocols.quantize import FixedPoint
@@ -33,6 +36,7 @@ from securefml.protocols.secagg_crypto import (
     KeyPair,
     advert_payload,
     commit_seed,
+    complaints_payload,
     consistency_payload,
     generate_keypair,
     open_share,
@@ -68,16 +72,17 @@ class _Step(IntEnum):
     NEW = 0
     ADVERTISED = 1
     SHARED = 2
-    MASKED = 3
-    CONFIRMED = 4
-    DONE = 5
+    COMPLAINED = 3
+    MASKED = 4
+    CONFIRMED = 5
+    DONE = 6
 
 
 @dataclass
 class MaskJob:
     """Inputs of the masked-input computation (secret: stays on the client's machine).
 
-    ``fields`` are the public fields of the stage-2 message; ``run_mask_job`` adds the masked
+    ``fields`` are the public fields of the stage-3 (masked) message; ``run_mask_job`` adds the masked
     vector and returns the finished message, so a worker process hands back bytes only.
     """
 
@@ -131,6 +136,7 @@ class ClientState:
     peer_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     channel: dict[int, bytes] = field(default_factory=dict)
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    mask_seeds: dict[int, bytes] = field(default_factory=dict)
     peers: tuple[int, ...] = ()
     survivors: tuple[int, ...] = ()
     errors: dict[int, ProtocolError] = field(default_factory=dict)
@@ -230,16 +236,14 @@ class SecAggClient:
         st.step = _Step.SHARED
         return self._msg(Stage.SHARE, {"shares": pack_records(sealed, SEALED_BYTES)})
 
-    # -- stage 2: masked input ----------------------------------------------------------------------
-    def prepare_masked(
-        self,
-        shares_msg: bytes,
-        vector: torch.Tensor | np.ndarray,
-        weight: float,
-        *,
-        noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> MaskJob:
-        """Open the shares addressed to us, pick the peers to mask with, and build the mask job."""
+    # -- stage 2: complaints --------------------------------------------------------------------------
+    def complain(self, shares_msg: bytes) -> bytes:
+        """Open the shares addressed to us and report the peers whose material failed.
+
+        A peer is accused when its sealed share fails AES-GCM authentication, or its masking
+        key is unusable, or it was already left out at the key stage.  Nothing about this
+        client's input is computed yet: the exclusions come back before any mask is chosen.
+        """
         self._expect(_Step.SHARED)
         st = self.state
         assert st.s_keys is not None
@@ -249,20 +253,45 @@ class SecAggClient:
         rnd = self.plan.round_idx
         for peer, sealed in records:
             if peer not in st.channel:
-                continue  # a peer we left out at the key stage
+                continue  # a peer we left out at the key stage (already in ``errors``)
             try:
                 plain = open_share(st.channel[peer], sealed, round_idx=rnd, sender=peer, receiver=self.id)
-            except DecryptionError as exc:
+                seed = pair_key(st.s_keys.private, st.peer_keys[peer][1], purpose=b"mask", round_idx=rnd,
+                                a=self.id, b=peer, sender=peer)
+            except ProtocolError as exc:
                 self._complain(exc)
                 continue
             st.held[peer] = (plain[: shamir.SHARE_BYTES], plain[shamir.SHARE_BYTES :])
-        st.peers = tuple(sorted(st.held))
+            st.mask_seeds[peer] = seed
+        st.step = _Step.COMPLAINED
+        accused = tuple(sorted(st.errors))
+        fields = {"accused": pack_ids(accused)}
+        if self.plan.signatures:
+            assert self._identity is not None
+            fields["sig"] = sign(self._identity, complaints_payload(rnd, self.id, accused))
+        return self._msg(Stage.COMPLAINTS, fields)
+
+    # -- stage 3: masked input ----------------------------------------------------------------------
+    def prepare_masked(
+        self,
+        exclusions_msg: bytes,
+        vector: torch.Tensor | np.ndarray,
+        weight: float,
+        *,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> MaskJob:
+        """Drop the excluded peers, pick the peers to mask with, and build the mask job."""
+        self._expect(_Step.COMPLAINED)
+        st = self.state
+        env = self._open(exclusions_msg, KIND["exclusions"])
+        excluded = set(unpack_ids(env.field("excluded"), sender=SERVER_ID))
+        check_subset(sorted(excluded), self.neighbours, "exclusion list", sender=SERVER_ID)
+        rnd = self.plan.round_idx
+        st.peers = tuple(sorted(p for p in st.held if p not in excluded))
         plus: list[bytes] = [st.seed]
         minus: list[bytes] = []
         for peer in st.peers:
-            seed = pair_key(st.s_keys.private, st.peer_keys[peer][1], purpose=b"mask", round_idx=rnd, a=self.id,
-                            b=peer, sender=peer)
-            (plus if self.id < peer else minus).append(seed)
+            (plus if self.id < peer else minus).append(st.mask_seeds[peer])
         x = vector if isinstance(vector, torch.Tensor) else torch.as_tensor(vector)
         x = x.detach().to("cpu")
         if noise_fn is not None:
@@ -275,17 +304,16 @@ class SecAggClient:
             "layout": self.plan.layout_fingerprint,
             "layers": "\n".join(self.plan.layers).encode(),
             "peers": pack_ids(st.peers),
-            "complaints": pack_ids(st.errors),
             "commit": commit_seed(st.seed, rnd, self.id),
         }
         return MaskJob(arr, float(weight), self.plan.fixed_point, plus, minus, self.id, rnd, fields)
 
-    def masked(self, shares_msg: bytes, vector: torch.Tensor | np.ndarray, weight: float, *,
+    def masked(self, exclusions_msg: bytes, vector: torch.Tensor | np.ndarray, weight: float, *,
                noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bytes:
-        """The stage-2 message: ``prepare_masked`` then ``run_mask_job`` in this process."""
-        return run_mask_job(self.prepare_masked(shares_msg, vector, weight, noise_fn=noise_fn))
+        """The stage-3 message: ``prepare_masked`` then ``run_mask_job`` in this process."""
+        return run_mask_job(self.prepare_masked(exclusions_msg, vector, weight, noise_fn=noise_fn))
 
-    # -- stage 3: consistency check (active-server option) -------------------------------------------
+    # -- stage 4: consistency check (active-server option) -------------------------------------------
     def consistency(self, survivors_msg: bytes) -> bytes:
         """Sign the survivor list the server announced, so neighbours can check they saw the same."""
         self._expect(_Step.MASKED)
@@ -307,7 +335,7 @@ class SecAggClient:
         if len(survivors) < self.plan.t:
             raise ProtocolAbort(f"only {len(survivors)} survivors, threshold is {self.plan.t}", sender=SERVER_ID)
 
-    # -- stage 4: unmask ------------------------------------------------------------------------------
+    # -- stage 5: unmask ------------------------------------------------------------------------------
     def unmask(self, request_msg: bytes) -> bytes:
         """Reveal, per neighbour, the seed share if it survived or the key share if it dropped; never both."""
         st = self.state

@@ -11,8 +11,9 @@ Why each piece (the key schedule of Bonawitz et al., CCS 2017):
   the nonce is the sender's id (each direction of a pair seals exactly one message per round
   under a key that exists for that round only), so a share cannot be replayed from another
   round or redirected to another client without failing authentication.
-- Ed25519 (active-server option) signs the key advertisement and the survivor list of the
-  consistency round with a long-term identity key the clients know from a PKI.
+- Ed25519 (active-server option) signs the key advertisement, the share complaints and the
+  survivor list of the consistency round with a long-term identity key the clients know from
+  a PKI.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "verify",
     "advert_payload",
     "consistency_payload",
+    "complaints_payload",
     "commit_seed",
 ]
 
@@ -109,6 +111,10 @@ def advert_payload(round_idx: int, client: int, c_pk: bytes, s_pk: bytes) -> byt
 
 def consistency_payload(round_idx: int, survivors: Iterable[int]) -> bytes:
     return b"securefml/secagg/consistency" + struct.pack(">I", round_idx) + pack_ids(survivors)
+
+
+def complaints_payload(round_idx: int, client: int, accused: Iterable[int]) -> bytes:
+    return b"securefml/secagg/complaints" + struct.pack(">II", round_idx, client) + pack_ids(accused)
 
 
 def sign(identity: Ed25519PrivateKey, payload: bytes) -> bytes:

@@ -33,6 +33,7 @@ class Stage(str, Enum):
 
     ADVERTISE = "advertise"
     SHARE = "share"
+    COMPLAINTS = "complaints"
     MASKED = "masked"
     CONSISTENCY = "consistency"
     UNMASK = "unmask"
@@ -42,12 +43,14 @@ KIND = {
     # client -> server
     Stage.ADVERTISE: "secagg/advertise",
     Stage.SHARE: "secagg/share",
+    Stage.COMPLAINTS: "secagg/complaints",
     Stage.MASKED: "secagg/masked",
     Stage.CONSISTENCY: "secagg/consistency",
     Stage.UNMASK: "secagg/unmask",
     # server -> client
     "keys": "secagg/keys",
     "shares": "secagg/shares",
+    "exclusions": "secagg/exclusions",
     "survivors": "secagg/survivors",
     "request": "secagg/unmask-request",
 }

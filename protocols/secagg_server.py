@@ -8,12 +8,22 @@ rejected and goes on).  Decisions that need the whole stage (who contributes) ar
 reconstructs *any*, so a round below threshold aborts with ``ProtocolAbort`` having
 unmasked nothing.
 
+Share complaints.  After the share stage every client opens the sealed shares addressed to
+it and sends a (signed, with ``signatures``) list of the neighbours whose share failed
+authentication or whose keys were unusable.  ``close_complaints`` rejects every accused
+client with a ``DecryptionError`` naming it (and its accusers) and fixes the exclusion list
+``X`` = clients that shared but will not contribute: the accused, clients rejected so far, and
+clients whose complaints never arrived.  Each client receives ``X`` restricted to its
+neighbours (``exclusions_for``) *before* it masks its input and masks with nobody in ``X``;
+a masked input whose peer list names a member of ``X`` is rejected.  So a client in ``X`` is
+out of the round like a client that dropped before masking: no mask involves its keys, its
+masking key is never reconstructed and its self-mask seed never is either.
+
 Who is in the sum.  ``C`` (contributors) = clients whose masked input arrived and passed the
-checks, minus clients a neighbour reported for a bad sealed share or signature (treated as
-dropped: their masking key is recovered, their self-mask seed never is, so their input stays
-hidden), minus both ends of any pair whose mask lists disagree.  ``D`` = clients that shared
+checks, minus both ends of any pair whose mask lists disagree.  ``D`` = clients that shared
 their keys but are not in ``C``: their pairwise masks are removed from the neighbours in
-``C`` that used them, with the masking key reconstructed from ``t`` shares.
+``C`` that used them, with the masking key reconstructed from ``t`` shares (only clients that
+dropped after the exclusion list was fixed need this).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from securefml.protocols.secagg_crypto import (
     SEALED_BYTES,
     advert_payload,
     commit_seed,
+    complaints_payload,
     consistency_payload,
     pair_key,
     public_of,
@@ -69,7 +80,6 @@ def mask_total(n: int, dtype: np.dtype, plus: Sequence[bytes], minus: Sequence[b
 class _Masked:
     vector: np.ndarray
     peers: tuple[int, ...]
-    complaints: tuple[int, ...]
     commit: bytes
 
 
@@ -79,6 +89,10 @@ class ServerState:
 
     adverts: dict[int, tuple[bytes, bytes, bytes]] = field(default_factory=dict)
     sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    complaints: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    complaint_sigs: dict[int, bytes] = field(default_factory=dict)
+    excluded: frozenset[int] = frozenset()
+    complaints_closed: bool = False
     masked: dict[int, _Masked] = field(default_factory=dict)
     rejected: dict[int, ProtocolError] = field(default_factory=dict)
     contributors: tuple[int, ...] = ()
@@ -171,13 +185,67 @@ class SecAggServer:
         return self._msg(KIND["shares"], {"shares": pack_records(recs, SEALED_BYTES)})
 
     # -- stage 2 -----------------------------------------------------------------------------------------
+    def receive_complaints(self, sender: int, data: bytes) -> None:
+        """The neighbours ``sender`` accuses of unauthenticated shares or unusable keys."""
+        env = self._open(sender, data, Stage.COMPLAINTS, 1 << 16)
+        st = self.state
+        if sender not in st.sealed:
+            raise ProtocolError("sent complaints without sharing its keys", sender=sender)
+        if sender in st.complaints:
+            raise ReplayError("duplicate complaints message", sender=sender)
+        if st.complaints_closed:
+            raise ProtocolError("complaints arrived after the stage closed", sender=sender)
+        accused = unpack_ids(env.field("accused"), sender=sender)
+        check_subset(accused, self.plan.neighbours(sender), "complaint list", sender=sender)
+        if self.plan.signatures:
+            sig = self._exact(env, "sig", 64)
+            verify(self.plan.identities[sender], sig, complaints_payload(self.plan.round_idx, sender, accused),
+                   sender=sender)
+            st.complaint_sigs[sender] = sig
+        st.complaints[sender] = accused
+
+    def close_complaints(self) -> tuple[int, ...]:
+        """Reject the accused and fix the exclusion list; returns the clients still in the round.
+
+        Every accusation counts, whoever makes it (the union, independent of arrival order):
+        an accusation excludes only the accused, never the accuser.  ``ProtocolAbort`` if fewer
+        than ``t`` clients are left (nothing has been masked, nothing is revealed).
+        """
+        st = self.state
+        if st.complaints_closed:
+            raise ProtocolError("complaint stage already closed", sender=SERVER_ID)
+        st.complaints_closed = True
+        accusers: dict[int, list[int]] = {}
+        for c, accused in st.complaints.items():
+            for a in accused:
+                accusers.setdefault(a, []).append(c)
+        for a, by in sorted(accusers.items()):
+            self.reject(a, DecryptionError(f"neighbours {sorted(by)} could not authenticate its shares or keys",
+                                           sender=a))
+        live = tuple(sorted(c for c in st.complaints if c not in st.rejected))
+        st.excluded = frozenset(st.sealed) - frozenset(live)
+        if len(live) < self.plan.t:
+            raise ProtocolAbort(f"only {len(live)} clients left after the complaint stage, threshold is {self.plan.t}")
+        return live
+
+    def exclusions_for(self, client: int) -> bytes:
+        """The neighbours of ``client`` that it must not mask with (accused, rejected or gone)."""
+        st = self.state
+        if not st.complaints_closed:
+            raise ProtocolError("the complaint stage is still open", sender=SERVER_ID)
+        excluded = [v for v in self.plan.neighbours(client) if v in st.excluded]
+        return self._msg(KIND["exclusions"], {"excluded": pack_ids(excluded)})
+
+    # -- stage 3 -----------------------------------------------------------------------------------------
     def receive_masked(self, sender: int, data: bytes) -> None:
         fp = self.plan.fixed_point
         env = self._open(sender, data, Stage.MASKED, (self.plan.length + 1) * fp.dtype.itemsize + 65536,
                          views=("vector",))
         st = self.state
-        if sender not in st.sealed:
-            raise ProtocolError("sent a masked input without sharing its keys", sender=sender)
+        if sender not in st.complaints or not st.complaints_closed:
+            raise ProtocolError("sent a masked input before the complaint stage closed for it", sender=sender)
+        if sender in st.excluded:
+            raise ProtocolError("sent a masked input although excluded from this round", sender=sender)
         if sender in st.masked:
             raise ReplayError("duplicate masked input", sender=sender)
         if st.closed:
@@ -187,15 +255,13 @@ class SecAggServer:
         if env.field("layers") != "\n".join(self.plan.layers).encode():
             raise ProtocolError("masked input carries other layers than the round's plan", sender=sender)
         peers = unpack_ids(env.field("peers"), sender=sender)
-        sent_to_me = [u for u, recs in st.sealed.items() if sender in recs]
+        sent_to_me = [u for u, recs in st.sealed.items() if sender in recs and u not in st.excluded]
         check_subset(peers, sent_to_me, "mask peer list", sender=sender)
-        complaints = unpack_ids(env.field("complaints"), sender=sender)
-        check_subset(complaints, self.plan.neighbours(sender), "complaint list", sender=sender)
         commit = self._exact(env, "commit", 32)
         vec = unpack_array(env.field("vector"), expected_len=self.plan.length + 1, sender=sender)
         if vec.dtype != fp.dtype:
             raise MalformedMessageError(f"masked vector must be {fp.dtype}, got {vec.dtype}", sender=sender)
-        st.masked[sender] = _Masked(vec, peers, complaints, commit)
+        st.masked[sender] = _Masked(vec, peers, commit)
 
     def close_masked(self) -> tuple[int, ...]:
         """Fix the contributors ``C`` and the dropped set ``D``; returns ``C``."""
@@ -203,11 +269,6 @@ class SecAggServer:
         if st.closed:
             raise ProtocolError("masked stage already closed", sender=SERVER_ID)
         st.closed = True
-        for c, m in st.masked.items():
-            for accused in m.complaints:
-                if accused not in st.rejected:
-                    self.reject(accused, DecryptionError(f"neighbour {c} could not authenticate its material",
-                                                         sender=accused))
         live = {c for c in st.masked if c not in st.rejected}
         for c in sorted(live):
             for p in st.masked[c].peers:
@@ -220,7 +281,7 @@ class SecAggServer:
             raise ProtocolAbort(f"only {len(st.contributors)} masked inputs, threshold is {self.plan.t}")
         return st.contributors
 
-    # -- stage 3 (active-server option) ----------------------------------------------------------------------
+    # -- stage 4 (active-server option) ----------------------------------------------------------------------
     def survivors_for(self, client: int) -> bytes:
         return self._msg(KIND["survivors"], {"alive": pack_ids(self.state.contributors)})
 
@@ -236,7 +297,7 @@ class SecAggServer:
                sender=sender)
         st.sigs[sender] = sig
 
-    # -- stage 4 ---------------------------------------------------------------------------------------------
+    # -- stage 5 ---------------------------------------------------------------------------------------------
     def request_for(self, client: int) -> bytes:
         st = self.state
         fields = {"alive": pack_ids(st.contributors), "dropped": pack_ids(st.dropped)}

@@ -41,7 +41,7 @@ __all__ = [
     "Replay",
 ]
 
-DROP_STAGES = ("advertise", "share", "masked", "unmask")
+DROP_STAGES = ("advertise", "share", "complaints", "masked", "unmask")
 
 
 def _draw(data: st.DataObject | None, value):  # noqa: ANN001, ANN202 - value or strategy
@@ -167,19 +167,21 @@ def recoverable(plan: RoundPlan, drops: Mapping[int, str]) -> bool:
     """Whether an honest SecAgg+ round (no signatures) must finish under ``drops``.
 
     The reference semantics, stage by stage: a client shares only if at least ``t`` of its
-    neighbours advertised keys; the contributors ``C`` are the clients that sent a masked
-    input; the round finishes iff ``|C| >= t`` and every contributor, and every dropped client
+    neighbours advertised keys; a client that shared but whose complaints never arrived is
+    excluded before masking (nobody masks with it); the contributors ``C`` are the clients
+    that sent a masked input; the round finishes iff ``|C| >= t`` and every contributor, and every dropped client
     some contributor masked with, has at least ``t`` neighbours that answer the unmask request.
     """
     t = plan.t
     nb = {c: set(plan.neighbours(c)) for c in plan.cohort}
     u1 = {c for c in plan.cohort if drops.get(c) != "advertise"}
     u2 = {c for c in u1 if len(nb[c] & u1) >= t and drops.get(c) != "share"}
-    contributors = {c for c in u2 if drops.get(c) != "masked"}
+    u3 = {c for c in u2 if drops.get(c) != "complaints"}
+    contributors = {c for c in u3 if drops.get(c) != "masked"}
     if len(contributors) < t:
         return False
     responders = {c for c in contributors if drops.get(c) != "unmask"}
-    dropped = u2 - contributors
+    dropped = u3 - contributors
     need = set(contributors) | {d for d in dropped if nb[d] & contributors}
     return all(len(nb[c] & responders) >= t for c in need)
 

@@ -8,13 +8,13 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from securefml.defenses.mean import Mean
 from securefml.errors import ProtocolAbort
 from securefml.protocols import shamir
-from securefml.protocols.base import ClientUpdate
+from securefml.protocols.base import ClientUpdate, Transport
 from securefml.protocols.quantize import FixedPoint
 from securefml.protocols.secagg import SecAggPlus
 from securefml.protocols.secagg_crypto import SEALED_BYTES
@@ -87,11 +87,54 @@ def test_a_tampered_sealed_share_is_an_integrity_error_naming_its_sender(scn, da
     assert np.abs(out.aggregate.double().numpy() - _plain(scn, kept)).max() <= out.extras["error_bound"] + 1e-6
 
 
+class _TamperShares(Transport):
+    """Flip the tag byte of one sealed share (``records[c]``-th from the end) of each tamperer ``c``."""
+
+    def __init__(self, records: dict[int, int]) -> None:
+        self.records = records
+
+    def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
+        if stage != "share" or sender not in self.records:
+            return data
+        buf = bytearray(data)
+        buf[len(buf) - 1 - self.records[sender] * (4 + SEALED_BYTES)] ^= 0x01
+        return bytes(buf)
+
+
+@settings(max_examples=25, deadline=None)
+@given(secagg_scenarios(min_clients=4, max_clients=9), st.data())
+def test_tampering_senders_cost_only_themselves_or_the_round_aborts_revealing_nothing(scn, data) -> None:  # noqa: ANN001
+    """Any set of senders whose sealed shares fail authentication: if every live client keeps at
+    least ``t`` live neighbours, exactly the tamperers are rejected (by name) and the sum is the
+    plain sum of the others; otherwise the round aborts before any secret is reconstructed."""
+    proto = SecAggPlus(neighbours=scn.k, threshold=scn.t)
+    plan = proto.plan(0, scn.cohort, scn.vectors.shape[1], max_weight=64.0)
+    nb = {c: set(plan.neighbours(c)) for c in scn.cohort}
+    bad = set(data.draw(st.lists(st.sampled_from(scn.cohort), unique=True, min_size=1, max_size=len(scn.cohort))))
+    records = {c: data.draw(st.integers(0, len(nb[c]) - 1)) for c in sorted(bad)}
+    live = set(scn.cohort) - bad
+    expect_ok = len(live) >= scn.t and all(len(nb[c] & live) >= scn.t for c in live)
+    event("recovers" if expect_ok else "aborts")
+    with mock.patch.object(shamir, "reconstruct", wraps=shamir.reconstruct) as spy:
+        try:
+            _, _, out = _run(scn, _TamperShares(records), proto=proto)
+        except ProtocolAbort:
+            assert not expect_ok
+            assert spy.call_count == 0
+            return
+    assert expect_ok
+    assert set(out.rejected) == bad
+    for c, reason in out.rejected.items():
+        assert reason.startswith("DecryptionError") and f"sender {c}" in reason
+    assert set(out.accepted) == live
+    assert np.abs(out.aggregate.double().numpy() - _plain(scn, live)).max() <= out.extras["error_bound"] + 1e-6
+
+
 @FAST
 @given(secagg_scenarios(max_clients=8).filter(lambda s: s.t < s.k), st.data())
 def test_a_message_replayed_from_another_round_names_its_sender(scn, data) -> None:  # noqa: ANN001
     victim = data.draw(st.sampled_from(scn.cohort))
-    stage = data.draw(st.sampled_from(["advertise", "share", "masked", "unmask"]))
+    stage = data.draw(st.sampled_from(["advertise", "share", "complaints", "masked", "unmask"]))
     transport = Replay()
     proto, _, _ = _run(scn, transport, round_idx=5)
     transport.arm(victim, stage)

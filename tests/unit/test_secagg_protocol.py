@@ -183,7 +183,10 @@ def _drive_to_masked(proto: SecAggPlus, n: int) -> tuple[SecAggServer, dict[int,
     for c, cl in clients.items():
         server.receive_share(c, cl.share(server.keys_for(c)))
     for c, cl in clients.items():
-        server.receive_masked(c, cl.masked(server.shares_for(c), np.ones(3, np.float32), 1.0))
+        server.receive_complaints(c, cl.complain(server.shares_for(c)))
+    server.close_complaints()
+    for c, cl in clients.items():
+        server.receive_masked(c, cl.masked(server.exclusions_for(c), np.ones(3, np.float32), 1.0))
     server.close_masked()
     return server, clients
 
@@ -235,7 +238,10 @@ def test_masked_vector_of_zeros_looks_uniform() -> None:
         server.receive_advertise(c, cl.advertise())
     for c, cl in clients.items():
         server.receive_share(c, cl.share(server.keys_for(c)))
-    msg = clients[0].masked(server.shares_for(0), np.zeros(50_000, np.float32), 1.0)
+    for c, cl in clients.items():
+        server.receive_complaints(c, cl.complain(server.shares_for(c)))
+    server.close_complaints()
+    msg = clients[0].masked(server.exclusions_for(0), np.zeros(50_000, np.float32), 1.0)
     payload = np.frombuffer(decode(msg).field("vector")[2:], np.uint8)
     counts = np.bincount(payload, minlength=256)
     expected = payload.size / 256
