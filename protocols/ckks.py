@@ -629,6 +629,14 @@ class CKKS(AggregationProtocol):
             dec = self.key_holder.decrypt_aggregate([a.serialize() for a in acc], contributors=len(clients))
             vec = np.concatenate([dec[k * frame.slots : k * frame.slots + frame.chunk_len(k)] for k in order])
         timing["decrypt_s"] = time.perf_counter() - t0
+        noise_std = float(result.info.get("noise_std", 0.0) or 0.0)
+        if noise_std > 0 and acc is not None:
+            # rules such as FLAME add Gaussian noise to the aggregate: it is added right after
+            # decryption, before the aggregate leaves the protocol
+            gen = (context or {}).get("generator")
+            noise = torch.randn(vec.shape, generator=gen if isinstance(gen, torch.Generator) else None,
+                                dtype=torch.float64)
+            vec = vec + noise_std * noise.numpy()
         full = layout.scatter(torch.from_numpy(vec).to(torch.float32), frame.layers)
         kept = sum(c.weight for c, w in zip(clients, coeff_list) if abs(w) > 1e-9)
         layer_weight = {n: (float(kept) if n in frame.spans and used else 0.0) for n in layout.layer_names}

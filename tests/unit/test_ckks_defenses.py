@@ -36,3 +36,15 @@ def test_rule_under_ckks_matches_plaintext(proto, updates, spec):
     assert enc.flagged == plain.flagged
     max_abs = max(float(u.vector.abs().max()) for u in updates)
     assert torch.allclose(enc.aggregate, plain.aggregate, atol=10 * sum_error_bound(len(updates), max_abs))
+
+
+def test_flame_noise_is_added_to_the_decrypted_aggregate(proto, updates):
+    from securefml.defenses import FLAME
+
+    quiet = proto.run_round(0, updates, LAYOUT, defense=FLAME(noise=0.0))
+    noisy = proto.run_round(1, updates, LAYOUT, defense=FLAME(noise=0.5),
+                            context={"generator": torch.Generator().manual_seed(1)})
+    std = noisy.defense.info["noise_std"]
+    assert std > 0 and noisy.flagged == quiet.flagged
+    diff = noisy.aggregate - quiet.aggregate
+    assert abs(float(diff.std()) / std - 1.0) < 0.1  # 1,005 entries: the sample std is within 10%
