@@ -9,6 +9,7 @@ Bulyan ends with a coordinate-wise step, so it needs coordinates (plaintext or b
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -129,10 +130,11 @@ class _GeometryRule(Defense):
         self.f = check_f(f)
         self.chunk = int(chunk)
 
+    @abstractmethod
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], dict[str, Any]]:
-        raise NotImplementedError
+        """Subclasses define this."""
 
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]

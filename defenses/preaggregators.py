@@ -10,6 +10,7 @@ so ``NNM(f=2) >> Krum(f=2)`` runs under CKKS as a weighted homomorphic sum.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,15 +90,17 @@ class _LinearPre(PreAggregator):
 
     runs_on = _ALL
 
+    @abstractmethod
     def _mixing_plain(
         self, x: torch.Tensor, w: torch.Tensor, ids: tuple[int, ...], context: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-        raise NotImplementedError
+        """Subclasses define this."""
 
+    @abstractmethod
     def _mixing_gram(
         self, gram: Gram, w: torch.Tensor, context: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-        raise NotImplementedError
+        """Subclasses define this."""
 
     def _rows(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return mix(m, x, chunk=getattr(self, "chunk", DEFAULT_CHUNK))
@@ -214,8 +217,9 @@ class _ScalePre(_LinearPre):
 
     chunk = DEFAULT_CHUNK
 
+    @abstractmethod
     def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
-        raise NotImplementedError
+        """Subclasses define this."""
 
     def _rows(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x * torch.diagonal(m).to(x.device, x.dtype)[:, None]
