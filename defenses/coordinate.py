@@ -10,6 +10,7 @@ below count clients, not samples.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -127,7 +128,27 @@ class CoordinateMedian(Defense):
         return AggregationResult(coordinate_median(updates, chunk=self.chunk), client_ids)
 
 
-class TrimmedMean(Defense):
+class _TrimmingRule(Defense):
+    """Shared plumbing of the coordinate rules parameterised by the Byzantine budget ``f``."""
+
+    runs_on = _COORD
+
+    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.f = check_f(f)
+        self.chunk = int(chunk)
+
+    @abstractmethod
+    def _combine(self, updates: torch.Tensor, f: int) -> torch.Tensor:
+        """The per-coordinate aggregate of ``updates`` when ``f`` of them may be Byzantine."""
+
+    def aggregate(
+        self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
+    ) -> AggregationResult:
+        f = effective_f(self.f, context)
+        return AggregationResult(self._combine(updates, f), client_ids, info={"f": f})
+
+
+class TrimmedMean(_TrimmingRule):
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018).
 
     Per coordinate the ``f`` largest and ``f`` smallest values are dropped and the remaining
@@ -145,20 +166,12 @@ class TrimmedMean(Defense):
     """
 
     name = "trimmedmean"
-    runs_on = _COORD
 
-    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
-        self.f = check_f(f)
-        self.chunk = int(chunk)
-
-    def aggregate(
-        self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
-    ) -> AggregationResult:
-        f = effective_f(self.f, context)
-        return AggregationResult(trimmed_mean(updates, f, chunk=self.chunk), client_ids, info={"f": f})
+    def _combine(self, updates: torch.Tensor, f: int) -> torch.Tensor:
+        return trimmed_mean(updates, f, chunk=self.chunk)
 
 
-class Meamed(Defense):
+class Meamed(_TrimmingRule):
     """Mean around the median (Xie et al., 2018).
 
     Per coordinate, the ``n - f`` values closest to the coordinate-wise median are averaged.
@@ -174,14 +187,6 @@ class Meamed(Defense):
     """
 
     name = "meamed"
-    runs_on = _COORD
 
-    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
-        self.f = check_f(f)
-        self.chunk = int(chunk)
-
-    def aggregate(
-        self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
-    ) -> AggregationResult:
-        f = effective_f(self.f, context)
-        return AggregationResult(meamed(updates, f, chunk=self.chunk), client_ids, info={"f": f})
+    def _combine(self, updates: torch.Tensor, f: int) -> torch.Tensor:
+        return meamed(updates, f, chunk=self.chunk)
