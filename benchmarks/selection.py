@@ -1,6 +1,6 @@
 """Does layer selection pay?  Bytes vs personalized accuracy on digits-fewshot; prints JSON.
 
-    python benchmarks/selection.py [--rounds 200] [--protocol plaintext]
+    python benchmarks/selection.py [--rounds 200] [--algorithm maml] [--seeds 0 1] [--protocol plaintext]
 
 Rows: all layers, top-k by relative change with a 25% byte budget (client-chosen, with error
 feedback, and server-dictated), and Cedar's representational-change selection (withholding 1 layer).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -25,17 +26,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--algorithm", default="maml")
     ap.add_argument("--protocol", default="plaintext")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = {}
     for sel in SELECTIONS:
-        cfg = RunConfig(dataset="digits-fewshot", algorithm=args.algorithm, rounds=args.rounds, clients_per_round=10,
-                        seed=args.seed, protocol=args.protocol, select=sel)
-        res = run_experiment(cfg)
-        m = res.metrics
-        rows[sel] = {"bytes": m["bytes_uploaded"], "accuracy": m["personalized"]["accuracy"],
-                     "std": m["personalized"]["std"], "seconds": m["wall_seconds"]}
+        runs = []
+        for seed in args.seeds:
+            cfg = RunConfig(dataset="digits-fewshot", algorithm=args.algorithm, rounds=args.rounds,
+                            clients_per_round=10, seed=seed, protocol=args.protocol, select=sel)
+            m = run_experiment(cfg).metrics
+            runs.append({"bytes": m["bytes_uploaded"], "accuracy": m["personalized"]["accuracy"],
+                         "seconds": m["wall_seconds"]})
+        rows[sel] = {
+            "bytes": statistics.fmean(r["bytes"] for r in runs),
+            "accuracy": statistics.fmean(r["accuracy"] for r in runs),
+            "per_seed_accuracy": [r["accuracy"] for r in runs],
+            "seconds": statistics.fmean(r["seconds"] for r in runs),
+        }
         print(f"# {sel}: {rows[sel]}", flush=True)
     base = rows["all"]
     for r in rows.values():
