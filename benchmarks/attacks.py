@@ -6,7 +6,7 @@ one update.  "damage" is ``||mean(all rows) - mean(honest)|| / ||mean(honest)||`
 averaging, and "cos" the cosine between that aggregate and the honest mean (negative = the
 round moves the model backwards).
 
-Usage: ``python benchmarks/bench_attacks.py [--n 25] [--f 5] [--d 100000] [--reps 5]``
+Usage: ``python benchmarks/attacks.py [--n 25] [--f 5] [--d 100000] [--reps 5]``
 """
 
 from __future__ import annotations
