@@ -15,7 +15,7 @@ from securefml.attacks import Attack, make_attack
 from securefml.client import Client
 from securefml.data import load_dataset
 from securefml.data.base import FederatedDataset
-from securefml.defenses import Defense, make_defense
+from securefml.defenses import Defense, DetectionTracker, make_defense
 from securefml.errors import ConfigError
 from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
@@ -24,7 +24,7 @@ from securefml.privacy import PrivacyConfig, setup_privacy
 from securefml.protocols import PROTOCOLS, Transport
 from securefml.registry import parse_spec
 from securefml.selection import make_selector
-from securefml.server import RoundRecord, Server, detection_rates
+from securefml.server import RoundRecord, Server
 
 __all__ = ["RunConfig", "RunResult", "run_experiment", "default_hyperparameters"]
 
@@ -208,7 +208,8 @@ def run_experiment(
     clients = [Client.build(t, attack=attack if i in mal_ids else None, generator=gen) for i, t in enumerate(train)]
     malicious_ids = [c.client_id for c in clients if c.malicious]
     history: list[RoundRecord] = []
-    stimulus = (root or data.heldout[0] if data.heldout else train[0]).support_x[:32].to(device)
+    probe_task = root if root is not None else (data.heldout[0] if data.heldout else train[0])
+    stimulus = probe_task.support_x[:32].to(device)  # fixed inputs for behavioural detectors
     for rnd in range(config.rounds):
         cohort_idx = torch.randperm(len(clients), generator=gen)[:per_round].tolist()
         cohort = [clients[i] for i in sorted(cohort_idx)]
@@ -228,13 +229,10 @@ def run_experiment(
     steps = hp["finetune_steps"]
     personalized = personalize(learner, server.params, data.heldout, steps=steps, device=device)
     global_only = personalize(learner, server.params, data.heldout, steps=0, device=device)
-    flagged = [f for r in history for f in r.flagged]
-    det_rounds = [detection_rates(r.flagged, r.malicious, r.accepted) for r in history]
-    all_flag_pairs = [(r.flagged, r.malicious, r.accepted) for r in history]
-    tp = sum(len(set(f) & set(m) & set(a)) for f, m, a in all_flag_pairs)
-    pos = sum(len(set(m) & set(a)) for f, m, a in all_flag_pairs)
-    fp = sum(len(set(f) & (set(a) - set(m))) for f, m, a in all_flag_pairs)
-    neg = sum(len(set(a) - set(m)) for f, m, a in all_flag_pairs)
+    tracker = DetectionTracker(tuple(malicious_ids))
+    for r in history:
+        tracker.update(r.round, flagged=r.flagged, cohort_ids=r.accepted)
+    overall = tracker.overall()
     metrics = {
         "personalized": personalized.to_dict(),
         "global": global_only.to_dict(),
@@ -244,10 +242,10 @@ def run_experiment(
         "rejected": int(sum(len(r.rejected) for r in history)),
         "detection": {
             "malicious_ids": malicious_ids,
-            "tpr": tp / pos if pos else None,
-            "fpr": fp / neg if neg else None,
-            "flagged_total": len(flagged),
-            "per_round": det_rounds,
+            "tpr": overall.tpr,
+            "fpr": overall.fpr,
+            "flagged_total": overall.tp + overall.fp,
+            **tracker.to_dict(),
         },
     }
     if on_finish is not None:

@@ -19,7 +19,7 @@ from securefml.protocols.base import AggregationProtocol, ClientUpdate, RoundOut
 from securefml.selection import AllLayers, LayerSelector, NamedLayers
 from securefml.updates import LayerLayout
 
-__all__ = ["Server", "RoundRecord", "detection_rates"]
+__all__ = ["Server", "RoundRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,6 @@ class RoundRecord:
     seconds: float
     uploaded_layers: dict[str, int] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-def detection_rates(flagged: Sequence[int], malicious: Sequence[int], cohort: Sequence[int]) -> dict[str, float | None]:
-    """True- and false-positive rates of ``flagged`` given the true ``malicious`` ids in ``cohort``."""
-    mal = set(malicious) & set(cohort)
-    honest = set(cohort) - mal
-    fl = set(flagged)
-    tpr = len(fl & mal) / len(mal) if mal else None
-    fpr = len(fl & honest) / len(honest) if honest else None
-    return {"tpr": tpr, "fpr": fpr}
 
 
 class Server:

@@ -12,7 +12,7 @@ from securefml.experiment import RunConfig, run_experiment
 from securefml.meta import FOMAML, MetaConfig
 from securefml.models import make_model
 from securefml.protocols import Plaintext
-from securefml.server import Server, detection_rates
+from securefml.server import Server
 
 TINY = {"n_train": 6, "n_heldout": 3, "k_shot": 3, "query": 3}
 
@@ -73,8 +73,12 @@ def test_bad_run_config():
         RunConfig(attack="signflip")
 
 
-def test_detection_rates():
-    assert detection_rates([1, 5], [1, 2], [1, 2, 3, 4, 5]) == {"tpr": 0.5, "fpr": 1 / 3}
+def test_detection_metrics_in_results():
+    cfg = RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=2, clients_per_round=6,
+                    dataset_options=TINY, attack="signflip:scale=5", malicious=0.34, defense="krum:f=1")
+    det = run_experiment(cfg).metrics["detection"]
+    assert len(det["per_round"]) == 2 and {"tp", "fp", "fn", "tn"} <= set(det["overall"])
+    assert det["tpr"] == det["overall"]["tpr"] and 0 <= det["tpr"] <= 1
 
 
 def test_cli_run_writes_result(tmp_path, capsys):
