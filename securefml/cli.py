@@ -32,6 +32,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-opt", choices=["sgd", "adam"])
     p.add_argument("--server-lr", type=float)
     p.add_argument("--finetune-steps", type=int, help="personalization steps on held-out clients")
+    p.add_argument("--hidden", type=_sizes, help="hidden layer widths of the MLP, e.g. 64,64 (default per dataset)")
     p.add_argument("--protocol", default="plaintext", help="plaintext | ckks[:preset=stats] | secagg[:k=v]")
     p.add_argument("--buckets", type=int, help="SecAgg bucketed mode: bucket size for robust rules")
     p.add_argument("--select", default="all", help="all | named:REGEX | topk:FRACTION | cedar[:WITHHOLD]")
@@ -87,8 +88,18 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         outer_steps=args.outer_steps, server_opt=args.server_opt, server_lr=args.server_lr,
         finetune_steps=args.finetune_steps, protocol=protocol, select=args.select, defense=args.defense,
         attack=args.attack, malicious=args.malicious, dataset_options=_dataset_options(args.dataset_option),
-        privacy=_privacy_options(args),
+        privacy=_privacy_options(args), hidden=args.hidden,
     )
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or any(n <= 0 for n in sizes):
+        raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
+    return sizes
 
 
 def _privacy_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -171,3 +171,13 @@ def test_error_feedback_keeps_what_topk_withholds():
     before = client.residual.clone()
     server.run_round(1, [client])
     assert not torch.equal(before, client.residual)  # the residual was added to the next upload
+
+
+def test_cli_hidden_sizes_reach_the_model(tmp_path):
+    rc = main(["run", "--dataset", "digits-fewshot", "--rounds", "1", "--clients-per-round", "2", "--no-progress",
+               "--dataset-option", "n_train=4", "--dataset-option", "n_heldout=1", "--hidden", "8,8,8",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert data["config"]["hidden"] == [8, 8, 8]
+    assert set(data["history"][0]["uploaded_layers"]) == {"layers.0", "layers.2", "layers.4", "layers.6"}
