@@ -194,7 +194,7 @@ class Malformed(TamperingTransport):
                 out[0] ^= 0xFF
             return bytes(out)
         if self.mode == "magic":
-            raw[:4] = b"XXXX"
+            raw[:4] = b"JUNK"  # not the SFML magic
         else:
             raw[4] = 255
         return bytes(raw)

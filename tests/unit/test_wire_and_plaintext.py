@@ -23,7 +23,7 @@ def test_envelope_roundtrip_and_checks():
         back.expect(kind="k", round=3, sender=8)
 
 
-@pytest.mark.parametrize("mutate", [lambda b: b[:-1], lambda b: b + b"\x00", lambda b: b"XXXX" + b[4:],
+@pytest.mark.parametrize("mutate", [lambda b: b[:-1], lambda b: b + b"\x00", lambda b: b"JUNK" + b[4:],
                                     lambda b: b[:4] + b"\x09" + b[5:], lambda b: b""])
 def test_malformed_bytes_rejected(mutate):
     data = encode(Envelope("k", 1, 2, {"x": b"abc"}))
