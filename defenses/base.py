@@ -142,6 +142,9 @@ class Defense(ABC):
     name: str = "defense"
     #: True when the rule needs the server's own update on clean root data (``context["reference"]``)
     needs_reference: bool = False
+    #: True only for the plain weighted mean: protocols can then aggregate each layer over the
+    #: clients that sent it and need no statistics (no robust decision to make)
+    is_weighted_mean: bool = False
 
     def __call__(
         self,

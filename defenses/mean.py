@@ -22,6 +22,7 @@ class Mean(Defense):
     """
 
     name = "mean"
+    is_weighted_mean = True
     runs_on = frozenset({Reveals.UPDATES, Reveals.GRAM, Reveals.BUCKETS, Reveals.SUM})
 
     def aggregate(

@@ -455,7 +455,7 @@ class CKKS(AggregationProtocol):
         context: Mapping[str, object] | None = None,
     ) -> RoundOutput:
         self.check_defense(defense)
-        gram_mode = defense.name != "mean"
+        gram_mode = not defense.is_weighted_mean
         if gram_mode and not self.preset.statistics:
             raise ConfigError(
                 f"defense {defense!r} needs encrypted statistics; preset {self.preset.name!r} has no "

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from securefml.errors import MalformedMessageError, ProtocolError, ReplayError
+from securefml.errors import ConfigError, MalformedMessageError, ProtocolError, ReplayError
 from securefml.protocols.base import (
     AggregationProtocol,
     ClientUpdate,
@@ -130,9 +130,7 @@ def aggregate_plain(
     weights = [c.weight for c in clients]
     layer_sets = {c.layers for c in clients}
     if len(layer_sets) > 1:
-        if defense.name != "mean":
-            from securefml.errors import ConfigError
-
+        if not defense.is_weighted_mean:
             raise ConfigError(
                 f"defense {defense!r} needs every client to upload the same layers; "
                 "use a server-dictated selection plan with robust rules"

@@ -94,6 +94,7 @@ def test_partial_layers_aggregated_per_layer():
 def test_robust_rule_refuses_mixed_layer_sets():
     class Robust(Mean):
         name = "robust"
+        is_weighted_mean = False
 
     ups = [ClientUpdate(0, torch.ones(3), ("a",), 1.0), ClientUpdate(1, torch.ones(5), ("a", "b"), 1.0)]
     with pytest.raises(ConfigError, match="same layers"):
