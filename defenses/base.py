@@ -18,7 +18,7 @@ import torch
 
 from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.gram import Gram
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = [
     "AggregationResult",
@@ -138,7 +138,7 @@ class Defense(ABC):
     Subclasses validate hyper-parameters once in ``__init__`` and implement ``aggregate``.
     """
 
-    runs_on: frozenset[str] = frozenset({Reveals.UPDATES, Reveals.BUCKETS})
+    runs_on: frozenset[Reveals] = frozenset({Reveals.UPDATES, Reveals.BUCKETS})
     name: str = "defense"
     #: True when the rule needs the server's own update on clean root data (``context["reference"]``)
     needs_reference: bool = False

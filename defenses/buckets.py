@@ -15,7 +15,7 @@ import torch
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.errors import ConfigError
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = ["aggregate_buckets"]
 

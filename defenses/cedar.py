@@ -10,7 +10,7 @@ import torch
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.distance import combine
 from securefml.errors import ConfigError
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = ["similarity_matrix", "corr2", "two_means_low", "representational_scores", "CedarDetector"]
 

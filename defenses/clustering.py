@@ -19,7 +19,7 @@ from securefml.defenses.distance import combine
 from securefml.defenses.linalg import DEFAULT_CHUNK, gram_matrix
 from securefml.errors import ConfigError
 from securefml.gram import Gram
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = [
     "cosine_from_gram",

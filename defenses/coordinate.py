@@ -19,7 +19,7 @@ import torch
 from securefml.defenses.base import AggregationResult, Defense, effective_f
 from securefml.defenses.linalg import DEFAULT_CHUNK, coordinatewise
 from securefml.errors import ConfigError
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = [
     "coordinate_median",

@@ -9,7 +9,7 @@ import torch
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.gram import Gram
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = ["Mean"]
 

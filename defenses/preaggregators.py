@@ -21,7 +21,7 @@ from securefml.defenses.coordinate import check_f
 from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = [
     "nnm_mixing",

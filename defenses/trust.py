@@ -12,7 +12,7 @@ from securefml.defenses.distance import combine
 from securefml.defenses.linalg import DEFAULT_CHUNK, column_blocks, row_norms
 from securefml.errors import ConfigError
 from securefml.gram import Gram
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = ["fltrust_coefficients", "reference_inner", "FLTrust"]
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
+from securefml.reveals import Reveals
 from securefml.updates import LayerLayout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,15 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class Reveals:
-    """What the server half can show a defense (DESIGN.md, robust aggregation under secrecy)."""
-
-    UPDATES = "updates"  # every client's coordinates (plaintext)
-    GRAM = "gram"  # norms / inner products only (CKKS statistics)
-    BUCKETS = "buckets"  # sums of random buckets of clients (SecAgg bucketed mode)
-    SUM = "sum"  # only the total (SecAgg)
 
 
 @dataclass
@@ -134,7 +126,7 @@ class AggregationProtocol(ABC):
     """
 
     name: str = "protocol"
-    reveals: str = Reveals.UPDATES
+    reveals: Reveals = Reveals.UPDATES
 
     @abstractmethod
     def run_round(

@@ -6,9 +6,11 @@ records; ``securefml eval`` does the same from the command line (``add_eval_pars
 """
 
 from securefml.evaluation.api import Evaluation, evaluate
-from securefml.evaluation.cli import PRESETS, add_eval_parser, preset, run_eval
+from securefml.evaluation.cli import add_eval_parser, run_eval
 from securefml.evaluation.matrix import Cell, Matrix, cell_key, label_of, run_cell, run_matrix
 from securefml.evaluation.metrics import METRICS, backdoor_success, cell_metrics, is_backdoor
+from securefml.evaluation.presets import PRESETS, preset
+from securefml.evaluation.progress import ProgressBars
 from securefml.evaluation.report import load_records, markdown_table, pivot, save_records, write_reports
 
 __all__ = [
@@ -33,4 +35,5 @@ __all__ = [
     "preset",
     "add_eval_parser",
     "run_eval",
+    "ProgressBars",
 ]

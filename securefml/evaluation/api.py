@@ -15,6 +15,7 @@ from typing import Any
 
 from securefml.evaluation.matrix import AttackLike, Cell, DefenseLike, Matrix, run_matrix
 from securefml.evaluation.metrics import METRICS
+from securefml.evaluation.progress import ProgressBars
 from securefml.evaluation.report import load_records, markdown_table, save_records, write_reports
 from securefml.experiment import RunConfig
 
@@ -120,8 +121,6 @@ def evaluate(
     previous = load_records(out, archived=True) if (out is not None and resume) else []
     bars = None
     if progress:
-        from securefml.evaluation.cli import ProgressBars
-
         bars = ProgressBars(len(matrix.cells()), base.rounds)
     done: list[dict[str, Any]] = []
     reused = 0

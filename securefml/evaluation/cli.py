@@ -11,94 +11,14 @@ into ``--out``, so an interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
-from securefml.errors import ConfigError
-from securefml.evaluation.matrix import Cell
-from securefml.server import RoundRecord
+from securefml.evaluation.api import evaluate
+from securefml.evaluation.presets import PRESETS, evaluate_kwargs, preset
+from securefml.evaluation.progress import ProgressBars
 
 __all__ = ["add_eval_parser", "run_eval", "preset", "ProgressBars", "PRESETS"]
-
-_KHJ_DATA = {"n_clients": 25, "n_heldout": 5, "classes_per_client": 2}
-
-#: The two built-in matrices.  Keys are the parser's destinations.
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {
-        "dataset": "digits-skew",
-        "algorithm": "fedavg",
-        "rounds": 30,
-        "clients_per_round": 25,
-        "inner_steps": 5,
-        "inner_lr": 0.1,
-        "server_opt": "adam",
-        "server_lr": 0.02,
-        "dataset_option": [f"{k}={v}" for k, v in _KHJ_DATA.items()],
-        "attacks": ["none", "signflip:scale=10", "scaling:scale=100", "ipm:epsilon=0.1", "alie", "backdoor",
-                    "meta-backdoor"],
-        "defenses": ["mean", "cclip:tau=1", "geomed", "median", "krum:f=5", "bucketing:size=2>>median",
-                     "bucketing:size=2>>krum:f=5", "normbound", "flame"],
-        "protocols": ["plaintext"],
-        "malicious": [0.2],
-        "seeds": [0],
-    },
-    "quick": {
-        "dataset": "digits-skew",
-        "algorithm": "fedavg",
-        "rounds": 10,
-        "clients_per_round": 15,
-        "inner_steps": 5,
-        "inner_lr": 0.1,
-        "server_opt": "adam",
-        "server_lr": 0.02,
-        "dataset_option": ["n_clients=15", "n_heldout=5", "classes_per_client=2"],
-        "attacks": ["none", "signflip:scale=10", "ipm:epsilon=0.1", "backdoor"],
-        "defenses": ["mean", "cclip:tau=1", "median", "krum:f=3"],
-        "protocols": ["plaintext"],
-        "malicious": [0.2],
-        "seeds": [0],
-    },
-}
-
-
-class ProgressBars:
-    """Two tqdm bars on stderr: cells of the matrix, and rounds of the running cell."""
-
-    def __init__(self, cells: int, rounds: int) -> None:
-        from tqdm import tqdm
-
-        self._tqdm = tqdm
-        self.rounds = rounds
-        self.cells = tqdm(total=cells, desc="cells", unit="cell", file=sys.stderr, position=0)
-        self.inner: Any = None
-
-    def round_done(self, cell: Cell, rec: RoundRecord) -> None:
-        if self.inner is None:
-            label = f"{cell.attack_label} vs {cell.defense_label}"
-            self.inner = self._tqdm(total=self.rounds, desc=label[:40], unit="round", file=sys.stderr,
-                                    position=1, leave=False)
-        self.inner.set_postfix(loss=f"{rec.train_loss:.3f}", flagged=len(rec.flagged))
-        self.inner.update(1)
-
-    def cell_done(self, cell: Cell, record: dict[str, Any], reused: bool) -> None:
-        if self.inner is not None:
-            self.inner.close()
-            self.inner = None
-        score = record.get("global")
-        if reused:
-            status = "reused"
-        elif record.get("error"):
-            status = "error"
-        else:
-            status = f"global={score:.3f}" if score is not None else "-"
-        self.cells.set_postfix_str(f"{cell.attack_label} / {cell.defense_label}: {status}")
-        self.cells.update(1)
-
-    def close(self) -> None:
-        if self.inner is not None:
-            self.inner.close()
-        self.cells.close()
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -143,44 +63,14 @@ def _resolved(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (getattr(args, k, None) if getattr(args, k, None) is not None else v) for k, v in preset.items()}
 
 
-def _dataset_options(items: list[str]) -> dict[str, Any]:
-    from securefml.registry import parse_spec
-
-    return parse_spec("options:" + ",".join(items))[1] if items else {}
-
-
-def _evaluate_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    """``evaluate`` keyword arguments from resolved preset/flag values."""
-    kwargs: dict[str, Any] = {k: opts[k] for k in ("attacks", "defenses", "protocols", "malicious", "seeds")}
-    for key in ("dataset", "algorithm", "rounds", "clients_per_round", "inner_steps", "inner_lr", "outer_lr",
-                "server_opt", "server_lr", "finetune_steps", "select", "device"):
-        if opts.get(key) is not None:
-            kwargs[key] = opts[key]
-    kwargs["dataset_options"] = _dataset_options(opts.get("dataset_option") or [])
-    return kwargs
-
-
-def preset(name: str = "default") -> dict[str, Any]:
-    """The ``evaluate`` keyword arguments of a built-in matrix (``"default"`` or ``"quick"``).
-
-    >>> sorted(preset("quick")["defenses"])
-    ['cclip:tau=1', 'krum:f=3', 'mean', 'median']
-    """
-    if name not in PRESETS:
-        raise ConfigError(f"unknown evaluation preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
-    return _evaluate_kwargs(dict(PRESETS[name]))
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Run the matrix described by ``args`` (see ``add_eval_parser``); print where the reports are."""
-    from securefml.evaluation.api import evaluate
-
     opts = _resolved(args)
     for key in ("outer_lr", "finetune_steps", "select", "device"):
         opts[key] = getattr(args, key, None)
     started = time.perf_counter()
     ev = evaluate(
-        **_evaluate_kwargs(opts), out=args.out, resume=not args.fresh, plots=not args.no_plots,
+        **evaluate_kwargs(opts), out=args.out, resume=not args.fresh, plots=not args.no_plots,
         threads=args.threads, progress=not args.no_progress,
     )
     seconds = time.perf_counter() - started
