@@ -39,8 +39,7 @@ from securefml.attacks.protocol_attacks import (
     WrongRound,
     WrongSender,
 )
-from securefml.errors import ConfigError
-from securefml.registry import Registry, parse_spec
+from securefml.registry import Registry
 
 __all__ = [
     "Attack",
@@ -84,38 +83,22 @@ __all__ = [
 
 ATTACKS: Registry[Attack] = Registry("attack")
 ATTACKS.register("none")(Attack)
-ATTACKS.register("signflip")(SignFlip)
-ATTACKS.register("gaussian")(Gaussian)
-ATTACKS.register("scaling")(Scaling)
+ATTACKS.register("signflip", positional="scale")(SignFlip)
+ATTACKS.register("gaussian", positional="std")(Gaussian)
+ATTACKS.register("scaling", positional="scale")(Scaling)
 ATTACKS.register("model-replacement")(ModelReplacement)
-ATTACKS.register("alie")(ALIE)
-ATTACKS.register("ipm")(IPM)
-ATTACKS.register("minmax")(MinMax)
-ATTACKS.register("minsum")(MinSum)
+ATTACKS.register("alie", positional="z")(ALIE)
+ATTACKS.register("ipm", positional="epsilon")(IPM)
+ATTACKS.register("minmax", positional="perturbation")(MinMax)
+ATTACKS.register("minsum", positional="perturbation")(MinSum)
 ATTACKS.register("fang-krum")(FangKrum)
-ATTACKS.register("fang-trmean")(FangTrimmedMean)
-ATTACKS.register("mimic")(Mimic)
-ATTACKS.register("labelflip")(LabelFlip)
-ATTACKS.register("backdoor")(Backdoor)
-ATTACKS.register("adaptive")(Adaptive)
-ATTACKS.register("meta-backdoor")(MetaBackdoor)
-ATTACKS.register("metasgd-lr")(MetaSGDLearningRate)
-
-# The option a bare positional value in a CLI spec sets (``"ipm:0.5"`` -> ``IPM(epsilon=0.5)``).
-_POSITIONAL = {
-    "alie": "z",
-    "ipm": "epsilon",
-    "gaussian": "std",
-    "minmax": "perturbation",
-    "minsum": "perturbation",
-    "fang-trmean": "b",
-    "mimic": "target",
-    "labelflip": "fraction",
-    "backdoor": "target",
-    "meta-backdoor": "target",
-    "adaptive": "direction",
-    "metasgd-lr": "mode",
-}
+ATTACKS.register("fang-trmean", positional="b")(FangTrimmedMean)
+ATTACKS.register("mimic", positional="target")(Mimic)
+ATTACKS.register("labelflip", positional="fraction")(LabelFlip)
+ATTACKS.register("backdoor", positional="target")(Backdoor)
+ATTACKS.register("adaptive", positional="direction")(Adaptive)
+ATTACKS.register("meta-backdoor", positional="target")(MetaBackdoor)
+ATTACKS.register("metasgd-lr", positional="mode")(MetaSGDLearningRate)
 
 PROTOCOL_ATTACKS: Registry[TamperingTransport] = Registry("protocol attack")
 PROTOCOL_ATTACKS.register("truncate")(Truncate)
@@ -138,10 +121,7 @@ def make_attack(spec: str) -> Attack:
     >>> make_attack("ipm:0.5")
     IPM(epsilon=0.5, omniscient=True)
     """
-    name, kwargs = parse_spec(spec)
-    if "_" in kwargs:
-        kwargs[_POSITIONAL.get(name, "scale")] = kwargs.pop("_")
-    return ATTACKS.create(name, **kwargs)
+    return ATTACKS.build(spec)
 
 
 def make_protocol_attack(spec: str, senders: list[int] | None) -> TamperingTransport:
@@ -149,7 +129,4 @@ def make_protocol_attack(spec: str, senders: list[int] | None) -> TamperingTrans
 
     ``LieAboutDropouts`` needs the clients it lies about and is built directly.
     """
-    name, kwargs = parse_spec(spec)
-    if "_" in kwargs:
-        raise ConfigError(f"protocol attack specs take key=value options only, got {kwargs['_']!r} in {spec!r}")
-    return PROTOCOL_ATTACKS.create(name, senders=senders, **kwargs)
+    return PROTOCOL_ATTACKS.build(spec, senders=senders)

@@ -52,43 +52,36 @@ __all__ = [
 DEFENSES: Registry[Defense] = Registry("defense")
 DEFENSES.register("mean")(Mean)
 DEFENSES.register("median")(CoordinateMedian)
-DEFENSES.register("trimmedmean")(TrimmedMean)
-DEFENSES.register("meamed")(Meamed)
-DEFENSES.register("krum")(Krum)
-DEFENSES.register("multikrum")(MultiKrum)
-DEFENSES.register("bulyan")(Bulyan)
-DEFENSES.register("normbound")(NormBound)
+DEFENSES.register("trimmedmean", positional="f")(TrimmedMean)
+DEFENSES.register("meamed", positional="f")(Meamed)
+DEFENSES.register("krum", positional="f")(Krum)
+DEFENSES.register("multikrum", positional="f")(MultiKrum)
+DEFENSES.register("bulyan", positional="f")(Bulyan)
+DEFENSES.register("normbound", positional="bound")(NormBound)
 DEFENSES.register("geomed")(GeometricMedian)
-DEFENSES.register("cclip")(CenteredClipping)
-DEFENSES.register("nnm")(NNM)
-DEFENSES.register("bucketing")(Bucketing)
-DEFENSES.register("arc")(ARC)
-DEFENSES.register("clipping")(Clipping)
+DEFENSES.register("cclip", positional="tau")(CenteredClipping)
+DEFENSES.register("nnm", positional="f")(NNM)
+DEFENSES.register("bucketing", positional="size")(Bucketing)
+DEFENSES.register("arc", positional="f")(ARC)
+DEFENSES.register("clipping", positional="bound")(Clipping)
 DEFENSES.register("fltrust")(FLTrust)
 DEFENSES.register("flame")(FLAME)
 DEFENSES.register("foolsgold")(FoolsGold)
-DEFENSES.register("dnc")(DnC)
+DEFENSES.register("dnc", positional="f")(DnC)
 DEFENSES.register("cedar")(CedarDetector)
 
 
 def make_defense(spec: str) -> Defense:
     """Build a defense from a CLI spec such as ``"trimmedmean:f=2"`` or ``"nnm:f=2>>krum:f=2"``.
 
-    A bare positional value is the rule's ``f`` (``"krum:3"``); ``>>`` composes
+    A bare positional value is the rule's main option, declared at registration: ``f`` for
+    rules that take one (``"krum:3"``), ``size`` for bucketing, ``bound`` for clipping; ``>>`` composes
     pre-aggregators before the last rule.
 
     >>> make_defense("nnm:f=1>>krum:1")
     NNM(f=1, chunk=65536) >> Krum(f=1, chunk=65536)
     """
-    from securefml.registry import parse_spec
-
-    parts = [p.strip() for p in spec.split(">>")]
-    built = []
-    for part in parts:
-        name, kwargs = parse_spec(part)
-        if "_" in kwargs:
-            kwargs["f"] = kwargs.pop("_")
-        built.append(DEFENSES.create(name, **kwargs))
+    built = [DEFENSES.build(part.strip()) for part in spec.split(">>")]
     rule = built[-1]
     for pre in reversed(built[:-1]):
         rule = pre >> rule

@@ -148,14 +148,8 @@ def _json_default(obj: object) -> object:
 
 
 def _build_protocol(spec: str, seed: int) -> Any:
-    name, kwargs = parse_spec(spec)
-    if "_" in kwargs:
-        raise ConfigError(f"protocol {name!r} takes keyword options only (name:key=value)")
-    factory = PROTOCOLS.get(name)
-    try:
-        return factory(**kwargs, seed=seed)
-    except TypeError:
-        return PROTOCOLS.create(name, **kwargs)
+    name, _ = parse_spec(spec)
+    return PROTOCOLS.build(spec, seed=seed) if PROTOCOLS.accepts(name, "seed") else PROTOCOLS.build(spec)
 
 
 def run_experiment(

@@ -2,37 +2,69 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from securefml.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "parse_spec"]
+__all__ = ["Registry", "Entry", "parse_spec"]
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered name: its factory and the option a bare CLI value sets (``"ipm:0.5"``)."""
+
+    factory: Callable[..., T]
+    positional: str | None = None
 
 
 class Registry(Generic[T]):
-    """A small explicit registry: ``register`` in the defining module, ``create`` by name.
+    """A small explicit registry: ``register`` beside the definition, ``create``/``build`` by name.
 
-    An unknown name raises a ``ConfigError`` that lists the valid ones.
+    Options are bound against the factory's signature *before* it is called, so a misspelt or
+    unknown option is a ``ConfigError`` that names the registered name and lists the valid options,
+    while a ``TypeError`` raised inside a constructor stays what it is: a bug, with its traceback.
+    An unknown name raises a ``ConfigError`` that lists the valid names.
+
+    >>> reg: Registry[complex] = Registry("number")
+    >>> _ = reg.register("complex", positional="real")(complex)
+    >>> reg.build("complex:2,imag=1")
+    (2+1j)
+    >>> reg.build("complex:colour=1")
+    Traceback (most recent call last):
+    ...
+    securefml.errors.ConfigError: number 'complex' has no option 'colour'; valid options: imag, real
     """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._items: dict[str, Callable[..., T]] = {}
+        self._items: dict[str, Entry[T]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(
+        self, name: str, *, positional: str | None = None
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Register a factory under ``name``; ``positional`` is the option a bare spec value sets."""
+
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             key = name.lower()
             if key in self._items:
                 raise ConfigError(f"{self.kind} {name!r} is registered twice")
-            self._items[key] = factory
+            if positional is not None and positional not in _option_names(factory):
+                raise ConfigError(f"{self.kind} {name!r}: positional option {positional!r} is not a parameter")
+            self._items[key] = Entry(factory, positional)
             return factory
 
         return decorator
 
     def get(self, name: str) -> Callable[..., T]:
+        """The factory registered under ``name``."""
+        return self._entry(name).factory
+
+    def _entry(self, name: str) -> Entry[T]:
         try:
             return self._items[name.lower()]
         except KeyError:
@@ -40,14 +72,54 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}"
             ) from None
 
-    def create(self, name: str, **kwargs: object) -> T:
+    def options(self, name: str) -> tuple[str, ...]:
+        """The keyword options ``name`` accepts (from its factory's signature)."""
+        return tuple(sorted(_option_names(self.get(name))))
+
+    def accepts(self, name: str, option: str) -> bool:
+        """Whether ``name``'s factory takes ``option`` (e.g. a protocol's ``seed``)."""
+        factory = self.get(name)
+        return option in _option_names(factory) or _takes_var_keyword(factory)
+
+    def create(self, name: str, /, **kwargs: object) -> T:
+        """Build ``name`` with keyword options, checked against the factory's signature first."""
         factory = self.get(name)
         try:
+            signature = inspect.signature(factory)
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
             return factory(**kwargs)
+        try:
+            signature.bind(**kwargs)
         except TypeError as exc:
-            raise ConfigError(f"bad options for {self.kind} {name!r}: {exc}") from exc
+            raise ConfigError(self._binding_message(name, factory, kwargs, exc)) from None
+        return factory(**kwargs)
+
+    def build(self, spec: str, /, **extra: object) -> T:
+        """Build from a CLI spec ``NAME[:value][,key=value...]``; ``extra`` adds fixed options."""
+        name, kwargs = parse_spec(spec)
+        if "_" in kwargs:
+            positional = self._entry(name).positional
+            if positional is None:
+                raise ConfigError(
+                    f"{self.kind} {name!r} takes key=value options only, got the bare value "
+                    f"{kwargs['_']!r} in {spec!r}; valid options: {', '.join(self.options(name)) or 'none'}"
+                )
+            kwargs[positional] = kwargs.pop("_")
+        return self.create(name, **kwargs, **extra)
+
+    def _binding_message(self, name: str, factory: Callable[..., T], kwargs: dict[str, object], exc: TypeError) -> str:
+        valid = sorted(_option_names(factory))
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown and not _takes_var_keyword(factory):
+            what = "option" if len(unknown) == 1 else "options"
+            return (
+                f"{self.kind} {name!r} has no {what} {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(valid) or 'none'}"
+            )
+        return f"bad options for {self.kind} {name!r}: {exc}; valid options: {', '.join(valid) or 'none'}"
 
     def names(self) -> list[str]:
+        """Every registered name, sorted (the CLI's choices)."""
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
@@ -55,6 +127,22 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _parameters(factory: Callable[..., object]) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return []
+
+
+def _option_names(factory: Callable[..., object]) -> set[str]:
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in _parameters(factory) if p.kind in kinds and not p.name.startswith("_")}
+
+
+def _takes_var_keyword(factory: Callable[..., object]) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _parameters(factory))
 
 
 def _coerce(value: str) -> object:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from securefml.errors import ConfigError
-from securefml.registry import Registry, parse_spec
+from securefml.registry import Registry
 from securefml.updates import LayerLayout
 
 __all__ = [
@@ -214,22 +214,17 @@ class RepresentationalChange(LayerSelector):
 
 SELECTORS: Registry[LayerSelector] = Registry("selector")
 SELECTORS.register("all")(AllLayers)
-SELECTORS.register("named")(NamedLayers)
-SELECTORS.register("topk")(TopKImportance)
-SELECTORS.register("cedar")(RepresentationalChange)
+SELECTORS.register("named", positional="patterns")(NamedLayers)
+SELECTORS.register("topk", positional="fraction")(TopKImportance)
+SELECTORS.register("cedar", positional="withhold")(RepresentationalChange)
 
 
 def make_selector(spec: str) -> LayerSelector:
-    """``all``, ``named:layers.4``, ``topk:0.25`` (``topk:fraction=0.25,server_dictated=true``), ``cedar:1``."""
-    name, kwargs = parse_spec(spec)
-    if "_" in kwargs:
-        positional = {"named": "patterns", "topk": "fraction", "cedar": "withhold"}.get(name)
-        if positional is None:
-            raise ConfigError(f"selector {name!r} takes no positional value")
-        kwargs[positional] = kwargs.pop("_")
-    if name == "named" and isinstance(kwargs.get("patterns"), str):
-        kwargs["patterns"] = str(kwargs["patterns"]).split("|")
-    return SELECTORS.create(name, **kwargs)
+    """``all``, ``named:layers.4``, ``topk:0.25`` (``topk:fraction=0.25,server_dictated=true``), ``cedar:1``.
+
+    A ``named`` pattern is one regular expression, so ``named:fc1.*|head.*`` matches either.
+    """
+    return SELECTORS.build(spec)
 
 
 def bytes_fraction(layout: LayerLayout, layers: Iterable[str]) -> float:

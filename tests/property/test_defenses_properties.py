@@ -168,6 +168,25 @@ def test_translation_equivariance(data, shift_vals):
     assert_translation_equivariant(GeometricMedian(tol=1e-12), x, shift, atol=1e-5)
 
 
+def _separated(values: torch.Tensor) -> bool:
+    ordered = torch.sort(values).values
+    return bool((ordered[1:] - ordered[:-1] > 1e-6 * (1 + ordered[1:].abs())).all())
+
+
+def _clear_nnm_margins(x: torch.Tensor, f: int) -> bool:
+    """No near-tie in NNM's nearest-neighbour sets nor in Krum scores of the NNM-mixed rows.
+
+    The plaintext path and the Gram path round differently; only at a near-tie can they pick
+    different neighbours or a different Multi-Krum selection, and then both answers are right.
+    """
+    d = torch.cdist(x, x) ** 2
+    if not all(_separated(row) for row in d):
+        return False
+    keep = x.shape[0] - f
+    mixed = x[d.argsort(dim=1)[:, :keep]].mean(dim=1)
+    return _separated(krum_scores(sq_distances_from_gram(gram_matrix(mixed, center=True)), f))
+
+
 @FAST
 @given(minority_batch(kinds=("far", "adversarial", "mimic"), min_n=4))
 def test_gram_rules_decide_the_same_on_the_gram(data):
@@ -183,7 +202,9 @@ def test_gram_rules_decide_the_same_on_the_gram(data):
     ctx = {"reference": ref}
     rules = [NormBound(), FLTrust()]
     if x.shape[0] > 2 * f + 2:
-        rules += [Krum(f), MultiKrum(f), NNM(f) >> MultiKrum(f)]
+        rules += [Krum(f), MultiKrum(f)]
+        if _clear_nnm_margins(x, f):  # NNM's neighbour sets and MultiKrum's order on the mixed rows
+            rules.append(NNM(f) >> MultiKrum(f))
     for rule in rules:
         assert_gram_matches_plaintext(rule, x, gram, context=ctx, atol=1e-6)
     # an iterative solver: equal up to its tolerance (the plaintext path uses a centred Gram, and

@@ -1,0 +1,70 @@
+"""Registries bind options against the factory's signature before calling it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from securefml.attacks import ATTACKS, make_attack
+from securefml.defenses import DEFENSES, AggregationResult, Defense, make_defense
+from securefml.errors import ConfigError
+from securefml.registry import Registry
+from securefml.selection import make_selector
+
+
+def test_unknown_option_names_the_public_name_and_the_valid_options() -> None:
+    with pytest.raises(ConfigError) as err:
+        make_defense("krum:g=1")
+    message = str(err.value)
+    assert "'krum'" in message and "'g'" in message and "f" in message.split("valid options:")[1]
+    assert "_GeometryRule" not in message and "__init__" not in message
+
+
+def test_bare_value_sets_the_option_declared_at_registration() -> None:
+    assert make_defense("krum:3").f == 3
+    assert make_defense("bucketing:4").size == 4
+    assert make_attack("ipm:0.5").epsilon == 0.5
+    assert make_selector("topk:0.3").fraction == 0.3
+
+
+def test_bare_value_without_a_declared_option_is_refused_with_the_options() -> None:
+    with pytest.raises(ConfigError, match="key=value options only.*valid options"):
+        make_defense("median:3")
+
+
+def test_a_type_error_inside_a_constructor_stays_a_bug() -> None:
+    registry: Registry[object] = Registry("thing")
+
+    @registry.register("broken")
+    class Broken:
+        def __init__(self, size: int = 1) -> None:
+            raise TypeError("a real bug inside the constructor")
+
+    with pytest.raises(TypeError, match="real bug"):
+        registry.build("broken:size=2")
+
+
+def test_a_positional_option_must_be_a_parameter() -> None:
+    registry: Registry[object] = Registry("thing")
+    with pytest.raises(ConfigError, match="not a parameter"):
+        registry.register("bad", positional="nope")(dict)
+
+
+def test_a_users_own_defense_registers_from_outside_the_package() -> None:
+    class Halve(Defense):
+        """A toy rule defined in a user's module: the mean, halved."""
+
+        name = "halve"
+
+        def __init__(self, factor: float = 0.5) -> None:
+            self.factor = factor
+
+        def aggregate(self, updates, weights, client_ids, *, context):  # type: ignore[no-untyped-def]
+            return AggregationResult(aggregate=updates.mean(dim=0) * self.factor, client_ids=client_ids)
+
+    if "halve-test" not in DEFENSES:
+        DEFENSES.register("halve-test", positional="factor")(Halve)
+    built = make_defense("halve-test:0.25")
+    assert isinstance(built, Halve) and built.factor == 0.25
+    assert "halve-test" in DEFENSES.names() and "halve-test" not in ATTACKS.names()
+    assert float(built(torch.ones(3, 2)).aggregate[0]) == 0.25
