@@ -106,7 +106,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from securefml.errors import ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError
+from securefml.errors import AggregateOutOfRange, ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError
 from securefml.protocols.base import AggregationProtocol, ClientUpdate, Reveals, RoundOutput, Transport
 from securefml.protocols.quantize import FixedPoint
 from securefml.protocols.secagg_client import MaskJob, SecAggClient, run_mask_job
@@ -179,6 +179,13 @@ class SecAggPlus(AggregationProtocol):
     sigma, eta:
         Security and correctness parameters of the derivation (failure probability ``2**-sigma``
         and ``2**-eta``).
+    headroom_bits:
+        Ring bits kept free above the largest honest sum so out-of-range sums are detected
+        (``FixedPoint.check_sum``); each bit halves the precision.
+    checks:
+        The issue-11 checks (clients verify exclusions and keep ``t`` mask peers; the decoded
+        sum is range-checked).  ``False`` only to measure their cost (``benchmarks/secagg.py``):
+        without them a lying server can recover an input and a client can corrupt the sum.
     """
 
     name = "secagg"
@@ -201,6 +208,8 @@ class SecAggPlus(AggregationProtocol):
         workers: int = 1,
         sigma: int = 40,
         eta: int = 10,
+        headroom_bits: int = 1,
+        checks: bool = True,
     ) -> None:
         if neighbours is not None and neighbours < 2:
             raise ConfigError(f"neighbours must be >= 2, got {neighbours}")
@@ -214,7 +223,7 @@ class SecAggPlus(AggregationProtocol):
             raise ConfigError(f"max_weight must be positive, got {max_weight}")
         if not (0 <= dropout_fraction < 1 and 0 <= corrupt_fraction < 0.5):
             raise ConfigError("need 0 <= dropout_fraction < 1 and 0 <= corrupt_fraction < 1/2")
-        FixedPoint(clip_range, 1, bits)  # validates clip_range and bits now, not mid-round
+        FixedPoint(clip_range, 1, bits, headroom_bits=headroom_bits)  # validates them now, not mid-round
         self.neighbours = neighbours
         self.threshold = threshold
         self.dropout_fraction = dropout_fraction
@@ -229,6 +238,8 @@ class SecAggPlus(AggregationProtocol):
         self.workers = workers
         self.sigma = sigma
         self.eta = eta
+        self.headroom_bits = headroom_bits
+        self.checks = checks
         self.reveals = Reveals.BUCKETS if buckets >= 2 else Reveals.SUM
         self._identities: dict[int, Ed25519PrivateKey] = dict(identities or {})
         self._pool: ProcessPoolExecutor | None = None
@@ -312,7 +323,7 @@ class SecAggPlus(AggregationProtocol):
             round_idx=round_idx,
             cohort=members,
             params=self.graph_params(len(members)),
-            fixed_point=FixedPoint(self.clip_range, len(members), self.bits, max_weight),
+            fixed_point=FixedPoint(self.clip_range, len(members), self.bits, max_weight, self.headroom_bits),
             length=length,
             layout_fingerprint=layout.fingerprint() if layout is not None else b"",
             layers=tuple(layers),
@@ -333,7 +344,8 @@ class SecAggPlus(AggregationProtocol):
         transport = transport or Transport()
         server = SecAggServer(plan)
         clients = {
-            c: SecAggClient(c, plan, identity=self.identity(c) if plan.signatures else None) for c in plan.cohort
+            c: SecAggClient(c, plan, identity=self.identity(c) if plan.signatures else None, checks=self.checks)
+            for c in plan.cohort
         }
         res = SumResult(plan.cohort, plan.params, None, 0.0, ())
         alive = set(plan.cohort)
@@ -432,8 +444,17 @@ class SecAggPlus(AggregationProtocol):
             res.rejected.update({c: e for c, e in server.state.rejected.items() if c not in res.rejected})
             return res
         res.rejected.update({c: e for c, e in server.state.rejected.items() if c not in res.rejected})
-        res.contributors = server.state.contributors
-        res.weighted_sum, res.total_weight = srv(plan.fixed_point.decode_sum, total)
+        contributors = server.state.contributors
+        weighted_sum, total_weight = srv(plan.fixed_point.decode_sum, total)
+        if self.checks:
+            try:
+                srv(plan.fixed_point.check_sum, weighted_sum, total_weight, len(contributors))
+            except AggregateOutOfRange as exc:  # some client sent a ring element outside the code
+                log.warning("secagg: round %s: discarding the sum: %s", plan.round_idx, exc)
+                res.aborted = f"AggregateOutOfRange: {exc}"
+                return res
+        res.contributors = contributors
+        res.weighted_sum, res.total_weight = weighted_sum, total_weight
         res.error_bound = plan.fixed_point.error_bound(len(res.contributors), res.total_weight)
         return res
 

@@ -108,13 +108,22 @@ class AddToMasked(Transport):
 
 @pytest.mark.parametrize(
     ("index", "delta"),
-    [(-1, 2**30), (-1, 2**31), (-1, -(2**29)), (0, 2**31), (2, 2**30 + 12345)],
+    [(-1, 2**30), (-1, 2**31), (-1, -(2**30)), (0, 2**31), (2, 3 * 2**29 + 12345)],
     ids=["weight-up", "weight-wrap", "weight-down", "entry-wrap", "entry-far"],
 )
 def test_finding2_an_out_of_range_sum_is_never_returned(index: int, delta: int) -> None:
     with pytest.raises(ProtocolAbort) as info:
         _round(8, AddToMasked(3, index, delta))
     assert "AggregateOutOfRange" in str(info.value) or isinstance(info.value, AggregateOutOfRange)
+
+
+def test_a_shift_within_the_range_is_not_detected() -> None:
+    """The documented residual: a client may still move the sum inside the code's range
+    (here +4 on entry 2 of the weighted sum of 8 unit-weight clients: +0.5 on the mean)."""
+    ups, out = _round(8, AddToMasked(3, 2, 2**29))
+    ref = sum(u.vector.double() for u in ups) / len(ups)
+    shift = out.aggregate.double() - ref
+    assert abs(float(shift[2]) - 0.5) < 1e-5 and float(shift.abs().sum() - shift[2].abs()) < 1e-5
 
 
 def test_finding2_a_bad_bucket_aborts_alone() -> None:
