@@ -251,6 +251,17 @@ class SecAggPlus(AggregationProtocol):
             f"bits={self.bits}, buckets={self.buckets}, signatures={self.signatures}, workers={self.workers})"
         )
 
+    @property
+    def active_server_secure(self) -> bool:
+        """Whether the privacy guarantee holds against an *active* (deviating) server.
+
+        Only with ``signatures``: without a PKI nothing authenticates the advertised keys, so an
+        active server can substitute its own keys for a victim's neighbours and open every share
+        the victim sends (``test_unsigned_mode_does_not_claim_active_security``).  Unsigned mode
+        is secure against an honest-but-curious server only.
+        """
+        return self.signatures
+
     # -- resources -----------------------------------------------------------------------------------
     def close(self) -> None:
         """Shut down the worker processes, if any."""

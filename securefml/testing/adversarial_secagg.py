@@ -188,13 +188,12 @@ def run_malicious_round(
     """Run one round of real honest clients against the server ``moves`` describes.
 
     ``inputs[c]`` is client ``c``'s float vector (weight 1); None draws uniform ones in
-    ``[-0.5, 0.5]``.  A client that catches the server (any ``ProtocolError``) stops and is
+    ``[-0.5, 0.5]`` (seeded by the round index).  A client that catches the server (any ``ProtocolError``) stops and is
     listed in ``ServerView.refusals``; the server keeps whatever it had received.
     """
     if not plan.signatures:
         raise ConfigError("the adversarial-server property is claimed for signatures=True only")
-    rnd = plan.round_idx
-    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "big"))
+    rng = np.random.default_rng(plan.round_idx)  # the inputs; the clients' keys and seeds come from the OS
     xs = {c: np.asarray(inputs[c], np.float32) if inputs is not None else
           rng.uniform(-0.5, 0.5, plan.length).astype(np.float32) for c in plan.cohort}
     clients = {c: SecAggClient(c, plan, identity=proto.identity(c)) for c in plan.cohort}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from securefml.defenses import Mean
-from securefml.errors import AggregateOutOfRange, ProtocolAbort
+from securefml.errors import AggregateOutOfRange, ProtocolAbort, ProtocolError
 from securefml.protocols import ClientUpdate, shamir
 from securefml.protocols.base import Transport
 from securefml.protocols.prg import keystream
@@ -154,3 +154,112 @@ def test_finding3_a_wrong_commitment_is_blamed_and_the_round_goes_on(signatures:
     # its seed is fixed by its consistent shares, so its (committed) input is in the sum
     ref = sum(u.vector.double() for u in ups) / len(ups)
     assert torch.allclose(out.aggregate.double(), ref, atol=out.extras["error_bound"] + 1e-7)
+
+
+def _to_exclusions(signatures: bool):  # noqa: ANN202
+    proto = SecAggPlus(signatures=signatures, neighbours=5, threshold=3)
+    plan = proto.plan(0, list(range(6)), LENGTH, max_weight=1.0)
+    server = SecAggServer(plan)
+    clients = {c: SecAggClient(c, plan, identity=proto.identity(c) if signatures else None) for c in plan.cohort}
+    for c, cl in clients.items():
+        server.receive_advertise(c, cl.advertise())
+    for c, cl in clients.items():
+        server.receive_share(c, cl.share(server.keys_for(c)))
+    return proto, plan, server, clients
+
+
+def test_an_exclusion_needs_a_signed_complaint_that_names_the_peer() -> None:
+    from securefml.protocols.secagg_crypto import complaints_payload, sign
+    from securefml.protocols.secagg_messages import Complaint, pack_complaints
+
+    proto, plan, server, clients = _to_exclusions(True)
+    for c, cl in clients.items():
+        server.receive_complaints(c, cl.complain(server.shares_for(c)))
+    server.close_complaints()
+    x = np.zeros(LENGTH, np.float32)
+
+    def excl(ids, proofs):  # noqa: ANN001, ANN202
+        return encode(Envelope("secagg/exclusions", 0, SERVER_ID, {"excluded": pack_ids(ids),
+                                                                   "proofs": pack_complaints(proofs)}))
+
+    genuine = Complaint(2, (1,), sign(proto.identity(2), complaints_payload(0, 2, (1,))))
+    other_round = Complaint(2, (1,), sign(proto.identity(2), complaints_payload(1, 2, (1,))))
+    forged = Complaint(2, (1,), bytes(64))
+    self_accused = Complaint(1, (1,), sign(proto.identity(1), complaints_payload(0, 1, (1,))))
+    for proofs in ([], [forged], [other_round], [self_accused]):
+        cl = SecAggClient(0, plan, identity=proto.identity(0))
+        cl.state = replace(clients[0].state)
+        with pytest.raises(ProtocolAbort, match="complaint|signed"):
+            cl.masked(excl([1], proofs), x, 1.0)
+    # with the accuser's genuine signature over (round, accuser, accused) the exclusion stands
+    msg = clients[0].masked(excl([1], [genuine]), x, 1.0)
+    from securefml.protocols.secagg_messages import unpack_ids
+
+    peers = unpack_ids(decode(msg).field("peers"), sender=None)
+    assert 1 not in peers and len(peers) == 4
+
+
+def test_a_client_never_reveals_both_secrets_of_a_peer() -> None:
+    proto, plan, server, clients = _to_exclusions(False)
+    for c, cl in clients.items():
+        server.receive_complaints(c, cl.complain(server.shares_for(c)))
+    server.close_complaints()
+    for c, cl in clients.items():
+        server.receive_masked(c, cl.masked(server.exclusions_for(c), np.zeros(LENGTH, np.float32), 1.0))
+    server.close_masked()
+    both = encode(Envelope("secagg/unmask-request", 0, SERVER_ID,
+                           {"alive": pack_ids(plan.cohort), "dropped": pack_ids([3])}))
+    with pytest.raises(ProtocolError, match="both alive and dropped"):
+        clients[0].unmask(both)
+    first = clients[1].unmask(server.request_for(1))
+    assert first  # then a replayed request (asking for the other shares) is refused
+    again = encode(Envelope("secagg/unmask-request", 0, SERVER_ID,
+                            {"alive": pack_ids([c for c in plan.cohort if c != 3]), "dropped": pack_ids([3])}))
+    with pytest.raises(ProtocolError, match="out of order"):
+        clients[1].unmask(again)
+
+
+def test_unsigned_mode_does_not_claim_active_security() -> None:
+    """Documented limitation: without signatures nothing authenticates the advertised keys, so an
+    active server substitutes its own keys for every neighbour of a victim, opens every share the
+    victim sends, plays those neighbours and recovers the victim's input.  With
+    ``signatures=True`` the substituted keys fail their signatures and the victim aborts."""
+    from securefml.protocols.prg import apply_masks
+    from securefml.protocols.secagg_client import KEY_RECORD_BYTES
+    from securefml.protocols.secagg_crypto import SEALED_BYTES, generate_keypair, open_share, pair_key, seal_share
+    from securefml.protocols.secagg_messages import pack_records, unpack_records
+
+    assert SecAggPlus().active_server_secure is False
+    assert SecAggPlus(signatures=True).active_server_secure is True
+    for signatures in (False, True):
+        proto = SecAggPlus(signatures=signatures, neighbours=5, threshold=3)
+        plan = proto.plan(0, list(range(6)), LENGTH, max_weight=1.0)
+        victim = SecAggClient(0, plan, identity=proto.identity(0) if signatures else None)
+        adv = decode(victim.advertise())
+        fake = {p: (generate_keypair(), generate_keypair()) for p in plan.neighbours(0)}
+        recs = [(p, c.public + s.public + bytes(64)) for p, (c, s) in fake.items()]
+        keys_msg = encode(Envelope("secagg/keys", 0, SERVER_ID, {"keys": pack_records(recs, KEY_RECORD_BYTES)}))
+        if signatures:
+            with pytest.raises(ProtocolAbort):
+                victim.share(keys_msg)
+            continue
+        sealed = unpack_records(decode(victim.share(keys_msg)).field("shares"), SEALED_BYTES, sender=None)
+        b_pts = []
+        for p, box in sealed:
+            ck = pair_key(fake[p][0].private, adv.field("c_pk"), purpose=b"share", round_idx=0, a=p, b=0)
+            b_pts.append((p + 1, int.from_bytes(open_share(ck, box, round_idx=0, sender=0, receiver=p)[:33], "big")))
+        seed = shamir.reconstruct(b_pts, plan.t).to_bytes(32, "big")
+        # the server plays the fake neighbours: sealed shares for the victim under keys it knows
+        mine = [(p, seal_share(pair_key(c.private, adv.field("c_pk"), purpose=b"share", round_idx=0, a=p, b=0),
+                               bytes(66), round_idx=0, sender=p, receiver=0)) for p, (c, _) in fake.items()]
+        victim.complain(encode(Envelope("secagg/shares", 0, SERVER_ID,
+                                        {"shares": pack_records(mine, SEALED_BYTES)})))
+        x = np.linspace(-0.4, 0.4, LENGTH).astype(np.float32)
+        msg = victim.masked(encode(Envelope("secagg/exclusions", 0, SERVER_ID, {"excluded": b""})), x, 1.0)
+        y = unpack_array(decode(msg).field("vector")).copy()
+        apply_masks(y, minus=[seed])
+        for p, (_, s_keys) in fake.items():
+            m = pair_key(s_keys.private, adv.field("s_pk"), purpose=b"mask", round_idx=0, a=0, b=p)
+            apply_masks(y, minus=[m]) if p > 0 else apply_masks(y, plus=[m])
+        recovered, _ = plan.fixed_point.decode_sum(y)
+        assert np.allclose(recovered, x, atol=1e-6)  # the documented break of unsigned mode

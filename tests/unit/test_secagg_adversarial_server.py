@@ -25,8 +25,8 @@ COMPLETE = SecAggPlus(signatures=True, neighbours=4, threshold=3)
 SPARSE = SecAggPlus(signatures=True, neighbours=4, threshold=3)
 PLANS = {"complete": (COMPLETE, COMPLETE.plan(0, range(5), LENGTH, max_weight=1.0)),
          "sparse": (SPARSE, SPARSE.plan(0, range(8), LENGTH, max_weight=1.0))}
-CI = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
-SLOW = settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+CI = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+SLOW = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def _check(name: str, moves) -> None:  # noqa: ANN001
