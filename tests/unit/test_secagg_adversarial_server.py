@@ -20,12 +20,12 @@ from securefml.testing.adversarial_secagg import (
 )
 
 LENGTH = 4
-# complete graph (classic SecAgg) and a sparse Harary graph, both sized for one corrupt client
-COMPLETE = SecAggPlus(signatures=True, neighbours=4, threshold=3)
-SPARSE = SecAggPlus(signatures=True, neighbours=4, threshold=3)
-PLANS = {"complete": (COMPLETE, COMPLETE.plan(0, range(5), LENGTH, max_weight=1.0)),
-         "sparse": (SPARSE, SPARSE.plan(0, range(8), LENGTH, max_weight=1.0))}
-CI = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+# complete graph (classic SecAgg, n=7) and a Harary graph (n=9, k=6), both with t=4: sized for
+# one corrupt client (2t > k + c) and two lost neighbours per client
+PROTO = SecAggPlus(signatures=True, neighbours=6, threshold=4)
+PLANS = {"complete": (PROTO, PROTO.plan(0, range(7), LENGTH, max_weight=1.0)),
+         "sparse": (PROTO, PROTO.plan(0, range(9), LENGTH, max_weight=1.0))}
+CI = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 SLOW = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 
 
