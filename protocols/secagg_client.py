@@ -10,6 +10,12 @@ The server forwards the union of accused peers (``exclusions``); the client mask
 them, so they leave the round like clients that dropped before the masked stage and no key of
 theirs ever has to be reconstructed (see ``secagg_server``).
 
+The client does not take exclusions on the server's word (issue 11, finding 1): with
+``signatures`` every excluded peer must be named in a complaint signed by its accuser (a
+neighbour of the accused) for this round, and in every mode the client aborts
+(``ProtocolAbort``) if fewer than ``t`` neighbours are left to mask with, or if fewer than
+``t`` of its neighbours survive at the unmask stage (Bonawitz et al.: ``|U_i| >= t``).
+
 The heavy step (quantize + self mask + pairwise masks) is a pure function of a ``MaskJob``,
 so a driver may run many clients' jobs in worker processes (``run_mask_job``).
 """

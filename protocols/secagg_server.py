@@ -13,7 +13,9 @@ it and sends a (signed, with ``signatures``) list of the neighbours whose share 
 authentication or whose keys were unusable.  ``close_complaints`` rejects every accused
 client with a ``DecryptionError`` naming it (and its accusers) and fixes the exclusion list
 ``X`` = clients that shared but will not contribute: the accused, clients rejected so far, and
-clients whose complaints never arrived.  Each client receives ``X`` restricted to its
+clients whose complaints never arrived (unsigned mode); with ``signatures`` the accused only,
+forwarded with the signed complaints that name them (clients verify each exclusion; the others
+that are gone count as dropped and their masking keys are reconstructed at the end).  Each client receives ``X`` restricted to its
 neighbours (``exclusions_for``) *before* it masks its input and masks with nobody in ``X``;
 a masked input whose peer list names a member of ``X`` is rejected.  So a client in ``X`` is
 out of the round like a client that dropped before masking: no mask involves its keys, its
@@ -24,6 +26,12 @@ checks, minus both ends of any pair whose mask lists disagree.  ``D`` = clients 
 their keys but are not in ``C``: their pairwise masks are removed from the neighbours in
 ``C`` that used them, with the masking key reconstructed from ``t`` shares (only clients that
 dropped after the exclusion list was fixed need this).
+
+Blame (``_recover``): with more than ``t`` revealed shares of a secret, the server finds the
+polynomial a strict majority of them lie on; responders off it are rejected by name, and if
+its secret does not match the dealer's seed commitment the *dealer* is rejected by name (its
+input stays in the sum, with the seed its shares fix).  Only when no ``t`` consistent shares
+determine a needed secret does the round abort.
 """
 
 from __future__ import annotations
