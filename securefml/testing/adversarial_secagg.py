@@ -276,7 +276,7 @@ def run_malicious_round(
 
 def _known_secrets(view: ServerView) -> tuple[dict[int, bytes], dict[int, bytes]]:
     """Self-mask seeds and masking keys the server can reconstruct (or reads off corrupt clients)."""
-    plan, t = view.plan, view.plan.t
+    t = view.plan.t
     points: dict[tuple[int, int], dict[int, bytes]] = {}
     for responder, recs in view.revealed.items():
         for about, kind, share in recs:
@@ -299,11 +299,11 @@ def _known_secrets(view: ServerView) -> tuple[dict[int, bytes], dict[int, bytes]
             seeds[c] = cs.seed
         if cs.s_keys is not None:
             keys[c] = cs.s_keys.private
-    del plan
     return seeds, keys
 
 
 def _pair_seed(view: ServerView, keys: Mapping[int, bytes], u: int, p: int) -> bytes | None:
+    """The pairwise mask seed of ``{u, p}`` if the server holds either end's masking key."""
     plan = view.plan
     for own, other in ((u, p), (p, u)):
         if own in keys and other in view.clients and view.clients[other].state.s_keys is not None:
