@@ -9,7 +9,13 @@ round's wall time; ``main_process_cpu_s`` is the CPU time of this process during
 (the whole cost when ``workers == 1``; it does not grow with other load on the machine).  The
 machine's other load shows in ``load_avg``: timings are only comparable within one run.
 
-Usage: ``python benchmarks/secagg.py [--quick] [--workers 2]``.
+Cost of the issue-11 checks (``checks_cost``): rounds with ``SecAggPlus(checks=True)`` (clients
+verify exclusions and keep ``t`` mask peers; the decoded sum is range-checked) and with
+``checks=False`` are run interleaved, ``--repeats`` of each, at N=100, L=1,000,000, k=15, and the
+ratio of the median round times is printed (target <= 1.1).  ``--no-checks`` runs the main
+scenarios without the checks; ``--only-checks-cost`` runs just the interleaved comparison.
+
+Usage: ``python benchmarks/secagg.py [--quick] [--workers 2] [--no-checks] [--only-checks-cost] [--repeats 5]``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import numpy as np
@@ -73,10 +80,38 @@ def timed_round(proto: SecAggPlus, ups: list[ClientUpdate], layout: LayerLayout,
     }
 
 
-def scenario(n: int, length: int, k: int | None, workers: int, drop_frac: float, floor: float, seed: int) -> dict:
+def checks_cost(n: int, length: int, k: int, workers: int, repeats: int, signatures: bool) -> dict:
+    """Median round time with the issue-11 checks over the median without them (interleaved)."""
+    ups, layout = make_updates(n, length, 5)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    with SecAggPlus(neighbours=k, workers=workers, signatures=signatures, checks=True) as on, \
+            SecAggPlus(neighbours=k, workers=workers, signatures=signatures, checks=False) as off:
+        small, small_layout = make_updates(4, 8, 0)
+        for proto in (on, off):
+            proto.run_round(0, small, small_layout, defense=Mean())  # start the worker pools outside the timing
+        for r in range(repeats):
+            for checked, proto in ((True, on), (False, off)) if r % 2 == 0 else ((False, off), (True, on)):
+                res = timed_round(proto, ups, layout, r + 1)
+                times[checked].append(res["round_s"])
+                cpu[checked].append(res["main_process_cpu_s"])
+    med = {c: statistics.median(v) for c, v in times.items()}
+    med_cpu = {c: statistics.median(v) for c, v in cpu.items()}
+    return {
+        "n": n, "L": length, "k": k, "workers": workers, "signatures": signatures, "repeats": repeats,
+        "round_s_checks_on": times[True], "round_s_checks_off": times[False],
+        "median_round_s_checks_on": med[True], "median_round_s_checks_off": med[False],
+        "ratio_on_over_off": med[True] / med[False],
+        "median_main_cpu_s_on": med_cpu[True], "median_main_cpu_s_off": med_cpu[False],
+        "cpu_ratio_on_over_off": med_cpu[True] / med_cpu[False],
+    }
+
+
+def scenario(n: int, length: int, k: int | None, workers: int, drop_frac: float, floor: float, seed: int,
+             checks: bool = True) -> dict:
     ups, layout = make_updates(n, length, seed)
     drops = {c: "masked" for c in range(0, n, max(1, round(1 / drop_frac)))} if drop_frac else {}
-    with SecAggPlus(neighbours=k, workers=workers) as proto:
+    with SecAggPlus(neighbours=k, workers=workers, checks=checks) as proto:
         small, small_layout = make_updates(4, 8, 0)
         proto.run_round(0, small, small_layout, defense=Mean())  # start the worker pool outside the timing
         runs = [timed_round(proto, ups, layout, r + 1, drops) for r in range(2)]
@@ -103,8 +138,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N=20, L=100,000 (a smoke run)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-checks", action="store_true", help="main scenarios without the issue-11 checks")
+    ap.add_argument("--only-checks-cost", action="store_true", help="only the interleaved checks on/off rounds")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of each kind for checks_cost")
     args = ap.parse_args()
     n, big, small = (20, 100_000, 20_000) if args.quick else (100, 1_000_000, 100_000)
+    if args.only_checks_cost:
+        out0 = {
+            "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+            "checks_cost": checks_cost(n, big, 15, args.workers, args.repeats, False),
+            "checks_cost_signed": checks_cost(n, big, 15, args.workers, args.repeats, True),
+        }
+        out0["targets"] = {"checks_le_1.1x": out0["checks_cost"]["ratio_on_over_off"] <= 1.1}  # type: ignore[index]
+        print(json.dumps(out0, indent=2))
+        return
+    checks = not args.no_checks
 
     ups, layout = make_updates(n, big, 1)
     vecs = [u.vector.numpy() for u in ups]
@@ -118,14 +166,16 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
         "floor_plain_sum_s": floor,
         "plaintext_protocol_round_s": plaintext_round,
-        "secaggplus": scenario(n, big, 15, args.workers, 0.0, floor, 2),
-        "secaggplus_single_process": scenario(n, big, 15, 1, 0.0, floor, 2),
-        "secaggplus_10pct_dropouts": scenario(n, big, 15, args.workers, 0.1, floor, 3),
+        "checks": checks,
+        "secaggplus": scenario(n, big, 15, args.workers, 0.0, floor, 2, checks),
+        "secaggplus_single_process": scenario(n, big, 15, 1, 0.0, floor, 2, checks),
+        "secaggplus_10pct_dropouts": scenario(n, big, 15, args.workers, 0.1, floor, 3, checks),
+        "checks_cost": checks_cost(n, big, 15, args.workers, args.repeats, False),
     }
     ups_s, layout_s = make_updates(n, small, 4)
     floor_small = floor_sum([u.vector.numpy() for u in ups_s])
     out["floor_plain_sum_small_s"] = floor_small
-    out["secagg_full"] = scenario(n, small, n - 1, args.workers, 0.0, floor_small, 4)
+    out["secagg_full"] = scenario(n, small, n - 1, args.workers, 0.0, floor_small, 4, checks)
     sp, dr, full = out["secaggplus"], out["secaggplus_10pct_dropouts"], out["secagg_full"]
     out["targets"] = {
         "round_le_2s": sp["round_s"] <= 2.0,  # type: ignore[index]
@@ -133,6 +183,7 @@ def main() -> None:
         "server_le_10x_floor_with_10pct_dropouts": dr["server_over_floor"] <= 10.0,  # type: ignore[index]
         "full_secagg_le_10s": full["round_s"] <= 10.0,  # type: ignore[index]
         "upload_le_1.01x_4L": sp["upload_per_client_over_4L"] <= 1.01,  # type: ignore[index]
+        "checks_le_1.1x": out["checks_cost"]["ratio_on_over_off"] <= 1.1,  # type: ignore[index]
     }
     out["speedup_vs_flower_anchor"] = {
         "secaggplus_n100_l1e6_k15": FLOWER_ANCHOR_S["secaggplus_n100_l1e6_k15"] / sp["round_s"],  # type: ignore[index]

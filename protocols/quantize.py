@@ -10,10 +10,22 @@ server learns only the *total* weight of the clients in the sum, never a single 
 
 Overflow check (the bit budget is picked from ``n``): every rounded entry satisfies
 ``|q| <= max_weight * clip * scale + 1``, so choosing
-``scale = (2**(bits-1) - 1 - n) / (n * max_weight * clip)`` keeps the sum of ``n`` entries
-inside the signed range ``(-2**(bits-1), 2**(bits-1))``: the modular sum decodes exactly to
-the integer sum.  The weight coordinate uses ``weight_scale = (2**(bits-1) - 1 - n) /
-(n * max_weight)`` the same way.
+``scale = (2**(bits-1-h) - 1 - n) / (n * max_weight * clip)`` (``h = headroom_bits``) keeps
+the sum of ``n`` entries inside the signed range ``(-2**(bits-1-h), 2**(bits-1-h))``: the
+modular sum decodes exactly to the integer sum.  The weight coordinate uses ``weight_scale =
+(2**(bits-1-h) - 1 - n) / (n * max_weight)`` the same way.
+
+Headroom and the range check (``check_sum``).  The code reserves ``headroom_bits`` (default
+1) above what ``n`` in-range inputs can reach: the scales use ``2**(bits-1-headroom_bits)``.  An
+honest sum of ``m`` encodings with true total weight ``W`` decodes to a total weight in
+``(0, m * max_weight]`` and entries of magnitude at most ``clip * W`` (each up to the rounding
+slack below).  Masks are additive, so a client can put *any* ring element in its masked
+vector; the server cannot see whose, but ``check_sum`` rejects every decoded sum outside those
+bounds with ``AggregateOutOfRange`` (a wrapped entry, e.g. one with ``2**(bits-1)`` added, lands
+outside them whatever the other inputs were, thanks to the headroom).  What stays possible:
+a client can shift the sum *within* the bounds (up to ``clip * max_weight`` per entry and
+``max_weight`` in total weight beyond an honest input); per-client range proofs are future
+work, and bucketed mode with a robust rule is the defense against that.
 
 Error bound (``error_bound``): with ``m <= n`` clients in the sum and true total weight
 ``W``, the decoded weighted sum is off by less than ``m / scale`` per entry and the decoded
@@ -30,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from securefml.errors import ConfigError, InvalidUpdateError
+from securefml.errors import AggregateOutOfRange, ConfigError, InvalidUpdateError
 from securefml.protocols.prg import new_seed
 
 __all__ = ["FixedPoint"]
@@ -52,12 +64,16 @@ class FixedPoint:
         Ring size ``2**bits`` (8..32); entries travel as uint16 when ``bits <= 16``, else uint32.
     max_weight:
         Largest client weight; a larger weight is clipped to it (a bound on one client's influence).
+    headroom_bits:
+        Bits of the ring left unused by honest sums, so out-of-range sums are detectable
+        (``check_sum``); each bit halves the precision.
     """
 
     clip: float
     n: int
     bits: int = 32
     max_weight: float = 1.0
+    headroom_bits: int = 1
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip) and self.clip > 0):
@@ -66,6 +82,8 @@ class FixedPoint:
             raise ConfigError(f"max_weight must be positive and finite, got {self.max_weight}")
         if not 8 <= self.bits <= 32:
             raise ConfigError(f"bits must be in 8..32, got {self.bits}")
+        if not 0 <= self.headroom_bits <= 4:
+            raise ConfigError(f"headroom_bits must be in 0..4, got {self.headroom_bits}")
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
         if self.budget <= 0:
@@ -79,15 +97,19 @@ class FixedPoint:
     @property
     def budget(self) -> int:
         """Largest magnitude one rounded entry may take so that n of them never overflow."""
-        return (2 ** (self.bits - 1) - 1 - self.n) // self.n
+        return (self._top - 1 - self.n) // self.n
+
+    @property
+    def _top(self) -> int:
+        return 2 ** (self.bits - 1 - self.headroom_bits)
 
     @property
     def scale(self) -> float:
-        return (2 ** (self.bits - 1) - 1 - self.n) / (self.n * self.max_weight * self.clip)
+        return (self._top - 1 - self.n) / (self.n * self.max_weight * self.clip)
 
     @property
     def weight_scale(self) -> float:
-        return (2 ** (self.bits - 1) - 1 - self.n) / (self.n * self.max_weight)
+        return (self._top - 1 - self.n) / (self.n * self.max_weight)
 
     @property
     def mask(self) -> int:
@@ -165,3 +187,29 @@ class FixedPoint:
         half = 1 << (self.bits - 1)
         t[t >= half] -= 1 << self.bits
         return t[:-1].astype(np.float64) / self.scale, float(t[-1]) / self.weight_scale
+
+    def check_sum(self, weighted_sum: np.ndarray, total_weight: float, m: int) -> float:
+        """Raise ``AggregateOutOfRange`` unless ``m`` in-range encodings can decode to this sum.
+
+        Checks, with the rounding slack of ``m`` encodings: ``0 < total_weight <= m *
+        max_weight``; a finite error bound; ``max |entry| <= clip * total_weight``.  Returns
+        the error bound.  One pass over the vector (``np.abs(...).max()``), no copy kept.
+        """
+        if not 1 <= m <= self.n:
+            raise AggregateOutOfRange(f"{m} contributors, the code is sized for 1..{self.n}")
+        slack_w = m / (2 * self.weight_scale)
+        if not (math.isfinite(total_weight) and 0 < total_weight <= m * self.max_weight + slack_w):
+            raise AggregateOutOfRange(
+                f"decoded total weight {total_weight:.6g} is outside (0, {m} * {self.max_weight:g}]"
+            )
+        bound = self.error_bound(m, total_weight)
+        if not math.isfinite(bound):
+            raise AggregateOutOfRange(f"decoded total weight {total_weight:.6g} leaves no finite error bound")
+        top = float(np.abs(weighted_sum).max()) if weighted_sum.size else 0.0
+        limit = self.clip * (total_weight + slack_w) + m / self.scale
+        if not top <= limit:
+            raise AggregateOutOfRange(
+                f"a decoded entry of magnitude {top:.6g} exceeds what {m} in-range inputs of total weight "
+                f"{total_weight:.6g} can produce ({limit:.6g})"
+            )
+        return bound

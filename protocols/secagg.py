@@ -10,33 +10,74 @@ low-level pieces a user drives over their own transport (every message is ``byte
 
 Threat model
 ------------
-- Server: honest-but-curious by default; with ``signatures=True`` an *active* server that
-  lies about who dropped (to collect both secrets of one client) is caught by the Ed25519-
-  signed consistency round.  It learns the sum (plain mode) or the bucket sums (bucketed
-  mode), the total weight behind them, and who took part; never a single client's input.
-- Clients: up to ``corrupt_fraction`` colluding with the server, any number dropping at any
-  stage.  ``k`` and ``t`` follow from these fractions (``secagg_graph.derive_parameters``).
-- A Byzantine client can still send any *input* (secure aggregation hides inputs, it does
-  not validate them): use bucketed mode with a robust rule for that.
-- Share complaints (after the share stage, before anyone masks): each client reports the
-  neighbours whose sealed shares fail AES-GCM authentication (or whose keys are unusable);
-  the server excludes every accused client before the masked stage, and every client masks
-  with none of them.  So a client that sends bad sealed shares costs only itself (it is
-  rejected with a ``DecryptionError`` naming it), not the round.  The trade-off: a complaint
-  cannot be verified (only the accuser holds the channel key), so a malicious client can get
-  honest neighbours that sent it shares excluded from *this* round, as if they had dropped
-  out before masking.  It cannot learn anything by it, nor abort the round unless the
-  exclusions leave fewer than ``t`` clients, or a client with fewer than ``t`` live
-  neighbours (exactly as that many dropouts would).  Each accused client's error names its
-  accusers (whose complaint lists are signed when ``signatures=True``), so repeat accusers
-  are visible across rounds.  The exclusion list is the server's word: a lying server can
-  only make clients skip masks with some peers (as dropping messages would); which share an
-  honest client reveals about whom is still decided by the (signed) survivor list, so no
-  client ever reveals both secrets of one peer.
+- Server, ``signatures=True``: *active* (it may deviate arbitrarily: drop, withhold, reorder,
+  corrupt or invent any server -> client message, show different clients different views,
+  replay).  Clients know each other's Ed25519 identity keys (a PKI).  It learns the sum (plain
+  mode) or the bucket sums (bucketed mode), the total weight behind them and who took part;
+  never one client's input (tested by the adversarial-server harness,
+  ``securefml.testing.adversarial_secagg``).
+- Server, ``signatures=False``: *honest-but-curious only* (``active_server_secure`` is
+  False).  Nothing authenticates the advertised keys, so an active server can substitute its
+  own keys for a victim's neighbours, open every share the victim sends and recover its input
+  (``test_unsigned_mode_does_not_claim_active_security``).
+- Clients: up to ``corrupt_fraction`` colluding with the server (they may also leak their state
+  to it), any number dropping at any stage.  ``k`` and ``t`` follow from these fractions
+  (``secagg_graph.derive_parameters``, ``2t > k + c``).
+- A Byzantine client can still choose its *input*, and since masks are additive any ring
+  element as its masked vector: the decoded sum is range-checked (``FixedPoint.check_sum``)
+  and an out-of-range sum is discarded with ``AggregateOutOfRange`` (nobody can be named: the
+  masks hide who), but a shift *within* the range (up to ``clip * max_weight`` per entry, and
+  ``max_weight`` of total weight, per client) is undetectable.  Per-client range proofs are
+  future work; bucketed mode with a robust rule is the defense.
+
+Server deviations and what stops each (Bonawitz et al. 2017, section 4 and 6; Bell et al. 2020):
+
+- *Substituting a client's keys* (man in the middle): the advertisements are signed
+  (``signatures=True``); the neighbour leaves the victim's key list, and with fewer than ``t``
+  authentic neighbours the victim aborts at the share stage.  Unsigned: not stopped (above).
+- *Withholding keys or sealed shares, corrupting shares in transit, excluding neighbours*: each
+  is a way to make a client mask with fewer peers.  Each client keeps ``|U_i| >= t``: it aborts
+  (``ProtocolAbort``) before masking if fewer than ``t`` neighbours are left to mask with, and
+  in signed mode it drops a neighbour only on a complaint the accuser signed, bound to round,
+  accuser and accused list (the server forwards them with the exclusions); an unbacked,
+  forged or replayed complaint aborts the client.  The earlier argument here, that a lying
+  exclusion list "can only make clients skip masks", was wrong: stripping *every* pairwise
+  mask of a victim left ``y = x + PRG(b)`` and ``b`` is legitimately revealed for a survivor
+  (issue 11, finding 1; ``test_finding1_server_cannot_strip_every_pairwise_mask_of_a_victim``).
+  With ``t`` mask peers, unmasking a victim alone needs the masking keys of ``t`` peers (so
+  ``t`` of them declared dropped) and its seed from its other neighbours, ``k - t + c < t`` of them.
+- *Different survivor lists for different clients* (to get ``t`` seed shares of a client from
+  some neighbours and ``t`` key shares from others): the consistency round.  Every client
+  signs the survivor list it was shown; before revealing anything a client checks ``t``
+  signatures of its neighbours, listed as survivors, on *its* list; ``2t > k`` leaves no room
+  for two camps of ``t``.
+- *Unmask requests asking for both secrets of a peer*, or naming a client both alive and
+  dropped, or asking again: a client reveals per peer the seed share (survivor) or the key
+  share (dropped), never both, answers once (a second request is "out of order"), and refuses a
+  request that lists it as dropped or disagrees with the list it signed.
+- *Replays from other rounds or addressed to another client*: every message is bound to round
+  and sender; sealed shares to round, sender and receiver (AES-GCM associated data).
+
+Blame, don't abort.  A client whose revealed shares are off the polynomial the majority of
+shares lie on is rejected by name (``DecryptionError``); a client whose seed commitment does
+not match the seed its consistent shares determine is rejected by name and its masked input,
+whose seed the shares fix, stays in the sum (removing it would need both of its secrets).  The
+round aborts only when no ``t`` consistent shares determine a needed secret.
+
+Share complaints (after the share stage, before anyone masks): each client reports the
+neighbours whose sealed shares fail AES-GCM authentication (or whose keys are unusable); the
+server excludes every accused client before the masked stage, and every client masks with
+none of them.  So a client that sends bad sealed shares costs only itself (rejected with a
+``DecryptionError`` naming it and its accusers), not the round.  The trade-off: a complaint
+cannot be verified (only the accuser holds the channel key), so a malicious client, or a
+server that corrupts shares in transit, can get honest neighbours excluded from *this* round,
+as if they had dropped before masking; the ``t`` floor above bounds what that can do.
 
 Guarantees
 ----------
-- The revealed sum equals the plain weighted sum within ``FixedPoint.error_bound``.
+- The revealed sum equals the plain weighted sum within ``FixedPoint.error_bound``, or the
+  round (bucket) aborts with ``AggregateOutOfRange``: a decoded sum outside what ``m``
+  in-range inputs can produce is never returned.
 - If some needed secret has fewer than ``t`` shares, ``ProtocolAbort`` is raised before any
   secret is reconstructed: nothing is unmasked.
 - A tampered sealed share or advertisement, a replayed or misdirected message, a malformed
@@ -56,7 +97,8 @@ that falls below threshold aborts alone and the others go on.
 
 Differences from Flower's SecAgg+ (1.42): AES-256-CTR masks from full 256-bit seeds (not
 MT19937 seeded with 32 bits); 33-byte Shamir shares of raw 32-byte secrets (not 306-byte PEM
-keys); uint32 (or uint16) on the wire (not int64); optional signatures and consistency round.
+keys); uint32 (or uint16) on the wire (not int64); optional signatures and consistency round; signed,
+client-verified exclusions; a range-checked sum with one bit of headroom.
 
 Driving the halves over your own transport (every message is ``bytes``):
 
@@ -106,7 +148,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from securefml.errors import ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError
+from securefml.errors import AggregateOutOfRange, ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError
 from securefml.protocols.base import AggregationProtocol, ClientUpdate, Reveals, RoundOutput, Transport
 from securefml.protocols.quantize import FixedPoint
 from securefml.protocols.secagg_client import MaskJob, SecAggClient, run_mask_job
@@ -179,6 +221,13 @@ class SecAggPlus(AggregationProtocol):
     sigma, eta:
         Security and correctness parameters of the derivation (failure probability ``2**-sigma``
         and ``2**-eta``).
+    headroom_bits:
+        Ring bits kept free above the largest honest sum so out-of-range sums are detected
+        (``FixedPoint.check_sum``); each bit halves the precision.
+    checks:
+        The issue-11 checks (clients verify exclusions and keep ``t`` mask peers; the decoded
+        sum is range-checked).  ``False`` only to measure their cost (``benchmarks/secagg.py``):
+        without them a lying server can recover an input and a client can corrupt the sum.
     """
 
     name = "secagg"
@@ -201,6 +250,8 @@ class SecAggPlus(AggregationProtocol):
         workers: int = 1,
         sigma: int = 40,
         eta: int = 10,
+        headroom_bits: int = 1,
+        checks: bool = True,
     ) -> None:
         if neighbours is not None and neighbours < 2:
             raise ConfigError(f"neighbours must be >= 2, got {neighbours}")
@@ -214,7 +265,7 @@ class SecAggPlus(AggregationProtocol):
             raise ConfigError(f"max_weight must be positive, got {max_weight}")
         if not (0 <= dropout_fraction < 1 and 0 <= corrupt_fraction < 0.5):
             raise ConfigError("need 0 <= dropout_fraction < 1 and 0 <= corrupt_fraction < 1/2")
-        FixedPoint(clip_range, 1, bits)  # validates clip_range and bits now, not mid-round
+        FixedPoint(clip_range, 1, bits, headroom_bits=headroom_bits)  # validates them now, not mid-round
         self.neighbours = neighbours
         self.threshold = threshold
         self.dropout_fraction = dropout_fraction
@@ -229,6 +280,8 @@ class SecAggPlus(AggregationProtocol):
         self.workers = workers
         self.sigma = sigma
         self.eta = eta
+        self.headroom_bits = headroom_bits
+        self.checks = checks
         self.reveals = Reveals.BUCKETS if buckets >= 2 else Reveals.SUM
         self._identities: dict[int, Ed25519PrivateKey] = dict(identities or {})
         self._pool: ProcessPoolExecutor | None = None
@@ -239,6 +292,17 @@ class SecAggPlus(AggregationProtocol):
             f"{self.dropout_fraction}, corrupt_fraction={self.corrupt_fraction}, clip_range={self.clip_range}, "
             f"bits={self.bits}, buckets={self.buckets}, signatures={self.signatures}, workers={self.workers})"
         )
+
+    @property
+    def active_server_secure(self) -> bool:
+        """Whether the privacy guarantee holds against an *active* (deviating) server.
+
+        Only with ``signatures``: without a PKI nothing authenticates the advertised keys, so an
+        active server can substitute its own keys for a victim's neighbours and open every share
+        the victim sends (``test_unsigned_mode_does_not_claim_active_security``).  Unsigned mode
+        is secure against an honest-but-curious server only.
+        """
+        return self.signatures
 
     # -- resources -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -312,7 +376,7 @@ class SecAggPlus(AggregationProtocol):
             round_idx=round_idx,
             cohort=members,
             params=self.graph_params(len(members)),
-            fixed_point=FixedPoint(self.clip_range, len(members), self.bits, max_weight),
+            fixed_point=FixedPoint(self.clip_range, len(members), self.bits, max_weight, self.headroom_bits),
             length=length,
             layout_fingerprint=layout.fingerprint() if layout is not None else b"",
             layers=tuple(layers),
@@ -333,7 +397,8 @@ class SecAggPlus(AggregationProtocol):
         transport = transport or Transport()
         server = SecAggServer(plan)
         clients = {
-            c: SecAggClient(c, plan, identity=self.identity(c) if plan.signatures else None) for c in plan.cohort
+            c: SecAggClient(c, plan, identity=self.identity(c) if plan.signatures else None, checks=self.checks)
+            for c in plan.cohort
         }
         res = SumResult(plan.cohort, plan.params, None, 0.0, ())
         alive = set(plan.cohort)
@@ -432,8 +497,17 @@ class SecAggPlus(AggregationProtocol):
             res.rejected.update({c: e for c, e in server.state.rejected.items() if c not in res.rejected})
             return res
         res.rejected.update({c: e for c, e in server.state.rejected.items() if c not in res.rejected})
-        res.contributors = server.state.contributors
-        res.weighted_sum, res.total_weight = srv(plan.fixed_point.decode_sum, total)
+        contributors = server.state.contributors
+        weighted_sum, total_weight = srv(plan.fixed_point.decode_sum, total)
+        if self.checks:
+            try:
+                srv(plan.fixed_point.check_sum, weighted_sum, total_weight, len(contributors))
+            except AggregateOutOfRange as exc:  # some client sent a ring element outside the code
+                log.warning("secagg: round %s: discarding the sum: %s", plan.round_idx, exc)
+                res.aborted = f"AggregateOutOfRange: {exc}"
+                return res
+        res.contributors = contributors
+        res.weighted_sum, res.total_weight = weighted_sum, total_weight
         res.error_bound = plan.fixed_point.error_bound(len(res.contributors), res.total_weight)
         return res
 

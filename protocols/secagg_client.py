@@ -10,6 +10,12 @@ The server forwards the union of accused peers (``exclusions``); the client mask
 them, so they leave the round like clients that dropped before the masked stage and no key of
 theirs ever has to be reconstructed (see ``secagg_server``).
 
+The client does not take exclusions on the server's word (issue 11, finding 1): with
+``signatures`` every excluded peer must be named in a complaint signed by its accuser (a
+neighbour of the accused) for this round, and in every mode the client aborts
+(``ProtocolAbort``) if fewer than ``t`` neighbours are left to mask with, or if fewer than
+``t`` of its neighbours survive at the unmask stage (Bonawitz et al.: ``|U_i| >= t``).
+
 The heavy step (quantize + self mask + pairwise masks) is a pure function of a ``MaskJob``,
 so a driver may run many clients' jobs in worker processes (``run_mask_job``).
 """
@@ -52,6 +58,7 @@ from securefml.protocols.secagg_messages import (
     check_subset,
     pack_ids,
     pack_records,
+    unpack_complaints,
     unpack_ids,
     unpack_records,
 )
@@ -153,10 +160,17 @@ class SecAggClient:
         The round's public plan.
     identity:
         Long-term Ed25519 identity key; required when ``plan.signatures``.
+    checks:
+        The active-server checks of the masked stage (every exclusion backed by a signed
+        complaint, at least ``t`` mask peers left).  ``False`` exists only so
+        ``benchmarks/secagg.py`` can measure their cost; it is the client's own choice, never
+        the plan's, and without the checks a lying server can recover this client's input.
     """
 
-    def __init__(self, client_id: int, plan: RoundPlan, *, identity: Ed25519PrivateKey | None = None) -> None:
+    def __init__(self, client_id: int, plan: RoundPlan, *, identity: Ed25519PrivateKey | None = None,
+                 checks: bool = True) -> None:
         self.id = client_id
+        self.checks = checks
         self.plan = plan
         self.neighbours = plan.neighbours(client_id)
         if plan.signatures and identity is None:
@@ -287,7 +301,15 @@ class SecAggClient:
         excluded = set(unpack_ids(env.field("excluded"), sender=SERVER_ID))
         check_subset(sorted(excluded), self.neighbours, "exclusion list", sender=SERVER_ID)
         rnd = self.plan.round_idx
+        if self.checks and self.plan.signatures:
+            self._check_exclusions(env, excluded & set(st.held))
         st.peers = tuple(sorted(p for p in st.held if p not in excluded))
+        if self.checks and len(st.peers) < self.plan.t:
+            # Bonawitz et al.: |U_i| >= t at every stage.  With fewer mask peers than t, a server
+            # that later learns this client's self-mask seed (it is revealed for a survivor) could
+            # remove every pairwise mask whose other end it declares dropped: refuse to mask.
+            raise ProtocolAbort(f"only {len(st.peers)} neighbours left to mask with, threshold is {self.plan.t}",
+                                sender=SERVER_ID)
         plus: list[bytes] = [st.seed]
         minus: list[bytes] = []
         for peer in st.peers:
@@ -307,6 +329,34 @@ class SecAggClient:
             "commit": commit_seed(st.seed, rnd, self.id),
         }
         return MaskJob(arr, float(weight), self.plan.fixed_point, plus, minus, self.id, rnd, fields)
+
+    def _check_exclusions(self, env: Envelope, excluded: set[int]) -> None:
+        """Every excluded peer we hold shares of must be named in a complaint its accuser signed.
+
+        The complaint is bound to round, accuser and its whole accused list
+        (``complaints_payload``); the accuser must be a neighbour of the accused (only
+        neighbours exchange shares) and cannot accuse itself.  A missing, forged or replayed
+        complaint means the server is lying about the exclusion: ``ProtocolAbort``.
+        """
+        if not excluded:
+            return
+        justified: set[int] = set()
+        for proof in unpack_complaints(env.field("proofs"), sender=SERVER_ID):
+            named = excluded.intersection(proof.accused) - justified
+            if not named or proof.accuser not in self.plan.identities:
+                continue
+            if any(v == proof.accuser or proof.accuser not in self.plan.neighbours(v) for v in named):
+                continue
+            try:
+                verify(self.plan.identities[proof.accuser], proof.sig,
+                       complaints_payload(self.plan.round_idx, proof.accuser, proof.accused), sender=proof.accuser)
+            except ProtocolError:
+                raise ProtocolAbort(f"the server forwarded a complaint that client {proof.accuser} did not sign",
+                                    sender=SERVER_ID) from None
+            justified |= named
+        missing = sorted(excluded - justified)
+        if missing:
+            raise ProtocolAbort(f"exclusion of {missing[:5]} is not backed by a signed complaint", sender=SERVER_ID)
 
     def masked(self, exclusions_msg: bytes, vector: torch.Tensor | np.ndarray, weight: float, *,
                noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> bytes:
@@ -334,6 +384,9 @@ class SecAggClient:
             raise ProtocolError("server lists this client as dropped although it sent its input", sender=SERVER_ID)
         if len(survivors) < self.plan.t:
             raise ProtocolAbort(f"only {len(survivors)} survivors, threshold is {self.plan.t}", sender=SERVER_ID)
+        live = len(set(survivors) & set(self.neighbours))
+        if self.checks and live < self.plan.t:  # |U_i| >= t: our own seed could not be recovered anyway
+            raise ProtocolAbort(f"only {live} neighbours survive, threshold is {self.plan.t}", sender=SERVER_ID)
 
     # -- stage 5: unmask ------------------------------------------------------------------------------
     def unmask(self, request_msg: bytes) -> bytes:
@@ -368,8 +421,10 @@ class SecAggClient:
         sigs = unpack_records(env.field("sigs"), 64, sender=SERVER_ID)
         check_subset([r for r, _ in sigs], self.neighbours, "signature list", sender=SERVER_ID)
         payload = consistency_payload(self.plan.round_idx, st.survivors)
+        alive = set(st.survivors)
         for peer, sig in sigs:
             verify(self.plan.identities[peer], sig, payload, sender=peer)
+        sigs = [(peer, sig) for peer, sig in sigs if peer in alive]  # a signer listed as dropped does not count
         if len(sigs) < self.plan.t:
             raise ProtocolAbort(f"only {len(sigs)} neighbours confirmed the survivor list", sender=SERVER_ID)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from enum import Enum
+from typing import NamedTuple
 
 from securefml.errors import MalformedMessageError
 
@@ -23,6 +24,9 @@ __all__ = [
     "pack_records",
     "unpack_records",
     "check_subset",
+    "Complaint",
+    "pack_complaints",
+    "unpack_complaints",
 ]
 
 SERVER_ID = 0xFFFFFFFF  # sender id of server -> client messages
@@ -98,3 +102,44 @@ def check_subset(ids: Sequence[int], allowed: Iterable[int], what: str, *, sende
     extra = set(ids) - set(allowed)
     if extra:
         raise MalformedMessageError(f"{what} names clients outside the allowed set: {sorted(extra)[:5]}", sender=sender)
+
+
+class Complaint(NamedTuple):
+    """One client's signed complaint list, as the server forwards it with the exclusions."""
+
+    accuser: int
+    accused: tuple[int, ...]
+    sig: bytes
+
+
+_SIG_BYTES = 64
+
+
+def pack_complaints(complaints: Iterable[Complaint]) -> bytes:
+    """``accuser u32 | count u32 | accused u32 * count | sig[64]`` per complaint, accusers increasing."""
+    out = []
+    for c in sorted(complaints, key=lambda c: c.accuser):
+        if len(c.sig) != _SIG_BYTES:
+            raise MalformedMessageError(f"complaint signature must be {_SIG_BYTES} bytes, got {len(c.sig)}")
+        out.append(_ID.pack(c.accuser) + _ID.pack(len(c.accused)) + pack_ids(c.accused) + c.sig)
+    return b"".join(out)
+
+
+def unpack_complaints(data: bytes, *, sender: int | None) -> list[Complaint]:
+    """Inverse of ``pack_complaints``; every length is checked before it is used."""
+    out: list[Complaint] = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < 8:
+            raise MalformedMessageError("truncated complaint record", sender=sender)
+        (accuser,) = _ID.unpack_from(data, pos)
+        (count,) = _ID.unpack_from(data, pos + 4)
+        end = pos + 8 + 4 * count + _SIG_BYTES
+        if end > len(data):
+            raise MalformedMessageError("truncated complaint record", sender=sender)
+        if out and accuser <= out[-1].accuser:
+            raise MalformedMessageError("complaint accusers are not strictly increasing", sender=sender)
+        accused = unpack_ids(bytes(data[pos + 8 : end - _SIG_BYTES]), sender=sender)
+        out.append(Complaint(accuser, accused, bytes(data[end - _SIG_BYTES : end])))
+        pos = end
+    return out

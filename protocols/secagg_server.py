@@ -13,7 +13,9 @@ it and sends a (signed, with ``signatures``) list of the neighbours whose share 
 authentication or whose keys were unusable.  ``close_complaints`` rejects every accused
 client with a ``DecryptionError`` naming it (and its accusers) and fixes the exclusion list
 ``X`` = clients that shared but will not contribute: the accused, clients rejected so far, and
-clients whose complaints never arrived.  Each client receives ``X`` restricted to its
+clients whose complaints never arrived (unsigned mode); with ``signatures`` the accused only,
+forwarded with the signed complaints that name them (clients verify each exclusion; the others
+that are gone count as dropped and their masking keys are reconstructed at the end).  Each client receives ``X`` restricted to its
 neighbours (``exclusions_for``) *before* it masks its input and masks with nobody in ``X``;
 a masked input whose peer list names a member of ``X`` is rejected.  So a client in ``X`` is
 out of the round like a client that dropped before masking: no mask involves its keys, its
@@ -24,6 +26,12 @@ checks, minus both ends of any pair whose mask lists disagree.  ``D`` = clients 
 their keys but are not in ``C``: their pairwise masks are removed from the neighbours in
 ``C`` that used them, with the masking key reconstructed from ``t`` shares (only clients that
 dropped after the exclusion list was fixed need this).
+
+Blame (``_recover``): with more than ``t`` revealed shares of a secret, the server finds the
+polynomial a strict majority of them lie on; responders off it are rejected by name, and if
+its secret does not match the dealer's seed commitment the *dealer* is rejected by name (its
+input stays in the sum, with the seed its shares fix).  Only when no ``t`` consistent shares
+determine a needed secret does the round abort.
 """
 
 from __future__ import annotations
@@ -52,8 +60,10 @@ from securefml.protocols.secagg_crypto import (
 from securefml.protocols.secagg_messages import (
     KIND,
     SERVER_ID,
+    Complaint,
     Stage,
     check_subset,
+    pack_complaints,
     pack_ids,
     pack_records,
     unpack_ids,
@@ -181,7 +191,7 @@ class SecAggServer:
         """The sealed shares addressed to ``client`` (the server cannot open them)."""
         st = self.state
         recs = [(u, st.sealed[u][client]) for u in self.plan.neighbours(client)
-                if u in st.sealed and u not in st.rejected and client in st.sealed[u]]
+                if u in st.sealed and client in st.sealed[u]]  # independent of when others get rejected
         return self._msg(KIND["shares"], {"shares": pack_records(recs, SEALED_BYTES)})
 
     # -- stage 2 -----------------------------------------------------------------------------------------
@@ -223,7 +233,13 @@ class SecAggServer:
             self.reject(a, DecryptionError(f"neighbours {sorted(by)} could not authenticate its shares or keys",
                                            sender=a))
         live = tuple(sorted(c for c in st.complaints if c not in st.rejected))
-        st.excluded = frozenset(st.sealed) - frozenset(live)
+        if self.plan.signatures:
+            # clients check every exclusion against a signed complaint, so exclude the accused only;
+            # the others that are gone (complaints missing or rejected) count as dropped: their
+            # masking keys are reconstructed at the end, as in Bonawitz et al.
+            st.excluded = frozenset(accusers) & frozenset(st.sealed)
+        else:
+            st.excluded = frozenset(st.sealed) - frozenset(live)
         if len(live) < self.plan.t:
             raise ProtocolAbort(f"only {len(live)} clients left after the complaint stage, threshold is {self.plan.t}")
         return live
@@ -234,7 +250,14 @@ class SecAggServer:
         if not st.complaints_closed:
             raise ProtocolError("the complaint stage is still open", sender=SERVER_ID)
         excluded = [v for v in self.plan.neighbours(client) if v in st.excluded]
-        return self._msg(KIND["exclusions"], {"excluded": pack_ids(excluded)})
+        fields = {"excluded": pack_ids(excluded)}
+        if self.plan.signatures:  # the evidence: every signed complaint that names one of them
+            named = set(excluded)
+            fields["proofs"] = pack_complaints(
+                Complaint(a, accused, st.complaint_sigs[a]) for a, accused in sorted(st.complaints.items())
+                if named.intersection(accused)
+            )
+        return self._msg(KIND["exclusions"], fields)
 
     # -- stage 3 -----------------------------------------------------------------------------------------
     def receive_masked(self, sender: int, data: bytes) -> None:
@@ -355,9 +378,19 @@ class SecAggServer:
 
         seeds = []
         for c in st.contributors:
-            seed = self._recover(points[(c, B_SHARE)], c, culprits, commit_check(c))
+            seed, dealer_lied = self._recover(points[(c, B_SHARE)], c, culprits, commit_check(c))
+            if dealer_lied:  # its shares agree with each other, not with its commitment
+                self.reject(c, DecryptionError(
+                    "its seed commitment does not match the seed its consistent shares determine; its masked "
+                    "input stays in the sum (removing it would need both of its secrets)", sender=c))
             seeds.append(seed)
-        keys = {d: self._recover(points[(d, S_SHARE)], d, culprits, key_check(d)) for d in need_s}
+        keys: dict[int, bytes] = {}
+        for d in need_s:
+            key, dealer_lied = self._recover(points[(d, S_SHARE)], d, culprits, key_check(d))
+            if dealer_lied:  # the masks its neighbours used cannot be recomputed: nothing to go on with
+                raise ProtocolAbort("its masking-key shares agree with each other but not with its advertised "
+                                    "key; nothing was unmasked", sender=d)
+            keys[d] = key
         for r in sorted(culprits):
             self.reject(r, DecryptionError("revealed a share that is not on its polynomial", sender=r))
         plus: list[bytes] = []
@@ -382,26 +415,64 @@ class SecAggServer:
 
     def _recover(
         self, points: list[tuple[int, bytes]], client: int, culprits: set[int], check: Callable[[bytes], bool]
-    ) -> bytes:
-        """Reconstruct a secret and check it (commitment or public key).
+    ) -> tuple[bytes, bool]:
+        """Reconstruct ``client``'s secret, blaming whoever is inconsistent; returns ``(secret, dealer_lied)``.
 
-        If the first ``t`` shares fail the check and more are present, search ``t``-subsets
-        (at most ``MAX_SUBSETS``) for one that passes, and add the responders whose shares are
-        off the recovered polynomial to ``culprits``.  No valid subset: ``ProtocolAbort``.
+        1. The first ``t`` shares pass ``check`` (the seed commitment, or the advertised public
+           key): done (the honest case, one interpolation).
+        2. Otherwise look (over at most ``MAX_SUBSETS`` ``t``-subsets) for the polynomial that a
+           strict majority of the revealed shares, and at least ``t + 1`` of them, lie on: with
+           more than ``t`` shares, consistency is checkable.  Responders off it are ``culprits``.
+           If its secret passes ``check`` it is returned; if not, the shares agree with each
+           other and not with what ``client`` committed to, so ``client`` (the dealer) lied:
+           its secret is returned with ``dealer_lied=True``.  Sound while honest responders are
+           a majority of those revealing (``t > (k + c) / 2`` with ``c`` corrupt neighbours).
+        3. No such polynomial: any ``t``-subset that passes ``check`` (off-polynomial responders
+           are ``culprits``); none: ``ProtocolAbort`` (nothing has been unmasked yet).
         """
         t = self.plan.t
         ints = [(x, int.from_bytes(y, "big")) for x, y in points]
         first = self._value(ints[:t], check)
         if first is not None:
-            return first
+            return first, False
+        if len(ints) > t:
+            max_off = min(len(ints) - t - 1, (len(ints) - 1) // 2)  # a strict majority and >= t + 1 on it
+            windows = (ints[i : i + t] for i in range(1, len(ints) - t + 1))
+            for n_tried, subset in enumerate(itertools.chain(windows, itertools.combinations(ints[::-1], t))):
+                if n_tried >= MAX_SUBSETS:
+                    break
+                poly = list(subset)
+                off = self._off_polynomial(poly, ints, max_off)
+                if off is None:
+                    continue
+                culprits.update(off)
+                value = shamir.reconstruct(poly, t)
+                if value >= 2**256:
+                    raise ProtocolAbort("its consistent shares do not encode a 32-byte secret", sender=client)
+                raw = value.to_bytes(32, "big")
+                ok = self._value(poly, check) is not None
+                return raw, not ok
         for n_tried, subset in enumerate(itertools.combinations(ints, t)):
             if n_tried >= MAX_SUBSETS:
                 break
-            value = self._value(list(subset), check)
-            if value is not None:
+            found = self._value(list(subset), check)
+            if found is not None:
                 culprits.update(x - 1 for x, y in ints if shamir.interpolate_at(list(subset), x) != y)
-                return value
-        raise ProtocolAbort(f"shares of client {client}'s secret do not reconstruct it (commitment mismatch)")
+                return found, False
+        raise ProtocolAbort(f"shares of client {client}'s secret are neither consistent nor match its commitment; "
+                            "nothing was unmasked")
+
+    @staticmethod
+    def _off_polynomial(poly: list[tuple[int, int]], ints: list[tuple[int, int]], max_off: int) -> set[int] | None:
+        """Responders whose share is off the polynomial through ``poly``; None once more than ``max_off``."""
+        off: set[int] = set()
+        on = set(poly)
+        for x, y in ints:
+            if (x, y) not in on and shamir.interpolate_at(poly, x) != y:
+                off.add(x - 1)
+                if len(off) > max_off:
+                    return None
+        return off
 
     @staticmethod
     def _value(points: list[tuple[int, int]], check: Callable[[bytes], bool]) -> bytes | None:

@@ -18,6 +18,7 @@ __all__ = [
     "ReplayError",
     "DecryptionError",
     "ProtocolAbort",
+    "AggregateOutOfRange",
     "PrivacyBudgetExceeded",
 ]
 
@@ -75,7 +76,15 @@ class DecryptionError(ProtocolError):
 
 
 class ProtocolAbort(ProtocolError):
-    """Too few clients survived to finish the round safely; nothing was revealed."""
+    """The round (or one secure sum) stopped without an aggregate: too few clients survived to
+    finish safely, or a party caught the server deviating; nothing was revealed."""
+
+
+class AggregateOutOfRange(ProtocolAbort):
+    """A decoded secure sum that no set of in-range inputs can produce (total weight outside
+    ``(0, m * max_weight]``, an entry beyond ``clip`` times the total weight, or an infinite
+    error bound): some client sent a ring element outside the code, and the sum is discarded.
+    The masks hide who it was, so nobody is named."""
 
 
 class PrivacyBudgetExceeded(SecureFMLError):

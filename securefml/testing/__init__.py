@@ -5,6 +5,16 @@ positional and tuning options keyword-only, plus ``assert_*`` checkers.  hypothe
 imported only inside this package.
 """
 
+from securefml.testing.adversarial_secagg import (
+    ServerMoves,
+    ServerView,
+    assert_server_learns_only_large_sums,
+    exposed_sets,
+    finding1_moves,
+    run_malicious_round,
+    server_moves,
+    unmask_group,
+)
 from securefml.testing.defense_checks import (
     BYZANTINE_KINDS,
     UpdateBatch,
@@ -38,11 +48,14 @@ __all__ = [
     "DropAt",
     "Replay",
     "SecAggScenario",
+    "ServerMoves",
+    "ServerView",
     "Tamper",
     "UpdateBatch",
     "assert_gram_matches_plaintext",
     "assert_permutation_invariant",
     "assert_selects_honest",
+    "assert_server_learns_only_large_sums",
     "assert_translation_equivariant",
     "assert_weighted_mean",
     "assert_within_honest_range",
@@ -50,11 +63,16 @@ __all__ = [
     "client_weights",
     "cohorts",
     "dropout_patterns",
+    "exposed_sets",
+    "finding1_moves",
     "layer_layouts",
     "layer_subsets",
     "layered_updates",
     "neighbour_graphs",
     "recoverable",
+    "run_malicious_round",
     "secagg_scenarios",
+    "server_moves",
+    "unmask_group",
     "update_vectors",
 ]

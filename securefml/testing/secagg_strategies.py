@@ -168,19 +168,22 @@ def recoverable(plan: RoundPlan, drops: Mapping[int, str]) -> bool:
 
     The reference semantics, stage by stage: a client shares only if at least ``t`` of its
     neighbours advertised keys; a client that shared but whose complaints never arrived is
-    excluded before masking (nobody masks with it); the contributors ``C`` are the clients
-    that sent a masked input; the round finishes iff ``|C| >= t`` and every contributor, and every dropped client
-    some contributor masked with, has at least ``t`` neighbours that answer the unmask request.
+    excluded before masking (nobody masks with it); a client masks only if at least ``t`` of its
+    neighbours are left to mask with (``|U_i| >= t``); the contributors ``C`` are the clients
+    that sent a masked input; a contributor answers the unmask request only if at least ``t``
+    of its neighbours are in ``C``; the round finishes iff ``|C| >= t`` and every contributor, and
+    every dropped client some contributor masked with, has at least ``t`` neighbours that answer.
     """
     t = plan.t
     nb = {c: set(plan.neighbours(c)) for c in plan.cohort}
     u1 = {c for c in plan.cohort if drops.get(c) != "advertise"}
     u2 = {c for c in u1 if len(nb[c] & u1) >= t and drops.get(c) != "share"}
     u3 = {c for c in u2 if drops.get(c) != "complaints"}
-    contributors = {c for c in u3 if drops.get(c) != "masked"}
+    masking = {c for c in u3 if len(nb[c] & u3) >= t}
+    contributors = {c for c in masking if drops.get(c) != "masked"}
     if len(contributors) < t:
         return False
-    responders = {c for c in contributors if drops.get(c) != "unmask"}
+    responders = {c for c in contributors if drops.get(c) != "unmask" and len(nb[c] & contributors) >= t}
     dropped = u3 - contributors
     need = set(contributors) | {d for d in dropped if nb[d] & contributors}
     return all(len(nb[c] & responders) >= t for c in need)
