@@ -8,9 +8,14 @@ them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypeAlias
 
-__all__ = ["Reveals"]
+import torch
+
+__all__ = ["Reveals", "Revealed", "RevealedUpdates", "RevealedSums"]
 
 
 class Reveals(str, Enum):
@@ -34,3 +39,46 @@ class Reveals(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclass(frozen=True)
+class RevealedUpdates:
+    """``Reveals.UPDATES``: every accepted client's coordinates (the plaintext protocol).
+
+    ``vectors[i]`` covers ``layer_sets[i]`` (layout order) of client ``client_ids[i]``.
+    """
+
+    client_ids: tuple[int, ...]
+    vectors: tuple[torch.Tensor, ...]
+    layer_sets: tuple[tuple[str, ...], ...]
+    weights: tuple[float, ...]
+    rejected: Mapping[int, str] = field(default_factory=dict)
+    kind: Reveals = Reveals.UPDATES
+
+
+@dataclass(frozen=True)
+class RevealedSums:
+    """``Reveals.SUM`` (one group) or ``Reveals.BUCKETS`` (several): weighted sums only.
+
+    ``sums[g]`` is the weighted sum over ``layers`` of the clients in ``contributors[g]``, whose
+    total weight is ``total_weights[g]``; the server never sees a single client's weight.
+    ``error_bound`` bounds each entry's quantization error.
+    """
+
+    kind: Reveals
+    layers: tuple[str, ...]
+    sums: tuple[torch.Tensor, ...]
+    total_weights: tuple[float, ...]
+    contributors: tuple[tuple[int, ...], ...]
+    error_bound: float
+    rejected: Mapping[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in (Reveals.SUM, Reveals.BUCKETS):
+            raise ValueError(f"RevealedSums reveals a sum or bucket sums, not {self.kind}")
+        if not (len(self.sums) == len(self.total_weights) == len(self.contributors)):
+            raise ValueError("one total weight and one contributor set per sum")
+
+
+#: What a server half can hand the aggregation step.
+Revealed: TypeAlias = RevealedUpdates | RevealedSums
