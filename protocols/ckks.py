@@ -488,14 +488,14 @@ class CKKS(AggregationProtocol):
             t0 = time.perf_counter()
             try:
                 prescale = 1.0 if gram_mode else float(upd.weight) / norm
-                msg: bytes | None = self.client.encode(round_idx, upd, frame, layers=chosen, prescale=prescale)
+                sent = self.client.encode(round_idx, upd, frame, layers=chosen, prescale=prescale)
             except (InvalidUpdateError, ProtocolError) as exc:
                 self.record_rejection(rejected, cid, exc)
                 continue
             t_enc += time.perf_counter() - t0
             n_cts += len(frame.chunks_for(chosen))
             carried += layout.numel_of(chosen)
-            msg = transport.deliver(cid, "update", msg)
+            msg = transport.deliver(cid, "update", sent)
             if msg is None:
                 continue
             nbytes += len(msg)

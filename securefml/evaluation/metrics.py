@@ -97,7 +97,7 @@ def backdoor_success(
         if task.kind != "classification":
             continue
         t = task.to(device)
-        glob.append(attack_success_rate(lambda x: learner.forward(base, x), t, backdoor))
+        glob.append(attack_success_rate(lambda x, b=base: learner.forward(b, x), t, backdoor))
         adapted = learner.adapt(base, t.support_x, t.support_y, t.kind, steps=steps) if steps > 0 else base
         adapted = {n: p.detach() for n, p in adapted.items()}
         if learner.adapts_with_learned_rates:
