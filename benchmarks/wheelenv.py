@@ -72,7 +72,8 @@ def build_wheel(out_dir: Path, *, root: Path = ROOT) -> Path:
 
 def dependency_paths(*, root: Path = ROOT) -> list[str]:
     """The running interpreter's site-packages folders, without the checkout or editable installs."""
-    candidates = [*sys.path, *site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    paths = sysconfig.get_paths()
+    candidates = [*sys.path, *site.getsitepackages(), paths["purelib"], paths["platlib"]]
     out: list[str] = []
     for entry in candidates:
         path = Path(entry or ".").resolve()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from securefml.errors import ConfigError
@@ -15,7 +16,9 @@ __all__ = ["Registry", "parse_spec"]
 class Registry(Generic[T]):
     """A small explicit registry: ``register`` in the defining module, ``create`` by name.
 
-    An unknown name raises a ``ConfigError`` that lists the valid ones.
+    An unknown name raises a ``ConfigError`` that lists the valid ones; so does an unknown
+    option name, checked against the factory's signature before anything is built (a typo such
+    as ``krum:g=1`` never reaches the class, whose own error would name internals).
     """
 
     def __init__(self, kind: str) -> None:
@@ -40,8 +43,43 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(sorted(self._items))}"
             ) from None
 
+    def options(self, name: str) -> tuple[str, ...] | None:
+        """The keyword options ``name`` accepts, or ``None`` when its factory takes ``**kwargs``."""
+        factory = self.get(name)
+        try:
+            params = inspect.signature(factory).parameters.values()
+        except (TypeError, ValueError):  # no introspectable signature
+            return None
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return None
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return tuple(p.name for p in params if p.kind in keyword)
+
+    def check_options(self, name: str, kwargs: Mapping[str, object]) -> None:
+        """Raise ``ConfigError`` naming the unknown options of ``name`` and listing the valid ones.
+
+        >>> reg = Registry("rule")
+        >>> _ = reg.register("clip")(lambda *, tau=1.0: tau)
+        >>> reg.check_options("clip", {"tua": 2.0})
+        Traceback (most recent call last):
+        ...
+        securefml.errors.ConfigError: unknown option 'tua' for rule 'clip'; valid options: tau
+        """
+        valid = self.options(name)
+        if valid is None:
+            return
+        unknown = [key for key in kwargs if key not in valid]
+        if unknown:
+            listed = ", ".join(valid) if valid else "none"
+            plural = "s" if len(unknown) > 1 else ""
+            raise ConfigError(
+                f"unknown option{plural} {', '.join(map(repr, unknown))} for {self.kind} {name!r}; "
+                f"valid options: {listed}"
+            )
+
     def create(self, name: str, **kwargs: object) -> T:
         factory = self.get(name)
+        self.check_options(name, kwargs)
         try:
             return factory(**kwargs)
         except TypeError as exc:
