@@ -59,6 +59,7 @@ from securefml.protocols.base import (
     RoundOutput,
     Transport,
     check_finite,
+    nothing_accepted,
 )
 from securefml.protocols.ckks_keys import (
     CKKSKeyHolder,
@@ -521,6 +522,8 @@ class CKKS(AggregationProtocol):
         }
         timing = {"encrypt_s": t_enc, "server_receive_s": t_srv}
         clients = list(received.values())
+        if not clients:
+            raise nothing_accepted(round_idx, len(updates), rejected)
         if gram_mode:
             out = self._robust(layout, frame, clients, defense, reference, context, timing)
         else:
