@@ -213,8 +213,14 @@ def run_experiment(
     defense: Defense | None = None,
     on_finish: Callable[[Server, FederatedDataset], Mapping[str, Any] | None] | None = None,
     on_start: Callable[[], None] | None = None,
+    model: Callable[[FederatedDataset], torch.nn.Module] | None = None,
 ) -> RunResult:
     """Run ``config.rounds`` rounds and evaluate personalization on the held-out clients.
+
+    ``model(dataset)``, when given, builds the network instead of the bundled MLP (any
+    ``nn.Module`` whose output fits the dataset's task: logits for classification, one value for
+    regression; ``config.hidden`` is then ignored).  BatchNorm layers are run on batch
+    statistics (``securefml.models.batchnorm_on_batch_statistics``).
 
     ``attack`` / ``defense`` instances, when given, are used instead of building
     ``config.attack`` / ``config.defense`` from their specs (users' own classes; the config
@@ -231,9 +237,10 @@ def run_experiment(
     data = dataset or load_dataset(config.dataset, seed=config.seed, **config.dataset_options)
     hp = config.resolved(data.kind)
     device = resolve_device(config.device)
-    model = make_model(data, hidden=config.hidden, seed=config.seed, device=device)
+    net = _user_model(model, data, config.seed, device) if model is not None else make_model(
+        data, hidden=config.hidden, seed=config.seed, device=device)
     meta_cfg = MetaConfig(hp["inner_steps"], hp["inner_lr"], hp["outer_lr"], hp["outer_steps"])
-    learner = LEARNERS.create(config.algorithm, model=model, config=meta_cfg)
+    learner = LEARNERS.create(config.algorithm, model=net, config=meta_cfg)
     defense = defense if defense is not None else make_defense(config.defense)
     protocol = _build_protocol(config.protocol, config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -314,6 +321,18 @@ def run_experiment(
     cfg = asdict(config)
     cfg["resolved"] = hp
     return RunResult(cfg, metrics, [asdict(r) for r in history])
+
+
+def _user_model(
+    factory: Callable[[FederatedDataset], torch.nn.Module], data: FederatedDataset, seed: int, device: torch.device
+) -> torch.nn.Module:
+    torch.manual_seed(seed)  # the factory's initialization is reproducible from the run's seed
+    net = factory(data)
+    if not isinstance(net, torch.nn.Module):
+        raise ConfigError(f"the model factory returned {type(net).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ConfigError("the model factory returned a module without trainable parameters")
+    return net.to(device)
 
 
 def _chain(
