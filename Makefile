@@ -40,5 +40,12 @@ lint: $(LINKS)
 	$(BIN)/ruff check securefml protocols defenses attacks tests benchmarks examples setup.py conftest.py
 	$(BIN)/mypy securefml protocols defenses attacks
 
+# The API reference (mkdocs + mkdocstrings, warnings are errors), from a plain install of the package.
+docs: $(LINKS)
+	$(BIN)/pip install -q -e ".[docs]" --config-settings editable_mode=strict
+	rm -rf build/docs-src build/lib
+	$(BIN)/pip install -q --no-deps --no-build-isolation --target build/docs-src .
+	$(BIN)/mkdocs build --strict
+
 clean:
 	rm -rf $(VENV) build dist results .pytest_cache .hypothesis
