@@ -117,9 +117,10 @@ class TamperingTransport(Transport):
 
     def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
         if self.inner is not None:
-            data = self.inner.deliver(sender, stage, data)
-            if data is None:
+            passed = self.inner.deliver(sender, stage, data)
+            if passed is None:
                 return None
+            data = passed
         if not self.targets(sender, stage):
             self.observe(sender, stage, data)
             return data

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
+from securefml.errors import ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError
 from securefml.reveals import Reveals
 from securefml.updates import LayerLayout
 
@@ -32,6 +32,7 @@ __all__ = [
     "Reveals",
     "weighted_layer_mean",
     "check_finite",
+    "nothing_accepted",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,3 +162,16 @@ class AggregationProtocol(ABC):
             raise exc
         log.warning("round: rejected client %s: %s", sender, exc)
         rejected[sender] = f"{type(exc).__name__}: {exc}"
+
+
+def nothing_accepted(round_idx: int, offered: int, rejected: Mapping[int, str]) -> ProtocolAbort:
+    """The ``ProtocolAbort`` every protocol raises when no client's update reached the aggregate.
+
+    An all-zero aggregate would otherwise train nothing without a word (a user's glue bug, a
+    transport that drops everything, a layout mismatch on every client).  Names up to five of
+    the rejected clients and why.
+    """
+    reasons = "; ".join(f"client {cid}: {why}" for cid, why in list(rejected.items())[:5])
+    more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
+    detail = f": {reasons}{more}" if reasons else ""
+    return ProtocolAbort(f"round {round_idx}: none of the {offered} offered updates was accepted{detail}")

@@ -59,6 +59,7 @@ from securefml.protocols.base import (
     RoundOutput,
     Transport,
     check_finite,
+    nothing_accepted,
 )
 from securefml.protocols.ckks_keys import (
     CKKSKeyHolder,
@@ -488,14 +489,14 @@ class CKKS(AggregationProtocol):
             t0 = time.perf_counter()
             try:
                 prescale = 1.0 if gram_mode else float(upd.weight) / norm
-                msg: bytes | None = self.client.encode(round_idx, upd, frame, layers=chosen, prescale=prescale)
+                sent = self.client.encode(round_idx, upd, frame, layers=chosen, prescale=prescale)
             except (InvalidUpdateError, ProtocolError) as exc:
                 self.record_rejection(rejected, cid, exc)
                 continue
             t_enc += time.perf_counter() - t0
             n_cts += len(frame.chunks_for(chosen))
             carried += layout.numel_of(chosen)
-            msg = transport.deliver(cid, "update", msg)
+            msg = transport.deliver(cid, "update", sent)
             if msg is None:
                 continue
             nbytes += len(msg)
@@ -521,6 +522,8 @@ class CKKS(AggregationProtocol):
         }
         timing = {"encrypt_s": t_enc, "server_receive_s": t_srv}
         clients = list(received.values())
+        if not clients:
+            raise nothing_accepted(round_idx, len(updates), rejected)
         if gram_mode:
             out = self._robust(layout, frame, clients, defense, reference, context, timing)
         else:

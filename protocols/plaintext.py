@@ -17,6 +17,7 @@ from securefml.protocols.base import (
     RoundOutput,
     Transport,
     check_finite,
+    nothing_accepted,
     weighted_layer_mean,
 )
 from securefml.protocols.wire import Envelope, decode, encode, pack_array, unpack_array
@@ -111,6 +112,8 @@ class Plaintext(AggregationProtocol):
                 received[upd.client_id] = self.decode(round_idx, upd.client_id, msg, layout)
             except Exception as exc:  # typed errors recorded, anything else re-raised
                 self.record_rejection(rejected, upd.client_id, exc)
+        if not received:
+            raise nothing_accepted(round_idx, len(updates), rejected)
         return aggregate_plain(layout, list(received.values()), defense, rejected, nbytes, context)
 
 

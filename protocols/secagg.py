@@ -149,7 +149,14 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from securefml.errors import AggregateOutOfRange, ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError
-from securefml.protocols.base import AggregationProtocol, ClientUpdate, Reveals, RoundOutput, Transport
+from securefml.protocols.base import (
+    AggregationProtocol,
+    ClientUpdate,
+    Reveals,
+    RoundOutput,
+    Transport,
+    nothing_accepted,
+)
 from securefml.protocols.quantize import FixedPoint
 from securefml.protocols.secagg_client import MaskJob, SecAggClient, run_mask_job
 from securefml.protocols.secagg_graph import GraphParams, bucket_partition, derive_parameters, round_seed
@@ -164,6 +171,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["SecAggPlus", "SumResult"]
 
 log = logging.getLogger(__name__)
+
+#: Above this fraction of clipped entries in a round, SecAggPlus warns (once per instance).
+CLIP_WARNING_FRACTION = 0.01
 
 MAIN_SHARE = 0.8  # the driver's process takes 80% of an equal share of the mask jobs
 
@@ -284,6 +294,7 @@ class SecAggPlus(AggregationProtocol):
         self.checks = checks
         self.reveals = Reveals.BUCKETS if buckets >= 2 else Reveals.SUM
         self._identities: dict[int, Ed25519PrivateKey] = dict(identities or {})
+        self._warned: set[str] = set()  # warnings already given by this instance (one per run)
         self._pool: ProcessPoolExecutor | None = None
 
     def __repr__(self) -> str:
@@ -331,6 +342,30 @@ class SecAggPlus(AggregationProtocol):
             self._identities[client_id] = Ed25519PrivateKey.generate()
         return self._identities[client_id]
 
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        """Log ``message`` as a warning the first time ``key`` occurs, at debug level after that.
+
+        Bucketed rounds plan one secure sum per bucket: a per-sum warning would repeat
+        buckets x rounds times for one cause.
+        """
+        if key in self._warned:
+            log.debug(message, *args)
+            return
+        self._warned.add(key)
+        log.warning(message, *args)
+
+    def clipped_fraction(self, updates: Sequence[ClientUpdate]) -> float:
+        """The fraction of the round's entries outside ``[-clip_range, clip_range]`` (clipped on encoding).
+
+        Counted by this in-process driver, which holds the clients' inputs anyway; in a
+        deployment each client would count its own.  Only the round's total is recorded.
+        """
+        total = sum(u.vector.numel() for u in updates)
+        if total == 0:
+            return 0.0
+        over = sum(int((u.vector.detach().abs() > self.clip_range).sum()) for u in updates)
+        return over / total
+
     # -- planning --------------------------------------------------------------------------------------
     def graph_params(self, n: int) -> GraphParams:
         """``k`` and ``t`` for a secure sum over ``n`` clients."""
@@ -344,7 +379,8 @@ class SecAggPlus(AggregationProtocol):
             except ConfigError as exc:  # small cohorts: keep the security condition, lose dropout tolerance
                 corrupt = math.ceil(self.corrupt_fraction * n)
                 derived = GraphParams(n - 1, min(n - 1, (n - 1 + corrupt) // 2 + 1))
-                log.warning("secagg: %s; using the complete graph with t=%d", exc, derived.t)
+                self._warn_once(f"complete-graph-{n}", "secagg: %s; using the complete graph with t=%d "
+                                "(said once per run)", exc, derived.t)
         k = min(self.neighbours, n - 1) if self.neighbours is not None else derived.k  # type: ignore[union-attr]
         if self.threshold is not None:
             t = self.threshold
@@ -576,7 +612,7 @@ class SecAggPlus(AggregationProtocol):
         """
         self.check_defense(defense)
         if not updates:
-            return RoundOutput(torch.zeros(layout.numel), dict.fromkeys(layout.layer_names, 0.0), ())
+            raise nothing_accepted(round_idx, 0, {})
         ids = [u.client_id for u in updates]
         if len(set(ids)) != len(ids):
             raise ConfigError("client ids in one round must be distinct")
@@ -590,6 +626,11 @@ class SecAggPlus(AggregationProtocol):
             top = max(float(u.weight) for u in updates)
             max_w = 2.0 ** math.ceil(math.log2(top)) if top > 0 and math.isfinite(top) else 1.0
         inputs = {u.client_id: (u.vector, float(u.weight)) for u in updates}
+        clipped = self.clipped_fraction(updates)
+        if clipped > CLIP_WARNING_FRACTION:
+            self._warn_once("clipped", "secagg: %.1f%% of round %d's entries exceed clip_range=%g and were clipped "
+                            "(said once per run; each round's fraction is in RoundRecord.extras['clipped_fraction'])",
+                            100 * clipped, round_idx, self.clip_range)
         cohort = tuple(sorted(ids))
         if self.buckets >= 2:
             if len(cohort) < self.buckets:
@@ -603,7 +644,9 @@ class SecAggPlus(AggregationProtocol):
                             {c: inputs[c] for c in g}, transport=transport)
             for g in groups
         ]
-        return self._output(results, layout, layers, defense, context)
+        out = self._output(results, layout, layers, defense, context)
+        out.extras["clipped_fraction"] = clipped
+        return out
 
     def _output(
         self,

@@ -26,7 +26,7 @@ from securefml.protocols.secagg_client import SecAggClient
 from securefml.protocols.secagg_messages import Stage
 from securefml.protocols.secagg_plan import RoundPlan
 from securefml.protocols.secagg_server import SecAggServer
-from securefml.reveals import Reveals, RevealedSums
+from securefml.reveals import RevealedSums, Reveals
 
 __all__ = ["SecAggClientHalf", "SecAggServerHalf"]
 

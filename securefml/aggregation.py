@@ -18,7 +18,7 @@ from securefml.defenses.buckets import aggregate_buckets
 from securefml.errors import ConfigError, ProtocolAbort
 from securefml.protocols.base import ClientUpdate, RoundOutput
 from securefml.protocols.plaintext import aggregate_plain
-from securefml.reveals import Revealed, Reveals, RevealedSums, RevealedUpdates
+from securefml.reveals import Revealed, RevealedSums, RevealedUpdates, Reveals
 from securefml.updates import LayerLayout
 
 __all__ = ["aggregate"]

@@ -1,24 +1,61 @@
-"""``securefml run | eval``: command-line entry points.  The only module that prints."""
+"""``securefml run | eval``: command-line entry points.  The only module that prints.
+
+Start-up: ``securefml --help`` (or no sub-command) builds a parser that names the sub-commands
+only, importing nothing beyond the standard library and the error tree, so it answers without
+loading torch.  A sub-command builds the full parser, whose ``run --help`` lists the dataset,
+algorithm, protocol, defense and attack names from the registries themselves.  Every usage
+error, and every ``SecureFMLError`` raised while the run is assembled (before its first
+round), is one ``securefml: error: ...`` line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from securefml.data import DATASETS
 from securefml.errors import SecureFMLError
-from securefml.experiment import RunConfig, RunResult, run_experiment
-from securefml.meta import LEARNERS
 
-__all__ = ["main", "build_parser", "format_table"]
+if TYPE_CHECKING:
+    from securefml.experiment import RunConfig, RunResult
+
+__all__ = ["main", "build_parser", "format_table", "COMMANDS"]
+
+#: The sub-commands and their one-line help (shown by ``securefml --help``).
+COMMANDS = {
+    "run": "one federated meta-learning run",
+    "eval": "attack x defense evaluation matrix",
+}
 
 
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits-fewshot", help=f"one of: {', '.join(DATASETS.names())}")
-    p.add_argument("--algorithm", default="fomaml", help=f"one of: {', '.join(LEARNERS.names())}")
+def registry_names() -> dict[str, list[str]]:
+    """The names a run accepts, read from the registries (so help never drifts from the code)."""
+    from securefml.attacks import ATTACKS
+    from securefml.data import DATASETS
+    from securefml.defenses import DEFENSES
+    from securefml.meta import LEARNERS
+    from securefml.protocols import PROTOCOLS
+
+    return {
+        "datasets": DATASETS.names(), "algorithms": LEARNERS.names(), "protocols": PROTOCOLS.names(),
+        "defenses": DEFENSES.names(), "attacks": ATTACKS.names(),
+    }
+
+
+def _names_epilog(names: dict[str, list[str]]) -> str:
+    lines = ["names (from the registries; options as NAME:key=value,...):"]
+    for kind, values in names.items():
+        body = textwrap.fill(", ".join(values), width=96, initial_indent="", subsequent_indent=" " * 14)
+        lines.append(f"  {kind + ':':<11} {body}")
+    return "\n".join(lines)
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, names: dict[str, list[str]]) -> None:
+    p.add_argument("--dataset", default="digits-fewshot", help=f"one of: {', '.join(names['datasets'])}")
+    p.add_argument("--algorithm", default="fomaml", help=f"one of: {', '.join(names['algorithms'])}")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--clients-per-round", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -56,12 +93,25 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="securefml", description=__doc__)
+_DESCRIPTION = (
+    "Secure, robust, personalized federated meta-learning: `securefml run` trains one federation, "
+    "`securefml eval` runs an attack x defense matrix.  `securefml COMMAND --help` for the options."
+)
+
+
+def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
+    """The ``securefml`` parser; ``commands=False`` gives the light one that only names sub-commands."""
+    parser = argparse.ArgumentParser(prog="securefml", description=_DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log protocol/defense decisions")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="one federated meta-learning run")
-    _add_run_arguments(run)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    if not commands:
+        for name, text in COMMANDS.items():
+            sub.add_parser(name, help=text, add_help=False)
+        return parser
+    names = registry_names()
+    run = sub.add_parser("run", help=COMMANDS["run"], description=COMMANDS["run"],
+                         epilog=_names_epilog(names), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_arguments(run, names)
     from securefml.evaluation.cli import add_eval_parser
 
     add_eval_parser(sub)
@@ -78,6 +128,8 @@ def _dataset_options(items: Sequence[str]) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    from securefml.experiment import RunConfig
+
     protocol = args.protocol
     if args.buckets:
         protocol += ("," if ":" in protocol else ":") + f"buckets={args.buckets}"
@@ -156,16 +208,22 @@ def summary_rows(result: RunResult) -> list[tuple[str, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from securefml.experiment import prepare_out_dir, run_experiment
+
     config = config_from_args(args)
+    out = prepare_out_dir(args.out)  # before the run: a bad --out must not cost the results
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
+    bar: Any = None
 
-        bar = tqdm(total=config.rounds, desc="rounds", unit="round", file=sys.stderr)
+    def on_start() -> None:  # everything is built and checked: the rounds begin
+        nonlocal bar
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.rounds, desc="rounds", unit="round", file=sys.stderr)
 
     def on_round(rec: Any) -> None:
         if bar is not None:
@@ -173,18 +231,20 @@ def _run(args: argparse.Namespace) -> int:
             bar.update(1)
 
     try:
-        result = run_experiment(config, on_round=on_round)
+        result = run_experiment(config, on_round=on_round, on_start=on_start)
     finally:
         if bar is not None:
             bar.close()
-    path = result.save(args.out)
+    path = result.save(out)
     print(format_table(summary_rows(result)))
     print(f"result: {path}")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    """Entry point of the ``securefml`` script and ``python -m securefml``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(commands=any(token in COMMANDS for token in argv))
     args = parser.parse_args(argv)
     level = logging.INFO if args.verbose else logging.ERROR
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)

@@ -10,7 +10,37 @@ from torch import nn
 from securefml.data.base import FederatedDataset
 from securefml.errors import ConfigError
 
-__all__ = ["MLP", "make_model"]
+__all__ = ["MLP", "make_model", "batchnorm_on_batch_statistics", "has_running_statistics"]
+
+
+def has_running_statistics(model: nn.Module) -> bool:
+    """Whether any normalization layer of ``model`` tracks running statistics in place."""
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in model.modules())
+
+
+def batchnorm_on_batch_statistics(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm layers always normalize with the batch's statistics.
+
+    Why: a learner is a pure function of ``(params, task)`` under ``torch.func``, and a
+    BatchNorm layer in training mode updates ``running_mean``/``running_var``/
+    ``num_batches_tracked`` *in place*, which ``grad``/``vmap`` refuse ("attempted to call
+    in-place operation").  Running statistics are also the wrong thing for meta-learning: they
+    average over tasks, while each task is adapted on a few support examples.  So, as in Finn et
+    al.'s MAML code (and ``torch.func.replace_all_batch_norm_modules_``, used here), BatchNorm
+    keeps its affine weight and bias, which are ordinary parameters and are federated, and drops
+    its running statistics: training, adaptation and evaluation all normalize with the current
+    batch's statistics (transductive BatchNorm; evaluation is batched per task).  Nothing of the
+    running statistics is uploaded, so no extra client statistic crosses the protocol.  The
+    alternative, FedBN's per-client local statistics, needs state kept per client across
+    rounds, which the stateless learners do not have.  The caller's model is left as it is.
+    """
+    if not has_running_statistics(model):
+        return model
+    import copy
+
+    from torch.func import replace_all_batch_norm_modules_
+
+    return replace_all_batch_norm_modules_(copy.deepcopy(model))
 
 
 class MLP(nn.Module):

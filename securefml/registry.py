@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -37,7 +37,7 @@ class Registry(Generic[T]):
     >>> reg.build("complex:colour=1")
     Traceback (most recent call last):
     ...
-    securefml.errors.ConfigError: number 'complex' has no option 'colour'; valid options: imag, real
+    securefml.errors.ConfigError: unknown option 'colour' for number 'complex'; valid options: imag, real
     """
 
     def __init__(self, kind: str) -> None:
@@ -73,29 +73,55 @@ class Registry(Generic[T]):
             ) from None
 
     def options(self, name: str) -> tuple[str, ...]:
-        """The keyword options ``name`` accepts (from its factory's signature)."""
-        return tuple(sorted(_option_names(self.get(name))))
+        """The keyword options ``name`` accepts, in its factory's signature order."""
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        params = _parameters(self.get(name))
+        return tuple(p.name for p in params if p.kind in kinds and not p.name.startswith("_"))
 
     def accepts(self, name: str, option: str) -> bool:
         """Whether ``name``'s factory takes ``option`` (e.g. a protocol's ``seed``)."""
         factory = self.get(name)
         return option in _option_names(factory) or _takes_var_keyword(factory)
 
+    def check_options(self, name: str, kwargs: Mapping[str, object]) -> None:
+        """Raise ``ConfigError`` naming the unknown options of ``name`` and listing the valid ones.
+
+        >>> reg: Registry[float] = Registry("rule")
+        >>> _ = reg.register("clip")(lambda *, tau=1.0: tau)
+        >>> reg.check_options("clip", {"tua": 2.0})
+        Traceback (most recent call last):
+        ...
+        securefml.errors.ConfigError: unknown option 'tua' for rule 'clip'; valid options: tau
+        """
+        factory = self.get(name)
+        if _takes_var_keyword(factory):
+            return
+        valid = self.options(name)
+        unknown = [key for key in kwargs if key not in valid]
+        if unknown:
+            plural = "s" if len(unknown) > 1 else ""
+            raise ConfigError(
+                f"unknown option{plural} {', '.join(map(repr, unknown))} for {self.kind} {name!r}; "
+                f"valid options: {', '.join(valid) or 'none'}"
+            )
+
     def create(self, name: str, /, **kwargs: object) -> T:
         """Build ``name`` with keyword options, checked against the factory's signature first."""
         factory = self.get(name)
+        self.check_options(name, kwargs)
         try:
             signature = inspect.signature(factory)
         except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
             return factory(**kwargs)
         try:
             signature.bind(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(self._binding_message(name, factory, kwargs, exc)) from None
+        except TypeError as exc:  # e.g. a required option missing
+            valid = ", ".join(self.options(name)) or "none"
+            raise ConfigError(f"bad options for {self.kind} {name!r}: {exc}; valid options: {valid}") from None
         return factory(**kwargs)
 
-    def build(self, spec: str, /, **extra: object) -> T:
-        """Build from a CLI spec ``NAME[:value][,key=value...]``; ``extra`` adds fixed options."""
+    def build(self, spec: str, /, **defaults: object) -> T:
+        """Build from a CLI spec ``NAME[:value][,key=value...]``; ``defaults`` fill options it omits."""
         name, kwargs = parse_spec(spec)
         if "_" in kwargs:
             positional = self._entry(name).positional
@@ -105,18 +131,7 @@ class Registry(Generic[T]):
                     f"{kwargs['_']!r} in {spec!r}; valid options: {', '.join(self.options(name)) or 'none'}"
                 )
             kwargs[positional] = kwargs.pop("_")
-        return self.create(name, **kwargs, **extra)
-
-    def _binding_message(self, name: str, factory: Callable[..., T], kwargs: dict[str, object], exc: TypeError) -> str:
-        valid = sorted(_option_names(factory))
-        unknown = [k for k in kwargs if k not in valid]
-        if unknown and not _takes_var_keyword(factory):
-            what = "option" if len(unknown) == 1 else "options"
-            return (
-                f"{self.kind} {name!r} has no {what} {', '.join(map(repr, unknown))}; "
-                f"valid options: {', '.join(valid) or 'none'}"
-            )
-        return f"bad options for {self.kind} {name!r}: {exc}; valid options: {', '.join(valid) or 'none'}"
+        return self.create(name, **{**defaults, **kwargs})
 
     def names(self) -> list[str]:
         """Every registered name, sorted (the CLI's choices)."""

@@ -6,6 +6,14 @@ A *layer* is a module that owns parameters (``features.0`` owns ``features.0.wei
 ``named_parameters()`` (or of the mapping given).  Every protocol, defense and selector works
 on flat vectors laid out by the same ``LayerLayout``, so a vector's meaning never depends on
 who built it.
+
+Buffers.  ``LayerLayout.from_module`` also knows a module's buffers: floating-point buffers
+(BatchNorm's ``running_mean``/``running_var``) are entries of their owning layer, flagged
+``buffer=True``, so ``layout.flatten(model.state_dict())`` carries them and a user's own loop
+federates them like weights (FedAvg averages the whole state); integer buffers
+(``num_batches_tracked``) cannot be averaged and are listed in ``excluded_buffers`` instead of
+vanishing.  The bundled learners never produce buffer entries: they run BatchNorm on batch
+statistics (see ``securefml.models.batchnorm_on_batch_statistics``).
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ def layer_of(param_name: str) -> str:
 
 @dataclass(frozen=True)
 class ParamSpec:
+    """One named tensor of a layer: a parameter, or (``buffer=True``) a floating-point buffer."""
+
     name: str
     shape: tuple[int, ...]
+    buffer: bool = False
 
     @property
     def numel(self) -> int:
@@ -55,18 +66,33 @@ class LayerLayout:
     ----------
     params:
         Ordered ``(name, shape)`` pairs, e.g. from ``model.named_parameters()``.
+    buffers:
+        Which of those names are buffers rather than parameters (``from_module`` fills it).
+    excluded_buffers:
+        Buffers of the module that are *not* in the layout (integer ones), for the record.
     """
 
-    def __init__(self, params: Iterable[tuple[str, Sequence[int]]]) -> None:
+    def __init__(
+        self,
+        params: Iterable[tuple[str, Sequence[int]]],
+        *,
+        buffers: Iterable[str] = (),
+        excluded_buffers: Iterable[str] = (),
+    ) -> None:
+        flagged = set(buffers)
         grouped: dict[str, list[ParamSpec]] = {}
         seen: set[str] = set()
         for name, shape in params:
             if name in seen:
                 raise ConfigError(f"parameter {name!r} appears twice in the layout")
             seen.add(name)
-            grouped.setdefault(layer_of(name), []).append(ParamSpec(name, tuple(int(s) for s in shape)))
+            spec = ParamSpec(name, tuple(int(s) for s in shape), buffer=name in flagged)
+            grouped.setdefault(layer_of(name), []).append(spec)
+        if flagged - seen:
+            raise ConfigError(f"buffers {sorted(flagged - seen)} are not entries of the layout")
         if not grouped:
             raise ConfigError("a layout needs at least one parameter")
+        self.excluded_buffers: tuple[str, ...] = tuple(excluded_buffers)
         self.layers: tuple[LayerSpec, ...] = tuple(LayerSpec(k, tuple(v)) for k, v in grouped.items())
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         offsets = [0]
@@ -76,8 +102,36 @@ class LayerLayout:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_module(cls, module: torch.nn.Module) -> LayerLayout:
-        return cls((n, p.shape) for n, p in module.named_parameters())
+    def from_module(cls, module: torch.nn.Module, *, buffers: bool = True) -> LayerLayout:
+        """The layout of ``module``'s parameters and (``buffers=True``) floating-point buffers.
+
+        Entries follow ``state_dict()`` order, so each buffer sits in its owning layer next to
+        that layer's parameters.  Integer buffers (BatchNorm's ``num_batches_tracked``), and with
+        ``buffers=False`` every buffer, are listed in ``excluded_buffers``.
+
+        >>> bn = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        >>> layout = LayerLayout.from_module(bn)
+        >>> layout.param_names
+        ('0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var')
+        >>> layout.buffer_names, layout.excluded_buffers
+        (('1.running_mean', '1.running_var'), ('1.num_batches_tracked',))
+        """
+        named_params = dict(module.named_parameters())
+        named_buffers = dict(module.named_buffers())
+        entries: list[tuple[str, Sequence[int]]] = []
+        flagged: list[str] = []
+        excluded: list[str] = []
+        for name in module.state_dict(keep_vars=True):
+            if name in named_params:
+                entries.append((name, named_params[name].shape))
+            elif name in named_buffers:
+                buf = named_buffers[name]
+                if buffers and buf.is_floating_point():
+                    entries.append((name, buf.shape))
+                    flagged.append(name)
+                else:
+                    excluded.append(name)
+        return cls(entries, buffers=flagged, excluded_buffers=excluded)
 
     @classmethod
     def from_params(cls, params: Mapping[str, torch.Tensor]) -> LayerLayout:
@@ -91,6 +145,11 @@ class LayerLayout:
     @property
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for layer in self.layers for p in layer.params)
+
+    @property
+    def buffer_names(self) -> tuple[str, ...]:
+        """The entries that are buffers (running statistics), not trainable parameters."""
+        return tuple(p.name for layer in self.layers for p in layer.params if p.buffer)
 
     @property
     def numel(self) -> int:
@@ -135,7 +194,7 @@ class LayerLayout:
         h = hashlib.sha256()
         for layer in self.layers:
             for p in layer.params:
-                h.update(p.name.encode() + b"\x00" + repr(p.shape).encode() + b"\x01")
+                h.update(p.name.encode() + b"\x00" + repr(p.shape).encode() + (b"\x02" if p.buffer else b"\x01"))
         return h.digest()[:16]
 
     # -- flatten / unflatten -----------------------------------------------------------------

@@ -17,8 +17,14 @@ from typing import Any
 from securefml.evaluation.api import evaluate
 from securefml.evaluation.presets import PRESETS, evaluate_kwargs, preset
 from securefml.evaluation.progress import ProgressBars
+from securefml.evaluation.report import TITLES
+from securefml.experiment import prepare_out_dir
 
 __all__ = ["add_eval_parser", "run_eval", "preset", "ProgressBars", "PRESETS"]
+
+
+def _metric_of(records: list[dict[str, Any]]) -> str:
+    return next((str(r["metric"]) for r in records if r.get("metric")), "accuracy")
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -65,6 +71,7 @@ def _resolved(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run the matrix described by ``args`` (see ``add_eval_parser``); print where the reports are."""
+    prepare_out_dir(args.out)  # a bad --out fails now, not after the whole matrix
     opts = _resolved(args)
     for key in ("outer_lr", "finetune_steps", "select", "device"):
         opts[key] = getattr(args, key, None)
@@ -74,6 +81,12 @@ def run_eval(args: argparse.Namespace) -> int:
         threads=args.threads, progress=not args.no_progress,
     )
     seconds = time.perf_counter() - started
+    # personalized accuracy is the headline: global accuracy of a meta-initialization is near
+    # chance by design on the few-shot datasets, so alone it reads as if every defense failed
+    print(f"## {TITLES['personalized'].format(metric=_metric_of(ev.records))}")
+    print(ev.table("personalized"))
+    print()
+    print(f"## {TITLES['global'].format(metric=_metric_of(ev.records))}")
     print(ev.table("global"))
     failed = [r for r in ev.records if r.get("error")]
     print(f"{len(ev.records)} cells ({ev.reused} reused, {len(failed)} failed) in {seconds:.1f} s")

@@ -213,7 +213,7 @@ def run_cell(
     attack = _instance(cell.attack)
     defense = _instance(cell.defense)
     measured: dict[str, Any] = {}
-    probe = attack if attack is not None else (make_attack(cell.attack) if cell.malicious else None)
+    probe = attack if attack is not None else (make_attack(str(cell.attack)) if cell.malicious else None)
 
     def on_finish(server: Any, data: Any) -> dict[str, Any]:
         if probe is not None and is_backdoor(probe):

@@ -11,6 +11,7 @@ survives it.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -97,12 +98,12 @@ def backdoor_success(
         if task.kind != "classification":
             continue
         t = task.to(device)
-        glob.append(attack_success_rate(lambda x: learner.forward(base, x), t, backdoor))
+        glob.append(attack_success_rate(functools.partial(learner.forward, base), t, backdoor))
         adapted = learner.adapt(base, t.support_x, t.support_y, t.kind, steps=steps) if steps > 0 else base
         adapted = {n: p.detach() for n, p in adapted.items()}
         if learner.adapts_with_learned_rates:
             adapted = {**base, **adapted}
-        pers.append(attack_success_rate(lambda x, a=adapted: learner.forward(a, x), t, backdoor))
+        pers.append(attack_success_rate(functools.partial(learner.forward, adapted), t, backdoor))
     return {
         "asr_personalized": _mean(pers),
         "asr_global": _mean(glob),

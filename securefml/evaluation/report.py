@@ -23,6 +23,7 @@ from securefml.errors import DataError
 from securefml.evaluation.metrics import HIGHER_IS_BETTER, METRICS
 
 __all__ = [
+    "heatmap_figure",
     "load_records",
     "save_records",
     "write_reports",
@@ -73,13 +74,24 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so an interrupted run never leaves half a file."""
+    """Write through a temporary file and rename, so an interrupted run never leaves half a file.
+
+    ``mkstemp`` makes its file private (0600); the report is given the mode an ordinary
+    ``open`` would (0666 less the umask: 0644 usually), like the PNGs beside it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -230,7 +242,18 @@ def _csv(records: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _heatmap(records: Sequence[Mapping[str, Any]], metric: str, path: Path) -> bool:
+#: Axis titles of the heatmaps: what a row and a column of the table are.
+ROW_AXIS = "attack | protocol | malicious fraction"
+COLUMN_AXIS = "defense"
+
+
+def heatmap_figure(records: Sequence[Mapping[str, Any]], metric: str) -> Any:
+    """The attack x defense heatmap of ``metric`` as a matplotlib ``Figure``, or ``None`` without values.
+
+    Rows are attack | protocol | malicious fraction, columns defenses (both axes titled), colour
+    and cell text the mean over seeds; the colour scale runs towards "better" for the metric.
+    matplotlib (Agg backend) is imported here, only when a plot is drawn.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +268,7 @@ def _heatmap(records: Sequence[Mapping[str, Any]], metric: str, path: Path) -> b
             if mean is not None:
                 grid[i, j] = mean
     if not rows or np.isnan(grid).all():
-        return False
+        return None
     name = _metric_name(records)
     higher = HIGHER_IS_BETTER.get(metric, True)
     if metric in ("personalized", "global") and name == "mse":
@@ -264,7 +287,18 @@ def _heatmap(records: Sequence[Mapping[str, Any]], metric: str, path: Path) -> b
                 light = shade > 0.6 if higher else shade < 0.4  # viridis is light at its top end
                 ax.text(j, i, text, ha="center", va="center", fontsize=7, color="k" if light else "w")
     ax.set_title(TITLES.get(metric, metric).format(metric=name), fontsize=9)
+    ax.set_xlabel(COLUMN_AXIS, fontsize=8)
+    ax.set_ylabel(ROW_AXIS, fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.04)
+    return fig
+
+
+def _heatmap(records: Sequence[Mapping[str, Any]], metric: str, path: Path) -> bool:
+    fig = heatmap_figure(records, metric)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

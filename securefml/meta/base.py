@@ -18,6 +18,7 @@ from torch.func import functional_call, grad
 
 from securefml.data.base import Task
 from securefml.errors import ConfigError
+from securefml.models import batchnorm_on_batch_statistics
 
 __all__ = ["MetaConfig", "MetaLearner", "Params", "task_loss"]
 
@@ -66,7 +67,9 @@ class MetaLearner(ABC):
     Parameters
     ----------
     model:
-        The architecture; its own parameters are never modified (``functional_call``).
+        The architecture; its own parameters are never modified (``functional_call``).  A model
+        with BatchNorm is run on a copy whose BatchNorm layers use batch statistics
+        (``securefml.models.batchnorm_on_batch_statistics`` says why).
     config:
         Learning rates and step counts.
     """
@@ -76,7 +79,7 @@ class MetaLearner(ABC):
     adapts_with_learned_rates = False
 
     def __init__(self, model: nn.Module, config: MetaConfig | None = None) -> None:
-        self.model = model
+        self.model = batchnorm_on_batch_statistics(model)  # BatchNorm on batch statistics: see there
         self.config = config or MetaConfig()
 
     # -- parameters ------------------------------------------------------------------------

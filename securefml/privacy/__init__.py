@@ -38,11 +38,38 @@ and wrong for deployment.
 
 from __future__ import annotations
 
-from securefml.privacy.accounting import Ledger, epsilon_for, max_compositions, noise_for_target
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from securefml.privacy.config import ACCOUNTANTS, MODES, PLACEMENTS, PrivacyConfig
-from securefml.privacy.record import RecordLevelDP, record_route, steps_per_participation, summed_loss
 from securefml.privacy.setup import PrivacySetup, setup_privacy
-from securefml.privacy.user import UserLevelDP, clip_update, gaussian_noise
+
+if TYPE_CHECKING:
+    from securefml.privacy.accounting import Ledger, epsilon_for, max_compositions, noise_for_target
+    from securefml.privacy.record import RecordLevelDP, record_route, steps_per_participation, summed_loss
+    from securefml.privacy.user import UserLevelDP, clip_update, gaussian_noise
+
+# The mechanisms import Opacus (seconds of start-up): they load on first use, so a run or a
+# ``securefml --help`` without DP never imports it.
+_LAZY = {
+    "Ledger": "accounting", "epsilon_for": "accounting", "max_compositions": "accounting",
+    "noise_for_target": "accounting", "RecordLevelDP": "record", "record_route": "record",
+    "steps_per_participation": "record", "summed_loss": "record", "UserLevelDP": "user",
+    "clip_update": "user", "gaussian_noise": "user",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 __all__ = [
     "ACCOUNTANTS",

@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from securefml.errors import ConfigError
 from securefml.meta.base import MetaLearner
-from securefml.privacy.accounting import Ledger, max_compositions, noise_for_target
 from securefml.privacy.config import PrivacyConfig
-from securefml.privacy.record import RecordLevelDP, record_route, steps_per_participation
-from securefml.privacy.user import UserLevelDP
+
+if TYPE_CHECKING:  # the mechanisms import Opacus: loaded only when DP is on (see setup_privacy)
+    from securefml.privacy.record import RecordLevelDP
+    from securefml.privacy.user import UserLevelDP
 
 __all__ = ["PARTICIPATION_QUANTILE", "PrivacySetup", "participation_quantile", "setup_privacy"]
 
@@ -195,6 +196,10 @@ def setup_privacy(
         raise ConfigError(f"unknown dataset kind {dataset_kind!r}")
     if not config.enabled:
         return PrivacySetup(config, learner)
+    from securefml.privacy.accounting import Ledger, max_compositions, noise_for_target
+    from securefml.privacy.record import RecordLevelDP, record_route, steps_per_participation
+    from securefml.privacy.user import UserLevelDP
+
     if n_train_clients <= 0 or clients_per_round <= 0 or rounds <= 0:
         raise ConfigError("n_train_clients, clients_per_round and rounds must be positive")
     cohort = min(clients_per_round, n_train_clients)

@@ -2,8 +2,16 @@
 
 Reads like ``hypothesis.extra.numpy``: strategy functions whose data-defining arguments are
 positional and tuning options keyword-only, plus ``assert_*`` checkers.  hypothesis is
-imported only inside this package.
+imported only inside this package, and it is an optional dependency: without it, importing
+``securefml.testing`` raises an ``ImportError`` that says how to install it.
 """
+
+try:
+    import hypothesis  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised by tests/test_packaging.py in a bare venv
+    raise ImportError(
+        "securefml.testing needs hypothesis, an optional dependency: pip install 'securefml[testing]'"
+    ) from exc
 
 from securefml.testing.adversarial_secagg import (
     ServerMoves,
