@@ -26,7 +26,51 @@ from securefml.registry import parse_spec
 from securefml.selection import make_selector
 from securefml.server import RoundRecord, Server
 
-__all__ = ["RunConfig", "RunResult", "run_experiment", "default_hyperparameters"]
+__all__ = ["RunConfig", "RunResult", "run_experiment", "default_hyperparameters", "resolve_device",
+           "prepare_out_dir"]
+
+
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """The torch device named by ``spec``, checked usable *now*, before any work.
+
+    A name torch does not know (``"tpu"``), a backend this build lacks (``"cuda"`` on a CPU
+    build) or an index past the devices present all raise ``ConfigError`` with one line, instead
+    of a traceback from deep inside the first round.  The check allocates an empty tensor there,
+    which is what every backend needs anyway, so nothing here assumes CUDA.
+    """
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"unknown device {spec!r}: {_first_line(exc)}") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, AttributeError) as exc:
+        raise ConfigError(f"device {spec!r} is not usable on this machine: {_first_line(exc)}") from None
+    return device
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create the output folder and check it takes files, so a bad ``--out`` fails before the run.
+
+    An existing *file*, a path under a file, or a folder that cannot be created or written raise
+    ``ConfigError`` naming the path (results are otherwise lost at the end of a long run).
+    """
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output path {str(path)!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".securefml-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write results to {str(path)!r}: {exc.strerror or exc}") from None
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 # (dataset kind, algorithm) -> inner_steps, inner_lr, outer_lr, server_opt, server_lr.
 # Chosen on these machines with benchmarks/meta.py (same seed, same budget for every learner).
@@ -84,6 +128,7 @@ class RunConfig:
             raise ConfigError(f"rounds must be positive, got {self.rounds}")
         if self.clients_per_round <= 0:
             raise ConfigError(f"clients_per_round must be positive, got {self.clients_per_round}")
+        resolve_device(self.device)
         if not 0 <= self.malicious < 1:
             raise ConfigError(f"malicious must be a fraction in [0, 1), got {self.malicious}")
         if self.algorithm not in LEARNERS:
@@ -132,10 +177,9 @@ class RunResult:
         return json.dumps(asdict(self), indent=2, default=_json_default)
 
     def save(self, out_dir: str | Path) -> Path:
-        path = Path(out_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        target = path / "result.json"
+        target = prepare_out_dir(out_dir) / "result.json"
         target.write_text(self.to_json())
+        target.chmod(0o644)
         return target
 
 
@@ -162,28 +206,48 @@ def run_experiment(
     attack: Attack | None = None,
     defense: Defense | None = None,
     on_finish: Callable[[Server, FederatedDataset], Mapping[str, Any] | None] | None = None,
+    on_start: Callable[[], None] | None = None,
+    model: Callable[[FederatedDataset], torch.nn.Module] | None = None,
 ) -> RunResult:
     """Run ``config.rounds`` rounds and evaluate personalization on the held-out clients.
+
+    ``model(dataset)``, when given, builds the network instead of the bundled MLP (any
+    ``nn.Module`` whose output fits the dataset's task: logits for classification, one value for
+    regression; ``config.hidden`` is then ignored).  BatchNorm layers are run on batch
+    statistics (``securefml.models.batchnorm_on_batch_statistics``).
 
     ``attack`` / ``defense`` instances, when given, are used instead of building
     ``config.attack`` / ``config.defense`` from their specs (users' own classes; the config
     fields then only label the run).  ``on_finish(server, data)`` is called after the last
     round; the mapping it returns is merged into ``metrics`` (e.g. a backdoor's success rate
-    measured on the final model).
+    measured on the final model).  ``on_start()`` is called once everything is built and
+    checked, right before the first round (the CLI starts its progress bar there).
+
+    Everything a config can get wrong fails before the first round with a ``ConfigError``:
+    unknown names and option names, an unusable device, and a cohort larger than the training
+    clients.
     """
     started = time.perf_counter()
     data = dataset or load_dataset(config.dataset, seed=config.seed, **config.dataset_options)
     hp = config.resolved(data.kind)
-    device = torch.device(config.device)
-    model = make_model(data, hidden=config.hidden, seed=config.seed, device=device)
+    device = resolve_device(config.device)
+    net = _user_model(model, data, config.seed, device) if model is not None else make_model(
+        data, hidden=config.hidden, seed=config.seed, device=device)
     meta_cfg = MetaConfig(hp["inner_steps"], hp["inner_lr"], hp["outer_lr"], hp["outer_steps"])
-    learner = LEARNERS.create(config.algorithm, model=model, config=meta_cfg)
+    learner = LEARNERS.create(config.algorithm, model=net, config=meta_cfg)
     defense = defense if defense is not None else make_defense(config.defense)
     protocol = _build_protocol(config.protocol, config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     train = list(data.train)
     needs_reference = bool(getattr(defense, "needs_reference", False))
     root = train.pop() if needs_reference else None  # the server's own clean data (FLTrust)
+    if config.clients_per_round > len(data.train):
+        raise ConfigError(
+            f"clients_per_round={config.clients_per_round} but dataset {config.dataset!r} has only "
+            f"{len(data.train)} training clients"
+        )
+    # a reference-based defense (FLTrust) takes one training client as the server's root set, so
+    # "every client" then means every remaining one
     per_round = min(config.clients_per_round, len(train))
     priv = setup_privacy(
         config.privacy_config(), learner, n_train_clients=len(train), clients_per_round=per_round,
@@ -204,6 +268,8 @@ def run_experiment(
     history: list[RoundRecord] = []
     probe_task = root if root is not None else (data.heldout[0] if data.heldout else train[0])
     stimulus = probe_task.support_x[:32].to(device)  # fixed inputs for behavioural detectors
+    if on_start is not None:
+        on_start()
     for rnd in range(config.rounds):
         cohort_idx = torch.randperm(len(clients), generator=gen)[:per_round].tolist()
         cohort = [clients[i] for i in sorted(cohort_idx)]
@@ -249,6 +315,18 @@ def run_experiment(
     cfg = asdict(config)
     cfg["resolved"] = hp
     return RunResult(cfg, metrics, [asdict(r) for r in history])
+
+
+def _user_model(
+    factory: Callable[[FederatedDataset], torch.nn.Module], data: FederatedDataset, seed: int, device: torch.device
+) -> torch.nn.Module:
+    torch.manual_seed(seed)  # the factory's initialization is reproducible from the run's seed
+    net = factory(data)
+    if not isinstance(net, torch.nn.Module):
+        raise ConfigError(f"the model factory returned {type(net).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in net.parameters()):
+        raise ConfigError("the model factory returned a module without trainable parameters")
+    return net.to(device)
 
 
 def _chain(
