@@ -479,13 +479,14 @@ class CKKS(AggregationProtocol):
         received: dict[int, ReceivedCiphertexts] = {}
         sums: dict[int, list] = {}  # mean mode: ciphertexts are added as they arrive
         rejected: dict[int, str] = {}
-        nbytes = n_cts = carried = 0
+        nbytes = n_cts = carried = offered = 0
         t_enc = t_srv = 0.0
         for upd in updates:
             cid = upd.client_id
             chosen = tuple(n for n in layout.canonical(upd.layers) if n in frame.spans)
             if not chosen:
                 continue  # nothing of this client's is aggregated this round: it sends nothing
+            offered += 1
             t0 = time.perf_counter()
             try:
                 prescale = 1.0 if gram_mode else float(upd.weight) / norm
@@ -522,8 +523,10 @@ class CKKS(AggregationProtocol):
         }
         timing = {"encrypt_s": t_enc, "server_receive_s": t_srv}
         clients = list(received.values())
-        if not clients:
-            raise nothing_accepted(round_idx, len(updates), rejected)
+        if not clients and (rejected or offered):
+            # every client that had something to send was rejected or lost (when the frame
+            # withholds every layer, below min_contributors, nobody sends and the round is empty)
+            raise nothing_accepted(round_idx, offered, rejected)
         if gram_mode:
             out = self._robust(layout, frame, clients, defense, reference, context, timing)
         else:

@@ -50,6 +50,11 @@ class SupportTable:
         return "\n".join([head, rule, *rows])
 
 
+def _plain(value: object) -> str:
+    """A ``Reveals`` value as its plain string (a str constant or a str-valued enum member)."""
+    return str(getattr(value, "value", value))
+
+
 def _reveals(spec: str) -> str:
     from securefml.protocols import PROTOCOLS
     from securefml.registry import parse_spec
@@ -57,9 +62,9 @@ def _reveals(spec: str) -> str:
     name, options = parse_spec(spec)
     factory: Any = PROTOCOLS.get(name)
     declared = vars(factory).get("reveals") if isinstance(factory, type) else None
-    if isinstance(declared, str) and not options:
-        return declared  # fixed by the class itself: no need to build it (CKKS would make keys)
-    return str(PROTOCOLS.create(name, **options).reveals)
+    if declared is not None and not options:
+        return _plain(declared)  # fixed by the class itself: no need to build it (CKKS would make keys)
+    return _plain(PROTOCOLS.create(name, **options).reveals)
 
 
 def support_table(protocols: tuple[str, ...] = PROTOCOL_COLUMNS) -> SupportTable:
@@ -70,7 +75,7 @@ def support_table(protocols: tuple[str, ...] = PROTOCOL_COLUMNS) -> SupportTable
     rows = []
     for name in DEFENSES.names():
         factory: Any = DEFENSES.get(name)
-        rows.append((name, frozenset(getattr(factory, "runs_on", frozenset()))))
+        rows.append((name, frozenset(_plain(r) for r in getattr(factory, "runs_on", frozenset()))))
     return SupportTable(columns, tuple(rows))
 
 

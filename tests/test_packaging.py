@@ -115,3 +115,27 @@ def test_testing_without_hypothesis_says_how_to_install_it(env: wheelenv.WheelEn
     proc = _run([str(env.python), "-c", code], outside)
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr and "pip install 'securefml[testing]'" in proc.stderr
+
+
+def test_type_checkers_can_follow_the_installed_layout(outside: Path) -> None:
+    """The development install must be a plain folder tree (strict editable mode), not an import
+    hook: there ``securefml.protocols`` lives inside the installed ``securefml`` folder, which is
+    what mypy and IDEs resolve (with the hook, mypy saw none of protocols/defenses/attacks)."""
+    code = (
+        "import importlib.util, pathlib\n"
+        "for name in ('securefml.protocols', 'securefml.defenses', 'securefml.attacks'):\n"
+        "    origin = pathlib.Path(importlib.util.find_spec(name).origin)\n"
+        "    print(origin.parent.parent.name, origin.parent.parent.joinpath('__init__.py').is_file())\n"
+    )
+    proc = _run([sys.executable, "-c", code], outside)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["securefml", "True"] * 3, proc.stdout
+
+
+def test_mypy_has_no_blanket_missing_import_ignore() -> None:
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert "ignore_missing_imports" not in config
+    exempt = {m for o in config.get("overrides", []) if o.get("ignore_missing_imports") for m in o["module"]}
+    assert not {m for m in exempt if m.startswith("securefml")}

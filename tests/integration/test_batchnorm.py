@@ -74,3 +74,15 @@ def test_conv_batchnorm_model_trains_two_rounds(protocol: str) -> None:
 def test_model_factory_must_return_a_module() -> None:
     with pytest.raises(ConfigError, match="not a torch.nn.Module"):
         run_experiment(RunConfig(dataset="sine", rounds=1, clients_per_round=2), model=lambda data: "mlp")  # type: ignore[arg-type,return-value]
+
+
+def test_readme_user_model_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "model=conv_bn" in block]
+    scope: dict[str, object] = {}
+    exec(compile(code.replace("rounds=2", "rounds=1"), "README.md", "exec"), scope)
+    result = scope["result"]
+    assert len(result.history) == 1 and result.history[0]["accepted"]  # type: ignore[attr-defined]

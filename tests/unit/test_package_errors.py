@@ -119,9 +119,11 @@ def test_registry_checks_options_against_the_signature() -> None:
             self.alpha, self.beta = alpha, beta
 
     reg.register("thing")(Thing)
-    assert reg.options("thing") == ("alpha", "beta")
-    with pytest.raises(ConfigError, match=r"unknown options 'gamma', 'delta' for thing 'thing'; valid options: alpha"):
+    assert sorted(reg.options("thing") or ()) == ["alpha", "beta"]
+    with pytest.raises(ConfigError) as exc:
         reg.create("thing", gamma=1, delta=2)
+    for needle in ("'gamma'", "'delta'", "thing 'thing'", "valid options: alpha, beta"):
+        assert needle in str(exc.value)
     assert reg.create("thing", beta=5).beta == 5  # type: ignore[attr-defined]
 
 
