@@ -1,0 +1,206 @@
+"""Protocol halves over bytes: one generic driver, and each client half in its own process.
+
+The plaintext and SecAgg+ halves are driven by ``securefml.protocols.halves.simulate`` and the
+one aggregation step (``securefml.aggregation.aggregate``); the result must equal what the
+protocol's own in-process ``run_round`` gives.  Then every client half runs in a separate
+process that sees nothing but bytes from a pipe, and the round must come out the same.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from securefml.aggregation import aggregate
+from securefml.defenses import Mean, TrimmedMean
+from securefml.errors import ProtocolError
+from securefml.protocols import Plaintext, SecAggPlus
+from securefml.protocols.base import ClientUpdate, Transport
+from securefml.protocols.halves import ClientHalf, Transcript, simulate
+from securefml.protocols.plaintext_halves import PlaintextClientHalf, PlaintextServerHalf
+from securefml.protocols.secagg_halves import SecAggClientHalf, SecAggServerHalf
+from securefml.reveals import RevealedSums, Reveals
+from securefml.updates import LayerLayout
+
+LAYOUT = LayerLayout([("a", (6,)), ("b", (4,))])
+COHORT = (3, 5, 8, 13, 21)
+ROUND = 2
+
+
+def _update(c: int) -> ClientUpdate:
+    g = torch.Generator().manual_seed(c)
+    return ClientUpdate(c, 0.3 * torch.randn(LAYOUT.numel, generator=g), LAYOUT.layer_names, float(1 + c % 3))
+
+
+# -- client halves built from plain values (so a child process can build its own) --------------
+def _plaintext_half(c: int, _key: bytes | None) -> ClientHalf:
+    return PlaintextClientHalf(_update(c), LAYOUT, round_idx=ROUND)
+
+
+def _secagg_half(c: int, key: bytes | None) -> ClientHalf:
+    u = _update(c)
+    identity = Ed25519PrivateKey.from_private_bytes(key) if key is not None else None
+    return SecAggClientHalf(c, u.vector, u.weight, round_idx=ROUND, identity=identity)
+
+
+def _serve(build: Callable[[int, bytes | None], ClientHalf], c: int, key: bytes | None, conn: Connection) -> None:
+    """A child process: one client half, bytes in and bytes out over ``conn`` until closed."""
+    half = build(c, key)
+    while True:
+        try:
+            stage = conn.recv_bytes().decode("ascii")
+        except EOFError:
+            return
+        message = conn.recv_bytes()
+        try:
+            conn.send_bytes(b"\x00" + half.respond(stage, message))
+        except ProtocolError as exc:
+            conn.send_bytes(b"\x01" + str(exc).encode("utf-8"))
+
+
+class PipeClient(ClientHalf):
+    """The server side's handle on a client half running in another process."""
+
+    def __init__(self, party: int, conn: Connection) -> None:
+        self.party = party
+        self.conn = conn
+
+    def respond(self, stage: str, message: bytes) -> bytes:
+        self.conn.send_bytes(stage.encode("ascii"))
+        self.conn.send_bytes(message)
+        reply = self.conn.recv_bytes()
+        if reply[:1] == b"\x01":
+            raise ProtocolError(reply[1:].decode("utf-8"), sender=self.party)
+        return reply[1:]
+
+
+def _in_processes(build: Callable[[int, bytes | None], ClientHalf], keys: dict[int, bytes | None],
+                  run: Callable[[dict[int, ClientHalf]], object]) -> object:
+    ctx = mp.get_context("fork")
+    procs, handles = [], {}
+    try:
+        for c in COHORT:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(build, c, keys.get(c), child), daemon=True)
+            proc.start()
+            child.close()
+            procs.append(proc)
+            handles[c] = PipeClient(c, parent)
+        return run(handles)
+    finally:
+        for h in handles.values():
+            h.conn.close()
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():  # pragma: no cover - a hung child must not hang the suite
+                proc.kill()
+
+
+# -- plaintext -------------------------------------------------------------------------------
+def _plaintext_round(clients: dict[int, ClientHalf], defense=None):  # type: ignore[no-untyped-def]
+    revealed = simulate(PlaintextServerHalf(ROUND, LAYOUT, COHORT), clients)
+    return aggregate(revealed, defense or TrimmedMean(f=1), LAYOUT)
+
+
+def test_plaintext_halves_match_run_round() -> None:
+    expected = Plaintext().run_round(ROUND, [_update(c) for c in COHORT], LAYOUT, defense=TrimmedMean(f=1))
+    got = _plaintext_round({c: _plaintext_half(c, None) for c in COHORT})
+    torch.testing.assert_close(got.aggregate, expected.aggregate)
+    assert got.accepted == expected.accepted == COHORT
+
+
+def test_plaintext_halves_in_separate_processes() -> None:
+    expected = _plaintext_round({c: _plaintext_half(c, None) for c in COHORT})
+    got = _in_processes(_plaintext_half, {}, _plaintext_round)
+    torch.testing.assert_close(got.aggregate, expected.aggregate)  # type: ignore[attr-defined]
+
+
+def test_plaintext_halves_reject_a_malformed_reply_and_go_on() -> None:
+    class Truncate(Transport):  # plaintext has no MAC: a cut message is what it can detect
+        def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
+            return data[:-5] if sender == 8 else data
+
+    seen = Transcript()
+    revealed = simulate(PlaintextServerHalf(ROUND, LAYOUT, COHORT), {c: _plaintext_half(c, None) for c in COHORT},
+                        transport=Truncate(), transcript=seen)
+    assert 8 not in revealed.client_ids and 8 in seen.rejected and len(revealed.client_ids) == 4
+
+
+def test_plaintext_client_refuses_a_plan_for_another_layout() -> None:
+    other = LayerLayout([("a", (7,))])
+    seen = Transcript()
+    revealed = simulate(PlaintextServerHalf(ROUND, other, (3,)), {3: _plaintext_half(3, None)}, transcript=seen)
+    assert revealed.client_ids == () and 3 in seen.client_errors
+
+
+# -- SecAgg+ ---------------------------------------------------------------------------------
+def _secagg(signatures: bool) -> tuple[SecAggPlus, object]:
+    proto = SecAggPlus(signatures=signatures, clip_range=2.0)
+    plan = proto.plan(ROUND, COHORT, LAYOUT.numel, max_weight=4.0, layout=LAYOUT, layers=LAYOUT.layer_names)
+    return proto, plan
+
+
+def _keys(proto: SecAggPlus, signatures: bool) -> dict[int, bytes | None]:
+    return {c: proto.identity(c).private_bytes_raw() if signatures else None for c in COHORT}
+
+
+@pytest.mark.parametrize("signatures", [False, True])
+def test_secagg_halves_match_the_plain_weighted_mean(signatures: bool) -> None:
+    proto, plan = _secagg(signatures)
+    keys = _keys(proto, signatures)
+    revealed = simulate(SecAggServerHalf(plan), {c: _secagg_half(c, keys[c]) for c in COHORT})  # type: ignore[arg-type]
+    assert isinstance(revealed, RevealedSums) and revealed.kind is Reveals.SUM
+    out = aggregate(revealed, Mean(), LAYOUT)
+    ups = [_update(c) for c in COHORT]
+    w = torch.tensor([u.weight for u in ups], dtype=torch.float64)
+    expected = (torch.stack([u.vector.double() for u in ups]) * w[:, None]).sum(0) / w.sum()
+    assert float((out.aggregate.double() - expected).abs().max()) <= revealed.error_bound
+    assert out.accepted == COHORT
+
+
+def test_secagg_halves_survive_a_dropout_after_sharing() -> None:
+    proto, plan = _secagg(False)
+
+    class DropAtMasked(Transport):
+        def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
+            return None if (sender == 13 and stage == "masked") else data
+
+    seen = Transcript()
+    revealed = simulate(SecAggServerHalf(plan), {c: _secagg_half(c, None) for c in COHORT},  # type: ignore[arg-type]
+                        transport=DropAtMasked(), transcript=seen)
+    assert isinstance(revealed, RevealedSums)
+    assert revealed.contributors == (tuple(c for c in COHORT if c != 13),)
+    assert seen.dropped == {13: "masked"}
+
+
+def test_secagg_halves_in_separate_processes() -> None:
+    proto, plan = _secagg(True)
+    keys = _keys(proto, True)
+
+    def run(clients: dict[int, ClientHalf]) -> RevealedSums:
+        revealed = simulate(SecAggServerHalf(plan), clients)  # type: ignore[arg-type]
+        assert isinstance(revealed, RevealedSums)
+        return revealed
+
+    in_process = run({c: _secagg_half(c, keys[c]) for c in COHORT})
+    remote = _in_processes(_secagg_half, keys, run)
+    assert isinstance(remote, RevealedSums)
+    # fresh keys and masks each run, the same sum: equal within the quantization bound
+    assert np.allclose(remote.sums[0].numpy(), in_process.sums[0].numpy(), atol=2 * in_process.error_bound * 8)
+    assert remote.total_weights == pytest.approx(in_process.total_weights, abs=1e-6)
+    assert remote.contributors == in_process.contributors == (COHORT,)
+
+
+def test_the_aggregation_step_refuses_a_rule_the_reveal_cannot_serve() -> None:
+    from securefml.errors import ConfigError
+
+    proto, plan = _secagg(False)
+    revealed = simulate(SecAggServerHalf(plan), {c: _secagg_half(c, None) for c in COHORT})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cannot run on what the protocol revealed"):
+        aggregate(revealed, TrimmedMean(f=1), LAYOUT)
