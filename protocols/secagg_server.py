@@ -17,8 +17,8 @@ clients whose complaints never arrived (unsigned mode); with ``signatures`` the 
 forwarded with the signed complaints that name them (clients verify each exclusion; the others
 that are gone count as dropped and their masking keys are reconstructed at the end).
 Each client receives ``X`` restricted to its neighbours (``exclusions_for``) *before* it
-masks its input and masks with nobody in ``X``; a masked input whose peer list names a member of ``X`` is rejected.  So a client in ``X`` is
-out of the round like a client that dropped before masking: no mask involves its keys, its
+masks its input and masks with nobody in ``X``; a masked input whose peer list names a
+member of ``X`` is rejected.  So a client in ``X`` is out of the round like a client that dropped before masking: no mask involves its keys, its
 masking key is never reconstructed and its self-mask seed never is either.
 
 Who is in the sum.  ``C`` (contributors) = clients whose masked input arrived and passed the
