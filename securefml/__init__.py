@@ -1,6 +1,7 @@
 """securefml: secure, robust, personalized federated meta-learning."""
 
 from securefml.errors import (
+    AggregateOutOfRange,
     ConfigError,
     DataError,
     DecryptionError,
@@ -18,6 +19,7 @@ from securefml.updates import LayerLayout
 __version__ = "0.1.0"
 
 __all__ = [
+    "AggregateOutOfRange",
     "ConfigError",
     "DataError",
     "DecryptionError",
