@@ -301,7 +301,8 @@ class SecAggPlus(AggregationProtocol):
         return (
             f"SecAggPlus(neighbours={self.neighbours}, threshold={self.threshold}, dropout_fraction="
             f"{self.dropout_fraction}, corrupt_fraction={self.corrupt_fraction}, clip_range={self.clip_range}, "
-            f"bits={self.bits}, buckets={self.buckets}, signatures={self.signatures}, workers={self.workers})"
+            f"bits={self.bits}, buckets={self.buckets}, signatures={self.signatures}, workers={self.workers}, "
+            f"headroom_bits={self.headroom_bits}, checks={self.checks})"
         )
 
     @property

@@ -12,14 +12,15 @@ Share complaints.  After the share stage every client opens the sealed shares ad
 it and sends a (signed, with ``signatures``) list of the neighbours whose share failed
 authentication or whose keys were unusable.  ``close_complaints`` rejects every accused
 client with a ``DecryptionError`` naming it (and its accusers) and fixes the exclusion list
-``X`` = clients that shared but will not contribute: the accused, clients rejected so far, and
-clients whose complaints never arrived (unsigned mode); with ``signatures`` the accused only,
-forwarded with the signed complaints that name them (clients verify each exclusion; the others
-that are gone count as dropped and their masking keys are reconstructed at the end).  Each client receives ``X`` restricted to its
-neighbours (``exclusions_for``) *before* it masks its input and masks with nobody in ``X``;
-a masked input whose peer list names a member of ``X`` is rejected.  So a client in ``X`` is
-out of the round like a client that dropped before masking: no mask involves its keys, its
-masking key is never reconstructed and its self-mask seed never is either.
+``X`` = clients that shared but will not contribute: the accused, clients rejected so far,
+and clients whose complaints never arrived (unsigned mode); with ``signatures`` the accused
+only, forwarded with the signed complaints that name them (clients verify each exclusion;
+the others that are gone count as dropped and their masking keys are reconstructed at the
+end). Each client receives ``X`` restricted to its neighbours (``exclusions_for``) *before*
+it masks its input and masks with nobody in ``X``; a masked input whose peer list names a
+member of ``X`` is rejected.  So a client in ``X`` is out of the round like a client that
+dropped before masking: no mask involves its keys, its masking key is never reconstructed
+and its self-mask seed never is either.
 
 Who is in the sum.  ``C`` (contributors) = clients whose masked input arrived and passed the
 checks, minus both ends of any pair whose mask lists disagree.  ``D`` = clients that shared

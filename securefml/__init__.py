@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from securefml.errors import (
+    AggregateOutOfRange,
     ConfigError,
     DataError,
     DecryptionError,
@@ -67,6 +68,7 @@ if (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AggregateOutOfRange",
     "ConfigError",
     "DataError",
     "DecryptionError",
