@@ -168,6 +168,7 @@ class Krum(_GeometryRule):
     """
 
     name = "krum"
+    selects = 1
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
@@ -207,6 +208,7 @@ class MultiKrum(_GeometryRule):
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ConfigError(f"m (how many updates MultiKrum averages) must be a positive integer, got {m!r}")
         self.m = m
+        self.selects = m
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int

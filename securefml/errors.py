@@ -19,6 +19,7 @@ __all__ = [
     "DecryptionError",
     "ProtocolAbort",
     "PrivacyBudgetExceeded",
+    "PolicyViolation",
 ]
 
 
@@ -80,3 +81,8 @@ class ProtocolAbort(ProtocolError):
 
 class PrivacyBudgetExceeded(SecureFMLError):
     """A privacy budget (epsilon at the given delta) would be exceeded."""
+
+
+class PolicyViolation(ProtocolError):
+    """A party refuses a request outside its stated policy (e.g. the CKKS key holder asked to
+    decrypt something other than a signed combination of enough clients); nothing was revealed."""
