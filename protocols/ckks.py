@@ -21,7 +21,7 @@ sender by the envelope header)::
     chunks  u32 indices of the frame chunks sent (exactly those overlapping ``layers``)
     ct.<k>  one serialized fresh CKKS ciphertext per chunk (``slots`` values, zero padded)
     sig     64-byte Ed25519 signature of the client over its upload statement
-            (``ckks_auth``: context, round, sender, frame, layers, scale, SHA-256 of each ct)
+            (``ckks_auth``: context, round, sender, frame, layers, weight, scale, SHA-256 of each ct)
 
 The key holder decrypts only combinations it recomputes from such signed uploads, under its
 ``DecryptionPolicy`` (``ckks_policy``); the server forwards the uploads and the combination it
@@ -177,7 +177,7 @@ class CKKSClient:
         chunks = frame.pack(vec.numpy() * float(prescale), chosen)
         blobs = {k: ts.ckks_vector(self.context, arr.tolist()).serialize() for k, arr in chunks.items()}
         return signer.sign(context=self.fingerprint, round_idx=round_idx, frame=frame.fingerprint(),
-                           layers=chosen, prescale=float(prescale), chunks=blobs)
+                           layers=chosen, weight=float(update.weight), prescale=float(prescale), chunks=blobs)
 
     def encode(
         self,
@@ -355,7 +355,8 @@ class CKKSServer:
                 if into is not None:
                     self._add(into, k, vec, sender)
                 chunks[k] = vec
-            upload = SignedUpload(sender, round_idx, frame.fingerprint(), layers, float(prescale), blobs, bytes(sig))
+            upload = SignedUpload(sender, round_idx, frame.fingerprint(), layers, float(weight), float(prescale),
+                                  blobs, bytes(sig))
             if self.verify_keys is not None:
                 self.verify_keys.verify(upload, self.fingerprint)
             self._check_replay(round_idx, sender, digests)

@@ -8,12 +8,12 @@ what it computes itself from ciphertexts that their authors signed.  Each client
 Ed25519, one *upload statement* per round::
 
     SHA-256( "securefml-ckks-upload-v1" || context fingerprint || round || sender
-             || frame fingerprint || layer manifest || prescale
+             || frame fingerprint || layer manifest || weight || prescale
              || for each chunk k: k || SHA-256(ciphertext k) )
 
 It binds the ciphertexts (by their SHA-256 digests) to the key set, the round, the sender, the
-round's packing frame, the layers the client says it filled, and the factor it multiplied its
-update by before encrypting (``weight / W`` for a weighted mean, 1 for a robust round).  The
+round's packing frame, the layers the client says it filled, its declared weight (sample
+count), and the factor it multiplied its update by before encrypting (``weight / W`` for a weighted mean, 1 for a robust round).  The
 key holder learns each client's effective weight in a combination from that signed factor,
 not from the server.
 
@@ -55,6 +55,7 @@ def upload_statement(
     sender: int,
     frame: bytes,
     layers: tuple[str, ...],
+    weight: float,
     prescale: float,
     chunks: Mapping[int, bytes],
 ) -> bytes:
@@ -65,7 +66,7 @@ def upload_statement(
     h.update(frame)
     manifest = "\n".join(layers).encode("utf-8")
     h.update(struct.pack(">I", len(manifest)) + manifest)
-    h.update(struct.pack(">dI", float(prescale), len(chunks)))
+    h.update(struct.pack(">ddI", float(weight), float(prescale), len(chunks)))
     for k in sorted(chunks):
         h.update(struct.pack(">I", int(k)))
         h.update(hashlib.sha256(chunks[k]).digest())
@@ -84,6 +85,8 @@ class SignedUpload:
         Fingerprint of the round's ``PackingFrame``.
     layers:
         The frame layers the client filled (layout order); its other slots are zeros.
+    weight:
+        The client's declared weight (sample count), used by robust rules.
     prescale:
         The factor the client multiplied its update by before encrypting.
     chunks:
@@ -96,6 +99,7 @@ class SignedUpload:
     round_idx: int
     frame: bytes
     layers: tuple[str, ...]
+    weight: float
     prescale: float
     chunks: Mapping[int, bytes] = field(repr=False)
     signature: bytes = field(repr=False)
@@ -103,7 +107,7 @@ class SignedUpload:
     def statement(self, context: bytes) -> bytes:
         return upload_statement(
             context=context, round_idx=self.round_idx, sender=self.sender, frame=self.frame,
-            layers=self.layers, prescale=self.prescale, chunks=self.chunks,
+            layers=self.layers, weight=self.weight, prescale=self.prescale, chunks=self.chunks,
         )
 
 
@@ -127,17 +131,17 @@ class UploadSigner:
         return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     def sign(
-        self, *, context: bytes, round_idx: int, frame: bytes, layers: tuple[str, ...], prescale: float,
-        chunks: Mapping[int, bytes],
+        self, *, context: bytes, round_idx: int, frame: bytes, layers: tuple[str, ...], weight: float,
+        prescale: float, chunks: Mapping[int, bytes],
     ) -> SignedUpload:
         """Sign these ciphertexts as this party's upload for ``round_idx``."""
-        if not math.isfinite(prescale):
-            raise ConfigError(f"prescale must be finite, got {prescale}")
+        if not math.isfinite(prescale) or not math.isfinite(weight):
+            raise ConfigError(f"weight and prescale must be finite, got {weight}, {prescale}")
         blobs = {int(k): bytes(v) for k, v in chunks.items()}
         stmt = upload_statement(context=context, round_idx=round_idx, sender=self.party_id, frame=frame,
-                                layers=layers, prescale=prescale, chunks=blobs)
-        return SignedUpload(self.party_id, int(round_idx), frame, tuple(layers), float(prescale), blobs,
-                            self._key.sign(stmt))
+                                layers=layers, weight=weight, prescale=prescale, chunks=blobs)
+        return SignedUpload(self.party_id, int(round_idx), frame, tuple(layers), float(weight), float(prescale),
+                            blobs, self._key.sign(stmt))
 
     def __repr__(self) -> str:
         return f"UploadSigner(party_id={self.party_id}, verify_key={self.verify_key().hex()[:16]}...)"

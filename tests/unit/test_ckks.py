@@ -286,8 +286,9 @@ def resign(proto, data):
     blobs = {int(k[3:]): bytes(v) for k, v in env.fields.items() if k.startswith("ct.")}
     layers = tuple(env.fields["layers"].decode().split("\n"))
     (scale,) = struct.unpack(">d", env.fields["scale"])
+    (weight,) = struct.unpack(">d", env.fields["weight"])
     signed = proto.enroll(env.sender).sign(context=proto.client.fingerprint, round_idx=env.round, frame=frame_fp,
-                                           layers=layers, prescale=scale, chunks=blobs)
+                                           layers=layers, weight=weight, prescale=scale, chunks=blobs)
     return _rebuild(data, fields={"sig": signed.signature})
 
 
