@@ -13,9 +13,9 @@ Ed25519, one *upload statement* per round::
 
 It binds the ciphertexts (by their SHA-256 digests) to the key set, the round, the sender, the
 round's packing frame, the layers the client says it filled, its declared weight (sample
-count), and the factor it multiplied its update by before encrypting (``weight / W`` for a weighted mean, 1 for a robust round).  The
-key holder learns each client's effective weight in a combination from that signed factor,
-not from the server.
+count), and the factor it multiplied its update by before encrypting (``weight / W`` for a
+weighted mean, 1 for a robust round).  The key holder learns each client's effective weight in
+a combination from that signed factor, not from the server.
 
 Registration of verify keys is out of band (enrolment): ``VerifyKeyRegistry`` is the key
 holder's own table of client (and reference-party) verify keys; the server may hold a copy of

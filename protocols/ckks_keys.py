@@ -322,17 +322,21 @@ class CKKSKeyHolder:
             raise PolicyViolation(f"key holder refuses negative or non-finite coefficients (clients {bad})")
         carried = sorted({k for u in uploads.values() for k in u.chunks})
         chunks = tuple(carried) if request.chunks is None else tuple(int(k) for k in request.chunks)
-        if len(set(chunks)) != len(chunks) or not set(chunks) <= set(range(frame.n_chunks)):
-            raise PolicyViolation("requested chunks must be distinct chunks of the frame")
+        if not chunks or len(set(chunks)) != len(chunks) or not set(chunks) <= set(range(frame.n_chunks)):
+            raise PolicyViolation("requested chunks must be distinct chunks of the frame, at least one")
         ledger = self._ledger.get(int(request.round_idx))
         done = sorted(set(chunks) & ledger.chunks) if ledger is not None else []
         if done:
             raise PolicyViolation(f"chunks {done} of round {request.round_idx} were already decrypted")
         for k in chunks:
+            checked = 0
             for name in frame.layers_in_chunk(k):
                 eff = {c: coeffs[c] * u.prescale for c, u in uploads.items() if name in u.layers}
                 if eff:  # a layer no upload filled holds only what its senders put there themselves
                     self.policy.check(eff, what=f"layer {name!r} of round {request.round_idx}")
+                    checked += 1
+            if not checked:
+                raise PolicyViolation(f"chunk {k} holds no layer of the request's uploads: nothing to decrypt")
         out: dict[int, np.ndarray] = {}
         sums: dict[int, ts.CKKSVector] = {}
         for k in chunks:
