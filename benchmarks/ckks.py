@@ -98,7 +98,7 @@ def bench_aggregation(n: int, length: int, repeat: int) -> dict:
         return acc
 
     public = proto.key_holder.public_context_bytes()
-    server = CKKSServer(public, proto.preset, verify_keys=proto.server.verify_keys)
+    server = CKKSServer(public, proto.preset, verify_keys=proto.key_holder.registry)  # early signature check
     unverified = CKKSServer(public, proto.preset)  # no signature check: the floor for the checked one
 
     def half(srv):

@@ -65,6 +65,7 @@ import torch
 
 from securefml.errors import (
     ConfigError,
+    DecryptionError,
     InvalidUpdateError,
     MalformedMessageError,
     ProtocolError,
@@ -528,7 +529,9 @@ class CKKS(AggregationProtocol):
         self.key_holder = key_holder
         self.preset = self.key_holder.preset
         public = self.key_holder.public_context_bytes()
-        self.server = CKKSServer(public, self.preset, verify_keys=VerifyKeyRegistry(), replay_window=replay_window)
+        # the key holder checks every signature and names a bad signer; the server does not hash the
+        # ciphertexts a second time (pass ``verify_keys`` to a CKKSServer to reject them on arrival)
+        self.server = CKKSServer(public, self.preset, replay_window=replay_window)
         self.client = CKKSClient(public, self.preset)
         self._signers: dict[int, UploadSigner] = {}
 
@@ -553,12 +556,10 @@ class CKKS(AggregationProtocol):
             if pid in self.key_holder.registry:
                 raise ConfigError(
                     f"party {pid} is already enrolled with this key holder under a key this driver does not "
-                    "hold; share one CKKS driver per key holder (or pass the parties' signers)"
+                    "hold; share one CKKS driver per key holder"
                 )
             signer = self._signers[pid] = UploadSigner.generate(pid)
             self.key_holder.registry.register(pid, signer.verify_key())
-            if self.server.verify_keys is not None:
-                self.server.verify_keys.register(pid, signer.verify_key())
         return signer
 
     def check_defense(self, defense: Defense) -> None:
@@ -665,15 +666,34 @@ class CKKS(AggregationProtocol):
         timing = {"encrypt_s": t_enc, "server_receive_s": t_srv}
         clients = list(received.values())
         if gram_mode:
-            out = self._robust(round_idx, layout, frame, clients, defense, reference, context, timing)
+            out = self._robust(round_idx, layout, frame, clients, defense, reference, context, timing, rejected)
         else:
-            out = self._mean(round_idx, layout, frame, clients, norm, timing)
+            out = self._mean(round_idx, layout, frame, clients, norm, timing, rejected)
         out.rejected = rejected
         out.bytes_uploaded = nbytes
         timing["total_s"] = time.perf_counter() - t_start
         extras["timing"] = timing
         out.extras.update(extras)
         return out
+
+    def _drop_blamed(
+        self, exc: DecryptionError, clients: Sequence[ReceivedCiphertexts], rejected: dict[int, str]
+    ) -> list[ReceivedCiphertexts]:
+        """The key holder named a client whose upload it cannot verify: reject it, ask again.
+
+        The key holder checks every signature before it decrypts or records anything, so the
+        request can be repeated without that client; an error naming nobody propagates.
+        """
+        ids = {c.client_id for c in clients}
+        if exc.sender is None or exc.sender not in ids:
+            raise exc
+        self.record_rejection(rejected, exc.sender, exc)
+        return [c for c in clients if c.client_id != exc.sender]
+
+    def _refused(self, uploads: Sequence[SignedUpload], name: str) -> bool:
+        """Whether the key holder's policy refuses layer ``name`` summed over these uploads."""
+        eff = {u.sender: u.prescale for u in uploads if name in u.layers}
+        return bool(eff) and self.policy.violation(eff) is not None
 
     @staticmethod
     def _uploads(clients: Sequence[ReceivedCiphertexts]) -> tuple[SignedUpload, ...]:
@@ -691,31 +711,36 @@ class CKKS(AggregationProtocol):
         clients: Sequence[ReceivedCiphertexts],
         norm: float,
         timing: dict[str, float],
+        rejected: dict[int, str],
     ) -> RoundOutput:
+        mins = self.min_contributors
+        t0 = time.perf_counter()
+        while True:
+            uploads = self._uploads(clients)
+            carried = {k for u in uploads for k in u.chunks}
+            refused = {n for n in frame.layers if self._refused(uploads, n)}  # asked before sending
+            withheld = {k for k in carried if set(frame.layers_in_chunk(k)) & refused}
+            wanted = tuple(sorted(carried - withheld))
+            if not wanted:
+                dec: dict[int, np.ndarray] = {}
+                break
+            try:
+                dec = self.key_holder.decrypt_aggregate(
+                    AggregateRequest(round_idx, frame, uploads, {u.sender: 1.0 for u in uploads}, wanted)
+                )
+                break
+            except DecryptionError as exc:
+                clients = self._drop_blamed(exc, clients, rejected)
+        packed = np.zeros(frame.numel, dtype=np.float64)
+        for k in wanted:
+            lo, hi = frame.chunk_range(k)
+            packed[lo:hi] = dec[k][: hi - lo]
+        timing["decrypt_s"] = time.perf_counter() - t0
         counts = Counter(n for c in clients for n in c.layers)
         totals: defaultdict[str, float] = defaultdict(float)
         for c in clients:
             for n in c.layers:
                 totals[n] += c.weight
-        mins = self.min_contributors
-        uploads = self._uploads(clients)
-
-        def refused(name: str) -> bool:  # the key holder's own check, asked before sending
-            eff = {u.sender: u.prescale for u in uploads if name in u.layers}
-            return bool(eff) and self.policy.violation(eff) is not None
-
-        carried = {k for u in uploads for k in u.chunks}
-        withheld = {k for k in carried if any(refused(n) for n in frame.layers_in_chunk(k))}
-        t0 = time.perf_counter()
-        packed = np.zeros(frame.numel, dtype=np.float64)
-        wanted = tuple(sorted(carried - withheld))
-        if wanted:
-            request = AggregateRequest(round_idx, frame, uploads, {u.sender: 1.0 for u in uploads}, wanted)
-            dec = self.key_holder.decrypt_aggregate(request)
-            for k in wanted:
-                lo, hi = frame.chunk_range(k)
-                packed[lo:hi] = dec[k][: hi - lo]
-        timing["decrypt_s"] = time.perf_counter() - t0
         full = torch.zeros(layout.numel, dtype=torch.float64)
         layer_weight = dict.fromkeys(layout.layer_names, 0.0)
         dropped_layers = []
@@ -762,17 +787,23 @@ class CKKS(AggregationProtocol):
         reference: torch.Tensor | None,
         context: Mapping[str, object] | None,
         timing: dict[str, float],
+        rejected: dict[int, str],
     ) -> RoundOutput:
-        ids = tuple(c.client_id for c in clients)
-        empty = RoundOutput(torch.zeros(layout.numel), dict.fromkeys(layout.layer_names, 0.0), ids)
-        empty.extras["layer_counts"] = {n: (len(clients) if n in frame.spans else 0) for n in layout.layer_names}
-        if len(clients) < self.min_contributors or frame.numel == 0:
-            empty.extras["withheld_layers"] = frame.layers if clients else ()
-            return empty
-        uploads = self._uploads(clients)
         ref_upload = None if reference is None else self._reference_upload(round_idx, layout, frame, reference)
         t0 = time.perf_counter()
-        gram = self.key_holder.decrypt_gram(GramRequest(round_idx, frame, uploads, ref_upload))
+        while True:
+            ids = tuple(c.client_id for c in clients)
+            empty = RoundOutput(torch.zeros(layout.numel), dict.fromkeys(layout.layer_names, 0.0), ids)
+            empty.extras["layer_counts"] = {n: (len(clients) if n in frame.spans else 0) for n in layout.layer_names}
+            if len(clients) < self.min_contributors or frame.numel == 0:
+                empty.extras["withheld_layers"] = frame.layers if clients else ()
+                return empty
+            uploads = self._uploads(clients)
+            try:
+                gram = self.key_holder.decrypt_gram(GramRequest(round_idx, frame, uploads, ref_upload))
+                break
+            except DecryptionError as exc:
+                clients = self._drop_blamed(exc, clients, rejected)
         timing["gram_s"] = timing["decrypt_gram_s"] = time.perf_counter() - t0
         sample_w = torch.tensor([c.weight for c in clients], dtype=torch.float64)
         result = defense.aggregate_gram(gram, sample_w, context=dict(context or {}))

@@ -12,6 +12,7 @@ from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.mean import Mean
 from securefml.errors import (
     ConfigError,
+    DecryptionError,
     InvalidUpdateError,
     MalformedMessageError,
     PolicyViolation,
@@ -412,3 +413,33 @@ def test_ciphertext_at_another_scale_is_rejected_and_its_additions_undone(add_pr
 
     # target 0 seeds the sums (strict check refuses it); target 1's first chunk is added, then undone
     run_tampered(add_proto, 40 + target, rescale_last, targets=(target,), error=MalformedMessageError)
+
+
+# -- signatures: the key holder names a bad signer, the round goes on ---------------------------------
+@pytest.mark.parametrize("mode", ["sum", "gram"])
+def test_bad_signature_is_blamed_by_the_key_holder_and_the_round_goes_on(stats_proto, mode):
+    forged = _rebuild  # the transport swaps client 2's signature for another (a forgery or bit rot)
+    ups = make_updates([("a", "b")] * 5, seed=50, equal=True)
+    defense = Mean() if mode == "sum" else DropLargest()
+    transport = Tamper({2}, lambda s, d: forged(d, fields={"sig": bytes(64)}))
+    out = stats_proto.run_round(60 if mode == "sum" else 61, ups, LAYOUT, defense=defense, transport=transport)
+    assert set(out.rejected) == {2} and out.rejected[2].startswith("DecryptionError: sender 2")
+    assert out.accepted == (0, 1, 3, 4)
+    good = [u for u in ups if u.client_id != 2]
+    if mode == "sum":
+        ref, _ = reference_mean(good)
+    else:
+        x = torch.stack([u.vector for u in good])
+        ref = DropLargest()(x, torch.ones(4, dtype=torch.float64)).aggregate
+    assert torch.allclose(out.aggregate.double(), ref.double(), atol=1e-4)
+
+
+def test_server_with_verify_keys_rejects_a_bad_signature_on_arrival(stats_proto, stats_holder):
+    proto = stats_proto
+    server = CKKSServer(stats_holder.public_context_bytes(), "stats", verify_keys=stats_holder.registry)
+    frame = PackingFrame(LAYOUT, ("a", "b"), proto.preset.slots)
+    upd = make_updates([("a", "b")], seed=51)[0]
+    msg = proto.client.encode(70, upd, frame, signer=proto.enroll(upd.client_id))
+    assert server.decode(70, upd.client_id, msg, frame).upload.sender == upd.client_id
+    with pytest.raises(DecryptionError, match="signature"):
+        server.decode(71, upd.client_id, _rebuild(msg, round=71, fields={"sig": bytes(64)}), frame)
