@@ -66,7 +66,8 @@ def make_proto(preset: str) -> tuple[CKKS, ts.Context]:
     return CKKS(CKKSKeyHolder(ctx, p)), ctx
 
 
-def encrypt_round(proto: CKKS, n: int, length: int, seed: int):
+def encrypt_round(proto: CKKS, n: int, length: int, seed: int, *, mean: bool = True):
+    """N clients' messages; ``mean``: pre-scaled by weight / W (W = n), else by 1 (robust rounds)."""
     layout = LayerLayout([("model.weight", (length,))])
     frame = PackingFrame(layout, layout.layer_names, proto.preset.slots)
     gen = torch.Generator().manual_seed(seed)
@@ -74,7 +75,7 @@ def encrypt_round(proto: CKKS, n: int, length: int, seed: int):
     t0 = time.perf_counter()
     for i in range(n):
         upd = ClientUpdate(i, torch.randn(length, generator=gen) * 0.01, layout.layer_names, 1.0)
-        msgs.append(proto.client.encode(0, upd, frame, signer=proto.enroll(i), prescale=1.0 / n))
+        msgs.append(proto.client.encode(0, upd, frame, signer=proto.enroll(i), prescale=1.0 / n if mean else 1.0))
     return layout, frame, msgs, (time.perf_counter() - t0) / n
 
 
@@ -104,7 +105,7 @@ def bench_aggregation(n: int, length: int, repeat: int) -> dict:
     def half(srv):
         srv.load_state_dict({"seen": {}})  # the same messages again: forget them first
         sums: dict[int, list] = {}
-        recs = [srv.decode(0, i, m, frame, strict=False, into=sums) for i, m in enumerate(msgs)]
+        recs = [srv.decode(0, i, m, frame, strict=False, into=sums, normalizer=float(n)) for i, m in enumerate(msgs)]
         return sums, recs
 
     def server_half():
@@ -208,7 +209,7 @@ def bench_bytes(length: int) -> dict:
 
 def bench_gram(n: int, length: int, naive_pairs: int | None, seed: int) -> dict:
     proto, secret = make_proto("stats")
-    layout, frame, msgs, _ = encrypt_round(proto, n, length, seed)
+    layout, frame, msgs, _ = encrypt_round(proto, n, length, seed, mean=False)
     chunks = []
     uploads = []
     for i, m in enumerate(msgs):

@@ -296,11 +296,15 @@ class CKKSServer:
         *,
         strict: bool = True,
         into: dict[int, list] | None = None,
+        normalizer: float | None = None,
     ) -> ReceivedCiphertexts:
         """Validate one client message and load its ciphertexts under the public context.
 
         Parameters
         ----------
+        normalizer:
+            The round's public weight normalizer W: the message's signed scale must then be
+            ``weight / W`` (a weighted mean); ``None``: it must be 1 (robust rounds).
         strict:
             Check every ciphertext's size, level, NTT form and scale (needed before
             multiplications).
@@ -336,8 +340,11 @@ class CKKSServer:
         if len(raw_s) != 8 or len(sig) != SIGNATURE_BYTES:
             raise MalformedMessageError("scale must be 8 bytes and the signature 64", sender=sender)
         (prescale,) = struct.unpack(">d", raw_s)
-        if not math.isfinite(prescale) or prescale <= 0:
-            raise MalformedMessageError(f"scale must be positive and finite, got {prescale}", sender=sender)
+        expected_scale = 1.0 if normalizer is None else weight / normalizer
+        if not math.isclose(prescale, expected_scale, rel_tol=1e-9):
+            raise MalformedMessageError(
+                f"scale {prescale} is not the round's weight / W = {expected_scale}", sender=sender
+            )
         expected = frame.chunks_for(layers)
         got = tuple(int(k) for k in unpack_array(env.field("chunks"), expected_len=len(expected), sender=sender))
         if got != expected:
@@ -648,7 +655,8 @@ class CKKS(AggregationProtocol):
                 if cid in received:
                     raise ReplayError("duplicate message in this round", sender=cid)
                 received[cid] = self.server.decode(
-                    round_idx, cid, msg, frame, strict=gram_mode, into=None if gram_mode else sums
+                    round_idx, cid, msg, frame, strict=gram_mode, into=None if gram_mode else sums,
+                    normalizer=None if gram_mode else norm,
                 )
             except Exception as exc:  # typed errors recorded, anything else re-raised
                 self.record_rejection(rejected, cid, exc)

@@ -443,3 +443,15 @@ def test_server_with_verify_keys_rejects_a_bad_signature_on_arrival(stats_proto,
     assert server.decode(70, upd.client_id, msg, frame).upload.sender == upd.client_id
     with pytest.raises(DecryptionError, match="signature"):
         server.decode(71, upd.client_id, _rebuild(msg, round=71, fields={"sig": bytes(64)}), frame)
+
+
+def test_signed_scale_other_than_weight_over_w_is_rejected(add_proto):
+    """A Byzantine client cannot sign a scale that would make it dominate the key holder's shares."""
+    frame = add_proto.frame_for(LAYOUT, [("a", "b")] * 4)
+
+    def inflate(sender, data):
+        env = decode(data)
+        upd = ClientUpdate(sender, torch.zeros(LAYOUT.numel), ("a", "b"), struct.unpack(">d", env.fields["weight"])[0])
+        return add_proto.client.encode(env.round, upd, frame, signer=add_proto.enroll(sender), prescale=0.9)
+
+    run_tampered(add_proto, 80, inflate, error=MalformedMessageError, match="weight / W")
