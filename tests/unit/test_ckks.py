@@ -24,6 +24,7 @@ from securefml.protocols.base import ClientUpdate, Reveals, Transport, weighted_
 from securefml.protocols.ckks import CKKS, CKKSClient, CKKSServer
 from securefml.protocols.ckks_auth import UploadSigner
 from securefml.protocols.ckks_keys import PRESETS, CKKSKeyHolder, get_preset, load_public_context
+from securefml.protocols.ckks_policy import AggregateRequest
 from securefml.protocols.ckks_stats import (
     PackingFrame,
     encrypted_inner_products,
@@ -455,3 +456,19 @@ def test_signed_scale_other_than_weight_over_w_is_rejected(add_proto):
         return add_proto.client.encode(env.round, upd, frame, signer=add_proto.enroll(sender), prescale=0.9)
 
     run_tampered(add_proto, 80, inflate, error=MalformedMessageError, match="weight / W")
+
+
+def test_key_holder_ledger_and_registry_survive_a_checkpoint(add_proto):
+    ups = make_updates([("a", "b")] * 3, seed=90, equal=True)
+    add_proto.run_round(90, ups, LAYOUT, defense=Mean())
+    state = add_proto.key_holder.state_dict()
+    assert "secret" not in str(state).lower()
+    restored = CKKSKeyHolder.generate("add-only")
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state and all(c in restored.registry for c in range(3))
+    frame = add_proto.frame_for(LAYOUT, [("a", "b")] * 3)
+    uploads = tuple(add_proto.client.encrypt(90, u, frame, signer=add_proto.enroll(u.client_id), prescale=1 / 3)
+                    for u in ups)
+    again = AggregateRequest(90, frame, uploads, dict.fromkeys(range(3), 1.0))
+    with pytest.raises(PolicyViolation, match="already decrypted"):
+        add_proto.key_holder.decrypt_aggregate(again)
