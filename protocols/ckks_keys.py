@@ -313,27 +313,34 @@ class CKKSKeyHolder:
                 "(an AggregateRequest); bare ciphertexts and claimed contributor counts are not verifiable"
             )
         frame = request.frame
-        uploads = self._verified(request.round_idx, frame, request.uploads, full=False)
-        coeffs = {int(c): float(w) for c, w in dict(request.coefficients).items()}
+        if isinstance(request.round_idx, bool) or not isinstance(request.round_idx, int):
+            raise PolicyViolation("the request's round is not an integer")
+        round_idx = request.round_idx
+        try:
+            coeffs = {int(c): float(w) for c, w in dict(request.coefficients).items()}
+            wanted = None if request.chunks is None else tuple(int(k) for k in request.chunks)
+        except (TypeError, ValueError):
+            raise PolicyViolation("the request's coefficients or chunks are not numbers") from None
+        uploads = self._verified(round_idx, frame, request.uploads, full=False)
         if set(coeffs) != set(uploads):
             raise PolicyViolation("the coefficients must name exactly the senders of the uploads")
         bad = sorted(c for c, w in coeffs.items() if not math.isfinite(w) or w < 0)
         if bad:
             raise PolicyViolation(f"key holder refuses negative or non-finite coefficients (clients {bad})")
         carried = sorted({k for u in uploads.values() for k in u.chunks})
-        chunks = tuple(carried) if request.chunks is None else tuple(int(k) for k in request.chunks)
+        chunks = tuple(carried) if wanted is None else wanted
         if not chunks or len(set(chunks)) != len(chunks) or not set(chunks) <= set(range(frame.n_chunks)):
             raise PolicyViolation("requested chunks must be distinct chunks of the frame, at least one")
-        ledger = self._ledger.get(int(request.round_idx))
+        ledger = self._ledger.get(round_idx)
         done = sorted(set(chunks) & ledger.chunks) if ledger is not None else []
         if done:
-            raise PolicyViolation(f"chunks {done} of round {request.round_idx} were already decrypted")
+            raise PolicyViolation(f"chunks {done} of round {round_idx} were already decrypted")
         for k in chunks:
             checked = 0
             for name in frame.layers_in_chunk(k):
                 eff = {c: coeffs[c] * u.prescale for c, u in uploads.items() if name in u.layers}
                 if eff:  # a layer no upload filled holds only what its senders put there themselves
-                    self.policy.check(eff, what=f"layer {name!r} of round {request.round_idx}")
+                    self.policy.check(eff, what=f"layer {name!r} of round {round_idx}")
                     checked += 1
             if not checked:
                 raise PolicyViolation(f"chunk {k} holds no layer of the request's uploads: nothing to decrypt")
@@ -353,7 +360,7 @@ class CKKSKeyHolder:
                     raise DecryptionError("a ciphertext cannot enter the combination", sender=c) from None
             if acc is not None:
                 sums[k] = acc
-        ledger = self._ledger_for(request.round_idx, frame)
+        ledger = self._ledger_for(round_idx, frame)
         ledger.chunks.update(chunks)
         for k in chunks:
             if k not in sums:
@@ -388,6 +395,8 @@ class CKKSKeyHolder:
                 "itself from the round's signed uploads (a GramRequest); server-made ciphertexts are not verifiable"
             )
         frame = request.frame
+        if isinstance(request.round_idx, bool) or not isinstance(request.round_idx, int):
+            raise PolicyViolation("the request's round is not an integer")
         uploads = self._verified(request.round_idx, frame, request.uploads, full=True)
         n = len(uploads)
         if n < self.policy.min_contributors:
