@@ -130,7 +130,15 @@ coefficient = st.one_of(
 @st.composite
 def aggregate_requests(draw, rnd: Round, ctx_fp: bytes):
     """One request a deviating server might send (``ctx_fp``: the public context's fingerprint)."""
-    kind = draw(st.sampled_from(["honest", "subset", "combination", "tampered", "foreign", "legacy", "wrong-frame"]))
+    kind = draw(st.sampled_from(["honest", "subset", "combination", "tampered", "foreign", "legacy", "wrong-frame",
+                                 "garbage"]))
+    if kind == "garbage":  # fields of the wrong type altogether
+        junk = draw(st.sampled_from([{"coefficients": {"x": "y"}}, {"round_idx": str(rnd.idx)},
+                                     {"chunks": ("zero",)}, {"uploads": [b"ct"]}, {"frame": None}]))
+        base = dict(round_idx=rnd.idx, frame=rnd.frame, uploads=tuple(rnd.uploads.values()),
+                    coefficients=dict.fromkeys(rnd.uploads, 1.0), chunks=None)
+        base.update(junk)
+        return ("request", AggregateRequest(**base), None)
     if kind in ("honest", "subset"):  # distinct senders, the right round: the policy decides
         ids = draw(st.lists(st.integers(0, N_CLIENTS - 1), min_size=1 if kind == "subset" else 2,
                             max_size=N_CLIENTS, unique=True))
