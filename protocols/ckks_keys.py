@@ -134,6 +134,21 @@ def load_public_context(public_context: bytes) -> ts.Context:
     return ctx
 
 
+def _check_types(u: object) -> None:
+    """Refuse anything but a ``SignedUpload`` whose fields have their declared types."""
+    ok = (
+        isinstance(u, SignedUpload)
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in (u.sender, u.round_idx))
+        and isinstance(u.frame, bytes) and isinstance(u.signature, bytes)
+        and isinstance(u.layers, tuple) and all(isinstance(n, str) for n in u.layers)
+        and all(isinstance(x, float) for x in (u.weight, u.prescale))
+        and isinstance(u.chunks, Mapping)
+        and all(isinstance(k, int) and isinstance(v, bytes) for k, v in u.chunks.items())
+    )
+    if not ok:
+        raise PolicyViolation("the key holder only takes signed uploads with well-typed fields")
+
+
 @dataclass
 class _RoundLedger:
     """What the key holder has already decrypted in one round."""
@@ -260,8 +275,7 @@ class CKKSKeyHolder:
             raise PolicyViolation(f"round {round_idx} is bound to another packing frame")
         out: dict[int, SignedUpload] = {}
         for u in uploads:
-            if not isinstance(u, SignedUpload):
-                raise PolicyViolation("the key holder only takes signed uploads")
+            _check_types(u)
             if u.sender in out:
                 raise PolicyViolation(f"client {u.sender} appears twice in one request")
             if u.sender == self.policy.reference_party:
@@ -271,6 +285,7 @@ class CKKSKeyHolder:
         return out
 
     def _check_upload(self, u: SignedUpload, round_idx: int, frame: PackingFrame, *, full: bool) -> None:
+        _check_types(u)
         self.registry.verify(u, self.fingerprint)
         if u.round_idx != int(round_idx):
             raise PolicyViolation(f"upload of client {u.sender} was signed for round {u.round_idx}, not {round_idx}")

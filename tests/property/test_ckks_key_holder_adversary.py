@@ -134,7 +134,10 @@ def aggregate_requests(draw, rnd: Round, ctx_fp: bytes):
                                  "garbage"]))
     if kind == "garbage":  # fields of the wrong type altogether
         junk = draw(st.sampled_from([{"coefficients": {"x": "y"}}, {"round_idx": str(rnd.idx)},
-                                     {"chunks": ("zero",)}, {"uploads": [b"ct"]}, {"frame": None}]))
+                                     {"chunks": ("zero",)}, {"uploads": [b"ct"]}, {"frame": None},
+                                     {"uploads": (dataclasses.replace(rnd.uploads[0], sender="0"), rnd.uploads[1])},
+                                     {"uploads": (dataclasses.replace(rnd.uploads[0], chunks={0: "ct"}),
+                                                  rnd.uploads[1])}]))
         base = dict(round_idx=rnd.idx, frame=rnd.frame, uploads=tuple(rnd.uploads.values()),
                     coefficients=dict.fromkeys(rnd.uploads, 1.0), chunks=None)
         base.update(junk)
