@@ -352,11 +352,11 @@ class CKKSServer:
         if set(env.fields) != _HEADER_FIELDS | {_ct_field(k) for k in got}:
             raise MalformedMessageError("unexpected or missing ciphertext fields", sender=sender)
         chunks: dict[int, ts.CKKSVector] = {}
-        blobs: dict[int, bytes] = {}
+        blobs: dict[int, bytes | memoryview] = {}
         digests = []
         try:
             for k in got:
-                blob = bytes(env.fields[_ct_field(k)])
+                blob = env.fields[_ct_field(k)]  # a view into ``data``: copied only to load it
                 vec = self._load(blob, frame.slots, sender, strict=strict)
                 digests.append(self._digest(blob))
                 blobs[k] = blob

@@ -57,7 +57,7 @@ def upload_statement(
     layers: tuple[str, ...],
     weight: float,
     prescale: float,
-    chunks: Mapping[int, bytes],
+    chunks: Mapping[int, bytes | memoryview],
 ) -> bytes:
     """The 32-byte digest a client signs for one upload (see the module docstring)."""
     h = hashlib.sha256(_DOMAIN)
@@ -90,7 +90,8 @@ class SignedUpload:
     prescale:
         The factor the client multiplied its update by before encrypting.
     chunks:
-        Chunk index -> serialized fresh ciphertext.
+        Chunk index -> serialized fresh ciphertext (``bytes``, or a view into the received
+        message, so the server keeps no second copy).
     signature:
         Ed25519 signature over ``upload_statement`` of all of the above.
     """
@@ -101,7 +102,7 @@ class SignedUpload:
     layers: tuple[str, ...]
     weight: float
     prescale: float
-    chunks: Mapping[int, bytes] = field(repr=False)
+    chunks: Mapping[int, bytes | memoryview] = field(repr=False)
     signature: bytes = field(repr=False)
 
     def statement(self, context: bytes) -> bytes:

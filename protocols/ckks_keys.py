@@ -143,7 +143,7 @@ def _check_types(u: object) -> None:
         and isinstance(u.layers, tuple) and all(isinstance(n, str) for n in u.layers)
         and all(isinstance(x, float) for x in (u.weight, u.prescale))
         and isinstance(u.chunks, Mapping)
-        and all(isinstance(k, int) and isinstance(v, bytes) for k, v in u.chunks.items())
+        and all(isinstance(k, int) and isinstance(v, (bytes, memoryview)) for k, v in u.chunks.items())
     )
     if not ok:
         raise PolicyViolation("the key holder only takes signed uploads with well-typed fields")
