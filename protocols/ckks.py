@@ -2,10 +2,11 @@
 
 Three roles (DESIGN.md, threat model):
 
-* ``CKKSKeyHolder`` (``ckks_keys``): the secret key; decrypts aggregates and ``Gram`` scalars.
-* ``CKKSServer``: the public context only (``is_private()`` is False); validates messages,
-  adds ciphertexts, multiplies by plaintext weights, computes encrypted inner products.
-* ``CKKSClient``: the public context; packs its selected layers densely and encrypts them.
+* ``CKKSKeyHolder`` (``ckks_keys``): the secret key; computes from the round's signed uploads,
+  and decrypts, only the sums and the ``Gram`` its ``DecryptionPolicy`` allows.
+* ``CKKSServer``: the public context only (``is_private()`` is False); validates messages
+  (and checks each ciphertext adds to the others), forwards the signed uploads and asks.
+* ``CKKSClient``: the public context; packs its selected layers densely, encrypts and signs them.
 
 ``CKKS`` drives one round of all three for the federation loop.
 
