@@ -28,9 +28,9 @@ Threat model: Byzantine clients (or a network adversary) control the bytes of th
 messages; ``LieAboutDropouts`` models an active server.  Payload tampering is only detectable
 where the protocol authenticates the payload (AES-GCM sealed shares, signatures).  The
 plaintext protocol has no integrity protection, so byte flips that still decode to a finite,
-well-formed update are accepted there by design; CKKS ciphertexts carry no tag either:
-structural damage fails to load and is rejected, but a small flip may load and then decrypts
-to noise inside the aggregate (a Byzantine contribution, for the robust rule to handle).
+well-formed update are accepted there by design.  CKKS ciphertexts carry no tag, but each
+client signs the SHA-256 of its ciphertexts (Ed25519): structural damage fails to load, and a
+flip that still loads fails the signature; both are rejected naming the sender.
 """
 
 from __future__ import annotations

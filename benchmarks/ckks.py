@@ -8,6 +8,15 @@
 3. Encrypted Gram (stats preset, N clients x L_gram floats): multiply-accumulate over chunks
    and one rotate-and-sum per pair, against N(N+1)/2 naive encrypted dot products (a
    rotate-and-summed dot product per chunk).  Target: speedup >= 3.
+4. Cost of the key holder's verification (issue 11): the key holder decrypts only what it
+   recomputes from signed uploads.  Measured in the same run against the unverified path it
+   replaced (the server's own sum / encrypted Gram, decrypted as sent):
+   * key holder: verify + recompute the sum + decrypt, against decrypting the server's sum;
+   * round (the protocol's server half + key holder) verified over unverified;
+   * the optional early signature check on the server (SHA-256 of every ciphertext, one
+     Ed25519 verification per client) over the protocol's server half;
+   * Gram: the key holder verifies and computes the Gram itself, against the server computing
+     it and the key holder decrypting the scalars as sent.
 
 Usage: ``python benchmarks/ckks.py [--clients 20] [--length 1000000] [--gram-length 100000]``.
 ``--naive-pairs K`` times K of the naive pairs and scales to N(N+1)/2 (reported as such).
@@ -28,6 +37,8 @@ import torch
 
 from securefml.protocols.base import ClientUpdate
 from securefml.protocols.ckks import CKKS, CKKSServer
+from securefml.protocols.ckks_keys import CKKSKeyHolder, get_preset
+from securefml.protocols.ckks_policy import AggregateRequest, GramRequest
 from securefml.protocols.ckks_stats import PackingFrame, encrypted_inner_products, naive_inner_product
 from securefml.protocols.wire import decode
 from securefml.updates import LayerLayout
@@ -43,7 +54,20 @@ def _best(fn, repeat):
     return best, out
 
 
-def encrypt_round(proto: CKKS, n: int, length: int, seed: int):
+def make_proto(preset: str) -> tuple[CKKS, ts.Context]:
+    """A CKKS driver whose secret context the benchmark also holds: the unverified floor (the
+    key holder before issue 11 decrypted whatever it was sent) needs a plain decrypt."""
+    p = get_preset(preset)
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=p.poly_modulus_degree,
+                     coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes))
+    ctx.global_scale = p.scale
+    if p.statistics:
+        ctx.generate_galois_keys()
+    return CKKS(CKKSKeyHolder(ctx, p)), ctx
+
+
+def encrypt_round(proto: CKKS, n: int, length: int, seed: int, *, mean: bool = True):
+    """N clients' messages; ``mean``: pre-scaled by weight / W (W = n), else by 1 (robust rounds)."""
     layout = LayerLayout([("model.weight", (length,))])
     frame = PackingFrame(layout, layout.layer_names, proto.preset.slots)
     gen = torch.Generator().manual_seed(seed)
@@ -51,12 +75,12 @@ def encrypt_round(proto: CKKS, n: int, length: int, seed: int):
     t0 = time.perf_counter()
     for i in range(n):
         upd = ClientUpdate(i, torch.randn(length, generator=gen) * 0.01, layout.layer_names, 1.0)
-        msgs.append(proto.client.encode(0, upd, frame, prescale=1.0 / n))
+        msgs.append(proto.client.encode(0, upd, frame, signer=proto.enroll(i), prescale=1.0 / n if mean else 1.0))
     return layout, frame, msgs, (time.perf_counter() - t0) / n
 
 
 def bench_aggregation(n: int, length: int, repeat: int) -> dict:
-    proto = CKKS(preset="add-only")
+    proto, secret = make_proto("add-only")
     layout, frame, msgs, enc_s = encrypt_round(proto, n, length, 0)
     blobs = [[v for k, v in decode(m).fields.items() if k.startswith("ct.")] for m in msgs]
     ctx = proto.server.context
@@ -74,14 +98,18 @@ def bench_aggregation(n: int, length: int, repeat: int) -> dict:
                     acc[k].add_(ct)
         return acc
 
-    server = CKKSServer(proto.key_holder.public_context_bytes(), proto.preset)
+    public = proto.key_holder.public_context_bytes()
+    server = CKKSServer(public, proto.preset)  # as the protocol runs it: the key holder checks signatures
+    early = CKKSServer(public, proto.preset, verify_keys=proto.key_holder.registry)  # optional early check
+
+    def half(srv):
+        srv.load_state_dict({"seen": {}})  # the same messages again: forget them first
+        sums: dict[int, list] = {}
+        recs = [srv.decode(0, i, m, frame, strict=False, into=sums, normalizer=float(n)) for i, m in enumerate(msgs)]
+        return sums, recs
 
     def server_half():
-        server.load_state_dict({"seen": {}})  # the same messages again: forget them first
-        sums: dict[int, list] = {}
-        for i, m in enumerate(msgs):
-            server.decode(0, i, m, frame, strict=False, into=sums)
-        return sums
+        return half(server)
 
     x = [torch.randn(length) for _ in range(n)]
 
@@ -94,21 +122,47 @@ def bench_aggregation(n: int, length: int, repeat: int) -> dict:
     # Interleave the two so that load from other processes hits both alike; keep the best of
     # each, in wall-clock and in CPU time (process_time: robust to other processes on a shared
     # machine; both loops are single-threaded).
-    raw_s = ours_s = raw_cpu = ours_cpu = float("inf")
+    raw_s = ours_s = raw_cpu = ours_cpu = early_s = early_cpu = float("inf")
     sums: dict[int, list] = {}
+    recs: list = []
     for _ in range(repeat):
         c0, t0 = time.process_time(), time.perf_counter()
         raw_loop()
         raw_s, raw_cpu = min(raw_s, time.perf_counter() - t0), min(raw_cpu, time.process_time() - c0)
         c0, t0 = time.process_time(), time.perf_counter()
-        sums = server_half()
+        sums, recs = server_half()
         ours_s, ours_cpu = min(ours_s, time.perf_counter() - t0), min(ours_cpu, time.process_time() - c0)
+        c0, t0 = time.process_time(), time.perf_counter()
+        half(early)
+        early_s, early_cpu = min(early_s, time.perf_counter() - t0), min(early_cpu, time.process_time() - c0)
     plain_s, _ = _best(plain_floor, repeat)
-    # the aggregate is right: decrypt it once and compare with the mean of what was encrypted
-    dec = np.concatenate(
-        [proto.key_holder.decrypt_aggregate([sums[k][0].serialize()], contributors=n)[: frame.chunk_len(k)]
-         for k in range(frame.n_chunks)]
-    )
+    uploads = tuple(r.upload for r in recs)
+
+    def unverified_decrypt():  # what the key holder did before: decrypt the server's sum as sent
+        return [ts.ckks_vector_from(secret, sums[k][0].serialize()).decrypt() for k in range(frame.n_chunks)]
+
+    # a fresh round each repeat (the key holder decrypts a round once): re-sign for that round
+    signed_for: dict[int, tuple] = {}
+    for r in range(1, repeat + 1):
+        signed_for[r] = tuple(
+            proto.enroll(u.sender).sign(context=proto.key_holder.fingerprint, round_idx=r, frame=u.frame,
+                                        layers=u.layers, weight=u.weight, prescale=u.prescale, chunks=u.chunks)
+            for u in uploads
+        )
+    # verified: check every signature, recompute the sum from the uploads, decrypt
+    kh_ver_s = kh_unver_s = kh_ver_cpu = kh_unver_cpu = float("inf")
+    dec_map: dict = {}
+    for r in range(1, repeat + 1):
+        c0, t0 = time.process_time(), time.perf_counter()
+        unverified_decrypt()
+        kh_unver_s = min(kh_unver_s, time.perf_counter() - t0)
+        kh_unver_cpu = min(kh_unver_cpu, time.process_time() - c0)
+        c0, t0 = time.process_time(), time.perf_counter()
+        dec_map = proto.key_holder.decrypt_aggregate(
+            AggregateRequest(r, frame, signed_for[r], dict.fromkeys(range(n), 1.0)))
+        kh_ver_s, kh_ver_cpu = min(kh_ver_s, time.perf_counter() - t0), min(kh_ver_cpu, time.process_time() - c0)
+    # the aggregate is right: compare the verified decryption with the mean of what was encrypted
+    dec = np.concatenate([dec_map[k][: frame.chunk_len(k)] for k in range(frame.n_chunks)])
     gen = torch.Generator().manual_seed(0)
     expected = sum(torch.randn(length, generator=gen).double() * 0.01 for _ in range(n)) / n
     return {
@@ -127,13 +181,30 @@ def bench_aggregation(n: int, length: int, repeat: int) -> dict:
         "encrypt_per_client_s": enc_s,
         "ratio_encrypt_to_plaintext_sum": enc_s / plain_s,
         "max_abs_error": float(np.max(np.abs(dec - expected.numpy()))),
+        "verification": {
+            # the server half above is the protocol's: it leaves signatures to the key holder
+            "server_half_with_early_signature_check_s": early_s,
+            "ratio_early_check_server_to_server": early_s / ours_s,
+            "key_holder_verified_s": kh_ver_s,
+            "key_holder_unverified_decrypt_s": kh_unver_s,
+            "ratio_key_holder_verified_to_unverified": kh_ver_s / kh_unver_s,
+            "round_verified_s": ours_s + kh_ver_s,
+            "round_unverified_s": ours_s + kh_unver_s,
+            "ratio_round_verified_to_unverified": (ours_s + kh_ver_s) / (ours_s + kh_unver_s),
+            "server_half_with_early_signature_check_cpu_s": early_cpu,
+            "ratio_early_check_server_to_server_cpu": early_cpu / ours_cpu,
+            "key_holder_verified_cpu_s": kh_ver_cpu,
+            "key_holder_unverified_decrypt_cpu_s": kh_unver_cpu,
+            "ratio_key_holder_verified_to_unverified_cpu": kh_ver_cpu / kh_unver_cpu,
+            "ratio_round_verified_to_unverified_cpu": (ours_cpu + kh_ver_cpu) / (ours_cpu + kh_unver_cpu),
+        },
     }
 
 
 def bench_bytes(length: int) -> dict:
     out = {}
     for preset in ("add-only", "stats"):
-        proto = CKKS(preset=preset)
+        proto, _ = make_proto(preset)
         _, frame, msgs, enc_s = encrypt_round(proto, 1, length, 1)
         out[preset] = {
             "bytes_per_float32": len(msgs[0]) / (4 * length),
@@ -145,15 +216,26 @@ def bench_bytes(length: int) -> dict:
 
 
 def bench_gram(n: int, length: int, naive_pairs: int | None, seed: int) -> dict:
-    proto = CKKS(preset="stats")
-    layout, frame, msgs, _ = encrypt_round(proto, n, length, seed)
+    proto, secret = make_proto("stats")
+    layout, frame, msgs, _ = encrypt_round(proto, n, length, seed, mean=False)
     chunks = []
+    uploads = []
     for i, m in enumerate(msgs):
         rec = proto.server.decode(0, i, m, frame)
         chunks.append([rec.chunks[k] for k in range(frame.n_chunks)])
-    t0 = time.perf_counter()
+        uploads.append(rec.upload)
+    c0, t0 = time.process_time(), time.perf_counter()
     fast = encrypted_inner_products(chunks)
-    fast_s = time.perf_counter() - t0
+    fast_s, fast_cpu = time.perf_counter() - t0, time.process_time() - c0
+    # unverified: the key holder decrypts the scalars the server computed, as sent
+    c0, t0 = time.process_time(), time.perf_counter()
+    unver = {p: ts.ckks_vector_from(secret, ct.serialize()).decrypt()[0] for p, ct in fast.items()}
+    unver_s, unver_cpu = fast_s + time.perf_counter() - t0, fast_cpu + time.process_time() - c0
+    # verified: the key holder checks the signatures and computes the Gram itself
+    c0, t0 = time.process_time(), time.perf_counter()
+    gram = proto.key_holder.decrypt_gram(GramRequest(0, frame, tuple(uploads)))
+    ver_s, ver_cpu = time.perf_counter() - t0, time.process_time() - c0
+    gram_diff = max(abs(float(gram.inner[i, j]) - unver[(i, j)]) for i, j in fast)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
     sample = pairs
     if naive_pairs is not None and naive_pairs < len(pairs):
@@ -162,8 +244,10 @@ def bench_gram(n: int, length: int, naive_pairs: int | None, seed: int) -> dict:
     naive = {(i, j): naive_inner_product(chunks[i], chunks[j]) for i, j in sample}
     naive_sample_s = time.perf_counter() - t0
     naive_s = naive_sample_s * len(pairs) / len(sample)
-    kh = proto.key_holder
-    diffs = [abs(kh._scalar(fast[p].serialize()) - kh._scalar(naive[p].serialize())) for p in sample[:10]]
+    def dec(ct):
+        return ts.ckks_vector_from(secret, ct.serialize()).decrypt()[0]
+
+    diffs = [abs(dec(fast[p]) - dec(naive[p])) for p in sample[:10]]
     return {
         "clients": n,
         "length": length,
@@ -177,6 +261,13 @@ def bench_gram(n: int, length: int, naive_pairs: int | None, seed: int) -> dict:
         "speedup_vs_naive": naive_s / fast_s,
         "target_speedup_min": 3.0,
         "max_abs_diff_fast_vs_naive": max(diffs),
+        "verification": {
+            "unverified_server_gram_plus_decrypt_s": unver_s,
+            "verified_key_holder_gram_s": ver_s,
+            "ratio_verified_to_unverified": ver_s / unver_s,
+            "ratio_verified_to_unverified_cpu": ver_cpu / unver_cpu,
+            "max_abs_diff_verified_vs_unverified": gram_diff,
+        },
     }
 
 

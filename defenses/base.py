@@ -145,6 +145,10 @@ class Defense(ABC):
     #: True only for the plain weighted mean: protocols can then aggregate each layer over the
     #: clients that sent it and need no statistics (no robust decision to make)
     is_weighted_mean: bool = False
+    #: The most client updates the output can combine, when the rule fixes it (Krum: 1); None
+    #: when it depends on the round.  CKKS refuses a rule below its key holder's
+    #: ``min_contributors``: the key holder would be asked to decrypt one client's update.
+    selects: int | None = None
 
     def __call__(
         self,
@@ -245,6 +249,9 @@ class PreAggregator(Defense):
     run on a Gram matrix (``transform_gram``: the mixed Gram is ``M G M.T``).
     """
 
+    #: False when every output row is one client's update rescaled (no combining)
+    mixes: bool = True
+
     def transform_with_mixing(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], torch.Tensor | None]:
@@ -289,6 +296,7 @@ class Composed(Defense):
         self.runs_on = pre.runs_on & rule.runs_on
         self.name = f"{pre.name}>>{rule.name}"
         self.needs_reference = pre.needs_reference or rule.needs_reference
+        self.selects = None if getattr(pre, "mixes", True) else rule.selects
 
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]

@@ -159,7 +159,9 @@ class Krum(_GeometryRule):
     Prop. 1): (alpha, f)-Byzantine resilience; in particular, when the honest updates are
     closer to each other than to any Byzantine vector the chosen update is honest.
     ``flagged`` lists the ``f`` highest-scoring clients (the ones Krum finds most isolated).
-    Runs on plaintext updates, on a CKKS Gram matrix, and on SecAgg bucket means.
+    Runs on plaintext updates, on a Gram matrix, and on SecAgg bucket means.  The CKKS protocol
+    refuses it (``selects = 1``: its output is one client's update, which the key holder would
+    decrypt); ``NNM(f) >> Krum(f)`` outputs an average of ``n - f`` updates and runs there.
 
     References
     ----------
@@ -168,6 +170,7 @@ class Krum(_GeometryRule):
     """
 
     name = "krum"
+    selects = 1
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
@@ -191,7 +194,8 @@ class MultiKrum(_GeometryRule):
     Threat model: up to ``f`` Byzantine clients, ``n > 2f + 2``.  Guarantee: the
     selected set inherits Krum's resilience; averaging ``m`` updates reduces the variance.
     ``flagged`` lists the clients left out.  Runs on plaintext updates, on a CKKS Gram
-    matrix, and on SecAgg bucket means; the same clients are selected on a Gram as on the
+    matrix (the CKKS protocol refuses ``m`` below its key holder's ``min_contributors``), and
+    on SecAgg bucket means; the same clients are selected on a Gram as on the
     plaintext updates, up to the Gram's numerical error.
 
     References
@@ -207,6 +211,7 @@ class MultiKrum(_GeometryRule):
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ConfigError(f"m (how many updates MultiKrum averages) must be a positive integer, got {m!r}")
         self.m = m
+        self.selects = m
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int

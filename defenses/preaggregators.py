@@ -216,6 +216,7 @@ class _ScalePre(_LinearPre):
     """A diagonal mixing matrix: rows are rescaled, never combined."""
 
     chunk = DEFAULT_CHUNK
+    mixes = False
 
     @abstractmethod
     def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:

@@ -9,7 +9,9 @@ from securefml.protocols.base import (
     weighted_layer_mean,
 )
 from securefml.protocols.ckks import CKKS, MAX_ABS, CKKSClient, CKKSServer
+from securefml.protocols.ckks_auth import SignedUpload, UploadSigner, VerifyKeyRegistry
 from securefml.protocols.ckks_keys import PRESETS, CKKSKeyHolder, CKKSPreset
+from securefml.protocols.ckks_policy import REFERENCE_PARTY, AggregateRequest, DecryptionPolicy, GramRequest
 from securefml.protocols.ckks_stats import PackingFrame, inner_product_error_bound, sum_error_bound
 from securefml.protocols.plaintext import Plaintext
 from securefml.protocols.quantize import FixedPoint
@@ -21,12 +23,19 @@ from securefml.protocols.secagg_server import SecAggServer
 from securefml.registry import Registry
 
 __all__ = [
+    "AggregateRequest",
     "AggregationProtocol",
     "CKKS",
     "CKKSClient",
     "CKKSKeyHolder",
     "CKKSPreset",
     "CKKSServer",
+    "DecryptionPolicy",
+    "GramRequest",
+    "REFERENCE_PARTY",
+    "SignedUpload",
+    "UploadSigner",
+    "VerifyKeyRegistry",
     "FixedPoint",
     "MAX_ABS",
     "PRESETS",

@@ -20,6 +20,7 @@ __all__ = [
     "ProtocolAbort",
     "AggregateOutOfRange",
     "PrivacyBudgetExceeded",
+    "PolicyViolation",
 ]
 
 
@@ -89,3 +90,8 @@ class AggregateOutOfRange(ProtocolAbort):
 
 class PrivacyBudgetExceeded(SecureFMLError):
     """A privacy budget (epsilon at the given delta) would be exceeded."""
+
+
+class PolicyViolation(ProtocolError):
+    """A party refuses a request outside its stated policy (e.g. the CKKS key holder asked to
+    decrypt something other than a signed combination of enough clients); nothing was revealed."""

@@ -1,7 +1,8 @@
 """The statistics a geometry-only robust rule needs, and nothing more.
 
-Under CKKS the key holder decrypts this small matrix (never an individual update): squared
-norms, all pairwise inner products, and inner products with a server reference vector.  In
+Under CKKS the key holder computes and decrypts this small matrix from the round's signed
+uploads (never releasing an individual update): squared norms, all pairwise inner products, and
+inner products with a reference vector signed by the reference party its policy names.  In
 plaintext it is one matmul.  Rules derive distances and cosines from it.
 """
 

@@ -21,7 +21,7 @@ from securefml.defenses.mean import Mean
 from securefml.gram import Gram
 from securefml.protocols.base import ClientUpdate, Reveals, Transport, weighted_layer_mean
 from securefml.protocols.ckks import CKKS
-from securefml.protocols.ckks_stats import inner_product_error_bound, sum_error_bound
+from securefml.protocols.ckks_stats import PackingFrame, inner_product_error_bound, sum_error_bound
 from securefml.testing.layered import layer_layouts, layered_updates
 from securefml.updates import LayerLayout
 
@@ -53,13 +53,22 @@ def stats_proto() -> CKKS:
     return CKKS(preset="stats")
 
 
-def plaintext_mean(layout, updates, min_contributors):
+def plaintext_mean(layout, updates, policy):
+    """The per-layer weighted mean, with the layers the key holder's policy refuses withheld (a layer
+    shares a CKKS chunk with its neighbours, so a refused layer also withholds those it shares one with)."""
     agg, totals = weighted_layer_mean(
         layout, [u.vector for u in updates], [u.layers for u in updates], [u.weight for u in updates]
     )
     counts = {n: sum(n in u.layers for u in updates) for n in layout.layer_names}
+    norm = sum(u.weight for u in updates)
+    frame = PackingFrame(layout, [n for n in layout.layer_names if counts[n] >= policy.min_contributors], 4096)
+    refused = {n for n in frame.layers
+               if policy.violation({u.client_id: u.weight / norm for u in updates if n in u.layers}) is not None}
+    withheld = {k for k in range(frame.n_chunks) if set(frame.layers_in_chunk(k)) & refused}
     for name, s in layout.slices().items():
-        if counts[name] < min_contributors:
+        a, b = frame.spans.get(name, (0, 0))
+        chunks = set(range(a // 4096, (b - 1) // 4096 + 1)) if b > a else set()
+        if counts[name] < policy.min_contributors or chunks & withheld:
             agg[s] = 0
             totals[name] = 0.0
     return agg.to(torch.float64), totals
@@ -70,7 +79,7 @@ def plaintext_mean(layout, updates, min_contributors):
 def test_weighted_aggregate_within_ckks_bound(add_proto, layout, data):
     updates = data.draw(layered_updates(layout, st.integers(1, 5), scale=data.draw(st.sampled_from([0.01, 1.0, 30.0]))))
     out = add_proto.run_round(next(ROUNDS), updates, layout, defense=Mean())
-    expected, totals = plaintext_mean(layout, updates, add_proto.min_contributors)
+    expected, totals = plaintext_mean(layout, updates, add_proto.policy)
     assert out.layer_weight == pytest.approx(totals)
     norm = sum(u.weight for u in updates)
     max_abs = max(float(u.vector.abs().max()) for u in updates)
@@ -99,6 +108,11 @@ def test_decrypted_gram_and_weighted_sum_within_bound(stats_proto, layout, data)
     assert float((gram.inner - exact.inner).abs().max()) <= bound
     assert float((gram.reference - exact.reference).abs().max()) <= bound
     w = torch.tensor([u.weight for u in updates], dtype=torch.float64)
+    refusal = stats_proto.policy.violation({u.client_id: float(wi) for u, wi in zip(updates, w / w.sum())})
+    assert out.extras.get("policy_refused") == refusal  # asked for only when the key holder would agree
+    if refusal is not None:
+        assert torch.all(out.aggregate == 0) and all(v == 0 for v in out.layer_weight.values())
+        return
     expected = layout.scatter(((w / w.sum())[:, None] * x).sum(0), layers)
     tol = sum_error_bound(len(updates), max_abs) + 1e-6 * max(1.0, max_abs)
     assert float((out.aggregate.to(torch.float64) - expected).abs().max()) <= tol

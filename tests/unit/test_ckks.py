@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
 import pytest
 import tenseal as ts
 import torch
@@ -16,13 +15,16 @@ from securefml.errors import (
     DecryptionError,
     InvalidUpdateError,
     MalformedMessageError,
+    PolicyViolation,
     ProtocolError,
     ReplayError,
 )
 from securefml.gram import Gram
 from securefml.protocols.base import ClientUpdate, Reveals, Transport, weighted_layer_mean
 from securefml.protocols.ckks import CKKS, CKKSClient, CKKSServer
+from securefml.protocols.ckks_auth import UploadSigner
 from securefml.protocols.ckks_keys import PRESETS, CKKSKeyHolder, get_preset, load_public_context
+from securefml.protocols.ckks_policy import AggregateRequest
 from securefml.protocols.ckks_stats import (
     PackingFrame,
     encrypted_inner_products,
@@ -82,10 +84,11 @@ def add_proto(add_holder) -> CKKS:
     return CKKS(add_holder)
 
 
-def make_updates(sets, *, seed=0, scale=1.0):
+def make_updates(sets, *, seed=0, scale=1.0, equal=False):
     g = torch.Generator().manual_seed(seed)
     return [
-        ClientUpdate(i, torch.randn(LAYOUT.numel_of(s), generator=g) * scale, LAYOUT.canonical(s), float(i + 1))
+        ClientUpdate(i, torch.randn(LAYOUT.numel_of(s), generator=g) * scale, LAYOUT.canonical(s),
+                     1.0 if equal else float(i + 1))
         for i, s in enumerate(sets)
     ]
 
@@ -134,18 +137,16 @@ def test_bytes_per_float32(name, lo, hi, request):
     proto = request.getfixturevalue("add_proto" if name == "add-only" else "stats_proto")
     layout = LayerLayout([("w", (4 * proto.preset.slots,))])
     frame = PackingFrame(layout, ("w",), proto.preset.slots)
-    msg = proto.client.encode(0, ClientUpdate(0, torch.randn(layout.numel), ("w",)), frame)
+    msg = proto.client.encode(0, ClientUpdate(0, torch.randn(layout.numel), ("w",)), frame, signer=proto.enroll(0))
     assert lo < len(msg) / (4 * layout.numel) < hi
 
 
-def test_key_holder_refuses_single_contributor_and_foreign_blobs(stats_holder, add_holder):
+def test_key_holder_refuses_bare_ciphertexts_whatever_the_claim(stats_holder):
     ct = ts.ckks_vector(load_public_context(stats_holder.public_context_bytes()), [1.0, 2.0]).serialize()
-    with pytest.raises(ProtocolError, match="refuses"):
-        stats_holder.decrypt_aggregate([ct], contributors=1)
-    assert np.allclose(stats_holder.decrypt_aggregate([ct], contributors=2)[:2], [1, 2], atol=1e-5)
-    with pytest.raises(DecryptionError):
-        add_holder.decrypt_aggregate([ct], contributors=2)
-    with pytest.raises(ProtocolError, match="scalar"):
+    for claim in (1, 2, 100):
+        with pytest.raises(PolicyViolation, match="signed uploads"):
+            stats_holder.decrypt_aggregate([ct], contributors=claim)
+    with pytest.raises(PolicyViolation, match="signed uploads"):
         stats_holder.decrypt_gram([0], {(0, 0): ct})
 
 
@@ -180,9 +181,9 @@ def test_mean_over_client_chosen_layers_matches_plaintext(proto_name, request):
 
 
 def test_layer_sent_by_one_client_is_withheld_and_costs_nothing(add_proto):
-    ups = make_updates([("a",), ("a",), ("b",)], seed=2)
+    ups = make_updates([("a",), ("a",), ("b",)], seed=2, equal=True)
     out = add_proto.run_round(2, ups, LAYOUT, defense=Mean())
-    assert out.layer_weight["b"] == 0 and out.layer_weight["a"] == 3.0
+    assert out.layer_weight["b"] == 0 and out.layer_weight["a"] == 2.0
     assert torch.all(LAYOUT.gather(out.aggregate, ("b",)) == 0)
     assert out.extras["frame_layers"] == ("a",)
     assert out.accepted == (0, 1)  # client 2 had nothing to send
@@ -202,7 +203,7 @@ def test_dropout_and_nan_update_do_not_stop_the_round(add_proto):
         def deliver(self, sender, stage, data):
             return None if sender == 1 else data
 
-    ups = make_updates([("a", "b")] * 4, seed=4)
+    ups = make_updates([("a", "b")] * 4, seed=4, equal=True)
     ups[3].vector[0] = float("nan")
     out = add_proto.run_round(3, ups, LAYOUT, defense=Mean(), transport=Drop())
     assert out.accepted == (0, 2)
@@ -242,16 +243,22 @@ def test_gram_mode_requires_same_layers_and_statistics_keys(stats_proto, add_pro
         stats_proto.run_round(5, make_updates([("a",)] * 2), LAYOUT, defense=CoordinatesOnly())
 
 
-def test_multiply_accumulate_gram_equals_naive_dot_products(stats_proto, stats_holder):
+def test_multiply_accumulate_gram_equals_naive_dot_products():
+    # a test-local secret context: the key holder itself offers no way to decrypt a bare ciphertext
+    p = PRESETS["stats"]
+    ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=p.poly_modulus_degree,
+                     coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes))
+    ctx.global_scale = p.scale
+    ctx.generate_galois_keys()
     g = torch.Generator().manual_seed(7)
     layout = LayerLayout([("w", (3 * 4096 + 100,))])
     frame = PackingFrame(layout, ("w",), 4096)
     xs = [torch.randn(layout.numel, generator=g).double().numpy() for _ in range(2)]
-    cts = [[ts.ckks_vector(stats_proto.client.context, c.tolist()) for c in frame.chunk_arrays(x)] for x in xs]
+    cts = [[ts.ckks_vector(ctx, c.tolist()) for c in frame.chunk_arrays(x)] for x in xs]
     fast = encrypted_inner_products(cts)
     slow = naive_inner_product(cts[0], cts[1])
-    a = stats_holder._scalar(fast[(0, 1)].serialize())
-    b = stats_holder._scalar(slow.serialize())
+    a = float(fast[(0, 1)].decrypt()[0])
+    b = float(slow.decrypt()[0])
     assert a == pytest.approx(float(xs[0] @ xs[1]), abs=inner_product_error_bound(layout.numel, 5.0))
     assert a == pytest.approx(b, abs=inner_product_error_bound(layout.numel, 5.0))
 
@@ -272,6 +279,19 @@ def _rebuild(data, **changes):
     fields = dict(env.fields)
     fields.update(changes.pop("fields", {}))
     return encode(Envelope(env.kind, changes.get("round", env.round), changes.get("sender", env.sender), fields))
+
+
+def resign(proto, data):
+    """Re-sign a (modified) message with its sender's own enrolled key, as a Byzantine client can."""
+    env = decode(data)
+    frame_fp = env.fields["frame"]
+    blobs = {int(k[3:]): bytes(v) for k, v in env.fields.items() if k.startswith("ct.")}
+    layers = tuple(env.fields["layers"].decode().split("\n"))
+    (scale,) = struct.unpack(">d", env.fields["scale"])
+    (weight,) = struct.unpack(">d", env.fields["weight"])
+    signed = proto.enroll(env.sender).sign(context=proto.client.fingerprint, round_idx=env.round, frame=frame_fp,
+                                           layers=layers, weight=weight, prescale=scale, chunks=blobs)
+    return _rebuild(data, fields={"sig": signed.signature})
 
 
 def run_tampered(proto, round_idx, fn, *, targets=(1,), error=ProtocolError, match=None):
@@ -296,7 +316,7 @@ def test_rejects_ciphertext_from_another_context(add_proto):
     def swap(sender, data):
         env = decode(data)
         upd = ClientUpdate(sender, torch.zeros(LAYOUT.numel), ("a", "b"), struct.unpack(">d", env.fields["weight"])[0])
-        return other.encode(env.round, upd, frame)
+        return other.encode(env.round, upd, frame, signer=UploadSigner.generate(sender))
 
     run_tampered(add_proto, 20, swap, match="another CKKS context")
 
@@ -331,7 +351,7 @@ def test_rejects_duplicate_message_and_replayed_ciphertext(add_proto):
         if sender == 0:
             stolen.update({k: v for k, v in decode(data).fields.items() if k.startswith("ct.")})
             return data
-        return _rebuild(data, fields=stolen)
+        return resign(add_proto, _rebuild(data, fields=stolen))  # a Byzantine client signs what it stole
 
     ups = make_updates([("a", "b")] * 3, seed=31)
     out = add_proto.run_round(25, ups, LAYOUT, defense=Mean(), transport=Tamper({0, 2}, steal))
@@ -369,7 +389,7 @@ def test_nan_client_vector_is_refused_before_encryption(add_proto):
     frame = add_proto.frame_for(LAYOUT, [("a",)] * 2)
     bad = ClientUpdate(5, torch.full((LAYOUT.numel_of(("a",)),), float("inf")), ("a",))
     with pytest.raises(InvalidUpdateError):
-        add_proto.client.encode(0, bad, frame)
+        add_proto.client.encode(0, bad, frame, signer=add_proto.enroll(5))
 
 
 def test_client_refuses_entries_that_would_overflow_the_modulus(add_proto):
@@ -379,7 +399,7 @@ def test_client_refuses_entries_that_would_overflow_the_modulus(add_proto):
     big = torch.zeros(LAYOUT.numel_of(("a",)))
     big[3] = 2 * MAX_ABS
     with pytest.raises(InvalidUpdateError, match="overflow"):
-        add_proto.client.encode(0, ClientUpdate(5, big, ("a",)), frame)
+        add_proto.client.encode(0, ClientUpdate(5, big, ("a",)), frame, signer=add_proto.enroll(5))
 
 
 @pytest.mark.parametrize("target", [0, 1])
@@ -394,3 +414,61 @@ def test_ciphertext_at_another_scale_is_rejected_and_its_additions_undone(add_pr
 
     # target 0 seeds the sums (strict check refuses it); target 1's first chunk is added, then undone
     run_tampered(add_proto, 40 + target, rescale_last, targets=(target,), error=MalformedMessageError)
+
+
+# -- signatures: the key holder names a bad signer, the round goes on ---------------------------------
+@pytest.mark.parametrize("mode", ["sum", "gram"])
+def test_bad_signature_is_blamed_by_the_key_holder_and_the_round_goes_on(stats_proto, mode):
+    forged = _rebuild  # the transport swaps client 2's signature for another (a forgery or bit rot)
+    ups = make_updates([("a", "b")] * 5, seed=50, equal=True)
+    defense = Mean() if mode == "sum" else DropLargest()
+    transport = Tamper({2}, lambda s, d: forged(d, fields={"sig": bytes(64)}))
+    out = stats_proto.run_round(60 if mode == "sum" else 61, ups, LAYOUT, defense=defense, transport=transport)
+    assert set(out.rejected) == {2} and out.rejected[2].startswith("DecryptionError: sender 2")
+    assert out.accepted == (0, 1, 3, 4)
+    good = [u for u in ups if u.client_id != 2]
+    if mode == "sum":
+        ref, _ = reference_mean(good)
+    else:
+        x = torch.stack([u.vector for u in good])
+        ref = DropLargest()(x, torch.ones(4, dtype=torch.float64)).aggregate
+    assert torch.allclose(out.aggregate.double(), ref.double(), atol=1e-4)
+
+
+def test_server_with_verify_keys_rejects_a_bad_signature_on_arrival(stats_proto, stats_holder):
+    proto = stats_proto
+    server = CKKSServer(stats_holder.public_context_bytes(), "stats", verify_keys=stats_holder.registry)
+    frame = PackingFrame(LAYOUT, ("a", "b"), proto.preset.slots)
+    upd = make_updates([("a", "b")], seed=51)[0]
+    msg = proto.client.encode(70, upd, frame, signer=proto.enroll(upd.client_id))
+    assert server.decode(70, upd.client_id, msg, frame).upload.sender == upd.client_id
+    with pytest.raises(DecryptionError, match="signature"):
+        server.decode(71, upd.client_id, _rebuild(msg, round=71, fields={"sig": bytes(64)}), frame)
+
+
+def test_signed_scale_other_than_weight_over_w_is_rejected(add_proto):
+    """A Byzantine client cannot sign a scale that would make it dominate the key holder's shares."""
+    frame = add_proto.frame_for(LAYOUT, [("a", "b")] * 4)
+
+    def inflate(sender, data):
+        env = decode(data)
+        upd = ClientUpdate(sender, torch.zeros(LAYOUT.numel), ("a", "b"), struct.unpack(">d", env.fields["weight"])[0])
+        return add_proto.client.encode(env.round, upd, frame, signer=add_proto.enroll(sender), prescale=0.9)
+
+    run_tampered(add_proto, 80, inflate, error=MalformedMessageError, match="weight / W")
+
+
+def test_key_holder_ledger_and_registry_survive_a_checkpoint(add_proto):
+    ups = make_updates([("a", "b")] * 3, seed=90, equal=True)
+    add_proto.run_round(90, ups, LAYOUT, defense=Mean())
+    state = add_proto.key_holder.state_dict()
+    assert "secret" not in str(state).lower()
+    restored = CKKSKeyHolder.generate("add-only")
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state and all(c in restored.registry for c in range(3))
+    frame = add_proto.frame_for(LAYOUT, [("a", "b")] * 3)
+    uploads = tuple(add_proto.client.encrypt(90, u, frame, signer=add_proto.enroll(u.client_id), prescale=1 / 3)
+                    for u in ups)
+    again = AggregateRequest(90, frame, uploads, dict.fromkeys(range(3), 1.0))
+    with pytest.raises(PolicyViolation, match="already decrypted"):
+        add_proto.key_holder.decrypt_aggregate(again)
