@@ -214,7 +214,7 @@ class CKKSClient:
             "sig": signed.signature,
         }
         for k, blob in blobs.items():
-            fields[_ct_field(k)] = blob
+            fields[_ct_field(k)] = bytes(blob)  # a no-op for the bytes TenSEAL serializes to
         return encode(Envelope(KIND, round_idx, update.client_id, fields))
 
 
