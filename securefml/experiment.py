@@ -20,7 +20,7 @@ from securefml.errors import ConfigError
 from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
 from securefml.personalize import personalize
-from securefml.privacy import PrivacyConfig, setup_privacy
+from securefml.privacy import PrivacyConfig, secagg_clip_range, setup_privacy
 from securefml.protocols import PROTOCOLS, Transport
 from securefml.registry import parse_spec
 from securefml.selection import make_selector
@@ -147,10 +147,12 @@ def _json_default(obj: object) -> object:
     return str(obj)
 
 
-def _build_protocol(spec: str, seed: int) -> Any:
+def _build_protocol(spec: str, seed: int, defaults: Mapping[str, Any] | None = None) -> Any:
     name, kwargs = parse_spec(spec)
     if "_" in kwargs:
         raise ConfigError(f"protocol {name!r} takes keyword options only (name:key=value)")
+    if name == "secagg":
+        kwargs = {**dict(defaults or {}), **kwargs}
     factory = PROTOCOLS.get(name)
     try:
         return factory(**kwargs, seed=seed)
@@ -185,22 +187,28 @@ def run_experiment(
     meta_cfg = MetaConfig(hp["inner_steps"], hp["inner_lr"], hp["outer_lr"], hp["outer_steps"])
     learner = LEARNERS.create(config.algorithm, model=model, config=meta_cfg)
     defense = defense if defense is not None else make_defense(config.defense)
-    protocol = _build_protocol(config.protocol, config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     train = list(data.train)
     needs_reference = bool(getattr(defense, "needs_reference", False))
     root = train.pop() if needs_reference else None  # the server's own clean data (FLTrust)
     per_round = min(config.clients_per_round, len(train))
+    pcfg = config.privacy_config()
+    dim = sum(p.numel() for p in learner.init_params().values())
+    defaults = {}
+    if pcfg.mode == "user" and pcfg.placement == "distributed":  # room in SecAgg's ring for the integer noise
+        defaults["clip_range"] = secagg_clip_range(clip=pcfg.clip, cohort=max(2, per_round), dim=dim)
+    protocol = _build_protocol(config.protocol, config.seed, defaults)
     priv = setup_privacy(
-        config.privacy_config(), learner, n_train_clients=len(train), clients_per_round=per_round,
+        pcfg, learner, n_train_clients=len(train), clients_per_round=per_round,
         rounds=config.rounds, dataset_kind=data.kind, algorithm_name=config.algorithm,
         local_dataset_size=min(t.n_samples for t in train), device=device,
-        generator=torch.Generator().manual_seed(config.seed + 1),
+        generator=torch.Generator().manual_seed(config.seed + 1), protocol=protocol, defense=defense, dim=dim,
     )
     hooks = [h for h in (update_hook, priv.update_hook) if h is not None]
     server = Server(
         priv.learner, protocol, defense, selector=make_selector(config.select), server_optimizer=hp["server_opt"],
         server_lr=hp["server_lr"], device=device, update_hook=_chain(hooks), aggregate_hook=priv.aggregate_hook,
+        equal_weights=priv.equal_weights,
     )
     n_mal = int(round(config.malicious * len(train)))
     mal_ids = set(torch.randperm(len(train), generator=gen)[:n_mal].tolist())
@@ -211,7 +219,11 @@ def run_experiment(
     probe_task = root if root is not None else (data.heldout[0] if data.heldout else train[0])
     stimulus = probe_task.support_x[:32].to(device)  # fixed inputs for behavioural detectors
     for rnd in range(config.rounds):
-        cohort_idx = torch.randperm(len(clients), generator=gen)[:per_round].tolist()
+        cohort_idx = priv.sample_cohort(rnd, len(clients))  # user-level DP: Poisson, secret coins
+        if cohort_idx is None:
+            cohort_idx = torch.randperm(len(clients), generator=gen)[:per_round].tolist()
+        if len(cohort_idx) < priv.min_cohort:  # SecAgg cannot sum fewer than 2: the round releases nothing
+            cohort_idx = []
         cohort = [clients[i] for i in sorted(cohort_idx)]
         reference = None
         if root is not None:
@@ -220,7 +232,7 @@ def run_experiment(
         forward = _forward_fn(learner, server, stimulus)
         rec = server.run_round(rnd, cohort, transport=transport, generator=gen, reference=reference,
                                defense_context={"forward": forward})
-        epsilon = priv.end_round(rnd)
+        epsilon = priv.end_round(rnd, accepted=rec.accepted)
         if epsilon is not None:
             rec.extras["epsilon"] = epsilon
         history.append(rec)
