@@ -65,8 +65,9 @@ class PrivacyConfig:
         ``os.urandom`` (:mod:`securefml.privacy.randomness`).
     min_survivors:
         Distributed placement: the number of contributors each round's noise is sized for (each
-        client adds ``1 / min_survivors`` of the target variance); ``None`` uses the expected cohort
-        size.  A round with fewer contributors releases less noise, and is accounted as such.
+        client adds ``1 / min_survivors`` of the target variance); ``None`` uses the 5% quantile of
+        the Binomial(N, q) cohort size (at least 2).  Cohorts smaller than this are skipped; a round
+        where dropouts leave fewer contributors releases less noise, and is accounted as such.
     allow_support_leak:
         Accept record-level DP for second-order MAML (or second-order Meta-SGD), whose
         guarantee covers the query examples only.  Off by default: user-level DP is the

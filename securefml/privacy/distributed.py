@@ -17,8 +17,9 @@ Noise size and the dropout deficit
 The sum's L2 sensitivity in ring units is ``l2 = g S + sqrt(d)`` (rounding moves each of the d
 coordinates by less than one; :func:`securefml.privacy.skellam.rounded_sensitivity`).  The target
 total variance is ``(z l2)^2``; each client adds ``v_c = (z l2)^2 / m_min`` where ``m_min``
-(``PrivacyConfig.min_survivors``, default the expected cohort size) is the number of
-contributors the noise is sized for.  A round with ``m`` contributors releases variance
+(``PrivacyConfig.min_survivors``, default the 5% quantile of the Binomial(N, q) cohort size, at
+least 2) is the number of contributors the noise is sized for; the run skips sampled cohorts
+smaller than that, so only dropouts can leave a round short.  A round with ``m`` contributors releases variance
 ``m v_c``: at least the target when ``m >= m_min`` and *less* when clients dropped out below it
 (their shares are missing).  The ledger records the variance actually released, so a deficit
 shows up as a larger epsilon, never as a silently weaker guarantee; the report lists the

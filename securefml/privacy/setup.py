@@ -28,7 +28,7 @@ from securefml.privacy.sampling import PoissonCohort
 from securefml.privacy.skellam import noise_multiplier_for_target, rounded_sensitivity
 from securefml.privacy.user import UserLevelDP
 
-__all__ = ["PARTICIPATION_QUANTILE", "PrivacySetup", "participation_quantile", "setup_privacy"]
+__all__ = ["COHORT_QUANTILE", "PARTICIPATION_QUANTILE", "PrivacySetup", "participation_quantile", "setup_privacy"]
 
 
 def _finite_or_none(eps: float) -> float | None:
@@ -56,7 +56,8 @@ class PrivacySetup:
     expected_cohort:
         ``q N``, the expected cohort size (user level), the public denominator of the release.
     min_cohort:
-        Rounds whose cohort is smaller are skipped (2 under SecAgg, which cannot sum fewer).
+        Rounds whose cohort is smaller are skipped (distributed: ``min_survivors``, at least 2,
+        so that a round without dropouts never carries less noise than planned).
     """
 
     def __init__(self, config: PrivacyConfig, learner: MetaLearner, *, noise_multiplier: float = 0.0,
@@ -73,7 +74,8 @@ class PrivacySetup:
         self.planned = dict(planned or {})
         self.equal_weights = user is not None
         self.expected_cohort = user.expected_cohort if user is not None else 0.0
-        self.min_cohort = 2 if user is not None and user.placement == "distributed" else 0
+        self.min_cohort = (max(2, user.distributed.min_survivors)
+                           if user is not None and user.distributed is not None else 0)
         self.update_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = user.update_hook if user else None
         self.aggregate_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = (
             user.aggregate_hook if user else None
@@ -164,6 +166,8 @@ class PrivacySetup:
 
 #: record-level noise is calibrated for the number of rounds a client joins with this probability
 PARTICIPATION_QUANTILE = 0.95
+#: distributed noise shares are sized for this lower quantile of the Poisson cohort's size
+COHORT_QUANTILE = 0.05
 
 
 def participation_quantile(rounds: int, sample_rate: float, quantile: float) -> int:
@@ -327,7 +331,9 @@ def _distributed(config: PrivacyConfig, learner: MetaLearner, *, source: NoiseSo
     expected = q * n_clients
     cohort = max(2, round(expected))
     d = dim if dim is not None else sum(p.numel() for p in learner.init_params().values())
-    m_min = config.min_survivors if config.min_survivors is not None else cohort
+    # noise sized for a low quantile of the Binomial(N, q) cohort size; smaller cohorts are skipped
+    m_min = (config.min_survivors if config.min_survivors is not None
+             else max(2, participation_quantile(n_clients, q, COHORT_QUANTILE)))
     scale = FixedPoint(protocol.clip_range, cohort, protocol.bits, 1.0).scale
     l1, l2 = rounded_sensitivity(scale=scale, clip=config.clip, dim=d)
     z = config.noise_multiplier

@@ -129,7 +129,8 @@ def test_distributed_noise_accounts_dropouts_as_less_noise() -> None:
                               config=MetaConfig(inner_steps=1, inner_lr=0.05, outer_lr=0.1))
     dim = sum(p.numel() for p in learner.init_params().values())
     proto, defense = SecAggPlus(clip_range=secagg_clip_range(clip=0.5, cohort=4, dim=dim)), make_defense("mean")
-    cfg = PrivacyConfig(mode="user", noise_multiplier=1.5, delta=1e-3, clip=0.5, placement="distributed")
+    cfg = PrivacyConfig(mode="user", noise_multiplier=1.5, delta=1e-3, clip=0.5, placement="distributed",
+                        min_survivors=4)
     setup = setup_privacy(cfg, learner, n_train_clients=12, clients_per_round=4, rounds=3, dataset_kind="regression",
                           protocol=proto, defense=defense)
     server = Server(setup.learner, proto, defense, update_hook=setup.update_hook,
