@@ -198,15 +198,17 @@ def run_experiment(
     if pcfg.mode == "user" and pcfg.placement == "distributed":  # room in SecAgg's ring for the integer noise
         defaults["clip_range"] = secagg_clip_range(clip=pcfg.clip, cohort=max(2, per_round), dim=dim)
     protocol = _build_protocol(config.protocol, config.seed, defaults)
+    selector = make_selector(config.select)
     priv = setup_privacy(
         pcfg, learner, n_train_clients=len(train), clients_per_round=per_round,
         rounds=config.rounds, dataset_kind=data.kind, algorithm_name=config.algorithm,
         local_dataset_size=min(t.n_samples for t in train), device=device,
-        generator=torch.Generator().manual_seed(config.seed + 1), protocol=protocol, defense=defense, dim=dim,
+        generator=torch.Generator().manual_seed(config.seed + 1), protocol=protocol, defense=defense,
+        selector=selector, dim=dim,
     )
     hooks = [h for h in (update_hook, priv.update_hook) if h is not None]
     server = Server(
-        priv.learner, protocol, defense, selector=make_selector(config.select), server_optimizer=hp["server_opt"],
+        priv.learner, protocol, defense, selector=selector, server_optimizer=hp["server_opt"],
         server_lr=hp["server_lr"], device=device, update_hook=_chain(hooks), aggregate_hook=priv.aggregate_hook,
         equal_weights=priv.equal_weights,
     )

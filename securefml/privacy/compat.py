@@ -14,6 +14,9 @@ the server sees nothing but the noised total.  Refused, with the reason:
   and the continuous noise is not a mechanism of CKKS' approximate arithmetic; the discrete
   mechanism lives in SecAgg's integer ring.
 
+User-level DP also needs a server-dictated layer selection (every client uploads the same
+layers), so that each layer's mean is over all the clients the noise is sized for.
+
 Record-level DP is local to each client (its released update is already private), so any
 protocol and defense post-process it.
 """
@@ -28,10 +31,19 @@ from securefml.privacy.config import PrivacyConfig
 __all__ = ["check_mechanism"]
 
 
-def check_mechanism(config: PrivacyConfig, protocol: Any, defense: Any) -> None:
-    """Raise ``ConfigError`` (saying why) unless ``config``'s accounting holds under ``protocol`` and ``defense``."""
+def check_mechanism(config: PrivacyConfig, protocol: Any, defense: Any, *, selector: Any = None) -> None:
+    """Raise ``ConfigError`` (saying why) unless ``config``'s accounting holds under ``protocol`` and ``defense``.
+
+    ``selector`` (optional): user-level DP needs every client to upload the same layers (a
+    server-dictated selection), or a layer sent by fewer clients is averaged over fewer updates
+    than the noise is sized for.
+    """
     if config.mode != "user":
         return
+    if selector is not None and not getattr(selector, "server_dictated", False):
+        raise ConfigError(f"user-level DP with a client-chosen layer selection ({type(selector).__name__}): a layer "
+                          "uploaded by fewer clients is averaged over fewer updates than the noise is sized for; use "
+                          "--select all, named:REGEX, or a server-dictated selector")
     if config.placement == "distributed":
         from securefml.protocols.base import Reveals  # privacy must not import protocols at import time
         from securefml.protocols.secagg import SecAggPlus

@@ -209,6 +209,7 @@ def setup_privacy(
     generator: torch.Generator | None = None,
     protocol: Any = None,
     defense: Any = None,
+    selector: Any = None,
     dim: int | None = None,
 ) -> PrivacySetup:
     """Resolve ``config`` for a planned run and build its DP mechanism.
@@ -237,6 +238,8 @@ def setup_privacy(
     protocol, defense:
         What the run aggregates with; checked by ``check_mechanism`` when given.  Distributed
         placement requires the protocol (SecAgg), whose ring receives the noise hook.
+    selector:
+        The run's layer selector, checked too when given (user level: server-dictated only).
     dim:
         Distributed placement: the largest number of entries a client uploads (default: every
         parameter of the learner), for the planned sensitivity.
@@ -260,7 +263,7 @@ def setup_privacy(
     if protocol is not None or defense is not None:
         if protocol is None or defense is None:
             raise ConfigError("pass both protocol= and defense= (or neither) to check the DP mechanism against them")
-        check_mechanism(config, protocol, defense)
+        check_mechanism(config, protocol, defense, selector=selector)
     if config.mode == "user":
         if config.delta >= 1 / n_train_clients:
             raise ConfigError(

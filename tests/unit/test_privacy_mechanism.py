@@ -178,3 +178,10 @@ def test_cli_has_an_explicit_flag_for_seeded_noise() -> None:
     args = build_parser().parse_args(["run", "--dp", "user", "--target-epsilon", "3", "--delta", "1e-5"])
     assert config_from_args(args).privacy_config().insecure_seeded_noise is False
 
+
+
+def test_user_level_dp_needs_a_server_dictated_layer_selection() -> None:
+    cfg = RunConfig(dataset="digits-fewshot", rounds=1, clients_per_round=4, dataset_options=TINY,
+                    select="topk:0.5", privacy=dict(mode="user", noise_multiplier=1.0, delta=1e-3))
+    with pytest.raises(ConfigError, match="client-chosen layer selection"):
+        run_experiment(cfg)
