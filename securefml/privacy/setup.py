@@ -145,7 +145,7 @@ class PrivacySetup:
                        expected_cohort=user.expected_cohort, equal_weights=True)
             if user.distributed is not None:
                 dist = user.distributed
-                out.update(mechanism="skellam", min_survivors=dist.min_survivors,
+                out.update(mechanism="skellam", accountant="skellam-rdp", min_survivors=dist.min_survivors,
                            max_participations=self._sampler.max_participations if self._sampler else None,
                            noise_variance_per_round=list(dist.variance_per_round),
                            deficit_rounds=list(dist.deficit_rounds),

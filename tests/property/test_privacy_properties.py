@@ -183,3 +183,19 @@ def test_user_level_without_noise_or_clipping_is_identity(d: int, seed: int) -> 
     dp = UserLevelDP(clip=math.inf, noise_multiplier=0.0, expected_cohort=3, sample_rate=0.5,
                      ledger=Ledger("rdp", 1e-5))
     assert torch.equal(dp.aggregate_hook(3, dp.update_hook(0, u)), u)
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=st.lists(st.floats(-1e30, 1e30, allow_nan=False), min_size=1, max_size=64),
+       clip=st.floats(1e-3, 10.0), clip_range=st.floats(1e-2, 1e6), n=st.integers(2, 20))
+def test_any_client_input_moves_the_ring_sum_by_at_most_the_accounted_sensitivity(
+        x: list[float], clip: float, clip_range: float, n: int) -> None:
+    """Whatever a client sends into the hook, its quantized vector stays within the sensitivity the ledger uses."""
+    from securefml.protocols.quantize import FixedPoint
+
+    dp = UserLevelDP(clip=clip, noise_multiplier=1.0, expected_cohort=n, sample_rate=0.5, ledger=Ledger("rdp", 1e-5))
+    sent = dp.update_hook(0, torch.tensor(x, dtype=torch.float64)).to(torch.float32)
+    fp = FixedPoint(clip_range, n)
+    q = fp.encode(sent.numpy(), 1.0)[:-1].view(np.int32).astype(np.float64)
+    l1, l2 = rounded_sensitivity(scale=fp.scale, clip=clip, dim=len(x))
+    assert float(np.linalg.norm(q)) <= l2 and float(np.abs(q).sum()) <= l1
