@@ -147,12 +147,10 @@ def _json_default(obj: object) -> object:
     return str(obj)
 
 
-def _build_protocol(spec: str, seed: int, defaults: Mapping[str, Any] | None = None) -> Any:
+def _build_protocol(spec: str, seed: int) -> Any:
     name, kwargs = parse_spec(spec)
     if "_" in kwargs:
         raise ConfigError(f"protocol {name!r} takes keyword options only (name:key=value)")
-    if name == "secagg":
-        kwargs = {**dict(defaults or {}), **kwargs}
     factory = PROTOCOLS.get(name)
     try:
         return factory(**kwargs, seed=seed)
@@ -194,10 +192,7 @@ def run_experiment(
     per_round = min(config.clients_per_round, len(train))
     pcfg = config.privacy_config()
     dim = sum(p.numel() for p in learner.init_params().values())
-    defaults = {}
-    if pcfg.mode == "user" and pcfg.placement == "distributed":  # room in SecAgg's ring for the integer noise
-        defaults["clip_range"] = secagg_clip_range(clip=pcfg.clip, cohort=max(2, per_round), dim=dim)
-    protocol = _build_protocol(config.protocol, config.seed, defaults)
+    protocol = _build_protocol(_dp_protocol_spec(config.protocol, pcfg, cohort=per_round, dim=dim), config.seed)
     selector = make_selector(config.select)
     priv = setup_privacy(
         pcfg, learner, n_train_clients=len(train), clients_per_round=per_round,
@@ -269,6 +264,15 @@ def run_experiment(
     cfg = asdict(config)
     cfg["resolved"] = hp
     return RunResult(cfg, metrics, [asdict(r) for r in history])
+
+
+def _dp_protocol_spec(spec: str, pcfg: PrivacyConfig, *, cohort: int, dim: int) -> str:
+    """Distributed DP over SecAgg: add the ``clip_range`` that leaves room for the integer noise, unless given."""
+    name, kwargs = parse_spec(spec)
+    if pcfg.mode != "user" or pcfg.placement != "distributed" or name != "secagg" or "clip_range" in kwargs:
+        return spec
+    value = secagg_clip_range(clip=pcfg.clip, cohort=max(2, cohort), dim=dim)
+    return spec + ("," if ":" in spec else ":") + f"clip_range={value!r}"
 
 
 def _chain(
