@@ -218,6 +218,10 @@ class SecAggPlus(AggregationProtocol):
         Active-server option: Ed25519-signed advertisements and the consistency round.
     noise_fn:
         Distributed-DP hook: each client applies it to its float update before quantization.
+    ring_noise:
+        Distributed-DP hook in the integer ring: ``ring_noise(job)`` returns int64 noise of
+        ``len(job.vector) + 1`` entries, added to the client's quantized vector before masking
+        (``securefml.privacy.distributed.DistributedSkellam`` sets it).
     max_weight:
         Public bound on a client's weight (larger weights are clipped to it); None uses the
         next power of two above the cohort's largest weight.
@@ -254,6 +258,7 @@ class SecAggPlus(AggregationProtocol):
         buckets: int = 0,
         signatures: bool = False,
         noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        ring_noise: Callable[[MaskJob], np.ndarray] | None = None,
         max_weight: float | None = None,
         identities: Mapping[int, Ed25519PrivateKey] | None = None,
         public_seed: bytes = b"",
@@ -285,6 +290,7 @@ class SecAggPlus(AggregationProtocol):
         self.buckets = buckets
         self.signatures = signatures
         self.noise_fn = noise_fn
+        self.ring_noise = ring_noise
         self.max_weight = max_weight
         self.public_seed = public_seed
         self.workers = workers
@@ -501,6 +507,8 @@ class SecAggPlus(AggregationProtocol):
                 job = client_step(c, functools.partial(clients[c].prepare_masked, excluded, vec, weight,
                                                        noise_fn=self.noise_fn))
                 if job is not None:
+                    if self.ring_noise is not None:
+                        job.ring_noise = self.ring_noise(job)
                     jobs[c] = job
             t0 = time.perf_counter()
             masked_msgs = self._run_jobs(jobs)

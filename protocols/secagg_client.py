@@ -101,6 +101,7 @@ class MaskJob:
     client_id: int
     round_idx: int
     fields: dict[str, bytes]
+    ring_noise: np.ndarray | None = None  # distributed DP: int64 noise added to the quantized vector before masking
 
 
 _scratch: dict[int, np.ndarray] = {}  # per-process buffer reuse (a fresh 4 MB buffer costs page faults)
@@ -123,13 +124,26 @@ def run_mask_job(job: MaskJob) -> bytes:
     raw[2:4] = np.frombuffer(_CODES[item], dtype=np.uint8)
     y = raw[4:].view(fp.dtype)
     streams = MaskStreams(job.plus, job.minus)
-    fp.encode(job.vector, job.weight, sender=job.client_id, out=y, chunk_hook=streams.apply)
+    hook = streams.apply if job.ring_noise is None else _noise_then(job.ring_noise.astype(fp.dtype), streams.apply)
+    fp.encode(job.vector, job.weight, sender=job.client_id, out=y, chunk_hook=hook)
     if sys.byteorder != "little":  # pragma: no cover - the wire is little-endian
         y.byteswap(inplace=True)
     fields = dict(job.fields)
     # a zero-copy view, which ``encode`` writes as is; numpy declares the buffer protocol only for 3.12+
     fields["vector"] = cast(bytes, memoryview(raw)[2:])  # type: ignore[arg-type]
     return encode(Envelope(KIND[Stage.MASKED], job.round_idx, job.client_id, fields))
+
+
+def _noise_then(noise: np.ndarray, apply: Callable[[np.ndarray], None]) -> Callable[[np.ndarray], None]:
+    """Add ``noise`` (mod 2^bits, chunk by chunk in order) to the quantized entries, then mask them."""
+    pos = [0]
+
+    def hook(chunk: np.ndarray) -> None:
+        chunk += noise[pos[0] : pos[0] + chunk.size]
+        pos[0] += chunk.size
+        apply(chunk)
+
+    return hook
 
 
 @dataclass

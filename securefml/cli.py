@@ -89,6 +89,10 @@ def _add_run_arguments(p: argparse.ArgumentParser, names: dict[str, list[str]]) 
     dp.add_argument("--dp-clip", type=float, help="user level: per-client update clip norm S")
     dp.add_argument("--dp-placement", choices=["central", "distributed"], help="user level: who adds the noise")
     dp.add_argument("--accountant", choices=["rdp", "prv"])
+    dp.add_argument("--dp-min-survivors", type=int,
+                    help="distributed: contributors the per-client noise is sized for (default: expected cohort)")
+    dp.add_argument("--dp-insecure-seeded-noise", action="store_true",
+                    help="INSECURE: draw DP noise and sampling coins from the run seed (reproducible runs only)")
     p.add_argument("--out", default="results/run", help="output folder for result.json")
     p.add_argument("--no-progress", action="store_true")
 
@@ -158,12 +162,14 @@ def _privacy_options(args: argparse.Namespace) -> dict[str, Any]:
     """Map the DP flags onto ``PrivacyConfig`` fields, leaving unset ones at their defaults."""
     mapping = {"target_epsilon": "target_epsilon", "delta": "delta", "noise_multiplier": "noise_multiplier",
                "max_grad_norm": "max_grad_norm", "dp_clip": "clip", "dp_placement": "placement",
-               "accountant": "accountant"}
+               "accountant": "accountant", "dp_min_survivors": "min_survivors"}
     opts: dict[str, Any] = {"mode": args.dp}
     for flag, key in mapping.items():
         value = getattr(args, flag)
         if value is not None:
             opts[key] = value
+    if args.dp_insecure_seeded_noise:
+        opts["insecure_seeded_noise"] = True
     return opts if args.dp != "none" else {}
 
 

@@ -236,7 +236,6 @@ def run_experiment(
     meta_cfg = MetaConfig(hp["inner_steps"], hp["inner_lr"], hp["outer_lr"], hp["outer_steps"])
     learner = LEARNERS.create(config.algorithm, model=net, config=meta_cfg)
     defense = defense if defense is not None else make_defense(config.defense)
-    protocol = _build_protocol(config.protocol, config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     train = list(data.train)
     needs_reference = bool(getattr(defense, "needs_reference", False))
@@ -249,16 +248,22 @@ def run_experiment(
     # a reference-based defense (FLTrust) takes one training client as the server's root set, so
     # "every client" then means every remaining one
     per_round = min(config.clients_per_round, len(train))
+    pcfg = config.privacy_config()
+    dim = sum(p.numel() for p in learner.init_params().values())
+    protocol = _build_protocol(_dp_protocol_spec(config.protocol, pcfg, cohort=per_round, dim=dim), config.seed)
+    selector = make_selector(config.select)
     priv = setup_privacy(
-        config.privacy_config(), learner, n_train_clients=len(train), clients_per_round=per_round,
+        pcfg, learner, n_train_clients=len(train), clients_per_round=per_round,
         rounds=config.rounds, dataset_kind=data.kind, algorithm_name=config.algorithm,
         local_dataset_size=min(t.n_samples for t in train), device=device,
-        generator=torch.Generator().manual_seed(config.seed + 1),
+        generator=torch.Generator().manual_seed(config.seed + 1), protocol=protocol, defense=defense,
+        selector=selector, dim=dim,
     )
     hooks = [h for h in (update_hook, priv.update_hook) if h is not None]
     server = Server(
-        priv.learner, protocol, defense, selector=make_selector(config.select), server_optimizer=hp["server_opt"],
+        priv.learner, protocol, defense, selector=selector, server_optimizer=hp["server_opt"],
         server_lr=hp["server_lr"], device=device, update_hook=_chain(hooks), aggregate_hook=priv.aggregate_hook,
+        equal_weights=priv.equal_weights,
     )
     n_mal = int(round(config.malicious * len(train)))
     mal_ids = set(torch.randperm(len(train), generator=gen)[:n_mal].tolist())
@@ -271,7 +276,11 @@ def run_experiment(
     if on_start is not None:
         on_start()
     for rnd in range(config.rounds):
-        cohort_idx = torch.randperm(len(clients), generator=gen)[:per_round].tolist()
+        cohort_idx = priv.sample_cohort(rnd, len(clients))  # user-level DP: Poisson, secret coins
+        if cohort_idx is None:
+            cohort_idx = torch.randperm(len(clients), generator=gen)[:per_round].tolist()
+        if len(cohort_idx) < priv.min_cohort:  # SecAgg cannot sum fewer than 2: the round releases nothing
+            cohort_idx = []
         cohort = [clients[i] for i in sorted(cohort_idx)]
         reference = None
         if root is not None:
@@ -280,7 +289,7 @@ def run_experiment(
         forward = _forward_fn(learner, server, stimulus)
         rec = server.run_round(rnd, cohort, transport=transport, generator=gen, reference=reference,
                                defense_context={"forward": forward})
-        epsilon = priv.end_round(rnd)
+        epsilon = priv.end_round(rnd, accepted=rec.accepted)
         if epsilon is not None:
             rec.extras["epsilon"] = epsilon
         history.append(rec)
@@ -327,6 +336,17 @@ def _user_model(
     if not any(p.requires_grad for p in net.parameters()):
         raise ConfigError("the model factory returned a module without trainable parameters")
     return net.to(device)
+
+
+def _dp_protocol_spec(spec: str, pcfg: PrivacyConfig, *, cohort: int, dim: int) -> str:
+    """Distributed DP over SecAgg: add the ``clip_range`` that leaves room for the integer noise, unless given."""
+    name, kwargs = parse_spec(spec)
+    if pcfg.mode != "user" or pcfg.placement != "distributed" or name != "secagg" or "clip_range" in kwargs:
+        return spec
+    from securefml.privacy.distributed import secagg_clip_range  # imports Opacus: only under DP
+
+    value = secagg_clip_range(clip=pcfg.clip, cohort=max(2, cohort), dim=dim)
+    return spec + ("," if ":" in spec else ":") + f"clip_range={value!r}"
 
 
 def _chain(

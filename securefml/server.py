@@ -55,6 +55,9 @@ class Server:
         The aggregation rule, checked against what the protocol reveals.
     server_optimizer:
         ``"sgd"`` or ``"adam"`` on the meta-parameters, fed the pseudo-gradient -aggregate.
+    equal_weights:
+        Give every client weight 1 instead of its sample count (user-level DP sizes its noise
+        for one client's equal share: ``PrivacySetup.equal_weights``).
     """
 
     def __init__(
@@ -69,8 +72,10 @@ class Server:
         device: torch.device | str = "cpu",
         update_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         aggregate_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        equal_weights: bool = False,
     ) -> None:
         protocol.check_defense(defense)
+        self.equal_weights = equal_weights
         self.learner = learner
         self.protocol = protocol
         self.defense = defense
@@ -187,7 +192,7 @@ class Server:
                 client.residual = r.update - self.layout.scatter(sent, layers)
             if self.update_hook is not None:
                 sent = self.layout.gather(self.update_hook(r.client_id, self.layout.scatter(sent, layers)), layers)
-            updates.append(ClientUpdate(r.client_id, sent, layers, r.weight))
+            updates.append(ClientUpdate(r.client_id, sent, layers, 1.0 if self.equal_weights else r.weight))
         return updates
 
     def run_round(

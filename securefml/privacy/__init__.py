@@ -13,27 +13,35 @@ Three modes, one seam (:func:`setup_privacy`):
     every meta-gradient): it must be acknowledged with ``allow_support_leak=True``, and
     user-level DP is the recommended mode for MAML.
 ``user``
-    Clip each client's whole update to S and add Gaussian noise ``z S`` to the sum
-    (:mod:`securefml.privacy.user`), centrally at the server or as per-client shares that sum
-    to the full noise (for secure aggregation).  The privacy unit is a client; the federation
-    has one accountant, fed the cohort sampling rate once per round.
+    Clip each client's whole update to S and add noise to the sum (:mod:`securefml.privacy.user`):
+    Gaussian ``z S`` centrally at the server (one Opacus accountant, fed the Poisson cohort
+    sampling rate once per round), or integer Skellam shares added by the clients inside
+    SecAgg's ring (:mod:`securefml.privacy.distributed`, per-client RDP against the server).
+    The privacy unit is a client.
 
 Accounting uses Opacus' RDP or PRV accountants (:mod:`securefml.privacy.accounting`); a target
 epsilon is turned into a noise multiplier with Opacus' ``get_noise_multiplier`` for the planned
 number of steps.  Epsilon is computed once per round, never per step.
 
-Secure randomness (``secure_rng=True``)
----------------------------------------
-Opacus' full ``secure_mode`` needs torchcsprng, which has no build for this Python.  What is
-provided: Gaussian noise from Opacus' floating-point-attack-resistant sampler (the sum of four
-Gaussian draws scaled by 1/2, Holohan et al. 2021, as ``DPOptimizer(secure_mode=True)`` does),
-for both record-level and user-level noise, and a noise generator seeded from the operating
-system (``secrets``) instead of the run's seed, so the noise cannot be regenerated from a
-published seed.  What is *not* provided: a cryptographically secure generator (torch's
-generator is a Mersenne Twister/Philox stream, predictable from enough of its output), and
-secure Poisson sampling (batch and cohort sampling use torch's generator).  Without
-``secure_rng`` the noise is reproducible from the run's seed, which is right for experiments
-and wrong for deployment.
+Matching the mechanism to its accounting
+----------------------------------------
+- :func:`check_mechanism`: user-level DP only with the (equally) weighted mean; distributed
+  placement only with SecAgg without buckets (the server sees the noised sum alone).
+- Equal weights under user-level DP (``PrivacySetup.equal_weights``), and the fixed-denominator
+  release ``(sum + noise) / (q N)``.
+- Cohorts under user-level DP are Poisson samples with secret coins (:mod:`.sampling`), as the
+  sampled Gaussian accountant assumes.
+- Distributed placement is the Skellam mechanism in SecAgg's integer ring (:mod:`.distributed`,
+  RDP in :mod:`.skellam`), accounted per client against the server, dropout deficit included.
+
+Secure randomness
+-----------------
+By default every DP draw (Gaussian noise, Skellam shares, Poisson batch and cohort coins) comes
+from an AES-256-CTR stream keyed with ``os.urandom`` (:mod:`.randomness`), with the
+floating-point-attack-resistant Gaussian construction.  ``PrivacyConfig(insecure_seeded_noise=True)``
+(``--dp-insecure-seeded-noise``) keys it from the run seed instead: reproducible, and insecure.
+Opacus' own ``secure_mode`` (torchcsprng) has no build for this Python, so record-level noise
+goes through a ``DPOptimizer`` subclass that draws from the same source.
 """
 
 from __future__ import annotations
@@ -41,12 +49,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from securefml.privacy.compat import check_mechanism
 from securefml.privacy.config import ACCOUNTANTS, MODES, PLACEMENTS, PrivacyConfig
+from securefml.privacy.randomness import NoiseSource
+from securefml.privacy.sampling import PoissonCohort
 from securefml.privacy.setup import PrivacySetup, setup_privacy
 
 if TYPE_CHECKING:
     from securefml.privacy.accounting import Ledger, epsilon_for, max_compositions, noise_for_target
+    from securefml.privacy.distributed import DistributedSkellam, secagg_clip_range
     from securefml.privacy.record import RecordLevelDP, record_route, steps_per_participation, summed_loss
+    from securefml.privacy.skellam import rounded_sensitivity, skellam_epsilon, skellam_rdp
     from securefml.privacy.user import UserLevelDP, clip_update, gaussian_noise
 
 # The mechanisms import Opacus (seconds of start-up): they load on first use, so a run or a
@@ -55,7 +68,9 @@ _LAZY = {
     "Ledger": "accounting", "epsilon_for": "accounting", "max_compositions": "accounting",
     "noise_for_target": "accounting", "RecordLevelDP": "record", "record_route": "record",
     "steps_per_participation": "record", "summed_loss": "record", "UserLevelDP": "user",
-    "clip_update": "user", "gaussian_noise": "user",
+    "clip_update": "user", "gaussian_noise": "user", "DistributedSkellam": "distributed",
+    "secagg_clip_range": "distributed", "rounded_sensitivity": "skellam", "skellam_epsilon": "skellam",
+    "skellam_rdp": "skellam",
 }
 
 
@@ -75,18 +90,26 @@ __all__ = [
     "ACCOUNTANTS",
     "MODES",
     "PLACEMENTS",
+    "DistributedSkellam",
     "Ledger",
+    "NoiseSource",
+    "PoissonCohort",
     "PrivacyConfig",
     "PrivacySetup",
     "RecordLevelDP",
     "UserLevelDP",
+    "check_mechanism",
     "clip_update",
     "epsilon_for",
     "gaussian_noise",
     "max_compositions",
     "noise_for_target",
     "record_route",
+    "rounded_sensitivity",
+    "secagg_clip_range",
     "setup_privacy",
+    "skellam_epsilon",
+    "skellam_rdp",
     "steps_per_participation",
     "summed_loss",
 ]

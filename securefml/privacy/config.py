@@ -58,10 +58,16 @@ class PrivacyConfig:
         User-level only: ``"central"`` (the server adds all the noise to the aggregate) or
         ``"distributed"`` (each client adds a share so that the sum carries the full noise;
         for secure aggregation, where the server never sees one update).
-    secure_rng:
-        Draw Gaussian noise with ``DPOptimizer(secure_mode=True)``'s floating-point-attack
-        resistant sampler and seed the noise generator from the operating system instead of the
-        run's seed.  See :mod:`securefml.privacy` for what this does and does not cover.
+    insecure_seeded_noise:
+        Draw DP noise and DP sampling coins from a stream keyed by the run's seed, so a run can be
+        repeated exactly.  **Insecure**: anyone who knows the seed can regenerate and subtract the
+        noise.  Off by default: noise and coins then come from an AES-256-CTR stream keyed from
+        ``os.urandom`` (:mod:`securefml.privacy.randomness`).
+    min_survivors:
+        Distributed placement: the number of contributors each round's noise is sized for (each
+        client adds ``1 / min_survivors`` of the target variance); ``None`` uses the 5% quantile of
+        the Binomial(N, q) cohort size (at least 2).  Cohorts smaller than this are skipped; a round
+        where dropouts leave fewer contributors releases less noise, and is accounted as such.
     allow_support_leak:
         Accept record-level DP for second-order MAML (or second-order Meta-SGD), whose
         guarantee covers the query examples only.  Off by default: user-level DP is the
@@ -77,7 +83,8 @@ class PrivacyConfig:
     sample_rate: float = 0.5
     accountant: str = "rdp"
     placement: str = "central"
-    secure_rng: bool = False
+    insecure_seeded_noise: bool = False
+    min_survivors: int | None = None
     allow_support_leak: bool = False
 
     def __post_init__(self) -> None:
@@ -118,6 +125,9 @@ class PrivacyConfig:
             raise ConfigError(f"unknown accountant {self.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"unknown DP placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        if self.min_survivors is not None and (self.placement != "distributed" or self.min_survivors < 1):
+            raise ConfigError(f"min_survivors={self.min_survivors} applies to distributed placement only and must be "
+                              ">= 1 (the number of contributors the noise shares are sized for)")
         if self.placement == "distributed" and self.mode != "user":
             raise ConfigError("distributed noise placement applies to user-level DP only; record-level noise "
                               "is always added by the client itself (--dp user --dp-placement distributed)")

@@ -54,7 +54,7 @@ import torch
 from opacus.grad_sample import AbstractGradSampleModule, wrap_model
 from opacus.grad_sample.gsm_no_op import GradSampleModuleNoOp
 from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 from torch.func import grad, vmap
 
@@ -65,6 +65,7 @@ from securefml.meta.local import FedAvg, Reptile
 from securefml.meta.maml import MAML
 from securefml.meta.metasgd import ALPHA_PREFIX, MetaSGD
 from securefml.privacy.accounting import Ledger
+from securefml.privacy.randomness import NoiseSource
 
 __all__ = ["RecordLevelDP", "record_route", "steps_per_participation", "summed_loss"]
 
@@ -134,6 +135,22 @@ class _ClientState:
     participations: int = 0
 
 
+class _SourcedDPOptimizer(DPOptimizer):
+    """``DPOptimizer`` whose Gaussian noise comes from a :class:`NoiseSource` instead of a torch generator."""
+
+    noise_source: NoiseSource
+    fp_resistant: bool = True
+
+    def add_noise(self) -> None:
+        for p in self.params:
+            summed = p.summed_grad  # type: ignore[attr-defined]
+            _check_processed_flag(summed)
+            std = self.noise_multiplier * self.max_grad_norm
+            noise = torch.from_numpy(self.noise_source.normal(summed.numel(), std, fp_resistant=self.fp_resistant))
+            p.grad = (summed + noise.reshape(summed.shape).to(device=summed.device, dtype=summed.dtype)).view_as(p)
+            _mark_as_processed(summed)
+
+
 class RecordLevelDP(MetaLearner):
     """A meta-learner whose client step is record-level DP-SGD (drop-in for the learner it wraps).
 
@@ -154,10 +171,16 @@ class RecordLevelDP(MetaLearner):
         Rounds a client may join before its budget is spent (``None``: unlimited, epsilon is only
         reported); one more raises ``PrivacyBudgetExceeded`` naming the client, and the server
         drops it from the round.
+    source:
+        Where the Poisson sampling coins and the Gaussian noise come from
+        (:class:`~securefml.privacy.randomness.NoiseSource`); ``None`` keys a fresh one from
+        ``os.urandom``.  Noise is drawn on the CPU and moved to the model's device.
     generator:
-        Poisson sampling and noise (CPU generator; a device generator is derived for CUDA noise).
+        Shorthand for ``source=NoiseSource.seeded(...)`` from this torch generator (reproducible,
+        insecure); ignored when ``source`` is given.
     secure_mode:
-        ``DPOptimizer(secure_mode=True)`` noise (floating-point-attack resistant).
+        Floating-point-attack-resistant Gaussian noise (the sum of four draws scaled by 1/2, as
+        ``DPOptimizer(secure_mode=True)`` does).
     allow_support_leak:
         Required for second-order learners, whose guarantee covers query examples only.
     grad_sample_mode:
@@ -166,8 +189,8 @@ class RecordLevelDP(MetaLearner):
 
     def __init__(self, learner: MetaLearner, *, noise_multiplier: float, max_grad_norm: float, sample_rate: float,
                  accountant: str = "rdp", delta: float = 1e-5, max_participations: int | None = None,
-                 generator: torch.Generator | None = None, secure_mode: bool = False,
-                 allow_support_leak: bool = False, grad_sample_mode: str = "ew") -> None:
+                 source: NoiseSource | None = None, generator: torch.Generator | None = None,
+                 secure_mode: bool = True, allow_support_leak: bool = False, grad_sample_mode: str = "ew") -> None:
         super().__init__(learner.model, learner.config)
         self.route = record_route(learner)
         if self.route == "second-order" and not allow_support_leak:
@@ -192,13 +215,15 @@ class RecordLevelDP(MetaLearner):
         self.accountant = accountant
         self.delta = float(delta)
         self.max_participations = max_participations
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        if source is None:
+            source = (NoiseSource.seeded(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                      if generator is not None else NoiseSource.secure())
+        self.source = source
         self.secure_mode = secure_mode
         self.allow_support_leak = allow_support_leak
         self.grad_sample_mode = grad_sample_mode
         self.clients: dict[int, _ClientState] = {}
         self.touched: set[int] = set()
-        self._noise_generators: dict[torch.device, torch.Generator] = {}
 
     # -- delegation: everything but the client step is the wrapped learner's ---------------------
     def init_params(self, device: torch.device | str | None = None) -> Params:
@@ -219,24 +244,16 @@ class RecordLevelDP(MetaLearner):
         return steps_per_participation(self.inner)
 
     # -- Opacus objects, once per client --------------------------------------------------------
-    def _noise_generator(self, device: torch.device) -> torch.Generator:
-        if device.type == "cpu":
-            return self.generator
-        if device not in self._noise_generators:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-            self._noise_generators[device] = torch.Generator(device=device).manual_seed(seed)
-        return self._noise_generators[device]
-
     def _dp_optimizer(self, params: list[nn.Parameter], device: torch.device, ledger: Ledger) -> DPOptimizer:
-        opt = DPOptimizer(
+        opt = _SourcedDPOptimizer(
             torch.optim.SGD(params, lr=1.0),
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=_NO_CLIP if math.isinf(self.max_grad_norm) else self.max_grad_norm,
             expected_batch_size=1,
             loss_reduction="mean",
-            generator=self._noise_generator(device),
-            secure_mode=self.secure_mode,
         )
+        opt.noise_source = self.source.fork(f"optimizer|{device}|{len(self.clients)}")
+        opt.fp_resistant = self.secure_mode
         opt.attach_step_hook(ledger.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
         return opt
 
@@ -262,9 +279,8 @@ class RecordLevelDP(MetaLearner):
         return st
 
     def _sample(self, n: int) -> list[int]:
-        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=self.sample_rate,
-                                                generator=self.generator, steps=1)
-        return next(iter(sampler))
+        """Poisson sampling: each of ``n`` local examples joins the batch with probability q (secret coins)."""
+        return [int(i) for i in self.source.bernoulli(n, self.sample_rate).nonzero()[0]]
 
     @staticmethod
     def _release(opt: DPOptimizer, params: list[tuple[str, nn.Parameter]], expected: float) -> Params:

@@ -1,56 +1,56 @@
-"""User-level DP (McMahan et al., 2018): clip each client's whole update, add Gaussian noise.
+"""User-level DP (McMahan et al., 2018): clip each client's whole update, add noise to the sum.
 
 Threat model and guarantee
 --------------------------
 The privacy unit is one client (all of its data).  Each client's flat update ``u`` is scaled to
-norm at most S (``u * min(1, S / ||u||)``), so adding or removing one client moves the *sum* of
-the cohort's updates by at most S.  The Gaussian mechanism with std ``z * S`` on that sum,
-composed over rounds with cohort sampling rate ``q = clients_per_round / n_clients``, gives
-(epsilon, delta)-DP for every client against anyone who sees the released aggregates
-(the server, and everyone who receives the model).  Accounting uses Opacus' accountants
-(:mod:`securefml.privacy.accounting`).
+norm at most S (``u * min(1, S / ||u||)``), and every client gets the **same weight** (the
+server is told to ignore sample counts: ``PrivacySetup.equal_weights``), so one client moves the
+*sum* of the cohort's updates by at most S.  The released aggregate is the fixed-denominator
+estimate ``(sum + noise) / (q N)`` (McMahan et al.'s ``f_f``): the expected cohort size ``q N`` is
+public, so the released model is post-processing of the noised sum, and the number of clients
+that happened to take part does not enter it.
 
-What the server holds is the **mean** of the m accepted updates (``RoundOutput.aggregate``),
-not the sum.  The noise is therefore scaled to that object:
+* ``central``: the server adds ``N(0, (z S)^2)`` to the sum (``N(0, (z S / qN)^2)`` to the
+  released mean).  The cohort is a Poisson sample with secret coins
+  (:class:`~securefml.privacy.sampling.PoissonCohort`), which is what Opacus' accountant of the
+  sampled Gaussian mechanism assumes: (epsilon, delta)-DP with amplification at rate q against
+  everyone who sees the released models but not who took part.  The server sees every clipped
+  update, so it is trusted here.
+* ``distributed``: each client adds an integer Skellam share in SecAgg's ring before masking
+  (:mod:`securefml.privacy.distributed`); the server sees only the noised sum.  Accounted per
+  client against the server, without amplification (the server sees who took part), including
+  the noise deficit of rounds where fewer than ``min_survivors`` clients contributed.
 
-* ``central``: the server adds ``N(0, (z S / m)^2)`` to the mean, which is exactly
-  ``(sum + N(0, (z S)^2)) / m``: noise multiplier z with respect to the sum's sensitivity S.
-  The server sees individual clipped updates, so this protects against the model's users and
-  later observers, not against the server itself.
-* ``distributed``: each client adds its share ``N(0, (z S)^2 / n)`` before encoding, where n is
-  the planned cohort size; the sum of m surviving shares has variance ``(z S)^2 m / n``.  The
-  effective noise multiplier of a round is ``z * sqrt(m / n)``, and that (not z) is what the
-  ledger records, so dropouts cost budget instead of silently weakening the guarantee.  With
-  secure aggregation the server never sees a single noised update.  Every client in the cohort
-  must add its share: a client that withholds its share lowers the noise for the others
-  (colluding clients are outside this guarantee).
+Assumptions (enforced by :func:`securefml.privacy.check_mechanism`): the aggregate is the
+weighted mean with equal weights (no robust rule, whose output one client can move by more than
+S); distributed placement only with SecAgg without buckets.  Layer selection must give every
+accepted client the same layers (uploading everything, or a server-dictated set).  Not covered: a
+round that releases nothing because nobody was accepted (with Poisson sampling an empty cohort
+has probability ``(1 - q)^N``); such a round is still accounted.
 
-Assumptions: the aggregate is the plain (equally weighted) mean of the accepted, clipped
-updates.  With unequal client weights one client's share of the mean is ``w_i / W`` rather than
-``1 / m``, and with a robust rule that selects or reweights updates from the data (Krum,
-trimmed mean...) the sensitivity analysis does not hold; the noise is still added, but the
-stated epsilon is then not a guarantee.  Layer selection must give every accepted client the
-same layers (uploading everything, or a server-dictated set): with per-client selection a layer
-uploaded by fewer than m clients is averaged over fewer updates than the noise is sized for.
-The cohort is sampled as a fixed-size draw; it is
-accounted as Poisson sampling at rate q, as is common in practice (DP-FedAvg).
+Noise is drawn from a :class:`~securefml.privacy.randomness.NoiseSource` (``os.urandom``-keyed
+AES-CTR unless ``insecure_seeded_noise``), with the floating-point-attack-resistant construction.
 
 References
 ----------
 McMahan, Ramage, Talwar, Zhang, Learning Differentially Private Recurrent Language Models,
-ICLR 2018; Kairouz et al., The Distributed Discrete Gaussian Mechanism for Federated Learning
-with Secure Aggregation, ICML 2021 (distributed noise under SecAgg).
+ICLR 2018; Mironov, Talwar, Zhang, Renyi Differential Privacy of the Sampled Gaussian Mechanism,
+2019; Agarwal, Kairouz, Liu, The Skellam Mechanism for Differentially Private Federated Learning,
+NeurIPS 2021.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from opacus.optimizers.optimizer import _generate_noise
 
 from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.privacy.accounting import Ledger
+from securefml.privacy.distributed import DistributedSkellam
+from securefml.privacy.randomness import NoiseSource
 
 __all__ = ["clip_update", "gaussian_noise", "UserLevelDP"]
 
@@ -82,88 +82,83 @@ def gaussian_noise(shape: torch.Size | tuple[int, ...], std: float, *, generator
 
 
 class UserLevelDP:
-    """Client-update clipping and Gaussian noise, with a round-level ledger.
+    """Client-update clipping, the fixed-denominator release, Gaussian (central) or Skellam (distributed) noise.
 
     Parameters
     ----------
     clip:
         S, the L2 bound of one client's flat update.
     noise_multiplier:
-        z; the sum of the accepted clipped updates carries noise std ``z * S``.
-    cohort_size:
-        n, the planned number of clients per round (distributed shares are ``1/n`` of the variance).
+        z; the sum of the accepted clipped updates carries noise std ``z * S`` (central), or
+        variance ``(z l2)^2`` in ring units (distributed, see ``DistributedSkellam``).
+    expected_cohort:
+        ``q N``, the public denominator of the released mean.
     sample_rate:
-        q, the cohort sampling rate recorded by the ledger each round.
+        q, the cohort sampling rate recorded by the central ledger each round.
     ledger:
-        Where rounds are accounted.
+        Where central rounds are accounted.
     placement:
         ``"central"`` or ``"distributed"``.
-    generator:
-        Noise source (injected; ``setup_privacy`` seeds it from the OS when ``secure_rng``).
-    secure_mode:
-        Opacus' floating-point-attack-resistant sampler.
+    source:
+        Noise source for central noise (``None``: a fresh ``os.urandom``-keyed one).
+    distributed:
+        The Skellam mechanism (required for distributed placement).
     """
 
-    def __init__(self, *, clip: float, noise_multiplier: float, cohort_size: int, sample_rate: float,
-                 ledger: Ledger, placement: str = "central", generator: torch.Generator | None = None,
-                 secure_mode: bool = False) -> None:
+    def __init__(self, *, clip: float, noise_multiplier: float, expected_cohort: float, sample_rate: float,
+                 ledger: Ledger, placement: str = "central", source: NoiseSource | None = None,
+                 distributed: DistributedSkellam | None = None) -> None:
         if placement not in ("central", "distributed"):
             raise ConfigError(f"unknown DP placement {placement!r}; choose central or distributed")
-        if cohort_size <= 0:
-            raise ConfigError(f"cohort size must be positive, got {cohort_size}")
+        if not expected_cohort > 0:
+            raise ConfigError(f"expected cohort size must be positive, got {expected_cohort}")
+        if placement == "distributed" and distributed is None:
+            raise ConfigError("distributed placement needs its SecAgg mechanism (DistributedSkellam)")
         self.clip = float(clip)
         self.noise_multiplier = float(noise_multiplier)
-        self.cohort_size = int(cohort_size)
+        self.expected_cohort = float(expected_cohort)
         self.sample_rate = float(sample_rate)
         self.ledger = ledger
         self.placement = placement
-        self.generator = generator
-        self.secure_mode = secure_mode
-        self._accepted: int | None = None
+        self.source = source if source is not None else NoiseSource.secure()
+        self.distributed = distributed
         self.rounds_accounted = 0
 
-    @property
-    def share_std(self) -> float:
-        """Std of one client's noise share (distributed placement)."""
-        return self.noise_multiplier * self.clip / math.sqrt(self.cohort_size)
-
     def update_hook(self, client_id: int, update: torch.Tensor) -> torch.Tensor:
-        """Client side, before encoding: clip to S, and in distributed placement add this client's share."""
+        """Client side, before encoding: clip to S (distributed noise is added later, in the ring)."""
         if not bool(torch.isfinite(update).all()):
             raise InvalidUpdateError("update is not finite; it cannot be clipped", sender=client_id)
-        out = clip_update(update, self.clip)
-        if self.placement == "distributed" and self.noise_multiplier > 0:
-            out = out + gaussian_noise(out.shape, self.share_std, generator=self.generator,
-                                       secure_mode=self.secure_mode, device=out.device, dtype=out.dtype)
-        return out
+        return clip_update(update, self.clip)
 
     def aggregate_hook(self, n_accepted: int, aggregate: torch.Tensor) -> torch.Tensor:
-        """Server side, on the mean of ``n_accepted`` updates: central noise ``N(0, (z S / m)^2)``."""
+        """Server side, on the mean of ``n_accepted`` updates: the release ``(sum + noise) / (q N)``."""
         if n_accepted <= 0:
             return aggregate
-        self._accepted = int(n_accepted)
+        released = aggregate * (n_accepted / self.expected_cohort)
         if self.placement == "central" and self.noise_multiplier > 0:
-            std = self.noise_multiplier * self.clip / n_accepted
-            aggregate = aggregate + gaussian_noise(aggregate.shape, std, generator=self.generator,
-                                                   secure_mode=self.secure_mode, device=aggregate.device,
-                                                   dtype=aggregate.dtype)
-        return aggregate
+            std = self.noise_multiplier * self.clip / self.expected_cohort
+            released = released + self.source.normal_tensor(aggregate.shape, std, device=aggregate.device,
+                                                             dtype=aggregate.dtype)
+        return released
 
-    def effective_noise_multiplier(self, n_accepted: int) -> float:
-        """Noise std on the sum of ``n_accepted`` updates, in units of S."""
-        if self.placement == "central":
-            return self.noise_multiplier
-        return self.noise_multiplier * math.sqrt(n_accepted / self.cohort_size)
-
-    def end_round(self) -> None:
-        """Account the round's release once (nothing is released in a round without accepted updates)."""
-        if self._accepted is None:
-            return
-        self.ledger.step(noise_multiplier=self.effective_noise_multiplier(self._accepted),
-                         sample_rate=self.sample_rate)
-        self._accepted = None
+    def end_round(self, round_idx: int, accepted: Sequence[int] | None = None) -> None:
+        """Account round ``round_idx`` once (central: one sampled Gaussian step; distributed: per contributor)."""
+        if self.placement == "distributed":
+            assert self.distributed is not None
+            if accepted is None:
+                raise ConfigError("distributed DP accounts per contributor: pass accepted= (the round's contributors)")
+            self.distributed.end_round(round_idx, accepted)
+        else:
+            self.ledger.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.rounds_accounted += 1
+
+    def epsilon(self) -> float:
+        if self.placement == "distributed":
+            assert self.distributed is not None
+            return self.distributed.epsilon()
+        return self.ledger.epsilon()
 
     def __repr__(self) -> str:
         return (f"UserLevelDP(clip={self.clip}, noise_multiplier={self.noise_multiplier:.4g}, "
-                f"cohort_size={self.cohort_size}, placement={self.placement!r}, secure_mode={self.secure_mode})")
+                f"expected_cohort={self.expected_cohort:.4g}, placement={self.placement!r}, "
+                f"source={self.source.kind})")

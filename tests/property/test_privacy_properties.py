@@ -2,8 +2,9 @@
 
 * every clipped per-example gradient has norm <= C (record level, hook and vmap routes) and
   every clipped client update has norm <= S (user level);
-* the added noise has standard deviation sigma*C (record) / z*S on the sum (user), within a
-  statistical tolerance;
+* the added noise has standard deviation sigma*C (record) / z*S on the sum (user, central), within
+  a statistical tolerance, and the release divides by the public expected cohort size;
+* distributed Skellam shares are integers whose sum has the planned variance;
 * with zero noise and clipping off, the DP path equals the non-private path.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,7 +22,15 @@ from securefml.data import make_digits_fewshot, make_sine
 from securefml.data.base import Task
 from securefml.meta import LEARNERS, MetaConfig, MetaSGD
 from securefml.models import make_model
-from securefml.privacy import Ledger, RecordLevelDP, UserLevelDP, clip_update
+from securefml.privacy import (
+    DistributedSkellam,
+    Ledger,
+    NoiseSource,
+    RecordLevelDP,
+    UserLevelDP,
+    clip_update,
+    rounded_sensitivity,
+)
 
 SINE = make_sine(n_train=3, n_heldout=1, seed=0)
 DIGITS = make_digits_fewshot(n_train=2, n_heldout=1, k_shot=2, query=2, seed=0)
@@ -115,24 +125,38 @@ def test_record_noise_std_is_sigma_c(sigma: float, c: float, secure: bool, seed:
 
 
 @PROPS
-@given(z=st.floats(0.1, 5.0), s=st.floats(0.01, 10.0), m=st.integers(1, 20), seed=st.integers(0, 2**16))
-def test_user_central_noise_std_is_z_s_over_m(z: float, s: float, m: int, seed: int) -> None:
-    dp = UserLevelDP(clip=s, noise_multiplier=z, cohort_size=m, sample_rate=0.1, ledger=Ledger("rdp", 1e-5),
-                     generator=torch.Generator().manual_seed(seed))
-    agg = torch.zeros(4000)
-    noise = dp.aggregate_hook(m, agg)
-    assert _std_ok(noise, z * s / m)
+@given(z=st.floats(0.1, 5.0), s=st.floats(0.01, 10.0), expected=st.floats(1.0, 20.0), m=st.integers(1, 20),
+       seed=st.integers(0, 2**16))
+def test_user_central_release_is_sum_plus_z_s_noise_over_expected_cohort(z: float, s: float, expected: float,
+                                                                           m: int, seed: int) -> None:
+    dp = UserLevelDP(clip=s, noise_multiplier=z, expected_cohort=expected, sample_rate=0.1,
+                     ledger=Ledger("rdp", 1e-5), source=NoiseSource.seeded(seed))
+    mean = torch.full((4000,), 0.25)
+    released = dp.aggregate_hook(m, mean)
+    # (sum + N(0, (z S)^2)) / (q N): the denominator is public, whatever m is
+    noise = released - mean * (m / expected)
+    assert _std_ok(noise, z * s / expected)
 
 
 @PROPS
-@given(z=st.floats(0.1, 5.0), s=st.floats(0.01, 10.0), n=st.integers(2, 12), seed=st.integers(0, 2**16))
-def test_user_distributed_shares_sum_to_full_noise(z: float, s: float, n: int, seed: int) -> None:
-    dp = UserLevelDP(clip=s, noise_multiplier=z, cohort_size=n, sample_rate=0.1, ledger=Ledger("rdp", 1e-5),
-                     placement="distributed", generator=torch.Generator().manual_seed(seed))
-    total = sum(dp.update_hook(i, torch.zeros(3000)) for i in range(n))
-    assert isinstance(total, torch.Tensor)
-    assert _std_ok(total, z * s)  # the sum carries N(0, (z S)^2)
-    assert torch.equal(dp.aggregate_hook(n, torch.zeros(5)), torch.zeros(5))  # the server adds nothing
+@given(z=st.floats(0.1, 5.0), n=st.integers(2, 12), m_min=st.integers(1, 12), scale=st.floats(10.0, 1e4),
+       seed=st.integers(0, 2**16))
+def test_skellam_shares_are_integers_summing_to_the_planned_variance(z: float, n: int, m_min: int, scale: float,
+                                                                    seed: int) -> None:
+    from securefml.protocols.quantize import FixedPoint
+    from securefml.protocols.secagg_client import MaskJob
+
+    clip, d = 1.0, 3000
+    mech = DistributedSkellam(clip=clip, noise_multiplier=z, min_survivors=m_min, delta=1e-5,
+                              source=NoiseSource.seeded(seed))
+    fp = FixedPoint((2**31 - 1 - n) / (n * scale), n)  # clip_range chosen so fp.scale == scale
+    shares = [mech.ring_noise(MaskJob(np.zeros(d, np.float32), 1.0, fp, [], [], c, 0, {})) for c in range(n)]
+    assert all(sh.dtype == np.int64 and sh[-1] == 0 for sh in shares)  # integers; the weight coordinate untouched
+    total = torch.from_numpy(np.sum(shares, axis=0)[:-1].astype(np.float64))
+    _, l2 = rounded_sensitivity(scale=fp.scale, clip=clip, dim=d)
+    assert _std_ok(total, math.sqrt(n * (z * l2) ** 2 / m_min))
+    mech.end_round(0, list(range(n)))
+    assert mech.variance_per_round == [pytest.approx(n * (z * l2) ** 2 / m_min)]
 
 
 @pytest.mark.parametrize("name", ["fedavg", "reptile", "fomaml", "metasgd-fo", "maml", "metasgd"])
@@ -156,7 +180,22 @@ def test_no_noise_no_clipping_equals_non_private_path(name: str, client: int, st
 @given(d=st.integers(1, 100), seed=st.integers(0, 2**16))
 def test_user_level_without_noise_or_clipping_is_identity(d: int, seed: int) -> None:
     u = torch.randn(d, generator=torch.Generator().manual_seed(seed)) * 1e3
-    for placement in ("central", "distributed"):
-        dp = UserLevelDP(clip=math.inf, noise_multiplier=0.0, cohort_size=3, sample_rate=0.5,
-                         ledger=Ledger("rdp", 1e-5), placement=placement)
-        assert torch.equal(dp.aggregate_hook(3, dp.update_hook(0, u)), u)
+    dp = UserLevelDP(clip=math.inf, noise_multiplier=0.0, expected_cohort=3, sample_rate=0.5,
+                     ledger=Ledger("rdp", 1e-5))
+    assert torch.equal(dp.aggregate_hook(3, dp.update_hook(0, u)), u)
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=st.lists(st.floats(-1e30, 1e30, allow_nan=False), min_size=1, max_size=64),
+       clip=st.floats(1e-3, 10.0), clip_range=st.floats(1e-2, 1e6), n=st.integers(2, 20))
+def test_any_client_input_moves_the_ring_sum_by_at_most_the_accounted_sensitivity(
+        x: list[float], clip: float, clip_range: float, n: int) -> None:
+    """Whatever a client sends into the hook, its quantized vector stays within the sensitivity the ledger uses."""
+    from securefml.protocols.quantize import FixedPoint
+
+    dp = UserLevelDP(clip=clip, noise_multiplier=1.0, expected_cohort=n, sample_rate=0.5, ledger=Ledger("rdp", 1e-5))
+    sent = dp.update_hook(0, torch.tensor(x, dtype=torch.float64)).to(torch.float32)
+    fp = FixedPoint(clip_range, n)
+    q = fp.encode(sent.numpy(), 1.0)[:-1].view(np.int32).astype(np.float64)
+    l1, l2 = rounded_sensitivity(scale=fp.scale, clip=clip, dim=len(x))
+    assert float(np.linalg.norm(q)) <= l2 and float(np.abs(q).sum()) <= l1

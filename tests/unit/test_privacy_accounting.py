@@ -16,8 +16,17 @@ from securefml.defenses import make_defense
 from securefml.errors import PrivacyBudgetExceeded
 from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
-from securefml.privacy import Ledger, PrivacyConfig, epsilon_for, noise_for_target, setup_privacy
-from securefml.protocols import PROTOCOLS, Transport
+from securefml.privacy import (
+    Ledger,
+    PrivacyConfig,
+    epsilon_for,
+    noise_for_target,
+    rounded_sensitivity,
+    secagg_clip_range,
+    setup_privacy,
+    skellam_epsilon,
+)
+from securefml.protocols import PROTOCOLS, SecAggPlus, Transport
 from securefml.server import Server
 
 SINE = make_sine(n_train=12, n_heldout=1, seed=0)
@@ -115,14 +124,37 @@ def test_user_level_epsilon_equals_accountant_fed_cohort_sampling() -> None:
 
 
 def test_distributed_noise_accounts_dropouts_as_less_noise() -> None:
-    cfg = PrivacyConfig(mode="user", noise_multiplier=1.5, delta=1e-3, clip=0.5, placement="distributed")
-    full, _, _ = _run(cfg, rounds=2, per_round=4)
-    # the same run, but one client drops in every round it is sampled
-    dropped, records, _ = _run(cfg, rounds=2, per_round=4, transport=_DropOne(victim=0))
-    steps = [(1.5 * math.sqrt(len(r.accepted) / 4), 4 / 12) for r in records]
-    assert dropped.report()["epsilon_max"] == pytest.approx(_opacus_epsilon("rdp", steps, 1e-3), rel=1e-9)
-    if any(len(r.accepted) < 4 for r in records):
-        assert dropped.report()["epsilon_max"] > full.report()["epsilon_max"]
+    """Per-client Skellam RDP over the rounds each client contributed to, with the variance actually released."""
+    learner = LEARNERS.create("fomaml", model=make_model(SINE, hidden=(8,), seed=0),
+                              config=MetaConfig(inner_steps=1, inner_lr=0.05, outer_lr=0.1))
+    dim = sum(p.numel() for p in learner.init_params().values())
+    proto, defense = SecAggPlus(clip_range=secagg_clip_range(clip=0.5, cohort=4, dim=dim)), make_defense("mean")
+    cfg = PrivacyConfig(mode="user", noise_multiplier=1.5, delta=1e-3, clip=0.5, placement="distributed",
+                        min_survivors=4)
+    setup = setup_privacy(cfg, learner, n_train_clients=12, clients_per_round=4, rounds=3, dataset_kind="regression",
+                          protocol=proto, defense=defense)
+    server = Server(setup.learner, proto, defense, update_hook=setup.update_hook,
+                    aggregate_hook=setup.aggregate_hook, equal_weights=setup.equal_weights)
+    clients = [Client.build(t) for t in SINE.train]
+    drop = _DropOne(victim=-1)
+    released: dict[int, list[tuple[float, float, float]]] = {}
+    for r, cohort in enumerate(([0, 1, 2, 3], [0, 1, 4, 5], [2, 3, 4, 5])):
+        drop.victim = cohort[0]  # one dropout per round: 3 contributors, noise sized for 4
+        rec = server.run_round(r, [clients[i] for i in cohort], transport=drop)
+        assert len(rec.accepted) == 3
+        scale = proto.plan(r, cohort, dim, max_weight=1.0).fixed_point.scale
+        l1, l2 = rounded_sensitivity(scale=scale, clip=0.5, dim=dim)
+        for c in rec.accepted:
+            released.setdefault(c, []).append((l1, l2, 3 * (1.5 * l2) ** 2 / 4))
+        setup.end_round(r, accepted=rec.accepted)
+    report = setup.report()
+    assert report["deficit_rounds"] == [0, 1, 2] and report["min_survivors"] == 4
+    for c, rel in released.items():
+        assert report["epsilon_per_client"][str(c)] == pytest.approx(skellam_epsilon(rel, 1e-3), rel=1e-9)
+    assert report["epsilon_max"] == pytest.approx(max(skellam_epsilon(rel, 1e-3) for rel in released.values()))
+    # without the deficit the same releases cost less
+    full = max(skellam_epsilon([(a, b, v * 4 / 3) for a, b, v in rel], 1e-3) for rel in released.values())
+    assert report["epsilon_max"] > full
 
 
 def test_user_level_updates_reaching_the_protocol_are_clipped() -> None:
@@ -149,25 +181,19 @@ def test_record_level_budget_is_enforced_per_client() -> None:
         setup.learner.update(params, task)
 
 
-def test_secure_rng_noise_is_not_reproducible_from_the_run_seed() -> None:
-    cfg = PrivacyConfig(mode="user", noise_multiplier=1.0, delta=1e-3, secure_rng=True)
-    outs = []
-    for _ in range(2):
-        learner = LEARNERS.create("reptile", model=make_model(SINE, hidden=(8,)), config=MetaConfig())
-        s = setup_privacy(cfg, learner, n_train_clients=12, clients_per_round=4, rounds=2,
-                          generator=torch.Generator().manual_seed(0))
-        assert s.aggregate_hook is not None
-        outs.append(s.aggregate_hook(4, torch.zeros(50)))
-    assert not torch.equal(outs[0], outs[1])
-    plain = PrivacyConfig(mode="user", noise_multiplier=1.0, delta=1e-3)
-    again = []
-    for _ in range(2):
-        learner = LEARNERS.create("reptile", model=make_model(SINE, hidden=(8,)), config=MetaConfig())
-        s = setup_privacy(plain, learner, n_train_clients=12, clients_per_round=4, rounds=2,
-                          generator=torch.Generator().manual_seed(0))
-        assert s.aggregate_hook is not None
-        again.append(s.aggregate_hook(4, torch.zeros(50)))
-    assert torch.equal(again[0], again[1])
+def test_seeded_noise_is_reproducible_only_behind_the_insecure_flag() -> None:
+    outs = {}
+    for flag in (False, True):
+        cfg = PrivacyConfig(mode="user", noise_multiplier=1.0, delta=1e-3, insecure_seeded_noise=flag)
+        outs[flag] = []
+        for _ in range(2):
+            learner = LEARNERS.create("reptile", model=make_model(SINE, hidden=(8,)), config=MetaConfig())
+            s = setup_privacy(cfg, learner, n_train_clients=12, clients_per_round=4, rounds=2,
+                              generator=torch.Generator().manual_seed(0))
+            assert s.aggregate_hook is not None
+            outs[flag].append(s.aggregate_hook(4, torch.zeros(50)))
+    assert not torch.equal(outs[False][0], outs[False][1])
+    assert torch.equal(outs[True][0], outs[True][1])
 
 
 @pytest.mark.parametrize(("rounds", "q"), [(20, 0.1), (30, 1 / 3), (5, 0.05), (7, 1.0)])
