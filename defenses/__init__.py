@@ -6,7 +6,19 @@ Every rule is a ``Defense``: call it on ``[n, d]`` updates (optional weights) to
 Pre-aggregators compose with ``>>`` (``NNM(f=2) >> TrimmedMean(f=2)``).
 """
 
-from securefml.defenses.base import AggregationResult, Composed, Defense, PreAggregator
+from collections.abc import Mapping
+from typing import Any
+
+from securefml.defenses.base import (
+    AggregationResult,
+    Composed,
+    Defense,
+    MeanEquivalenceWarning,
+    PreAggregator,
+    effective_f,
+    register_mean_condition,
+)
+from securefml.defenses.budget import BYZANTINE_KEY, byzantine_budget, cohort_tail
 from securefml.defenses.cedar import CedarDetector
 from securefml.defenses.clustering import FLAME, DnC, FoolsGold
 from securefml.defenses.coordinate import CoordinateMedian, Meamed, TrimmedMean
@@ -23,6 +35,10 @@ __all__ = [
     "Composed",
     "Defense",
     "PreAggregator",
+    "MeanEquivalenceWarning",
+    "BYZANTINE_KEY",
+    "byzantine_budget",
+    "cohort_tail",
     "Mean",
     "CoordinateMedian",
     "TrimmedMean",
@@ -48,6 +64,14 @@ __all__ = [
     "DEFENSES",
     "make_defense",
 ]
+
+def _trimmed_to_mean(rule: TrimmedMean | Meamed, n: int, context: Mapping[str, Any]) -> str | None:
+    f = effective_f(rule.f, context, rule)
+    return "f=0 trims nothing" if f == 0 else None
+
+
+register_mean_condition(TrimmedMean, _trimmed_to_mean)
+register_mean_condition(Meamed, _trimmed_to_mean)
 
 DEFENSES: Registry[Defense] = Registry("defense")
 DEFENSES.register("mean")(Mean)

@@ -212,7 +212,10 @@ class Server:
         by_id = {c.client_id: c for c in cohort}
         self._poison(round_idx, results, by_id, len(cohort), generator)
         updates = self._prepare_uploads(results, by_id)
+        layer_sets = {u.layers for u in updates}
         context = {
+            # one layer set for the whole cohort: rules that keep per-layer state need its names
+            **({"layers": next(iter(layer_sets))} if len(layer_sets) == 1 else {}),
             "layout": self.layout,
             "global_vector": self.global_vector,
             "generator": generator,
