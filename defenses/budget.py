@@ -41,7 +41,9 @@ def cohort_tail(fraction: float, cohort: int, f: int, *, population: int | None 
     0.318
     """
     if population is None:
-        return sum(math.comb(cohort, k) * fraction**k * (1 - fraction) ** (cohort - k) for k in range(f + 1, cohort + 1))
+        return sum(
+            math.comb(cohort, k) * fraction**k * (1 - fraction) ** (cohort - k) for k in range(f + 1, cohort + 1)
+        )
     bad = int(round(fraction * population))
     total = math.comb(population, cohort)
     return sum(

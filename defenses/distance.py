@@ -146,7 +146,8 @@ class _GeometryRule(Defense):
         return AggregationResult(agg, client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
 
     def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
-        coeffs, scores, flagged, info = self._decide(gram.sq_distances(), gram.client_ids, effective_f(self.f, context, self))
+        f = effective_f(self.f, context, self)
+        coeffs, scores, flagged, info = self._decide(gram.sq_distances(), gram.client_ids, f)
         return AggregationResult(None, gram.client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
 
 

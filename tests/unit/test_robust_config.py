@@ -62,7 +62,8 @@ def test_budget_margin_for_the_issue_cohort():
 
 @pytest.mark.parametrize(
     "rule",
-    [MultiKrum(f=0), NNM(f=0) >> Krum(f=1), TrimmedMean(f=0), ARC(f=0) >> Mean(), make_defense("nnm:f=0>>multikrum:f=0")],
+    [MultiKrum(f=0), NNM(f=0) >> Krum(f=1), TrimmedMean(f=0), ARC(f=0) >> Mean(),
+     make_defense("nnm:f=0>>multikrum:f=0")],
     ids=["multikrum0", "nnm0>>krum", "trimmed0", "arc0>>mean", "nnm0>>multikrum0"],
 )
 @settings(max_examples=15, deadline=None)
