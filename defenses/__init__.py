@@ -25,8 +25,9 @@ from securefml.defenses.coordinate import CoordinateMedian, Meamed, TrimmedMean
 from securefml.defenses.distance import Bulyan, Krum, MultiKrum, NormBound
 from securefml.defenses.geometric import CenteredClipping, GeometricMedian
 from securefml.defenses.mean import Mean
-from securefml.defenses.metrics import DetectionRates, DetectionTracker, detection_rates
+from securefml.defenses.metrics import DetectionRates, DetectionTracker, cumulative_detection, detection_rates
 from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping
+from securefml.defenses.reputation import Reputation
 from securefml.defenses.trust import FLTrust
 from securefml.registry import Registry
 
@@ -58,9 +59,11 @@ __all__ = [
     "FoolsGold",
     "DnC",
     "CedarDetector",
+    "Reputation",
     "DetectionRates",
     "DetectionTracker",
     "detection_rates",
+    "cumulative_detection",
     "DEFENSES",
     "make_defense",
 ]
@@ -93,6 +96,7 @@ DEFENSES.register("flame")(FLAME)
 DEFENSES.register("foolsgold")(FoolsGold)
 DEFENSES.register("dnc")(DnC)
 DEFENSES.register("cedar")(CedarDetector)
+DEFENSES.register("reputation")(Reputation)
 
 
 def make_defense(spec: str) -> Defense:
@@ -101,12 +105,20 @@ def make_defense(spec: str) -> Defense:
     A bare positional value is the rule's ``f`` (``"krum:3"``); ``>>`` composes
     pre-aggregators before the last rule.
 
+    ``reputation[:k=v]>>rule`` wraps ``rule`` in per-client reputation (``Reputation``).
+
     >>> make_defense("nnm:f=1>>krum:1")
     NNM(f=1, chunk=65536) >> Krum(f=1, chunk=65536)
+    >>> make_defense("reputation:threshold=2.5>>mean")
+    Reputation(Mean(), threshold=2.5, min_rounds=2, z_clip=4.0)
     """
     from securefml.registry import parse_spec
 
     parts = [p.strip() for p in spec.split(">>")]
+    head, head_kwargs = parse_spec(parts[0])
+    if head == "reputation":  # "reputation:threshold=2>>rule": reputation wraps the rest
+        inner = make_defense(">>".join(parts[1:])) if len(parts) > 1 else None
+        return Reputation(inner, **head_kwargs)
     built = []
     for part in parts:
         name, kwargs = parse_spec(part)

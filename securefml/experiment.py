@@ -15,7 +15,14 @@ from securefml.attacks import Attack, make_attack
 from securefml.client import Client
 from securefml.data import load_dataset
 from securefml.data.base import FederatedDataset
-from securefml.defenses import BYZANTINE_KEY, Defense, DetectionTracker, byzantine_budget, make_defense
+from securefml.defenses import (
+    BYZANTINE_KEY,
+    Defense,
+    DetectionTracker,
+    byzantine_budget,
+    cumulative_detection,
+    make_defense,
+)
 from securefml.errors import ConfigError
 from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
@@ -235,6 +242,7 @@ def run_experiment(
     for r in history:
         tracker.update(r.round, flagged=r.flagged, cohort_ids=r.accepted)
     overall = tracker.overall()
+    cumulative = cumulative_detection(((r.round, r.accepted, r.flagged) for r in history), malicious_ids)
     metrics = {
         "personalized": personalized.to_dict(),
         "global": global_only.to_dict(),
@@ -248,6 +256,7 @@ def run_experiment(
             "fpr": overall.fpr,
             "flagged_total": overall.tp + overall.fp,
             **tracker.to_dict(),
+            "cumulative": [{"round": i, **c.to_dict()} for i, c in cumulative],
         },
     }
     if on_finish is not None:
