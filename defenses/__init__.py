@@ -28,6 +28,7 @@ from securefml.defenses.mean import Mean
 from securefml.defenses.metrics import DetectionRates, DetectionTracker, cumulative_detection, detection_rates
 from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping
 from securefml.defenses.reputation import Reputation
+from securefml.defenses.subsets import CAF, MDA, SMEA
 from securefml.defenses.trust import FLTrust
 from securefml.registry import Registry
 
@@ -60,6 +61,9 @@ __all__ = [
     "DnC",
     "CedarDetector",
     "Reputation",
+    "MDA",
+    "SMEA",
+    "CAF",
     "DetectionRates",
     "DetectionTracker",
     "detection_rates",
@@ -97,6 +101,9 @@ DEFENSES.register("foolsgold")(FoolsGold)
 DEFENSES.register("dnc")(DnC)
 DEFENSES.register("cedar")(CedarDetector)
 DEFENSES.register("reputation")(Reputation)
+DEFENSES.register("mda")(MDA)
+DEFENSES.register("smea")(SMEA)
+DEFENSES.register("caf")(CAF)
 
 
 def make_defense(spec: str) -> Defense:
