@@ -130,7 +130,9 @@ class _SubsetRule(Defense):
     def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
         return "f=0 keeps every update" if effective_f(self.f, context, self) == 0 else None
 
-    def _result(self, coeffs: torch.Tensor, ids: tuple[int, ...], agg: torch.Tensor | None, f: int) -> AggregationResult:
+    def _result(
+        self, coeffs: torch.Tensor, ids: tuple[int, ...], agg: torch.Tensor | None, f: int
+    ) -> AggregationResult:
         flagged = tuple(c for c, w in zip(ids, coeffs.tolist()) if w <= 0)
         return AggregationResult(agg, ids, weights=coeffs, flagged=flagged, info={"f": f})
 
