@@ -25,6 +25,7 @@ from securefml.attacks.model_poisoning import (
     SignFlip,
     alie_z,
 )
+from securefml.attacks.optimal import OptimalALIE, OptimalIPM
 from securefml.attacks.protocol_attacks import (
     Drop,
     Duplicate,
@@ -62,6 +63,8 @@ __all__ = [
     "attack_success_rate",
     "Adaptive",
     "defense_deviation",
+    "OptimalALIE",
+    "OptimalIPM",
     "MetaBackdoor",
     "MetaSGDLearningRate",
     "TamperEvent",
@@ -98,6 +101,8 @@ ATTACKS.register("mimic")(Mimic)
 ATTACKS.register("labelflip")(LabelFlip)
 ATTACKS.register("backdoor")(Backdoor)
 ATTACKS.register("adaptive")(Adaptive)
+ATTACKS.register("optimal-alie")(OptimalALIE)
+ATTACKS.register("optimal-ipm")(OptimalIPM)
 ATTACKS.register("meta-backdoor")(MetaBackdoor)
 ATTACKS.register("metasgd-lr")(MetaSGDLearningRate)
 
