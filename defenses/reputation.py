@@ -9,22 +9,26 @@ of a standardised per-round score and flags a client once the evidence is signif
 flagged clients are excluded before the wrapped rule runs.
 
 Score (per round, per client ``i``): the cosine between ``u_i`` and the sum of the other
-non-flagged updates, ``<u_i, S - u_i> / (||u_i|| ||S - u_i||)``; every term is an entry of the
-Gram matrix, so the score is computed from a CKKS ``Gram`` (the key holder decrypts only
-that matrix) exactly as from plaintext updates.  The round's scores are standardised with
-the median and the MAD (robust to the attackers among them), ``z_i = (c_i - med) / (1.4826
-MAD)``, clipped to ``[-z_clip, z_clip]`` so one wild round cannot decide alone, and
-accumulated.  A client with ``k >= min_rounds`` observations is flagged while
-``sum(z) / sqrt(k) < -threshold`` (a one-sided z-test of "this client scores like the
-cohort"; for an honest client whose z-scores are roughly standard normal, the chance of
-being flagged at a given time is about ``Phi(-threshold)``, 10 % at the default 1.28).
+non-flagged updates, ``c_i = <u_i, S - u_i> / (||u_i|| ||S - u_i||)``; every term is an entry
+of the Gram matrix, so the score is computed from a CKKS ``Gram`` (the key holder decrypts
+only that matrix) exactly as from plaintext updates.  Evidence: the sum of a client's scores
+over the ``k`` rounds it took part in.  The scale ``sigma`` is pooled over every score seen
+in the last ``window`` observations (1.4826 times their median absolute deviation, robust to
+the attackers' scores).  A client with ``k >= min_rounds`` observations is flagged while
+``sum(c) / (sigma sqrt(k)) < -threshold``, i.e. while an upper confidence bound of its mean
+agreement with the consensus (one-sided, ``Phi(threshold)``: 69 % at the default 0.5) is
+below zero.  Honest clients agree with the consensus *on average* (on digits-fewshot their
+cosine is about +0.12, a unit sign flipper's about -0.15, both +- 0.25 per round), so the
+evidence separates them as participations accumulate, while a single round cannot.
 
 Threat model and limits: Byzantine clients that *disagree with the consensus* over the
 rounds they take part in (sign flip, IPM, large scaling) are found; an attacker that copies
 the consensus (mimic, small ALIE shifts) scores like an honest client and is left to the
 wrapped rule, which still bounds its influence.  An attacker that behaves honestly most of
 the time accumulates evidence only in the rounds it attacks.  Exclusion is never less robust
-than the wrapped rule: the rule runs on the non-flagged rows with the same ``f``.  Reputation
+than the wrapped rule: the rule runs on the non-flagged rows with the same ``f``, and at
+most ``(n - 1) // 2`` of a cohort of ``n`` are excluded (those with the strongest evidence),
+so the rule always sees a majority of the cohort.  Reputation
 is keyed by client id, so it assumes ids cannot be freshly minted by the attacker (no Sybil
 re-registration), as in the reputation literature.
 
@@ -39,6 +43,7 @@ Byzantine-Robust Federated Machine Learning through Adaptive Model Averaging (AF
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,7 +55,7 @@ from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.protocols.base import Reveals
 
-__all__ = ["consensus_cosine", "robust_z", "Reputation"]
+__all__ = ["consensus_cosine", "robust_scale", "Reputation"]
 
 
 def consensus_cosine(inner: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
@@ -71,13 +76,10 @@ def consensus_cosine(inner: torch.Tensor, include: torch.Tensor) -> torch.Tensor
     return torch.where(denom > 1e-300, a / denom.clamp_min(1e-300), torch.zeros_like(a)).clamp(-1, 1)
 
 
-def robust_z(scores: torch.Tensor, *, clip: float) -> torch.Tensor:
-    """``(s - median) / (1.4826 MAD)``, clipped to ``[-clip, clip]`` (0 where the MAD is 0)."""
-    med = scores.median()
-    mad = (scores - med).abs().median() * 1.4826
-    if float(mad) <= 1e-12:
-        return torch.zeros_like(scores)
-    return ((scores - med) / mad).clamp(-clip, clip)
+def robust_scale(values: torch.Tensor) -> float:
+    """1.4826 times the median absolute deviation (the standard deviation for normal data)."""
+    med = values.median()
+    return float((values - med).abs().median() * 1.4826)
 
 
 class Reputation(Defense):
@@ -89,44 +91,51 @@ class Reputation(Defense):
         The aggregation rule run on the non-flagged clients (default: the mean).  Must run
         on the same protocol reveals (a Gram rule under CKKS).
     threshold:
-        Flag while ``sum(z) / sqrt(k) < -threshold``.
+        Flag while ``sum(c) / (sigma sqrt(k)) < -threshold``.
     min_rounds:
         Observations needed before a client can be flagged.
-    z_clip:
-        Bound on one round's standardised score.
+    window:
+        How many recent scores (all clients) the pooled scale ``sigma`` is estimated from.
 
     ``flagged`` in the result lists the cohort members the reputation currently excludes
     (the wrapped rule's own flags are in ``info["rule_flagged"]``); ``info["scores"]`` has
-    the round's z-scores and ``info["evidence"]`` each member's running statistic.
+    the round's cosines and ``info["evidence"]`` each member's running statistic.
     """
 
     name = "reputation"
 
     def __init__(
-        self, rule: Defense | None = None, *, threshold: float = 1.28, min_rounds: int = 2, z_clip: float = 4.0
+        self, rule: Defense | None = None, *, threshold: float = 0.5, min_rounds: int = 2, window: int = 2000
     ) -> None:
         if not (isinstance(threshold, (int, float)) and 0 < threshold < float("inf")):
             raise ConfigError(f"threshold must be positive and finite, got {threshold!r}")
         if isinstance(min_rounds, bool) or not isinstance(min_rounds, int) or min_rounds < 1:
             raise ConfigError(f"min_rounds must be a positive integer, got {min_rounds!r}")
-        if not (isinstance(z_clip, (int, float)) and 0 < z_clip < float("inf")):
-            raise ConfigError(f"z_clip must be positive and finite, got {z_clip!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 8:
+            raise ConfigError(f"window must be an integer >= 8, got {window!r}")
         self.rule = rule if rule is not None else Mean()
         if not isinstance(self.rule, Defense):
             raise ConfigError(f"rule must be a Defense, got {self.rule!r}")
         self.threshold = float(threshold)
         self.min_rounds = min_rounds
-        self.z_clip = float(z_clip)
+        self.window = window
+        self._recent: deque[float] = deque(maxlen=window)
         self.runs_on = frozenset(self.rule.runs_on & {Reveals.UPDATES, Reveals.GRAM})
         self.needs_reference = self.rule.needs_reference
         self._count: dict[int, int] = {}
         self._sum: dict[int, float] = {}
 
     # -- evidence ------------------------------------------------------------------------------
+    def scale(self) -> float:
+        """The pooled robust scale of recent scores (1.0 until there are 8 of them)."""
+        if len(self._recent) < 8:
+            return 1.0
+        return max(robust_scale(torch.tensor(list(self._recent), dtype=torch.float64)), 1e-6)
+
     def statistic(self, client_id: int) -> float | None:
-        """``sum(z) / sqrt(k)`` for a client seen ``k`` times, None if never seen."""
+        """``sum(c) / (sigma sqrt(k))`` for a client seen ``k`` times, None if never seen."""
         k = self._count.get(int(client_id), 0)
-        return None if k == 0 else self._sum[int(client_id)] / math.sqrt(k)
+        return None if k == 0 else self._sum[int(client_id)] / (self.scale() * math.sqrt(k))
 
     def is_flagged(self, client_id: int) -> bool:
         stat = self.statistic(client_id)
@@ -137,19 +146,28 @@ class Reputation(Defense):
         return tuple(sorted(c for c in self._count if self.is_flagged(c)))
 
     def _observe(self, gram: Gram) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score the round, update the evidence; returns (z-scores, keep mask)."""
+        """Score the round, update the evidence; returns (scores, keep mask)."""
         ids = gram.client_ids
         prior = torch.tensor([not self.is_flagged(c) for c in ids])
         if gram.n < 3 or int(prior.sum()) < 2:
-            return torch.zeros(gram.n, dtype=torch.float64), prior
-        z = robust_z(consensus_cosine(gram.inner, prior), clip=self.z_clip)
+            return torch.zeros(gram.n, dtype=torch.float64), self._cap(ids, prior)
+        z = consensus_cosine(gram.inner, prior)
         for c, zi in zip(ids, z.tolist()):
             self._count[c] = self._count.get(c, 0) + 1
             self._sum[c] = self._sum.get(c, 0.0) + zi
-        keep = torch.tensor([not self.is_flagged(c) for c in ids])
-        if not bool(keep.any()):
-            keep = prior  # never exclude the whole cohort on this round's evidence
-        return z, keep
+            self._recent.append(zi)
+        return z, self._cap(ids, torch.tensor([not self.is_flagged(c) for c in ids]))
+
+    def _cap(self, ids: tuple[int, ...], keep: torch.Tensor) -> torch.Tensor:
+        """Exclude at most ``(n - 1) // 2`` of ``n``: those with the strongest evidence."""
+        n = len(ids)
+        limit = (n - 1) // 2  # a majority of the cohort always reaches the rule
+        excluded = (~keep).nonzero().flatten().tolist()
+        if len(excluded) > limit:
+            worst = sorted(excluded, key=lambda i: self.statistic(ids[i]) or 0.0)[:limit]
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[worst] = False
+        return keep
 
     def _finish(
         self, res: AggregationResult, ids: tuple[int, ...], keep: torch.Tensor, z: torch.Tensor
@@ -187,7 +205,8 @@ class Reputation(Defense):
         return None  # excluding flagged clients is not the mean, even around the mean
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": dict(self._count), "sum": dict(self._sum), "rule": self.rule.state_dict()}
+        return {"count": dict(self._count), "sum": dict(self._sum), "recent": list(self._recent),
+                "rule": self.rule.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         count, total = state.get("count", {}), state.get("sum", {})
@@ -195,8 +214,9 @@ class Reputation(Defense):
             raise ConfigError("Reputation state needs 'count' and 'sum' mappings over the same client ids")
         self._count = {int(c): int(k) for c, k in count.items()}
         self._sum = {int(c): float(v) for c, v in total.items()}
+        self._recent = deque((float(v) for v in state.get("recent", [])), maxlen=self.window)
         self.rule.load_state_dict(state.get("rule", {}))
 
     def __repr__(self) -> str:
         return (f"Reputation({self.rule!r}, threshold={self.threshold}, min_rounds={self.min_rounds}, "
-                f"z_clip={self.z_clip})")
+                f"window={self.window})")
