@@ -32,9 +32,9 @@ import torch
 from securefml.experiment import RunConfig, run_experiment
 
 SETTINGS = [("digits-fewshot", "fomaml"), ("digits-fewshot", "maml"), ("digits-skew", "fedavg")]
-DEFENSES = ["mean", "reputation>>mean", "nnm>>cclip", "arc>>nnm>>multikrum", "geomed", "median",
-            "reputation>>nnm>>cclip"]
-ATTACKS = ["signflip:scale=1", "signflip:scale=10", "alie", "ipm", "mimic"]
+DEFENSES = ["mean", "reputation>>arc>>mean", "reputation>>mean", "nnm>>cclip", "arc>>nnm>>multikrum", "geomed",
+            "caf", "median"]
+ATTACKS = ["signflip:scale=1", "signflip:scale=10", "alie", "ipm", "mimic", "optimal-alie", "optimal-ipm"]
 # t quantiles (0.975) for 1..10 degrees of freedom
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
@@ -54,7 +54,8 @@ def accuracy(cfg: RunConfig) -> float:
 
 def matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
-    for dataset, algorithm in SETTINGS:
+    for setting in args.settings:
+        dataset, algorithm = setting.split("/")
         for frac in args.malicious:
             rows = []
             for defense in args.defenses:
@@ -120,6 +121,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--malicious", type=float, nargs="+", default=[0.2, 0.25])
     ap.add_argument("--defenses", nargs="+", default=DEFENSES)
+    ap.add_argument("--settings", nargs="+", default=[f"{d}/{a}" for d, a in SETTINGS],
+                    help="dataset/algorithm pairs, e.g. digits-fewshot/fomaml")
     ap.add_argument("--attacks", nargs="+", default=ATTACKS)
     ap.add_argument("--detection-rounds", type=int, default=100)
     ap.add_argument("--detection-protocols", nargs="+", default=["plaintext", "ckks"])

@@ -27,6 +27,7 @@ from securefml.defenses.geometric import CenteredClipping, GeometricMedian
 from securefml.defenses.mean import Mean
 from securefml.defenses.metrics import DetectionRates, DetectionTracker, cumulative_detection, detection_rates
 from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping
+from securefml.defenses.recommended import recommended
 from securefml.defenses.reputation import Reputation
 from securefml.defenses.subsets import CAF, MDA, SMEA
 from securefml.defenses.trust import FLTrust
@@ -61,6 +62,7 @@ __all__ = [
     "DnC",
     "CedarDetector",
     "Reputation",
+    "recommended",
     "MDA",
     "SMEA",
     "CAF",
@@ -112,7 +114,8 @@ def make_defense(spec: str) -> Defense:
     A bare positional value is the rule's ``f`` (``"krum:3"``); ``>>`` composes
     pre-aggregators before the last rule.
 
-    ``reputation[:k=v]>>rule`` wraps ``rule`` in per-client reputation (``Reputation``).
+    ``reputation[:k=v]>>rule`` wraps ``rule`` in per-client reputation (``Reputation``);
+    ``recommended[:protocol]`` is ``recommended(protocol)``.
 
     >>> make_defense("nnm:f=1>>krum:1")
     NNM(f=1, chunk=65536) >> Krum(f=1, chunk=65536)
@@ -123,6 +126,10 @@ def make_defense(spec: str) -> Defense:
 
     parts = [p.strip() for p in spec.split(">>")]
     head, head_kwargs = parse_spec(parts[0])
+    if head == "recommended" and len(parts) == 1:  # "recommended[:protocol=ckks]"
+        if "_" in head_kwargs:
+            head_kwargs["protocol"] = head_kwargs.pop("_")
+        return recommended(**head_kwargs)
     if head == "reputation":  # "reputation:threshold=2>>rule": reputation wraps the rest
         inner = make_defense(">>".join(parts[1:])) if len(parts) > 1 else None
         return Reputation(inner, **head_kwargs)
