@@ -10,6 +10,7 @@ from securefml.evaluation.cli import PRESETS, add_eval_parser, preset, run_eval
 from securefml.evaluation.matrix import Cell, Matrix, cell_key, label_of, run_cell, run_matrix
 from securefml.evaluation.metrics import METRICS, backdoor_success, cell_metrics, is_backdoor
 from securefml.evaluation.report import load_records, markdown_table, pivot, save_records, write_reports
+from securefml.evaluation.resistance import ResistanceRow, resistance_markdown, resistance_rows, t_interval
 
 __all__ = [
     "Evaluation",
@@ -33,4 +34,8 @@ __all__ = [
     "preset",
     "add_eval_parser",
     "run_eval",
+    "ResistanceRow",
+    "resistance_rows",
+    "resistance_markdown",
+    "t_interval",
 ]
