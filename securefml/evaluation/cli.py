@@ -17,6 +17,8 @@ from typing import Any
 
 from securefml.errors import ConfigError
 from securefml.evaluation.matrix import Cell
+from securefml.evaluation.report import markdown_table
+from securefml.evaluation.resistance import resistance_markdown
 from securefml.server import RoundRecord
 
 __all__ = ["add_eval_parser", "run_eval", "preset", "ProgressBars", "PRESETS"]
@@ -184,7 +186,15 @@ def run_eval(args: argparse.Namespace) -> int:
         threads=args.threads, progress=not args.no_progress,
     )
     seconds = time.perf_counter() - started
-    print(ev.table("global"))
+    for title, metric in (("personalized accuracy", "personalized"), ("global accuracy", "global"),
+                          ("cumulative detection TPR (last round)", "tpr_cumulative"),
+                          ("cumulative detection FPR (last round)", "fpr_cumulative")):
+        table = markdown_table(ev.records, metric)
+        if table and any(r.get(metric) is not None for r in ev.records):
+            print(f"\n{title}\n{table}")
+    resistance = resistance_markdown(ev.records)
+    if resistance:
+        print(f"\nresistance (sorted by worst case)\n{resistance}")
     failed = [r for r in ev.records if r.get("error")]
     print(f"{len(ev.records)} cells ({ev.reused} reused, {len(failed)} failed) in {seconds:.1f} s")
     for name, path in ev.paths.items():
