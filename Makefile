@@ -17,9 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/securefml run --dataset digits-fewshot --algorithm fomaml --rounds 60 --clients-per-round 8 \
-		--protocol ckks --select topk:fraction=0.5,server_dictated=true \
-		--attack signflip --malicious 0.25 --defense multikrum:f=2 --out results/demo
+	$(BIN)/securefml eval --dataset digits-fewshot --algorithm fomaml --rounds 60 --clients-per-round 8 --dataset-option n_train=40 --protocols ckks --attacks none signflip --malicious 0.25 --defenses mean recommended --seeds 0 --fresh --no-plots --no-progress --out results/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests
