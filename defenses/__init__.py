@@ -27,7 +27,7 @@ from securefml.defenses.geometric import CenteredClipping, GeometricMedian
 from securefml.defenses.mean import Mean
 from securefml.defenses.metrics import DetectionRates, DetectionTracker, cumulative_detection, detection_rates
 from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping
-from securefml.defenses.recommended import recommended
+from securefml.defenses.preset import recommended
 from securefml.defenses.reputation import Reputation
 from securefml.defenses.subsets import CAF, MDA, SMEA
 from securefml.defenses.trust import FLTrust
