@@ -53,14 +53,21 @@ def _subsets(n: int, f: int, rule: str) -> itertools.combinations:
 
 
 def mda_subset(sq_dist: torch.Tensor, f: int) -> tuple[int, ...]:
-    """The ``n - f`` rows with the smallest diameter (max pairwise distance); first in order on ties."""
+    """The ``n - f`` rows with the smallest diameter (max pairwise distance).
+
+    Subsets sharing the diameter pair tie on the diameter; ties are broken by the next
+    largest distances (lexicographic on the sorted pairwise distances), a function of the
+    set's geometry, so the choice does not depend on row order.
+    """
     n = sq_dist.shape[0]
-    best, best_d = (), math.inf
+    best: tuple[int, ...] = ()
+    best_key: list[float] | None = None
+    iu = torch.triu_indices(n - f, n - f, offset=1)
     for s in _subsets(n, f, "MDA"):
         idx = torch.tensor(s)
-        diam = float(sq_dist[idx][:, idx].max())
-        if diam < best_d:
-            best, best_d = s, diam
+        key = sq_dist[idx][:, idx][iu[0], iu[1]].sort(descending=True).values.tolist()
+        if best_key is None or key < best_key:
+            best, best_key = s, key
     return best
 
 
