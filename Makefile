@@ -28,9 +28,7 @@ $(LINKS): $(STAMP)
 setup: $(LINKS)
 
 run: $(LINKS)
-	$(BIN)/securefml run --dataset digits-fewshot --algorithm fomaml --rounds 60 --clients-per-round 8 \
-		--protocol ckks --select topk:fraction=0.5,server_dictated=true \
-		--attack signflip --malicious 0.25 --defense multikrum:f=2 --out results/demo
+	$(BIN)/securefml eval --dataset digits-fewshot --algorithm fomaml --rounds 60 --clients-per-round 8 --dataset-option n_train=40 --protocols ckks --attacks none signflip --malicious 0.25 --defenses mean recommended --seeds 0 --fresh --no-plots --no-progress --out results/demo
 
 # The suite includes tests/test_packaging.py: the built wheel in a fresh virtualenv.
 test: $(LINKS)

@@ -25,6 +25,7 @@ from securefml.attacks.model_poisoning import (
     SignFlip,
     alie_z,
 )
+from securefml.attacks.optimal import OptimalALIE, OptimalIPM
 from securefml.attacks.protocol_attacks import (
     Drop,
     Duplicate,
@@ -61,6 +62,8 @@ __all__ = [
     "attack_success_rate",
     "Adaptive",
     "defense_deviation",
+    "OptimalALIE",
+    "OptimalIPM",
     "MetaBackdoor",
     "MetaSGDLearningRate",
     "TamperEvent",
@@ -99,6 +102,8 @@ ATTACKS.register("backdoor", positional="target")(Backdoor)
 ATTACKS.register("adaptive", positional="direction")(Adaptive)
 ATTACKS.register("meta-backdoor", positional="target")(MetaBackdoor)
 ATTACKS.register("metasgd-lr", positional="mode")(MetaSGDLearningRate)
+ATTACKS.register("optimal-alie")(OptimalALIE)
+ATTACKS.register("optimal-ipm")(OptimalIPM)
 
 PROTOCOL_ATTACKS: Registry[TamperingTransport] = Registry("protocol attack")
 PROTOCOL_ATTACKS.register("truncate")(Truncate)

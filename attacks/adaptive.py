@@ -9,7 +9,9 @@ the honest mean.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,14 +23,19 @@ from securefml.errors import ConfigError
 __all__ = ["Adaptive", "defense_deviation"]
 
 
-def defense_deviation(defense: Any, honest: torch.Tensor, malicious: torch.Tensor) -> float:
+def defense_deviation(
+    defense: Any, honest: torch.Tensor, malicious: torch.Tensor, *, context: Mapping[str, Any] | None = None
+) -> float:
     """``|| defense(honest + malicious rows) - mean(honest) ||``, the damage one round does.
 
     The honest rows come first, the malicious ones last; a rule that returns only weights (a
     Gram-only rule) is applied to the rows here.  A non-finite result counts as no damage.
+    The rule runs on a copy, so a stateful defense (centered clipping's center, a
+    reputation's evidence) is not changed by the attacker's simulation; ``context`` is what
+    the server passes its rule (e.g. the derived Byzantine budget).
     """
     rows = torch.cat([honest, malicious.to(honest.dtype)])
-    result = defense(rows)
+    result = copy.deepcopy(defense)(rows, context=dict(context or {}))
     agg = result.aggregate
     if agg is None:
         w = result.weights.to(torch.float64)
@@ -107,13 +114,16 @@ class Adaptive(Attack):
         origin, p = self._base(benign)
         return (origin + gamma * p).unsqueeze(0).expand(m, -1)
 
-    def search(self, benign: torch.Tensor, m: int, defense: Any) -> tuple[float, float]:
+    def search(
+        self, benign: torch.Tensor, m: int, defense: Any, *, context: Mapping[str, Any] | None = None
+    ) -> tuple[float, float]:
         """Return ``(gamma, deviation)`` of the best strength found."""
         honest = benign.to(torch.float64)
         origin, p = self._base(honest)
 
         def score(g: float) -> float:
-            return defense_deviation(defense, honest, (origin + g * p).unsqueeze(0).expand(m, -1))
+            rows = (origin + g * p).unsqueeze(0).expand(m, -1)
+            return defense_deviation(defense, honest, rows, context=context)
 
         grid = torch.logspace(math.log10(self.gamma_min), math.log10(self.gamma_max), self.grid, dtype=torch.float64)
         values = [score(float(g)) for g in grid]
@@ -146,6 +156,7 @@ class Adaptive(Attack):
         if context.defense is None:
             raise ConfigError("the adaptive attack needs the server's defense in AttackContext.defense")
         benign = benign_reference(own, context, omniscient=self.omniscient)
-        gamma, dev = self.search(benign, own.shape[0], context.defense)
+        gamma, dev = self.search(benign, own.shape[0], context.defense,
+                                 context=context.extras.get("defense_context"))
         context.extras.setdefault("attack_info", {})[self.name] = {"gamma": gamma, "deviation": dev}
         return self.rows(benign, gamma, own.shape[0]).to(own.dtype).clone()

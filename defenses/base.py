@@ -9,13 +9,15 @@ secrecy) instead of silently skipping it.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from securefml.defenses.budget import resolve_f
 from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -30,6 +32,8 @@ __all__ = [
     "nonfinite_rows",
     "effective_f",
     "NONFINITE_KEY",
+    "MeanEquivalenceWarning",
+    "register_mean_condition",
 ]
 
 #: Context key under which ``Defense.__call__`` / ``aggregate_gram`` pass the ids of the rows
@@ -107,13 +111,28 @@ def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(x).all(dim=1)
 
 
-def effective_f(f: int, context: Mapping[str, Any]) -> int:
+def effective_f(f: int | None, context: Mapping[str, Any], owner: object = None) -> int:
     """The Byzantine budget left once non-finite rows were excluded.
 
-    Honest clients never send NaN/Inf, so every excluded row was Byzantine: at most
-    ``f - excluded`` of the remaining rows can be.
+    ``f=None`` takes the federation's derived budget (``budget.BYZANTINE_KEY``) and raises a
+    ``ConfigError`` naming ``owner`` when there is none.  Honest clients never send NaN/Inf,
+    so every excluded row was Byzantine: at most ``f - excluded`` of the remaining rows can be.
     """
-    return max(int(f) - len(context.get(NONFINITE_KEY, ())), 0)
+    return max(resolve_f(f, context, owner) - len(context.get(NONFINITE_KEY, ())), 0)
+
+
+class MeanEquivalenceWarning(UserWarning):
+    """A robust rule's configuration makes it compute exactly the plain mean (no robustness)."""
+
+
+#: For rule classes defined outside this package's reach (``register_mean_condition``): a
+#: function (rule, n, context) -> reason string when the rule equals the mean, else None.
+_MEAN_CONDITIONS: dict[type, Callable[[Any, int, Mapping[str, Any]], str | None]] = {}
+
+
+def register_mean_condition(cls: type, condition: Callable[[Any, int, Mapping[str, Any]], str | None]) -> None:
+    """Declare when instances of ``cls`` reduce to the mean (used by ``Defense.reduces_to_mean``)."""
+    _MEAN_CONDITIONS[cls] = condition
 
 
 def _expand(res: AggregationResult, ids: tuple[int, ...], keep: torch.Tensor, bad: tuple[int, ...]) -> None:
@@ -159,6 +178,7 @@ class Defense(ABC):
         context: Mapping[str, Any] | None = None,
     ) -> AggregationResult:
         x, w, ids = prepare_inputs(updates, weights, client_ids)
+        self.warn_if_mean(x.shape[0], context or {})
         bad_mask = nonfinite_rows(x)
         if not bool(bad_mask.any()):
             return self.aggregate(x, w, ids, context=context or {})
@@ -195,6 +215,7 @@ class Defense(ABC):
                 f"(use a protocol that reveals {sorted(self.runs_on)})"
             )
         w = prepare_weights(weights, gram.n)
+        self.warn_if_mean(gram.n, context or {})
         ok = torch.isfinite(torch.diagonal(gram.inner)).cpu()
         if gram.reference is not None:
             ok &= torch.isfinite(gram.reference).cpu()
@@ -223,6 +244,30 @@ class Defense(ABC):
         coefficients to apply to the clients' (encrypted) updates.
         """
         raise ConfigError(f"{self!r} needs every client's coordinates; it cannot run on a Gram matrix")
+
+    def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
+        """Why this configuration provably outputs the plain mean of ``n`` inputs, or None.
+
+        Rules override this (or ``register_mean_condition`` declares it); the base class
+        consults the registered conditions and otherwise claims nothing.
+        """
+        for cls in type(self).__mro__:
+            cond = _MEAN_CONDITIONS.get(cls)
+            if cond is not None:
+                return cond(self, n, context)
+        return None
+
+    def warn_if_mean(self, n: int, context: Mapping[str, Any], reason: str | None = None) -> None:
+        """Warn once per instance when the rule computes nothing but the mean."""
+        if self.is_weighted_mean or getattr(self, "_mean_warned", False):
+            return
+        try:
+            reason = reason or self.reduces_to_mean(n, context)
+        except ConfigError:
+            return  # e.g. f unresolved: the rule itself raises the clear error
+        if reason:
+            object.__setattr__(self, "_mean_warned", True)
+            warnings.warn(f"{self!r} reduces to the plain mean: {reason}", MeanEquivalenceWarning, stacklevel=3)
 
     def __rshift__(self, other: Defense) -> Defense:
         if not isinstance(self, PreAggregator):
@@ -309,6 +354,15 @@ class Composed(Defense):
         mixing, mixed, w = self.pre.transform_gram(gram, weights, context=context)
         res = self.rule.decide_gram(mixed, w, context=context)
         return self._lift(res, gram.client_ids, mixed.client_ids, mixing)
+
+    def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
+        reason = self.pre.reduces_to_mean(n, context)
+        if reason and getattr(self.pre, "mixes_to_mean", False):
+            return f"{self.pre.name}: {reason} (every row it passes on is the mean)"
+        if reason:  # the pre-aggregator is the identity: the rule decides
+            rule_reason = self.rule.is_weighted_mean and "the rule is the mean" or self.rule.reduces_to_mean(n, context)
+            return f"{self.pre.name}: {reason}; {self.rule.name}: {rule_reason}" if rule_reason else None
+        return None
 
     @staticmethod
     def _lift(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from securefml.defenses.base import AggregationResult, Defense, effective_f
-from securefml.defenses.coordinate import check_f
+from securefml.defenses.budget import check_optional_f
 from securefml.defenses.distance import combine
 from securefml.defenses.linalg import DEFAULT_CHUNK, gram_matrix
 from securefml.errors import ConfigError
@@ -277,8 +277,8 @@ class DnC(Defense):
     name = "dnc"
     runs_on = frozenset({Reveals.UPDATES, Reveals.BUCKETS})
 
-    def __init__(self, f: int = 0, *, iterations: int = 5, subsample: int = 10_000, c: float = 1.0) -> None:
-        self.f = check_f(f)
+    def __init__(self, f: int | None = None, *, iterations: int = 5, subsample: int = 10_000, c: float = 1.0) -> None:
+        self.f = check_optional_f(f)
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ConfigError(f"iterations must be a positive integer, got {iterations!r}")
         if isinstance(subsample, bool) or not isinstance(subsample, int) or subsample < 1:
@@ -292,7 +292,7 @@ class DnC(Defense):
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
-        f = effective_f(self.f, context)
+        f = effective_f(self.f, context, self)
         gen = _generator(context, "DnC")
         good, scores = dnc_good_set(
             updates, f, iterations=self.iterations, subsample=self.subsample, c=self.c, generator=gen

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from securefml.defenses.base import AggregationResult, Defense, effective_f
-from securefml.defenses.coordinate import check_f, mean_around_median
+from securefml.defenses.budget import check_optional_f
+from securefml.defenses.coordinate import mean_around_median
 from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
@@ -126,8 +127,8 @@ class _GeometryRule(Defense):
 
     runs_on = _GEOMETRY
 
-    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
-        self.f = check_f(f)
+    def __init__(self, f: int | None = None, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.f = check_optional_f(f)
         self.chunk = int(chunk)
 
     @abstractmethod
@@ -140,12 +141,13 @@ class _GeometryRule(Defense):
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
         sq = sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
-        coeffs, scores, flagged, info = self._decide(sq, client_ids, effective_f(self.f, context))
+        coeffs, scores, flagged, info = self._decide(sq, client_ids, effective_f(self.f, context, self))
         agg = combine(coeffs, updates)
         return AggregationResult(agg, client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
 
     def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
-        coeffs, scores, flagged, info = self._decide(gram.sq_distances(), gram.client_ids, effective_f(self.f, context))
+        f = effective_f(self.f, context, self)
+        coeffs, scores, flagged, info = self._decide(gram.sq_distances(), gram.client_ids, f)
         return AggregationResult(None, gram.client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
 
 
@@ -206,12 +208,17 @@ class MultiKrum(_GeometryRule):
 
     name = "multikrum"
 
-    def __init__(self, f: int = 0, *, m: int | None = None, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, f: int | None = None, *, m: int | None = None, chunk: int = DEFAULT_CHUNK) -> None:
         super().__init__(f, chunk=chunk)
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ConfigError(f"m (how many updates MultiKrum averages) must be a positive integer, got {m!r}")
         self.m = m
         self.selects = m
+
+    def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
+        f = effective_f(self.f, context, self)
+        m = n - f if self.m is None else min(self.m, n)
+        return f"it averages m={m} of n={n} updates, i.e. all of them" if m >= n else None
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
@@ -248,14 +255,14 @@ class Bulyan(Defense):
     name = "bulyan"
     runs_on = frozenset({Reveals.UPDATES, Reveals.BUCKETS})
 
-    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
-        self.f = check_f(f)
+    def __init__(self, f: int | None = None, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.f = check_optional_f(f)
         self.chunk = int(chunk)
 
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
-        f = effective_f(self.f, context)
+        f = effective_f(self.f, context, self)
         n = updates.shape[0]
         if n < 4 * f + 3:
             raise ConfigError(f"Bulyan with f={f} needs n >= 4f + 3 clients, got n={n}")

@@ -20,6 +20,7 @@ from securefml.defenses.linalg import DEFAULT_CHUNK, column_blocks, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
+from securefml.updates import LayerLayout
 
 __all__ = [
     "geometric_median_coefficients",
@@ -149,6 +150,17 @@ class CenteredClipping(Defense):
     scales a vector down to norm ``tau``.  The center is explicit state: ``state_dict()`` /
     ``load_state_dict()`` save and restore it, and nothing else is hidden between calls.
 
+    ``tau=None`` (the default) is data-driven: each round it is the median distance of the
+    round's updates to the center, so about half of them are clipped whatever the scale of
+    the updates (a fixed constant either clips everything or, far more often, nothing: then
+    the rule *is* the mean, and it warns once when a round clipped nothing).
+
+    Partial-layer uploads: when the context names the uploaded ``layers`` and the full
+    ``layout`` (the server does this), the center is kept per layer over the whole model and
+    only the uploaded layers' part of it is used and moved; a layer not uploaded this round
+    keeps its center.  Without that context, a change of dimension between rounds is refused
+    with a ``ConfigError``.
+
     Threat model: a Byzantine fraction below about 10-15 % with worker momentum (paper,
     Thm. III); each Byzantine client moves the center by at most ``tau / n`` per iteration.
     Needs coordinates (the center is not in the span of the round's updates).  Uniform
@@ -163,30 +175,63 @@ class CenteredClipping(Defense):
     name = "cclip"
     runs_on = frozenset({Reveals.UPDATES, Reveals.BUCKETS})
 
-    def __init__(self, *, tau: float = 10.0, iterations: int = 1, chunk: int = DEFAULT_CHUNK) -> None:
-        if not (isinstance(tau, (int, float)) and 0 < tau < float("inf")):
-            raise ConfigError(f"tau (the clipping radius) must be positive and finite, got {tau!r}")
+    def __init__(self, *, tau: float | None = None, iterations: int = 1, chunk: int = DEFAULT_CHUNK) -> None:
+        if tau is not None and not (isinstance(tau, (int, float)) and 0 < tau < float("inf")):
+            raise ConfigError(f"tau (the clipping radius) must be positive and finite or None, got {tau!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ConfigError(f"iterations must be a positive integer, got {iterations!r}")
-        self.tau = float(tau)
+        self.tau = None if tau is None else float(tau)
         self.iterations = iterations
         self.chunk = int(chunk)
         self._center: torch.Tensor | None = None
 
+    def _start(self, updates: torch.Tensor, context: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The center for the uploaded coordinates, and the full-model mask they occupy (or None)."""
+        d = updates.shape[1]
+        layout, layers = context.get("layout"), context.get("layers")
+        if isinstance(layout, LayerLayout) and layers is not None and layout.numel_of(layers) == d:
+            if self._center is None or self._center.numel() != layout.numel:
+                if self._center is not None and self._center.numel() != d:
+                    raise ConfigError(
+                        f"CenteredClipping center has {self._center.numel()} entries, neither the model's "
+                        f"{layout.numel} nor the upload's {d}"
+                    )
+                full = torch.zeros(layout.numel, dtype=torch.float64)
+                if self._center is not None:  # a center kept for exactly these layers
+                    full[layout.mask(layers)] = self._center.cpu()
+                self._center = full
+            mask = layout.mask(layers)
+            return self._center[mask].to(updates.device), mask
+        if self._center is None:
+            return torch.zeros(d, dtype=torch.float64, device=updates.device), None
+        if self._center.numel() != d:
+            raise ConfigError(
+                f"CenteredClipping center has {self._center.numel()} entries, updates have {d}: the uploaded "
+                "layers changed between rounds; pass context['layout'] and context['layers'] (the server does) "
+                "for a per-layer center, or keep a fixed layer set"
+            )
+        return self._center.to(updates.device), None
+
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
-        d = updates.shape[1]
-        if self._center is None:
-            v = torch.zeros(d, dtype=torch.float64, device=updates.device)
-        elif self._center.numel() != d:
-            raise ConfigError(f"CenteredClipping center has {self._center.numel()} entries, updates have {d}")
-        else:
-            v = self._center.to(updates.device)
+        v, mask = self._start(updates, context)
+        taus, clipped = [], 0
         for _ in range(self.iterations):
-            v = centered_clipping_step(updates, v, self.tau, chunk=self.chunk)
-        self._center = v
-        return AggregationResult(v.to(updates.dtype), client_ids, info={"tau": self.tau})
+            dist = _distances_to(updates, v, self.chunk)
+            tau = float(dist.median()) if self.tau is None else self.tau
+            tau = max(tau, 1e-300)
+            clipped += int((dist > tau).sum())
+            taus.append(tau)
+            v = centered_clipping_step(updates, v, tau, chunk=self.chunk)
+        if clipped == 0 and updates.shape[0] > 1:
+            self.warn_if_mean(updates.shape[0], context, reason=f"tau={taus[0]:.4g} clipped no update this round")
+        if mask is None:
+            self._center = v
+        else:
+            assert self._center is not None
+            self._center[mask] = v.cpu()
+        return AggregationResult(v.to(updates.dtype), client_ids, info={"tau": taus[-1], "clipped": clipped})
 
     def state_dict(self) -> dict[str, Any]:
         return {"center": None if self._center is None else self._center.detach().cpu().clone()}
@@ -196,3 +241,11 @@ class CenteredClipping(Defense):
         if center is not None and (not isinstance(center, torch.Tensor) or center.dim() != 1):
             raise ConfigError("CenteredClipping state 'center' must be a 1-D tensor or None")
         self._center = None if center is None else center.to(torch.float64).clone()
+
+
+def _distances_to(x: torch.Tensor, center: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``||u_i - center||`` in float64, one column block at a time."""
+    sq = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for s in column_blocks(x.shape[1], chunk):
+        sq += (x[:, s].to(torch.float64) - center[s]).square().sum(dim=1)
+    return sq.sqrt()

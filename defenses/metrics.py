@@ -3,7 +3,9 @@
 In an attack evaluation the malicious ids are known, so every round's flags can be scored:
 the true positive rate (malicious clients flagged / malicious clients in the cohort) and the
 false positive rate (honest clients flagged / honest clients in the cohort), per round and
-pooled over all rounds.
+pooled over all rounds.  ``cumulative_detection`` scores the population instead: after each
+round, every client seen so far counts as flagged if it was flagged the last time it took
+part (what a reputation-based detector has concluded about it by then).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from securefml.errors import ConfigError
 
-__all__ = ["DetectionRates", "detection_rates", "DetectionTracker"]
+__all__ = ["DetectionRates", "detection_rates", "DetectionTracker", "cumulative_detection"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,41 @@ class DetectionTracker:
             "per_round": [{"round": i, **r.to_dict()} for i, r in self.rounds],
             "overall": self.overall().to_dict(),
         }
+
+
+def cumulative_detection(
+    rounds: Iterable[tuple[int, Iterable[int], Iterable[int]]], malicious_ids: Iterable[int]
+) -> list[tuple[int, DetectionRates]]:
+    """Population-level detection after each round.
+
+    Parameters
+    ----------
+    rounds:
+        ``(round, cohort_ids, flagged_ids)`` in round order.
+    malicious_ids:
+        Every malicious client id.
+
+    Returns
+    -------
+    list of (round, DetectionRates)
+        Counts over every client seen up to that round; a client's status is its flag in
+        the last round it took part in.
+
+    Examples
+    --------
+    >>> out = cumulative_detection([(0, [0, 1, 2], [2]), (1, [0, 3], [0])], malicious_ids=[0])
+    >>> [(r, x.tp, x.fp, x.fn, x.tn) for r, x in out]
+    [(0, 0, 1, 1, 1), (1, 1, 1, 0, 2)]
+    """
+    bad = {int(c) for c in malicious_ids}
+    status: dict[int, bool] = {}
+    out = []
+    for rnd, cohort, flagged in rounds:
+        flags = {int(c) for c in flagged}
+        for c in cohort:
+            status[int(c)] = int(c) in flags
+        tp = sum(1 for c, f in status.items() if f and c in bad)
+        fp = sum(1 for c, f in status.items() if f and c not in bad)
+        pos = sum(1 for c in status if c in bad)
+        out.append((int(rnd), DetectionRates(tp=tp, fp=fp, fn=pos - tp, tn=len(status) - pos - fp)))
+    return out

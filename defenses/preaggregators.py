@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from securefml.defenses.base import PreAggregator, effective_f
-from securefml.defenses.coordinate import check_f
+from securefml.defenses.budget import check_optional_f
 from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
@@ -146,21 +146,26 @@ class NNM(_LinearPre):
     """
 
     name = "nnm"
+    mixes_to_mean = True
 
-    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
-        self.f = check_f(f)
+    def __init__(self, f: int | None = None, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.f = check_optional_f(f)
         self.chunk = int(chunk)
+
+    def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
+        f = effective_f(self.f, context, self)
+        return "f=0: every row is mixed with all n rows" if f == 0 else None
 
     def _mixing_plain(
         self, x: torch.Tensor, w: torch.Tensor, ids: tuple[int, ...], context: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         sq = sq_distances_from_gram(stable_gram(x, chunk=self.chunk))
-        return nnm_mixing(sq, effective_f(self.f, context)), w, ids
+        return nnm_mixing(sq, effective_f(self.f, context, self)), w, ids
 
     def _mixing_gram(
         self, gram: Gram, w: torch.Tensor, context: Mapping[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-        return nnm_mixing(gram.sq_distances(), effective_f(self.f, context)), w, gram.client_ids
+        return nnm_mixing(gram.sq_distances(), effective_f(self.f, context, self)), w, gram.client_ids
 
 
 class Bucketing(_LinearPre):
@@ -184,6 +189,12 @@ class Bucketing(_LinearPre):
     """
 
     name = "bucketing"
+    mixes_to_mean = True
+
+    def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
+        if self.size >= n:
+            return f"bucket size {self.size} >= n={n}: one bucket, the mean"
+        return None
 
     def __init__(self, size: int = 2, *, chunk: int = DEFAULT_CHUNK) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -278,9 +289,14 @@ class ARC(_ScalePre):
 
     name = "arc"
 
-    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
-        self.f = check_f(f)
+    def __init__(self, f: int | None = None, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.f = check_optional_f(f)
         self.chunk = int(chunk)
 
+    def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
+        f = effective_f(self.f, context, self)
+        k = min(int(math.floor(2 * f * (n - f) / n)), n - 1) if n else 0
+        return f"f={f} clips k=0 of n={n} updates (it is the identity)" if k <= 0 else None
+
     def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
-        return arc_scales(norms, effective_f(self.f, context))
+        return arc_scales(norms, effective_f(self.f, context, self))

@@ -15,7 +15,14 @@ from securefml.attacks import Attack, make_attack
 from securefml.client import Client
 from securefml.data import load_dataset
 from securefml.data.base import FederatedDataset
-from securefml.defenses import Defense, DetectionTracker, make_defense
+from securefml.defenses import (
+    BYZANTINE_KEY,
+    Defense,
+    DetectionTracker,
+    byzantine_budget,
+    cumulative_detection,
+    make_defense,
+)
 from securefml.errors import ConfigError
 from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
@@ -270,6 +277,8 @@ def run_experiment(
     attack = (attack if attack is not None else make_attack(config.attack)) if n_mal else None
     clients = [Client.build(t, attack=attack if i in mal_ids else None, generator=gen) for i, t in enumerate(train)]
     malicious_ids = [c.client_id for c in clients if c.malicious]
+    # rules built without f tolerate what a random cohort holds with 95% probability
+    budget = byzantine_budget(n_mal / len(train), per_round, population=len(train)) if train else 0
     history: list[RoundRecord] = []
     probe_task = root if root is not None else (data.heldout[0] if data.heldout else train[0])
     stimulus = probe_task.support_x[:32].to(device)  # fixed inputs for behavioural detectors
@@ -288,7 +297,7 @@ def run_experiment(
             reference = server.layout.flatten(upd)
         forward = _forward_fn(learner, server, stimulus)
         rec = server.run_round(rnd, cohort, transport=transport, generator=gen, reference=reference,
-                               defense_context={"forward": forward})
+                               defense_context={"forward": forward, BYZANTINE_KEY: budget})
         epsilon = priv.end_round(rnd, accepted=rec.accepted)
         if epsilon is not None:
             rec.extras["epsilon"] = epsilon
@@ -302,6 +311,7 @@ def run_experiment(
     for r in history:
         tracker.update(r.round, flagged=r.flagged, cohort_ids=r.accepted)
     overall = tracker.overall()
+    cumulative = cumulative_detection(((r.round, r.accepted, r.flagged) for r in history), malicious_ids)
     metrics = {
         "personalized": personalized.to_dict(),
         "global": global_only.to_dict(),
@@ -315,6 +325,7 @@ def run_experiment(
             "fpr": overall.fpr,
             "flagged_total": overall.tp + overall.fp,
             **tracker.to_dict(),
+            "cumulative": [{"round": i, **c.to_dict()} for i, c in cumulative],
         },
     }
     if on_finish is not None:

@@ -118,13 +118,21 @@ def relative_change(layout: LayerLayout, update: torch.Tensor, global_vector: to
     return out
 
 
-def _budget_pick(layout: LayerLayout, scores: Mapping[str, float], fraction: float) -> tuple[str, ...]:
-    """Highest-scoring model layers while their bytes (with tied extras) stay within the budget."""
+def _budget_pick(
+    layout: LayerLayout, scores: Mapping[str, float], fraction: float, *, first: str | None = None
+) -> tuple[str, ...]:
+    """Highest-scoring model layers while their bytes (with tied extras) stay within the budget.
+
+    ``first`` (if given) is taken before any other layer, even when it alone exceeds the budget.
+    """
     total = layout.numel
     budget = fraction * total
     chosen: list[str] = []
     used = 0
-    for name in sorted(scores, key=scores.__getitem__, reverse=True):
+    order = sorted(scores, key=scores.__getitem__, reverse=True)
+    if first is not None:
+        order = [first] + [n for n in order if n != first]
+    for name in order:
         size = layout.numel_of(_tie_extras(layout, [name]))
         if chosen and used + size > budget:
             continue
@@ -147,6 +155,20 @@ class TopKImportance(LayerSelector):
         If True each client keeps what it withheld and adds it to its next update (error
         feedback / memory, Stich et al. 2018; Karimireddy et al. 2019), so withheld layers
         are delayed rather than dropped.
+
+    Notes
+    -----
+    **No starved layer (server-dictated).**  Ranking by change alone can starve a layer for
+    ever: on the bundled MLP a 50 % budget sent only the 325-parameter head after round 0,
+    because the hidden layer's score never beat it within the budget.  A server-dictated
+    plan therefore always includes the *stalest* model layer (the one uploaded longest ago,
+    ties broken in layout order) before filling the rest of the budget by score.  Guarantee:
+    with ``L`` model layers every layer is uploaded at least once in every ``R = L``
+    consecutive dictated rounds (the layers uploaded before a given layer's last upload can
+    only shrink, and one of them, the stalest, is uploaded every round).  The round that
+    forces a layer larger than the budget exceeds the budget by that layer (at least one
+    layer is always sent).  Client-chosen selection keeps the per-client ranking (no state is
+    shared between clients).  ``state_dict()`` / ``load_state_dict()`` carry the ages.
     """
 
     name = "topk"
@@ -157,10 +179,34 @@ class TopKImportance(LayerSelector):
         self.fraction = float(fraction)
         self.server_dictated = bool(server_dictated)
         self.error_feedback = bool(error_feedback)
+        self._plans = 0
+        self._last_sent: dict[str, int] = {}
+
+    def stalest(self, layout: LayerLayout) -> str:
+        """The model layer uploaded longest ago by a dictated plan (never uploaded: oldest)."""
+        layers = _model_layers(layout)
+        return min(layers, key=lambda n: (self._last_sent.get(n, -1), layers.index(n)))
 
     def select(self, layout, update, global_vector, *, probe=None):  # type: ignore[no-untyped-def]
         scores = relative_change(layout, update, global_vector)
-        return _budget_pick(layout, {n: scores[n] for n in _model_layers(layout)}, self.fraction)
+        model_scores = {n: scores[n] for n in _model_layers(layout)}
+        if not self.server_dictated:
+            return _budget_pick(layout, model_scores, self.fraction)
+        plan = _budget_pick(layout, model_scores, self.fraction, first=self.stalest(layout))
+        for name in plan:
+            self._last_sent[name] = self._plans
+        self._plans += 1
+        return plan
+
+    def state_dict(self) -> dict[str, object]:
+        return {"plans": self._plans, "last_sent": dict(self._last_sent)}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        plans, last = state.get("plans", 0), state.get("last_sent", {})
+        if not isinstance(plans, int) or not isinstance(last, Mapping):
+            raise ConfigError("TopKImportance state needs an int 'plans' and a mapping 'last_sent'")
+        self._plans = plans
+        self._last_sent = {str(k): int(v) for k, v in last.items()}
 
 
 def _rdm(features: torch.Tensor) -> torch.Tensor:

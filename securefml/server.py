@@ -148,6 +148,7 @@ class Server:
         by_id: Mapping[int, Client],
         cohort_size: int,
         generator: torch.Generator | None,
+        defense_context: Mapping[str, Any] | None = None,
     ) -> None:
         """Let the colluding malicious clients rewrite their updates together (before encoding)."""
         malicious = [r for r in results if by_id[r.client_id].malicious]
@@ -164,7 +165,9 @@ class Server:
             defense=self.defense,
             generator=generator,
             extras={"layout": self.layout, "global_vector": self.global_vector,
-                    "lr_mask": self.layout.mask([n for n in self.layout.layer_names if n.startswith("alpha.")])},
+                    "lr_mask": self.layout.mask([n for n in self.layout.layer_names if n.startswith("alpha.")]),
+                    # what the server passes its rule (a white-box attacker knows it, e.g. the derived f)
+                    "defense_context": {k: v for k, v in (defense_context or {}).items() if k != "forward"}},
         )
         poisoned = attack.poison_updates(torch.stack([r.update for r in malicious]), ctx)
         for r, vec in zip(malicious, poisoned):
@@ -215,9 +218,12 @@ class Server:
                 log.warning("round %d: client %d failed locally: %s", round_idx, client.client_id, exc)
                 rejected[client.client_id] = f"{type(exc).__name__}: {exc}"
         by_id = {c.client_id: c for c in cohort}
-        self._poison(round_idx, results, by_id, len(cohort), generator)
+        self._poison(round_idx, results, by_id, len(cohort), generator, defense_context)
         updates = self._prepare_uploads(results, by_id)
+        layer_sets = {u.layers for u in updates}
         context = {
+            # one layer set for the whole cohort: rules that keep per-layer state need its names
+            **({"layers": next(iter(layer_sets))} if len(layer_sets) == 1 else {}),
             "layout": self.layout,
             "global_vector": self.global_vector,
             "generator": generator,

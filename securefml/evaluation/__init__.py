@@ -12,6 +12,7 @@ from securefml.evaluation.metrics import METRICS, backdoor_success, cell_metrics
 from securefml.evaluation.presets import PRESETS, preset
 from securefml.evaluation.progress import ProgressBars
 from securefml.evaluation.report import load_records, markdown_table, pivot, save_records, write_reports
+from securefml.evaluation.resistance import ResistanceRow, resistance_markdown, resistance_rows, t_interval
 
 __all__ = [
     "Evaluation",
@@ -36,4 +37,8 @@ __all__ = [
     "add_eval_parser",
     "run_eval",
     "ProgressBars",
+    "ResistanceRow",
+    "resistance_rows",
+    "resistance_markdown",
+    "t_interval",
 ]

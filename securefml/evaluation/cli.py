@@ -17,10 +17,17 @@ from typing import Any
 from securefml.evaluation.api import evaluate
 from securefml.evaluation.presets import PRESETS, evaluate_kwargs, preset
 from securefml.evaluation.progress import ProgressBars
-from securefml.evaluation.report import TITLES
+from securefml.evaluation.report import TITLES, markdown_table
+from securefml.evaluation.resistance import resistance_markdown
 from securefml.experiment import prepare_out_dir
 
 __all__ = ["add_eval_parser", "run_eval", "preset", "ProgressBars", "PRESETS"]
+
+
+_CUMULATIVE = {
+    "tpr_cumulative": "cumulative detection TPR (last round)",
+    "fpr_cumulative": "cumulative detection FPR (last round)",
+}
 
 
 def _metric_of(records: list[dict[str, Any]]) -> str:
@@ -83,11 +90,15 @@ def run_eval(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     # personalized accuracy is the headline: global accuracy of a meta-initialization is near
     # chance by design on the few-shot datasets, so alone it reads as if every defense failed
-    print(f"## {TITLES['personalized'].format(metric=_metric_of(ev.records))}")
-    print(ev.table("personalized"))
-    print()
-    print(f"## {TITLES['global'].format(metric=_metric_of(ev.records))}")
-    print(ev.table("global"))
+    metric_name = _metric_of(ev.records)
+    for metric in ("personalized", "global", "tpr_cumulative", "fpr_cumulative"):
+        table = markdown_table(ev.records, metric)
+        if table and any(r.get(metric) is not None for r in ev.records):
+            title = TITLES.get(metric, _CUMULATIVE.get(metric, metric)).format(metric=metric_name)
+            print(f"\n## {title}\n{table}")
+    resistance = resistance_markdown(ev.records)
+    if resistance:
+        print(f"\n## resistance (sorted by worst case)\n{resistance}")
     failed = [r for r in ev.records if r.get("error")]
     print(f"{len(ev.records)} cells ({ev.reused} reused, {len(failed)} failed) in {seconds:.1f} s")
     for name, path in ev.paths.items():

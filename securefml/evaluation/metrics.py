@@ -138,4 +138,6 @@ def cell_metrics(result: RunResult) -> dict[str, Any]:
         "personalized_per_client": list(pers["per_client"]),
         "asr_personalized_per_client": m.get("asr_personalized_per_client"),
         "detection_per_round": det["per_round"],
+        "tpr_cumulative": det["cumulative"][-1]["tpr"] if det.get("cumulative") else None,
+        "fpr_cumulative": det["cumulative"][-1]["fpr"] if det.get("cumulative") else None,
     }

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from securefml.errors import DataError
 from securefml.evaluation.metrics import HIGHER_IS_BETTER, METRICS
+from securefml.evaluation.resistance import resistance_markdown
 
 __all__ = [
     "heatmap_figure",
@@ -224,6 +225,10 @@ def _markdown(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], titl
             continue
         table = markdown_table(records, metric)
         parts += ["", f"## {TITLES.get(metric, metric).format(metric=name)}", "", table]
+    resistance = resistance_markdown(records, "personalized") if name == "accuracy" else ""
+    if resistance:
+        parts += ["", "## resistance: clean, worst case over attacks, drop (mean ± 95% t-interval over seeds)",
+                  "", resistance]
     errors = [r for r in records if r.get("error")]
     if errors:
         parts += ["", "## cells that could not run", ""]

@@ -31,7 +31,7 @@ def updates() -> list[ClientUpdate]:
     return [ClientUpdate(i, x[i], LAYOUT.layer_names, float(1 + i % 3)) for i in range(6)]
 
 
-@pytest.mark.parametrize("spec", ["multikrum:m=3", "multikrum", "normbound", "geomed"])
+@pytest.mark.parametrize("spec", ["multikrum:f=1,m=3", "multikrum:f=1", "normbound", "geomed"])
 def test_rule_under_ckks_matches_plaintext(proto, updates, spec):
     enc = proto.run_round(next(ROUNDS), updates, LAYOUT, defense=make_defense(spec))
     plain = Plaintext().run_round(0, updates, LAYOUT, defense=make_defense(spec))
