@@ -186,7 +186,9 @@ def map_blocks(
     per-block work (dtype copies, sorts, small matmuls) releases the GIL, and running it in
     pool threads also avoids an intra-op thread barrier per small operation, which costs
     most on a loaded machine.  Results come back in block order, so whatever combines them
-    sums in the same order for any number of workers: results never depend on it.
+    sums in the same order for any number of workers: sorts and elementwise work give
+    bitwise identical results; a BLAS product inside a block may round differently with
+    the thread it runs on (last-bit differences only).
     """
     blocks = list(column_blocks(d, chunk))
     n_workers = torch.get_num_threads() if workers is None else max(int(workers), 1)
