@@ -23,6 +23,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -78,6 +79,7 @@ def interleaved(
 def machine() -> dict[str, object]:
     """What the timings depend on, including the load other processes put on the machine."""
     return {
+        "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
