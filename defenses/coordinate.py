@@ -6,6 +6,12 @@ they run on plaintext updates or, under SecAgg, on the means of random buckets o
 
 Client weights are ignored: a Byzantine client could claim any weight, and the guarantees
 below count clients, not samples.
+
+Every rule here sorts each column once (``linalg.sorted_columns`` on blocks of
+``SORT_CHUNK`` columns, shared among threads) and reads its answer from the sorted values;
+``docs/performance.md`` explains the choice and its cost against ByzFL.  Meamed's ties at the
+boundary distance are shared equally (``mean_around_median``), so the result is a function
+of each column's values, never of client order (issue 18's tie bug).
 """
 
 from __future__ import annotations

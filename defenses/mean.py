@@ -1,4 +1,8 @@
-"""The non-robust baseline: the (weighted) mean."""
+"""The non-robust baseline: the (weighted) mean, at the memory floor.
+
+One ``gemv`` in the updates' dtype (``weighted_mean``), with a documented and tested error
+bound, and no separate pass looking for non-finite rows unless the result shows one.
+"""
 
 from __future__ import annotations
 
