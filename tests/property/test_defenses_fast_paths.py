@@ -13,9 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from securefml.defenses import Bulyan, CenteredClipping, CoordinateMedian, Mean, Meamed, TrimmedMean
-from securefml.defenses import linalg
-from securefml.defenses.coordinate import coordinate_median, mean_around_median, meamed, trimmed_mean
+from securefml.defenses import Bulyan, CenteredClipping, CoordinateMedian, Meamed, Mean, TrimmedMean, linalg
+from securefml.defenses.coordinate import coordinate_median, meamed, mean_around_median, trimmed_mean
 from securefml.defenses.geometric import centered_clipping_step
 from securefml.defenses.linalg import gram_matrix, row_norms, sorted_columns, sq_distances_from_gram, stable_gram
 from securefml.defenses.mean import MEAN_ERROR_FACTOR, weighted_mean

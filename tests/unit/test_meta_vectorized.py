@@ -21,7 +21,8 @@ def tasks(n: int, *, support: int = 6, query: int = 8, features: int = 5, classe
           first_id: int = 0) -> list[Task]:
     g = torch.Generator().manual_seed(seed)
     return [
-        Task(first_id + i, torch.randn(support, features, generator=g), torch.randint(0, classes, (support,), generator=g),
+        Task(first_id + i,
+             torch.randn(support, features, generator=g), torch.randint(0, classes, (support,), generator=g),
              torch.randn(query, features, generator=g), torch.randint(0, classes, (query,), generator=g),
              n_classes=classes)
         for i in range(n)
