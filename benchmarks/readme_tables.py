@@ -81,8 +81,10 @@ def render_plaintext(data: dict[str, Any]) -> str:
         ("plaintext round (encode + decode + aggregate)", sec["plaintext_round_s"],
          f"{_r(rat['plaintext_round_over_fastest_secaggplus'])} the faster SecAgg+ round"),
     ]
-    rows += [(f"SecAgg+ round, {k.removeprefix('secaggplus_round_').removesuffix('_s') or 'single process'}", v, "-")
-             for k, v in sec.items() if k.startswith("secaggplus_round")]
+    for k, v in sec.items():
+        if k.startswith("secaggplus_round"):
+            how = k.removeprefix("secaggplus_round").removesuffix("_s").strip("_").replace("workers", "workers=")
+            rows.append((f"SecAgg+ round, {how or 'single process'}", v, "-"))
     lines = [f"N={st['n']}, L={st['L']:,}, k={st['neighbours']}, {st['reps']} repeats. " + _measured(data), "",
              "| step | seconds | ratio |", "|---|---:|---:|"]
     lines += [f"| {a} | {_s(b) if isinstance(b, float) else b} | {c} |" for a, b, c in rows]
