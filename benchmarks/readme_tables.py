@@ -37,9 +37,11 @@ def _measured(data: dict[str, Any]) -> str:
     after = data.get("machine_after", {})
     when = before.get("utc", "date not recorded")
     load = before.get("load_avg", ["?"])[0], after.get("load_avg", ["?"])[0]
+    partial = " Partial run: stopped before every row was measured; the rows shown are complete." \
+        if data.get("partial") else ""
     return (f"Measured {when} on {before.get('cpus', '?')} CPUs shared with other work (1-min load average "
             f"{load[0]} before, {load[1]} after; torch {before.get('torch', '?')}, "
-            f"{before.get('torch_threads', '?')} threads): medians of interleaved repeats.")
+            f"{before.get('torch_threads', '?')} threads): medians of interleaved repeats.{partial}")
 
 
 def render_defenses(data: dict[str, Any]) -> str:
