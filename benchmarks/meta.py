@@ -1,6 +1,12 @@
 """All five learners on sine and digits-fewshot with the same seed and budget; prints JSON.
 
     python benchmarks/meta.py [--digits-rounds 200] [--sine-rounds 1500] [--seeds 0]
+    python benchmarks/meta.py --cohort-speed [--speed-rounds 5] [--reps 3] [--out benchmarks/json/meta_cohorts.json]
+
+``--cohort-speed`` measures vectorized cohorts (issue 15): rounds per second of each learner on
+digits-fewshot with 10 clients per round, the server's per-client loop against one vmap over the
+stacked tasks, interleaved on the same cohorts (medians; the machine is shared), and the largest
+difference between the two global models after the same rounds.  Target: MAML >= 4x.
 
 Reports personalized accuracy/MSE (FedAvg is reported twice: without fine-tuning, "fedavg",
 and with the same fine-tuning as the meta-learners, "fedavg+ft") and checks the FedMeta
@@ -13,10 +19,19 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+from peers import interleaved, machine
 
+from securefml.client import Client
+from securefml.data import load_dataset
+from securefml.defenses import Mean
 from securefml.experiment import RunConfig, run_experiment
+from securefml.meta import LEARNERS, MetaConfig
+from securefml.models import make_model
+from securefml.protocols import Plaintext
+from securefml.server import Server
 
 ALGORITHMS = ["fedavg", "maml", "fomaml", "metasgd", "reptile"]
 
@@ -31,13 +46,74 @@ def run_one(dataset: str, algorithm: str, rounds: int, seed: int, options: dict)
             "global": m["global"][key], "seconds": time.perf_counter() - t, "resolved": res.config["resolved"]}
 
 
+def cohort_speed(rounds: int, reps: int, per_round: int, device: str, learners: list[str], out: str = "") -> dict:
+    """Loop vs vmap rounds/s per learner on digits-fewshot, same cohorts, same hyper-parameters."""
+    data = load_dataset("digits-fewshot", seed=0)
+    train = list(data.train)
+    gen = torch.Generator().manual_seed(0)
+    cohorts = [[train[i] for i in sorted(torch.randperm(len(train), generator=gen)[:per_round].tolist())]
+               for _ in range(rounds)]
+    report: dict = {"setup": {"dataset": "digits-fewshot", "clients_per_round": per_round, "rounds_per_run": rounds,
+                              "reps": reps, "device": device,
+                              "timing": "median of interleaved repeats on a shared machine"},
+                    "machine_before": machine(), "learners": {}}
+
+    def build(alg: str, vectorize: bool) -> Server:
+        hp = RunConfig(dataset="digits-fewshot", algorithm=alg).resolved(data.kind)
+        model = make_model(data, seed=0, device=torch.device(device))
+        learner = LEARNERS.create(alg, model=model, config=MetaConfig(hp["inner_steps"], hp["inner_lr"],
+                                                                        hp["outer_lr"], hp["outer_steps"]))
+        return Server(learner, Plaintext(), Mean(), server_optimizer=hp["server_opt"], server_lr=hp["server_lr"],
+                      device=device, vectorize=vectorize)
+
+    def run(alg: str, vectorize: bool) -> torch.Tensor:
+        server = build(alg, vectorize)
+        for rnd, tasks in enumerate(cohorts):
+            server.run_round(rnd, [Client(t) for t in tasks])
+        return server.global_vector
+
+    for alg in learners:
+        t = interleaved({"loop": lambda alg=alg: run(alg, False), "vmap": lambda alg=alg: run(alg, True)}, reps,
+                        device=device)
+        loop_s, vmap_s = float(t["loop"]["median_s"]), float(t["vmap"]["median_s"])  # type: ignore[arg-type]
+        diff = float((run(alg, False) - run(alg, True)).abs().max())
+        report["learners"][alg] = {"loop_rounds_per_s": rounds / loop_s, "vmap_rounds_per_s": rounds / vmap_s,
+                                   "speedup": loop_s / vmap_s, "max_abs_diff_global_model": diff,
+                                   "runs_s": {k: v["runs_s"] for k, v in t.items()}}
+        print(f"# {alg}: {loop_s / vmap_s:.2f}x", flush=True)
+        if out:  # partial results survive an interrupted run
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps({**report, "partial": True}, indent=2) + "\n")
+    if "maml" in report["learners"]:
+        report["targets"] = {"maml_speedup_ge_4x": report["learners"]["maml"]["speedup"] >= 4.0}
+    report["machine_after"] = machine()
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--digits-rounds", type=int, default=200)
     ap.add_argument("--sine-rounds", type=int, default=1000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--only", choices=["digits-fewshot", "sine"], help="run one dataset (checks need both)")
+    ap.add_argument("--cohort-speed", action="store_true", help="loop vs vmap rounds/s instead (issue 15)")
+    ap.add_argument("--speed-rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--clients-per-round", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--learners", default=",".join(["maml", "fomaml", "metasgd", "reptile", "fedavg"]),
+                    help="--cohort-speed: comma-separated learners")
+    ap.add_argument("--out", default="", help="also write the --cohort-speed JSON to this file")
     args = ap.parse_args()
+    if args.cohort_speed:
+        rep = cohort_speed(args.speed_rounds, args.reps, args.clients_per_round, args.device,
+                           args.learners.split(","), args.out)
+        text = json.dumps(rep, indent=2)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+        print(text)
+        return
     torch.set_num_threads(1)
     setups = {
         "digits-fewshot": (args.digits_rounds, {"clients_per_round": 10}),

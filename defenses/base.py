@@ -103,12 +103,17 @@ def prepare_weights(weights: torch.Tensor | Sequence[float] | None, n: int) -> t
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     """Boolean ``[n]`` mask of rows holding a NaN or an Inf.
 
-    For float32/float16 rows a float64 row sum is finite exactly when every entry is (it cannot
-    overflow), which avoids materialising an ``[n, d]`` boolean mask.
+    A row sum in the row's own dtype is non-finite whenever an entry is (NaN and Inf
+    propagate through addition), so one cheap reduction, with no ``[n, d]`` boolean mask,
+    clears the rows whose sum is finite; only the rest (rows with a NaN/Inf, or finite rows
+    so large that their sum overflowed) are checked entry by entry.
     """
-    if x.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return ~torch.isfinite(x.sum(dim=1, dtype=torch.float64))
-    return ~torch.isfinite(x).all(dim=1)
+    suspect = ~torch.isfinite(x.sum(dim=1))
+    if not bool(suspect.any()):
+        return suspect
+    rows = suspect.nonzero().flatten()
+    suspect[rows] = ~torch.isfinite(x[rows]).all(dim=1)
+    return suspect
 
 
 def effective_f(f: int | None, context: Mapping[str, Any], owner: object = None) -> int:

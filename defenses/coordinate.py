@@ -6,6 +6,12 @@ they run on plaintext updates or, under SecAgg, on the means of random buckets o
 
 Client weights are ignored: a Byzantine client could claim any weight, and the guarantees
 below count clients, not samples.
+
+Every rule here sorts each column once (``linalg.sorted_columns`` on blocks of
+``SORT_CHUNK`` columns, shared among threads) and reads its answer from the sorted values;
+``docs/performance.md`` explains the choice and its cost against ByzFL.  Meamed's ties at the
+boundary distance are shared equally (``mean_around_median``), so the result is a function
+of each column's values, never of client order (issue 18's tie bug).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 import torch
 
 from securefml.defenses.base import AggregationResult, Defense, effective_f
-from securefml.defenses.linalg import DEFAULT_CHUNK, coordinatewise
+from securefml.defenses.linalg import SORT_CHUNK, coordinatewise, sorted_columns
 from securefml.errors import ConfigError
 from securefml.reveals import Reveals
 
@@ -42,59 +48,76 @@ def check_f(f: object) -> int:
     return f
 
 
-def _sorted_block(xb: torch.Tensor) -> torch.Tensor:
-    """Each column sorted (a contiguous row-wise sort of the transpose: faster than sorting dim 0)."""
-    return xb.T.contiguous().sort(dim=1).values.T
+def _middle(v: torch.Tensor) -> torch.Tensor:
+    """Median of each sorted row of ``v`` (``[c, n]``), in float64: mean of the two middle values."""
+    n = v.shape[1]
+    lo = v[:, (n - 1) // 2].to(torch.float64)
+    return lo if n % 2 else (lo + v[:, n // 2].to(torch.float64)) / 2
 
 
-def _median_block(xb: torch.Tensor) -> torch.Tensor:
-    lower = xb.median(dim=0).values.to(torch.float64)
-    if xb.shape[0] % 2:
-        return lower
-    # the lower median of -x is minus the upper median of x
-    return (lower - (-xb).median(dim=0).values.to(torch.float64)) / 2
-
-
-def coordinate_median(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def coordinate_median(x: torch.Tensor, *, chunk: int = SORT_CHUNK) -> torch.Tensor:
     """Coordinate-wise median of the rows of ``x`` (the mean of the two middle values if n is even)."""
-    return coordinatewise(x, _median_block, chunk=chunk)
+    return coordinatewise(x, lambda xb: _middle(sorted_columns(xb)), chunk=chunk)
 
 
-def trimmed_mean(x: torch.Tensor, f: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def trimmed_mean(x: torch.Tensor, f: int, *, chunk: int = SORT_CHUNK) -> torch.Tensor:
     """Per coordinate, drop the ``f`` largest and ``f`` smallest values and average the rest."""
     n = x.shape[0]
     if n <= 2 * f:
         raise ConfigError(f"TrimmedMean with f={f} needs n > 2f clients, got n={n}")
 
     def block(xb: torch.Tensor) -> torch.Tensor:
-        return _sorted_block(xb)[f : n - f].to(torch.float64).mean(dim=0)
+        return sorted_columns(xb)[:, f : n - f].to(torch.float64).sum(dim=1) / (n - 2 * f)
 
     return coordinatewise(x, block, chunk=chunk)
 
 
-def mean_around_median(x: torch.Tensor, keep: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Per coordinate, average the ``keep`` values closest to the coordinate's median."""
-    n = x.shape[0]
+def _around_median(v: torch.Tensor, keep: int) -> torch.Tensor:
+    """Mean of the ``keep`` values nearest the median of each sorted row of ``v`` (float64).
+
+    With ``r`` the ``keep``-th smallest distance to the median, every value nearer than ``r``
+    is kept and the ``keep - #(nearer)`` remaining places are shared equally by all values
+    at distance exactly ``r``: the expectation over a uniformly random tie-break, a function
+    of the values alone (never of row order), equal to any tie-break when the tied values
+    are equal (duplicated values, the usual case) and to the plain selection when no tie.
+    """
+    n = v.shape[1]
+    med = _middle(v)
+    w = v.to(torch.float64)
+    # the keep nearest values of a sorted row form a window; r is the smallest, over the
+    # n - keep + 1 windows, of the distance from the median to the window's farther end
+    r = torch.maximum(med[:, None] - w[:, : n - keep + 1], w[:, keep - 1 :] - med[:, None]).amin(dim=1)
+    dev = (w - med[:, None]).abs()
+    nearer = dev < r[:, None]
+    tied = dev == r[:, None]
+    n_near = nearer.sum(dim=1)
+    s_near = torch.where(nearer, w, 0.0).sum(dim=1)
+    s_tied = torch.where(tied, w, 0.0).sum(dim=1)
+    return (s_near + (keep - n_near) * s_tied / tied.sum(dim=1)) / keep
+
+
+def mean_around_median(
+    x: torch.Tensor, keep: int, *, rows: torch.Tensor | None = None, chunk: int = SORT_CHUNK
+) -> torch.Tensor:
+    """Per coordinate, average the ``keep`` values closest to the coordinate's median.
+
+    ``rows`` (indices) restricts the rule to those rows of ``x`` without copying them out
+    first (Bulyan's second step runs on its selection this way).
+
+    Ties at the boundary distance share the remaining places equally (see ``_around_median``):
+    on the column ``[-3, -3, -3, 0, 1, 2, 5]`` with ``keep = 5`` the median is 0, the values
+    within distance 2 are 0, 1, 2 and two of the three -3 complete the five: -0.6.
+    """
+    n = x.shape[0] if rows is None else rows.numel()
     if not 1 <= keep <= n:
         raise ConfigError(f"cannot keep {keep} of {n} values per coordinate")
-
-    def block(xb: torch.Tensor) -> torch.Tensor:
-        # the `keep` values closest to the median form a window of the sorted column: pick,
-        # among the n - keep + 1 windows, the one whose farther end is nearest the median
-        # (ties: the lower window, decided on values only, so row order never matters)
-        v = _sorted_block(xb).to(torch.float64)
-        med = (v[(n - 1) // 2] + v[n // 2]) / 2
-        starts = torch.arange(n - keep + 1, device=v.device)
-        cost = torch.maximum(med - v[starts], v[starts + keep - 1] - med)
-        best = cost.argmin(dim=0)
-        csum = torch.cat([torch.zeros_like(v[:1]), v.cumsum(dim=0)])
-        total = csum.gather(0, (best + keep)[None]) - csum.gather(0, best[None])
-        return total[0] / keep
-
-    return coordinatewise(x, block, chunk=chunk)
+    if rows is None:
+        return coordinatewise(x, lambda xb: _around_median(sorted_columns(xb), keep), chunk=chunk)
+    idx = rows.to(x.device)
+    return coordinatewise(x, lambda xb: _around_median(sorted_columns(xb[idx]), keep), chunk=chunk)
 
 
-def meamed(x: torch.Tensor, f: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def meamed(x: torch.Tensor, f: int, *, chunk: int = SORT_CHUNK) -> torch.Tensor:
     """Per coordinate, average the ``n - f`` values closest to the coordinate's median."""
     n = x.shape[0]
     if n <= 2 * f:
@@ -119,7 +142,7 @@ class CoordinateMedian(Defense):
     name = "median"
     runs_on = _COORD
 
-    def __init__(self, *, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, *, chunk: int = SORT_CHUNK) -> None:
         self.chunk = int(chunk)
 
     def aggregate(
@@ -133,7 +156,7 @@ class _TrimmingRule(Defense):
 
     runs_on = _COORD
 
-    def __init__(self, f: int = 0, *, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, f: int = 0, *, chunk: int = SORT_CHUNK) -> None:
         self.f = check_f(f)
         self.chunk = int(chunk)
 

@@ -268,7 +268,7 @@ class Bulyan(Defense):
             raise ConfigError(f"Bulyan with f={f} needs n >= 4f + 3 clients, got n={n}")
         sq = sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
         sel = bulyan_select(sq, f)
-        agg = mean_around_median(updates[sel.to(updates.device)], n - 4 * f, chunk=self.chunk)
+        agg = mean_around_median(updates, n - 4 * f, rows=sel)
         chosen = set(sel.tolist())
         flagged = tuple(client_ids[i] for i in range(n) if i not in chosen)
         return AggregationResult(

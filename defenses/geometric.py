@@ -16,7 +16,7 @@ import torch
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.distance import combine
-from securefml.defenses.linalg import DEFAULT_CHUNK, column_blocks, stable_gram
+from securefml.defenses.linalg import DEFAULT_CHUNK, map_blocks, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -83,8 +83,13 @@ def centered_clipping_step(
     """One centered-clipping iteration: ``v + mean_i clip_tau(u_i - v)`` (float64 center)."""
     n, d = x.shape
     sq = torch.zeros(n, dtype=torch.float64, device=x.device)
-    for s in column_blocks(d, chunk):
-        sq += (x[:, s].to(torch.float64) - center[s]).square().sum(dim=1)
+    def block(s: slice) -> torch.Tensor:
+        diff = x[:, s].to(torch.float64, copy=True)
+        diff.sub_(center[s])  # in place on the private float64 copy of the block
+        return torch.linalg.vector_norm(diff, dim=1).square()
+
+    for part in map_blocks(d, block, chunk=chunk, device=x.device):
+        sq += part
     dist = sq.sqrt()
     scale = torch.where(dist > tau, tau / dist.clamp_min(1e-300), torch.ones_like(dist))
     c = scale / n

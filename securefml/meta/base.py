@@ -4,17 +4,24 @@ A learner is stateless apart from its configuration: it maps ``(params, task)`` 
 of parameters.  Parameters are plain ``dict[str, Tensor]`` so that the same code runs on any
 device and composes with ``torch.func.grad``/``vmap`` (second-order MAML, per-example
 gradients for DP).
+
+Vectorized cohorts (issue 15): a learner whose round is a pure function of the client's
+tensors (``client_step``: MAML, FOMAML, Meta-SGD, Reptile, FedAvg) runs a whole cohort of
+same-shaped tasks as one ``torch.func.vmap`` over the stacked tasks (``update_many``), the
+same code as one client at a time, so the results agree to float rounding.  Learners that
+do anything else per client (record-level DP through Opacus, which keeps per-client
+accountants and optimizers) keep the loop: ``update_many`` falls back to ``update``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, vmap
 
 from securefml.data.base import Task
 from securefml.errors import ConfigError
@@ -115,14 +122,70 @@ class MetaLearner(ABC):
         return self.sgd_adapt(params, task_x, task_y, kind, steps=steps, lr=self.config.inner_lr)
 
     # -- one client round --------------------------------------------------------------------
+    #: name of the loss ``client_step`` returns, as reported in the metrics
+    step_loss_name = "query_loss"
+
     @abstractmethod
     def meta_update(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
         """Return the client's new meta-parameters (detached) and training metrics."""
+
+    def client_step(
+        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
+    ) -> tuple[Params, torch.Tensor]:
+        """One client's round as a pure tensor function: new meta-parameters and the loss.
+
+        Learners that define it get ``meta_update`` for one task and ``update_many`` for a
+        vmapped cohort from this one function.  Must not leave tensor-land (no ``float()``).
+        """
+        raise NotImplementedError
+
+    def meta_update_by_step(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        """``meta_update`` through ``client_step`` (assign it as ``meta_update`` in a subclass)."""
+        new, loss = self.client_step(params, task.support_x, task.support_y, task.query_x, task.query_y, task.kind)
+        return {n: p.detach() for n, p in new.items()}, {self.step_loss_name: float(loss.detach())}
 
     def update(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
         """``meta_update`` as a difference: ``theta_local - theta`` (what the client uploads)."""
         new, metrics = self.meta_update({n: p.detach() for n, p in params.items()}, task)
         return {n: (new[n] - params[n]).detach() for n in params}, metrics
+
+    def vectorizes(self, tasks: Sequence[Task]) -> bool:
+        """Whether ``update_many`` runs ``tasks`` as one vmap.
+
+        True when the learner's round is exactly ``client_step`` (neither ``meta_update`` nor
+        ``update`` overridden by a subclass, e.g. a DP wrapper) and the tasks can be stacked:
+        at least two, with identical shapes, dtypes, kind and device.
+        """
+        cls = type(self)
+        if cls.meta_update is not MetaLearner.meta_update_by_step or cls.update is not MetaLearner.update:
+            return False
+        if len(tasks) < 2:
+            return False
+        first = tasks[0]
+
+        def sig(t: Task) -> tuple[object, ...]:
+            ts = (t.support_x, t.support_y, t.query_x, t.query_y)
+            return (t.kind, *(x.shape for x in ts), *(x.dtype for x in ts), *(x.device for x in ts))
+
+        want = sig(first)
+        return all(sig(t) == want for t in tasks[1:])
+
+    def update_many(self, params: Params, tasks: Sequence[Task]) -> list[tuple[Params, dict[str, float]]]:
+        """``[self.update(params, t) for t in tasks]``, as one ``vmap`` when ``vectorizes(tasks)``."""
+        if not self.vectorizes(tasks):
+            return [self.update(params, t) for t in tasks]
+        base = {n: p.detach() for n, p in params.items()}
+        kind = tasks[0].kind
+        fields = ("support_x", "support_y", "query_x", "query_y")
+        stacked = [torch.stack([getattr(t, k) for t in tasks]) for k in fields]
+
+        def one(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> tuple[Params, torch.Tensor]:
+            return self.client_step(base, sx, sy, qx, qy, kind)
+
+        new, loss = vmap(one)(*stacked)
+        losses = loss.detach().tolist()
+        return [({n: (new[n][i] - base[n]).detach() for n in base}, {self.step_loss_name: losses[i]})
+                for i in range(len(tasks))]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from securefml.data.base import Task
 from securefml.meta.base import MetaLearner, Params
 
 __all__ = ["FedAvg", "Reptile"]
@@ -17,13 +16,17 @@ class FedAvg(MetaLearner):
     """
 
     name = "fedavg"
+    step_loss_name = "train_loss"
 
-    def meta_update(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        x = torch.cat([task.support_x, task.query_x])
-        y = torch.cat([task.support_y, task.query_y])
-        new = self.sgd_adapt(params, x, y, task.kind, steps=self.config.inner_steps, lr=self.config.inner_lr)
-        loss = float(self.loss(new, x, y, task.kind).detach())
-        return {n: p.detach() for n, p in new.items()}, {"train_loss": loss}
+    def client_step(
+        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
+    ) -> tuple[Params, torch.Tensor]:
+        x = torch.cat([sx, qx])
+        y = torch.cat([sy, qy])
+        new = self.sgd_adapt(params, x, y, kind, steps=self.config.inner_steps, lr=self.config.inner_lr)
+        return new, self.loss(new, x, y, kind).detach()
+
+    meta_update = MetaLearner.meta_update_by_step
 
 
 class Reptile(MetaLearner):
@@ -35,7 +38,10 @@ class Reptile(MetaLearner):
 
     name = "reptile"
 
-    def meta_update(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        new = self.adapt(params, task.support_x, task.support_y, task.kind)
-        loss = float(self.loss(new, task.query_x, task.query_y, task.kind).detach())
-        return {n: p.detach() for n, p in new.items()}, {"query_loss": loss}
+    def client_step(
+        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
+    ) -> tuple[Params, torch.Tensor]:
+        new = self.adapt(params, sx, sy, kind)
+        return new, self.loss(new, qx, qy, kind).detach()
+
+    meta_update = MetaLearner.meta_update_by_step

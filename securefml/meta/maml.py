@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.func import grad
+from torch.func import grad_and_value
 
 from securefml.data.base import Task
 from securefml.meta.base import MetaLearner, Params
@@ -26,22 +26,33 @@ class MAML(MetaLearner):
         adapted = self.adapt(params, task.support_x, task.support_y, task.kind)
         return self.loss(adapted, task.query_x, task.query_y, task.kind)
 
-    def meta_gradient(self, params: Params, task: Task) -> tuple[Params, float]:
-        if self.first_order:
-            adapted = self.adapt(params, task.support_x, task.support_y, task.kind)
-            adapted = {n: p.detach() for n, p in adapted.items()}
-            loss = self.loss(adapted, task.query_x, task.query_y, task.kind)
-            g = grad(lambda p: self.loss(p, task.query_x, task.query_y, task.kind))(adapted)
-            return g, float(loss)
-        g = grad(self.query_loss)(params, task)
-        return g, float(self.query_loss(params, task).detach())
+    def _query_loss(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor,
+                    kind: str) -> torch.Tensor:
+        return self.loss(self.adapt(params, sx, sy, kind), qx, qy, kind)
 
-    def meta_update(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        loss = 0.0
+    def meta_gradient(self, params: Params, task: Task) -> tuple[Params, float]:
+        g, loss = self._meta_gradient(params, task.support_x, task.support_y, task.query_x, task.query_y, task.kind)
+        return g, float(loss)
+
+    def _meta_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor,
+                       kind: str) -> tuple[Params, torch.Tensor]:
+        if self.first_order:
+            adapted = {n: p.detach() for n, p in self.adapt(params, sx, sy, kind).items()}
+            g, loss = grad_and_value(lambda p: self.loss(p, qx, qy, kind))(adapted)
+            return g, loss.detach()
+        g, loss = grad_and_value(self._query_loss)(params, sx, sy, qx, qy, kind)
+        return g, loss.detach()
+
+    def client_step(
+        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
+    ) -> tuple[Params, torch.Tensor]:
+        loss = torch.zeros(())
         for _ in range(self.config.outer_steps):
-            g, loss = self.meta_gradient(params, task)
+            g, loss = self._meta_gradient(params, sx, sy, qx, qy, kind)
             params = {n: (p - self.config.outer_lr * g[n]).detach() for n, p in params.items()}
-        return params, {"query_loss": loss}
+        return params, loss
+
+    meta_update = MetaLearner.meta_update_by_step
 
 
 class FOMAML(MAML):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.func import grad
+from torch.func import grad, grad_and_value
 
 from securefml.data.base import Task
 from securefml.meta.base import MetaLearner, Params, task_loss
@@ -54,10 +54,18 @@ class MetaSGD(MetaLearner):
         adapted = self.adapt(params, task.support_x, task.support_y, task.kind)
         return self.loss(adapted, task.query_x, task.query_y, task.kind)
 
-    def meta_update(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        loss = 0.0
+    def _query_loss(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor,
+                    kind: str) -> torch.Tensor:
+        return self.loss(self.adapt(params, sx, sy, kind), qx, qy, kind)
+
+    def client_step(
+        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
+    ) -> tuple[Params, torch.Tensor]:
+        loss = torch.zeros(())
         for _ in range(self.config.outer_steps):
-            g = grad(self.query_loss)(params, task)
-            loss = float(self.query_loss(params, task).detach())
+            g, loss = grad_and_value(self._query_loss)(params, sx, sy, qx, qy, kind)
+            loss = loss.detach()
             params = {n: (p - self.config.outer_lr * g[n]).detach() for n, p in params.items()}
-        return params, {"query_loss": loss}
+        return params, loss
+
+    meta_update = MetaLearner.meta_update_by_step
