@@ -53,6 +53,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     dp.add_argument("--dp-placement", choices=["central", "distributed"], help="user level: who adds the noise")
     dp.add_argument("--accountant", choices=["rdp", "prv"])
     p.add_argument("--out", default="results/run", help="output folder for result.json")
+    p.add_argument("--plots", action="store_true", help="also write reliability.png (classification runs)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -150,8 +151,17 @@ def summary_rows(result: RunResult) -> list[tuple[str, Any]]:
         ("detection TPR / FPR", f"{_fmt(det['tpr'])} / {_fmt(det['fpr'])}"),
         ("wall seconds", f"{m['wall_seconds']:.1f}"),
     ]
+    if pers.get("ece") is not None:
+        at = [k for k, _ in rows].index("bytes uploaded")
+        rows[at:at] = [
+            ("personalized ECE / adaptive ECE", f"{pers['ece']:.4f} / {_fmt(pers['ece_adaptive'])}"),
+            ("personalized NLL / Brier", f"{_fmt(pers['nll'])} / {_fmt(pers['brier'])}"),
+            ("selective accuracy (80%) / OOD AUROC",
+             f"{_fmt(pers['selective_accuracy'])} / {_fmt(pers.get('ood_auroc'))}"),
+        ]
     if "privacy" in m:
-        rows.insert(9, ("privacy epsilon (max)", m["privacy"].get("epsilon_max")))
+        at = [k for k, _ in rows].index("detection TPR / FPR")
+        rows.insert(at, ("privacy epsilon (max)", m["privacy"].get("epsilon_max")))
     return rows
 
 
@@ -180,6 +190,17 @@ def _run(args: argparse.Namespace) -> int:
     path = result.save(args.out)
     print(format_table(summary_rows(result)))
     print(f"result: {path}")
+    if args.plots:
+        pers = result.metrics["personalized"]
+        if "calibration" in pers:
+            from securefml.evaluation.reliability import reliability_diagram
+
+            cal = pers["calibration"]
+            png = reliability_diagram(cal["reliability"], path.parent / "reliability.png",
+                                      title=f"{config.algorithm} on {config.dataset}", ece=cal["pooled"]["ece"])
+            print(f"reliability diagram: {png}")
+        else:
+            print("reliability diagram: skipped (not a classification run)")
     return 0
 
 

@@ -9,6 +9,7 @@ from securefml.evaluation.api import Evaluation, evaluate
 from securefml.evaluation.cli import PRESETS, add_eval_parser, preset, run_eval
 from securefml.evaluation.matrix import Cell, Matrix, cell_key, label_of, run_cell, run_matrix
 from securefml.evaluation.metrics import METRICS, backdoor_success, cell_metrics, is_backdoor
+from securefml.evaluation.reliability import reliability_diagram
 from securefml.evaluation.report import load_records, markdown_table, pivot, save_records, write_reports
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "backdoor_success",
     "cell_metrics",
     "is_backdoor",
+    "reliability_diagram",
     "load_records",
     "save_records",
     "write_reports",
