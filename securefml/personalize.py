@@ -147,7 +147,7 @@ def _adapt(learner: MetaLearner, base: Params, t: Task, steps: int) -> Params:
     adapted = {n: p.detach() for n, p in adapted.items()}
     if learner.adapts_with_learned_rates:
         adapted = {**base, **adapted}
-    return adapted
+    return learner.calibrate(adapted, t.support_x, t.support_y, t.kind)
 
 
 def personalize(
