@@ -137,11 +137,9 @@ class BayesianLearner(MetaLearner):
     name = "bayes"
     adapts_with_learned_rates = True  # personalization keeps the full posterior (means + log-variances)
 
-    def __init__(self, model: nn.Module, config: MetaConfig | None = None, *, bayes: BayesConfig | None = None,
-                 first_order: bool = False) -> None:
+    def __init__(self, model: nn.Module, config: MetaConfig | None = None, *, bayes: BayesConfig | None = None) -> None:
         super().__init__(model, config)
         self.bayes = bayes or BayesConfig()
-        self.first_order = first_order
         self.net = StochasticMLP(model, self.bayes.layers)
         self._train_generator = torch.Generator().manual_seed(self.bayes.seed + 1)
 
@@ -204,8 +202,6 @@ class BayesianLearner(MetaLearner):
         for _ in range(steps):
             noise = self.net.draw_noise(x.shape[0], 1, generator=generator, device=x.device, dtype=x.dtype)
             g = step(q, noise)
-            if self.first_order:
-                g = {n: t.detach() for n, t in g.items()}
             q = {n: q[n] - rates[n] * g[n] for n in q}
         return q
 
@@ -321,7 +317,7 @@ class PFedBayes(BayesianLearner):
         for _ in range(self.config.inner_steps):
             noise = self.net.draw_noise(x.shape[0], 1, generator=self._train_generator, device=x.device, dtype=x.dtype)
             g, loss = _value_and_grad(
-                lambda q_, noise_: self.free_energy(q_, w, x, y, noise_, weight=self.bayes.zeta), q, noise)
+                lambda q_, noise_, w_=w: self.free_energy(q_, w_, x, y, noise_, weight=self.bayes.zeta), q, noise)
             q = {n: (q[n] - self.config.inner_lr * g[n]).detach() for n in q}
             new_w = dict(w)
             for n in self.net.mean_names:
