@@ -87,7 +87,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
     args = ap.parse_args()
     learners = ["bayes-metasgd", "metasgd", "pfedbayes"] + (["bayes-maml"] if args.with_maml else [])
-    jobs = [(a, args.rounds, s, "plaintext", "main") for s in args.seeds for a in learners]
+    # the slowest learner first, so its runs overlap the others'
+    jobs = [(a, args.rounds, s, "plaintext", "main") for a in learners for s in args.seeds]
     if args.protocol_rounds:
         jobs += [("bayes-metasgd", args.protocol_rounds, args.seeds[0], p, "protocol")
                  for p in ("plaintext", "ckks", "secagg")]

@@ -84,7 +84,7 @@ class ReliabilityBins:
         n = sum(self.counts)
         return float(sum(c / n * abs(a - f) for c, a, f in zip(self.counts, self.accuracy, self.confidence) if c))
 
-    def to_dict(self) -> dict[str, list[float | None] | list[int]]:
+    def to_dict(self) -> dict[str, list[float | None] | list[int] | list[float]]:
         def clean(values: tuple[float, ...]) -> list[float | None]:
             return [None if math.isnan(v) else v for v in values]
 

@@ -87,15 +87,18 @@ class BayesConfig:
     init_logvar:
         Initial log-variance of the prior (std ``exp(init_logvar / 2)``; -6 gives 0.05, about a
         third of the default initialization's weight scale on the 64-wide layers: the prior starts
-        close to the deterministic network and meta-learns how wide to be).
+        close to the deterministic network and meta-learns how wide to be).  Measured after 30
+        rounds (seed 0, kl_weight 0.01): -4 gave 55% accuracy, -6 77%, -8 70%.
     kl_weight:
         Weight of ``KL(q || p) / n`` in local inference (1 = the ELBO per example).  The KL term's
         curvature in a mean is ``kl_weight / (n * var_prior)``; an inner step of rate ``r`` is
         stable only while ``r`` times that stays below 2.  With 25 support examples and rate 0.1 the
-        full ELBO (1.0) gives 1.6 at the prior std 0.05 (at the edge, and the prior's variances
-        shrink during meta-training) and 33 at std 0.011 (diverges at once, measured), so the
-        default tempers the KL to 0.1 (as VAMPIRE weights its KL term); the learned rates and
-        prior variances are then meta-trained together under that weight.
+        full ELBO (1.0) gives 1.6 at the prior std 0.05 (at the edge; the prior's variances shrink
+        in meta-training) and 33 at std 0.011 (diverges at once, measured).  Even when stable, a
+        strong KL pins the posterior to the prior: after 30 rounds (seed 0) weight 0.1 reached
+        65% personalized accuracy, 0.01 reached 77% (Meta-SGD 84%).  The default tempers the KL
+        to 0.01 (VAMPIRE also weights its KL term); the learned rates and prior variances are
+        meta-trained under that weight.
     layers:
         Gaussian ``Linear`` layers (``"layers.0"``...); ``None`` = all of them.
     seed:
@@ -107,7 +110,7 @@ class BayesConfig:
     train_samples: int = 4
     eval_samples: int = 32
     init_logvar: float = -6.0
-    kl_weight: float = 0.1
+    kl_weight: float = 0.01
     layers: tuple[str, ...] | None = None
     seed: int = 0
     zeta: float = 1.0
