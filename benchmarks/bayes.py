@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from securefml.bayes import MetaSGDTemperature
+from securefml.calibration import expected_calibration_error
 from securefml.experiment import RunConfig, run_experiment
 from securefml.personalize import personalize
 
@@ -73,6 +74,21 @@ def run_one(job: tuple[str, int, int, str, str]) -> dict[str, Any]:
     return out
 
 
+def ece_floor(n: int, *, classes: int = 5, trials: int = 300, seed: int = 0) -> float:
+    """Mean ECE (15 bins) of *perfectly calibrated* predictions on ``n`` examples: the estimator's bias.
+
+    Labels are drawn from the predicted distribution itself, so the true calibration error is 0;
+    what the estimator reports is its finite-sample floor for a query set of that size.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(trials):
+        p = torch.softmax(2.0 * torch.randn(n, classes, generator=g), dim=1)
+        y = torch.multinomial(p, 1, generator=g).squeeze(1)
+        vals.append(expected_calibration_error(p, y))
+    return statistics.fmean(vals)
+
+
 def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return statistics.fmean(vals) if vals else None
@@ -85,7 +101,12 @@ def main() -> None:
     ap.add_argument("--protocol-rounds", type=int, default=20, help="0 skips the CKKS/SecAgg+ comparison")
     ap.add_argument("--with-maml", action="store_true", help="also run bayes-maml")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    ap.add_argument("--floor-only", action="store_true", help="only the ECE estimator's floor (seconds)")
     args = ap.parse_args()
+    floor = {"per_client_50": ece_floor(50), "pooled_1500": ece_floor(1500, trials=20)}
+    if args.floor_only:
+        print(json.dumps({"ece_floor_of_calibrated_predictions": floor}, indent=2))
+        return
     learners = ["bayes-metasgd", "metasgd", "pfedbayes"] + (["bayes-maml"] if args.with_maml else [])
     # the slowest learner first, so its runs overlap the others'
     jobs = [(a, args.rounds, s, "plaintext", "main") for a in learners for s in args.seeds]
@@ -126,7 +147,7 @@ def main() -> None:
         "setting": {"dataset": "digits-fewshot", "n_way": 5, "k_shot": 5, "rounds": args.rounds,
                     "clients_per_round": 10, "seeds": args.seeds, "heldout_clients": 30,
                     "mc_samples_eval": 32, "ece_bins": 15, "selective_coverage": 0.8},
-        "results": table, "checks": checks,
+        "results": table, "checks": checks, "ece_floor_of_calibrated_predictions": floor,
     }
     if args.protocol_rounds:
         runs = {r["protocol"]: r for r in results if r["group"] == "protocol"}
