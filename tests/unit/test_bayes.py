@@ -233,3 +233,28 @@ def test_bad_config_is_refused() -> None:
         BayesConfig(init_logvar=5.0)
     with pytest.raises(ConfigError, match="nn.Sequential"):
         BayesMetaSGD(torch.nn.Linear(3, 2))
+
+
+def test_log_variances_and_rates_follow_their_layer_in_selection() -> None:
+    from securefml.selection import make_selector, shadowed_layer
+    from securefml.updates import LayerLayout
+
+    params = _learner().init_params()
+    layout = LayerLayout.from_params(params)
+    assert shadowed_layer("alpha.logvar.layers.4") == "layers.4"
+    vec = layout.flatten(params)
+    chosen = set(make_selector("named:layers.4").select(layout, torch.zeros_like(vec), vec))
+    assert chosen == {"layers.4", "logvar.layers.4", "alpha.layers.4", "alpha.logvar.layers.4"}
+
+
+def test_cedar_selection_runs_on_the_bayesian_learner() -> None:
+    from securefml.experiment import RunConfig, run_experiment
+
+    res = run_experiment(RunConfig(dataset="digits-fewshot", algorithm="bayes-maml", rounds=1, clients_per_round=2,
+                                   select="cedar:1", inner_steps=1,
+                                   dataset_options={"n_train": 3, "n_heldout": 2, "k_shot": 2, "query": 2}))
+    uploaded = res.history[0]["uploaded_layers"]
+    # one of the three Linear layers is withheld per client, with its log-variances
+    assert sum(uploaded.get(n, 0) for n in ("layers.0", "layers.2", "layers.4")) == 2 * 2
+    for n in ("layers.0", "layers.2", "layers.4"):
+        assert uploaded.get(n, 0) == uploaded.get("logvar." + n, 0)
