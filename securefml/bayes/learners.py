@@ -104,7 +104,9 @@ class BayesConfig:
     seed:
         Seed of the prediction noise (fixed per call) and of the training noise stream.
     zeta:
-        pFedBayes only: weight of its KL term to the global distribution.
+        pFedBayes only: weight of its KL term to the global distribution, per example.  0.01 like
+        ``kl_weight``: with 1.0 (measured, 30 rounds, seed 0) the KL pinned every personalized
+        posterior to the global one and pFedBayes stayed at chance (21.8% on 5-way).
     """
 
     train_samples: int = 4
@@ -113,7 +115,7 @@ class BayesConfig:
     kl_weight: float = 0.01
     layers: tuple[str, ...] | None = None
     seed: int = 0
-    zeta: float = 1.0
+    zeta: float = 0.01
 
     def __post_init__(self) -> None:
         if self.train_samples < 1 or self.eval_samples < 1:
