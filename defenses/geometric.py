@@ -16,7 +16,7 @@ import torch
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.distance import combine
-from securefml.defenses.linalg import DEFAULT_CHUNK, map_blocks, stable_gram
+from securefml.defenses.linalg import DEFAULT_CHUNK, column_blocks, map_blocks, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals

@@ -94,6 +94,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, names: dict[str, list[str]]) 
     dp.add_argument("--dp-insecure-seeded-noise", action="store_true",
                     help="INSECURE: draw DP noise and sampling coins from the run seed (reproducible runs only)")
     p.add_argument("--out", default="results/run", help="output folder for result.json")
+    p.add_argument("--plots", action="store_true", help="also write reliability.png (classification runs)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -208,8 +209,17 @@ def summary_rows(result: RunResult) -> list[tuple[str, Any]]:
         ("detection TPR / FPR", f"{_fmt(det['tpr'])} / {_fmt(det['fpr'])}"),
         ("wall seconds", f"{m['wall_seconds']:.1f}"),
     ]
+    if pers.get("ece") is not None:
+        at = [k for k, _ in rows].index("bytes uploaded")
+        rows[at:at] = [
+            ("personalized ECE / adaptive ECE", f"{pers['ece']:.4f} / {_fmt(pers['ece_adaptive'])}"),
+            ("personalized NLL / Brier", f"{_fmt(pers['nll'])} / {_fmt(pers['brier'])}"),
+            ("selective accuracy (80%) / OOD AUROC",
+             f"{_fmt(pers['selective_accuracy'])} / {_fmt(pers.get('ood_auroc'))}"),
+        ]
     if "privacy" in m:
-        rows.insert(9, ("privacy epsilon (max)", m["privacy"].get("epsilon_max")))
+        at = [k for k, _ in rows].index("detection TPR / FPR")
+        rows.insert(at, ("privacy epsilon (max)", m["privacy"].get("epsilon_max")))
     return rows
 
 
@@ -244,6 +254,17 @@ def _run(args: argparse.Namespace) -> int:
     path = result.save(out)
     print(format_table(summary_rows(result)))
     print(f"result: {path}")
+    if args.plots:
+        pers = result.metrics["personalized"]
+        if "calibration" in pers:
+            from securefml.evaluation.reliability import reliability_diagram
+
+            cal = pers["calibration"]
+            png = reliability_diagram(cal["reliability"], path.parent / "reliability.png",
+                                      title=f"{config.algorithm} on {config.dataset}", ece=cal["pooled"]["ece"])
+            print(f"reliability diagram: {png}")
+        else:
+            print("reliability diagram: skipped (not a classification run)")
     return 0
 
 

@@ -96,7 +96,19 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
                                        server_lr=0.005),
     ("classification", "metasgd"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
                                         server_lr=0.005),
+    # securefml.bayes: the same budget as Meta-SGD/MAML; pFedBayes' outer_lr is its step towards q
+    ("classification", "metasgd-ts"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
+                                           server_lr=0.005),
+    ("classification", "bayes-metasgd"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
+                                              server_lr=0.005),
+    ("classification", "bayes-maml"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
+                                           server_lr=0.005),
+    ("classification", "pfedbayes"): dict(inner_steps=5, inner_lr=0.1, outer_lr=0.5, server_opt="adam",
+                                          server_lr=0.005),
 }
+
+#: learners whose learned per-parameter rates are calibrated for their trained number of inner steps
+_LEARNED_RATES = ("metasgd", "metasgd-ts", "bayes-metasgd")
 
 
 def default_hyperparameters(kind: str, algorithm: str) -> dict[str, Any]:
@@ -159,7 +171,7 @@ class RunConfig:
         if self.finetune_steps is not None:
             d["finetune_steps"] = self.finetune_steps
         if d["finetune_steps"] is None:
-            if self.algorithm == "metasgd":  # its learned rates are calibrated for this many steps
+            if self.algorithm in _LEARNED_RATES:  # its learned rates are calibrated for this many steps
                 d["finetune_steps"] = int(d["inner_steps"])
             else:
                 d["finetune_steps"] = max(10 if kind == "regression" else 5, int(d["inner_steps"]))

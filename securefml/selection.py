@@ -35,24 +35,39 @@ __all__ = [
     "make_selector",
     "relative_change",
     "rdm_change",
+    "SHADOW_PREFIXES",
+    "shadowed_layer",
 ]
 
 #: maps a full flat parameter vector to {layer name: features of that layer on the stimulus}
 Probe = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 
+#: prefixes of layers that shadow a model layer: Meta-SGD's rates ``alpha.<layer>`` and the
+#: Bayesian learners' log-variances ``logvar.<layer>`` (and their rates ``alpha.logvar.<layer>``)
+SHADOW_PREFIXES = ("alpha.", "logvar.")
+
+
+def shadowed_layer(name: str) -> str:
+    """The model layer a layer shadows (``alpha.logvar.layers.0 -> layers.0``); itself if none."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in SHADOW_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
 def _tie_extras(layout: LayerLayout, chosen: Iterable[str]) -> tuple[str, ...]:
-    """Layers that shadow a model layer (Meta-SGD's ``alpha.<layer>``) follow that layer's choice."""
+    """Layers that shadow a model layer (``SHADOW_PREFIXES``) follow that layer's choice."""
     chosen = set(chosen)
-    for name in layout.layer_names:
-        for prefix in ("alpha.",):
-            if name.startswith(prefix) and name[len(prefix):] in chosen:
-                chosen.add(name)
+    chosen |= {n for n in layout.layer_names if shadowed_layer(n) != n and shadowed_layer(n) in chosen}
     return layout.canonical(chosen)
 
 
 def _model_layers(layout: LayerLayout) -> tuple[str, ...]:
-    return tuple(n for n in layout.layer_names if not n.startswith("alpha."))
+    return tuple(n for n in layout.layer_names if shadowed_layer(n) == n)
 
 
 class LayerSelector(ABC):

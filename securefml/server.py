@@ -16,7 +16,7 @@ from securefml.defenses.base import Defense
 from securefml.errors import ConfigError, ProtocolAbort, SecureFMLError
 from securefml.meta.base import MetaLearner, Params
 from securefml.protocols.base import AggregationProtocol, ClientUpdate, RoundOutput, Transport, check_finite
-from securefml.selection import AllLayers, LayerSelector, NamedLayers
+from securefml.selection import AllLayers, LayerSelector, NamedLayers, shadowed_layer
 from securefml.updates import LayerLayout
 
 __all__ = ["Server", "RoundRecord"]
@@ -115,7 +115,7 @@ class Server:
         """Per-layer features on the client's own support inputs (Cedar's stimulus batch)."""
         stimulus = client.task.support_x[:32].to(self.device)
         model = self.learner.model
-        names = [n for n in self.layout.layer_names if not n.startswith("alpha.")]
+        names = [n for n in self.layout.layer_names if shadowed_layer(n) == n]
 
         def probe(vector: torch.Tensor) -> Mapping[str, torch.Tensor]:
             feats: dict[str, torch.Tensor] = {}

@@ -16,7 +16,9 @@ class Task:
     """One client's data: a support split (to adapt on) and a query split (to evaluate on).
 
     ``kind`` is ``"classification"`` (``y`` are int64 labels in ``[0, n_classes)``) or
-    ``"regression"`` (``y`` are float32 targets of shape ``[m, 1]``).
+    ``"regression"`` (``y`` are float32 targets of shape ``[m, 1]``).  ``classes``, when the
+    dataset knows it, maps each local label to the source dataset's class (position = local
+    label); out-of-task detection uses it to find inputs from classes outside the task.
     """
 
     client_id: int
@@ -26,6 +28,7 @@ class Task:
     query_y: torch.Tensor
     kind: str = "classification"
     n_classes: int | None = None
+    classes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.support_x.shape[0] == 0:

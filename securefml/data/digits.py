@@ -53,7 +53,7 @@ def _fewshot_task(
         qy += [label] * query
     return Task(
         client_id, torch.cat(sx), torch.tensor(sy), torch.cat(qx), torch.tensor(qy),
-        kind="classification", n_classes=n_way,
+        kind="classification", n_classes=n_way, classes=tuple(int(c) for c in classes),
     )
 
 

@@ -11,6 +11,7 @@ from securefml.evaluation.matrix import Cell, Matrix, cell_key, label_of, run_ce
 from securefml.evaluation.metrics import METRICS, backdoor_success, cell_metrics, is_backdoor
 from securefml.evaluation.presets import PRESETS, preset
 from securefml.evaluation.progress import ProgressBars
+from securefml.evaluation.reliability import reliability_diagram
 from securefml.evaluation.report import load_records, markdown_table, pivot, save_records, write_reports
 from securefml.evaluation.resistance import ResistanceRow, resistance_markdown, resistance_rows, t_interval
 
@@ -27,6 +28,7 @@ __all__ = [
     "backdoor_success",
     "cell_metrics",
     "is_backdoor",
+    "reliability_diagram",
     "load_records",
     "save_records",
     "write_reports",

@@ -34,6 +34,9 @@ METRICS = (
     "asr_global",
     "tpr",
     "fpr",
+    "ece",
+    "nll",
+    "brier",
     "bytes_uploaded",
     "wall_seconds",
 )
@@ -46,6 +49,9 @@ HIGHER_IS_BETTER = {
     "asr_global": False,
     "tpr": True,
     "fpr": False,
+    "ece": False,
+    "nll": False,
+    "brier": False,
     "bytes_uploaded": False,
     "wall_seconds": False,
 }
@@ -131,6 +137,10 @@ def cell_metrics(result: RunResult) -> dict[str, Any]:
         "asr_global": m.get("asr_global"),
         "tpr": det["tpr"],
         "fpr": det["fpr"],
+        # calibration of the personalized predictions (None for regression)
+        "ece": pers.get("ece"),
+        "nll": pers.get("nll"),
+        "brier": pers.get("brier"),
         "bytes_uploaded": m["bytes_uploaded"],
         "wall_seconds": m["wall_seconds"],
         "rejected": m["rejected"],

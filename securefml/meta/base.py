@@ -121,6 +121,14 @@ class MetaLearner(ABC):
         steps = self.config.inner_steps if steps is None else steps
         return self.sgd_adapt(params, task_x, task_y, kind, steps=steps, lr=self.config.inner_lr)
 
+    def calibrate(self, adapted: Params, support_x: torch.Tensor, support_y: torch.Tensor, kind: str) -> Params:
+        """Post-hoc calibration of adapted parameters on the support set (none by default).
+
+        Personalization calls it after ``adapt``; temperature scaling
+        (``securefml.bayes.MetaSGDTemperature``) overrides it.
+        """
+        return adapted
+
     # -- one client round --------------------------------------------------------------------
     #: name of the loss ``client_step`` returns, as reported in the metrics
     step_loss_name = "query_loss"

@@ -1,0 +1,45 @@
+"""Bayesian personalization (``securefml.bayes``): a meta-learned Gaussian prior, local VI, calibrated predictions.
+
+* ``BayesMetaSGD`` (``--algorithm bayes-metasgd``), ``BayesMAML`` (``bayes-maml``): amortized
+  Bayesian meta-learning with a mean-field prior over the MLP's layers, local variational
+  inference from the prior on the support set, Monte Carlo predictions.
+* ``PFedBayes`` (``pfedbayes``): the pFedBayes baseline (Zhang et al., ICML 2022).
+* ``MetaSGDTemperature`` (``metasgd-ts``): Meta-SGD with temperature scaling fitted on the support set.
+* ``mean_log_variance`` / ``precision_weighted``: the two ways to merge Gaussian priors, and why
+  the federation uses the first (``securefml.bayes.aggregation``).
+
+The learners are registered in ``securefml.meta.LEARNERS`` and run through every protocol,
+selector, defense and user-level DP like the deterministic ones.  See ``docs/bayes.md``.
+"""
+
+from securefml.bayes.aggregation import mean_log_variance, precision_weighted
+from securefml.bayes.gaussian import LOGVAR_PREFIX, kl_diagonal, kl_params, logvar_name
+from securefml.bayes.learners import (
+    TEMPERATURE_KEY,
+    BayesConfig,
+    BayesianLearner,
+    BayesMAML,
+    BayesMetaSGD,
+    MetaSGDTemperature,
+    PFedBayes,
+)
+from securefml.bayes.network import StochasticMLP
+from securefml.bayes.temperature import fit_temperature
+
+__all__ = [
+    "LOGVAR_PREFIX",
+    "TEMPERATURE_KEY",
+    "BayesConfig",
+    "BayesMAML",
+    "BayesMetaSGD",
+    "BayesianLearner",
+    "MetaSGDTemperature",
+    "PFedBayes",
+    "StochasticMLP",
+    "fit_temperature",
+    "kl_diagonal",
+    "kl_params",
+    "logvar_name",
+    "mean_log_variance",
+    "precision_weighted",
+]

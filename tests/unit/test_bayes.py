@@ -1,0 +1,260 @@
+"""Bayesian personalization: KL, predictive, local inference, baselines, registry and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securefml.bayes import (
+    BayesConfig,
+    BayesMAML,
+    BayesMetaSGD,
+    MetaSGDTemperature,
+    PFedBayes,
+    fit_temperature,
+    kl_diagonal,
+    kl_params,
+    logvar_name,
+)
+from securefml.data import make_digits_fewshot, make_sine
+from securefml.errors import ConfigError
+from securefml.meta import ALPHA_PREFIX, LEARNERS, MetaConfig, MetaSGD
+from securefml.models import make_model
+from securefml.personalize import personalize
+
+DATA = make_digits_fewshot(n_train=3, n_heldout=3, k_shot=3, query=4, seed=0)
+CFG = MetaConfig(inner_steps=2, inner_lr=0.1, outer_lr=1.0)
+
+
+def _learner(cls=BayesMetaSGD, **bayes):  # type: ignore[no-untyped-def]
+    return cls(make_model(DATA, hidden=(16, 16)), CFG, bayes=BayesConfig(**bayes))
+
+
+# -- KL -------------------------------------------------------------------------------------------
+def test_kl_matches_closed_form_hand_example() -> None:
+    # KL(N(1, e^0) || N(0, e^{log 4})) = 0.5 * (log 4 - 0 + (1 + 1) / 4 - 1) = 0.5 * log 4 - 0.25
+    kl = kl_diagonal(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([math.log(4.0)]))
+    assert float(kl) == pytest.approx(0.5 * math.log(4.0) - 0.25)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(-3, 3), st.floats(-4, 2), st.floats(-3, 3), st.floats(-4, 2)),
+                min_size=1, max_size=8))
+def test_kl_equals_torch_distributions_closed_form(rows: list[tuple[float, float, float, float]]) -> None:
+    mq, lq, mp, lp = (torch.tensor(c, dtype=torch.float64) for c in zip(*rows))
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mq, torch.exp(lq / 2)),
+                                            torch.distributions.Normal(mp, torch.exp(lp / 2))).sum()
+    assert float(kl_diagonal(mq, lq, mp, lp)) == pytest.approx(float(ref), rel=1e-9, abs=1e-9)
+    assert float(kl_diagonal(mq, lq, mq, lq)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kl_matches_monte_carlo_estimate() -> None:
+    g = torch.Generator().manual_seed(0)
+    mq, lq, mp, lp = torch.tensor(0.3), torch.tensor(-1.0), torch.tensor(-0.2), torch.tensor(0.5)
+    w = mq + torch.exp(lq / 2) * torch.randn(400_000, generator=g, dtype=torch.float64)
+    q = torch.distributions.Normal(mq.double(), torch.exp(lq / 2).double())
+    p = torch.distributions.Normal(mp.double(), torch.exp(lp / 2).double())
+    mc = float((q.log_prob(w) - p.log_prob(w)).mean())
+    assert float(kl_diagonal(mq, lq, mp, lp)) == pytest.approx(mc, abs=5e-3)
+
+
+def test_kl_of_learner_prior_to_itself_is_zero_and_grows_away_from_it() -> None:
+    learner = _learner()
+    prior = learner.model_params(learner.init_params())
+    names = learner.net.gaussian_names
+    assert float(kl_params(prior, prior, names)) == 0.0
+    moved = {**prior, names[0]: prior[names[0]] + 0.1}
+    expected = 0.5 * prior[names[0]].numel() * 0.01 / math.exp(learner.bayes.init_logvar)
+    assert float(kl_params(moved, prior, names)) == pytest.approx(expected, rel=1e-4)
+
+
+# -- predictive -----------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.1, 20.0), logvar=st.floats(-12.0, 1.0),
+       perm_seed=st.integers(0, 1000))
+def test_predictive_sums_to_one_and_is_invariant_to_sample_order(seed: int, scale: float, logvar: float,
+                                                                 perm_seed: int) -> None:
+    learner = _learner(init_logvar=logvar, eval_samples=8, seed=seed)
+    params = {n: (p * scale if not n.startswith("logvar.") else p) for n, p in learner.init_params().items()}
+    x = DATA.heldout[0].query_x
+    per_sample = learner.sample_probabilities(params, x)  # [n, S, C], noise seeded by ``seed``
+    assert per_sample.shape == (x.shape[0], 8, DATA.n_classes)
+    assert torch.allclose(per_sample.sum(-1), torch.ones(x.shape[0], 8), atol=1e-5)
+    predictive = torch.softmax(learner.forward(params, x), dim=1)
+    assert torch.allclose(predictive.sum(1), torch.ones(x.shape[0]), atol=1e-5)
+    assert bool((predictive >= 0).all())
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(perm_seed))
+    assert torch.allclose(per_sample[:, perm].mean(1), predictive, atol=1e-5)
+    assert torch.allclose(per_sample.mean(1), predictive, atol=1e-5)
+    # the same seed gives the same prediction on every call
+    assert torch.equal(learner.forward(params, x), learner.forward(params, x))
+
+
+def test_zero_variance_predictive_is_the_mean_network() -> None:
+    learner = _learner(init_logvar=-16.0)
+    params = learner.init_params()
+    x = DATA.train[0].query_x
+    det = torch.softmax(learner.net.logits(learner.model_params(params), x, None)[:, 0], dim=1)
+    assert torch.allclose(torch.softmax(learner.forward(params, x), 1), det, atol=1e-3)
+
+
+def test_monte_carlo_averaging_is_less_confident_than_one_sample() -> None:
+    learner = _learner(init_logvar=0.0)
+    params = learner.init_params()
+    x = DATA.train[0].query_x
+    one = learner.sample_probabilities(params, x, samples=1)[:, 0]
+    many = torch.softmax(learner.forward(params, x), 1)
+    entropy = lambda p: float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())  # noqa: E731
+    assert entropy(many) > entropy(one)
+
+
+# -- parameters, local inference and meta-update --------------------------------------------------
+def test_prior_parameters_and_layers() -> None:
+    learner = _learner()
+    params = learner.init_params()
+    linears = ["layers.0", "layers.2", "layers.4"]
+    assert learner.net.bayesian_layers == tuple(linears)
+    for layer in linears:
+        for kind in ("weight", "bias"):
+            n = f"{layer}.{kind}"
+            assert params[logvar_name(n)].shape == params[n].shape
+            assert params[ALPHA_PREFIX + n].shape == params[n].shape
+            assert params[ALPHA_PREFIX + logvar_name(n)].shape == params[n].shape
+    only_head = _learner(layers=("layers.4",))
+    assert {n for n in only_head.init_params() if n.startswith("logvar.")} == {"logvar.layers.4.weight",
+                                                                              "logvar.layers.4.bias"}
+    with pytest.raises(ConfigError, match="layers.1"):
+        _learner(layers=("layers.1",))
+
+
+def test_local_inference_starts_at_the_prior_and_fits_the_support_set() -> None:
+    learner = _learner()
+    params = learner.init_params()
+    t = DATA.train[0]
+    assert all(torch.equal(v, params[n]) for n, v in learner.adapt(params, t.support_x, t.support_y, t.kind,
+                                                                   steps=0).items())
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    noise = learner.net.draw_noise(t.support_x.shape[0], 16, generator=gen(), device="cpu")
+    prior = learner.model_params(params)
+    before = learner.free_energy(prior, prior, t.support_x, t.support_y, noise, weight=learner.bayes.kl_weight)
+    q = learner.adapt(params, t.support_x, t.support_y, t.kind, steps=4)
+    after = learner.free_energy(q, prior, t.support_x, t.support_y, noise, weight=learner.bayes.kl_weight)
+    assert float(after) < float(before)
+    again = learner.adapt(params, t.support_x, t.support_y, t.kind, steps=4)
+    assert all(torch.equal(q[n], again[n]) for n in q)  # a deterministic function of data and prior
+
+
+@pytest.mark.parametrize("cls", [BayesMetaSGD, BayesMAML, PFedBayes])
+def test_update_is_finite_moves_means_and_logvars_and_lowers_query_loss(cls) -> None:  # type: ignore[no-untyped-def]
+    learner = _learner(cls)
+    params = learner.init_params()
+    task = DATA.train[1]
+    upd, metrics = learner.update(params, task)
+    assert set(upd) == set(params)
+    assert all(bool(torch.isfinite(u).all()) for u in upd.values())
+    assert any(float(upd[n].abs().sum()) > 0 for n in upd if n.startswith("logvar."))
+    assert any(float(upd[n].abs().sum()) > 0 for n in upd if not n.startswith(("logvar.", "alpha.")))
+    if cls is BayesMetaSGD:
+        assert any(float(upd[n].abs().sum()) > 0 for n in upd if n.startswith("alpha.logvar."))
+    assert math.isfinite(next(iter(metrics.values())))
+
+
+def test_meta_gradient_reduces_query_nll() -> None:
+    learner = _learner(eval_samples=16)
+    params = learner.init_params()
+    task = DATA.train[2]
+    before = float(learner.query_nll(params, task, 11))
+    for _ in range(5):
+        new, _ = learner.meta_update(params, task)
+        params = {n: params[n] + 0.05 * (new[n] - params[n]) for n in params}
+    assert float(learner.query_nll(params, task, 11)) < before
+
+
+# -- baselines ------------------------------------------------------------------------------------
+def test_fit_temperature_recovers_the_scale_of_overconfident_logits() -> None:
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(2000, 5, generator=g)
+    labels = torch.distributions.Categorical(logits=true).sample()
+    assert fit_temperature(true * 3.0, labels) == pytest.approx(3.0, rel=0.1)
+    assert fit_temperature(true, labels) == pytest.approx(1.0, rel=0.1)
+    with pytest.raises(ConfigError):
+        fit_temperature(true, labels[:3])
+
+
+def test_temperature_scaling_keeps_accuracy_and_fits_on_support() -> None:
+    model = make_model(DATA, hidden=(16, 16))
+    plain, ts = MetaSGD(model, CFG), MetaSGDTemperature(model, CFG)
+    params = plain.init_params()
+    a = personalize(plain, params, DATA.heldout, steps=2)
+    b = personalize(ts, params, DATA.heldout, steps=2)
+    assert a.per_client == b.per_client  # argmax unchanged by a positive temperature
+    assert a.calibration is not None and b.calibration is not None
+    assert b.calibration.pooled["nll"] != a.calibration.pooled["nll"]
+    t = DATA.heldout[0]
+    adapted = ts.calibrate({**params, **ts.adapt(params, t.support_x, t.support_y, t.kind)}, t.support_x,
+                           t.support_y, t.kind)
+    assert float(adapted["temperature"]) > 0 and "temperature" not in ts.init_params()
+
+
+# -- registry, personalization and errors ---------------------------------------------------------
+@pytest.mark.parametrize("name", ["bayes-metasgd", "bayes-maml", "pfedbayes", "metasgd-ts"])
+def test_registered_and_personalize_reports_calibration(name: str) -> None:
+    learner = LEARNERS.create(name, model=make_model(DATA, hidden=(16, 16)), config=CFG)
+    rep = personalize(learner, learner.init_params(), DATA.heldout, steps=2)
+    assert rep.calibration is not None and 0 <= rep.mean <= 1
+    assert all(v is not None and 0 <= v <= 1 for v in rep.calibration.per_client["ood_auroc"])
+
+
+def test_regression_is_refused_before_work() -> None:
+    sine = make_sine(n_train=2, n_heldout=1, seed=0)
+    learner = BayesMetaSGD(make_model(sine), CFG)
+    with pytest.raises(ConfigError, match="classification"):
+        learner.update(learner.init_params(), sine.train[0])
+
+
+def test_record_level_dp_is_a_clear_config_error() -> None:
+    from securefml.experiment import RunConfig, run_experiment
+
+    cfg = RunConfig(dataset="digits-fewshot", algorithm="bayes-metasgd", rounds=1, clients_per_round=2,
+                    dataset_options={"n_train": 3, "n_heldout": 2, "k_shot": 2, "query": 2},
+                    privacy={"mode": "record", "noise_multiplier": 1.0, "max_grad_norm": 1.0})
+    with pytest.raises(ConfigError, match="user-level DP"):
+        run_experiment(cfg)
+
+
+def test_bad_config_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        BayesConfig(eval_samples=0)
+    with pytest.raises(ConfigError):
+        BayesConfig(init_logvar=5.0)
+    with pytest.raises(ConfigError, match="nn.Sequential"):
+        BayesMetaSGD(torch.nn.Linear(3, 2))
+
+
+def test_log_variances_and_rates_follow_their_layer_in_selection() -> None:
+    from securefml.selection import make_selector, shadowed_layer
+    from securefml.updates import LayerLayout
+
+    params = _learner().init_params()
+    layout = LayerLayout.from_params(params)
+    assert shadowed_layer("alpha.logvar.layers.4") == "layers.4"
+    vec = layout.flatten(params)
+    chosen = set(make_selector("named:layers.4").select(layout, torch.zeros_like(vec), vec))
+    assert chosen == {"layers.4", "logvar.layers.4", "alpha.layers.4", "alpha.logvar.layers.4"}
+
+
+def test_cedar_selection_runs_on_the_bayesian_learner() -> None:
+    from securefml.experiment import RunConfig, run_experiment
+
+    res = run_experiment(RunConfig(dataset="digits-fewshot", algorithm="bayes-maml", rounds=1, clients_per_round=2,
+                                   select="cedar:1", inner_steps=1,
+                                   dataset_options={"n_train": 3, "n_heldout": 2, "k_shot": 2, "query": 2}))
+    uploaded = res.history[0]["uploaded_layers"]
+    # one of the three Linear layers is withheld per client, with its log-variances
+    assert sum(uploaded.get(n, 0) for n in ("layers.0", "layers.2", "layers.4")) == 2 * 2
+    for n in ("layers.0", "layers.2", "layers.4"):
+        assert uploaded.get(n, 0) == uploaded.get("logvar." + n, 0)

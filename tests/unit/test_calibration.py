@@ -1,0 +1,124 @@
+"""Calibration metrics on hand-computed examples, and their wiring into every classification run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from securefml.calibration import (
+    auroc,
+    brier_score,
+    expected_calibration_error,
+    negative_log_likelihood,
+    predictive_entropy,
+    reliability_bins,
+    selective_accuracy,
+)
+from securefml.errors import ConfigError
+
+
+def test_ece_equal_width_hand_computed() -> None:
+    # confidences 0.95 (right), 0.95 (wrong), 0.55 (right), 0.55 (wrong: predicts class 1), 15 bins:
+    # bin (14/15, 1]: acc 0.5, conf 0.95 -> 0.45 * 2/4; bin (8/15, 9/15]: acc 0.5, conf .55 -> .05 * 2/4
+    # ECE = 0.225 + 0.025 = 0.25
+    p = torch.tensor([[0.95, 0.05], [0.05, 0.95], [0.55, 0.45], [0.45, 0.55]])
+    y = torch.tensor([0, 0, 0, 0])
+    assert expected_calibration_error(p, y) == pytest.approx(0.25)
+    bins = reliability_bins(p, y)
+    assert sum(bins.counts) == 4 and bins.counts[14] == 2 and bins.counts[8] == 2
+    assert bins.accuracy[14] == 0.5 and bins.confidence[8] == pytest.approx(0.55)
+
+
+def test_ece_bin_edges_are_right_closed() -> None:
+    # confidence exactly 0.6 with 5 bins falls in (0.4, 0.6], not (0.6, 0.8]
+    p = torch.tensor([[0.6, 0.4]])
+    assert reliability_bins(p, torch.tensor([0]), n_bins=5).counts == (0, 0, 1, 0, 0)
+
+
+def test_adaptive_ece_hand_computed() -> None:
+    # 4 predictions, 2 equal-mass bins: {0.55 wrong(y=1), 0.6 right} and {0.8 right, 0.9 wrong}
+    # bin 1: acc .5, conf .575 -> .075; bin 2: acc .5, conf .85 -> .35; ECE = (.075 + .35) / 2
+    p = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.8, 0.2], [0.6, 0.4]])
+    y = torch.tensor([1, 1, 0, 0])
+    assert expected_calibration_error(p, y, n_bins=2, adaptive=True) == pytest.approx(0.2125)
+    # equal-width with 2 bins puts all four in (0.5, 1]: acc .5, conf .7125
+    assert expected_calibration_error(p, y, n_bins=2) == pytest.approx(0.2125)
+    assert expected_calibration_error(p, y, n_bins=4) == pytest.approx(
+        0.5 * abs(0.5 - 0.575) + 0.5 * abs(0.5 - 0.85))
+
+
+def test_perfectly_calibrated_has_zero_ece() -> None:
+    p = torch.tensor([[0.5, 0.5]] * 4)
+    assert expected_calibration_error(p, torch.tensor([0, 1, 0, 1])) == pytest.approx(0.0)
+
+
+def test_nll_and_brier_hand_computed() -> None:
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    y = torch.tensor([0, 1])
+    assert negative_log_likelihood(p, y) == pytest.approx(-(math.log(0.7) + math.log(0.1)) / 2)
+    # (0.09 + 0.04 + 0.01) and (0.01 + 0.81 + 0.64)
+    assert brier_score(p, y) == pytest.approx((0.14 + 1.46) / 2)
+    # a confident mistake costs a large finite amount, not inf
+    assert math.isfinite(negative_log_likelihood(torch.tensor([[1.0, 0.0]]), torch.tensor([1])))
+
+
+def test_entropy_selective_accuracy_and_auroc() -> None:
+    assert predictive_entropy(torch.tensor([[0.5, 0.5]]))[0].item() == pytest.approx(math.log(2))
+    p = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.55, 0.45]])
+    y = torch.tensor([0, 0, 0, 1, 0])  # the fourth most confident is wrong
+    assert selective_accuracy(p, y, coverage=0.8) == pytest.approx(0.75)
+    assert selective_accuracy(p, y, coverage=0.6) == pytest.approx(1.0)
+    assert selective_accuracy(p, y, coverage=1.0) == pytest.approx(0.8)
+    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auroc(torch.tensor([0.0]), torch.tensor([1.0])) == 0.0
+    assert auroc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])) == 0.5
+
+
+@pytest.mark.parametrize(
+    "probs, labels",
+    [
+        (torch.ones(3), torch.tensor([0, 0, 0])),                 # not [n, C]
+        (torch.full((2, 2), 0.5), torch.tensor([0])),             # length mismatch
+        (torch.full((2, 2), 0.5), torch.tensor([0, 2])),          # label out of range
+        (torch.tensor([[float("nan"), 0.5]]), torch.tensor([0])),  # not finite
+        (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)),    # empty
+    ],
+)
+def test_bad_input_is_a_config_error(probs: torch.Tensor, labels: torch.Tensor) -> None:
+    with pytest.raises(ConfigError):
+        expected_calibration_error(probs, labels)
+
+
+def test_every_classification_run_reports_calibration(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from securefml.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["run", "--algorithm", "fomaml", "--rounds", "2", "--clients-per-round", "3", "--no-progress",
+               "--dataset-option", "n_train=6", "--dataset-option", "n_heldout=4", "--plots", "--out", str(out)])
+    assert rc == 0
+    pers = json.loads((out / "result.json").read_text())["metrics"]["personalized"]
+    for key in ("ece", "ece_adaptive", "nll", "brier", "selective_accuracy", "ood_auroc"):
+        assert isinstance(pers[key], float)
+        dist = pers["calibration"]["per_client"][key]
+        assert len(dist["per_client"]) == 4 and dist["q10"] <= dist["median"] <= dist["q90"]
+    assert sum(pers["calibration"]["reliability"]["counts"]) == 4 * 50
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_out_of_task_inputs_are_outside_the_task() -> None:
+    from securefml.data import load_dataset
+    from securefml.personalize import out_of_task_inputs
+
+    data = load_dataset("digits-fewshot", n_train=2, n_heldout=5, seed=3)
+    task = data.heldout[0]
+    outside = out_of_task_inputs(task, data.heldout)
+    assert outside is not None and outside.shape[0] == task.query_x.shape[0]
+    # every returned input is a query input of another client, of a class this client lacks
+    own = set(task.classes or ())
+    allowed = [o.query_x[i] for o in data.heldout[1:] for i, c in enumerate(o.query_y.tolist())
+               if (o.classes or ())[c] not in own]
+    for row in outside:
+        assert any(torch.equal(row, a) for a in allowed)
