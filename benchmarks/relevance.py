@@ -42,11 +42,17 @@ from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
 from securefml.protocols import CKKS, AggregationProtocol, Plaintext, SecAggPlus
 from securefml.relevance import (
+    CoLoRAMLP,
+    HeteroUpload,
     RelevanceAggregation,
     RelevanceConfig,
     RelevanceServer,
     TaskVectorConfig,
     TaskVectorizer,
+    aggregate_heterogeneous,
+    architecture_state,
+    load_shared,
+    shared_state,
 )
 
 
@@ -141,7 +147,7 @@ def section_main(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     rows: dict[str, list[float]] = {"relevance": [], "oracle": [], "fedavg+ft": [], "maml": []}
     per_seed = []
     for seed in args.seeds:
-        data = make_digits_clusters(seed=seed, n_heldout=args.heldout)
+        data = make_digits_clusters(seed=seed, n_heldout=args.heldout, k_shot=args.k_shot, query=args.query)
         rel = train(build(data, budget, Plaintext(), seed=seed), data, budget, seed=seed)
         ora = train(build(data, budget, Plaintext(), seed=seed, oracle=True), data, budget, seed=seed)
         fed = baseline(data, budget, "fedavg", seed)
@@ -167,7 +173,8 @@ def section_shift(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     per_seed = []
     recover = []
     for seed in args.seeds:
-        data = make_digits_clusters(seed=seed, n_heldout=args.heldout, shift_round=args.shift_round)
+        data = make_digits_clusters(seed=seed, n_heldout=args.heldout, shift_round=args.shift_round, k_shot=args.k_shot,
+                                    query=args.query)
         total = args.shift_round + 20
         rel = train(build(data, budget, Plaintext(), seed=seed), data, budget, seed=seed, every=5, rounds=total)
         ora = train(build(data, budget, Plaintext(), seed=seed, oracle=True), data, budget, seed=seed, every=5,
@@ -187,7 +194,7 @@ def section_shift(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
 def section_protocol(args: argparse.Namespace, budget: Budget, name: str) -> dict[str, Any]:
     plain, secure, secs, psecs = [], [], [], []
     for seed in args.seeds:
-        data = make_digits_clusters(seed=seed, n_heldout=args.heldout)
+        data = make_digits_clusters(seed=seed, n_heldout=args.heldout, k_shot=args.k_shot, query=args.query)
         p = train(build(data, budget, Plaintext(), seed=seed), data, budget, seed=seed)
         proto: AggregationProtocol = CKKS(preset="stats") if name == "ckks" else SecAggPlus(clip_range=8.0)
         s = train(build(data, budget, proto, seed=seed), data, budget, seed=seed)
@@ -210,7 +217,7 @@ def section_malicious(args: argparse.Namespace, budget: Budget) -> dict[str, Any
         for label, defense in (("relevance", "mean"), ("relevance+robust", args.robust)):
             acc, mw = [], []
             for seed in args.seeds:
-                data = make_digits_clusters(seed=seed, n_heldout=args.heldout)
+                data = make_digits_clusters(seed=seed, n_heldout=args.heldout, k_shot=args.k_shot, query=args.query)
                 r = train(build(data, budget, Plaintext(), seed=seed, defense=defense), data, budget, seed=seed,
                           malicious=0.2, attack=attack)
                 acc.append(r["personalized"])
@@ -219,6 +226,78 @@ def section_malicious(args: argparse.Namespace, budget: Budget) -> dict[str, Any
         out[attack] = rows
     out["robust_rule"] = args.robust
     return out
+
+
+def _hetero_run(data: ClusteredDataset, budget: Budget, *, share: bool, seed: int, rank: int) -> dict[str, float]:
+    """Co-LoRA federation over the architectures of ``data``; per-architecture held-out accuracy."""
+    shapes = sorted(set(data.architectures))
+    names = {s: "x".join(map(str, s)) for s in shapes}
+    gen = torch.Generator().manual_seed(seed)
+    models = {}
+    for s in shapes:
+        torch.manual_seed(seed)
+        m = CoLoRAMLP(64, s, 10, rank=rank, generator=torch.Generator().manual_seed(seed))
+        for block in m.blocks.values():
+            for p in block.base.parameters():  # a frozen backbone, as FedMosaic adapts frozen models
+                p.requires_grad_(False)
+        models[names[s]] = m
+    state = {a: (shared_state(m), architecture_state(m)) for a, m in models.items()}
+    arch_of = {t.client_id: names[s] for t, s in zip(data.train, data.architectures)}
+
+    def local(a: str, task: Task, steps: int, *, full: bool) -> CoLoRAMLP:
+        m = models[a]
+        with torch.no_grad():
+            params = dict(m.named_parameters())
+            for n, v in state[a][1].items():
+                params[n].copy_(v)
+        load_shared(m, state[a][0])
+        x = torch.cat([task.support_x, task.query_x]) if full else task.support_x
+        y = torch.cat([task.support_y, task.query_y]) if full else task.support_y
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=budget.local_lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        return m
+
+    for _ in range(budget.rounds):
+        idx = sorted(torch.randperm(len(data.train), generator=gen)[: budget.cohort].tolist())
+        ups = []
+        for i in idx:
+            t = data.train[i]
+            a = arch_of[t.client_id]
+            m = local(a, t, budget.local_steps, full=True)
+            ups.append(HeteroUpload(a, shared_state(m), architecture_state(m), float(t.n_samples)))
+        shared, arch = aggregate_heterogeneous(ups, share=share)
+        for a in arch:
+            state[a] = (shared[a], arch[a])
+    out: dict[str, list[float]] = {}
+    for t, s in zip(data.heldout, data.heldout_architectures):
+        a = names[s]
+        m = local(a, t, budget.finetune, full=False)
+        with torch.no_grad():
+            acc = float((m(t.query_x).argmax(1) == t.query_y).float().mean())
+        out.setdefault(a, []).append(acc)
+    return {a: statistics.fmean(v) for a, v in out.items()}
+
+
+def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
+    shares = [0.125, 0.3125, 0.5625]
+    shapes = "32,64,64x64"
+    res: dict[str, dict[str, list[float]]] = {"shared": {}, "alone": {}}
+    for seed in args.seeds:
+        data = make_digits_clusters(seed=seed, groups=1, n_heldout=24, k_shot=2, query=3, architectures=shapes,
+                                    architecture_shares=shares)
+        for label, share in (("shared", True), ("alone", False)):
+            for a, v in _hetero_run(data, budget, share=share, seed=seed, rank=args.rank).items():
+                res[label].setdefault(a, []).append(v)
+    counts = {"32": shares[0], "64": shares[1], "64x64": shares[2]}
+    smallest, largest = min(counts, key=lambda k: counts[k]), max(counts, key=lambda k: counts[k])
+    table = {label: {a: summary(v) for a, v in rows.items()} for label, rows in res.items()}
+    gain = {a: table["shared"][a]["mean"] - table["alone"][a]["mean"] for a in table["shared"]}
+    return {"architectures": shapes, "client_shares": counts, "rank": args.rank, "accuracy": table,
+            "gain_from_sharing": gain,
+            "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02, "largest_no_loss": gain[largest] >= 0.0}}
 
 
 def main() -> None:
@@ -231,8 +310,11 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=5)
     ap.add_argument("--temperature", type=float, default=0.2)
     ap.add_argument("--heldout", type=int, default=16)
+    ap.add_argument("--k-shot", type=int, default=1, help="support images per class (held-out clients adapt on these)")
+    ap.add_argument("--query", type=int, default=7)
     ap.add_argument("--shift-round", type=int, default=15)
     ap.add_argument("--robust", default="multikrum:f=4")
+    ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--only", nargs="+", default=["main", "shift", "ckks", "secagg", "hetero", "malicious"])
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -251,8 +333,6 @@ def main() -> None:
         elif name == "malicious":
             report[name] = section_malicious(args, budget)
         elif name == "hetero":
-            from benchmarks_hetero import section_hetero  # type: ignore[import-not-found]
-
             report[name] = section_hetero(args, budget)
         report[name]["seconds"] = time.perf_counter() - t0
     report["seconds"] = time.perf_counter() - started

@@ -127,7 +127,8 @@ def make_digits_clusters(
     n_train, n_heldout:
         Training and held-out clients; client ``i`` is in group ``i % groups``.
     groups:
-        Number of groups G (2..10), each with its own label permutation.
+        Number of groups G (1..10), each with its own label permutation (1: no conflict, for
+        the heterogeneous-architecture variant alone).
     k_shot, query:
         Support and query images per class and client.
     shift_round, shift_fraction:
@@ -138,8 +139,8 @@ def make_digits_clusters(
         (default: equal shares); assignment is interleaved so every group has every shape
         where the counts allow.
     """
-    if not 2 <= groups <= 10:
-        raise ConfigError(f"groups must be in [2, 10], got {groups}")
+    if not 1 <= groups <= 10:
+        raise ConfigError(f"groups must be in [1, 10], got {groups}")
     if n_train < groups or n_heldout < 0:
         raise ConfigError(f"need at least one training client per group ({groups}), got n_train={n_train}")
     if k_shot < 1 or query < 1:

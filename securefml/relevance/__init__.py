@@ -9,6 +9,16 @@ dimension-invariant part (P, Q) across different architectures.  See ``docs/rele
 from __future__ import annotations
 
 from securefml.relevance.aggregation import PersonalizedAggregate, RelevanceAggregation, RelevanceConfig
+from securefml.relevance.colora import (
+    CoLoRALinear,
+    CoLoRAMLP,
+    HeteroUpload,
+    aggregate_heterogeneous,
+    architecture_state,
+    block_keys,
+    load_shared,
+    shared_state,
+)
 from securefml.relevance.grouping import relevance_groups
 from securefml.relevance.server import ClientScores, RelevanceServer
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
@@ -23,6 +33,14 @@ from securefml.relevance.weights import (
 
 __all__ = [
     "ClientScores",
+    "CoLoRALinear",
+    "CoLoRAMLP",
+    "HeteroUpload",
+    "aggregate_heterogeneous",
+    "architecture_state",
+    "block_keys",
+    "load_shared",
+    "shared_state",
     "PersonalizedAggregate",
     "RelevanceAggregation",
     "RelevanceConfig",
