@@ -42,17 +42,13 @@ from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
 from securefml.protocols import CKKS, AggregationProtocol, Plaintext, SecAggPlus
 from securefml.relevance import (
-    CoLoRAMLP,
-    HeteroUpload,
+    HeteroConfig,
     RelevanceAggregation,
     RelevanceConfig,
     RelevanceServer,
     TaskVectorConfig,
     TaskVectorizer,
-    aggregate_heterogeneous,
-    architecture_state,
-    load_shared,
-    shared_state,
+    run_heterogeneous,
 )
 
 
@@ -115,7 +111,8 @@ def train(server: RelevanceServer, data: ClusteredDataset, budget: Budget, *, se
             mal_weight.append(rec.extras["malicious_weight"])
         if every and (rnd + 1) % every == 0:
             honest = [c.task for c in clients if not c.malicious]
-            curve.append({"round": rnd + 1, "train_clients": server.evaluate_clients(honest, steps=budget.finetune).mean})
+            score = server.evaluate_clients(honest, steps=budget.finetune).mean
+            curve.append({"round": rnd + 1, "train_clients": score})
     out: dict[str, Any] = {"train_seconds": time.perf_counter() - t0}
     held = server.personalize_new(data.heldout, steps=budget.finetune)
     groups = {t.client_id: g for t, g in zip(data.heldout, data.heldout_groups)}
@@ -228,59 +225,6 @@ def section_malicious(args: argparse.Namespace, budget: Budget) -> dict[str, Any
     return out
 
 
-def _hetero_run(data: ClusteredDataset, budget: Budget, *, share: bool, seed: int, rank: int) -> dict[str, float]:
-    """Co-LoRA federation over the architectures of ``data``; per-architecture held-out accuracy."""
-    shapes = sorted(set(data.architectures))
-    names = {s: "x".join(map(str, s)) for s in shapes}
-    gen = torch.Generator().manual_seed(seed)
-    models = {}
-    for s in shapes:
-        torch.manual_seed(seed)
-        m = CoLoRAMLP(64, s, 10, rank=rank, generator=torch.Generator().manual_seed(seed))
-        for block in m.blocks.values():
-            for p in block.base.parameters():  # a frozen backbone, as FedMosaic adapts frozen models
-                p.requires_grad_(False)
-        models[names[s]] = m
-    state = {a: (shared_state(m), architecture_state(m)) for a, m in models.items()}
-    arch_of = {t.client_id: names[s] for t, s in zip(data.train, data.architectures)}
-
-    def local(a: str, task: Task, steps: int, *, full: bool) -> CoLoRAMLP:
-        m = models[a]
-        with torch.no_grad():
-            params = dict(m.named_parameters())
-            for n, v in state[a][1].items():
-                params[n].copy_(v)
-        load_shared(m, state[a][0])
-        x = torch.cat([task.support_x, task.query_x]) if full else task.support_x
-        y = torch.cat([task.support_y, task.query_y]) if full else task.support_y
-        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=budget.local_lr)
-        for _ in range(steps):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-        return m
-
-    for _ in range(budget.rounds):
-        idx = sorted(torch.randperm(len(data.train), generator=gen)[: budget.cohort].tolist())
-        ups = []
-        for i in idx:
-            t = data.train[i]
-            a = arch_of[t.client_id]
-            m = local(a, t, budget.local_steps, full=True)
-            ups.append(HeteroUpload(a, shared_state(m), architecture_state(m), float(t.n_samples)))
-        shared, arch = aggregate_heterogeneous(ups, share=share)
-        for a in arch:
-            state[a] = (shared[a], arch[a])
-    out: dict[str, list[float]] = {}
-    for t, s in zip(data.heldout, data.heldout_architectures):
-        a = names[s]
-        m = local(a, t, budget.finetune, full=False)
-        with torch.no_grad():
-            acc = float((m(t.query_x).argmax(1) == t.query_y).float().mean())
-        out.setdefault(a, []).append(acc)
-    return {a: statistics.fmean(v) for a, v in out.items()}
-
-
 def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     shares = [0.125, 0.3125, 0.5625]
     shapes = "32,64,64x64"
@@ -289,7 +233,10 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
         data = make_digits_clusters(seed=seed, groups=1, n_heldout=24, k_shot=2, query=3, architectures=shapes,
                                     architecture_shares=shares)
         for label, share in (("shared", True), ("alone", False)):
-            for a, v in _hetero_run(data, budget, share=share, seed=seed, rank=args.rank).items():
+            cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
+                               lr=budget.local_lr, finetune_steps=budget.finetune, rank=args.rank, share=share,
+                               seed=seed)
+            for a, v in run_heterogeneous(data, cfg).per_architecture.items():
                 res[label].setdefault(a, []).append(v)
     counts = {"32": shares[0], "64": shares[1], "64x64": shares[2]}
     smallest, largest = min(counts, key=lambda k: counts[k]), max(counts, key=lambda k: counts[k])

@@ -19,7 +19,9 @@ from securefml.relevance.colora import (
     load_shared,
     shared_state,
 )
+from securefml.relevance.experiment import parse_relevance_spec
 from securefml.relevance.grouping import relevance_groups
+from securefml.relevance.hetero import HeteroConfig, HeteroResult, architecture_name, run_heterogeneous
 from securefml.relevance.server import ClientScores, RelevanceServer
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
 from securefml.relevance.weights import (
@@ -35,7 +37,11 @@ __all__ = [
     "ClientScores",
     "CoLoRALinear",
     "CoLoRAMLP",
+    "HeteroConfig",
+    "HeteroResult",
     "HeteroUpload",
+    "architecture_name",
+    "run_heterogeneous",
     "aggregate_heterogeneous",
     "architecture_state",
     "block_keys",
@@ -52,6 +58,7 @@ __all__ = [
     "cosine_similarity",
     "cross_weights",
     "effective_contributors",
+    "parse_relevance_spec",
     "relevance_groups",
     "relevance_weights",
     "temper",

@@ -57,6 +57,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import tenseal as ts
 import torch
 
 from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
@@ -67,7 +68,13 @@ from securefml.protocols.ckks_stats import PackingFrame, weighted_sum
 from securefml.protocols.plaintext import Plaintext
 from securefml.protocols.secagg import SecAggPlus
 from securefml.relevance.grouping import relevance_groups
-from securefml.relevance.weights import check_effective, cross_weights, effective_contributors, relevance_weights, temper
+from securefml.relevance.weights import (
+    check_effective,
+    cross_weights,
+    effective_contributors,
+    relevance_weights,
+    temper,
+)
 from securefml.updates import LayerLayout
 
 __all__ = ["RelevanceConfig", "PersonalizedAggregate", "RelevanceAggregation"]
@@ -153,7 +160,7 @@ class PersonalizedAggregate:
         return self.per_client[self.client_ids.index(client_id)]
 
 
-def _inner(a: Sequence, b: Sequence) -> object:
+def _inner(a: Sequence[ts.CKKSVector], b: Sequence[ts.CKKSVector]) -> ts.CKKSVector:
     """Encrypted <a, b> of two chunked vectors: multiply-accumulate, one rotate-and-sum."""
     acc = None
     for x, y in zip(a, b):
@@ -426,7 +433,8 @@ class RelevanceAggregation:
         """The enforced minimum: ``min_effective``, unless the cohort is too small to offer it."""
         return min(self.config.min_effective, float(max(n - 1, 1)))
 
-    def _decrypt_weighted(self, chunks: Sequence[Sequence], coeffs: Sequence[float], frame: PackingFrame) -> torch.Tensor:
+    def _decrypt_weighted(self, chunks: Sequence[Sequence], coeffs: Sequence[float],
+                          frame: PackingFrame) -> torch.Tensor:
         assert isinstance(self.protocol, CKKS)
         acc, used = weighted_sum(chunks, coeffs)
         if acc is None:
@@ -434,7 +442,8 @@ class RelevanceAggregation:
         # contributors: the clients with a non-negligible coefficient (the count check of the
         # key holder; the effective-contributors check ran on the row just before)
         dec = self.protocol.key_holder.decrypt_aggregate([a.serialize() for a in acc], contributors=used)
-        vec = np.concatenate([dec[k * frame.slots : k * frame.slots + frame.chunk_len(k)] for k in range(frame.n_chunks)])
+        vec = np.concatenate([dec[k * frame.slots : k * frame.slots + frame.chunk_len(k)]
+                              for k in range(frame.n_chunks)])
         return torch.from_numpy(vec).to(torch.float32)
 
     def ckks_cross_mix(

@@ -278,4 +278,5 @@ class RelevanceServer(Server):
     @staticmethod
     def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        return (a64 @ b64.T) / (a64.norm(dim=1, keepdim=True).clamp_min(1e-12) * b64.norm(dim=1)[None, :].clamp_min(1e-12))
+        den = a64.norm(dim=1, keepdim=True).clamp_min(1e-12) * b64.norm(dim=1)[None, :].clamp_min(1e-12)
+        return (a64 @ b64.T) / den

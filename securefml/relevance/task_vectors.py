@@ -156,7 +156,9 @@ class TaskVectorizer:
                 raise ConfigError("the projection method needs the client's update")
             assert self._projection is not None
             if update.numel() != self._projection.shape[1]:
-                raise ConfigError(f"update has {update.numel()} entries, projection expects {self._projection.shape[1]}")
+                raise ConfigError(
+                    f"update has {update.numel()} entries, the projection expects {self._projection.shape[1]}"
+                )
             vec = self._projection @ update.to(self.device, torch.float32).reshape(-1)
         return self.privatize(vec, generator=generator)
 
