@@ -259,3 +259,43 @@ def test_heterogeneous_aggregation_shares_p_q_across_and_a_b_within():
     with pytest.raises(ConfigError, match="ranks"):
         aggregate_heterogeneous([ups[0], HeteroUpload("r3", shared_state(CoLoRAMLP(64, (8,), 10, rank=3)),
                                                       architecture_state(CoLoRAMLP(64, (8,), 10, rank=3)))])
+
+
+# -- command line -----------------------------------------------------------------------------------
+def test_cli_relevance_aggregation_writes_per_client_and_per_group_results(tmp_path):
+    import json
+
+    from securefml.cli import main
+
+    rc = main(["run", "--dataset", "digits-clusters", "--algorithm", "fedavg", "--rounds", "2",
+               "--clients-per-round", "4", "--inner-steps", "1", "--aggregation", "relevance:temperature=0.3",
+               "--dataset-option", "n_train=8", "--dataset-option", "n_heldout=4", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    m = json.loads((tmp_path / "result.json").read_text())["metrics"]
+    assert set(m["relevance"]["per_client"]) == {"8", "9", "10", "11"}
+    assert set(m["relevance"]["per_group"]) == {"0", "1", "2", "3"}
+    assert set(m["personalized"]["per_group"]) == {"0", "1", "2", "3"}
+
+
+def test_cli_architectures_reports_shared_and_alone(tmp_path):
+    import json
+
+    from securefml.cli import main
+
+    rc = main(["run", "--dataset", "digits-clusters", "--algorithm", "fedavg", "--rounds", "1",
+               "--clients-per-round", "6", "--inner-steps", "1", "--architectures", "32,64,64x64",
+               "--dataset-option", "n_train=6", "--dataset-option", "n_heldout=3", "--dataset-option", "groups=1", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    het = json.loads((tmp_path / "result.json").read_text())["metrics"]["heterogeneous"]
+    assert het["architectures"] == ["32", "64", "64x64"]
+    assert set(het["shared"]["per_architecture"]) == {"32", "64", "64x64"}
+    assert set(het["alone"]["per_architecture"]) == {"32", "64", "64x64"}
+
+
+def test_bad_relevance_spec_is_a_config_error():
+    from securefml.experiment import RunConfig
+
+    with pytest.raises(ConfigError, match="unknown relevance options"):
+        RunConfig(dataset="digits-clusters", aggregation="relevance:temprature=0.2")
+    with pytest.raises(ConfigError, match="unknown aggregation"):
+        RunConfig(dataset="digits-clusters", aggregation="fancy")
