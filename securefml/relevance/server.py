@@ -40,6 +40,7 @@ from securefml.meta.base import MetaLearner
 from securefml.personalize import evaluate_task
 from securefml.protocols.base import AggregationProtocol, Transport
 from securefml.protocols.ckks import CKKS
+from securefml.protocols.plaintext import Plaintext
 from securefml.protocols.secagg import SecAggPlus
 from securefml.relevance.aggregation import PersonalizedAggregate, RelevanceAggregation
 from securefml.relevance.grouping import relevance_groups
@@ -100,9 +101,7 @@ class RelevanceServer(Server):
         super().__init__(learner, protocol, defense, device=device)
         if relevance.protocol is not protocol:
             raise ConfigError("the relevance step must run under the server's protocol")
-        if not defense.is_weighted_mean and not isinstance(protocol, type(relevance.protocol)) or (
-            not defense.is_weighted_mean and isinstance(protocol, (CKKS, SecAggPlus))
-        ):
+        if not defense.is_weighted_mean and not isinstance(protocol, Plaintext):
             raise ConfigError(f"a robust filter ({defense!r}) before relevance weighting needs the plaintext protocol")
         self.relevance = relevance
         self.vectorizer = vectorizer
