@@ -5,8 +5,9 @@ Why this dataset
 Relevance-aware personalized aggregation (FedMosaic, Seo et al., ICLR 2026) pays off when
 clients' tasks interfere: averaging a client's model with those of unrelated clients hurts it.
 Here every group ``g`` relabels scikit-learn's bundled digits with its own permutation
-``pi_g`` of the 10 classes (group 0 keeps the identity), so one global classifier must be wrong
-for most groups, a model averaged within the true groups is right for all of them, and which
+``pi_g`` of the 10 classes and (by default) shows the images through its own fixed permutation
+of the 64 pixels (group 0 keeps both identities), so one global classifier must be wrong for
+most groups, a model averaged within the true groups is right for all of them, and which
 group a client is in is visible only through its data.
 
 Options
@@ -118,6 +119,7 @@ def make_digits_clusters(
     shift_fraction: float = 0.25,
     architectures: str | Sequence[Sequence[int]] | None = None,
     architecture_shares: Sequence[float] | None = None,
+    transform: str = "pixels",
     seed: int = 0,
 ) -> ClusteredDataset:
     """Build ``digits-clusters`` (see the module docstring).
@@ -134,6 +136,11 @@ def make_digits_clusters(
     shift_round, shift_fraction:
         At ``shift_round`` the first ``round(shift_fraction * n_train)`` training clients of a
         seeded order move to the next group (``g -> (g + 1) % G``).
+    transform:
+        ``"pixels"`` (default): every group but group 0 also permutes the 64 input pixels with
+        its own fixed permutation, so the groups conflict in the first layer as well as in the
+        labels and a few fine-tuning steps of one global model cannot undo the conflict;
+        ``"none"``: label permutations only.
     architectures, architecture_shares:
         Heterogeneous variant: MLP shapes (``"32,64,64x64"``) and the share of clients of each
         (default: equal shares); assignment is interleaved so every group has every shape
@@ -149,8 +156,14 @@ def make_digits_clusters(
         raise ConfigError(f"shift_round must be >= 1, got {shift_round}")
     if not 0 <= shift_fraction <= 1:
         raise ConfigError(f"shift_fraction must be in [0, 1], got {shift_fraction}")
-    x, y = load_digits_tensors()
+    if transform not in ("pixels", "none"):
+        raise ConfigError(f"transform must be 'pixels' or 'none', got {transform!r}")
+    x0, y = load_digits_tensors()
     rng = np.random.default_rng(seed)
+    pixel = [np.arange(64)] + [rng.permutation(64) for _ in range(groups - 1)]
+    if transform == "none":
+        pixel = [np.arange(64)] * groups
+    views = [x0[:, torch.as_tensor(p)] for p in pixel]  # group g sees the images through pixel[g]
     perms: list[tuple[int, ...]] = [tuple(range(10))]
     while len(perms) < groups:
         p = tuple(int(v) for v in rng.permutation(10))
@@ -167,13 +180,13 @@ def make_digits_clusters(
             raise ConfigError(f"{name} image pool too small for {k_shot}-shot + {query} query per class")
     train, train_groups, indices = [], [], []
     for i in range(n_train):
-        task, s, q = _task(i, pools[0], x, y, perms[i % groups], k_shot, query, rng)
+        task, s, q = _task(i, pools[0], views[i % groups], y, perms[i % groups], k_shot, query, rng)
         train.append(task)
         train_groups.append(i % groups)
         indices.append((s, q))
     heldout, held_groups = [], []
     for i in range(n_heldout):
-        task, _, _ = _task(n_train + i, pools[1], x, y, perms[i % groups], k_shot, query, rng)
+        task, _, _ = _task(n_train + i, pools[1], views[i % groups], y, perms[i % groups], k_shot, query, rng)
         heldout.append(task)
         held_groups.append(i % groups)
     shifted: list[tuple[int, Task, int]] = []
@@ -182,7 +195,7 @@ def make_digits_clusters(
         for i in sorted(int(m) for m in movers):
             g = (train_groups[i] + 1) % groups
             s, q = indices[i]
-            shifted.append((i, _relabel(i, x, y, s, q, perms[g]), g))
+            shifted.append((i, _relabel(i, views[g], y, s, q, perms[g]), g))
     arch: tuple[tuple[int, ...], ...] = ()
     held_arch: tuple[tuple[int, ...], ...] = ()
     if architectures is not None:
