@@ -55,6 +55,16 @@ def test_digits_clusters_is_registered_and_groups_conflict(clusters):
     assert all(sum(a != b for a, b in zip(p, q)) >= 8 for i, p in enumerate(perms) for q in perms[:i])
 
 
+def test_digits_clusters_groups_see_permuted_pixels():
+    d = make_digits_clusters(n_train=4, n_heldout=0, k_shot=1, query=1, seed=3)
+    plain = make_digits_clusters(n_train=4, n_heldout=0, k_shot=1, query=1, seed=3, transform="none")
+    assert torch.equal(d.train[0].support_x, plain.train[0].support_x)  # group 0: identity
+    assert not torch.equal(d.train[1].support_x, plain.train[1].support_x)
+    assert torch.equal(d.train[1].support_x.sort(1).values, plain.train[1].support_x.sort(1).values)
+    with pytest.raises(ConfigError):
+        make_digits_clusters(transform="rotate")
+
+
 def test_digits_clusters_shift_and_architectures():
     d = load_dataset("digits-clusters", n_train=8, n_heldout=4, shift_round=3, shift_fraction=0.5,
                      architectures="32,64,64x64", architecture_shares=[0.25, 0.25, 0.5])
