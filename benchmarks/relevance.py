@@ -199,12 +199,15 @@ def section_protocol(args: argparse.Namespace, budget: Budget, name: str) -> dic
         secure.append(s["personalized"])
         secs.append(s["train_seconds"])
         psecs.append(p["train_seconds"])
-    diff = [abs(a - b) for a, b in zip(plain, secure)]
-    tol = 0.005 if name == "ckks" else 0.02
-    return {"plaintext": summary(plain), name: summary(secure), "abs_diff": summary(diff),
+    diff = [b - a for a, b in zip(plain, secure)]
+    gap = statistics.fmean(secure) - statistics.fmean(plain)
+    # CKKS computes the same weighted sums (two-sided bound); SecAgg+ grouping is a different
+    # (hard) weighting, so the requirement is not to lose more than 2 points
+    check = {"ckks_within_0.5pt_of_plaintext": abs(gap) <= 0.005} if name == "ckks" else \
+        {"secagg_at_most_2pt_below_plaintext": gap >= -0.02}
+    return {"plaintext": summary(plain), name: summary(secure), "diff_vs_plaintext": summary(diff),
             "train_seconds_ratio_vs_plaintext": statistics.fmean(s / p for s, p in zip(secs, psecs)),
-            "checks": {f"within_{tol * 100:g}pt_of_plaintext": abs(statistics.fmean(plain) - statistics.fmean(secure))
-                       <= tol}}
+            "checks": check}
 
 
 def section_malicious(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
