@@ -279,7 +279,8 @@ def test_cli_relevance_aggregation_writes_per_client_and_per_group_results(tmp_p
 
     rc = main(["run", "--dataset", "digits-clusters", "--algorithm", "fedavg", "--rounds", "2",
                "--clients-per-round", "4", "--inner-steps", "1", "--aggregation", "relevance:temperature=0.3",
-               "--dataset-option", "n_train=8", "--dataset-option", "n_heldout=4", "--out", str(tmp_path), "--no-progress"])
+               "--dataset-option", "n_train=8", "--dataset-option", "n_heldout=4",
+               "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     m = json.loads((tmp_path / "result.json").read_text())["metrics"]
     assert set(m["relevance"]["per_client"]) == {"8", "9", "10", "11"}
@@ -294,7 +295,8 @@ def test_cli_architectures_reports_shared_and_alone(tmp_path):
 
     rc = main(["run", "--dataset", "digits-clusters", "--algorithm", "fedavg", "--rounds", "1",
                "--clients-per-round", "6", "--inner-steps", "1", "--architectures", "32,64,64x64",
-               "--dataset-option", "n_train=6", "--dataset-option", "n_heldout=3", "--dataset-option", "groups=1", "--out", str(tmp_path), "--no-progress"])
+               "--dataset-option", "n_train=6", "--dataset-option", "n_heldout=3", "--dataset-option", "groups=1",
+               "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     het = json.loads((tmp_path / "result.json").read_text())["metrics"]["heterogeneous"]
     assert het["architectures"] == ["32", "64", "64x64"]
