@@ -93,6 +93,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, names: dict[str, list[str]]) 
                     help="distributed: contributors the per-client noise is sized for (default: expected cohort)")
     dp.add_argument("--dp-insecure-seeded-noise", action="store_true",
                     help="INSECURE: draw DP noise and sampling coins from the run seed (reproducible runs only)")
+    p.add_argument("--aggregation", default="mean",
+                   help="mean | relevance[:temperature=T,include_self=true,min_effective=2,method=gradient,...]")
+    p.add_argument("--architectures", help="heterogeneous Co-LoRA federation on digits-clusters, e.g. 32,64,64x64")
     p.add_argument("--out", default="results/run", help="output folder for result.json")
     p.add_argument("--plots", action="store_true", help="also write reliability.png (classification runs)")
     p.add_argument("--no-progress", action="store_true")
@@ -145,7 +148,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         outer_steps=args.outer_steps, server_opt=args.server_opt, server_lr=args.server_lr,
         finetune_steps=args.finetune_steps, protocol=protocol, select=args.select, defense=args.defense,
         attack=args.attack, malicious=args.malicious, dataset_options=_dataset_options(args.dataset_option),
-        privacy=_privacy_options(args), hidden=args.hidden,
+        privacy=_privacy_options(args), hidden=args.hidden, aggregation=args.aggregation,
+        architectures=args.architectures,
     )
 
 
@@ -220,6 +224,11 @@ def summary_rows(result: RunResult) -> list[tuple[str, Any]]:
     if "privacy" in m:
         at = [k for k, _ in rows].index("detection TPR / FPR")
         rows.insert(at, ("privacy epsilon (max)", m["privacy"].get("epsilon_max")))
+    if "relevance" in m and metric in m["relevance"]:
+        rows.insert(6, (f"relevance-personalized {metric}", f"{m['relevance'][metric]:.4f}"))
+    if "heterogeneous" in m:
+        het = m["heterogeneous"]
+        rows.append(("co-lora shared / alone", f"{het['shared']['accuracy']:.4f} / {het['alone']['accuracy']:.4f}"))
     return rows
 
 

@@ -141,6 +141,10 @@ class RunConfig:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     hidden: tuple[int, ...] | None = None
     privacy: dict[str, Any] = field(default_factory=dict)
+    #: "mean" (one global aggregate) or "relevance[:k=v,...]" (one aggregate per client)
+    aggregation: str = "mean"
+    #: heterogeneous Co-LoRA federation over these MLP shapes ("32,64,64x64"), or None
+    architectures: str | None = None
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -155,6 +159,10 @@ class RunConfig:
         if self.attack != "none" and self.malicious == 0:
             raise ConfigError("an attack needs malicious clients: set --malicious to a fraction > 0")
         self.privacy_config()  # validate early
+        if self.aggregation != "mean":
+            from securefml.relevance.experiment import parse_relevance_spec
+
+            parse_relevance_spec(self.aggregation)  # validate early
 
     def privacy_config(self) -> PrivacyConfig:
         """The DP settings (``privacy`` holds ``PrivacyConfig`` keyword arguments)."""
@@ -279,11 +287,18 @@ def run_experiment(
         selector=selector, dim=dim,
     )
     hooks = [h for h in (update_hook, priv.update_hook) if h is not None]
-    server = Server(
-        priv.learner, protocol, defense, selector=selector, server_optimizer=hp["server_opt"],
-        server_lr=hp["server_lr"], device=device, update_hook=_chain(hooks), aggregate_hook=priv.aggregate_hook,
-        equal_weights=priv.equal_weights,
-    )
+    if config.aggregation != "mean":
+        from securefml.relevance.experiment import build_relevance_server
+
+        if hooks or priv.aggregate_hook is not None or config.select != "all":
+            raise ConfigError("relevance aggregation runs without DP hooks and with --select all")
+        server: Server = build_relevance_server(config.aggregation, priv.learner, protocol, defense, device=device)
+    else:
+        server = Server(
+            priv.learner, protocol, defense, selector=selector, server_optimizer=hp["server_opt"],
+            server_lr=hp["server_lr"], device=device, update_hook=_chain(hooks), aggregate_hook=priv.aggregate_hook,
+            equal_weights=priv.equal_weights,
+        )
     n_mal = int(round(config.malicious * len(train)))
     mal_ids = set(torch.randperm(len(train), generator=gen)[:n_mal].tolist())
     attack = (attack if attack is not None else make_attack(config.attack)) if n_mal else None
@@ -296,7 +311,13 @@ def run_experiment(
     stimulus = probe_task.support_x[:32].to(device)  # fixed inputs for behavioural detectors
     if on_start is not None:
         on_start()
+    shift = getattr(data, "shift_round", None)  # digits-clusters: clients change task at that round
     for rnd in range(config.rounds):
+        if shift is not None and rnd == shift:
+            by_cid = {c.client_id: c for c in clients}
+            for cid, task, _group in getattr(data, "shifted", ()):
+                if cid in by_cid:
+                    by_cid[cid].task = task
         cohort_idx = priv.sample_cohort(rnd, len(clients))  # user-level DP: Poisson, secret coins
         if cohort_idx is None:
             cohort_idx = torch.randperm(len(clients), generator=gen)[:per_round].tolist()
@@ -340,6 +361,20 @@ def run_experiment(
             "cumulative": [{"round": i, **c.to_dict()} for i, c in cumulative],
         },
     }
+    if config.aggregation != "mean" or config.architectures is not None or bool(getattr(data, "heldout_groups", None)):
+        from securefml.relevance.experiment import heterogeneous_metrics, per_group, relevance_metrics
+        from securefml.relevance.server import RelevanceServer
+
+        groups = per_group(data, personalized.per_client)
+        if groups is not None:
+            metrics["personalized"] = {**personalized.to_dict(), "per_group": groups}
+        if isinstance(server, RelevanceServer):
+            metrics["relevance"] = relevance_metrics(server, data, steps=steps)
+        if config.architectures is not None:
+            metrics["heterogeneous"] = heterogeneous_metrics(
+                data, config.architectures, rounds=config.rounds, clients_per_round=per_round,
+                local_steps=hp["inner_steps"], lr=hp["inner_lr"], finetune_steps=steps, seed=config.seed,
+                dataset_options=dict(config.dataset_options), device=device)
     if on_finish is not None:
         metrics.update(on_finish(server, data) or {})
     if config.privacy_config().mode != "none":

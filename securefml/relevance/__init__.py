@@ -1,0 +1,65 @@
+"""Relevance-aware personalized aggregation and Co-LoRA adapters (``securefml.relevance``).
+
+FedMosaic (Seo et al., ICLR 2026): clients summarise their task in a small *task vector*;
+each client receives its own aggregate, weighted by the relevance (cosine similarity) of the
+other clients' task vectors, so unrelated tasks stop interfering; Co-LoRA adapters share a
+dimension-invariant part (P, Q) across different architectures.  See ``docs/relevance.md``.
+"""
+
+from __future__ import annotations
+
+from securefml.relevance.aggregation import PersonalizedAggregate, RelevanceAggregation, RelevanceConfig
+from securefml.relevance.colora import (
+    CoLoRALinear,
+    CoLoRAMLP,
+    HeteroUpload,
+    aggregate_heterogeneous,
+    architecture_state,
+    block_keys,
+    load_shared,
+    shared_state,
+)
+from securefml.relevance.experiment import parse_relevance_spec
+from securefml.relevance.grouping import relevance_groups
+from securefml.relevance.hetero import HeteroConfig, HeteroResult, architecture_name, run_heterogeneous
+from securefml.relevance.server import ClientScores, RelevanceServer
+from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
+from securefml.relevance.weights import (
+    check_effective,
+    cosine_similarity,
+    cross_weights,
+    effective_contributors,
+    relevance_weights,
+    temper,
+)
+
+__all__ = [
+    "ClientScores",
+    "CoLoRALinear",
+    "CoLoRAMLP",
+    "HeteroConfig",
+    "HeteroResult",
+    "HeteroUpload",
+    "architecture_name",
+    "run_heterogeneous",
+    "aggregate_heterogeneous",
+    "architecture_state",
+    "block_keys",
+    "load_shared",
+    "shared_state",
+    "PersonalizedAggregate",
+    "RelevanceAggregation",
+    "RelevanceConfig",
+    "RelevanceServer",
+    "TaskVectorConfig",
+    "TaskVectorSmoother",
+    "TaskVectorizer",
+    "check_effective",
+    "cosine_similarity",
+    "cross_weights",
+    "effective_contributors",
+    "parse_relevance_spec",
+    "relevance_groups",
+    "relevance_weights",
+    "temper",
+]

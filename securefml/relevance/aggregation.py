@@ -1,0 +1,364 @@
+"""``RelevanceAggregation``: one aggregate per client, weighted by task relevance, plus the global one.
+
+The step (FedMosaic's RELA, Seo et al., ICLR 2026) takes what the clients upload this round
+-- their new local models ``x_j`` and task vectors ``v_j`` -- and returns, for every client i
+of the cohort, ``a_i = sum_j w_ij x_j`` with ``w_i = softmax_j(sim(v_i, v_j) / T)`` (see
+``weights``), and the global aggregate ``sum_j p_j x_j`` (``p`` = sample weights).  Unrelated
+clients get (almost) no weight in each other's aggregates, which removes the interference
+between conflicting tasks that a single global average suffers from.
+
+It is self-contained: it runs the protocol halves it needs itself, so it can become the one
+aggregation step after the protocols once the round is split into halves.
+
+Under each protocol
+-------------------
+* ``Plaintext``: weights from the task vectors' cosine matrix; aggregates by one matmul.
+* ``CKKS``: refused (``ConfigError``).  The CKKS key holder now decrypts only policy-checked
+  combinations of uploads their authors signed (``docs/ckks.md``); the relevance step's
+  encrypted path (encrypted Gram of task vectors, one encrypted weighted sum per client) has
+  not been ported to that API yet, and it is not offered on the unchecked path.
+* ``SecAggPlus``: the cohort is partitioned into relevance groups of at least
+  ``min_group_size`` clients (``grouping``), each group is one SecAgg+ secure sum, and every
+  member's aggregate is its group's mean.  Declared leakage: the task vectors' Gram (needed to
+  group), group membership, group sums.
+
+Threat model and declared leakage
+---------------------------------
+Server honest-but-curious.  It learns the task vectors' Gram (cosines), the weight matrix and
+the global aggregate.  Per-client aggregates are meant for their client only: a party that
+saw *all* n per-client aggregates of a round and the (public) weight matrix could solve the
+linear system for individual models when the matrix is invertible, so in a deployment each
+``a_i`` is decrypted by (or for) client i alone.  The simulation keeps them in one process.
+Client i learns ``sum_{j != i} w_ij x_j``; the policy ``n_eff >= min_effective`` bounds how
+concentrated that is on one other client (each other client carries at most
+``1 / sqrt(min_effective)`` of the others' mass).  Colluding clients pool their aggregates:
+not covered.  Byzantine clients may send any model or task vector: relevance weights alone are
+not a defense (a client that copies another group's task vector attracts that group's weight);
+``allowed`` lets a robust rule exclude clients first.
+
+How this should plug into the CKKS key holder
+---------------------------------------------
+The check ``check_effective(row, i, m_min)`` needs the row of coefficients the server used;
+the key holder should be handed that row with the signed uploads (``AggregateRequest``), verify
+it against the Gram of task vectors it decrypted itself (recomputing the softmax) and refuse
+below ``m_min``, beside its own ``min_contributors`` / ``max_share`` policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
+from securefml.gram import Gram
+from securefml.protocols.base import AggregationProtocol, Transport
+from securefml.protocols.ckks import CKKS
+from securefml.protocols.plaintext import Plaintext
+from securefml.protocols.secagg import SecAggPlus
+from securefml.relevance.grouping import relevance_groups
+from securefml.relevance.weights import (
+    cross_weights,
+    effective_contributors,
+    relevance_weights,
+    temper,
+)
+
+__all__ = ["RelevanceConfig", "PersonalizedAggregate", "RelevanceAggregation"]
+
+log = logging.getLogger(__name__)
+
+_TASK_LAYER = "task"
+
+
+@dataclass(frozen=True)
+class RelevanceConfig:
+    """Hyper-parameters of relevance-aware aggregation.
+
+    Attributes
+    ----------
+    temperature:
+        Softmax temperature T on the (row-standardized) similarities; small = sharper.
+    include_self:
+        Whether client i's own model enters its aggregate (default True: its own round of
+        training is the most relevant to it; FedMosaic's RELA excludes it).
+    standardize:
+        Centre and scale each row's similarities before the softmax (T becomes scale-free).
+    min_effective:
+        ``m_min``: minimum effective number of *other* contributors of a per-client aggregate
+        (the key-holder policy; 1 disables it).
+    min_group_size:
+        SecAgg+ grouping: smallest group (a member learns the sum of >= this - 1 others);
+        None = ``ceil(min_effective) + 1``.
+    """
+
+    temperature: float = 0.2
+    include_self: bool = True
+    standardize: bool = True
+    min_effective: float = 2.0
+    min_group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise ConfigError(f"temperature must be positive and finite, got {self.temperature}")
+        if not self.min_effective >= 1:
+            raise ConfigError(f"min_effective must be >= 1, got {self.min_effective}")
+        if self.min_group_size is not None and self.min_group_size < 2:
+            raise ConfigError(f"min_group_size must be >= 2 (a secure sum needs 2 clients), got {self.min_group_size}")
+
+    @property
+    def group_size(self) -> int:
+        return self.min_group_size if self.min_group_size is not None else int(math.ceil(self.min_effective)) + 1
+
+
+@dataclass
+class PersonalizedAggregate:
+    """What one relevance step produced.
+
+    Attributes
+    ----------
+    client_ids:
+        The cohort members that were aggregated, in row order.
+    weights:
+        ``[n, n]`` row-stochastic weights actually applied (row i: client i's aggregate).
+    per_client:
+        ``[n, d]`` per-client aggregates (row i is meant for client i only).
+    global_aggregate:
+        ``[d]`` sample-weighted mean of the uploads.
+    effective:
+        Effective number of other contributors of each row.
+    groups:
+        SecAgg+ mode: the relevance groups (client ids), else None.
+    rejected:
+        Client id -> reason, for uploads the protocol rejected.
+    """
+
+    client_ids: tuple[int, ...]
+    weights: torch.Tensor
+    per_client: torch.Tensor
+    global_aggregate: torch.Tensor
+    effective: tuple[float, ...]
+    groups: tuple[tuple[int, ...], ...] | None = None
+    rejected: dict[int, str] = field(default_factory=dict)
+    bytes_uploaded: int = 0
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def row(self, client_id: int) -> torch.Tensor:
+        return self.per_client[self.client_ids.index(client_id)]
+
+
+def _digest(vector: torch.Tensor) -> bytes:
+    return hashlib.blake2b(vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(),
+                           digest_size=16).digest()
+
+
+class RelevanceAggregation:
+    """One aggregate per client by task relevance, under plaintext, CKKS or SecAgg+.
+
+    Parameters
+    ----------
+    config:
+        Temperature, self-inclusion, the effective-contributors policy.
+    protocol:
+        ``Plaintext``, ``CKKS`` (needs the ``"stats"`` preset: encrypted inner products and
+        scalar multiplications) or ``SecAggPlus`` (grouping mode).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from securefml.protocols import Plaintext
+    >>> step = RelevanceAggregation(RelevanceConfig(temperature=0.1, min_effective=1), protocol=Plaintext())
+    >>> tv = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> models = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]])
+    >>> out = step.aggregate(0, (0, 1, 2, 3), models, [1.0] * 4, tv)
+    >>> [round(float(v), 3) for v in out.per_client[:, 0]]
+    [1.0, 1.0, -1.0, -1.0]
+    """
+
+    def __init__(self, config: RelevanceConfig | None = None, *, protocol: AggregationProtocol | None = None) -> None:
+        self.config = config or RelevanceConfig()
+        self.protocol = protocol if protocol is not None else Plaintext()
+        if not isinstance(self.protocol, (Plaintext, CKKS, SecAggPlus)):
+            raise ConfigError(f"relevance aggregation supports plaintext, ckks and secagg, not {self.protocol.name!r}")
+        if isinstance(self.protocol, CKKS):
+            raise ConfigError(
+                "relevance aggregation under CKKS is not available: the CKKS key holder decrypts only "
+                "policy-checked combinations of signed uploads (docs/ckks.md), and the relevance step's "
+                "encrypted path is not yet ported to that API; use plaintext, or SecAgg+ relevance grouping"
+            )
+
+        self._tv_ct: dict[int, list] = {}
+        self._tv_digest: dict[int, bytes] = {}
+        self._gram_cache: dict[tuple[int, int], float] = {}
+
+    def __repr__(self) -> str:
+        return f"RelevanceAggregation({self.config}, protocol={self.protocol.name})"
+
+    # -- weights ------------------------------------------------------------------------------
+    def weights_from_gram(self, gram: Gram, *, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Tempered relevance weights from the task vectors' Gram; ``allowed`` masks columns."""
+        w = relevance_weights(gram.cosine(), temperature=self.config.temperature,
+                              include_self=self.config.include_self, standardize=self.config.standardize)
+        n = w.shape[0]
+        if allowed is not None:
+            keep = allowed.to(torch.bool).reshape(-1)
+            if keep.numel() != n:
+                raise ConfigError(f"allowed mask has {keep.numel()} entries for {n} clients")
+            cols = keep.clone()
+            w = w * cols.to(w.dtype)[None, :]
+            empty = w.sum(1) <= 0
+            w[empty] = cols.to(w.dtype)  # a row with no allowed candidate: uniform over the allowed
+            w = w / w.sum(1, keepdim=True).clamp_min(1e-300)
+            if self.config.min_effective > 1:
+                w = self._temper_masked(w, keep)
+            return w
+        if self.config.min_effective > 1 and n - 1 >= self.config.min_effective:
+            w = temper(w, self.config.min_effective, include_self=self.config.include_self)
+        return w
+
+    def _temper_masked(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``temper`` restricted to the allowed columns (rows mix towards uniform over them)."""
+        idx = torch.nonzero(keep).reshape(-1)
+        m = self.config.min_effective
+        out = w.clone()
+        for i in range(w.shape[0]):
+            others = idx[idx != i]
+            if others.numel() < m or effective_contributors(w[i], exclude=i) >= m:
+                continue
+            uniform = torch.zeros_like(w[i])
+            cand = idx if self.config.include_self or i not in idx.tolist() else others
+            uniform[cand] = 1.0 / cand.numel()
+            lo, hi = 0.0, 1.0
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                if effective_contributors((1 - mid) * w[i] + mid * uniform, exclude=i) >= m:
+                    hi = mid
+                else:
+                    lo = mid
+            out[i] = (1 - hi) * w[i] + hi * uniform
+        return out
+
+    def heldout_weights(self, new_vectors: torch.Tensor, train_vectors: torch.Tensor) -> torch.Tensor:
+        """``[h, n]`` weights of new (held-out) clients over training clients, plaintext cosines."""
+        a = new_vectors.to(torch.float64)
+        b = train_vectors.to(torch.float64)
+        cos = (a @ b.T) / (a.norm(dim=1, keepdim=True).clamp_min(1e-12) * b.norm(dim=1)[None, :].clamp_min(1e-12))
+        return self._cross(cos)
+
+    def _cross(self, cos: torch.Tensor) -> torch.Tensor:
+        w = cross_weights(cos, temperature=self.config.temperature, standardize=self.config.standardize)
+        m = self.config.min_effective
+        if m > 1 and w.shape[1] >= m:
+            # a new client is nobody's member: every training client counts as "other"
+            padded = torch.cat([torch.zeros(w.shape[0], 1, dtype=w.dtype), w], dim=1)
+            out = []
+            for row in padded:
+                uniform = torch.cat([torch.zeros(1, dtype=w.dtype), torch.full((w.shape[1],), 1.0 / w.shape[1],
+                                                                               dtype=w.dtype)])
+                lo, hi = 0.0, 1.0
+                if effective_contributors(row, exclude=0) < m:
+                    for _ in range(60):
+                        mid = (lo + hi) / 2
+                        if effective_contributors((1 - mid) * row + mid * uniform, exclude=0) >= m:
+                            hi = mid
+                        else:
+                            lo = mid
+                    row = (1 - hi) * row + hi * uniform
+                out.append(row[1:])
+            w = torch.stack(out)
+        return w
+
+    # -- one round ----------------------------------------------------------------------------
+    def aggregate(
+        self,
+        round_idx: int,
+        client_ids: Sequence[int],
+        models: torch.Tensor,
+        sample_weights: Sequence[float],
+        task_vectors: torch.Tensor,
+        *,
+        allowed: torch.Tensor | None = None,
+        transport: Transport | None = None,
+    ) -> PersonalizedAggregate:
+        """Per-client and global aggregates of ``models`` ``[n, d]`` weighted by ``task_vectors`` ``[n, k]``."""
+        ids = tuple(int(c) for c in client_ids)
+        n = len(ids)
+        if models.dim() != 2 or models.shape[0] != n or task_vectors.shape[0] != n or len(sample_weights) != n:
+            raise ConfigError("models, task vectors, sample weights and client ids must have one row per client")
+        if len(set(ids)) != n:
+            raise ConfigError("client ids in one round must be distinct")
+        if n == 0:
+            raise ConfigError("relevance aggregation needs at least one client")
+        p = torch.as_tensor(list(sample_weights), dtype=torch.float64)
+        if (p <= 0).any() or not torch.isfinite(p).all():
+            raise ConfigError("sample weights must be positive and finite")
+        if isinstance(self.protocol, SecAggPlus):
+            return self._secagg(round_idx, ids, models, p, task_vectors, transport)
+        return self._plain(ids, models, p, task_vectors, allowed)
+
+    # -- plaintext ----------------------------------------------------------------------------
+    def _plain(self, ids: tuple[int, ...], models: torch.Tensor, p: torch.Tensor, tv: torch.Tensor,
+               allowed: torch.Tensor | None) -> PersonalizedAggregate:
+        for cid, row, v in zip(ids, models, tv):
+            if not (torch.isfinite(row).all() and torch.isfinite(v).all()):
+                raise InvalidUpdateError("model or task vector contains NaN or Inf", sender=cid)
+        w = self.weights_from_gram(Gram.from_updates(tv, ids), allowed=allowed)
+        x = models.to(torch.float64)
+        per = (w @ x).to(torch.float32)
+        pg = p if allowed is None else p * allowed.to(torch.float64)
+        glob = ((pg / pg.sum()) @ x).to(torch.float32)
+        eff = tuple(effective_contributors(w[i], exclude=i) for i in range(len(ids)))
+        return PersonalizedAggregate(ids, w, per, glob, eff)
+
+    # -- SecAgg+ ------------------------------------------------------------------------------
+    def _secagg(self, round_idx: int, ids: tuple[int, ...], models: torch.Tensor, p: torch.Tensor, tv: torch.Tensor,
+                transport: Transport | None) -> PersonalizedAggregate:
+        assert isinstance(self.protocol, SecAggPlus)
+        proto = self.protocol
+        gram = Gram.from_updates(tv, ids)  # declared leakage of the grouping mode
+        groups = relevance_groups(gram.cosine(), self.config.group_size)
+        d = models.shape[1]
+        max_w = float(2.0 ** math.ceil(math.log2(float(p.max())))) if float(p.max()) > 0 else 1.0
+        n = len(ids)
+        w = torch.zeros((n, n), dtype=torch.float64)
+        per = torch.zeros((n, d), dtype=torch.float32)
+        rejected: dict[int, str] = {}
+        total = torch.zeros(d, dtype=torch.float64)
+        total_w = 0.0
+        nbytes = 0
+        done: list[int] = []
+        t0 = time.perf_counter()
+        for g in groups:
+            members = tuple(ids[i] for i in g)
+            plan = proto.plan(round_idx, members, d, max_weight=max_w)
+            inputs = {ids[i]: (models[i], float(p[i])) for i in g}
+            res = proto.secure_sum(plan, inputs, transport=transport)
+            nbytes += res.bytes_uploaded
+            rejected.update({c: f"{type(e).__name__}: {e}" for c, e in res.rejected.items()})
+            if res.aborted is not None or res.weighted_sum is None or res.total_weight <= 0:
+                log.warning("round %d: relevance group %s aborted: %s", round_idx, members, res.aborted)
+                continue
+            mean = torch.from_numpy(res.weighted_sum / res.total_weight).to(torch.float32)
+            contrib = set(res.contributors)
+            cw = torch.tensor([float(p[i]) if ids[i] in contrib else 0.0 for i in g], dtype=torch.float64)
+            for i in g:
+                per[i] = mean
+                w[i, list(g)] = cw / cw.sum()
+                done.append(i)
+            total += torch.from_numpy(res.weighted_sum)
+            total_w += res.total_weight
+        if not done:
+            raise ProtocolError(f"round {round_idx}: no relevance group's secure sum survived")
+        keep = sorted(done)
+        kept_ids = tuple(ids[i] for i in keep)
+        w = w[keep][:, keep]
+        eff = tuple(effective_contributors(w[i], exclude=i) for i in range(len(keep)))
+        glob = (total / total_w).to(torch.float32)
+        gid = tuple(tuple(ids[i] for i in g) for g in groups)
+        return PersonalizedAggregate(kept_ids, w, per[keep], glob, eff, groups=gid, rejected=rejected,
+                                     bytes_uploaded=nbytes, timing={"secure_sums_s": time.perf_counter() - t0})

@@ -1,0 +1,292 @@
+"""Relevance-aware aggregation: task vectors, the three protocol paths, the server, Co-LoRA, data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from securefml.client import Client
+from securefml.data import DATASETS, load_dataset, make_digits_clusters, parse_architectures
+from securefml.defenses import make_defense
+from securefml.errors import ConfigError, InvalidUpdateError
+from securefml.meta import LEARNERS, MetaConfig
+from securefml.models import make_model
+from securefml.protocols import CKKS, Plaintext, SecAggPlus
+from securefml.relevance import (
+    CoLoRALinear,
+    CoLoRAMLP,
+    HeteroUpload,
+    RelevanceAggregation,
+    RelevanceConfig,
+    RelevanceServer,
+    TaskVectorConfig,
+    TaskVectorizer,
+    TaskVectorSmoother,
+    aggregate_heterogeneous,
+    architecture_state,
+    block_keys,
+    cosine_similarity,
+    load_shared,
+    shared_state,
+)
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    return make_digits_clusters(n_train=16, n_heldout=4, seed=0)
+
+
+def _two_clusters(n: int = 8, k: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(2, k, generator=g)
+    tv = torch.stack([centres[i % 2] + 0.05 * torch.randn(k, generator=g) for i in range(n)])
+    models = torch.stack([torch.full((10,), 1.0 if i % 2 == 0 else -1.0) + 0.1 * torch.randn(10, generator=g)
+                          for i in range(n)])
+    return tv, models
+
+
+# -- data -----------------------------------------------------------------------------------------
+def test_digits_clusters_is_registered_and_groups_conflict(clusters):
+    assert "digits-clusters" in DATASETS
+    assert clusters.groups == tuple(i % 4 for i in range(16))
+    perms = clusters.permutations
+    assert len(perms) == 4 and all(sorted(p) == list(range(10)) for p in perms)
+    assert all(sum(a != b for a, b in zip(p, q)) >= 8 for i, p in enumerate(perms) for q in perms[:i])
+
+
+def test_digits_clusters_groups_see_permuted_pixels():
+    d = make_digits_clusters(n_train=4, n_heldout=0, k_shot=1, query=1, seed=3)
+    plain = make_digits_clusters(n_train=4, n_heldout=0, k_shot=1, query=1, seed=3, transform="none")
+    assert torch.equal(d.train[0].support_x, plain.train[0].support_x)  # group 0: identity
+    assert not torch.equal(d.train[1].support_x, plain.train[1].support_x)
+    assert torch.equal(d.train[1].support_x.sort(1).values, plain.train[1].support_x.sort(1).values)
+    with pytest.raises(ConfigError):
+        make_digits_clusters(transform="rotate")
+
+
+def test_digits_clusters_shift_and_architectures():
+    d = load_dataset("digits-clusters", n_train=8, n_heldout=4, shift_round=3, shift_fraction=0.5,
+                     architectures="32,64,64x64", architecture_shares=[0.25, 0.25, 0.5])
+    assert len(d.shifted) == 4
+    assert all(d.groups_at(3)[cid] == (d.groups[cid] + 1) % 4 for cid, _, _ in d.shifted)
+    assert d.groups_at(2) == dict(enumerate(d.groups))
+    assert d.architectures.count((64, 64)) == 4 and d.architectures.count((32,)) == 2
+    assert parse_architectures("32,64x16") == ((32,), (64, 16))
+    with pytest.raises(ConfigError):
+        parse_architectures("32,abc")
+    with pytest.raises(ConfigError):
+        make_digits_clusters(groups=11)
+
+
+# -- task vectors ---------------------------------------------------------------------------------
+def test_gradient_task_vectors_separate_the_groups(clusters):
+    model = make_model(clusters, seed=0)
+    vec = TaskVectorizer(model, {n: p.detach() for n, p in model.named_parameters()})
+    tv = torch.stack([vec(t) for t in clusters.train])
+    assert tv.shape == (16, 650)  # last layer of the 64-64 MLP: 10 x 64 weights + 10 biases
+    sim = cosine_similarity(tv)
+    g = torch.tensor(clusters.groups)
+    same = (g[:, None] == g[None, :]) & ~torch.eye(16, dtype=torch.bool)
+    across = g[:, None] != g[None, :]
+    assert float(sim[same].min()) > float(sim[across].max())
+
+
+def test_projection_task_vectors_and_noise():
+    model = nn.Sequential(nn.Linear(4, 3))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    vec = TaskVectorizer(model, params, TaskVectorConfig(method="projection", dim=8), update_numel=15)
+    u = torch.randn(15)
+    out = vec(None, update=u)  # type: ignore[arg-type]
+    assert out.shape == (8,)
+    assert torch.allclose(vec(None, update=2 * u), 2 * out)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        TaskVectorizer(model, params, TaskVectorConfig(method="projection", dim=8))
+    noisy = TaskVectorizer(model, params, TaskVectorConfig(method="projection", dim=8, noise_std=0.5, clip=1.0),
+                           update_numel=15)
+    a = noisy(None, update=u, generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
+    b = noisy(None, update=u, generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
+    assert torch.equal(a, b) and not torch.allclose(a, out)
+    with pytest.raises(ConfigError):
+        TaskVectorConfig(method="nope")
+    with pytest.raises(ConfigError):
+        TaskVectorConfig(smoothing=1.0)
+
+
+def test_smoother_is_an_exponential_moving_average():
+    s = TaskVectorSmoother(0.5)
+    assert torch.equal(s(1, torch.tensor([2.0])), torch.tensor([2.0]))
+    assert torch.equal(s(1, torch.tensor([0.0])), torch.tensor([1.0]))
+    state = s.state_dict()
+    t = TaskVectorSmoother(0.5)
+    t.load_state_dict(state)
+    assert torch.equal(t.get(1), torch.tensor([1.0]))  # type: ignore[arg-type]
+
+
+# -- the aggregation step -------------------------------------------------------------------------
+def test_plaintext_step_aggregates_within_clusters():
+    tv, models = _two_clusters()
+    step = RelevanceAggregation(RelevanceConfig(temperature=0.2, min_effective=2.0), protocol=Plaintext())
+    out = step.aggregate(0, tuple(range(8)), models, [1.0] * 8, tv)
+    same = torch.tensor([[i % 2 == j % 2 for j in range(8)] for i in range(8)])
+    assert float((out.weights * same).sum(1).min()) > 0.99
+    assert torch.allclose(out.global_aggregate, models.mean(0), atol=1e-6)
+    assert min(out.effective) >= 2.0 - 1e-6
+
+
+def test_plaintext_step_names_a_client_with_a_nonfinite_model():
+    tv, models = _two_clusters()
+    models[3, 0] = float("nan")
+    step = RelevanceAggregation(protocol=Plaintext())
+    with pytest.raises(InvalidUpdateError, match="client 3"):
+        step.aggregate(0, tuple(range(8)), models, [1.0] * 8, tv)
+
+
+def test_allowed_mask_removes_a_client_from_every_aggregate():
+    tv, models = _two_clusters()
+    step = RelevanceAggregation(RelevanceConfig(min_effective=1.0), protocol=Plaintext())
+    allowed = torch.ones(8, dtype=torch.bool)
+    allowed[2] = False
+    out = step.aggregate(0, tuple(range(8)), models, [1.0] * 8, tv, allowed=allowed)
+    assert torch.all(out.weights[:, 2] == 0)
+    assert torch.allclose(out.weights.sum(1), torch.ones(8, dtype=torch.float64))
+
+
+def test_ckks_is_refused_until_its_path_goes_through_the_key_holders_policy():
+    # the encrypted relevance path needs unchecked scalar decryptions, which the CKKS key holder
+    # no longer performs (it decrypts only policy-checked combinations of signed uploads)
+    for preset in ("stats", "add-only"):
+        with pytest.raises(ConfigError, match="not yet ported"):
+            RelevanceAggregation(protocol=CKKS(preset=preset))
+
+
+def test_secagg_step_groups_by_relevance_and_sums_each_group():
+    tv, models = _two_clusters()
+    step = RelevanceAggregation(RelevanceConfig(min_effective=2.0), protocol=SecAggPlus(clip_range=4.0))
+    out = step.aggregate(0, tuple(range(8)), models, [1.0] * 8, tv)
+    assert out.groups is not None
+    assert sorted(out.groups) == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    for g in out.groups:
+        mean = models[list(g)].mean(0)
+        for c in g:
+            assert torch.allclose(out.row(c), mean, atol=1e-4)
+    assert torch.allclose(out.global_aggregate, models.mean(0), atol=1e-4)
+
+
+def test_relevance_server_rounds_and_heldout_personalization(clusters):
+    model = make_model(clusters, seed=0)
+    learner = LEARNERS.create("fedavg", model=model, config=MetaConfig(2, 0.3, 1.0, 1))
+    proto = Plaintext()
+    server = RelevanceServer(learner, proto, make_defense("mean"),
+                             relevance=RelevanceAggregation(protocol=proto),
+                             vectorizer=TaskVectorizer(model, learner.init_params()))
+    from securefml.attacks import make_attack
+
+    clients = [Client(t, attack=make_attack("signflip") if i == 0 else None) for i, t in enumerate(clusters.train)]
+    rec = server.run_round(0, clients[:8], generator=torch.Generator().manual_seed(0))
+    assert sorted(server.models) == list(range(8))
+    assert rec.extras["aggregation"] == "relevance" and 0 <= rec.extras["malicious_weight"] <= 1
+    scores = server.personalize_new(clusters.heldout, steps=1)
+    assert len(scores.scores) == 4 and scores.weights is not None and scores.weights.shape == (4, 8)
+    assert torch.allclose(scores.weights.sum(1), torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="not yet ported"):
+        ckks = CKKS(preset="stats")
+        RelevanceServer(learner, ckks, make_defense("multikrum:f=1"), relevance=RelevanceAggregation(protocol=ckks),
+                        vectorizer=TaskVectorizer(model, learner.init_params()))
+
+
+# -- Co-LoRA --------------------------------------------------------------------------------------
+def test_colora_at_identity_is_plain_lora():
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5)
+    layer = CoLoRALinear(base, rank=3, alpha=6.0, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 7)
+    assert torch.allclose(layer(x), base(x))  # B = 0: the wrapped layer is the base layer
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    lora = base(x) + (6.0 / 3) * (x @ layer.lora_A.T @ layer.lora_B.T)
+    assert torch.equal(layer.P.detach(), torch.eye(3)) and torch.equal(layer.Q.detach(), torch.zeros(1, 3))
+    assert torch.allclose(layer(x), lora, atol=1e-6)
+    with torch.no_grad():
+        layer.Q.fill_(1.0)
+    assert not torch.allclose(layer(x), lora, atol=1e-3)
+    with pytest.raises(ConfigError):
+        CoLoRALinear(nn.Linear(2, 2), rank=0)
+
+
+def test_colora_shared_part_has_the_same_shape_for_every_architecture():
+    shapes = {}
+    for hidden in [(32,), (64,), (64, 64), (16, 48, 8)]:
+        m = CoLoRAMLP(64, hidden, 10, rank=4)
+        shared = shared_state(m)
+        for key, v in shared.items():
+            shapes.setdefault(key, set()).add(tuple(v.shape))
+        assert set(architecture_state(m)) & set(shared) == set()
+    assert {k: s for k, s in shapes.items() if k.endswith(".P")} == {
+        "first.P": {(4, 4)}, "mid1.P": {(4, 4)}, "mid2.P": {(4, 4)}, "last.P": {(4, 4)}}
+    assert all(s == {(1, 4)} for k, s in shapes.items() if k.endswith(".Q"))
+    assert block_keys(1) == ("last",) and block_keys(3) == ("first", "mid1", "last")
+
+
+def test_heterogeneous_aggregation_shares_p_q_across_and_a_b_within():
+    small, wide, deep = CoLoRAMLP(64, (32,), 10, rank=2), CoLoRAMLP(64, (64,), 10, rank=2), \
+        CoLoRAMLP(64, (64, 64), 10, rank=2)
+    for i, m in enumerate((small, wide, deep)):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.fill_(float(i))
+    ups = [HeteroUpload(a, shared_state(m), architecture_state(m)) for a, m in
+           (("32", small), ("64", wide), ("64x64", deep))]
+    shared, arch = aggregate_heterogeneous(ups, share=True)
+    assert torch.allclose(shared["32"]["first.P"], torch.full((2, 2), 1.0))  # mean of 0, 1, 2
+    assert torch.allclose(shared["64x64"]["mid1.P"], torch.full((2, 2), 2.0))  # only the deep net has mid1
+    assert torch.allclose(arch["64"]["blocks.first.lora_A"], torch.full((2, 64), 1.0))
+    alone, _ = aggregate_heterogeneous(ups, share=False)
+    assert torch.allclose(alone["32"]["first.P"], torch.zeros(2, 2))
+    load_shared(small, shared["32"])
+    assert torch.allclose(small.blocks["first"].P, torch.full((2, 2), 1.0))
+    with pytest.raises(ConfigError, match="ranks"):
+        aggregate_heterogeneous([ups[0], HeteroUpload("r3", shared_state(CoLoRAMLP(64, (8,), 10, rank=3)),
+                                                      architecture_state(CoLoRAMLP(64, (8,), 10, rank=3)))])
+
+
+# -- command line -----------------------------------------------------------------------------------
+def test_cli_relevance_aggregation_writes_per_client_and_per_group_results(tmp_path):
+    import json
+
+    from securefml.cli import main
+
+    rc = main(["run", "--dataset", "digits-clusters", "--algorithm", "fedavg", "--rounds", "2",
+               "--clients-per-round", "4", "--inner-steps", "1", "--aggregation", "relevance:temperature=0.3",
+               "--dataset-option", "n_train=8", "--dataset-option", "n_heldout=4",
+               "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    m = json.loads((tmp_path / "result.json").read_text())["metrics"]
+    assert set(m["relevance"]["per_client"]) == {"8", "9", "10", "11"}
+    assert set(m["relevance"]["per_group"]) == {"0", "1", "2", "3"}
+    assert set(m["personalized"]["per_group"]) == {"0", "1", "2", "3"}
+
+
+def test_cli_architectures_reports_shared_and_alone(tmp_path):
+    import json
+
+    from securefml.cli import main
+
+    rc = main(["run", "--dataset", "digits-clusters", "--algorithm", "fedavg", "--rounds", "1",
+               "--clients-per-round", "6", "--inner-steps", "1", "--architectures", "32,64,64x64",
+               "--dataset-option", "n_train=6", "--dataset-option", "n_heldout=3", "--dataset-option", "groups=1",
+               "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    het = json.loads((tmp_path / "result.json").read_text())["metrics"]["heterogeneous"]
+    assert het["architectures"] == ["32", "64", "64x64"]
+    assert set(het["shared"]["per_architecture"]) == {"32", "64", "64x64"}
+    assert set(het["alone"]["per_architecture"]) == {"32", "64", "64x64"}
+
+
+def test_bad_relevance_spec_is_a_config_error():
+    from securefml.experiment import RunConfig
+
+    with pytest.raises(ConfigError, match="unknown relevance options"):
+        RunConfig(dataset="digits-clusters", aggregation="relevance:temprature=0.2")
+    with pytest.raises(ConfigError, match="unknown aggregation"):
+        RunConfig(dataset="digits-clusters", aggregation="fancy")
