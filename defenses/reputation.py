@@ -53,7 +53,7 @@ from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.mean import Mean
 from securefml.errors import ConfigError
 from securefml.gram import Gram
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = ["consensus_cosine", "robust_scale", "Reputation"]
 

@@ -34,7 +34,7 @@ from securefml.defenses.distance import combine
 from securefml.defenses.linalg import DEFAULT_CHUNK, sq_distances_from_gram, stable_gram
 from securefml.errors import ConfigError
 from securefml.gram import Gram
-from securefml.protocols.base import Reveals
+from securefml.reveals import Reveals
 
 __all__ = ["mda_subset", "smea_subset", "caf_weights", "MDA", "SMEA", "CAF", "MAX_SUBSETS"]
 

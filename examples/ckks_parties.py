@@ -3,15 +3,17 @@
 Run: ``python examples/ckks_parties.py``.  Three roles, each an object that could live in its own
 process or machine, and only ``bytes`` between them:
 
-* the **key holder** makes the keys, publishes the public context (no secret key in it) and
-  decrypts only aggregates and the scalar Gram statistics;
-* each **client** encrypts its update under the public context;
+* the **key holder** makes the keys, publishes the public context (no secret key in it), holds
+  the clients' verify keys, and decrypts only what its policy allows, computed by itself from
+  the uploads their authors signed: sums over enough clients, and the round's one Gram;
+* each **client** encrypts its update under the public context and signs it;
 * the **server** validates and adds ciphertexts; it can never decrypt (its context is public).
 
-Mean path: clients encrypt ``(w_i / W) * u_i``, the server adds, the key holder decrypts the sum.
-Gram path (robust rules): the server computes encrypted inner products, the key holder decrypts
-the n x n Gram matrix only, Multi-Krum picks weights from it, the server forms the weighted
-homomorphic sum, the key holder decrypts that.  Prints both errors against the plaintext answer.
+Mean path: clients encrypt and sign ``(w_i / W) * u_i``; the server checks and forwards the
+signed uploads; the key holder verifies them, adds them itself and decrypts the sum.  Gram path
+(robust rules): the key holder computes and decrypts exactly the n x n Gram of the signed uploads,
+Multi-Krum picks weights from it, and the key holder decrypts that weighted sum (its policy: at
+least two contributors, none above half the weight).  Prints both errors against the plaintext answer.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 
 from securefml.defenses import MultiKrum
 from securefml.protocols import CKKSClient, CKKSKeyHolder, CKKSServer, ClientUpdate, PackingFrame
-from securefml.protocols.ckks_stats import encrypted_inner_products, weighted_sum
+from securefml.protocols.ckks_auth import UploadSigner
+from securefml.protocols.ckks_policy import AggregateRequest, GramRequest
 from securefml.updates import LayerLayout
 
 
@@ -36,40 +39,41 @@ def main() -> dict[str, float]:
     key_holder = CKKSKeyHolder.generate("stats")
     public = key_holder.public_context_bytes()
     frame = PackingFrame(layout, layout.layer_names, key_holder.preset.slots)
+    # each client's signing key; only its public verify key reaches the key holder (out of band)
+    signers = {u.client_id: UploadSigner.generate(u.client_id) for u in updates}
+    for cid, signer in signers.items():
+        key_holder.registry.register(cid, signer.verify_key())
 
-    # -- mean path ----------------------------------------------------------------------------
+    # -- mean path: the key holder adds the signed ciphertexts itself and decrypts the sum -------
     total_w = sum(u.weight for u in updates[:4])
-    messages = {u.client_id: CKKSClient(public, "stats").encode(0, u, frame, prescale=u.weight / total_w)
+    messages = {u.client_id: CKKSClient(public, "stats").encode(0, u, frame, signer=signers[u.client_id],
+                                                                prescale=u.weight / total_w)
                 for u in updates[:4]}
     server = CKKSServer(public, "stats")
     assert not server.is_private()
-    sums: dict[int, list] = {}
-    for cid, msg in messages.items():
-        server.decode(0, cid, msg, frame, strict=False, into=sums)
-    packed = np.zeros(frame.numel)
-    for k, (acc, m) in sums.items():
-        lo, hi = frame.chunk_range(k)
-        packed[lo:hi] = key_holder.decrypt_aggregate([acc.serialize()], contributors=m)[: hi - lo]
+    received = [server.decode(0, cid, msg, frame, strict=True, normalizer=total_w) for cid, msg in messages.items()]
+    uploads = tuple(r.upload for r in received if r.upload is not None)
+    dec = key_holder.decrypt_aggregate(AggregateRequest(0, frame, uploads, {u.sender: 1.0 for u in uploads}))
+    packed = np.concatenate([dec[k][: frame.chunk_len(k)] for k in range(frame.n_chunks)])
     plain_mean = torch.stack(honest).mean(0).double().numpy()
     mean_error = float(np.abs(packed - plain_mean).max())
 
     # -- Gram path: a robust rule on decrypted inner products only ------------------------------
     server = CKKSServer(public, "stats")
-    received = [server.decode(1, u.client_id, CKKSClient(public, "stats").encode(1, u, frame), frame, strict=True)
-                for u in updates]
-    chunks = [[c.chunks[k] for k in range(frame.n_chunks)] for c in received]
-    inner = {ij: ct.serialize() for ij, ct in encrypted_inner_products(chunks).items()}
-    gram = key_holder.decrypt_gram([c.client_id for c in received], inner)
+    received = [
+        server.decode(1, u.client_id, CKKSClient(public, "stats").encode(1, u, frame, signer=signers[u.client_id]),
+                      frame, strict=True)
+        for u in updates
+    ]
+    uploads = tuple(r.upload for r in received if r.upload is not None)
+    gram = key_holder.decrypt_gram(GramRequest(1, frame, uploads))  # exactly the signed uploads' Gram
     rule = MultiKrum(f=1)
     result = rule.aggregate_gram(gram, torch.ones(len(received), dtype=torch.float64))
     assert result.weights is not None
-    acc, _ = weighted_sum(chunks, [float(w) for w in result.weights])
-    assert acc is not None
-    robust = key_holder.decrypt_aggregate([a.serialize() for a in acc], contributors=len(received))
-    robust = np.concatenate([robust[k * frame.slots : k * frame.slots + frame.chunk_len(k)]
-                             for k in range(frame.n_chunks)])
-    kept = [i for i, w in enumerate(result.weights.tolist()) if abs(w) > 1e-9]
-    plain_robust = sum(float(result.weights[i]) * updates[i].vector.double().numpy() for i in kept)
+    coefficients = {u.sender: float(w) for u, w in zip(uploads, result.weights.tolist())}
+    dec = key_holder.decrypt_aggregate(AggregateRequest(1, frame, uploads, coefficients))
+    robust = np.concatenate([dec[k][: frame.chunk_len(k)] for k in range(frame.n_chunks)])
+    plain_robust = sum(float(w) * updates[i].vector.double().numpy() for i, w in enumerate(result.weights.tolist()))
     return {
         "mean_max_abs_error": mean_error,
         "robust_max_abs_error": float(np.abs(robust - plain_robust).max()),

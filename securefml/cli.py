@@ -34,9 +34,9 @@ COMMANDS = {
 def registry_names() -> dict[str, list[str]]:
     """The names a run accepts, read from the registries (so help never drifts from the code)."""
     from securefml.attacks import ATTACKS
+    from securefml.bayes import LEARNERS  # the learner registry, with the Bayesian learners added
     from securefml.data import DATASETS
     from securefml.defenses import DEFENSES
-    from securefml.meta import LEARNERS
     from securefml.protocols import PROTOCOLS
 
     return {
@@ -48,7 +48,8 @@ def registry_names() -> dict[str, list[str]]:
 def _names_epilog(names: dict[str, list[str]]) -> str:
     lines = ["names (from the registries; options as NAME:key=value,...):"]
     for kind, values in names.items():
-        body = textwrap.fill(", ".join(values), width=96, initial_indent="", subsequent_indent=" " * 14)
+        body = textwrap.fill(", ".join(values), width=96, subsequent_indent=" " * 14, break_on_hyphens=False,
+                             break_long_words=False)
         lines.append(f"  {kind + ':':<11} {body}")
     return "\n".join(lines)
 

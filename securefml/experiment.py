@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from securefml.attacks import Attack, make_attack
+from securefml.bayes import LEARNERS  # the learner registry, with the Bayesian learners added
 from securefml.client import Client
 from securefml.data import load_dataset
 from securefml.data.base import FederatedDataset
@@ -24,7 +25,7 @@ from securefml.defenses import (
     make_defense,
 )
 from securefml.errors import ConfigError
-from securefml.meta import LEARNERS, MetaConfig
+from securefml.meta import MetaConfig
 from securefml.models import make_model
 from securefml.personalize import personalize
 from securefml.privacy import PrivacyConfig, setup_privacy

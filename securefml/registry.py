@@ -37,7 +37,7 @@ class Registry(Generic[T]):
     >>> reg.build("complex:colour=1")
     Traceback (most recent call last):
     ...
-    securefml.errors.ConfigError: unknown option 'colour' for number 'complex'; valid options: imag, real
+    securefml.errors.ConfigError: unknown option 'colour' for number 'complex'; valid options: real, imag
     """
 
     def __init__(self, kind: str) -> None:

@@ -33,18 +33,17 @@ class SupportTable:
 
     protocols: tuple[ProtocolColumn, ...]
     defenses: tuple[tuple[str, frozenset[str]], ...]
+    accepted: frozenset[tuple[str, str]] = frozenset()  # (defense, protocol spec) pairs check_defense accepts
 
     def runs(self, defense: str, protocol: str) -> bool:
-        needs = dict(self.defenses)[defense]
-        column = next(p for p in self.protocols if p.spec == protocol)
-        return column.reveals in needs
+        return (defense, protocol) in self.accepted
 
     def markdown(self) -> str:
         head = "| defense | needs to see | " + " | ".join(f"`{p.spec}` ({p.reveals})" for p in self.protocols) + " |"
         rule = "|---|---|" + "---|" * len(self.protocols)
         rows = [
             f"| `{name}` | {', '.join(sorted(needs))} | "
-            + " | ".join("yes" if p.reveals in needs else "-" for p in self.protocols) + " |"
+            + " | ".join("yes" if self.runs(name, p.spec) else "-" for p in self.protocols) + " |"
             for name, needs in self.defenses
         ]
         return "\n".join([head, rule, *rows])
@@ -67,16 +66,50 @@ def _reveals(spec: str) -> str:
     return _plain(PROTOCOLS.create(name, **options).reveals)
 
 
-def support_table(protocols: tuple[str, ...] = PROTOCOL_COLUMNS) -> SupportTable:
-    """The table for every registered defense and the given protocol specs."""
+def _instance(name: str) -> Any:
+    """The defense built with its defaults (``f=1`` where a Byzantine budget is required), or None."""
     from securefml.defenses import DEFENSES
+    from securefml.errors import ConfigError
+
+    for options in ({}, {"f": 1}):
+        try:
+            return DEFENSES.create(name, **options)
+        except ConfigError:
+            continue
+    return None
+
+
+def support_table(protocols: tuple[str, ...] = PROTOCOL_COLUMNS) -> SupportTable:
+    """The table for every registered defense and the given protocol specs.
+
+    Each cell is what the protocol's own ``check_defense`` says of the defense built with its
+    defaults, so a refusal beyond ``runs_on`` (CKKS refuses a rule whose output is one client's
+    update) shows too.
+    """
+    from securefml.defenses import DEFENSES
+    from securefml.errors import ConfigError
+    from securefml.protocols import PROTOCOLS
+    from securefml.registry import parse_spec
 
     columns = tuple(ProtocolColumn(spec, _reveals(spec)) for spec in protocols)
-    rows = []
+    built = {spec: PROTOCOLS.create(parse_spec(spec)[0], **parse_spec(spec)[1]) for spec in protocols}
+    rows, accepted = [], set()
     for name in DEFENSES.names():
-        factory: Any = DEFENSES.get(name)
-        rows.append((name, frozenset(_plain(r) for r in getattr(factory, "runs_on", frozenset()))))
-    return SupportTable(columns, tuple(rows))
+        defense = _instance(name)
+        source = defense if defense is not None else DEFENSES.get(name)
+        runs_on: frozenset[Any] = getattr(source, "runs_on", frozenset())
+        rows.append((name, frozenset(_plain(r) for r in runs_on)))
+        for spec, protocol in built.items():
+            if defense is None:
+                if _plain(protocol.reveals) in rows[-1][1]:
+                    accepted.add((name, spec))
+                continue
+            try:
+                protocol.check_defense(defense)
+            except ConfigError:
+                continue
+            accepted.add((name, spec))
+    return SupportTable(columns, tuple(rows), frozenset(accepted))
 
 
 def document() -> str:
@@ -87,7 +120,9 @@ def document() -> str:
         "",
         "Generated from the code by `python -m securefml.support > docs/support.md` (each defense's",
         "`runs_on`, each protocol's `reveals`); `tests/unit/test_docs.py` fails when it is stale.",
-        "A protocol refuses a defense marked `-` with a `ConfigError` before the first round.",
+        "A protocol refuses a defense marked `-` with a `ConfigError` before the first round (each",
+        "cell is the protocol's own `check_defense` on the defense built with its defaults, `f=1` where",
+        "a Byzantine budget is required).",
         "Pre-aggregators (`nnm`, `bucketing`, `arc`, `clipping`) compose with a rule (`nnm>>krum`);",
         "the composition runs where both parts run.",
         "",

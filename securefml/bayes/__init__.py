@@ -25,8 +25,10 @@ from securefml.bayes.learners import (
 )
 from securefml.bayes.network import StochasticMLP
 from securefml.bayes.temperature import fit_temperature
+from securefml.meta import LEARNERS
 
 __all__ = [
+    "LEARNERS",
     "LOGVAR_PREFIX",
     "TEMPERATURE_KEY",
     "BayesConfig",
@@ -43,3 +45,10 @@ __all__ = [
     "mean_log_variance",
     "precision_weighted",
 ]
+
+# The learners join the registry the CLI reads, beside their definitions: securefml.meta
+# never imports this package.
+LEARNERS.register("bayes-metasgd")(BayesMetaSGD)
+LEARNERS.register("bayes-maml")(BayesMAML)
+LEARNERS.register("pfedbayes")(PFedBayes)
+LEARNERS.register("metasgd-ts")(MetaSGDTemperature)

@@ -12,6 +12,8 @@ One test per sub-finding, each written against the public API:
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,8 @@ from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
 from securefml.privacy import PrivacyConfig, check_mechanism, secagg_clip_range, setup_privacy
 from securefml.protocols import CKKS, Plaintext, SecAggPlus
-from securefml.protocols.base import ClientUpdate
+from securefml.protocols.base import ClientUpdate, Transport
+from securefml.protocols.wire import decode as wire_decode
 from securefml.updates import LayerLayout
 
 TINY = {"n_train": 8, "n_heldout": 2, "k_shot": 3, "query": 3}
@@ -101,24 +104,26 @@ def test_runs_under_user_level_dp_use_the_poisson_sampler() -> None:
 
 
 # -- 3. equal weights under user-level DP -------------------------------------------------------------------
-class _RecordingMean(Mean):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[list[float]] = []
+class _RecordingWeights(Transport):
+    """Reads the weight each plaintext update message declares (the server-side view)."""
 
-    def __call__(self, updates, weights=None, **kw):  # type: ignore[no-untyped-def, override]
-        self.seen.append([float(w) for w in weights] if weights is not None else [])
-        return super().__call__(updates, weights, **kw)
+    def __init__(self) -> None:
+        self.seen: dict[int, list[float]] = {}
+
+    def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
+        env = wire_decode(data, sender=sender)
+        self.seen.setdefault(env.round, []).append(struct.unpack(">d", env.field("weight"))[0])
+        return data
 
 
 def test_user_level_dp_gives_every_client_the_same_weight() -> None:
     data = make_digits_skew(n_clients=8, n_heldout=2, alpha=0.5, seed=0)
     assert len({t.n_samples for t in data.train}) > 1  # the support sizes differ
-    defense = _RecordingMean()
+    seen = _RecordingWeights()
     cfg = RunConfig(dataset="digits-skew", rounds=3, clients_per_round=6,
                     privacy=dict(mode="user", noise_multiplier=0.5, delta=1e-3))
-    run_experiment(cfg, dataset=data, defense=defense)
-    assert defense.seen and all(len(set(ws)) == 1 for ws in defense.seen if ws)
+    run_experiment(cfg, dataset=data, transport=seen)
+    assert seen.seen and all(len(set(ws)) == 1 for ws in seen.seen.values())
 
 
 # -- 4. a discrete mechanism in the SecAgg ring ----------------------------------------------------------------
