@@ -34,8 +34,6 @@ from securefml.protocols import ClientUpdate, Plaintext, SecAggPlus
 from securefml.testing.secagg_strategies import DropAt
 from securefml.updates import LayerLayout
 
-FLOWER_ANCHOR_S = {"secaggplus_n100_l1e6_k15": 21.0, "secagg_full_n100_l1e5": 328.0}
-
 
 def floor_sum(vectors: list[np.ndarray], repeats: int = 3) -> float:
     best = float("inf")
@@ -185,10 +183,9 @@ def main() -> None:
         "upload_le_1.01x_4L": sp["upload_per_client_over_4L"] <= 1.01,  # type: ignore[index]
         "checks_le_1.1x": out["checks_cost"]["ratio_on_over_off"] <= 1.1,  # type: ignore[index]
     }
-    out["speedup_vs_flower_anchor"] = {
-        "secaggplus_n100_l1e6_k15": FLOWER_ANCHOR_S["secaggplus_n100_l1e6_k15"] / sp["round_s"],  # type: ignore[index]
-        "secagg_full_n100_l1e5": FLOWER_ANCHOR_S["secagg_full_n100_l1e5"] / full["round_s"],  # type: ignore[index]
-    }
+    # Flower's SecAgg+ is a peer to be timed in the same run (issue: honest anchors); until that
+    # driver exists here no ratio against it is computed, and none against a typed-in constant
+    out["flower"] = {"anchor": "not measured"}
     print(json.dumps(out, indent=2))
 
 

@@ -38,7 +38,9 @@ def main() -> dict[str, float]:
     # key holder: keys, and the public context as bytes for everyone else
     key_holder = CKKSKeyHolder.generate("stats")
     public = key_holder.public_context_bytes()
-    frame = PackingFrame(layout, layout.layer_names, key_holder.preset.slots)
+    # the round's public packing frame travels as bytes; each client rebuilds it over its own model
+    frame_bytes = PackingFrame(layout, layout.layer_names, key_holder.preset.slots).to_bytes(0)
+    frame = PackingFrame.from_bytes(frame_bytes, layout)
     # each client's signing key; only its public verify key reaches the key holder (out of band)
     signers = {u.client_id: UploadSigner.generate(u.client_id) for u in updates}
     for cid, signer in signers.items():

@@ -33,14 +33,22 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
 
-from securefml.errors import ConfigError
+from securefml.errors import ConfigError, MalformedMessageError, ProtocolError
+from securefml.protocols.wire import Envelope, decode, encode
 from securefml.updates import LayerLayout
+
+#: wire kind of a packing frame, and the sender id it carries (the server's)
+FRAME_KIND = "ckks-frame"
+_SERVER = 0xFFFFFFFF
+_FRAME_SLOTS = struct.Struct(">I")
+_MAX_FRAME_BYTES = 1 << 20
 
 __all__ = [
     "PackingFrame",
@@ -138,6 +146,48 @@ class PackingFrame:
     @property
     def layout_fingerprint(self) -> bytes:
         return self._layout_fp  # type: ignore[attr-defined]
+
+    # -- bytes form (for a client on another device) --------------------------------------------
+    def to_bytes(self, round_idx: int = 0) -> bytes:
+        """The frame as one versioned ``wire`` message for ``round_idx``.
+
+        It carries the layer names, the slot count and the layout's fingerprint, not the layout:
+        a remote client rebuilds the frame over its own model's layout (``from_bytes``), and a
+        frame made for another model is refused there.  The frame is public.
+        """
+        if any("\n" in name for name in self.layers):
+            raise ConfigError("layer names must not contain newlines")
+        fields = {
+            "layout": bytes(self.layout_fingerprint),
+            "layers": "\n".join(self.layers).encode("utf-8"),
+            "slots": _FRAME_SLOTS.pack(self.slots),
+            "frame": self.fingerprint(),
+        }
+        return encode(Envelope(FRAME_KIND, round_idx, _SERVER, fields))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, layout: LayerLayout, *, round_idx: int | None = None) -> PackingFrame:
+        """Decode ``to_bytes`` output over the client's own ``layout``.
+
+        Raises ``MalformedMessageError`` for bytes that are not a frame, ``ReplayError`` for a frame
+        of another round (when ``round_idx`` is given), and ``ProtocolError`` for a frame built for
+        another model or whose fingerprint does not match its content.
+        """
+        env = decode(data, sender=_SERVER, max_bytes=_MAX_FRAME_BYTES)
+        env.expect(kind=FRAME_KIND, round=env.round if round_idx is None else round_idx, sender=_SERVER)
+        if env.field("layout") != layout.fingerprint():
+            raise ProtocolError("the packing frame was built for another model layout", sender=_SERVER)
+        raw_slots = env.field("slots")
+        if len(raw_slots) != _FRAME_SLOTS.size:
+            raise MalformedMessageError("frame slot field has the wrong length", sender=_SERVER)
+        try:
+            names = env.field("layers").decode("utf-8")
+            frame = cls(layout, tuple(names.split("\n")) if names else (), _FRAME_SLOTS.unpack(raw_slots)[0])
+        except (UnicodeDecodeError, ValueError, KeyError) as exc:
+            raise MalformedMessageError(f"bad packing frame: {exc}", sender=_SERVER) from None
+        if frame.fingerprint() != env.field("frame"):
+            raise ProtocolError("the packing frame's fingerprint does not match its content", sender=_SERVER)
+        return frame
 
     def pack(self, vector: np.ndarray, layers: Sequence[str]) -> dict[int, np.ndarray]:
         """Place a client's selected-layers vector (layout order) into its frame chunks."""
