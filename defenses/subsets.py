@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -131,8 +132,9 @@ class _SubsetRule(Defense):
         self.f = check_optional_f(f)
         self.chunk = int(chunk)
 
+    @abstractmethod
     def _coeffs(self, inner: torch.Tensor, f: int) -> torch.Tensor:
-        raise NotImplementedError
+        """The ``[n]`` combination weights the rule picks from the ``[n, n]`` inner products."""
 
     def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
         return "f=0 keeps every update" if effective_f(self.f, context, self) == 0 else None
