@@ -35,7 +35,7 @@ test: $(LINKS)
 	$(BIN)/python -m pytest -n 2 tests
 
 lint: $(LINKS)
-	$(BIN)/ruff check securefml protocols defenses attacks tests benchmarks examples setup.py conftest.py
+	$(BIN)/ruff check securefml protocols defenses attacks tests benchmarks examples setup.py
 	$(BIN)/mypy securefml protocols defenses attacks
 
 # The API reference (mkdocs + mkdocstrings, warnings are errors), from a plain install of the package.
