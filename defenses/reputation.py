@@ -97,6 +97,8 @@ class Reputation(Defense):
     window:
         How many recent scores (all clients) the pooled scale ``sigma`` is estimated from.
 
+    Notes
+    -----
     ``flagged`` in the result lists the cohort members the reputation currently excludes
     (the wrapped rule's own flags are in ``info["rule_flagged"]``); ``info["scores"]`` has
     the round's cosines and ``info["evidence"]`` each member's running statistic.
