@@ -328,8 +328,7 @@ class CKKSKeyHolder:
                 "(an AggregateRequest); bare ciphertexts and claimed contributor counts are not verifiable"
             )
         frame = request.frame
-        if isinstance(request.round_idx, bool) or not isinstance(request.round_idx, int):
-            raise PolicyViolation("the request's round is not an integer")
+        _check_round(request.round_idx)
         round_idx = request.round_idx
         try:
             coeffs = {int(c): float(w) for c, w in dict(request.coefficients).items()}
@@ -410,8 +409,7 @@ class CKKSKeyHolder:
                 "itself from the round's signed uploads (a GramRequest); server-made ciphertexts are not verifiable"
             )
         frame = request.frame
-        if isinstance(request.round_idx, bool) or not isinstance(request.round_idx, int):
-            raise PolicyViolation("the request's round is not an integer")
+        _check_round(request.round_idx)
         uploads = self._verified(request.round_idx, frame, request.uploads, full=True)
         n = len(uploads)
         if n < self.policy.min_contributors:
@@ -478,3 +476,9 @@ class CKKSKeyHolder:
             f"max_share={self.policy.max_share_bound}, reference_party={self.policy.reference_party}, "
             f"enrolled={len(self.registry)}, fingerprint={self.fingerprint.hex()})"
         )
+
+
+def _check_round(round_idx: object) -> None:
+    """A request names its round as a plain integer (the ledger is keyed on it)."""
+    if isinstance(round_idx, bool) or not isinstance(round_idx, int):
+        raise PolicyViolation("the request's round is not an integer")

@@ -144,8 +144,12 @@ class MetaLearner(ABC):
 
         Learners that define it get ``meta_update`` for one task and ``update_many`` for a
         vmapped cohort from this one function.  Must not leave tensor-land (no ``float()``).
+        A learner without it defines ``meta_update`` itself and runs one client at a time
+        (``vectorizes`` is then False); calling it there is a configuration error.
         """
-        raise NotImplementedError
+        raise ConfigError(
+            f"{type(self).__name__} has no client_step: it updates one client at a time through meta_update"
+        )
 
     def meta_update_by_step(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
         """``meta_update`` through ``client_step`` (assign it as ``meta_update`` in a subclass)."""
