@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from peers import interleaved, machine
 
+from securefml.aggregation import aggregate_plain
 from securefml.defenses import Mean
 from securefml.protocols import ClientUpdate, Plaintext, SecAggPlus
-from securefml.protocols.plaintext import aggregate_plain
 from securefml.protocols.wire import decode, unpack_array
 from securefml.updates import LayerLayout
 

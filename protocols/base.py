@@ -1,10 +1,18 @@
-"""The interface every aggregation protocol implements, and the pieces they share.
+"""The interface every aggregation protocol implements: a factory of its halves.
 
-A protocol is a client half (turns a client's selected layers into message bytes) and a
-server half (turns the messages it received into an aggregate, running the defense on what
-the protocol can reveal).  ``AggregationProtocol.run_round`` is the in-memory driver the
-federation loop uses; messages still cross a ``Transport`` as bytes, so dropouts and
-tampering are injected there, never by hooks in the protocol code.
+A protocol is a client half (answers the server's messages with bytes, built on the client's
+device from its own update) and a server half (consumes the replies stage by stage and reveals a
+typed value), plus, for protocols with more parties (the CKKS key holder, the reference party),
+their halves too.  ``AggregationProtocol.run_round`` is one generic in-process driver over those
+halves (``securefml.protocols.halves.simulate``) followed by the one aggregation step
+(``securefml.aggregation.aggregate``); no protocol re-implements it.  Messages cross a
+``Transport`` as bytes, so dropouts and tampering are injected there, never by hooks in the
+protocol code.
+
+To add a protocol: subclass ``AggregationProtocol`` in one file, declare ``reveals``, implement
+``server_half`` and ``client_half`` (and ``service_halves`` if the protocol has parties other
+than clients and server), and register it in ``securefml.protocols.PROTOCOLS``
+(``docs/architecture.md`` walks through it with the plaintext protocol as the example).
 """
 
 from __future__ import annotations
@@ -17,18 +25,30 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from securefml.errors import ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError
-from securefml.reveals import Reveals
+from securefml.aggregation import aggregate, gram_combiner
+from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
+from securefml.protocols.halves import ClientHalf, ServerHalf, Transcript, simulate
+from securefml.reveals import GramCombiner, Reveals
+from securefml.rounds import (
+    ClientUpdate,
+    RoundOutput,
+    Transport,
+    check_finite,
+    nothing_accepted,
+    weighted_layer_mean,
+)
 from securefml.updates import LayerLayout
 
 if TYPE_CHECKING:  # pragma: no cover
-    from securefml.defenses.base import AggregationResult, Defense
+    from securefml.defenses.base import Defense
 
 __all__ = [
     "ClientUpdate",
     "RoundOutput",
     "Transport",
     "AggregationProtocol",
+    "HalvesSetup",
+    "RoundHalves",
     "Reveals",
     "weighted_layer_mean",
     "check_finite",
@@ -38,98 +58,73 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ClientUpdate:
-    """One client's contribution before encoding.
+@dataclass(frozen=True)
+class HalvesSetup:
+    """What a protocol's server-side halves need to know about the round, beyond the cohort.
 
-    Attributes
-    ----------
-    client_id:
-        Stable id of the client.
-    vector:
-        The client's update for ``layers`` only, laid out by the round's ``LayerLayout``.
-    layers:
-        The layers uploaded (layout order); every other layer costs zero bytes.
-    weight:
-        Aggregation weight, usually the client's sample count.
+    All of it is public to the server: the rule it will run, how the aggregation step decides
+    on a Gram matrix (``combine``, used by protocols that reveal ``Reveals.GRAM``), the
+    server's own reference update for rules such as FLTrust, and a public bound on a client's
+    weight (SecAgg+ sizes its ring with it; larger weights are clipped to it).
     """
 
-    client_id: int
-    vector: torch.Tensor
-    layers: tuple[str, ...]
-    weight: float = 1.0
+    defense: Defense
+    combine: GramCombiner | None = None
+    reference: torch.Tensor | None = None
+    max_weight: float | None = None
 
 
 @dataclass
-class RoundOutput:
-    """What the server half produced for one round."""
+class RoundHalves:
+    """One round's halves: the server's, every client's, and the protocol's other parties'."""
 
-    aggregate: torch.Tensor  # full-length, zeros where no client uploaded
-    layer_weight: dict[str, float]  # total weight behind each layer (0 = keep global value)
-    accepted: tuple[int, ...]
-    rejected: dict[int, str] = field(default_factory=dict)
-    flagged: tuple[int, ...] = ()
-    bytes_uploaded: int = 0
-    defense: AggregationResult | None = None
-    extras: dict[str, object] = field(default_factory=dict)
+    server: ServerHalf
+    clients: dict[int, ClientHalf] = field(default_factory=dict)
+    services: dict[int, ClientHalf] = field(default_factory=dict)
 
-
-class Transport:
-    """Carries message bytes from a client to the server; returns None if the client dropped.
-
-    The default delivers everything untouched.  Tests and protocol attacks subclass it to
-    drop, delay, replay or tamper with messages at a named stage.
-    """
-
-    def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
-        return data
-
-
-def check_finite(vector: torch.Tensor, sender: int) -> None:
-    if not torch.isfinite(vector).all():
-        raise InvalidUpdateError("update contains NaN or Inf", sender=sender)
-
-
-def weighted_layer_mean(
-    layout: LayerLayout,
-    vectors: Sequence[torch.Tensor],
-    layer_sets: Sequence[tuple[str, ...]],
-    weights: Sequence[float] | torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-layer weighted mean over the clients that uploaded each layer.
-
-    Returns the full-length aggregate (zeros where nobody uploaded) and the total weight
-    behind each layer.  Accumulates in float64 so the mean does not depend on client order.
-    """
-    full = torch.zeros(layout.numel, dtype=torch.float64)
-    totals = dict.fromkeys(layout.layer_names, 0.0)
-    w = [float(x) for x in weights]
-    for vec, layers, wi in zip(vectors, layer_sets, w):
-        if wi == 0:
-            continue
-        pos = 0
-        v = vec.to(torch.float64)
-        for name, s in layout.slices(layers).items():
-            size = s.stop - s.start
-            full[s] += wi * v[pos : pos + size]
-            totals[name] += wi
-            pos += size
-    for name, s in layout.slices().items():
-        if totals[name] != 0:
-            full[s] /= totals[name]
-    return full.to(torch.float32), totals
+    def parties(self) -> dict[int, ClientHalf]:
+        """Every half the server addresses, clients and service parties together."""
+        return {**self.clients, **self.services}
 
 
 class AggregationProtocol(ABC):
-    """A secure (or reference) aggregation protocol.
+    """A secure (or reference) aggregation protocol, as a factory of its halves.
 
-    Subclasses declare ``reveals`` (what a defense may see) and implement ``run_round``.
+    Subclasses declare ``reveals`` (what a defense may see) and implement ``server_half`` and
+    ``client_half``.  ``check_defense`` refuses, before any work, a rule that cannot run on
+    what the protocol reveals.
     """
 
     name: str = "protocol"
     reveals: Reveals = Reveals.UPDATES
 
     @abstractmethod
+    def server_half(
+        self, round_idx: int, layout: LayerLayout, cohort: Sequence[int], *, setup: HalvesSetup
+    ) -> ServerHalf:
+        """The aggregator's half for ``round_idx`` over ``cohort`` (client ids)."""
+
+    @abstractmethod
+    def client_half(self, round_idx: int, layout: LayerLayout, update: ClientUpdate) -> ClientHalf:
+        """Client ``update.client_id``'s half: it learns the round's plan from the server's first message."""
+
+    def service_halves(self, round_idx: int, layout: LayerLayout, *, setup: HalvesSetup) -> dict[int, ClientHalf]:
+        """Halves of parties other than clients and server (e.g. a key holder); none by default."""
+        return {}
+
+    def round_halves(
+        self, round_idx: int, updates: Sequence[ClientUpdate], layout: LayerLayout, *, setup: HalvesSetup
+    ) -> RoundHalves:
+        """Every half of one round, built the way a deployment builds them, each from its own inputs."""
+        ids = [u.client_id for u in updates]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("client ids in one round must be distinct")
+        return RoundHalves(
+            server=self.server_half(round_idx, layout, ids, setup=setup),
+            clients={u.client_id: self.client_half(round_idx, layout, u) for u in updates},
+            services=self.service_halves(round_idx, layout, setup=setup),
+        )
+
     def run_round(
         self,
         round_idx: int,
@@ -140,12 +135,32 @@ class AggregationProtocol(ABC):
         transport: Transport | None = None,
         reference: torch.Tensor | None = None,
         context: Mapping[str, object] | None = None,
+        max_weight: float | None = None,
     ) -> RoundOutput:
-        """Encode every client's update, carry it over ``transport``, decode and aggregate.
+        """Drive one round in this process: the halves over bytes, then the aggregation step.
 
-        A client whose message is invalid is rejected with a ``ProtocolError`` (or an
-        ``InvalidUpdateError``) recorded in ``RoundOutput.rejected``; the round goes on.
+        A client whose message is invalid is rejected (``RoundOutput.rejected`` names it and
+        why) and the round goes on with the others; ``ProtocolAbort`` if nothing usable was
+        revealed.
         """
+        self.check_defense(defense)
+        if not updates:
+            raise nothing_accepted(round_idx, 0, {})
+        setup = HalvesSetup(
+            defense=defense,
+            combine=gram_combiner(defense, context) if Reveals.GRAM in defense.runs_on else None,
+            reference=reference,
+            max_weight=max_weight,
+        )
+        halves = self.round_halves(round_idx, updates, layout, setup=setup)
+        transcript = Transcript()
+        revealed = simulate(halves.server, halves.parties(), transport=transport, transcript=transcript)
+        out = aggregate(revealed, defense, layout, context=context, bytes_uploaded=transcript.bytes_to_server,
+                        round_idx=round_idx, offered=len(updates))
+        out.rejected = {**{c: f"client stopped: {why}" for c, why in transcript.client_errors.items()},
+                        **transcript.rejected, **out.rejected}
+        out.extras.setdefault("dropped", dict(transcript.dropped))
+        return out
 
     def check_defense(self, defense: Defense) -> None:
         """Raise ``ConfigError`` if ``defense`` cannot run on what this protocol reveals."""
@@ -162,16 +177,3 @@ class AggregationProtocol(ABC):
             raise exc
         log.warning("round: rejected client %s: %s", sender, exc)
         rejected[sender] = f"{type(exc).__name__}: {exc}"
-
-
-def nothing_accepted(round_idx: int, offered: int, rejected: Mapping[int, str]) -> ProtocolAbort:
-    """The ``ProtocolAbort`` every protocol raises when no client's update reached the aggregate.
-
-    An all-zero aggregate would otherwise train nothing without a word (a user's glue bug, a
-    transport that drops everything, a layout mismatch on every client).  Names up to five of
-    the rejected clients and why.
-    """
-    reasons = "; ".join(f"client {cid}: {why}" for cid, why in list(rejected.items())[:5])
-    more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
-    detail = f": {reasons}{more}" if reasons else ""
-    return ProtocolAbort(f"round {round_idx}: none of the {offered} offered updates was accepted{detail}")

@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from securefml.errors import InvalidUpdateError, ProtocolError
-from securefml.protocols.base import Transport
 from securefml.reveals import Revealed
+from securefml.rounds import Transport
 
 __all__ = ["ClientHalf", "ServerHalf", "StageMessages", "Transcript", "simulate"]
 
@@ -86,8 +86,8 @@ class ServerHalf(ABC):
         """Take one reply of the open stage; raise a ``ProtocolError`` naming ``party`` if bad."""
 
     @abstractmethod
-    def reject(self, party: int, error: ProtocolError) -> None:
-        """Exclude ``party`` for the rest of the round (its reply failed ``receive``)."""
+    def reject(self, party: int, error: ProtocolError | InvalidUpdateError) -> None:
+        """Exclude ``party`` for the rest of the round (its reply failed ``receive`` with ``error``)."""
 
     @abstractmethod
     def close_stage(self) -> None:
@@ -153,8 +153,7 @@ def simulate(
                 server.receive(party, delivered)
             except (ProtocolError, InvalidUpdateError) as exc:
                 log.warning("rejected %s at %s: %s", party, opened.stage, exc)
-                error = exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc), sender=party)
-                server.reject(party, error)
+                server.reject(party, exc)
                 stopped.add(party)
                 seen.rejected[party] = f"{type(exc).__name__}: {exc}"
         server.close_stage()

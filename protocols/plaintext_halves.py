@@ -2,12 +2,12 @@
 
 One stage, ``"update"``: the server sends each cohort member the public round plan (round and
 layout fingerprint), the client checks it was built for the same model and answers with its
-update in the plaintext wire format (``Plaintext.encode``); the server decodes each reply with
-the same checks as ``Plaintext.run_round`` and reveals every accepted update.
+update in the plaintext wire format (``PlaintextCodec.encode``); the server decodes each reply
+with every check of ``PlaintextCodec.decode`` and reveals every accepted update.
 
 >>> import torch
->>> from securefml.protocols.base import ClientUpdate
 >>> from securefml.protocols.halves import simulate
+>>> from securefml.rounds import ClientUpdate
 >>> from securefml.updates import LayerLayout
 >>> layout = LayerLayout([("w", (2,))])
 >>> server = PlaintextServerHalf(0, layout, cohort=(1, 2))
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from securefml.errors import ConfigError, ProtocolError, ReplayError
-from securefml.protocols.base import ClientUpdate
+from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError, ReplayError
 from securefml.protocols.halves import ClientHalf, ServerHalf, StageMessages
-from securefml.protocols.plaintext import Plaintext
+from securefml.protocols.plaintext_codec import PlaintextCodec
 from securefml.protocols.wire import Envelope, decode, encode
 from securefml.reveals import RevealedUpdates
+from securefml.rounds import ClientUpdate
 from securefml.updates import LayerLayout
 
 __all__ = ["PlaintextClientHalf", "PlaintextServerHalf", "PLAN_KIND", "STAGE"]
@@ -50,7 +50,7 @@ class PlaintextServerHalf(ServerHalf):
         self.round_idx = round_idx
         self.layout = layout
         self.cohort = tuple(sorted(cohort))
-        self._codec = Plaintext()
+        self._codec = PlaintextCodec()
         self._opened = False
         self._received: dict[int, ClientUpdate] = {}
         self._rejected: dict[int, str] = {}
@@ -69,7 +69,7 @@ class PlaintextServerHalf(ServerHalf):
             raise ReplayError("duplicate message in this round", sender=party)
         self._received[party] = self._codec.decode(self.round_idx, party, data, self.layout)
 
-    def reject(self, party: int, error: ProtocolError) -> None:
+    def reject(self, party: int, error: ProtocolError | InvalidUpdateError) -> None:
         self._received.pop(party, None)
         self._rejected[party] = f"{type(error).__name__}: {error}"
 
@@ -95,7 +95,7 @@ class PlaintextClientHalf(ClientHalf):
         self.update = update
         self.layout = layout
         self.round_idx = round_idx
-        self._codec = Plaintext()
+        self._codec = PlaintextCodec()
 
     def respond(self, stage: str, message: bytes) -> bytes:
         if stage != STAGE:

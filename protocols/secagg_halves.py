@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from securefml.errors import ProtocolError
+from securefml.errors import InvalidUpdateError, ProtocolError
 from securefml.protocols.halves import ClientHalf, ServerHalf, StageMessages
 from securefml.protocols.secagg_client import SecAggClient
 from securefml.protocols.secagg_messages import Stage
@@ -90,8 +90,9 @@ class SecAggServerHalf(ServerHalf):
         receive[stage](party, data)
         self._replied.add(party)
 
-    def reject(self, party: int, error: ProtocolError) -> None:
-        self.server.reject(party, error)
+    def reject(self, party: int, error: ProtocolError | InvalidUpdateError) -> None:
+        typed = error if isinstance(error, ProtocolError) else ProtocolError(str(error), sender=party)
+        self.server.reject(party, typed)
         self._replied.discard(party)
 
     def close_stage(self) -> None:

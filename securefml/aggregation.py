@@ -9,19 +9,20 @@ themselves on this path, so a defense is written once for every protocol.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from securefml.defenses.base import Defense
 from securefml.defenses.buckets import aggregate_buckets
 from securefml.errors import ConfigError, ProtocolAbort
-from securefml.protocols.base import ClientUpdate, RoundOutput
-from securefml.protocols.plaintext import aggregate_plain
-from securefml.reveals import Revealed, RevealedSums, RevealedUpdates, Reveals
+from securefml.gram import Gram
+from securefml.reveals import GramCombiner, GramDecision, Revealed, RevealedSums, RevealedUpdates, Reveals
+from securefml.rounds import ClientUpdate, RoundOutput, nothing_accepted, weighted_layer_mean
 from securefml.updates import LayerLayout
 
-__all__ = ["aggregate"]
+__all__ = ["aggregate", "aggregate_plain", "gram_combiner", "streaming_weighted_mean"]
 
 
 def aggregate(
@@ -31,8 +32,13 @@ def aggregate(
     *,
     context: Mapping[str, object] | None = None,
     bytes_uploaded: int = 0,
+    round_idx: int = -1,
+    offered: int = 0,
 ) -> RoundOutput:
     """The round's aggregate from ``revealed``, decided by ``defense``.
+
+    ``round_idx`` and ``offered`` (how many clients were asked) only word the error of a round
+    in which nothing was accepted.
 
     Raises
     ------
@@ -50,7 +56,7 @@ def aggregate(
     rejected = dict(revealed.rejected)
     if isinstance(revealed, RevealedUpdates):
         if not revealed.client_ids:
-            raise ProtocolAbort(f"no client update was accepted this round (rejected: {rejected or 'none'})")
+            raise nothing_accepted(round_idx, offered, rejected)
         clients = [
             ClientUpdate(c, v, layers, w)
             for c, v, layers, w in zip(revealed.client_ids, revealed.vectors, revealed.layer_sets, revealed.weights)
@@ -85,3 +91,88 @@ def _aggregate_sums(
     accepted = tuple(sorted(c for group in members for c in group))
     return RoundOutput(full, totals, accepted, rejected, flagged=tuple(result.flagged),
                        bytes_uploaded=bytes_uploaded, defense=result, extras={"error_bound": revealed.error_bound})
+
+
+def gram_combiner(defense: Defense, context: Mapping[str, object] | None = None) -> GramCombiner:
+    """How the aggregation step decides on a revealed Gram: ``defense.aggregate_gram``, checked.
+
+    A Gram-revealing protocol (CKKS statistics) calls the returned function mid-round with the
+    decrypted Gram and the clients' sample weights; it returns the per-client coefficients of
+    the combination the protocol then reveals.  The defense runs here, not in the protocol.
+
+    Raises
+    ------
+    ConfigError
+        If the defense returns no finite coefficient per client.
+    """
+    ctx = dict(context or {})
+
+    def combine(gram: Gram, sample_weights: torch.Tensor) -> GramDecision:
+        result = defense.aggregate_gram(gram, sample_weights, context=ctx)
+        coeffs = result.weights
+        n = int(sample_weights.numel())
+        if coeffs is None or coeffs.numel() != n or not torch.isfinite(coeffs).all():
+            raise ConfigError(f"defense {defense!r} returned no valid per-client weights from the Gram")
+        return GramDecision(coeffs.to(torch.float64), result)
+
+    return combine
+
+
+def streaming_weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i w_i v_i / sum_i w_i`` accumulated in place, in float32, without stacking the vectors.
+
+    Error bound as ``securefml.defenses.mean.weighted_mean``: ``(n + 2) * 2**-24 * sum_i
+    |w_i v_i| / sum_i w_i`` per coordinate (a recursive float32 sum of rounded terms).
+    """
+    total = float(sum(weights))
+    acc = np.zeros(vectors[0].numel(), dtype=np.float32)
+    term = np.empty_like(acc)
+    for vec, w in zip(vectors, weights):  # numpy: one thread, no intra-op barrier per vector
+        np.multiply(vec.detach().to("cpu", torch.float32).reshape(-1).numpy(), np.float32(float(w) / total), out=term)
+        np.add(acc, term, out=acc)
+    return torch.from_numpy(acc)
+
+
+def aggregate_plain(
+    layout: LayerLayout,
+    clients: Sequence[ClientUpdate],
+    defense: Defense,
+    rejected: dict[int, str],
+    nbytes: int,
+    context: Mapping[str, object] | None,
+) -> RoundOutput:
+    """Run ``defense`` on decoded plaintext updates and place the result in the full layout.
+
+    The same-layers check lives here, once: a rule other than the weighted mean needs every
+    client to have uploaded the same layers (a server-dictated selection plan).
+    """
+    if not clients:
+        return RoundOutput(torch.zeros(layout.numel), dict.fromkeys(layout.layer_names, 0.0), (), rejected,
+                           bytes_uploaded=nbytes)
+    ids = tuple(c.client_id for c in clients)
+    weights = [c.weight for c in clients]
+    layer_sets = {c.layers for c in clients}
+    if len(layer_sets) > 1:
+        if not defense.is_weighted_mean:
+            raise ConfigError(
+                f"defense {defense!r} needs every client to upload the same layers; "
+                "use a server-dictated selection plan with robust rules"
+            )
+        agg, totals = weighted_layer_mean(layout, [c.vector for c in clients], [c.layers for c in clients], weights)
+        return RoundOutput(agg, totals, ids, rejected, bytes_uploaded=nbytes)
+    (layers,) = layer_sets
+    total = float(sum(weights))
+    totals = {name: (total if name in layers else 0.0) for name in layout.layer_names}
+    if defense.is_weighted_mean:  # no robust decision: no [n, d] matrix needed
+        mean = streaming_weighted_mean([c.vector for c in clients], weights)
+        agg = mean if layers == tuple(layout.layer_names) else layout.scatter(mean, layers)
+        return RoundOutput(agg, totals, ids, rejected, bytes_uploaded=nbytes)
+    ctx = dict(context or {})
+    ref = ctx.get("reference")
+    if isinstance(ref, torch.Tensor) and ref.numel() == layout.numel:
+        ctx["reference"] = layout.gather(ref, layers)  # the reference over the uploaded layers only
+    result = defense(torch.stack([c.vector for c in clients]), weights, client_ids=ids, context=ctx)
+    assert result.aggregate is not None
+    agg = layout.scatter(result.aggregate.to(torch.float32), layers)
+    return RoundOutput(agg, totals, ids, rejected, flagged=tuple(result.flagged), bytes_uploaded=nbytes,
+                       defense=result)

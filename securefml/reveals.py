@@ -8,14 +8,18 @@ them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
-__all__ = ["Reveals", "Revealed", "RevealedUpdates", "RevealedSums"]
+if TYPE_CHECKING:  # pragma: no cover
+    from securefml.defenses.base import AggregationResult
+    from securefml.gram import Gram
+
+__all__ = ["Reveals", "Revealed", "RevealedUpdates", "RevealedSums", "GramDecision", "GramCombiner"]
 
 
 class Reveals(str, Enum):
@@ -82,3 +86,23 @@ class RevealedSums:
 
 #: What a server half can hand the aggregation step.
 Revealed: TypeAlias = RevealedUpdates | RevealedSums
+
+
+@dataclass(frozen=True)
+class GramDecision:
+    """What the aggregation step decided from a revealed Gram matrix (``Reveals.GRAM``).
+
+    ``coefficients[i]`` is the weight of the i-th client (in the order the Gram was built) in
+    the combination the protocol then reveals; ``result`` is the defense's full
+    ``AggregationResult`` (flags, scores, post-processing such as noise), kept for the round's
+    record.
+    """
+
+    coefficients: torch.Tensor
+    result: AggregationResult
+
+
+#: How a Gram-revealing protocol asks the aggregation step for its decision mid-round:
+#: ``combine(gram, sample_weights) -> GramDecision`` (``gram`` a ``securefml.gram.Gram``).  The
+#: protocol never calls a defense itself.
+GramCombiner: TypeAlias = "Callable[[Gram, torch.Tensor], GramDecision]"

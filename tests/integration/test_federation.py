@@ -132,14 +132,19 @@ def test_bad_privacy_config_is_a_config_error():
 
 def test_aborted_round_keeps_model_and_is_recorded():
     from securefml.errors import ProtocolAbort
-    from securefml.protocols.base import AggregationProtocol
+    from securefml.protocols.plaintext_halves import PlaintextServerHalf
 
-    class AlwaysAbort(AggregationProtocol):
-        name = "abort"
-        reveals = "updates"
-
-        def run_round(self, round_idx, updates, layout, **kwargs):
+    class AbortingServer(PlaintextServerHalf):
+        def close_stage(self) -> None:
             raise ProtocolAbort("too few survivors")
+
+    class AlwaysAbort(Plaintext):
+        """The plaintext halves with a server half that aborts when its stage closes."""
+
+        name = "abort"
+
+        def server_half(self, round_idx, layout, cohort, *, setup):
+            return AbortingServer(round_idx, layout, cohort)
 
     data = make_sine(n_train=3, n_heldout=1, seed=0)
     server = Server(FOMAML(make_model(data), MetaConfig(inner_steps=1)), AlwaysAbort(), Mean())

@@ -36,7 +36,8 @@ from securefml.defenses.linalg import gram_matrix, stable_gram
 from securefml.defenses.metrics import DetectionTracker, detection_rates
 from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.gram import Gram
-from securefml.protocols.base import AggregationProtocol, Reveals
+from securefml.protocols.base import Reveals
+from securefml.protocols.plaintext import Plaintext
 
 ALL_NAMES = [
     "mean", "median", "trimmedmean", "krum", "multikrum", "bulyan", "geomed", "cclip", "normbound", "meamed",
@@ -325,12 +326,11 @@ def test_bucketing_pre_aggregator_matches_rule_on_its_bucket_means():
     torch.testing.assert_close(res.aggregate, trimmed_mean(means, 1))
 
 
-class _GramOnly(AggregationProtocol):
+class _GramOnly(Plaintext):
+    """The plaintext halves declared as revealing only a Gram: only ``check_defense`` is used."""
+
     name = "gram-protocol"
     reveals = Reveals.GRAM
-
-    def run_round(self, *args, **kwargs):  # pragma: no cover - only check_defense is used
-        raise NotImplementedError
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
