@@ -157,6 +157,6 @@ class Adaptive(Attack):
             raise ConfigError("the adaptive attack needs the server's defense in AttackContext.defense")
         benign = benign_reference(own, context, omniscient=self.omniscient)
         gamma, dev = self.search(benign, own.shape[0], context.defense,
-                                 context=context.extras.get("defense_context"))
-        context.extras.setdefault("attack_info", {})[self.name] = {"gamma": gamma, "deviation": dev}
+                                 context=context.defense_context)
+        context.attack_info[self.name] = {"gamma": gamma, "deviation": dev}
         return self.rows(benign, gamma, own.shape[0]).to(own.dtype).clone()

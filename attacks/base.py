@@ -8,6 +8,7 @@ Subclass ``Attack`` and override one or both hooks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,18 @@ class AttackContext:
         The server's defense, for adaptive attacks that know the rule (else None).
     generator:
         Randomness the attack must use (injected, never global).
+    layout:
+        The model's flat layout (``LayerLayout``), for attacks that act per layer.
+    global_vector:
+        The flat global model of the round.
+    lr_mask:
+        Boolean mask of the learned-rate coordinates (Meta-SGD), for attacks on them.
+    defense_context:
+        What the server passes its rule (a ``RoundContext``, without the server's stimuli): a
+        white-box attacker knows it (e.g. the derived ``f``).
+    attack_info:
+        Filled by the attack: what it chose (a strength, a target), under its name; it reaches
+        the round record.
     """
 
     round: int
@@ -42,7 +55,11 @@ class AttackContext:
     honest_updates: torch.Tensor | None = None
     defense: Any = None
     generator: torch.Generator | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    layout: Any = None
+    global_vector: torch.Tensor | None = None
+    lr_mask: torch.Tensor | None = None
+    defense_context: Mapping[str, Any] | None = None
+    attack_info: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Attack:
@@ -54,8 +71,7 @@ class Attack:
     when the attack needs the round's honest updates: the federation loop passes them in
     ``AttackContext.honest_updates`` only then.  Draw randomness from ``context.generator``
     (or the ``generator`` argument), never from global state, so runs are reproducible.  An
-    attack may report what it chose (a strength, a target) under
-    ``context.extras["attack_info"][name]``.
+    attack may report what it chose (a strength, a target) under ``context.attack_info[name]``.
 
     Threat model: the malicious clients are the colluding group of ``context.n_malicious``
     clients; they act before their update is encoded, so any protocol carries their rows.

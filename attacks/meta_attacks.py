@@ -121,7 +121,7 @@ class MetaSGDLearningRate(Attack):
 
     Meta-SGD (Li et al. 2017) meta-learns one inner learning rate per parameter; every
     victim's personalization runs with them.  The entries of the update vector that belong
-    to those learning rates are given by a boolean mask ``context.extras["lr_mask"]`` (the
+    to those learning rates are given by a boolean mask ``context.lr_mask`` (the
     federation loop builds it from the layer layout).  Only those entries are changed; every
     other entry is the client's genuine update, so rules that look at the bulk of the vector
     see an ordinary client.
@@ -155,9 +155,9 @@ class MetaSGDLearningRate(Attack):
     @staticmethod
     def lr_mask(own: torch.Tensor, context: AttackContext) -> torch.Tensor:
         """The validated boolean mask of learning-rate entries."""
-        mask = context.extras.get("lr_mask")
+        mask = context.lr_mask
         if mask is None:
-            raise ConfigError('Meta-SGD learning-rate poisoning needs context.extras["lr_mask"]')
+            raise ConfigError("Meta-SGD learning-rate poisoning needs context.lr_mask")
         mask = torch.as_tensor(mask, device=own.device)
         if mask.dtype != torch.bool or mask.dim() != 1 or mask.numel() != own.shape[1]:
             raise ConfigError(

@@ -405,7 +405,7 @@ class MinMax(Attack):
         benign = benign_reference(own, context, omniscient=self.omniscient).to(torch.float64)
         p = perturbation_direction(benign, self.perturbation)
         gamma = minmax_gamma(benign, p, objective=self.objective, tol=self.tol)
-        context.extras.setdefault("attack_info", {})[self.name] = {"gamma": gamma}
+        context.attack_info[self.name] = {"gamma": gamma}
         return _rows(benign.mean(0) + gamma * p, own.shape[0], own.dtype)
 
 
@@ -481,7 +481,7 @@ class FangKrum(Attack):
                 chosen = lam
                 break
             lam /= 2.0
-        context.extras.setdefault("attack_info", {})[self.name] = {"lambda": chosen}
+        context.attack_info[self.name] = {"lambda": chosen}
         return _rows(-chosen * s, m, own.dtype)
 
 
@@ -571,5 +571,5 @@ class Mimic(Attack):
     def poison_updates(self, own: torch.Tensor, context: AttackContext) -> torch.Tensor:
         honest = benign_reference(own, context, omniscient=True)
         idx = self.choose(honest)
-        context.extras.setdefault("attack_info", {})[self.name] = {"target": idx}
+        context.attack_info[self.name] = {"target": idx}
         return _rows(honest[idx], own.shape[0], own.dtype)

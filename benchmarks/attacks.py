@@ -65,7 +65,7 @@ def main() -> None:
 
         def ctx() -> AttackContext:
             return AttackContext(round=0, n_clients=args.n, n_malicious=args.f, honest_updates=honest, defense=mean,
-                                 generator=torch.Generator().manual_seed(args.seed), extras={"lr_mask": lr_mask})
+                                 generator=torch.Generator().manual_seed(args.seed), lr_mask=lr_mask)
 
         seconds = timed(lambda attack=attack: attack.poison_updates(own, ctx()), args.reps)
         rows = attack.poison_updates(own, ctx())

@@ -28,7 +28,7 @@ import torch
 from securefml.aggregation import aggregate, gram_combiner
 from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
 from securefml.protocols.halves import ClientHalf, ServerHalf, Transcript, simulate
-from securefml.reveals import GramCombiner, Reveals
+from securefml.reveals import GramCombiner, Revealed, Reveals
 from securefml.rounds import (
     ClientUpdate,
     RoundOutput,
@@ -50,12 +50,43 @@ __all__ = [
     "HalvesSetup",
     "RoundHalves",
     "Reveals",
+    "finish_round",
     "weighted_layer_mean",
     "check_finite",
     "nothing_accepted",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def finish_round(
+    revealed: Revealed,
+    transcript: Transcript,
+    server: ServerHalf,
+    defense: Defense,
+    layout: LayerLayout,
+    *,
+    context: Mapping[str, object] | None,
+    round_idx: int,
+    offered: int,
+) -> RoundOutput:
+    """The aggregation step on what was revealed, with the driver's and the server half's record.
+
+    Rejections name the client and why (clients that stopped on their own, e.g. on catching the
+    server deviating, are listed as such); ``extras`` gain the dropouts and the server half's
+    typed ``stats`` (``to_dict()``), so everything the protocol measured reaches the round record.
+    """
+    out = aggregate(revealed, defense, layout, context=context, bytes_uploaded=transcript.bytes_to_server,
+                    round_idx=round_idx, offered=offered)
+    out.rejected = {**{c: f"client stopped: {why}" for c, why in transcript.client_errors.items()},
+                    **transcript.rejected, **out.rejected}
+    out.extras.setdefault("dropped", dict(transcript.dropped))
+    out.extras.setdefault("bytes_to_clients", transcript.bytes_to_clients)
+    stats = getattr(server, "stats", None)
+    to_dict = getattr(stats, "to_dict", None)
+    if callable(to_dict):
+        out.extras.update(to_dict())
+    return out
 
 
 @dataclass(frozen=True)
@@ -125,6 +156,40 @@ class AggregationProtocol(ABC):
             services=self.service_halves(round_idx, layout, setup=setup),
         )
 
+    def halves_setup(
+        self,
+        defense: Defense,
+        *,
+        context: Mapping[str, object] | None = None,
+        reference: torch.Tensor | None = None,
+        max_weight: float | None = None,
+    ) -> HalvesSetup:
+        """The round's ``HalvesSetup``; the Gram decision is the aggregation step's (``gram_combiner``)."""
+        combine = gram_combiner(defense, context) if self.reveals is Reveals.GRAM else None
+        return HalvesSetup(defense=defense, combine=combine, reference=reference, max_weight=max_weight)
+
+    def collect(
+        self,
+        round_idx: int,
+        updates: Sequence[ClientUpdate],
+        layout: LayerLayout,
+        *,
+        setup: HalvesSetup,
+        transport: Transport | None = None,
+    ) -> tuple[Revealed, Transcript, ServerHalf]:
+        """Build every half of the round and drive them in this process over ``transport``.
+
+        Returns what the server half reveals, the driver's transcript (bytes, dropouts, who
+        stopped or was rejected and why) and the server half itself (for its ``stats``).
+        """
+        self.check_defense(setup.defense)
+        if not updates:
+            raise nothing_accepted(round_idx, 0, {})
+        halves = self.round_halves(round_idx, updates, layout, setup=setup)
+        transcript = Transcript()
+        revealed = simulate(halves.server, halves.parties(), transport=transport, transcript=transcript)
+        return revealed, transcript, halves.server
+
     def run_round(
         self,
         round_idx: int,
@@ -143,24 +208,10 @@ class AggregationProtocol(ABC):
         why) and the round goes on with the others; ``ProtocolAbort`` if nothing usable was
         revealed.
         """
-        self.check_defense(defense)
-        if not updates:
-            raise nothing_accepted(round_idx, 0, {})
-        setup = HalvesSetup(
-            defense=defense,
-            combine=gram_combiner(defense, context) if Reveals.GRAM in defense.runs_on else None,
-            reference=reference,
-            max_weight=max_weight,
-        )
-        halves = self.round_halves(round_idx, updates, layout, setup=setup)
-        transcript = Transcript()
-        revealed = simulate(halves.server, halves.parties(), transport=transport, transcript=transcript)
-        out = aggregate(revealed, defense, layout, context=context, bytes_uploaded=transcript.bytes_to_server,
-                        round_idx=round_idx, offered=len(updates))
-        out.rejected = {**{c: f"client stopped: {why}" for c, why in transcript.client_errors.items()},
-                        **transcript.rejected, **out.rejected}
-        out.extras.setdefault("dropped", dict(transcript.dropped))
-        return out
+        setup = self.halves_setup(defense, context=context, reference=reference, max_weight=max_weight)
+        revealed, transcript, server = self.collect(round_idx, updates, layout, setup=setup, transport=transport)
+        return finish_round(revealed, transcript, server, defense, layout, context=context, round_idx=round_idx,
+                            offered=len(updates))
 
     def check_defense(self, defense: Defense) -> None:
         """Raise ``ConfigError`` if ``defense`` cannot run on what this protocol reveals."""

@@ -75,7 +75,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, names: dict[str, list[str]]) 
     p.add_argument("--buckets", type=int, help="SecAgg bucketed mode: bucket size for robust rules")
     p.add_argument("--select", default="all", help="all | named:REGEX | topk:FRACTION | cedar[:WITHHOLD]")
     p.add_argument("--defense", default="mean", help="NAME[:k=v,...], pre-aggregators with >> (nnm>>krum:f=2)")
-    p.add_argument("--attack", default="none", help="NAME[:k=v,...]")
+    p.add_argument("--attack", default="none",
+                   help="NAME[:k=v,...]; several joined by '+' deal the malicious clients among them")
     p.add_argument("--malicious", type=float, default=0.0, help="fraction of training clients that are malicious")
     p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset constructor option, e.g. k_shot=10 (repeatable)")

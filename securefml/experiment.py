@@ -159,6 +159,8 @@ class RunConfig:
             LEARNERS.get(self.algorithm)  # raises ConfigError listing the valid names
         if self.attack != "none" and self.malicious == 0:
             raise ConfigError("an attack needs malicious clients: set --malicious to a fraction > 0")
+        for part in self.attack.split("+"):
+            make_attack(part.strip())  # a bad name or option fails now, not after the data loads
         self.privacy_config()  # validate early
         if self.aggregation != "mean":
             from securefml.relevance.experiment import parse_relevance_spec
@@ -222,6 +224,13 @@ def _json_default(obj: object) -> object:
 def _build_protocol(spec: str, seed: int) -> Any:
     name, _ = parse_spec(spec)
     return PROTOCOLS.build(spec, seed=seed) if PROTOCOLS.accepts(name, "seed") else PROTOCOLS.build(spec)
+
+
+def _attacks(spec: str, given: Attack | None) -> list[Attack]:
+    """The attack instances of ``spec`` (``"a+b"`` for several), or the user's own instance."""
+    if given is not None:
+        return [given]
+    return [make_attack(part.strip()) for part in spec.split("+")]
 
 
 def run_experiment(
@@ -302,8 +311,11 @@ def run_experiment(
         )
     n_mal = int(round(config.malicious * len(train)))
     mal_ids = set(torch.randperm(len(train), generator=gen)[:n_mal].tolist())
-    attack = (attack if attack is not None else make_attack(config.attack)) if n_mal else None
-    clients = [Client.build(t, attack=attack if i in mal_ids else None, generator=gen) for i, t in enumerate(train)]
+    attacks = _attacks(config.attack, attack) if n_mal else []
+    # several attacks ("signflip+alie"): the malicious clients are dealt to them in turn, each
+    # attack controls its own colluding group (securefml.adversary.Adversary)
+    dealt = {cid: attacks[k % len(attacks)] for k, cid in enumerate(sorted(mal_ids))} if attacks else {}
+    clients = [Client.build(t, attack=dealt.get(i), generator=gen) for i, t in enumerate(train)]
     malicious_ids = [c.client_id for c in clients if c.malicious]
     # rules built without f tolerate what a random cohort holds with 95% probability
     budget = byzantine_budget(n_mal / len(train), per_round, population=len(train)) if train else 0

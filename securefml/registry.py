@@ -60,6 +60,11 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a user's plugin, or a test's toy); ``ConfigError`` if it is not registered."""
+        self._entry(name)
+        del self._items[name.lower()]
+
     def get(self, name: str) -> Callable[..., T]:
         """The factory registered under ``name``."""
         return self._entry(name).factory

@@ -1,22 +1,34 @@
-"""The round loop: cohort, broadcast, local updates, attack, selection, protocol, defense, step."""
+"""The server's side of a round: plan, collect, aggregate, step.
+
+The round flows one way (``docs/architecture.md``): the server broadcasts the model and an
+``UploadPlan``; each client trains and prepares its own upload (``securefml.client``), the
+round's ``Adversary`` rewrites the malicious clients' updates; the protocol's halves carry the
+uploads as bytes and the server half reveals a typed value (``protocols.halves.simulate``); the
+one aggregation step runs the defense on it (``securefml.aggregation``); the server optimizer
+steps on the layers someone uploaded.  The server never reads a client's data.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from securefml.attacks.base import AttackContext
-from securefml.client import Client, LocalResult
+from securefml.adversary import Adversary
+from securefml.client import Client, UploadPlan
+from securefml.cohort import train_cohort
+from securefml.context import RoundContext
 from securefml.defenses.base import Defense
-from securefml.errors import ConfigError, ProtocolAbort, SecureFMLError
+from securefml.errors import ConfigError, ProtocolAbort
 from securefml.meta.base import MetaLearner, Params
-from securefml.protocols.base import AggregationProtocol, ClientUpdate, RoundOutput, Transport, check_finite
-from securefml.selection import AllLayers, LayerSelector, NamedLayers, shadowed_layer
+from securefml.protocols.base import AggregationProtocol, finish_round
+from securefml.records import json_ready
+from securefml.rounds import ClientUpdate, RoundOutput, Transport, nothing_accepted
+from securefml.selection import AllLayers, LayerSelector, NamedLayers
 from securefml.updates import LayerLayout
 
 __all__ = ["Server", "RoundRecord"]
@@ -110,146 +122,68 @@ class Server:
     def _sync_params(self) -> None:
         self.params = {n: t.clone() for n, t in self.layout.unflatten(self._vector.detach()).items()}
 
-    # -- one round ---------------------------------------------------------------------------
-    def _probe(self, client: Client) -> Callable[[torch.Tensor], Mapping[str, torch.Tensor]]:
-        """Per-layer features on the client's own support inputs (Cedar's stimulus batch)."""
-        stimulus = client.task.support_x[:32].to(self.device)
-        model = self.learner.model
-        names = [n for n in self.layout.layer_names if shadowed_layer(n) == n]
+    # -- one round: plan -> (clients) -> collect -> aggregate -> step ------------------------------
+    def plan(self, round_idx: int) -> UploadPlan:
+        """What the server broadcasts with the model: the round's upload plan.
 
-        def probe(vector: torch.Tensor) -> Mapping[str, torch.Tensor]:
-            feats: dict[str, torch.Tensor] = {}
-            hooks = [
-                model.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: feats.__setitem__(n, out))
-                for n in names
-            ]
-            try:
-                with torch.no_grad():
-                    self.learner.forward(self.layout.unflatten(vector), stimulus)
-            finally:
-                for h in hooks:
-                    h.remove()
-            return feats
-
-        return probe
-
-    def _plan(self) -> tuple[str, ...] | None:
-        """One layer set for the whole cohort when the selector is server-dictated.
-
-        Update-driven dictated selectors rank layers by the server's previous aggregate,
-        which every client also received; before the first aggregate, every layer is sent.
+        A server-dictated selector fixes one layer set for the cohort.  Update-driven dictated
+        selectors rank layers by the server's previous aggregate, which every client also
+        received; before the first aggregate, every layer is sent.
         """
-        if not self.selector.server_dictated:
-            return None
-        needs_update = not isinstance(self.selector, (AllLayers, NamedLayers))
-        if needs_update and self._last_aggregate is None:
-            return self.layout.layer_names
-        last = self._last_aggregate if self._last_aggregate is not None else torch.zeros_like(self.global_vector)
-        return self.selector.select(self.layout, last, self.global_vector)
+        layers: tuple[str, ...] | None = None
+        if self.selector.server_dictated:
+            needs_update = not isinstance(self.selector, (AllLayers, NamedLayers))
+            if needs_update and self._last_aggregate is None:
+                layers = self.layout.layer_names
+            else:
+                last = self._last_aggregate
+                if last is None:
+                    last = torch.zeros_like(self.global_vector)
+                layers = tuple(self.selector.select(self.layout, last, self.global_vector))
+        return UploadPlan(
+            round=round_idx,
+            layout=self.layout,
+            global_vector=self.global_vector,
+            layers=layers,
+            selector=self.selector,
+            error_feedback=bool(getattr(self.selector, "error_feedback", False)),
+            update_hook=self.update_hook,
+            equal_weights=self.equal_weights,
+        )
 
-    def _poison(
+    def context(
         self,
         round_idx: int,
-        results: list[LocalResult],
-        by_id: Mapping[int, Client],
-        cohort_size: int,
-        generator: torch.Generator | None,
+        *,
+        generator: torch.Generator | None = None,
+        reference: torch.Tensor | None = None,
         defense_context: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Let the colluding malicious clients rewrite their updates together (before encoding)."""
-        malicious = [r for r in results if by_id[r.client_id].malicious]
-        if not malicious:
-            return
-        honest = [r for r in results if not by_id[r.client_id].malicious]
-        attack = by_id[malicious[0].client_id].attack
-        assert attack is not None
-        ctx = AttackContext(
-            round=round_idx,
-            n_clients=cohort_size,
-            n_malicious=len(malicious),
-            honest_updates=torch.stack([r.update for r in honest]) if attack.omniscient and honest else None,
-            defense=self.defense,
-            generator=generator,
-            extras={"layout": self.layout, "global_vector": self.global_vector,
-                    "lr_mask": self.layout.mask([n for n in self.layout.layer_names if n.startswith("alpha.")]),
-                    # what the server passes its rule (a white-box attacker knows it, e.g. the derived f)
-                    "defense_context": {k: v for k, v in (defense_context or {}).items() if k != "forward"}},
-        )
-        poisoned = attack.poison_updates(torch.stack([r.update for r in malicious]), ctx)
-        for r, vec in zip(malicious, poisoned):
-            r.update = vec.to(r.update.dtype)
+    ) -> RoundContext:
+        """The round's public context for the defense and the adversary."""
+        base = RoundContext.from_mapping(round_idx, defense_context)
+        return replace(base, layout=self.layout, global_vector=self.global_vector, generator=generator,
+                       reference=reference if reference is not None else base.reference)
 
-    def _prepare_uploads(self, results: list[LocalResult], by_id: Mapping[int, Client]) -> list[ClientUpdate]:
-        """Client side, after training: error feedback, layer selection, then the update hook.
-
-        The hook (user-level DP clipping and noise) runs last, on exactly what is sent, so its
-        bound holds for the uploaded vector whatever selection and error feedback did.
-        """
-        plan = self._plan()
-        feedback = bool(getattr(self.selector, "error_feedback", False))
-        updates = []
-        for r in results:
-            client = by_id[r.client_id]
-            if feedback and client.residual is not None and not client.malicious:
-                r.update = r.update + client.residual
-            layers = plan if plan is not None else self.selector.select(
-                self.layout, r.update, self.global_vector, probe=self._probe(client)
-            )
-            sent = self.layout.gather(r.update, layers)
-            if feedback and not client.malicious:
-                # error feedback: what was withheld now is added to this client's next upload
-                client.residual = r.update - self.layout.scatter(sent, layers)
-            if self.update_hook is not None:
-                sent = self.layout.gather(self.update_hook(r.client_id, self.layout.scatter(sent, layers)), layers)
-            updates.append(ClientUpdate(r.client_id, sent, layers, 1.0 if self.equal_weights else r.weight))
-        return updates
-
-    def _local_updates(self, round_idx: int, cohort: Sequence[Client]) -> tuple[list[LocalResult], dict[int, str]]:
-        """Every client's local update, in cohort order; failures recorded per client.
-
-        With ``vectorize``, clients whose tasks stack (same shapes) run as one vmap per group;
-        the rest, and every client of a group whose vmap raised, run one at a time.
-        """
-        done: dict[int, LocalResult] = {}
-        rejected: dict[int, str] = {}
-        if self.vectorize:
-            groups: dict[tuple[object, ...], list[Client]] = {}
-            for c in cohort:
-                t = c.task
-                key = (t.kind, *(x.shape for x in (t.support_x, t.support_y, t.query_x, t.query_y)),
-                       *(x.dtype for x in (t.support_x, t.support_y, t.query_x, t.query_y)))
-                groups.setdefault(key, []).append(c)
-            for members in groups.values():
-                tasks = [c.task.to(self.device) for c in members]
-                if not self.learner.vectorizes(tasks):
-                    continue
-                try:
-                    outs = self.learner.update_many(self.params, tasks)
-                except SecureFMLError as exc:  # attribute it by running the group one at a time
-                    log.info("round %d: vectorized group failed (%s); running it client by client", round_idx, exc)
-                    continue
-                for c, task, (upd, metrics) in zip(members, tasks, outs):
-                    flat = self.layout.flatten(upd).detach()
-                    try:
-                        check_finite(flat, c.client_id)
-                    except SecureFMLError as exc:
-                        log.warning("round %d: client %d failed locally: %s", round_idx, c.client_id, exc)
-                        rejected[c.client_id] = f"{type(exc).__name__}: {exc}"
-                        continue
-                    done[c.client_id] = LocalResult(c.client_id, flat, float(task.support_x.shape[0]), metrics)
-        results: list[LocalResult] = []
-        for client in cohort:
-            if client.client_id in done:
-                results.append(done[client.client_id])
-                continue
-            if client.client_id in rejected:
-                continue
-            try:
-                results.append(client.local_update(self.learner, self.params, self.layout, device=self.device))
-            except SecureFMLError as exc:
-                log.warning("round %d: client %d failed locally: %s", round_idx, client.client_id, exc)
-                rejected[client.client_id] = f"{type(exc).__name__}: {exc}"
-        return results, rejected
+    def collect(
+        self,
+        round_idx: int,
+        updates: Sequence[ClientUpdate],
+        context: RoundContext,
+        *,
+        transport: Transport | None = None,
+    ) -> RoundOutput:
+        """The protocol's halves over bytes, then the one aggregation step."""
+        protocol, defense = self.protocol, self.defense
+        if type(protocol).run_round is not AggregationProtocol.run_round:  # a protocol with its own driver
+            return protocol.run_round(round_idx, updates, self.layout, defense=defense, transport=transport,
+                                      reference=context.reference, context=context)
+        if not updates:
+            raise nothing_accepted(round_idx, 0, {})
+        setup = protocol.halves_setup(defense, context=context, reference=context.reference)
+        revealed, transcript, server_half = protocol.collect(round_idx, updates, self.layout, setup=setup,
+                                                             transport=transport)
+        return finish_round(revealed, transcript, server_half, defense, self.layout, context=context,
+                            round_idx=round_idx, offered=len(updates))
 
     def run_round(
         self,
@@ -261,31 +195,28 @@ class Server:
         reference: torch.Tensor | None = None,
         defense_context: Mapping[str, Any] | None = None,
     ) -> RoundRecord:
+        """One round: plan, the clients' work, the adversary, collect, aggregate, step."""
         start = time.perf_counter()
-        results, rejected = self._local_updates(round_idx, cohort)
+        context = self.context(round_idx, generator=generator, reference=reference, defense_context=defense_context)
+        plan = self.plan(round_idx)
+        # -- client work (batched by the simulator where shapes allow) --
+        results, rejected = train_cohort(self.learner, self.params, self.layout, cohort, round_idx=round_idx,
+                                         vectorize=self.vectorize, device=self.device)
         by_id = {c.client_id: c for c in cohort}
-        self._poison(round_idx, results, by_id, len(cohort), generator, defense_context)
-        updates = self._prepare_uploads(results, by_id)
+        adversary = Adversary({c.client_id: c.attack for c in cohort if c.attack is not None})
+        report = adversary.act(results, context, cohort_size=len(cohort), defense=self.defense,
+                               lr_mask=self.layout.mask(self._learned_rate_layers()))
+        updates = [by_id[r.client_id].prepare_upload(r, plan, self.learner, device=self.device) for r in results]
         layer_sets = {u.layers for u in updates}
-        context = {
-            # one layer set for the whole cohort: rules that keep per-layer state need its names
-            **({"layers": next(iter(layer_sets))} if len(layer_sets) == 1 else {}),
-            "layout": self.layout,
-            "global_vector": self.global_vector,
-            "generator": generator,
-            "round": round_idx,
-            **({"reference": reference} if reference is not None else {}),
-            **dict(defense_context or {}),
-        }
+        if len(layer_sets) == 1:  # one layer set for the whole cohort: rules with per-layer state need it
+            context = replace(context, layers=next(iter(layer_sets)))
+        # -- server work --
         try:
-            out = self.protocol.run_round(
-                round_idx, updates, self.layout, defense=self.defense, transport=transport,
-                reference=reference, context=context,
-            )
+            out = self.collect(round_idx, updates, context, transport=transport)
         except ProtocolAbort as exc:  # too few survivors: nothing revealed, the model stays as it is
             log.warning("round %d aborted: %s", round_idx, exc)
             out = RoundOutput(torch.zeros(self.layout.numel), dict.fromkeys(self.layout.layer_names, 0.0), (),
-                              rejected, extras={"aborted": str(exc)})
+                              {}, extras={"aborted": str(exc)})
         if self.aggregate_hook is not None and out.accepted:
             out.aggregate = self.aggregate_hook(len(out.accepted), out.aggregate)
         self._step(out)
@@ -294,6 +225,9 @@ class Server:
             for n in u.layers:
                 uploaded[n] = uploaded.get(n, 0) + 1
         losses = [v for r in results for k, v in r.metrics.items() if k.endswith("loss")]
+        extras = dict(out.extras)
+        if report.groups:
+            extras["adversary"] = report.to_dict()
         return RoundRecord(
             round=round_idx,
             cohort=[c.client_id for c in cohort],
@@ -306,8 +240,12 @@ class Server:
             update_norm=float(out.aggregate.norm()),
             seconds=time.perf_counter() - start,
             uploaded_layers=uploaded,
-            extras={k: v for k, v in out.extras.items() if isinstance(v, (int, float, str, list, dict))},
+            extras=json_ready(extras),
         )
+
+    def _learned_rate_layers(self) -> list[str]:
+        """Meta-SGD's learned per-parameter rates (for attacks on them)."""
+        return [n for n in self.layout.layer_names if n.startswith("alpha.")]
 
     def _step(self, out: RoundOutput) -> None:
         """Server optimizer step on the layers someone uploaded; the others keep their value."""

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from securefml.adversary import Adversary
 from securefml.client import Client, LocalResult
 from securefml.data.base import Task
 from securefml.defenses.base import Defense
@@ -137,7 +138,9 @@ class RelevanceServer(Server):
             results.append(r)
             starts[r.client_id] = base
         by_id = {c.client_id: c for c in cohort}
-        self._poison(round_idx, results, by_id, len(cohort), generator)
+        context = self.context(round_idx, generator=generator, reference=reference, defense_context=defense_context)
+        Adversary({c.client_id: c.attack for c in cohort if c.attack is not None}).act(
+            results, context, cohort_size=len(cohort), defense=self.defense)
         if not results:
             return self._record(round_idx, cohort, rejected, None, [], start)
         ids = tuple(r.client_id for r in results)

@@ -52,7 +52,7 @@ def test_adaptive_beats_every_grid_strength_against_the_defense(seed: int, direc
     ctx = AttackContext(round=0, n_clients=16, n_malicious=4, honest_updates=honest, defense=defense)
     attack = Adaptive(direction, grid=10, refine=6)
     out = attack.poison_updates(own, ctx)
-    info = ctx.extras["attack_info"]["adaptive"]
+    info = ctx.attack_info["adaptive"]
     achieved = defense_deviation(defense, honest, out)
     assert achieved == pytest.approx(info["deviation"])
     for g in torch.logspace(-2, 3, 10, dtype=torch.float64):
@@ -68,7 +68,7 @@ def test_adaptive_against_the_mean_pushes_to_the_largest_strength() -> None:
     honest, own = _round(1)
     ctx = AttackContext(round=0, n_clients=16, n_malicious=4, honest_updates=honest, defense=Mean())
     Adaptive("unit", gamma_max=50.0).poison_updates(own, ctx)
-    assert ctx.extras["attack_info"]["adaptive"]["gamma"] == pytest.approx(50.0, rel=1e-6)
+    assert ctx.attack_info["adaptive"]["gamma"] == pytest.approx(50.0, rel=1e-6)
 
 
 def test_adaptive_needs_a_defense() -> None:
@@ -122,7 +122,7 @@ def test_metasgd_lr_poisoning_touches_only_the_learning_rates(mode: str) -> None
     honest, own = _round(3, d=10)
     lr_mask = torch.zeros(10, dtype=torch.bool)
     lr_mask[5:] = True  # the second half of the vector are the learned inner learning rates
-    ctx = AttackContext(round=0, n_clients=16, n_malicious=4, extras={"lr_mask": lr_mask})
+    ctx = AttackContext(round=0, n_clients=16, n_malicious=4, lr_mask=lr_mask)
     out = MetaSGDLearningRate(mode, scale=2.0).poison_updates(own, ctx)
     assert torch.equal(out[:, ~lr_mask], own[:, ~lr_mask])
     expected = {"inflate": torch.full_like(own[:, lr_mask], 2.0), "deflate": torch.full_like(own[:, lr_mask], -2.0),
@@ -141,8 +141,8 @@ def test_metasgd_lr_needs_a_valid_mask() -> None:
     with pytest.raises(ConfigError, match="lr_mask"):
         attack.poison_updates(own, AttackContext(0, 5, 2))
     with pytest.raises(ConfigError):
-        attack.poison_updates(own, AttackContext(0, 5, 2, extras={"lr_mask": torch.ones(3, dtype=torch.bool)}))
+        attack.poison_updates(own, AttackContext(0, 5, 2, lr_mask=torch.ones(3, dtype=torch.bool)))
     with pytest.raises(ConfigError):
-        attack.poison_updates(own, AttackContext(0, 5, 2, extras={"lr_mask": torch.zeros(4, dtype=torch.bool)}))
+        attack.poison_updates(own, AttackContext(0, 5, 2, lr_mask=torch.zeros(4, dtype=torch.bool)))
     with pytest.raises(ConfigError):
         MetaSGDLearningRate("explode")

@@ -162,7 +162,7 @@ def test_minmax_stays_within_the_honest_max_pairwise_distance(data, perturbation
     max_pair = torch.cdist(honest, honest).max()
     assert float(torch.cdist(out[:1], honest).max()) <= float(max_pair) * (1 + 1e-9) + 1e-12
     # ... and gamma is (nearly) the largest such: 1% more breaks the condition.
-    gamma = ctx.extras["attack_info"]["minmax"]["gamma"]
+    gamma = ctx.attack_info["minmax"]["gamma"]
     p = perturbation_direction(honest, perturbation)
     if gamma > 0 and p.norm() > 0:
         beyond = honest.mean(0) + 1.01 * gamma * p
@@ -206,7 +206,7 @@ def test_fang_krum_gets_a_malicious_row_selected(data) -> None:
     honest, own, ctx = data
     attack = FangKrum()
     out = attack.poison_updates(own, ctx)
-    lam = ctx.extras["attack_info"]["fang-krum"]["lambda"]
+    lam = ctx.attack_info["fang-krum"]["lambda"]
     s = torch.sign(honest.mean(0))
     assert torch.allclose(out, (-lam * s).expand_as(own))
     assert lam <= FangKrum.lambda_upper_bound(honest, ctx.n_clients, own.shape[0]) + 1e-12
@@ -222,7 +222,7 @@ def test_fang_krum_succeeds_on_noisy_honest_updates() -> None:
     honest = 0.2 + torch.randn(20, 50, generator=g, dtype=torch.float64)
     ctx = AttackContext(round=0, n_clients=25, n_malicious=5, honest_updates=honest)
     out = FangKrum().poison_updates(torch.zeros(5, 50, dtype=torch.float64), ctx)
-    assert ctx.extras["attack_info"]["fang-krum"]["lambda"] > 1e-3
+    assert ctx.attack_info["fang-krum"]["lambda"] > 1e-3
     assert _brute_krum(torch.cat([out, honest]), 5) < 5
     assert float(out[0] @ honest.mean(0)) < 0
 
@@ -251,7 +251,7 @@ def test_fang_trimmed_mean_lies_beyond_the_honest_extremes(data, b: float) -> No
 def test_mimic_copies_the_honest_update_farthest_along_the_top_direction(data) -> None:
     honest, own, ctx = data
     out = Mimic().poison_updates(own, ctx)
-    idx = ctx.extras["attack_info"]["mimic"]["target"]
+    idx = ctx.attack_info["mimic"]["target"]
     assert torch.equal(out, honest[idx].expand_as(own))
     centred = honest - honest.mean(0)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)

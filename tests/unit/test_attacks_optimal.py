@@ -24,7 +24,7 @@ def test_optimal_attacks_do_at_least_the_damage_of_the_fixed_ones(seed, spec):
     dctx = {BYZANTINE_KEY: 4}
     for optimal, fixed in ((OptimalALIE(), ALIE()), (OptimalIPM(), IPM(0.1))):
         ctx = AttackContext(round=0, n_clients=16, n_malicious=4, honest_updates=honest, defense=defense,
-                            extras={"defense_context": dctx})
+                            defense_context=dctx)
         rows = optimal.poison_updates(own, ctx)
         base = fixed.poison_updates(own, AttackContext(0, 16, 4, honest_updates=honest))
         assert (defense_deviation(defense, honest, rows, context=dctx)

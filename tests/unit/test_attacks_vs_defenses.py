@@ -60,7 +60,7 @@ def test_adaptive_std_direction_is_at_least_as_damaging_as_alie(rule) -> None:
     damage = defense_deviation(rule, honest, adaptive_rows)
     # ALIE is one point (gamma = z) on the adaptive attack's search line.
     assert damage >= 0.95 * alie_damage
-    assert damage == pytest.approx(ctx.extras["attack_info"]["adaptive"]["deviation"])
+    assert damage == pytest.approx(ctx.attack_info["adaptive"]["deviation"])
 
 
 def test_robust_rules_bound_what_breaks_the_mean() -> None:

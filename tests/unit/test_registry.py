@@ -62,9 +62,12 @@ def test_a_users_own_defense_registers_from_outside_the_package() -> None:
         def aggregate(self, updates, weights, client_ids, *, context):  # type: ignore[no-untyped-def]
             return AggregationResult(aggregate=updates.mean(dim=0) * self.factor, client_ids=client_ids)
 
-    if "halve-test" not in DEFENSES:
-        DEFENSES.register("halve-test", positional="factor")(Halve)
-    built = make_defense("halve-test:0.25")
-    assert isinstance(built, Halve) and built.factor == 0.25
-    assert "halve-test" in DEFENSES.names() and "halve-test" not in ATTACKS.names()
-    assert float(built(torch.ones(3, 2)).aggregate[0]) == 0.25
+    DEFENSES.register("halve-test", positional="factor")(Halve)
+    try:
+        built = make_defense("halve-test:0.25")
+        assert isinstance(built, Halve) and built.factor == 0.25
+        assert "halve-test" in DEFENSES.names() and "halve-test" not in ATTACKS.names()
+        assert float(built(torch.ones(3, 2)).aggregate[0]) == 0.25
+    finally:  # the support page lists what is registered: leave nothing behind
+        DEFENSES.unregister("halve-test")
+    assert "halve-test" not in DEFENSES
