@@ -42,6 +42,11 @@ class AdversaryReport:
                 "attack_info": {k: dict(v) for k, v in self.attack_info.items()}}
 
 
+def _name(attack: Attack) -> str:
+    """An attack's registered name (a user's duck-typed attack may have none: its class name)."""
+    return str(getattr(attack, "name", type(attack).__name__))
+
+
 class Adversary:
     """The round's malicious clients, grouped by the attack that controls them.
 
@@ -67,7 +72,7 @@ class Adversary:
             if attack is not None:
                 by_attack.setdefault(id(attack), (attack, []))[1].append(cid)
         groups = [(a, tuple(ids)) for a, ids in by_attack.values()]
-        return sorted(groups, key=lambda g: (g[0].name, g[1][0]))
+        return sorted(groups, key=lambda g: (_name(g[0]), g[1][0]))
 
     def act(
         self,
@@ -95,7 +100,7 @@ class Adversary:
                 round=context.round,
                 n_clients=cohort_size,
                 n_malicious=len(ids),
-                honest_updates=honest_matrix if attack.omniscient else None,
+                honest_updates=honest_matrix if getattr(attack, "omniscient", False) else None,
                 defense=defense,
                 generator=context.generator,
                 layout=context.layout,
@@ -107,7 +112,8 @@ class Adversary:
             poisoned = attack.poison_updates(own, ctx)
             for cid, vec in zip(ids, poisoned):
                 by_id[cid].update = vec.to(by_id[cid].update.dtype)
-            key = attack.name if attack.name not in named else f"{attack.name}@{ids[0]}"
+            name = _name(attack)
+            key = name if name not in named else f"{name}@{ids[0]}"
             named[key] = ids
             info.update(ctx.attack_info)
         return AdversaryReport(named, info)

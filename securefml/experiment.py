@@ -159,8 +159,6 @@ class RunConfig:
             LEARNERS.get(self.algorithm)  # raises ConfigError listing the valid names
         if self.attack != "none" and self.malicious == 0:
             raise ConfigError("an attack needs malicious clients: set --malicious to a fraction > 0")
-        for part in self.attack.split("+"):
-            make_attack(part.strip())  # a bad name or option fails now, not after the data loads
         self.privacy_config()  # validate early
         if self.aggregation != "mean":
             from securefml.relevance.experiment import parse_relevance_spec
@@ -265,6 +263,7 @@ def run_experiment(
     clients.
     """
     started = time.perf_counter()
+    attacks = _attacks(config.attack, attack) if config.malicious > 0 else []  # a bad spec fails before work
     data = dataset or load_dataset(config.dataset, seed=config.seed, **config.dataset_options)
     hp = config.resolved(data.kind)
     device = resolve_device(config.device)
@@ -311,7 +310,7 @@ def run_experiment(
         )
     n_mal = int(round(config.malicious * len(train)))
     mal_ids = set(torch.randperm(len(train), generator=gen)[:n_mal].tolist())
-    attacks = _attacks(config.attack, attack) if n_mal else []
+    attacks = attacks if n_mal else []
     # several attacks ("signflip+alie"): the malicious clients are dealt to them in turn, each
     # attack controls its own colluding group (securefml.adversary.Adversary)
     dealt = {cid: attacks[k % len(attacks)] for k, cid in enumerate(sorted(mal_ids))} if attacks else {}
