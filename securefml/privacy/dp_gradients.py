@@ -53,15 +53,23 @@ def clip_and_sum(per_sample: Params, max_grad_norm: float) -> Params:
     """Sum over examples of per-example gradients clipped to ``max_grad_norm`` (all parameters together).
 
     ``per_sample`` maps each name to a ``[B, *shape]`` tensor; ``math.inf`` sums without clipping.
-    The factor is Opacus' ``min(1, C / (norm + 1e-6))``.
+    The factor is Opacus' ``min(1, C / (norm + 1e-6))``.  An example whose gradient is not finite
+    (or whose norm overflows) contributes zero: with Opacus' formula it would turn the whole sum
+    into NaN, and the presence of one such example would be visible in the release.
     """
     if math.isinf(max_grad_norm):
         return {n: g.sum(0) for n, g in per_sample.items()}
     first = next(iter(per_sample.values()))
     b = first.shape[0]
     norms = torch.stack([g.reshape(b, -1).norm(2, dim=1) for g in per_sample.values()], dim=1).norm(2, dim=1)
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    return {n: torch.tensordot(factor.to(g.dtype), g, dims=1) for n, g in per_sample.items()}
+    finite = torch.isfinite(norms)
+    factor = torch.where(finite, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+    out = {}
+    for n, g in per_sample.items():
+        if not bool(finite.all()):
+            g = torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
+        out[n] = torch.tensordot(factor.to(g.dtype), g, dims=1)
+    return out
 
 
 class DPGradients(Gradients):
