@@ -39,8 +39,9 @@ through the plain inner loop) -- the same compositions, hence the same epsilon, 
 Not covered in any mode: the training-loss numbers a learner returns as metrics (diagnostics the
 simulation records, computed on local data without noise).
 
-Cost: per-example gradients with ``vmap`` (``benchmarks/dp_step.py`` measures a DP step against
-the non-private step and Opacus' hooks in the same run).
+Cost: per-example gradients by torch's expanded weights where the loss allows, else ``vmap``
+(``benchmarks/dp_step.py`` measures a DP step against the non-private step and Opacus'
+``GradSampleModule`` in the same run).
 
 References
 ----------
@@ -127,12 +128,15 @@ class RecordLevelDP(MetaLearner):
     allow_support_leak:
         Required for learners that trace gradients of local data (second-order), whose guarantee
         covers query examples only.
+    per_sample:
+        How per-example gradients are computed (``"auto"``, ``"vmap"``, ``"expanded-weights"``;
+        see ``securefml.privacy.dp_gradients``): the same gradients, different speed.
     """
 
     def __init__(self, learner: MetaLearner, *, noise_multiplier: float, max_grad_norm: float, sample_rate: float,
                  accountant: str = "rdp", delta: float = 1e-5, max_participations: int | None = None,
                  source: NoiseSource | None = None, generator: torch.Generator | None = None,
-                 secure_mode: bool = True, allow_support_leak: bool = False) -> None:
+                 secure_mode: bool = True, allow_support_leak: bool = False, per_sample: str = "auto") -> None:
         super().__init__(learner.model, learner.config)
         self._steps = steps_per_participation(learner)
         if learner.traces_local_gradients and not allow_support_leak:
@@ -144,7 +148,8 @@ class RecordLevelDP(MetaLearner):
             )
         # the checks of the mechanism itself, once, before any client trains
         DPGradients(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, sample_rate=sample_rate,
-                    ledger=Ledger(accountant, delta), source=NoiseSource.seeded(0))
+                    ledger=Ledger(accountant, delta), source=NoiseSource.seeded(0), per_sample=per_sample)
+        self.per_sample = per_sample
         self.inner = learner
         self.name = learner.name
         self.adapts_with_learned_rates = learner.adapts_with_learned_rates
@@ -207,7 +212,8 @@ class RecordLevelDP(MetaLearner):
             grads = DPGradients(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
                                 sample_rate=self.sample_rate, ledger=ledger,
                                 source=self.source.fork(f"client|{int(client_id)}"), secure_mode=self.secure_mode,
-                                allow_traced=self.allow_support_leak and self.inner.traces_local_gradients)
+                                allow_traced=self.allow_support_leak and self.inner.traces_local_gradients,
+                                per_sample=self.per_sample)
             st = self.clients[client_id] = _ClientState(grads, ledger)
         return st
 

@@ -96,6 +96,27 @@ def test_every_learner_declares_exactly_the_gradients_it_takes(name: str, steps:
     assert (counting.traced_calls > 0) == (learner.traces_local_gradients and steps > 0)
 
 
+@pytest.mark.parametrize("name", ["fedavg", "reptile", "fomaml", "maml", "metasgd", "metasgd-fo"])
+def test_per_sample_engines_give_the_same_private_update(name: str) -> None:
+    """Expanded weights (where the loss allows) and vmap release the same gradients; auto picks per loss."""
+    learner = _learner(name, 2, 1)
+    params = learner.init_params()
+    got = {}
+    engines = {}
+    for engine in ("vmap", "auto"):
+        dp = RecordLevelDP(learner, noise_multiplier=0.0, max_grad_norm=0.3, sample_rate=1.0, per_sample=engine,
+                           allow_support_leak=True)
+        got[engine], _ = dp.update(params, DIGITS.train[0])
+        engines[engine] = dp.clients[0].gradients.engine_calls
+    for n in got["vmap"]:
+        assert torch.allclose(got["vmap"][n], got["auto"][n], atol=1e-6, rtol=1e-5), n
+    assert engines["vmap"]["expanded-weights"] == 0
+    weight_only = name in ("fedavg", "reptile", "fomaml", "metasgd-fo")  # steps on model weights
+    assert (engines["auto"]["expanded-weights"] > 0) == weight_only
+    if name in ("maml", "metasgd", "metasgd-fo"):  # query loss through rates or a traced loop: vmap
+        assert engines["auto"]["vmap"] > 0
+
+
 def test_injected_gradients_are_what_the_learner_uses() -> None:
     """Constructor injection and ``with_gradients`` both route the learner's gradients; the default is plain."""
     model = make_model(DIGITS, hidden=(8,), seed=0)
