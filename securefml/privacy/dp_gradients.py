@@ -74,9 +74,9 @@ def expanded_weights_per_sample(loss: LossFn, params: Params, batch: Batch) -> P
 
     x, y = batch
     b = int(x.shape[0])
-    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-    wrapped = {n: ExpandedWeight(leaf, b, "mean") for n, leaf in leaves.items()}
-    loss(wrapped, x, y).backward()
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}  # new leaves, shared storage
+    wrapped = {n: ExpandedWeight(leaf, b, "sum") for n, leaf in leaves.items()}
+    (loss(wrapped, x, y) * b).backward()  # batch mean times b: the sum of the per-example losses
     out = {}
     for n, leaf in leaves.items():
         gs = getattr(leaf, "grad_sample", None)
@@ -96,19 +96,14 @@ def clip_and_sum(per_sample: Params, max_grad_norm: float) -> Params:
         return {n: g.sum(0) for n, g in per_sample.items()}
     first = next(iter(per_sample.values()))
     b = first.shape[0]
-    flat = torch.cat([g.reshape(b, -1) for g in per_sample.values()], dim=1)  # [B, D]: one norm, one matvec
-    norms = flat.norm(2, dim=1)
+    norms = torch.stack([g.reshape(b, -1).norm(2, dim=1) for g in per_sample.values()], dim=1).norm(2, dim=1)
     finite = torch.isfinite(norms)
-    if not bool(finite.all()):
-        flat = torch.where(finite.unsqueeze(1), flat, torch.zeros_like(flat))
     factor = torch.where(finite, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
-    summed = factor.to(flat.dtype) @ flat
     out = {}
-    pos = 0
     for n, g in per_sample.items():
-        size = g[0].numel()
-        out[n] = summed[pos:pos + size].view(g.shape[1:])
-        pos += size
+        if not bool(finite.all()):  # 0 * inf is NaN: zero the rows themselves
+            g = torch.where(finite.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
+        out[n] = torch.einsum("i,i...->...", factor.to(g.dtype), g)
     return out
 
 
