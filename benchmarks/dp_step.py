@@ -17,10 +17,10 @@ The sampling rate is 1 so every candidate sees the same batch.  Each candidate i
 repeat-slot: wall time, and CPU time of the calling thread (``time.thread_time``, one torch
 thread).  On a machine shared with other processes the wall time of a few-millisecond step is
 mostly waiting for a core; the CPU time is what the step costs, and the ratios quoted are CPU-time
-ratios (both are in the JSON).  Per-round figures time a whole
-client round (``update``) of FedAvg, FOMAML and second-order MAML, non-private vs
-``RecordLevelDP`` (both engines), on ``digits-fewshot`` tasks.  A zero-noise check reports the largest difference between the vmap
-and Opacus released gradients.
+ratios (both are in the JSON).  Per-round figures time a whole client round (``update``) of
+FedAvg, FOMAML and second-order MAML, non-private vs ``RecordLevelDP`` (both engines), on
+``digits-fewshot`` tasks.  A zero-noise check reports the largest difference between the
+library's and Opacus' released gradients.
 
 Usage: ``python benchmarks/dp_step.py [--batches 10 64 256] [--reps 15] [--device cpu]
 [--threads 1] [--out benchmarks/json/dp_step.json]``
@@ -119,73 +119,81 @@ def time_steps(batches: list[int], reps: int, device: str) -> dict[str, Any]:
     d_in = data.train[0].support_x.shape[1]
     n_classes = int(max(int(t.support_y.max()) for t in data.train)) + 1
     out: dict[str, Any] = {"model_parameters": sum(p.numel() for p in weights.values()), "batches": {}}
-    plain = PlainGradients()
     for b in batches:
-        gen = torch.Generator().manual_seed(b)
-        x = torch.randn(b, d_in, generator=gen).to(device)
-        y = torch.randint(0, n_classes, (b,), generator=gen).to(device)
-        dps = {engine: DPGradients(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0,
-                                   ledger=Ledger("rdp", 1e-5), source=NoiseSource.seeded(b), per_sample=engine)
-               for engine in ("vmap", "auto")}
-        ew = _opacus_step(model, "ew", sigma=1.0, clip=1.0, batch=b)
-        hooks = _opacus_step(model, "hooks", sigma=1.0, clip=1.0, batch=b)
-        source = NoiseSource.seeded(b + 1)
-        numel = sum(p.numel() for p in weights.values())
-        res = interleaved_cpu({
-            "plain": lambda: plain(loss, weights, (x, y)),
-            "dp_vmap": lambda: dps["vmap"](loss, weights, (x, y)),
-            "dp_auto": lambda: dps["auto"](loss, weights, (x, y)),
-            "opacus_ew": lambda: ew(weights, x, y),
-            "opacus_hooks": lambda: hooks(weights, x, y),
-            "noise": lambda: source.normal(numel, 1.0, fp_resistant=True),
-        }, reps, device=device)
-        med = {k: v["median_s"] for k, v in res.items()}
-        quiet = DPGradients(noise_multiplier=0.0, max_grad_norm=1.0, sample_rate=1.0, ledger=Ledger("rdp", 1e-5),
-                            source=NoiseSource.seeded(0))
-        ours = quiet(loss, weights, (x, y))
-        ref = _opacus_step(model, "ew", sigma=0.0, clip=1.0, batch=b)(weights, x, y)
-        fastest_opacus = min(med["opacus_ew"], med["opacus_hooks"])
-        out["batches"][str(b)] = {
-            "ms": {k: 1e3 * v for k, v in med.items()},
-            "wall_ms": {k: 1e3 * v["wall_median_s"] for k, v in res.items()},
-            "dp_auto_over_plain": med["dp_auto"] / med["plain"],
-            "dp_vmap_over_plain": med["dp_vmap"] / med["plain"],
-            "opacus_ew_over_plain": med["opacus_ew"] / med["plain"],
-            "opacus_hooks_over_plain": med["opacus_hooks"] / med["plain"],
-            "dp_auto_over_fastest_opacus": med["dp_auto"] / fastest_opacus,
-            "dp_vmap_over_fastest_opacus": med["dp_vmap"] / fastest_opacus,
-            "engine_calls_auto": dict(dps["auto"].engine_calls),
-            "max_abs_diff_vs_opacus_zero_noise": max(float((ours[n] - ref[n]).abs().max()) for n in ours),
-            "cpu_runs_s": {k: v["cpu_runs_s"] for k, v in res.items()},
-        }
+        out["batches"][str(b)] = _time_batch(model, loss, weights, b, d_in, n_classes, reps, device)
     return out
+
+
+def _time_batch(model: torch.nn.Module, loss: Any, weights: dict[str, torch.Tensor], b: int, d_in: int,
+                n_classes: int, reps: int, device: str) -> dict[str, Any]:
+    """Every candidate on one batch of ``b`` examples."""
+    plain = PlainGradients()
+    gen = torch.Generator().manual_seed(b)
+    x = torch.randn(b, d_in, generator=gen).to(device)
+    y = torch.randint(0, n_classes, (b,), generator=gen).to(device)
+    dps = {engine: DPGradients(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0,
+                               ledger=Ledger("rdp", 1e-5), source=NoiseSource.seeded(b), per_sample=engine)
+           for engine in ("vmap", "auto")}
+    ew = _opacus_step(model, "ew", sigma=1.0, clip=1.0, batch=b)
+    hooks = _opacus_step(model, "hooks", sigma=1.0, clip=1.0, batch=b)
+    source = NoiseSource.seeded(b + 1)
+    numel = sum(p.numel() for p in weights.values())
+    res = interleaved_cpu({
+        "plain": lambda: plain(loss, weights, (x, y)),
+        "dp_vmap": lambda: dps["vmap"](loss, weights, (x, y)),
+        "dp_auto": lambda: dps["auto"](loss, weights, (x, y)),
+        "opacus_ew": lambda: ew(weights, x, y),
+        "opacus_hooks": lambda: hooks(weights, x, y),
+        "noise": lambda: source.normal(numel, 1.0, fp_resistant=True),
+    }, reps, device=device)
+    med = {k: v["median_s"] for k, v in res.items()}
+    quiet = DPGradients(noise_multiplier=0.0, max_grad_norm=1.0, sample_rate=1.0, ledger=Ledger("rdp", 1e-5),
+                        source=NoiseSource.seeded(0))
+    ours = quiet(loss, weights, (x, y))
+    ref = _opacus_step(model, "ew", sigma=0.0, clip=1.0, batch=b)(weights, x, y)
+    fastest_opacus = min(med["opacus_ew"], med["opacus_hooks"])
+    return {
+        "ms": {k: 1e3 * v for k, v in med.items()},
+        "wall_ms": {k: 1e3 * v["wall_median_s"] for k, v in res.items()},
+        "dp_auto_over_plain": med["dp_auto"] / med["plain"],
+        "dp_vmap_over_plain": med["dp_vmap"] / med["plain"],
+        "opacus_ew_over_plain": med["opacus_ew"] / med["plain"],
+        "opacus_hooks_over_plain": med["opacus_hooks"] / med["plain"],
+        "dp_auto_over_fastest_opacus": med["dp_auto"] / fastest_opacus,
+        "dp_vmap_over_fastest_opacus": med["dp_vmap"] / fastest_opacus,
+        "engine_calls_auto": dict(dps["auto"].engine_calls),
+        "max_abs_diff_vs_opacus_zero_noise": max(float((ours[n] - ref[n]).abs().max()) for n in ours),
+        "cpu_runs_s": {k: v["cpu_runs_s"] for k, v in res.items()},
+    }
 
 
 def time_rounds(reps: int, device: str) -> dict[str, Any]:
     data = load_dataset("digits-fewshot", seed=0)
     tasks = [t.to(device) if hasattr(t, "to") else t for t in data.train[:5]]
-    out: dict[str, Any] = {}
-    for name in ("fedavg", "fomaml", "maml"):
-        cfg = MetaConfig(inner_steps=5, inner_lr=0.1, outer_lr=0.1, outer_steps=1)
-        learner = LEARNERS.create(name, model=make_model(data, seed=0, device=device), config=cfg)
-        dp = {engine: RecordLevelDP(learner, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
-                                    source=NoiseSource.seeded(0), allow_support_leak=True, per_sample=engine)
-              for engine in ("vmap", "auto")}
-        params = learner.init_params(device)
+    return {name: _time_learner(name, data, tasks, reps, device) for name in ("fedavg", "fomaml", "maml")}
 
-        def loop(fn: Any) -> Any:
-            return lambda: [fn(params, t) for t in tasks]
 
-        res = interleaved_cpu({"plain": loop(learner.update), "record_dp_vmap": loop(dp["vmap"].update),
-                               "record_dp_auto": loop(dp["auto"].update)}, reps, device=device)
-        med = {k: v["median_s"] / len(tasks) for k, v in res.items()}
-        out[name] = {"ms_per_client": {k: 1e3 * v for k, v in med.items()},
-                     "wall_ms_per_client": {k: 1e3 * v["wall_median_s"] / len(tasks) for k, v in res.items()},
-                     "record_dp_auto_over_plain": med["record_dp_auto"] / med["plain"],
-                     "record_dp_vmap_over_plain": med["record_dp_vmap"] / med["plain"],
-                     "released_gradients_per_round": dp["auto"].steps_per_participation,
-                     "covers_support": dp["auto"].covers_support}
-    return out
+def _time_learner(name: str, data: Any, tasks: list[Any], reps: int, device: str) -> dict[str, Any]:
+    """One client round of ``name``, non-private and record-level DP (both engines)."""
+    cfg = MetaConfig(inner_steps=5, inner_lr=0.1, outer_lr=0.1, outer_steps=1)
+    learner = LEARNERS.create(name, model=make_model(data, seed=0, device=device), config=cfg)
+    dp = {engine: RecordLevelDP(learner, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                                source=NoiseSource.seeded(0), allow_support_leak=True, per_sample=engine)
+          for engine in ("vmap", "auto")}
+    params = learner.init_params(device)
+
+    def loop(fn: Any) -> Any:
+        return lambda: [fn(params, t) for t in tasks]
+
+    res = interleaved_cpu({"plain": loop(learner.update), "record_dp_vmap": loop(dp["vmap"].update),
+                           "record_dp_auto": loop(dp["auto"].update)}, reps, device=device)
+    med = {k: v["median_s"] / len(tasks) for k, v in res.items()}
+    return {"ms_per_client": {k: 1e3 * v for k, v in med.items()},
+                 "wall_ms_per_client": {k: 1e3 * v["wall_median_s"] / len(tasks) for k, v in res.items()},
+                 "record_dp_auto_over_plain": med["record_dp_auto"] / med["plain"],
+                 "record_dp_vmap_over_plain": med["record_dp_vmap"] / med["plain"],
+                 "released_gradients_per_round": dp["auto"].steps_per_participation,
+                 "covers_support": dp["auto"].covers_support}
 
 
 def main() -> None:
@@ -203,8 +211,8 @@ def main() -> None:
         "setup": {"dataset": "digits-fewshot", "model": "bundled MLP", "sigma": 1.0, "clip": 1.0,
                   "step_sample_rate": 1.0, "round_sample_rate": 0.5, "reps": args.reps,
                   "round_reps": args.round_reps, "device": args.device,
-                  "opacus_noise": "torch generator (the library: AES-CTR NoiseSource)",
-                  "timing": "median thread-CPU time of interleaved repeats (wall time also recorded) on a shared machine",
+                  "noise": "AES-CTR NoiseSource, floating-point resistant, in every DP candidate",
+                  "timing": "median thread-CPU time of interleaved repeats (wall time also recorded), shared machine",
                   "threads": args.threads},
         "machine_before": machine(),
     }

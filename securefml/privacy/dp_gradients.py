@@ -75,7 +75,7 @@ def expanded_weights_per_sample(loss: LossFn, params: Params, batch: Batch) -> P
     x, y = batch
     b = int(x.shape[0])
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}  # new leaves, shared storage
-    wrapped = {n: ExpandedWeight(leaf, b, "sum") for n, leaf in leaves.items()}
+    wrapped: Params = {n: ExpandedWeight(leaf, b, "sum") for n, leaf in leaves.items()}
     (loss(wrapped, x, y) * b).backward()  # batch mean times b: the sum of the per-example losses
     out = {}
     for n, leaf in leaves.items():
@@ -136,7 +136,8 @@ class DPGradients(Gradients):
                  source: NoiseSource, secure_mode: bool = True, allow_traced: bool = False,
                  per_sample: str = "auto") -> None:
         if per_sample not in PER_SAMPLE_ENGINES:
-            raise ConfigError(f"unknown per-sample engine {per_sample!r}; choose one of {', '.join(PER_SAMPLE_ENGINES)}")
+            raise ConfigError(f"unknown per-sample engine {per_sample!r}; "
+                              f"choose one of {', '.join(PER_SAMPLE_ENGINES)}")
         if not max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         if math.isinf(max_grad_norm) and noise_multiplier > 0:
