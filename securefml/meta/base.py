@@ -234,11 +234,14 @@ class MetaLearner(ABC):
         """Whether ``update_many`` runs ``tasks`` as one vmap.
 
         True when the learner's round is exactly ``client_step`` (neither ``meta_update`` nor
-        ``update`` overridden by a subclass, e.g. a DP wrapper) and the tasks can be stacked:
-        at least two, with identical shapes, dtypes, kind and device.
+        ``update`` overridden by a subclass, e.g. a DP wrapper), its gradient function is a pure
+        tensor function (``Gradients.vmappable``), and the tasks can be stacked: at least two,
+        with identical shapes, dtypes, kind and device.
         """
         cls = type(self)
         if cls.meta_update is not MetaLearner.meta_update_by_step or cls.update is not MetaLearner.update:
+            return False
+        if not self.gradients.vmappable:  # e.g. DP gradients: per-client coins, noise and ledger
             return False
         if len(tasks) < 2:
             return False

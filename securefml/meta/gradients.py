@@ -53,6 +53,11 @@ LossFn = Callable[[Params, torch.Tensor, torch.Tensor], torch.Tensor]
 class Gradients(ABC):
     """How a learner takes its gradients (the default: plain ``torch.func.grad``)."""
 
+    #: whether a learner using it may run a cohort as one ``torch.func.vmap`` (``update_many``):
+    #: only for gradient functions that are pure tensor functions (not DP: its coins, noise and
+    #: ledger are per client, and would be shared by every client of the vmapped batch)
+    vmappable: bool = False
+
     @abstractmethod
     def __call__(self, loss: LossFn, params: Params, batch: Batch) -> Params:
         """A released gradient of ``loss`` at ``params`` on ``batch`` (a constant)."""
@@ -87,6 +92,8 @@ class PlainGradients(Gradients):
     >>> float(g["w"])  # d/dw mean(w^2 x^2) = mean(2 w x^2) = 5
     5.0
     """
+
+    vmappable = True
 
     def __call__(self, loss: LossFn, params: Params, batch: Batch) -> Params:
         return {n: t.detach() for n, t in grad(loss)(params, *batch).items()}

@@ -107,6 +107,14 @@ def clip_and_sum(per_sample: Params, max_grad_norm: float) -> Params:
     return out
 
 
+def _under_transform(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being traced by a ``torch.func`` transform (batched by vmap, wrapped by grad)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is None:  # pragma: no cover - every supported torch has it
+        return False
+    return bool(functorch.is_batchedtensor(x) or functorch.is_gradtrackingtensor(x))
+
+
 class DPGradients(Gradients):
     """One client's DP-SGD gradient function (its own ledger and noise stream).
 
@@ -135,17 +143,8 @@ class DPGradients(Gradients):
     def __init__(self, *, noise_multiplier: float, max_grad_norm: float, sample_rate: float, ledger: Ledger,
                  source: NoiseSource, secure_mode: bool = True, allow_traced: bool = False,
                  per_sample: str = "auto") -> None:
-        if per_sample not in PER_SAMPLE_ENGINES:
-            raise ConfigError(f"unknown per-sample engine {per_sample!r}; "
-                              f"choose one of {', '.join(PER_SAMPLE_ENGINES)}")
-        if not max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
-        if math.isinf(max_grad_norm) and noise_multiplier > 0:
-            raise ConfigError("clipping off (max_grad_norm=inf) needs zero noise: noise is sized by the clip norm")
-        if not 0 < sample_rate <= 1:
-            raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if not noise_multiplier >= 0:
-            raise ConfigError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        self.check(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, sample_rate=sample_rate,
+                   per_sample=per_sample)
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
         self.sample_rate = float(sample_rate)
@@ -163,8 +162,26 @@ class DPGradients(Gradients):
         self._ew_refused: set[CodeType] = set()
         self._busy = False
 
+    @staticmethod
+    def check(*, noise_multiplier: float, max_grad_norm: float, sample_rate: float, per_sample: str = "auto") -> None:
+        """Raise ``ConfigError`` for settings the mechanism cannot run with (before any client trains)."""
+        if per_sample not in PER_SAMPLE_ENGINES:
+            raise ConfigError(f"unknown per-sample engine {per_sample!r}; "
+                              f"choose one of {', '.join(PER_SAMPLE_ENGINES)}")
+        if not max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if math.isinf(max_grad_norm) and noise_multiplier > 0:
+            raise ConfigError("clipping off (max_grad_norm=inf) needs zero noise: noise is sized by the clip norm")
+        if not 0 < sample_rate <= 1:
+            raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if not noise_multiplier >= 0:
+            raise ConfigError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+
     # -- the contract ---------------------------------------------------------------------------
     def __call__(self, loss: LossFn, params: Params, batch: Batch) -> Params:
+        if _under_transform(batch[0]):
+            raise ConfigError("DP gradients cannot run under a torch.func transform (vmap over clients, an outer "
+                              "grad): their coins, noise and ledger are one client's; run clients one at a time")
         if self._busy:
             raise ConfigError("a released gradient was requested inside the loss of another gradient: under "
                               "record-level DP it would be sampled and noised once per example; take inner "

@@ -147,8 +147,9 @@ class RecordLevelDP(MetaLearner):
                 "coverage with allow_support_leak=True"
             )
         # the checks of the mechanism itself, once, before any client trains
-        DPGradients(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, sample_rate=sample_rate,
-                    ledger=Ledger(accountant, delta), source=NoiseSource.seeded(0), per_sample=per_sample)
+        DPGradients.check(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, sample_rate=sample_rate,
+                          per_sample=per_sample)
+        Ledger(accountant, delta)  # checks the accountant's name
         self.per_sample = per_sample
         self.inner = learner
         self.name = learner.name

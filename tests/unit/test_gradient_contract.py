@@ -232,3 +232,21 @@ def test_bayesian_learner_is_refused_before_any_work() -> None:
     learner = BayesMetaSGD(make_model(DIGITS, seed=0), MetaConfig(inner_steps=1))
     with pytest.raises(ConfigError, match="BayesMetaSGD.*user-level DP"):
         RecordLevelDP(learner, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5)
+
+
+def test_dp_gradients_never_run_inside_a_vmapped_cohort() -> None:
+    """A learner built with DP gradients runs its cohort one client at a time; inside vmap they refuse."""
+    from securefml.privacy import DPGradients, Ledger, NoiseSource
+
+    dp = DPGradients(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0, ledger=Ledger("rdp", 1e-5),
+                     source=NoiseSource.seeded(0))
+    learner = LEARNERS.create("fedavg", model=make_model(DIGITS, hidden=(8,), seed=0), config=MetaConfig(inner_steps=1))
+    tasks = list(DIGITS.train)
+    assert learner.vectorizes(tasks) and not learner.with_gradients(dp).vectorizes(tasks)
+    params = learner.init_params()
+    loss = learner.weights_loss_fn("classification")
+    xs = torch.stack([t.support_x for t in tasks])
+    ys = torch.stack([t.support_y for t in tasks])
+    with pytest.raises(ConfigError, match="torch.func transform"):
+        torch.func.vmap(lambda x, y: dp(loss, params, (x, y))["layers.0.weight"])(xs, ys)
+    assert dp.ledger.steps == 0
