@@ -132,7 +132,7 @@ def test_injected_gradients_are_what_the_learner_uses() -> None:
 
 def test_toy_learner_gets_record_level_dp_without_library_edits() -> None:
     toy = _toy(steps=3)
-    cfg = PrivacyConfig(mode="record", target_epsilon=8.0, delta=1e-3, max_grad_norm=0.5, sample_rate=0.5,
+    cfg = PrivacyConfig(mode="record", noise_multiplier=1.3, delta=1e-3, max_grad_norm=0.5, sample_rate=0.5,
                         insecure_seeded_noise=True)
     s = setup_privacy(cfg, toy, n_train_clients=3, clients_per_round=2, rounds=3, local_dataset_size=8,
                       generator=torch.Generator().manual_seed(0))
