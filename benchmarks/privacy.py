@@ -135,7 +135,8 @@ def time_client_step(dataset: str, algorithm: str, *, delta: float, repeats: int
                      seed: int = 0) -> dict[str, float]:
     """Median seconds per client step, non-private vs DP, interleaved in one process after a warm-up.
 
-    Record level: the DP learner's ``update`` (Opacus ``ew`` and ``hooks`` modes).  User level: the
+    Record level: the DP learner's ``update`` (per-example engines ``auto`` and ``vmap``, see
+    ``securefml.privacy.dp_gradients``; ``benchmarks/dp_step.py`` times one step).  User level: the
     plain ``update`` plus the client-side clip (distributed noise shares are drawn inside SecAgg's
     mask job; their cost is in ``benchmarks/secagg.py``'s client time).
     """
@@ -148,10 +149,10 @@ def time_client_step(dataset: str, algorithm: str, *, delta: float, repeats: int
     plan = dict(n_train_clients=len(data.train), clients_per_round=n_tasks, rounds=repeats + 1,
                 dataset_kind=data.kind, local_dataset_size=local, generator=torch.Generator().manual_seed(seed))
     record = {}
-    for mode in ("ew", "hooks"):
+    for engine in ("auto", "vmap"):
         s = setup_privacy(PrivacyConfig(mode="record", noise_multiplier=1.0, delta=delta), learner, **plan)
-        s.learner.grad_sample_mode = mode  # type: ignore[attr-defined]
-        record[mode] = s.learner
+        s.learner.per_sample = engine  # type: ignore[attr-defined]  # read when each client's state is built
+        record[engine] = s.learner
     user = setup_privacy(PrivacyConfig(mode="user", noise_multiplier=1.0, delta=delta), learner, **plan)
     params = learner.init_params()
     layout_names = list(params)
@@ -161,8 +162,8 @@ def time_client_step(dataset: str, algorithm: str, *, delta: float, repeats: int
         assert user.update_hook is not None
         user.update_hook(t.client_id, torch.cat([upd[n].flatten() for n in layout_names]))
 
-    steps = {"plain": lambda t: learner.update(params, t), "record_ew": lambda t: record["ew"].update(params, t),
-             "record_hooks": lambda t: record["hooks"].update(params, t), "user": user_step}
+    steps = {"plain": lambda t: learner.update(params, t), "record": lambda t: record["auto"].update(params, t),
+             "record_vmap": lambda t: record["vmap"].update(params, t), "user": user_step}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(repeats + 1):
         for name, fn in steps.items():
@@ -174,11 +175,11 @@ def time_client_step(dataset: str, algorithm: str, *, delta: float, repeats: int
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "plain_ms": 1e3 * med["plain"],
-        "record_ew_ms": 1e3 * med["record_ew"],
-        "record_hooks_ms": 1e3 * med["record_hooks"],
+        "record_ms": 1e3 * med["record"],
+        "record_vmap_ms": 1e3 * med["record_vmap"],
         "user_ms": 1e3 * med["user"],
-        "record_ratio": med["record_ew"] / med["plain"],
-        "record_hooks_ratio": med["record_hooks"] / med["plain"],
+        "record_ratio": med["record"] / med["plain"],
+        "record_vmap_ratio": med["record_vmap"] / med["plain"],
         "user_ratio": med["user"] / med["plain"],
     }
 

@@ -108,10 +108,36 @@ def render_meta_cohorts(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_dp_step(data: dict[str, Any]) -> str:
+    st, steps = data["setup"], data["steps"]
+    lines = [f"{st['dataset']} {st['model']} ({steps['model_parameters']:,} parameters), sigma={st['sigma']}, "
+             f"C={st['clip']}, {st['reps']} repeats, device {st['device']}; milliseconds of thread-CPU time (wall "
+             "time in the JSON). " + _measured(data), "",
+             "| batch | non-private (floor) | DP, auto | DP, vmap | Opacus ew (before) | Opacus hooks (before) | "
+             "noise alone | DP auto / floor | DP auto / fastest Opacus | largest difference to Opacus |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b, e in steps["batches"].items():
+        ms = e["ms"]
+        lines.append(f"| {b} | {ms['plain']:.2f} | {ms['dp_auto']:.2f} | {ms['dp_vmap']:.2f} | {ms['opacus_ew']:.2f} | "
+                     f"{ms['opacus_hooks']:.2f} | {ms['noise']:.2f} | {_r(e['dp_auto_over_plain'])} | "
+                     f"{_r(e['dp_auto_over_fastest_opacus'])} | {e['max_abs_diff_vs_opacus_zero_noise']:.1e} |")
+    lines += ["", f"One client round (ms per client, {st['round_reps']} repeats, q={st['round_sample_rate']}):", "",
+              "| learner | non-private | record DP, auto | record DP, vmap | auto / non-private | DP steps per round "
+              "| covers the support set |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for name, e in data["rounds"].items():
+        ms = e["ms_per_client"]
+        lines.append(f"| {name} | {ms['plain']:.1f} | {ms['record_dp_auto']:.1f} | {ms['record_dp_vmap']:.1f} | "
+                     f"{_r(e['record_dp_auto_over_plain'])} | {e['released_gradients_per_round']} | "
+                     f"{'yes' if e['covers_support'] else 'no (query only)'} |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "defenses": render_defenses,
     "plaintext": render_plaintext,
     "meta_cohorts": render_meta_cohorts,
+    "dp_step": render_dp_step,
 }
 
 

@@ -23,7 +23,7 @@ import torch
 
 from securefml.errors import ConfigError
 from securefml.registry import Registry
-from securefml.updates import LayerLayout
+from securefml.updates import LayerLayout, Role
 
 __all__ = [
     "LayerSelector",
@@ -43,13 +43,19 @@ __all__ = [
 Probe = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 
-#: prefixes of layers that shadow a model layer: Meta-SGD's rates ``alpha.<layer>`` and the
-#: Bayesian learners' log-variances ``logvar.<layer>`` (and their rates ``alpha.logvar.<layer>``)
+#: the bundled learners' names for layers that shadow a model layer: Meta-SGD's rates
+#: ``alpha.<layer>``, the Bayesian learners' log-variances ``logvar.<layer>`` (and their rates
+#: ``alpha.logvar.<layer>``).  Transitional: selection reads the roles a learner declares on the
+#: layout (``MetaLearner.layout()``); these names are used only for a layout that declares no
+#: role at all (one built with ``LayerLayout.from_params(params)`` without the learner's roles).
 SHADOW_PREFIXES = ("alpha.", "logvar.")
 
 
 def shadowed_layer(name: str) -> str:
-    """The model layer a layer shadows (``alpha.logvar.layers.0 -> layers.0``); itself if none."""
+    """The model layer a layer shadows by the bundled learners' names (``alpha.logvar.layers.0 -> layers.0``).
+
+    Transitional (see ``SHADOW_PREFIXES``): prefer ``layout.owner(name)`` on a layout with roles.
+    """
     stripped = True
     while stripped:
         stripped = False
@@ -59,14 +65,21 @@ def shadowed_layer(name: str) -> str:
     return name
 
 
+def _owner(layout: LayerLayout, name: str) -> str:
+    """The model layer ``name`` belongs to: by the roles on the layout (by name only on a role-less layout)."""
+    return layout.owner(name) if layout.has_roles else shadowed_layer(name)
+
+
 def _tie_extras(layout: LayerLayout, chosen: Iterable[str]) -> tuple[str, ...]:
-    """Layers that shadow a model layer (``SHADOW_PREFIXES``) follow that layer's choice."""
+    """Layers that belong to a model layer (their declared role's ``owner``) follow that layer's choice."""
     chosen = set(chosen)
-    chosen |= {n for n in layout.layer_names if shadowed_layer(n) != n and shadowed_layer(n) in chosen}
+    chosen |= {n for n in layout.layer_names if _owner(layout, n) != n and _owner(layout, n) in chosen}
     return layout.canonical(chosen)
 
 
 def _model_layers(layout: LayerLayout) -> tuple[str, ...]:
+    if layout.has_roles:
+        return layout.layers_with_role(Role.WEIGHT)
     return tuple(n for n in layout.layer_names if shadowed_layer(n) == n)
 
 

@@ -14,6 +14,15 @@ federates them like weights (FedAvg averages the whole state); integer buffers
 (``num_batches_tracked``) cannot be averaged and are listed in ``excluded_buffers`` instead of
 vanishing.  The bundled learners never produce buffer entries: they run BatchNorm on batch
 statistics (see ``securefml.models.batchnorm_on_batch_statistics``).
+
+Roles.  Besides model weights, a learner's meta-parameters may hold tensors that *belong to* a
+weight: Meta-SGD's learned inner rates, the Bayesian learners' log-variances (and their rates).
+The learner declares them (``MetaLearner.layer_roles()``: ``{name: ParamRole(role, of=weight)}``)
+and the layout carries them per layer, so selection (a rate follows its weight's layer), attacks
+(Meta-SGD rate poisoning) and the server query ``layers_with_role`` / ``owner`` instead of
+matching name prefixes.  A layout built without roles has every layer ``Role.WEIGHT``; the
+fingerprint covers roles only where one is declared, so the fingerprint of a layout of plain
+weights is unchanged.
 """
 
 from __future__ import annotations
@@ -22,18 +31,50 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
 from securefml.errors import ConfigError, InvalidUpdateError
 
-__all__ = ["ParamSpec", "LayerSpec", "LayerLayout", "layer_of"]
+__all__ = ["LayerLayout", "LayerSpec", "ParamRole", "ParamSpec", "Role", "layer_of"]
 
 
 def layer_of(param_name: str) -> str:
     """The owning module of a parameter (``"net.0.weight" -> "net.0"``; top-level stays)."""
     head, dot, _ = param_name.rpartition(".")
     return head if dot else param_name
+
+
+class Role(Enum):
+    """What a layer of the meta-parameters is."""
+
+    #: a model weight (or buffer): what the model computes with
+    WEIGHT = "weight"
+    #: a learned inner learning rate of a weight (Meta-SGD), same shape as that weight
+    LEARNED_RATE = "learned_rate"
+    #: the log-variance of a Gaussian weight whose mean is the weight (Bayesian learners)
+    LOG_VARIANCE = "log_variance"
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """A learner's declaration for one parameter: its role and the parameter it belongs to.
+
+    ``of`` names the parameter this one shadows (same shape): ``alpha.layers.0.weight`` is the
+    ``LEARNED_RATE`` of ``layers.0.weight``; ``alpha.logvar.layers.0.weight`` is the rate of the
+    log-variance ``logvar.layers.0.weight``, itself the ``LOG_VARIANCE`` of ``layers.0.weight``.
+    """
+
+    role: Role
+    of: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.role, Role):
+            raise ConfigError(f"a parameter role must be a Role, got {self.role!r}")
+        if (self.role is Role.WEIGHT) != (self.of is None):
+            raise ConfigError(f"{self.role.name} {'takes no' if self.role is Role.WEIGHT else 'needs an'} `of` "
+                              f"parameter, got of={self.of!r}")
 
 
 @dataclass(frozen=True)
@@ -51,8 +92,12 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
+    """One layer: its parameters, its role, and (extras only) the layer it belongs to."""
+
     name: str
     params: tuple[ParamSpec, ...]
+    role: Role = Role.WEIGHT
+    of: str | None = None
 
     @property
     def numel(self) -> int:
@@ -70,6 +115,16 @@ class LayerLayout:
         Which of those names are buffers rather than parameters (``from_module`` fills it).
     excluded_buffers:
         Buffers of the module that are *not* in the layout (integer ones), for the record.
+    roles:
+        The learner's declarations for parameters that are not plain weights
+        (``{name: ParamRole}``; unlisted names are ``Role.WEIGHT``).  All parameters of a layer
+        must share a role and belong to parameters of one layer; each ``of`` must be a parameter
+        of the layout with the same shape; chains end at a weight.
+
+    >>> layout = LayerLayout([("fc.weight", (2, 3)), ("alpha.fc.weight", (2, 3))],
+    ...                      roles={"alpha.fc.weight": ParamRole(Role.LEARNED_RATE, of="fc.weight")})
+    >>> layout.layers_with_role(Role.LEARNED_RATE), layout.owner("alpha.fc")
+    (('alpha.fc',), 'fc')
     """
 
     def __init__(
@@ -78,6 +133,7 @@ class LayerLayout:
         *,
         buffers: Iterable[str] = (),
         excluded_buffers: Iterable[str] = (),
+        roles: Mapping[str, ParamRole] | None = None,
     ) -> None:
         flagged = set(buffers)
         grouped: dict[str, list[ParamSpec]] = {}
@@ -93,7 +149,9 @@ class LayerLayout:
         if not grouped:
             raise ConfigError("a layout needs at least one parameter")
         self.excluded_buffers: tuple[str, ...] = tuple(excluded_buffers)
-        self.layers: tuple[LayerSpec, ...] = tuple(LayerSpec(k, tuple(v)) for k, v in grouped.items())
+        layer_roles = _layer_roles(grouped, dict(roles or {}))
+        self.layers: tuple[LayerSpec, ...] = tuple(LayerSpec(k, tuple(v), *layer_roles.get(k, (Role.WEIGHT, None)))
+                                                   for k, v in grouped.items())
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         offsets = [0]
         for layer in self.layers:
@@ -134,8 +192,10 @@ class LayerLayout:
         return cls(entries, buffers=flagged, excluded_buffers=excluded)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, torch.Tensor]) -> LayerLayout:
-        return cls((n, t.shape) for n, t in params.items())
+    def from_params(cls, params: Mapping[str, torch.Tensor], *,
+                    roles: Mapping[str, ParamRole] | None = None) -> LayerLayout:
+        """The layout of a parameter mapping (its order), with the learner's ``roles`` if given."""
+        return cls(((n, t.shape) for n, t in params.items()), roles=roles)
 
     # -- queries --------------------------------------------------------------------------
     @property
@@ -154,6 +214,26 @@ class LayerLayout:
     @property
     def numel(self) -> int:
         return self._offsets[-1]
+
+    def role_of(self, layer: str) -> Role:
+        """The role of a layer."""
+        return self.layer(layer).role
+
+    def layers_with_role(self, role: Role) -> tuple[str, ...]:
+        """The layers of one role, in layout order (``Role.WEIGHT``: the model's own layers)."""
+        return tuple(layer.name for layer in self.layers if layer.role is role)
+
+    def owner(self, layer: str) -> str:
+        """The weight layer a layer belongs to, following ``of`` (itself for a weight layer)."""
+        spec = self.layer(layer)
+        while spec.of is not None:
+            spec = self.layer(spec.of)
+        return spec.name
+
+    @property
+    def has_roles(self) -> bool:
+        """Whether any layer has a role other than ``Role.WEIGHT`` (a learner declared roles)."""
+        return any(layer.role is not Role.WEIGHT for layer in self.layers)
 
     def layer(self, name: str) -> LayerSpec:
         return self.layers[self._index_of(name)]
@@ -195,6 +275,8 @@ class LayerLayout:
         for layer in self.layers:
             for p in layer.params:
                 h.update(p.name.encode() + b"\x00" + repr(p.shape).encode() + (b"\x02" if p.buffer else b"\x01"))
+            if layer.role is not Role.WEIGHT:  # only declared roles: a plain layout's bytes are unchanged
+                h.update(b"\x03" + layer.role.value.encode() + b"\x00" + str(layer.of).encode() + b"\x00")
         return h.digest()[:16]
 
     # -- flatten / unflatten -----------------------------------------------------------------
@@ -258,3 +340,39 @@ class LayerLayout:
 
     def __repr__(self) -> str:
         return f"LayerLayout({len(self.layers)} layers, {self.numel} entries)"
+
+
+def _layer_roles(grouped: Mapping[str, list[ParamSpec]],
+                 roles: dict[str, ParamRole]) -> dict[str, tuple[Role, str | None]]:
+    """Per-layer ``(role, of-layer)`` from per-parameter declarations, validated."""
+    shapes = {p.name: p.shape for specs in grouped.values() for p in specs}
+    unknown = sorted(set(roles) - set(shapes))
+    if unknown:
+        raise ConfigError(f"roles declared for {unknown}, which are not parameters of the layout")
+    out: dict[str, tuple[Role, str | None]] = {}
+    for layer, specs in grouped.items():
+        decl = {(roles.get(p.name, ParamRole(Role.WEIGHT)).role,
+                 None if p.name not in roles or roles[p.name].of is None else layer_of(str(roles[p.name].of)))
+                for p in specs}
+        if len(decl) != 1:
+            raise ConfigError(f"the parameters of layer {layer!r} declare different roles: {sorted(map(str, decl))}")
+        for p in specs:
+            target = roles[p.name].of if p.name in roles else None
+            if target is None:
+                continue
+            if target not in shapes:
+                raise ConfigError(f"{p.name!r} belongs to {target!r}, which is not a parameter of the layout")
+            if shapes[target] != p.shape:
+                raise ConfigError(f"{p.name!r} has shape {p.shape} but belongs to {target!r} of shape {shapes[target]}")
+        ((role, of),) = decl
+        if role is not Role.WEIGHT:
+            out[layer] = (role, of)
+    for layer in out:  # every chain ends at a weight layer
+        seen = {layer}
+        cur = out[layer][1]
+        while cur in out:
+            if cur in seen:
+                raise ConfigError(f"layer roles form a cycle through {sorted(seen)}")
+            seen.add(cur)
+            cur = out[cur][1]
+    return out

@@ -53,7 +53,7 @@ Variational Dropout and the Local Reparameterization Trick, NeurIPS 2015.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,7 @@ from securefml.data.base import Task
 from securefml.errors import ConfigError
 from securefml.meta.base import MetaConfig, MetaLearner, Params
 from securefml.meta.metasgd import ALPHA_PREFIX, MetaSGD
+from securefml.updates import ParamRole, Role
 
 __all__ = ["BayesConfig", "BayesMAML", "BayesMetaSGD", "BayesianLearner", "MetaSGDTemperature", "PFedBayes",
            "TEMPERATURE_KEY"]
@@ -160,6 +161,10 @@ class BayesianLearner(MetaLearner):
     def model_params(self, params: Params) -> Params:
         """The posterior (or prior) itself: means and log-variances, without rates."""
         return {n: params[n] for n in self.net.posterior_names()}
+
+    def layer_roles(self) -> Mapping[str, ParamRole]:
+        """Each log-variance is the ``LOG_VARIANCE`` of its mean (selection keeps them with their layer)."""
+        return {logvar_name(n): ParamRole(Role.LOG_VARIANCE, of=n) for n in self.net.gaussian_names}
 
     # -- prediction ------------------------------------------------------------------------
     def _check_kind(self, kind: str) -> None:
@@ -277,6 +282,10 @@ class BayesMetaSGD(BayesianLearner):
 
     def rates(self, params: Params) -> Params:
         return {n: params[ALPHA_PREFIX + n] for n in self.net.posterior_names()}
+
+    def layer_roles(self) -> Mapping[str, ParamRole]:
+        rates = {ALPHA_PREFIX + n: ParamRole(Role.LEARNED_RATE, of=n) for n in self.net.posterior_names()}
+        return {**super().layer_roles(), **rates}
 
 
 class PFedBayes(BayesianLearner):

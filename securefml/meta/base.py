@@ -9,27 +9,42 @@ Vectorized cohorts (issue 15): a learner whose round is a pure function of the c
 tensors (``client_step``: MAML, FOMAML, Meta-SGD, Reptile, FedAvg) runs a whole cohort of
 same-shaped tasks as one ``torch.func.vmap`` over the stacked tasks (``update_many``), the
 same code as one client at a time, so the results agree to float rounding.  Learners that
-do anything else per client (record-level DP through Opacus, which keeps per-client
-accountants and optimizers) keep the loop: ``update_many`` falls back to ``update``.
+do anything else per client (record-level DP, which keeps a ledger per client) keep the
+loop: ``update_many`` falls back to ``update``.
+
+Gradients (issue 13).  Every gradient a learner takes of a loss on local data goes through
+``self.gradients`` (``securefml.meta.gradients``), injected at construction (default:
+``PlainGradients``, i.e. ``torch.func.grad``); ``with_gradients`` returns the same learner
+with another gradient function, which is how record-level DP privatizes any learner that
+declares ``released_gradients()``.
+
+Layer roles.  A learner declares what each of its extra meta-parameters is
+(``layer_roles()``: Meta-SGD's learned rates, the Bayesian learners' log-variances) and
+``layout()`` puts those roles on the ``LayerLayout``, where selection, attacks and the server
+query them (``layout.layers_with_role(Role.LEARNED_RATE)``) instead of matching name prefixes.
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from securefml.data.base import Task
 from securefml.errors import ConfigError
+from securefml.meta.gradients import Gradients, LossFn, Params, PlainGradients
 from securefml.models import batchnorm_on_batch_statistics
+from securefml.updates import LayerLayout, ParamRole
 
 __all__ = ["MetaConfig", "MetaLearner", "Params", "task_loss"]
 
-Params = dict[str, torch.Tensor]
+_L = TypeVar("_L", bound="MetaLearner")
 
 
 @dataclass(frozen=True)
@@ -79,15 +94,55 @@ class MetaLearner(ABC):
         (``securefml.models.batchnorm_on_batch_statistics`` says why).
     config:
         Learning rates and step counts.
+    gradients:
+        How the learner takes every gradient of a loss on local data
+        (:class:`~securefml.meta.gradients.Gradients`; default ``PlainGradients``).
     """
 
     name = "learner"
     #: whether personalization should use the learner's own adaptation (Meta-SGD's rates)
     adapts_with_learned_rates = False
 
-    def __init__(self, model: nn.Module, config: MetaConfig | None = None) -> None:
+    def __init__(self, model: nn.Module, config: MetaConfig | None = None, *,
+                 gradients: Gradients | None = None) -> None:
         self.model = batchnorm_on_batch_statistics(model)  # BatchNorm on batch statistics: see there
         self.config = config or MetaConfig()
+        self.gradients: Gradients = gradients if gradients is not None else PlainGradients()
+
+    # -- the gradient contract ---------------------------------------------------------------
+    def with_gradients(self: _L, gradients: Gradients) -> _L:
+        """This learner (a shallow copy sharing model and config) taking its gradients through ``gradients``."""
+        clone = copy.copy(self)
+        clone.gradients = gradients
+        return clone
+
+    def released_gradients(self) -> int | None:
+        """Released gradients one client round takes through ``self.gradients`` (``None``: unknown).
+
+        A learner returns a count only if *every* gradient it takes of local data goes through
+        ``self.gradients`` and its round's output is computed from those gradients and public
+        values alone: record-level DP relies on it (each released gradient is one composition on
+        the client's ledger, planned before the run) and refuses a learner returning ``None``.
+        """
+        return None
+
+    @property
+    def traces_local_gradients(self) -> bool:
+        """Whether the round differentiates through gradients of local data (``Gradients.traced``).
+
+        Those examples (the support set of second-order MAML / Meta-SGD) influence every
+        per-example outer gradient, so record-level DP does not cover them.
+        """
+        return False
+
+    # -- layer roles -------------------------------------------------------------------------
+    def layer_roles(self) -> Mapping[str, ParamRole]:
+        """Role of each meta-parameter that is not a plain model weight (none by default)."""
+        return {}
+
+    def layout(self, device: torch.device | str | None = None) -> LayerLayout:
+        """The ``LayerLayout`` of ``init_params`` with the roles this learner declares."""
+        return LayerLayout.from_params(self.init_params(device), roles=self.layer_roles())
 
     # -- parameters ------------------------------------------------------------------------
     def init_params(self, device: torch.device | str | None = None) -> Params:
@@ -105,13 +160,27 @@ class MetaLearner(ABC):
     def loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
         return task_loss(kind)(self.forward(params, x), y)
 
+    def loss_fn(self, kind: str) -> LossFn:
+        """``loss(params, x, y)`` for the gradient contract: this learner's batch-mean task loss."""
+        return lambda p, x, y: self.loss(p, x, y, kind)
+
+    def weights_loss_fn(self, kind: str) -> LossFn:
+        """The task loss of the bare model at model weights ``p`` (what the SGD inner loop steps on)."""
+        lf = task_loss(kind)
+        return lambda p, x, y: lf(functional_call(self.model, p, (x,)), y)
+
     def sgd_adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, kind: str, *, steps: int,
-                  lr: float) -> Params:
-        """Plain SGD on the model weights, differentiable through ``torch.func`` when traced."""
+                  lr: float, traced: bool = False) -> Params:
+        """Plain SGD on the model weights, one gradient through ``self.gradients`` per step.
+
+        ``traced=True`` takes traced gradients (differentiable: second-order MAML's inner loop);
+        otherwise released ones (constants: FedAvg, Reptile, first-order learners).
+        """
         weights = self.model_params(params)
-        grad_fn = grad(lambda p: task_loss(kind)(functional_call(self.model, p, (x,)), y))
+        loss = self.weights_loss_fn(kind)
+        take = self.gradients.traced if traced else self.gradients
         for _ in range(steps):
-            g = grad_fn(weights)
+            g = take(loss, weights, (x, y))
             weights = {n: w - lr * g[n] for n, w in weights.items()}
         return weights
 
@@ -165,11 +234,14 @@ class MetaLearner(ABC):
         """Whether ``update_many`` runs ``tasks`` as one vmap.
 
         True when the learner's round is exactly ``client_step`` (neither ``meta_update`` nor
-        ``update`` overridden by a subclass, e.g. a DP wrapper) and the tasks can be stacked:
-        at least two, with identical shapes, dtypes, kind and device.
+        ``update`` overridden by a subclass, e.g. a DP wrapper), its gradient function is a pure
+        tensor function (``Gradients.vmappable``), and the tasks can be stacked: at least two,
+        with identical shapes, dtypes, kind and device.
         """
         cls = type(self)
         if cls.meta_update is not MetaLearner.meta_update_by_step or cls.update is not MetaLearner.update:
+            return False
+        if not self.gradients.vmappable:  # e.g. DP gradients: per-client coins, noise and ledger
             return False
         if len(tasks) < 2:
             return False

@@ -1,4 +1,8 @@
-"""Learners whose client step is plain local SGD: FedAvg and Reptile."""
+"""Learners whose client step is plain local SGD: FedAvg and Reptile.
+
+Each SGD step takes one released gradient (``MetaLearner.sgd_adapt``), so under record-level DP
+every step is a DP-SGD step and a round is ``inner_steps`` compositions.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ class FedAvg(MetaLearner):
 
     name = "fedavg"
     step_loss_name = "train_loss"
+
+    def released_gradients(self) -> int:
+        return self.config.inner_steps
 
     def client_step(
         self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
@@ -37,6 +44,9 @@ class Reptile(MetaLearner):
     """
 
     name = "reptile"
+
+    def released_gradients(self) -> int:
+        return self.config.inner_steps
 
     def client_step(
         self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str

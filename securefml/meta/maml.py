@@ -1,9 +1,17 @@
-"""MAML (Finn et al., 2017) and its first-order approximation, on ``torch.func``."""
+"""MAML (Finn et al., 2017) and its first-order approximation, on ``torch.func``.
+
+Gradients go through the learner's gradient function (``securefml.meta.gradients``):
+
+* second-order MAML: the inner SGD steps take *traced* gradients (the query loss is
+  differentiated through them) and the meta-gradient is one *released* gradient of the query
+  loss through the inner loop: ``outer_steps`` released gradients per round;
+* FOMAML: the inner steps take *released* gradients (constants) and the meta-gradient is one
+  released gradient of the query loss at the adapted weights: ``outer_steps * (inner_steps + 1)``.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch.func import grad_and_value
 
 from securefml.data.base import Task
 from securefml.meta.base import MetaLearner, Params
@@ -22,13 +30,17 @@ class MAML(MetaLearner):
     name = "maml"
     first_order = False
 
+    def released_gradients(self) -> int:
+        cfg = self.config
+        return cfg.outer_steps * (cfg.inner_steps + 1) if self.first_order else cfg.outer_steps
+
+    @property
+    def traces_local_gradients(self) -> bool:
+        return not self.first_order
+
     def query_loss(self, params: Params, task: Task) -> torch.Tensor:
         adapted = self.adapt(params, task.support_x, task.support_y, task.kind)
         return self.loss(adapted, task.query_x, task.query_y, task.kind)
-
-    def _query_loss(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor,
-                    kind: str) -> torch.Tensor:
-        return self.loss(self.adapt(params, sx, sy, kind), qx, qy, kind)
 
     def meta_gradient(self, params: Params, task: Task) -> tuple[Params, float]:
         g, loss = self._meta_gradient(params, task.support_x, task.support_y, task.query_x, task.query_y, task.kind)
@@ -36,12 +48,16 @@ class MAML(MetaLearner):
 
     def _meta_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor,
                        kind: str) -> tuple[Params, torch.Tensor]:
+        cfg = self.config
         if self.first_order:
-            adapted = {n: p.detach() for n, p in self.adapt(params, sx, sy, kind).items()}
-            g, loss = grad_and_value(lambda p: self.loss(p, qx, qy, kind))(adapted)
-            return g, loss.detach()
-        g, loss = grad_and_value(self._query_loss)(params, sx, sy, qx, qy, kind)
-        return g, loss.detach()
+            adapted = self.sgd_adapt(params, sx, sy, kind, steps=cfg.inner_steps, lr=cfg.inner_lr)
+            return self.gradients.with_value(self.loss_fn(kind), adapted, (qx, qy))
+
+        def through_inner_loop(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            adapted = self.sgd_adapt(p, sx, sy, kind, steps=cfg.inner_steps, lr=cfg.inner_lr, traced=True)
+            return self.loss(adapted, x, y, kind)
+
+        return self.gradients.with_value(through_inner_loop, params, (qx, qy))
 
     def client_step(
         self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
@@ -49,7 +65,7 @@ class MAML(MetaLearner):
         loss = torch.zeros(())
         for _ in range(self.config.outer_steps):
             g, loss = self._meta_gradient(params, sx, sy, qx, qy, kind)
-            params = {n: (p - self.config.outer_lr * g[n]).detach() for n, p in params.items()}
+            params = {n: (p - self.config.outer_lr * g[n]).detach() if n in g else p for n, p in params.items()}
         return params, loss
 
     meta_update = MetaLearner.meta_update_by_step

@@ -5,13 +5,16 @@ Three modes, one seam (:func:`setup_privacy`):
 ``none``
     No mechanism; the learner and the server run unchanged.
 ``record``
-    DP-SGD inside each client through Opacus (:mod:`securefml.privacy.record`).  The privacy
-    unit is one local example; each client has its own accountant and reports its own epsilon.
-    FedAvg, Reptile, FOMAML and first-order Meta-SGD are fully covered.  For second-order MAML
-    the per-query-example meta-gradients are privatized (``vmap(grad)`` into Opacus' ``no_op``
-    grad-sample mode), but **the support set is not covered** (every support example influences
-    every meta-gradient): it must be acknowledged with ``allow_support_leak=True``, and
-    user-level DP is the recommended mode for MAML.
+    DP-SGD inside each client (:mod:`securefml.privacy.record`): the learner's gradient function
+    is swapped for :class:`~securefml.privacy.dp_gradients.DPGradients` (per-example gradients
+    with ``vmap(grad)``, clipping, Gaussian noise, one step on the client's Opacus accountant per
+    released gradient), so any learner that declares ``released_gradients()`` is privatized
+    without this package knowing it.  The privacy unit is one local example; each client has its
+    own accountant and reports its own epsilon.  FedAvg, Reptile, FOMAML and first-order
+    Meta-SGD are fully covered.  For second-order MAML the per-query-example meta-gradients are
+    privatized, but **the support set is not covered** (every support example influences every
+    meta-gradient): it must be acknowledged with ``allow_support_leak=True``, and user-level DP
+    is the recommended mode for MAML.
 ``user``
     Clip each client's whole update to S and add noise to the sum (:mod:`securefml.privacy.user`):
     Gaussian ``z S`` centrally at the server (one Opacus accountant, fed the Poisson cohort
@@ -41,7 +44,7 @@ from an AES-256-CTR stream keyed with ``os.urandom`` (:mod:`.randomness`), with 
 floating-point-attack-resistant Gaussian construction.  ``PrivacyConfig(insecure_seeded_noise=True)``
 (``--dp-insecure-seeded-noise``) keys it from the run seed instead: reproducible, and insecure.
 Opacus' own ``secure_mode`` (torchcsprng) has no build for this Python, so record-level noise
-goes through a ``DPOptimizer`` subclass that draws from the same source.
+is drawn by ``DPGradients`` from the same source.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ from securefml.privacy.setup import PrivacySetup, setup_privacy
 if TYPE_CHECKING:
     from securefml.privacy.accounting import Ledger, epsilon_for, max_compositions, noise_for_target
     from securefml.privacy.distributed import DistributedSkellam, secagg_clip_range
-    from securefml.privacy.record import RecordLevelDP, record_route, steps_per_participation, summed_loss
+    from securefml.privacy.dp_gradients import DPGradients, clip_and_sum
+    from securefml.privacy.record import RecordLevelDP, steps_per_participation
     from securefml.privacy.skellam import rounded_sensitivity, skellam_epsilon, skellam_rdp
     from securefml.privacy.user import UserLevelDP, clip_update, gaussian_noise
 
@@ -66,8 +70,8 @@ if TYPE_CHECKING:
 # ``securefml --help`` without DP never imports it.
 _LAZY = {
     "Ledger": "accounting", "epsilon_for": "accounting", "max_compositions": "accounting",
-    "noise_for_target": "accounting", "RecordLevelDP": "record", "record_route": "record",
-    "steps_per_participation": "record", "summed_loss": "record", "UserLevelDP": "user",
+    "noise_for_target": "accounting", "RecordLevelDP": "record", "DPGradients": "dp_gradients",
+    "clip_and_sum": "dp_gradients", "steps_per_participation": "record", "UserLevelDP": "user",
     "clip_update": "user", "gaussian_noise": "user", "DistributedSkellam": "distributed",
     "secagg_clip_range": "distributed", "rounded_sensitivity": "skellam", "skellam_epsilon": "skellam",
     "skellam_rdp": "skellam",
@@ -88,6 +92,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ACCOUNTANTS",
+    "DPGradients",
     "MODES",
     "PLACEMENTS",
     "DistributedSkellam",
@@ -99,17 +104,16 @@ __all__ = [
     "RecordLevelDP",
     "UserLevelDP",
     "check_mechanism",
+    "clip_and_sum",
     "clip_update",
     "epsilon_for",
     "gaussian_noise",
     "max_compositions",
     "noise_for_target",
-    "record_route",
     "rounded_sensitivity",
     "secagg_clip_range",
     "setup_privacy",
     "skellam_epsilon",
     "skellam_rdp",
     "steps_per_participation",
-    "summed_loss",
 ]

@@ -132,9 +132,8 @@ class PrivacySetup:
             out["epsilon_per_client"] = {str(k): _finite_or_none(v) for k, v in sorted(eps.items())}
             out["epsilon_max"] = _finite_or_none(max(eps.values())) if eps else 0.0
             out.update(max_grad_norm=cfg.max_grad_norm if math.isfinite(cfg.max_grad_norm) else None,
-                       sample_rate=cfg.sample_rate, route=self._record.route,
-                       covers=("query examples only (support set not covered)"
-                               if self._record.route == "second-order" else "every local example"))
+                       sample_rate=cfg.sample_rate, covers=("every local example" if self._record.covers_support
+                                                            else "query examples only (support set not covered)"))
         elif self._user is not None:
             user = self._user
             out["epsilon_max"] = _finite_or_none(user.epsilon())
@@ -256,7 +255,7 @@ def setup_privacy(
         return PrivacySetup(config, learner)
     # the mechanisms import Opacus (seconds): only now that DP is on
     from securefml.privacy.accounting import Ledger, max_compositions, noise_for_target
-    from securefml.privacy.record import RecordLevelDP, record_route, steps_per_participation
+    from securefml.privacy.record import RecordLevelDP, steps_per_participation
     from securefml.privacy.user import UserLevelDP
 
     if n_train_clients <= 0 or clients_per_round <= 0 or rounds <= 0:
@@ -293,7 +292,7 @@ def setup_privacy(
         return PrivacySetup(config, learner, noise_multiplier=z, user=user, planned=planned, sampler=sampler,
                             source=source)
     # record level
-    record_route(learner)  # raises for learners it cannot privatize
+    steps_per_participation(learner)  # raises for learners that do not declare their released gradients
     if local_dataset_size is None:
         raise ConfigError("record-level DP needs local_dataset_size (the smallest client's number of examples) "
                           "to check delta against it")

@@ -1,6 +1,7 @@
 """Security properties of the DP mechanisms, on the real Opacus optimizer and real torch models.
 
-* every clipped per-example gradient has norm <= C (record level, hook and vmap routes) and
+* every clipped per-example gradient has norm <= C (record level: weights, and meta-gradients
+  through a traced inner loop) and
   every clipped client update has norm <= S (user level);
 * the added noise has standard deviation sigma*C (record) / z*S on the sum (user, central), within
   a statistical tolerance, and the release divides by the public expected cohort size;
@@ -63,8 +64,7 @@ def test_clipped_per_example_gradient_norm_at_most_c_module_route(c: float, i: i
     params = learner.init_params()
     task = SINE.train[0]
     x, y = _one_example(task, i)
-    state = dp._state(task.client_id, params)
-    g = dp.hook_gradient(state, params, x, y * scale, task.kind)
+    g = dp.gradients_for(task.client_id)(learner.weights_loss_fn(task.kind), params, (x, y * scale))
     norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))
     assert norm <= c * (1 + 1e-5)
 
@@ -76,13 +76,14 @@ def test_clipped_per_example_meta_gradient_norm_at_most_c_vmap_route(c: float, i
     dp = _dp(learner, max_grad_norm=c)
     params = learner.init_params()
     task = DIGITS.train[0]
-    state = dp._state(task.client_id, params)
+    grads = dp.gradients_for(task.client_id)
 
-    def per_example(p, x, y):  # type: ignore[no-untyped-def]
-        adapted = learner.adapt(p, task.support_x, task.support_y, task.kind)
-        return learner.loss(adapted, x.unsqueeze(0), y.unsqueeze(0), task.kind) * 50.0
+    def query_loss(p, x, y):  # type: ignore[no-untyped-def]  # through the (traced) inner loop
+        adapted = learner.with_gradients(grads).sgd_adapt(p, task.support_x, task.support_y, task.kind, steps=1,
+                                                          lr=0.5, traced=True)
+        return learner.loss(adapted, x, y, task.kind) * 50.0
 
-    g = dp.vmap_gradient(state, per_example, params, task.query_x[i:i + 1], task.query_y[i:i + 1])
+    g = grads(query_loss, params, (task.query_x[i:i + 1], task.query_y[i:i + 1]))
     norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g.values()))
     assert norm <= c * (1 + 1e-5)
 
@@ -116,8 +117,9 @@ def test_record_noise_std_is_sigma_c(sigma: float, c: float, secure: bool, seed:
     noisy = _dp(learner, max_grad_norm=c, noise_multiplier=sigma, secure_mode=secure,
                 generator=torch.Generator().manual_seed(seed))
     x, y = task.support_x, task.support_y
-    g0 = quiet.hook_gradient(quiet._state(0, params), params, x, y, task.kind)
-    g1 = noisy.hook_gradient(noisy._state(0, params), params, x, y, task.kind)
+    loss = learner.weights_loss_fn(task.kind)
+    g0 = quiet.gradients_for(0)(loss, params, (x, y))
+    g1 = noisy.gradients_for(0)(loss, params, (x, y))
     noise = torch.cat([(g1[n] - g0[n]).flatten() for n in g0]) * len(x)
     assert noise.numel() > 500
     assert abs(float(noise.mean())) < 6 * sigma * c / math.sqrt(noise.numel())

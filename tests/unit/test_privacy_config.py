@@ -73,7 +73,7 @@ def test_record_level_for_second_order_needs_acknowledgement(name: str) -> None:
     with pytest.raises(ConfigError, match=r"support set.*--dp user"):
         _setup(cfg, _learner(name))
     ok = _setup(PrivacyConfig(mode="record", noise_multiplier=1.0, delta=1e-3, allow_support_leak=True), _learner(name))
-    assert isinstance(ok.learner, RecordLevelDP) and ok.learner.route == "second-order"
+    assert isinstance(ok.learner, RecordLevelDP) and not ok.learner.covers_support
     # user-level DP is the recommendation and takes any learner unchanged
     user = _setup(PrivacyConfig(mode="user", noise_multiplier=1.0, delta=1e-3), _learner(name))
     assert user.learner.name == name and not isinstance(user.learner, RecordLevelDP)
@@ -82,7 +82,7 @@ def test_record_level_for_second_order_needs_acknowledgement(name: str) -> None:
 def test_first_order_metasgd_is_fully_covered() -> None:
     learner = MetaSGD(make_model(SINE, hidden=(8,)), MetaConfig(inner_steps=1), first_order=True)
     s = _setup(PrivacyConfig(mode="record", noise_multiplier=1.0, delta=1e-3), learner)
-    assert isinstance(s.learner, RecordLevelDP) and s.learner.route == "metasgd-fo"
+    assert isinstance(s.learner, RecordLevelDP) and s.learner.covers_support
 
 
 def test_unreachable_target_is_a_config_error() -> None:

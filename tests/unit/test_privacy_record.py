@@ -1,10 +1,14 @@
-"""Record-level DP-SGD: routes, ledgers, Opacus modes, empty Poisson batches, reporting."""
+"""Record-level DP-SGD: ledgers, vmap per-example gradients against Opacus, empty Poisson batches, reporting."""
 
 from __future__ import annotations
 
+import copy
 import math
 
+import pytest
 import torch
+from opacus.grad_sample import wrap_model
+from opacus.optimizers import DPOptimizer
 
 from securefml.data import make_digits_fewshot
 from securefml.meta import LEARNERS, MetaConfig, MetaSGD
@@ -22,16 +26,30 @@ def _learner(name: str, steps: int = 2, outer: int = 1):  # type: ignore[no-unty
     return LEARNERS.create(name, model=model, config=cfg)
 
 
-def test_ew_and_hooks_modes_give_the_same_clipped_gradients() -> None:
+def _support_gradient(dp: RecordLevelDP, learner, params, task):  # type: ignore[no-untyped-def]
+    """One released DP gradient of the task loss at ``params`` on the support set (client 0)."""
+    return dp.gradients_for(0)(learner.weights_loss_fn(task.kind), learner.model_params(params),
+                               (task.support_x, task.support_y))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_vmap_clipped_gradients_equal_opacus_ew_and_hooks_modes() -> None:
+    """The vectorized per-example route releases what Opacus' GradSampleModule + DPOptimizer release."""
     learner = _learner("fedavg")
     params = learner.init_params()
     task = DIGITS.train[0]
-    grads = []
+    dp = RecordLevelDP(learner, noise_multiplier=0.0, max_grad_norm=0.05, sample_rate=1.0)
+    ours = _support_gradient(dp, learner, params, task)
     for mode in ("ew", "hooks"):
-        dp = RecordLevelDP(learner, noise_multiplier=0.0, max_grad_norm=0.05, sample_rate=1.0, grad_sample_mode=mode)
-        grads.append(dp.hook_gradient(dp._state(0, params), params, task.support_x, task.support_y, task.kind))
-    for n in grads[0]:
-        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6)
+        module = copy.deepcopy(learner.model)
+        gsm = wrap_model(module, grad_sample_mode=mode, loss_reduction="sum")
+        opt = DPOptimizer(torch.optim.SGD(module.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05,
+                          expected_batch_size=len(task.support_x), loss_reduction="mean")
+        torch.nn.functional.cross_entropy(gsm(task.support_x), task.support_y, reduction="sum").backward()
+        opt.pre_step()
+        for n, p in module.named_parameters():
+            assert p.grad is not None
+            assert torch.allclose(ours[n], p.grad, atol=1e-6), (mode, n)
 
 
 def test_every_dp_step_lands_on_the_clients_own_ledger() -> None:
@@ -57,10 +75,10 @@ def test_empty_poisson_batch_releases_pure_noise() -> None:
     params = learner.init_params()
     task = DIGITS.train[0]
     tiny = RecordLevelDP(learner, noise_multiplier=0.0, max_grad_norm=1.0, sample_rate=1e-9)
-    g = tiny.hook_gradient(tiny._state(0, params), params, task.support_x, task.support_y, task.kind)
+    g = _support_gradient(tiny, learner, params, task)
     assert all(torch.count_nonzero(t) == 0 for t in g.values())  # nobody sampled, no noise: zero gradient
     noisy = RecordLevelDP(learner, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1e-9)
-    g = noisy.hook_gradient(noisy._state(0, params), params, task.support_x, task.support_y, task.kind)
+    g = _support_gradient(noisy, learner, params, task)
     assert all(torch.isfinite(t).all() and torch.count_nonzero(t) > 0 for t in g.values())
     assert noisy.clients[0].ledger is not None and noisy.clients[0].ledger.steps == 1
 

@@ -10,16 +10,21 @@ from securefml.selection import (
     make_selector,
     rdm_change,
 )
-from securefml.updates import LayerLayout
+from securefml.updates import LayerLayout, ParamRole, Role
 
-LAYOUT = LayerLayout([("a.w", (10,)), ("b.w", (10,)), ("c.w", (40,)), ("d.w", (40,)),
-                      ("alpha.a.w", (10,)), ("alpha.b.w", (10,)), ("alpha.c.w", (40,)), ("alpha.d.w", (40,))])
+_ENTRIES = [("a.w", (10,)), ("b.w", (10,)), ("c.w", (40,)), ("d.w", (40,)),
+            ("alpha.a.w", (10,)), ("alpha.b.w", (10,)), ("alpha.c.w", (40,)), ("alpha.d.w", (40,))]
+#: the rates declared as roles, as Meta-SGD's ``layout()`` does
+LAYOUT = LayerLayout(_ENTRIES, roles={f"alpha.{n}.w": ParamRole(Role.LEARNED_RATE, of=f"{n}.w") for n in "abcd"})
+#: the same names without roles (a layout built from params alone): the transitional name rule ties them
+LEGACY = LayerLayout(_ENTRIES)
 
 
 def test_all_and_named():
     g = torch.ones(LAYOUT.numel)
     assert AllLayers().select(LAYOUT, g, g) == LAYOUT.layer_names
     assert NamedLayers(["a", "c"]).select(LAYOUT, g, g) == ("a", "c", "alpha.a", "alpha.c")
+    assert NamedLayers(["a", "c"]).select(LEGACY, g, g) == ("a", "c", "alpha.a", "alpha.c")
     with pytest.raises(ConfigError, match="no layer matches"):
         NamedLayers("zzz").select(LAYOUT, g, g)
 
