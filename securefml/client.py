@@ -25,8 +25,8 @@ from securefml.attacks.base import Attack
 from securefml.data.base import Task
 from securefml.meta.base import MetaLearner, Params
 from securefml.rounds import ClientUpdate, check_finite
-from securefml.selection import LayerSelector, shadowed_layer
-from securefml.updates import LayerLayout
+from securefml.selection import LayerSelector
+from securefml.updates import LayerLayout, Role
 
 __all__ = ["Client", "LocalResult", "UploadPlan", "UpdateHook"]
 
@@ -126,7 +126,8 @@ class Client:
         """Per-layer features of a model on this client's own support inputs (Cedar's stimuli)."""
         stimulus = self.task.support_x[:32].to(device)
         model = learner.model
-        names = [n for n in layout.layer_names if shadowed_layer(n) == n]
+        # the model's own layers (a learner's rates and log-variances are not modules of the model)
+        names = layout.layers_with_role(Role.WEIGHT)
 
         def probe(vector: torch.Tensor) -> Mapping[str, torch.Tensor]:
             feats: dict[str, torch.Tensor] = {}

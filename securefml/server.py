@@ -29,7 +29,7 @@ from securefml.protocols.base import AggregationProtocol, finish_round
 from securefml.records import json_ready
 from securefml.rounds import ClientUpdate, RoundOutput, Transport, nothing_accepted
 from securefml.selection import AllLayers, LayerSelector, NamedLayers
-from securefml.updates import LayerLayout
+from securefml.updates import Role
 
 __all__ = ["Server", "RoundRecord"]
 
@@ -100,7 +100,7 @@ class Server:
         self.selector = selector or AllLayers()
         self.device = torch.device(device)
         self.params: Params = learner.init_params(self.device)
-        self.layout = LayerLayout.from_params(self.params)
+        self.layout = learner.layout(self.device)  # with the roles the learner declares
         self.update_hook = update_hook
         self.aggregate_hook = aggregate_hook
         self._vector = torch.nn.Parameter(self.layout.flatten(self.params).detach().clone())
@@ -243,9 +243,9 @@ class Server:
             extras=json_ready(extras),
         )
 
-    def _learned_rate_layers(self) -> list[str]:
-        """Meta-SGD's learned per-parameter rates (for attacks on them)."""
-        return [n for n in self.layout.layer_names if n.startswith("alpha.")]
+    def _learned_rate_layers(self) -> tuple[str, ...]:
+        """The learned per-parameter rates the learner declared (Meta-SGD), for attacks on them."""
+        return self.layout.layers_with_role(Role.LEARNED_RATE)
 
     def _step(self, out: RoundOutput) -> None:
         """Server optimizer step on the layers someone uploaded; the others keep their value."""
