@@ -9,6 +9,7 @@ Bulyan ends with a coordinate-wise step, so it needs coordinates (plaintext or b
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
@@ -18,16 +19,28 @@ import torch
 from securefml.defenses.base import AggregationResult, Defense, effective_f
 from securefml.defenses.budget import check_optional_f
 from securefml.defenses.coordinate import mean_around_median
-from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
+from securefml.defenses.linalg import (
+    DEFAULT_CHUNK,
+    float32_sq_distances,
+    mix,
+    row_norms,
+    sq_distances_from_gram,
+    stable_gram,
+)
+from securefml.defenses.mean import weighted_mean
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
 
 __all__ = [
+    "nearest_sums",
+    "krum_neighbours",
     "krum_scores",
+    "certified_order",
     "multikrum_select",
     "rank_by",
     "bulyan_select",
+    "selection_average",
     "norm_bound_coefficients",
     "combine",
     "Krum",
@@ -35,6 +48,8 @@ __all__ = [
     "Bulyan",
     "NormBound",
 ]
+
+logger = logging.getLogger(__name__)
 
 _GEOMETRY = frozenset({Reveals.UPDATES, Reveals.GRAM, Reveals.BUCKETS})
 
@@ -44,22 +59,81 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, *, dtype: torch.dtype | None 
     return mix(coeffs[None, :], x, dtype=dtype)[0]
 
 
+def nearest_sums(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's sum of its ``k`` smallest off-diagonal entries (``0 <= k <= n - 1``).
+
+    The kernel behind every Krum score: one masked ``topk`` (a partial selection, not a
+    full sort) on the ``[n, n]`` matrix.  Monotone in every entry, which is what lets
+    ``certified_order`` bound it from entrywise bounds.
+    """
+    n = sq_dist.shape[0]
+    if not 0 <= k <= max(n - 1, 0):
+        raise ConfigError(f"cannot sum the {k} nearest of {n - 1} other rows")
+    if k == 0:
+        return torch.zeros(n, dtype=sq_dist.dtype, device=sq_dist.device)
+    others = sq_dist + torch.diag(torch.full((n,), float("inf"), dtype=sq_dist.dtype, device=sq_dist.device))
+    return others.topk(k, dim=1, largest=False).values.sum(dim=1)
+
+
+def krum_neighbours(n: int, f: int) -> int:
+    """How many nearest others a Krum score sums: ``n - f - 2`` (Blanchard et al.), within ``[1, n - 1]``.
+
+    Krum itself refuses ``n <= 2f + 2``; where ``n - f - 2 < 1`` (an attacker simulating
+    Krum on a small view, Bulyan's last picks) the score still uses the nearest other row,
+    so it keeps ranking rows by isolation instead of tying them all; one row scores 0.
+    """
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise ConfigError(f"f (the Byzantine budget of a Krum score) must be a non-negative integer, got {f!r}")
+    return min(max(n - f - 2, 1), max(n - 1, 0))
+
+
 def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
-    """Krum score of each row: the sum of squared distances to its ``n - f - 2`` nearest others.
+    """Krum score of each row: the sum of squared distances to its ``krum_neighbours(n, f)`` nearest others.
+
+    The one Krum score of the library: Krum, Multi-Krum, Bulyan and the Fang et al. attack
+    on Krum all call it.
 
     Parameters
     ----------
     sq_dist:
         ``[n, n]`` squared pairwise distances (zero diagonal).
     f:
-        Byzantine budget; the caller checks ``n > 2f + 2``.
+        Byzantine budget (``ConfigError`` unless a non-negative integer).
+    """
+    if sq_dist.dim() != 2 or sq_dist.shape[0] != sq_dist.shape[1]:
+        raise ConfigError(f"Krum scores need a square matrix of squared distances, got shape {tuple(sq_dist.shape)}")
+    return nearest_sums(sq_dist, krum_neighbours(sq_dist.shape[0], f))
+
+
+def certified_order(
+    sq_dist: torch.Tensor, err: torch.Tensor, f: int, cuts: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Krum scores from approximate distances, and their order, when the bound proves the cuts.
+
+    ``err`` bounds ``|sq_dist - exact|`` entry by entry.  A Krum score is monotone in every
+    entry, so the exact score of row ``i`` lies in ``[lo_i, hi_i]``: the scores of
+    ``sq_dist - err`` (clamped at 0) and of ``sq_dist + err``.  A cut ``r`` (the first ``r``
+    rows of the order against the rest) is proven when every row before it has
+    ``hi < lo`` of every row after it; then the exact scores, and the float64 ones of the
+    straightforward path (whose error is far below ``err``), put the same rows before the
+    cut.  Returns ``(scores, order)`` (ascending scores, ties by position), or ``None``
+    when some cut is not proven (near-ties, exact ties): the caller then decides in float64.
     """
     n = sq_dist.shape[0]
-    k = min(max(n - f - 2, 0), n - 1)
-    if k == 0:
-        return torch.zeros(n, dtype=sq_dist.dtype, device=sq_dist.device)
-    others = sq_dist + torch.diag(torch.full((n,), float("inf"), dtype=sq_dist.dtype, device=sq_dist.device))
-    return others.topk(k, dim=1, largest=False).values.sum(dim=1)
+    k = krum_neighbours(n, f)
+    scores = nearest_sums(sq_dist, k)
+    order = torch.sort(scores, stable=True).indices
+    todo = [r for r in cuts if 0 < r < n]
+    if not todo:
+        return scores, order
+    lo = nearest_sums((sq_dist - err).clamp_min(0), k)[order]
+    hi = nearest_sums(sq_dist + err, k)[order]
+    head_max = torch.cummax(hi, dim=0).values
+    tail_min = torch.flip(torch.cummin(torch.flip(lo, [0]), dim=0).values, [0])
+    for r in todo:
+        if not bool(head_max[r - 1] < tail_min[r]):
+            return None
+    return scores, order
 
 
 def _check_krum(n: int, f: int, who: str) -> None:
@@ -101,11 +175,24 @@ def bulyan_select(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
         # then depends on row order.  Score against at least two others (all, if fewer) so
         # the selection stays a function of the set, not of its order.
         k = max(m - f - 2, min(2, m - 1))
-        scores = krum_scores(sq_dist[idx][:, idx], m - 2 - k)
+        scores = nearest_sums(sq_dist[idx][:, idx], k)
         pick = int(idx[int(torch.argmin(scores))])
         chosen.append(pick)
         remaining[pick] = False
     return torch.tensor(sorted(chosen), dtype=torch.long, device=sq_dist.device)
+
+
+def selection_average(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_i coeffs[i] x[i]`` for coefficients that are equal on a selection and 0 elsewhere.
+
+    One selected row is returned exactly (a copy); several are averaged by the Mean rule's
+    single ``gemv`` in x's dtype, with its error bound (``weighted_mean``: within
+    ``(m + 2) u sum_i |c_i x_i|`` per coordinate), instead of a float64 copy of the updates.
+    """
+    rows = coeffs.nonzero().flatten()
+    if rows.numel() == 1 and float(coeffs[rows[0]]) == 1.0:
+        return x[int(rows[0])].clone()
+    return weighted_mean(x, coeffs)[0]
 
 
 def norm_bound_coefficients(
@@ -137,12 +224,31 @@ class _GeometryRule(Defense):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], dict[str, Any]]:
         """Subclasses define this."""
 
+    @abstractmethod
+    def _cuts(self, n: int, f: int) -> tuple[int, ...]:
+        """Ranks at which the decision splits the Krum order (selected / flagged sets)."""
+
+    def sq_distances(self, updates: torch.Tensor, f: int) -> torch.Tensor:
+        """The squared distances the decision is taken on, the cheapest way that is exact enough.
+
+        float32 updates: one float32 blocked Gram (``float32_sq_distances``) with a proven
+        error bound; when ``certified_order`` shows that the bound cannot move a row across
+        any cut of this rule's decision, those distances decide (the exact ones would decide
+        the same).  Otherwise, and for other dtypes, the float64 ``stable_gram``.
+        """
+        fast = float32_sq_distances(updates)
+        if fast is not None and certified_order(fast[0], fast[1], f, self._cuts(updates.shape[0], f)) is not None:
+            return fast[0]
+        logger.debug("%s: float32 distances do not prove the decision; float64 Gram", type(self).__name__)
+        return sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
+
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
-        sq = sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
-        coeffs, scores, flagged, info = self._decide(sq, client_ids, effective_f(self.f, context, self))
-        agg = combine(coeffs, updates)
+        f = effective_f(self.f, context, self)
+        _check_krum(updates.shape[0], f, type(self).__name__)
+        coeffs, scores, flagged, info = self._decide(self.sq_distances(updates, f), client_ids, f)
+        agg = selection_average(coeffs, updates)
         return AggregationResult(agg, client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
 
     def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
@@ -173,6 +279,9 @@ class Krum(_GeometryRule):
 
     name = "krum"
     selects = 1
+
+    def _cuts(self, n: int, f: int) -> tuple[int, ...]:
+        return (1, n - f)  # the selected row; the f flagged rows
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
@@ -219,6 +328,9 @@ class MultiKrum(_GeometryRule):
         f = effective_f(self.f, context, self)
         m = n - f if self.m is None else min(self.m, n)
         return f"it averages m={m} of n={n} updates, i.e. all of them" if m >= n else None
+
+    def _cuts(self, n: int, f: int) -> tuple[int, ...]:
+        return (n - f if self.m is None else min(self.m, n),)
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
