@@ -26,6 +26,7 @@ from securefml.defenses.linalg import (
     row_norms,
     sq_distances_from_gram,
     stable_gram,
+    tie_duplicates,
 )
 from securefml.defenses.mean import weighted_mean
 from securefml.errors import ConfigError
@@ -37,6 +38,7 @@ __all__ = [
     "krum_neighbours",
     "krum_scores",
     "certified_order",
+    "exact_enough_sq_distances",
     "multikrum_select",
     "rank_by",
     "bulyan_select",
@@ -134,6 +136,15 @@ def certified_order(
         if not bool(head_max[r - 1] < tail_min[r]):
             return None
     return scores, order
+
+
+def exact_enough_sq_distances(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """float64 squared distances from ``stable_gram``, identical updates given identical rows."""
+    g = stable_gram(x, chunk=chunk)
+    diag = torch.diagonal(g).clamp_min(0)
+    # what float64 rounding can leave of the zero distance between two copies
+    slack = 1e-9 * (diag[:, None] + diag[None, :]) + 1e-300
+    return tie_duplicates(sq_distances_from_gram(g), x, slack)
 
 
 def _check_krum(n: int, f: int, who: str) -> None:
@@ -234,13 +245,17 @@ class _GeometryRule(Defense):
         float32 updates: one float32 blocked Gram (``float32_sq_distances``) with a proven
         error bound; when ``certified_order`` shows that the bound cannot move a row across
         any cut of this rule's decision, those distances decide (the exact ones would decide
-        the same).  Otherwise, and for other dtypes, the float64 ``stable_gram``.
+        the same).  Otherwise, and for other dtypes, the float64 ``stable_gram``.  Identical
+        updates get identical rows either way (``tie_duplicates``), so ties between copies
+        go by client id.
         """
         fast = float32_sq_distances(updates)
-        if fast is not None and certified_order(fast[0], fast[1], f, self._cuts(updates.shape[0], f)) is not None:
-            return fast[0]
-        logger.debug("%s: float32 distances do not prove the decision; float64 Gram", type(self).__name__)
-        return sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
+        if fast is not None:
+            sq = tie_duplicates(fast[0], updates, fast[1])
+            if certified_order(sq, fast[1], f, self._cuts(updates.shape[0], f)) is not None:
+                return sq
+            logger.debug("%s: float32 distances do not prove the decision; float64 Gram", type(self).__name__)
+        return exact_enough_sq_distances(updates, chunk=self.chunk)
 
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
@@ -378,8 +393,7 @@ class Bulyan(Defense):
         n = updates.shape[0]
         if n < 4 * f + 3:
             raise ConfigError(f"Bulyan with f={f} needs n >= 4f + 3 clients, got n={n}")
-        sq = sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
-        sel = bulyan_select(sq, f)
+        sel = bulyan_select(exact_enough_sq_distances(updates, chunk=self.chunk), f)
         agg = mean_around_median(updates, n - 4 * f, rows=sel)
         chosen = set(sel.tolist())
         flagged = tuple(client_ids[i] for i in range(n) if i not in chosen)

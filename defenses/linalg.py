@@ -39,6 +39,7 @@ __all__ = [
     "FAST_GRAM_CHUNK",
     "ieee_float32_matmul",
     "float32_sq_distances",
+    "tie_duplicates",
 ]
 
 #: Columns per block: 65,536 columns x 100 rows x 8 bytes = 52 MB of float64 scratch.
@@ -223,6 +224,37 @@ def float32_sq_distances(
     err = err + 2 * (delta_sq * (sq + err)).sqrt() + delta_sq
     err.fill_diagonal_(0)
     return sq, err
+
+
+def tie_duplicates(sq: torch.Tensor, x: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """``sq`` with identical updates given bitwise identical distance rows (a new matrix).
+
+    Colluding clients often send one vector many times (ALIE, IPM).  Their exact distances
+    to everyone are equal, so a rule that ranks them must see exact ties (then broken by
+    client id), but a Gram-derived ``sq`` rounds each copy's row differently.  Pairs whose
+    ``sq`` is within ``slack`` (``[n, n]``: what rounding can leave of a zero distance) are
+    compared entrywise; each copy then takes the row and column of the first copy, and
+    copies are at distance 0 from each other.  Costs one row comparison per candidate
+    pair whose second row is not yet known to be a copy.
+    """
+    n = sq.shape[0]
+    if n < 2:
+        return sq
+    pairs = (sq <= slack).triu(diagonal=1).nonzero().tolist()
+    if not pairs:
+        return sq
+    rep = list(range(n))
+    for i, j in pairs:  # i < j, in row-major order: the first copy becomes the representative
+        if rep[j] == j and rep[i] == i and torch.equal(x[i], x[j]):
+            rep[j] = i
+        elif rep[j] == j and rep[i] != i and torch.equal(x[rep[i]], x[j]):
+            rep[j] = rep[i]
+    if all(r == k for k, r in enumerate(rep)):
+        return sq
+    idx = torch.tensor(rep, dtype=torch.long, device=sq.device)
+    out = sq[idx][:, idx].clone()
+    out.fill_diagonal_(0)
+    return out
 
 
 def sq_distances_from_gram(g: torch.Tensor) -> torch.Tensor:
