@@ -43,6 +43,7 @@ __all__ = [
     "rank_by",
     "bulyan_select",
     "selection_average",
+    "split_ids",
     "norm_bound_coefficients",
     "combine",
     "Krum",
@@ -193,6 +194,15 @@ def bulyan_select(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
     return torch.tensor(sorted(chosen), dtype=torch.long, device=sq_dist.device)
 
 
+def split_ids(sel: torch.Tensor, client_ids: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The client ids at positions ``sel`` and the others (the flagged ones), both in row order."""
+    chosen = set(sel.tolist())
+    return (
+        tuple(c for i, c in enumerate(client_ids) if i in chosen),
+        tuple(c for i, c in enumerate(client_ids) if i not in chosen),
+    )
+
+
 def selection_average(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum_i coeffs[i] x[i]`` for coefficients that are equal on a selection and 0 elsewhere.
 
@@ -340,25 +350,26 @@ class MultiKrum(_GeometryRule):
         self.selects = m
 
     def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
-        f = effective_f(self.f, context, self)
-        m = n - f if self.m is None else min(self.m, n)
+        m = self._m(n, effective_f(self.f, context, self))
         return f"it averages m={m} of n={n} updates, i.e. all of them" if m >= n else None
 
+    def _m(self, n: int, f: int) -> int:
+        return n - f if self.m is None else min(self.m, n)
+
     def _cuts(self, n: int, f: int) -> tuple[int, ...]:
-        return (n - f if self.m is None else min(self.m, n),)
+        return (self._m(n, f),)
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], dict[str, Any]]:
         n = sq_dist.shape[0]
         _check_krum(n, f, "MultiKrum")
-        m = n - f if self.m is None else min(self.m, n)
+        m = self._m(n, f)
         sel, scores = multikrum_select(sq_dist, f, m, client_ids)
         coeffs = torch.zeros(n, dtype=torch.float64, device=sq_dist.device)
         coeffs[sel] = 1.0 / m
-        chosen = set(sel.tolist())
-        flagged = tuple(client_ids[i] for i in range(n) if i not in chosen)
-        return coeffs, scores, flagged, {"selected": tuple(client_ids[i] for i in sorted(chosen)), "f": f, "m": m}
+        selected, flagged = split_ids(sel, client_ids)
+        return coeffs, scores, flagged, {"selected": selected, "f": f, "m": m}
 
 
 class Bulyan(Defense):
@@ -395,11 +406,8 @@ class Bulyan(Defense):
             raise ConfigError(f"Bulyan with f={f} needs n >= 4f + 3 clients, got n={n}")
         sel = bulyan_select(exact_enough_sq_distances(updates, chunk=self.chunk), f)
         agg = mean_around_median(updates, n - 4 * f, rows=sel)
-        chosen = set(sel.tolist())
-        flagged = tuple(client_ids[i] for i in range(n) if i not in chosen)
-        return AggregationResult(
-            agg, client_ids, flagged=flagged, info={"selected": tuple(client_ids[i] for i in sorted(chosen)), "f": f}
-        )
+        selected, flagged = split_ids(sel, client_ids)
+        return AggregationResult(agg, client_ids, flagged=flagged, info={"selected": selected, "f": f})
 
 
 class NormBound(Defense):
