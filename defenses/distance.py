@@ -3,8 +3,11 @@
 Krum, MultiKrum and NormBound need only the geometry of the updates (pairwise distances,
 norms), so they also run on a ``Gram`` matrix: under CKKS the key holder decrypts the Gram,
 the rule returns per-client coefficients, and the server forms the weighted homomorphic sum.
-In plaintext every pairwise distance comes from one (blocked, float64, centred) Gram matmul.
-Bulyan ends with a coordinate-wise step, so it needs coordinates (plaintext or buckets).
+In plaintext Krum and Multi-Krum decide from a float32 blocked Gram when its proven error bound
+cannot change the decision (``certified_order``), and from the float64 centred ``stable_gram``
+otherwise; identical updates always tie exactly (``tie_duplicates``).  ``krum_scores`` is the
+library's one Krum score (the Fang et al. attack on Krum uses it too).  Bulyan ends with a
+coordinate-wise step, so it needs coordinates (plaintext or buckets).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ with the block mean instead of another pass over the block.  Coordinate-wise rul
 transposed block row by row (``sorted_columns``): on CPU with numpy's vectorised sort of
 contiguous rows, which is several times faster than ``torch.sort`` along ``dim=0`` for the
 short columns (``n`` clients) these rules see; on other devices with ``torch.sort``.  The
-arithmetic after the sort is the same torch code on every device.
+arithmetic after the sort is the same torch code on every device.  ``float32_sq_distances``
+is the one kernel that stays in float32: it returns a rigorous entrywise error bound with its
+distances, and its callers use them only where the bound proves their decision.
 """
 
 from __future__ import annotations
