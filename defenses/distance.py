@@ -24,12 +24,15 @@ from securefml.defenses.budget import check_optional_f
 from securefml.defenses.coordinate import mean_around_median
 from securefml.defenses.linalg import (
     DEFAULT_CHUNK,
+    duplicate_representatives,
     float32_sq_distances,
+    gram_matrix,
+    medoid,
     mix,
+    remap_rows,
     row_norms,
-    sq_distances_from_gram,
+    sq_distances_with_bound,
     stable_gram,
-    tie_duplicates,
 )
 from securefml.defenses.mean import weighted_mean
 from securefml.errors import ConfigError
@@ -142,13 +145,38 @@ def certified_order(
     return scores, order
 
 
-def exact_enough_sq_distances(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """float64 squared distances from ``stable_gram``, identical updates given identical rows."""
+def exact_enough_sq_distances(
+    x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, f: int = 0, cuts: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """float64 squared distances from ``stable_gram``, identical updates given identical rows.
+
+    With ``cuts`` (a Krum decision, see ``certified_order``) the float64 error bound
+    (``sq_distances_with_bound``) is checked too: rows sharing a component far larger than
+    their distances (a Byzantine row that drags the mean, short of ``stable_gram``'s
+    ``1e3`` norm gap) lose those distances to cancellation, so when the bound does not
+    prove the decision the Gram is recomputed centred on the medoid row and the better
+    bounded of the two decides.
+    """
     g = stable_gram(x, chunk=chunk)
-    diag = torch.diagonal(g).clamp_min(0)
-    # what float64 rounding can leave of the zero distance between two copies
-    slack = 1e-9 * (diag[:, None] + diag[None, :]) + 1e-300
-    return tie_duplicates(sq_distances_from_gram(g), x, slack)
+    sq, err = _deduplicated(x, *sq_distances_with_bound(g, width=min(chunk, x.shape[1]), blocks=_blocks(x, chunk)))
+    if not cuts or certified_order(sq, err, f, cuts) is not None:
+        return sq
+    g2 = gram_matrix(x, center=x[medoid(sq)], chunk=chunk)
+    sq2, err2 = _deduplicated(x, *sq_distances_with_bound(g2, width=min(chunk, x.shape[1]), blocks=_blocks(x, chunk)))
+    if certified_order(sq2, err2, f, cuts) is not None or float(err2.sum()) < float(err.sum()):
+        return sq2
+    logger.debug("Krum decision not proven in float64 either: a near-tie at float64 precision")
+    return sq
+
+
+def _blocks(x: torch.Tensor, chunk: int) -> int:
+    return max(-(-x.shape[1] // chunk), 1)
+
+
+def _deduplicated(x: torch.Tensor, sq: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sq`` and its bound with identical updates given the first copy's rows (``tie_duplicates``)."""
+    idx = duplicate_representatives(sq, x, err)  # err bounds what rounding leaves of a zero distance
+    return (sq, err) if idx is None else (remap_rows(sq, idx), remap_rows(err, idx))
 
 
 def _check_krum(n: int, f: int, who: str) -> None:
@@ -262,13 +290,14 @@ class _GeometryRule(Defense):
         updates get identical rows either way (``tie_duplicates``), so ties between copies
         go by client id.
         """
+        cuts = self._cuts(updates.shape[0], f)
         fast = float32_sq_distances(updates)
         if fast is not None:
-            sq = tie_duplicates(fast[0], updates, fast[1])
-            if certified_order(sq, fast[1], f, self._cuts(updates.shape[0], f)) is not None:
+            sq, err = _deduplicated(updates, *fast)  # copies: the first copy's distances and bounds
+            if certified_order(sq, err, f, cuts) is not None:
                 return sq
             logger.debug("%s: float32 distances do not prove the decision; float64 Gram", type(self).__name__)
-        return exact_enough_sq_distances(updates, chunk=self.chunk)
+        return exact_enough_sq_distances(updates, chunk=self.chunk, f=f, cuts=cuts)
 
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]

@@ -41,7 +41,11 @@ __all__ = [
     "FAST_GRAM_CHUNK",
     "ieee_float32_matmul",
     "float32_sq_distances",
+    "sq_distances_with_bound",
+    "medoid",
     "tie_duplicates",
+    "duplicate_representatives",
+    "remap_rows",
 ]
 
 #: Columns per block: 65,536 columns x 100 rows x 8 bytes = 52 MB of float64 scratch.
@@ -139,12 +143,17 @@ def stable_gram(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, max_passes: int 
         return g
     previous = -1
     for _ in range(max_passes):
-        medoid = int(torch.argmin(sq_distances_from_gram(g).median(dim=1).values))
-        if medoid == previous:
+        mid = medoid(sq_distances_from_gram(g))
+        if mid == previous:
             break
-        previous = medoid
-        g = gram_matrix(x, center=x[medoid], chunk=chunk)
+        previous = mid
+        g = gram_matrix(x, center=x[mid], chunk=chunk)
     return g
+
+
+def medoid(sq: torch.Tensor) -> int:
+    """The row with the smallest median squared distance to the rows (an honest one when they are a majority)."""
+    return int(torch.argmin(sq.median(dim=1).values))
 
 
 #: Columns per float32 block of ``float32_sq_distances``: its error bound grows with the block
@@ -217,15 +226,53 @@ def float32_sq_distances(
         g += part
     if not bool(torch.isfinite(g).all()):
         return None
-    gamma = width * _UNIT_ROUNDOFF_32 / (1 - width * _UNIT_ROUNDOFF_32)
+    return sq_distances_with_bound(g, width=width, blocks=len(parts), unit_roundoff=_UNIT_ROUNDOFF_32)
+
+
+def sq_distances_with_bound(
+    g: torch.Tensor, *, width: int, blocks: int, unit_roundoff: float = _UNIT_ROUNDOFF_64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distances from a shifted Gram and an entrywise bound on their error.
+
+    ``g`` holds the inner products of the rows after one shift (any vector, rounded once
+    per entry, ``unit_roundoff`` ``u``), computed as dot products of length ``<= width``
+    in precision ``u`` and summed over ``blocks`` blocks in float64: the bound of
+    ``float32_sq_distances`` (which calls this with ``u = 2**-24``); ``stable_gram`` and
+    ``gram_matrix`` blocks are float64 (``u = 2**-53``, the default).
+    """
+    gamma = width * unit_roundoff / (1 - width * unit_roundoff)
     norms = (torch.diagonal(g).clamp_min(0) * (1 + 2 * gamma)).sqrt()
     s2 = (norms[:, None] + norms[None, :]).square()
     sq = sq_distances_from_gram(g)
-    err = 1.01 * (gamma + (len(parts) + 4) * _UNIT_ROUNDOFF_64) * s2
-    delta_sq = (1.01 * _UNIT_ROUNDOFF_32) ** 2 * s2
+    err = 1.01 * (gamma + (blocks + 4) * _UNIT_ROUNDOFF_64) * s2
+    delta_sq = (1.01 * unit_roundoff) ** 2 * s2
     err = err + 2 * (delta_sq * (sq + err)).sqrt() + delta_sq
     err.fill_diagonal_(0)
     return sq, err
+
+
+def duplicate_representatives(sq: torch.Tensor, x: torch.Tensor, slack: torch.Tensor) -> torch.Tensor | None:
+    """For each row the first row identical to it (itself if none); None when no two rows are equal.
+
+    Candidates are the pairs whose ``sq`` is within ``slack`` (``[n, n]``: what rounding can
+    leave of a zero distance); each is confirmed entrywise, a short prefix first so that a
+    candidate that differs costs almost nothing, and only while its second row is not yet
+    known to be a copy.
+    """
+    n = sq.shape[0]
+    if n < 2:
+        return None
+    pairs = (sq <= slack).triu(diagonal=1).nonzero().tolist()
+    rep = list(range(n))
+    for i, j in pairs:  # i < j in row-major order: the first copy becomes the representative
+        if rep[j] != j:
+            continue
+        r = rep[i]
+        if torch.equal(x[r, :64], x[j, :64]) and torch.equal(x[r], x[j]):
+            rep[j] = r
+    if all(r == k for k, r in enumerate(rep)):
+        return None
+    return torch.tensor(rep, dtype=torch.long, device=sq.device)
 
 
 def tie_duplicates(sq: torch.Tensor, x: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
@@ -233,28 +280,18 @@ def tie_duplicates(sq: torch.Tensor, x: torch.Tensor, slack: torch.Tensor) -> to
 
     Colluding clients often send one vector many times (ALIE, IPM).  Their exact distances
     to everyone are equal, so a rule that ranks them must see exact ties (then broken by
-    client id), but a Gram-derived ``sq`` rounds each copy's row differently.  Pairs whose
-    ``sq`` is within ``slack`` (``[n, n]``: what rounding can leave of a zero distance) are
-    compared entrywise; each copy then takes the row and column of the first copy, and
-    copies are at distance 0 from each other.  Costs one row comparison per candidate
-    pair whose second row is not yet known to be a copy.
+    client id), but a Gram-derived ``sq`` rounds each copy's row differently.  Each copy
+    takes the row and column of the first copy (``duplicate_representatives``); copies are
+    at distance 0 from each other.  A bound matrix that goes with ``sq`` must be remapped
+    the same way (``remap_rows``).
     """
-    n = sq.shape[0]
-    if n < 2:
-        return sq
-    pairs = (sq <= slack).triu(diagonal=1).nonzero().tolist()
-    if not pairs:
-        return sq
-    rep = list(range(n))
-    for i, j in pairs:  # i < j, in row-major order: the first copy becomes the representative
-        if rep[j] == j and rep[i] == i and torch.equal(x[i], x[j]):
-            rep[j] = i
-        elif rep[j] == j and rep[i] != i and torch.equal(x[rep[i]], x[j]):
-            rep[j] = rep[i]
-    if all(r == k for k, r in enumerate(rep)):
-        return sq
-    idx = torch.tensor(rep, dtype=torch.long, device=sq.device)
-    out = sq[idx][:, idx].clone()
+    idx = duplicate_representatives(sq, x, slack)
+    return sq if idx is None else remap_rows(sq, idx)
+
+
+def remap_rows(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``m[idx][:, idx]`` with a zero diagonal (a new matrix)."""
+    out = m[idx][:, idx].clone()
     out.fill_diagonal_(0)
     return out
 

@@ -218,3 +218,12 @@ def test_bulyan_still_selects_by_set_not_by_order():
     a = Bulyan(2)(x, client_ids=list(range(11)))
     b = Bulyan(2)(x[perm], client_ids=perm.tolist())
     assert sorted(a.info["selected"]) == sorted(b.info["selected"])
+
+
+def test_a_row_that_drags_the_mean_does_not_hide_the_honest_distances():
+    # found by the adversary above: honest rows 1e-3 apart around 1e3, one Byzantine row at
+    # ~1e6 (a norm gap below stable_gram's 1e3 trigger); the mean-centred float64 Gram loses
+    # the honest distances to cancellation, its bound says so, and the medoid-centred Gram decides
+    x = torch.tensor([[1000.0015], [999.9997], [999.9978], [1000.0005], [995000.0]])
+    assert Krum(1)(x).info["selected"] == (ref_rank(ref_scores(x, 1), list(range(5)))[0],) == (3,)
+    assert MultiKrum(1, m=2)(x).info["selected"] == (1, 3)
