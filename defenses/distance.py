@@ -157,20 +157,18 @@ def exact_enough_sq_distances(
     prove the decision the Gram is recomputed centred on the medoid row and the better
     bounded of the two decides.
     """
-    g = stable_gram(x, chunk=chunk)
-    sq, err = _deduplicated(x, *sq_distances_with_bound(g, width=min(chunk, x.shape[1]), blocks=_blocks(x, chunk)))
+    def bounded(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = max(-(-x.shape[1] // chunk), 1)
+        return _deduplicated(x, *sq_distances_with_bound(g, width=min(chunk, x.shape[1]), blocks=blocks))
+
+    sq, err = bounded(stable_gram(x, chunk=chunk))
     if not cuts or certified_order(sq, err, f, cuts) is not None:
         return sq
-    g2 = gram_matrix(x, center=x[medoid(sq)], chunk=chunk)
-    sq2, err2 = _deduplicated(x, *sq_distances_with_bound(g2, width=min(chunk, x.shape[1]), blocks=_blocks(x, chunk)))
+    sq2, err2 = bounded(gram_matrix(x, center=x[medoid(sq)], chunk=chunk))
     if certified_order(sq2, err2, f, cuts) is not None or float(err2.sum()) < float(err.sum()):
         return sq2
     logger.debug("Krum decision not proven in float64 either: a near-tie at float64 precision")
     return sq
-
-
-def _blocks(x: torch.Tensor, chunk: int) -> int:
-    return max(-(-x.shape[1] // chunk), 1)
 
 
 def _deduplicated(x: torch.Tensor, sq: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
