@@ -7,8 +7,10 @@ default where the paper's attack is the full-knowledge one) and read
 ``AttackContext.honest_updates``; with ``omniscient=False`` they estimate the honest statistics
 from the malicious clients' own genuine updates, the "partial knowledge" setting of the papers.
 
-The pure math (ALIE's z, the Min-Max / Min-Sum search, Krum's scores, Fang's bounds) lives in
-plain functions beside the classes that use them.
+The pure math (ALIE's z, the Min-Max / Min-Sum search, Fang's bounds) lives in plain
+functions beside the classes that use them; the attack on Krum simulates Krum with the
+library's one ``krum_scores`` (``securefml.defenses.distance``), so attack and defense cannot
+disagree on what Krum selects.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from statistics import NormalDist
 import torch
 
 from securefml.attacks.base import Attack, AttackContext
+from securefml.defenses.distance import krum_scores, nearest_sums
+from securefml.defenses.linalg import sq_distances_from_gram, stable_gram
 from securefml.errors import ConfigError
 
 __all__ = [
@@ -35,7 +39,6 @@ __all__ = [
     "Mimic",
     "alie_z",
     "benign_reference",
-    "krum_scores",
     "minmax_gamma",
     "perturbation_direction",
 ]
@@ -420,16 +423,6 @@ class MinSum(MinMax):
 # -- Fang et al. ----------------------------------------------------------------------------
 
 
-def krum_scores(x: torch.Tensor, f: int) -> torch.Tensor:
-    """Blanchard et al.'s Krum score: the sum of squared distances to the ``n - f - 2`` nearest
-    other rows (at least one neighbour)."""
-    n = x.shape[0]
-    d2 = torch.cdist(x.to(torch.float64), x.to(torch.float64)).pow(2)
-    d2.fill_diagonal_(float("inf"))
-    k = max(1, min(n - 1, n - f - 2))
-    return d2.topk(k, dim=1, largest=False).values.sum(1)
-
-
 class FangKrum(Attack):
     """Fang et al.'s full-knowledge attack on Krum.
 
@@ -460,10 +453,8 @@ class FangKrum(Attack):
         """The paper's bound on ``lambda`` (distances to the zero update play ``D(w_i, w_Re)``)."""
         b = benign.to(torch.float64)
         h, d = b.shape
-        d2 = torch.cdist(b, b)
-        d2.fill_diagonal_(float("inf"))
-        k = max(1, min(h - 1, n_total - c - 2))
-        nearest = d2.topk(k, dim=1, largest=False).values.sum(1).min()
+        dist = torch.cdist(b, b)  # the paper's D is the Euclidean distance, not its square
+        nearest = nearest_sums(dist, min(max(1, n_total - c - 2), h - 1)).min()
         denom = max(1, n_total - 2 * c - 1) * math.sqrt(d)
         return float(nearest / denom + b.norm(dim=1).max() / math.sqrt(d))
 
@@ -476,7 +467,8 @@ class FangKrum(Attack):
         chosen = self.threshold
         while lam >= self.threshold:
             crafted = _rows(-lam * s, m, torch.float64)
-            scores = krum_scores(torch.cat([crafted, benign]), context.n_malicious or m)
+            rows = torch.cat([crafted, benign])
+            scores = krum_scores(sq_distances_from_gram(stable_gram(rows)), context.n_malicious or m)
             if int(scores.argmin()) < m:
                 chosen = lam
                 break

@@ -22,7 +22,10 @@ Targets (issue 15): Mean <= 1.5x the floor; median, trimmed mean, Meamed, Bulyan
 centered clipping no slower than the faster ByzFL path; Krum and Multi-Krum no slower than
 ByzFL's torch path.  ``agreement_with_byzfl`` is the largest coordinate difference between the
 two outputs where both implement the same rule (Krum-based rules: ByzFL scores n - f - 1
-neighbours, the paper and securefml n - f - 2, so outputs may differ there).
+neighbours, the paper and securefml n - f - 2, so outputs may differ there).  Krum and
+Multi-Krum rows say which distances decided (``"distances"``): the float32 Gram when its
+error bound proves the decision, else the float64 ``stable_gram``; both Gram kernels are
+also timed alone (``stable_gram_s``, ``float32_sq_distances_s``).
 
 Usage: ``python benchmarks/defenses.py [--n 100] [--d 1000000] [--f 10] [--reps 5]
 [--threads T] [--all] [--byzfl-torch-coordinate] [--out benchmarks/json/defenses.json]``
@@ -41,7 +44,8 @@ import torch
 from peers import NOT_MEASURED, interleaved, load_byzfl, machine
 
 from securefml.defenses import detection_rates, make_defense
-from securefml.defenses.linalg import stable_gram
+from securefml.defenses.distance import certified_order
+from securefml.defenses.linalg import float32_sq_distances, stable_gram
 
 #: rules with a ByzFL counterpart; the rest are timed against the floor only (``--all``)
 CORE = ["mean", "median", "trimmedmean:f={f}", "meamed:f={f}", "cclip", "krum:f={f}", "multikrum:f={f}",
@@ -192,6 +196,11 @@ def main() -> None:
                 other = byzfl_candidates(peer[0], rule_name, x, xn, f)["byzfl_numpy"]()
                 diff = res.aggregate.double().cpu() - torch.as_tensor(np.asarray(other), dtype=torch.float64)
                 entry["agreement_with_byzfl"] = float(diff.abs().max())
+        if rule_name in ("krum", "multikrum") and x.dtype == torch.float32:
+            fast = float32_sq_distances(x)
+            cuts = (1, n - f) if rule_name == "krum" else (n - f,)
+            decided = fast is not None and certified_order(fast[0], fast[1], f, cuts) is not None
+            entry["distances"] = "float32 Gram, bound proves the decision" if decided else "float64 stable_gram"
         if rule_name == "mean":
             entry["target"] = "<= 1.5x float32 sum floor"
             entry["met"] = ours <= 1.5 * floor
@@ -202,8 +211,10 @@ def main() -> None:
             Path(args.out).write_text(json.dumps({**out, "partial": True}, indent=2) + "\n")
         print(json.dumps({spec: {k: entry[k] for k in ("seconds", "over_floor") if k in entry}}), flush=True)
     out["rules"] = rules
-    stable = interleaved({"stable_gram": lambda: stable_gram(x)}, args.reps, device=dev)
-    out["stable_gram_s"] = stable["stable_gram"]["median_s"]
+    kernels = {"stable_gram": lambda: stable_gram(x), "float32_sq_distances": lambda: float32_sq_distances(x)}
+    grams = interleaved(kernels, args.reps, device=dev)
+    out["stable_gram_s"] = grams["stable_gram"]["median_s"]
+    out["float32_sq_distances_s"] = grams["float32_sq_distances"]["median_s"]
     out["machine_after"] = machine()
     text = json.dumps(out, indent=2)
     if args.out:

@@ -3,12 +3,16 @@
 Krum, MultiKrum and NormBound need only the geometry of the updates (pairwise distances,
 norms), so they also run on a ``Gram`` matrix: under CKKS the key holder decrypts the Gram,
 the rule returns per-client coefficients, and the server forms the weighted homomorphic sum.
-In plaintext every pairwise distance comes from one (blocked, float64, centred) Gram matmul.
-Bulyan ends with a coordinate-wise step, so it needs coordinates (plaintext or buckets).
+In plaintext Krum and Multi-Krum decide from a float32 blocked Gram when its proven error bound
+cannot change the decision (``certified_order``), and from the float64 centred ``stable_gram``
+otherwise; identical updates always tie exactly (``tie_duplicates``).  ``krum_scores`` is the
+library's one Krum score (the Fang et al. attack on Krum uses it too).  Bulyan ends with a
+coordinate-wise step, so it needs coordinates (plaintext or buckets).
 """
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
@@ -18,16 +22,34 @@ import torch
 from securefml.defenses.base import AggregationResult, Defense, effective_f
 from securefml.defenses.budget import check_optional_f
 from securefml.defenses.coordinate import mean_around_median
-from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
+from securefml.defenses.linalg import (
+    DEFAULT_CHUNK,
+    duplicate_representatives,
+    float32_sq_distances,
+    gram_matrix,
+    medoid,
+    mix,
+    remap_rows,
+    row_norms,
+    sq_distances_with_bound,
+    stable_gram,
+)
+from securefml.defenses.mean import weighted_mean
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
 
 __all__ = [
+    "nearest_sums",
+    "krum_neighbours",
     "krum_scores",
+    "certified_order",
+    "exact_enough_sq_distances",
     "multikrum_select",
     "rank_by",
     "bulyan_select",
+    "selection_average",
+    "split_ids",
     "norm_bound_coefficients",
     "combine",
     "Krum",
@@ -35,6 +57,8 @@ __all__ = [
     "Bulyan",
     "NormBound",
 ]
+
+logger = logging.getLogger(__name__)
 
 _GEOMETRY = frozenset({Reveals.UPDATES, Reveals.GRAM, Reveals.BUCKETS})
 
@@ -44,22 +68,113 @@ def combine(coeffs: torch.Tensor, x: torch.Tensor, *, dtype: torch.dtype | None 
     return mix(coeffs[None, :], x, dtype=dtype)[0]
 
 
+def nearest_sums(sq_dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's sum of its ``k`` smallest off-diagonal entries (``0 <= k <= n - 1``).
+
+    The kernel behind every Krum score: one masked ``topk`` (a partial selection, not a
+    full sort) on the ``[n, n]`` matrix.  Monotone in every entry, which is what lets
+    ``certified_order`` bound it from entrywise bounds.
+    """
+    n = sq_dist.shape[0]
+    if not 0 <= k <= max(n - 1, 0):
+        raise ConfigError(f"cannot sum the {k} nearest of {n - 1} other rows")
+    if k == 0:
+        return torch.zeros(n, dtype=sq_dist.dtype, device=sq_dist.device)
+    others = sq_dist + torch.diag(torch.full((n,), float("inf"), dtype=sq_dist.dtype, device=sq_dist.device))
+    return others.topk(k, dim=1, largest=False).values.sum(dim=1)
+
+
+def krum_neighbours(n: int, f: int) -> int:
+    """How many nearest others a Krum score sums: ``n - f - 2`` (Blanchard et al.), within ``[1, n - 1]``.
+
+    Krum itself refuses ``n <= 2f + 2``; where ``n - f - 2 < 1`` (an attacker simulating
+    Krum on a small view, Bulyan's last picks) the score still uses the nearest other row,
+    so it keeps ranking rows by isolation instead of tying them all; one row scores 0.
+    """
+    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+        raise ConfigError(f"f (the Byzantine budget of a Krum score) must be a non-negative integer, got {f!r}")
+    return min(max(n - f - 2, 1), max(n - 1, 0))
+
+
 def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
-    """Krum score of each row: the sum of squared distances to its ``n - f - 2`` nearest others.
+    """Krum score of each row: the sum of squared distances to its ``krum_neighbours(n, f)`` nearest others.
+
+    The one Krum score of the library: Krum, Multi-Krum, Bulyan and the Fang et al. attack
+    on Krum all call it.
 
     Parameters
     ----------
     sq_dist:
         ``[n, n]`` squared pairwise distances (zero diagonal).
     f:
-        Byzantine budget; the caller checks ``n > 2f + 2``.
+        Byzantine budget (``ConfigError`` unless a non-negative integer).
+    """
+    if sq_dist.dim() != 2 or sq_dist.shape[0] != sq_dist.shape[1]:
+        raise ConfigError(f"Krum scores need a square matrix of squared distances, got shape {tuple(sq_dist.shape)}")
+    return nearest_sums(sq_dist, krum_neighbours(sq_dist.shape[0], f))
+
+
+def certified_order(
+    sq_dist: torch.Tensor, err: torch.Tensor, f: int, cuts: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Krum scores from approximate distances, and their order, when the bound proves the cuts.
+
+    ``err`` bounds ``|sq_dist - exact|`` entry by entry.  A Krum score is monotone in every
+    entry, so the exact score of row ``i`` lies in ``[lo_i, hi_i]``: the scores of
+    ``sq_dist - err`` (clamped at 0) and of ``sq_dist + err``.  A cut ``r`` (the first ``r``
+    rows of the order against the rest) is proven when every row before it has
+    ``hi < lo`` of every row after it; then the exact scores, and the float64 ones of the
+    straightforward path (whose error is far below ``err``), put the same rows before the
+    cut.  Returns ``(scores, order)`` (ascending scores, ties by position), or ``None``
+    when some cut is not proven (near-ties, exact ties): the caller then decides in float64.
     """
     n = sq_dist.shape[0]
-    k = min(max(n - f - 2, 0), n - 1)
-    if k == 0:
-        return torch.zeros(n, dtype=sq_dist.dtype, device=sq_dist.device)
-    others = sq_dist + torch.diag(torch.full((n,), float("inf"), dtype=sq_dist.dtype, device=sq_dist.device))
-    return others.topk(k, dim=1, largest=False).values.sum(dim=1)
+    k = krum_neighbours(n, f)
+    scores = nearest_sums(sq_dist, k)
+    order = torch.sort(scores, stable=True).indices
+    todo = [r for r in cuts if 0 < r < n]
+    if not todo:
+        return scores, order
+    lo = nearest_sums((sq_dist - err).clamp_min(0), k)[order]
+    hi = nearest_sums(sq_dist + err, k)[order]
+    head_max = torch.cummax(hi, dim=0).values
+    tail_min = torch.flip(torch.cummin(torch.flip(lo, [0]), dim=0).values, [0])
+    for r in todo:
+        if not bool(head_max[r - 1] < tail_min[r]):
+            return None
+    return scores, order
+
+
+def exact_enough_sq_distances(
+    x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, f: int = 0, cuts: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """float64 squared distances from ``stable_gram``, identical updates given identical rows.
+
+    With ``cuts`` (a Krum decision, see ``certified_order``) the float64 error bound
+    (``sq_distances_with_bound``) is checked too: rows sharing a component far larger than
+    their distances (a Byzantine row that drags the mean, short of ``stable_gram``'s
+    ``1e3`` norm gap) lose those distances to cancellation, so when the bound does not
+    prove the decision the Gram is recomputed centred on the medoid row and the better
+    bounded of the two decides.
+    """
+    def bounded(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = max(-(-x.shape[1] // chunk), 1)
+        return _deduplicated(x, *sq_distances_with_bound(g, width=min(chunk, x.shape[1]), blocks=blocks))
+
+    sq, err = bounded(stable_gram(x, chunk=chunk))
+    if not cuts or certified_order(sq, err, f, cuts) is not None:
+        return sq
+    sq2, err2 = bounded(gram_matrix(x, center=x[medoid(sq)], chunk=chunk))
+    if certified_order(sq2, err2, f, cuts) is not None or float(err2.sum()) < float(err.sum()):
+        return sq2
+    logger.debug("Krum decision not proven in float64 either: a near-tie at float64 precision")
+    return sq
+
+
+def _deduplicated(x: torch.Tensor, sq: torch.Tensor, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sq`` and its bound with identical updates given the first copy's rows (``tie_duplicates``)."""
+    idx = duplicate_representatives(sq, x, err)  # err bounds what rounding leaves of a zero distance
+    return (sq, err) if idx is None else (remap_rows(sq, idx), remap_rows(err, idx))
 
 
 def _check_krum(n: int, f: int, who: str) -> None:
@@ -101,11 +216,33 @@ def bulyan_select(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
         # then depends on row order.  Score against at least two others (all, if fewer) so
         # the selection stays a function of the set, not of its order.
         k = max(m - f - 2, min(2, m - 1))
-        scores = krum_scores(sq_dist[idx][:, idx], m - 2 - k)
+        scores = nearest_sums(sq_dist[idx][:, idx], k)
         pick = int(idx[int(torch.argmin(scores))])
         chosen.append(pick)
         remaining[pick] = False
     return torch.tensor(sorted(chosen), dtype=torch.long, device=sq_dist.device)
+
+
+def split_ids(sel: torch.Tensor, client_ids: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The client ids at positions ``sel`` and the others (the flagged ones), both in row order."""
+    chosen = set(sel.tolist())
+    return (
+        tuple(c for i, c in enumerate(client_ids) if i in chosen),
+        tuple(c for i, c in enumerate(client_ids) if i not in chosen),
+    )
+
+
+def selection_average(coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_i coeffs[i] x[i]`` for coefficients that are equal on a selection and 0 elsewhere.
+
+    One selected row is returned exactly (a copy); several are averaged by the Mean rule's
+    single ``gemv`` in x's dtype, with its error bound (``weighted_mean``: within
+    ``(m + 2) u sum_i |c_i x_i|`` per coordinate), instead of a float64 copy of the updates.
+    """
+    rows = coeffs.nonzero().flatten()
+    if rows.numel() == 1 and float(coeffs[rows[0]]) == 1.0:
+        return x[int(rows[0])].clone()
+    return weighted_mean(x, coeffs)[0]
 
 
 def norm_bound_coefficients(
@@ -137,12 +274,36 @@ class _GeometryRule(Defense):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], dict[str, Any]]:
         """Subclasses define this."""
 
+    @abstractmethod
+    def _cuts(self, n: int, f: int) -> tuple[int, ...]:
+        """Ranks at which the decision splits the Krum order (selected / flagged sets)."""
+
+    def sq_distances(self, updates: torch.Tensor, f: int) -> torch.Tensor:
+        """The squared distances the decision is taken on, the cheapest way that is exact enough.
+
+        float32 updates: one float32 blocked Gram (``float32_sq_distances``) with a proven
+        error bound; when ``certified_order`` shows that the bound cannot move a row across
+        any cut of this rule's decision, those distances decide (the exact ones would decide
+        the same).  Otherwise, and for other dtypes, the float64 ``stable_gram``.  Identical
+        updates get identical rows either way (``tie_duplicates``), so ties between copies
+        go by client id.
+        """
+        cuts = self._cuts(updates.shape[0], f)
+        fast = float32_sq_distances(updates)
+        if fast is not None:
+            sq, err = _deduplicated(updates, *fast)  # copies: the first copy's distances and bounds
+            if certified_order(sq, err, f, cuts) is not None:
+                return sq
+            logger.debug("%s: float32 distances do not prove the decision; float64 Gram", type(self).__name__)
+        return exact_enough_sq_distances(updates, chunk=self.chunk, f=f, cuts=cuts)
+
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
-        sq = sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
-        coeffs, scores, flagged, info = self._decide(sq, client_ids, effective_f(self.f, context, self))
-        agg = combine(coeffs, updates)
+        f = effective_f(self.f, context, self)
+        _check_krum(updates.shape[0], f, type(self).__name__)
+        coeffs, scores, flagged, info = self._decide(self.sq_distances(updates, f), client_ids, f)
+        agg = selection_average(coeffs, updates)
         return AggregationResult(agg, client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
 
     def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
@@ -173,6 +334,9 @@ class Krum(_GeometryRule):
 
     name = "krum"
     selects = 1
+
+    def _cuts(self, n: int, f: int) -> tuple[int, ...]:
+        return (1, n - f)  # the selected row; the f flagged rows
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
@@ -216,22 +380,26 @@ class MultiKrum(_GeometryRule):
         self.selects = m
 
     def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
-        f = effective_f(self.f, context, self)
-        m = n - f if self.m is None else min(self.m, n)
+        m = self._m(n, effective_f(self.f, context, self))
         return f"it averages m={m} of n={n} updates, i.e. all of them" if m >= n else None
+
+    def _m(self, n: int, f: int) -> int:
+        return n - f if self.m is None else min(self.m, n)
+
+    def _cuts(self, n: int, f: int) -> tuple[int, ...]:
+        return (self._m(n, f),)
 
     def _decide(
         self, sq_dist: torch.Tensor, client_ids: tuple[int, ...], f: int
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], dict[str, Any]]:
         n = sq_dist.shape[0]
         _check_krum(n, f, "MultiKrum")
-        m = n - f if self.m is None else min(self.m, n)
+        m = self._m(n, f)
         sel, scores = multikrum_select(sq_dist, f, m, client_ids)
         coeffs = torch.zeros(n, dtype=torch.float64, device=sq_dist.device)
         coeffs[sel] = 1.0 / m
-        chosen = set(sel.tolist())
-        flagged = tuple(client_ids[i] for i in range(n) if i not in chosen)
-        return coeffs, scores, flagged, {"selected": tuple(client_ids[i] for i in sorted(chosen)), "f": f, "m": m}
+        selected, flagged = split_ids(sel, client_ids)
+        return coeffs, scores, flagged, {"selected": selected, "f": f, "m": m}
 
 
 class Bulyan(Defense):
@@ -266,14 +434,10 @@ class Bulyan(Defense):
         n = updates.shape[0]
         if n < 4 * f + 3:
             raise ConfigError(f"Bulyan with f={f} needs n >= 4f + 3 clients, got n={n}")
-        sq = sq_distances_from_gram(stable_gram(updates, chunk=self.chunk))
-        sel = bulyan_select(sq, f)
+        sel = bulyan_select(exact_enough_sq_distances(updates, chunk=self.chunk), f)
         agg = mean_around_median(updates, n - 4 * f, rows=sel)
-        chosen = set(sel.tolist())
-        flagged = tuple(client_ids[i] for i in range(n) if i not in chosen)
-        return AggregationResult(
-            agg, client_ids, flagged=flagged, info={"selected": tuple(client_ids[i] for i in sorted(chosen)), "f": f}
-        )
+        selected, flagged = split_ids(sel, client_ids)
+        return AggregationResult(agg, client_ids, flagged=flagged, info={"selected": selected, "f": f})
 
 
 class NormBound(Defense):

@@ -11,7 +11,9 @@ with the block mean instead of another pass over the block.  Coordinate-wise rul
 transposed block row by row (``sorted_columns``): on CPU with numpy's vectorised sort of
 contiguous rows, which is several times faster than ``torch.sort`` along ``dim=0`` for the
 short columns (``n`` clients) these rules see; on other devices with ``torch.sort``.  The
-arithmetic after the sort is the same torch code on every device.
+arithmetic after the sort is the same torch code on every device.  ``float32_sq_distances``
+is the one kernel that stays in float32: it returns a rigorous entrywise error bound with its
+distances, and its callers use them only where the bound proves their decision.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ __all__ = [
     "map_blocks",
     "sorted_columns",
     "SORT_CHUNK",
+    "FAST_GRAM_CHUNK",
+    "ieee_float32_matmul",
+    "float32_sq_distances",
+    "sq_distances_with_bound",
+    "medoid",
+    "tie_duplicates",
+    "duplicate_representatives",
+    "remap_rows",
 ]
 
 #: Columns per block: 65,536 columns x 100 rows x 8 bytes = 52 MB of float64 scratch.
@@ -133,12 +143,157 @@ def stable_gram(x: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, max_passes: int 
         return g
     previous = -1
     for _ in range(max_passes):
-        medoid = int(torch.argmin(sq_distances_from_gram(g).median(dim=1).values))
-        if medoid == previous:
+        mid = medoid(sq_distances_from_gram(g))
+        if mid == previous:
             break
-        previous = medoid
-        g = gram_matrix(x, center=x[medoid], chunk=chunk)
+        previous = mid
+        g = gram_matrix(x, center=x[mid], chunk=chunk)
     return g
+
+
+def medoid(sq: torch.Tensor) -> int:
+    """The row with the smallest median squared distance to the rows (an honest one when they are a majority)."""
+    return int(torch.argmin(sq.median(dim=1).values))
+
+
+#: Columns per float32 block of ``float32_sq_distances``: its error bound grows with the block
+#: width (``gamma_b``), its speed drops below about a thousand columns per product.
+FAST_GRAM_CHUNK = 1 << 10
+
+_UNIT_ROUNDOFF_32 = 2.0**-24
+_UNIT_ROUNDOFF_64 = 2.0**-53
+
+
+def _unset_or_ieee(backend: object) -> bool:
+    return getattr(backend, "fp32_precision", "none") in ("none", "ieee")
+
+
+def ieee_float32_matmul(device: torch.device | str) -> bool:
+    """Whether float32 matrix products on ``device`` are IEEE single precision right now.
+
+    A user may let torch trade precision for speed (TF32 on CUDA, bfloat16 through oneDNN
+    on CPU, ``torch.set_float32_matmul_precision``); the error bound of
+    ``float32_sq_distances`` holds only for IEEE products, so it declines otherwise.
+    Devices other than CPU and CUDA are not vouched for.
+    """
+    kind = torch.device(device).type
+    if torch.get_float32_matmul_precision() != "highest" or not _unset_or_ieee(torch.backends):
+        return False
+    if kind == "cpu":
+        return _unset_or_ieee(getattr(torch.backends.mkldnn, "matmul", None))
+    if kind == "cuda":
+        return not torch.backends.cuda.matmul.allow_tf32 and _unset_or_ieee(torch.backends.cuda.matmul)
+    return False
+
+
+def float32_sq_distances(
+    x: torch.Tensor, *, chunk: int = FAST_GRAM_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Squared pairwise distances of float32 rows from float32 products, with a rigorous error bound.
+
+    Returns ``(sq, err)``, both ``[n, n]`` float64: ``|sq_ij - ||x_i - x_j||^2| <= err_ij``
+    for the exact (real-number) distances; or ``None`` when the bound cannot be given (x is
+    not float32, the products are not IEEE float32 (``ieee_float32_matmul``), or a square
+    overflowed).  Callers decide from ``sq`` only when ``err`` cannot change the decision,
+    and otherwise fall back on the float64 ``stable_gram`` (issue 15: a float32 product
+    costs a third of a float64 one and needs no float64 copy of the updates).
+
+    How: each block of ``b <= chunk`` columns is shifted by its float32 column mean
+    (``xc = fl(x - m)``, rounding error at most ``u |xc|`` per entry, ``u = 2**-24``), its
+    ``[n, n]`` Gram is one float32 product, and the blocks are summed in float64.  Any
+    summation order of a length-``b`` dot product is within ``gamma_b = b u / (1 - b u)``
+    of ``sum |a_k c_k|`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd
+    ed., section 3.1), and ``sum |a_k c_k| <= ||a|| ||c||`` over each block and over all
+    blocks (Cauchy-Schwarz), so with ``s_ij = ||xc_i|| + ||xc_j||`` the product error of
+    ``sq_ij = g_ii + g_jj - 2 g_ij`` is at most ``gamma_b s_ij^2`` plus the float64 sums;
+    the shift's rounding moves ``||xc_i - xc_j||`` by at most ``delta_ij = u s_ij``, hence
+    ``sq_ij`` by at most ``2 delta_ij sqrt(sq_ij + e) + delta_ij^2``.  Every term is
+    inflated by 1 % to cover the norms being themselves computed.
+    """
+    n, d = x.shape
+    if x.dtype != torch.float32 or not ieee_float32_matmul(x.device) or d == 0:
+        return None
+    width = min(int(chunk), d)
+
+    def block(s: slice) -> torch.Tensor:
+        xb = x[:, s]
+        xc = xb - xb.mean(dim=0)
+        return (xc @ xc.T).to(torch.float64)
+
+    g = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    parts = map_blocks(d, block, chunk=width, device=x.device)
+    for part in parts:
+        g += part
+    if not bool(torch.isfinite(g).all()):
+        return None
+    return sq_distances_with_bound(g, width=width, blocks=len(parts), unit_roundoff=_UNIT_ROUNDOFF_32)
+
+
+def sq_distances_with_bound(
+    g: torch.Tensor, *, width: int, blocks: int, unit_roundoff: float = _UNIT_ROUNDOFF_64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distances from a shifted Gram and an entrywise bound on their error.
+
+    ``g`` holds the inner products of the rows after one shift (any vector, rounded once
+    per entry, ``unit_roundoff`` ``u``), computed as dot products of length ``<= width``
+    in precision ``u`` and summed over ``blocks`` blocks in float64: the bound of
+    ``float32_sq_distances`` (which calls this with ``u = 2**-24``); ``stable_gram`` and
+    ``gram_matrix`` blocks are float64 (``u = 2**-53``, the default).
+    """
+    gamma = width * unit_roundoff / (1 - width * unit_roundoff)
+    norms = (torch.diagonal(g).clamp_min(0) * (1 + 2 * gamma)).sqrt()
+    s2 = (norms[:, None] + norms[None, :]).square()
+    sq = sq_distances_from_gram(g)
+    err = 1.01 * (gamma + (blocks + 4) * _UNIT_ROUNDOFF_64) * s2
+    delta_sq = (1.01 * unit_roundoff) ** 2 * s2
+    err = err + 2 * (delta_sq * (sq + err)).sqrt() + delta_sq
+    err.fill_diagonal_(0)
+    return sq, err
+
+
+def duplicate_representatives(sq: torch.Tensor, x: torch.Tensor, slack: torch.Tensor) -> torch.Tensor | None:
+    """For each row the first row identical to it (itself if none); None when no two rows are equal.
+
+    Candidates are the pairs whose ``sq`` is within ``slack`` (``[n, n]``: what rounding can
+    leave of a zero distance); each is confirmed entrywise, a short prefix first so that a
+    candidate that differs costs almost nothing, and only while its second row is not yet
+    known to be a copy.
+    """
+    n = sq.shape[0]
+    if n < 2:
+        return None
+    pairs = (sq <= slack).triu(diagonal=1).nonzero().tolist()
+    rep = list(range(n))
+    for i, j in pairs:  # i < j in row-major order: the first copy becomes the representative
+        if rep[j] != j:
+            continue
+        r = rep[i]
+        if torch.equal(x[r, :64], x[j, :64]) and torch.equal(x[r], x[j]):
+            rep[j] = r
+    if all(r == k for k, r in enumerate(rep)):
+        return None
+    return torch.tensor(rep, dtype=torch.long, device=sq.device)
+
+
+def tie_duplicates(sq: torch.Tensor, x: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """``sq`` with identical updates given bitwise identical distance rows (a new matrix).
+
+    Colluding clients often send one vector many times (ALIE, IPM).  Their exact distances
+    to everyone are equal, so a rule that ranks them must see exact ties (then broken by
+    client id), but a Gram-derived ``sq`` rounds each copy's row differently.  Each copy
+    takes the row and column of the first copy (``duplicate_representatives``); copies are
+    at distance 0 from each other.  A bound matrix that goes with ``sq`` must be remapped
+    the same way (``remap_rows``).
+    """
+    idx = duplicate_representatives(sq, x, slack)
+    return sq if idx is None else remap_rows(sq, idx)
+
+
+def remap_rows(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``m[idx][:, idx]`` with a zero diagonal (a new matrix)."""
+    out = m[idx][:, idx].clone()
+    out.fill_diagonal_(0)
+    return out
 
 
 def sq_distances_from_gram(g: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from securefml.defenses import Bulyan, CenteredClipping, CoordinateMedian, Meamed, Mean, TrimmedMean, linalg
 from securefml.defenses.coordinate import coordinate_median, meamed, mean_around_median, trimmed_mean
-from securefml.defenses.geometric import centered_clipping_step
+from securefml.defenses.geometric import center_distances, centered_clipping_step
 from securefml.defenses.linalg import gram_matrix, row_norms, sorted_columns, sq_distances_from_gram, stable_gram
 from securefml.defenses.mean import MEAN_ERROR_FACTOR, weighted_mean
 
@@ -158,17 +158,50 @@ def test_gram_kernels_equal_pairwise_reference(x, center):
     torch.testing.assert_close(row_norms(x, chunk=6), x64.norm(dim=1), rtol=1e-12, atol=0.0)
 
 
-@SETTINGS
-@given(x=matrices(min_rows=1, max_rows=9), tau=st.floats(0.1, 1e3), data=st.data())
-def test_centered_clipping_step_equals_reference(x, tau, data):
-    d = x.shape[1]
-    center = torch.tensor(data.draw(st.lists(st.floats(-10, 10), min_size=d, max_size=d)), dtype=torch.float64)
+def _cclip_reference(x: torch.Tensor, center: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step in float64, row by row as the paper writes it; and sum_i c_i |u_i - v| per coordinate."""
     diff = x.double() - center
-    norms = diff.norm(dim=1)
-    clipped = diff * torch.clamp(tau / norms.clamp_min(1e-300), max=1.0)[:, None]
-    want = center + clipped.mean(0)
-    got = centered_clipping_step(x, center, tau, chunk=5)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * (1 + float(x.abs().max())))
+    c = torch.clamp(tau / diff.norm(dim=1).clamp_min(1e-300), max=1.0) / x.shape[0]
+    return center + (c[:, None] * diff).sum(0), (c[:, None] * diff.abs()).sum(0)
+
+
+@SETTINGS
+@given(x=matrices(min_rows=1, max_rows=9), tau=st.floats(0.1, 1e3), chunk=st.sampled_from([5, 4096]),
+       scale=st.sampled_from([1.0, 1e-20, 1e30]), data=st.data())
+def test_centered_clipping_step_is_within_its_bound(x, tau, chunk, scale, data):
+    """``|fast - exact| <= ((n + 3) u + 1.01 gamma_b) sum_i c_i |u_ij - v_j|`` (+ underflow)."""
+    n, d = x.shape
+    x = x * scale
+    center = scale * torch.tensor(data.draw(st.lists(st.floats(-10, 10), min_size=d, max_size=d)),
+                                  dtype=torch.float64)
+    tau = tau * scale
+    want, moved = _cclip_reference(x, center, tau)
+    got = centered_clipping_step(x, center, tau, chunk=chunk)
+    u = 2.0**-24
+    gamma = min(chunk, d) * u / (1 - min(chunk, d) * u)
+    bound = ((n + 3) * u + 1.01 * gamma) * moved + n * 2.0**-149 + 1e-12 * (center.abs() + moved)
+    assert bool(((got - want).abs() <= bound).all())
+    dist = center_distances(x, center, chunk=chunk)
+    ref = (x.double() - center).norm(dim=1)
+    assert bool(((dist - ref).abs() <= (gamma + 2 * u) * ref + 1e-300).all())
+    # float64 rows: the same code in float64, within the float64 bound
+    got64 = centered_clipping_step(x.double(), center, tau, chunk=chunk)
+    torch.testing.assert_close(got64, want, rtol=1e-9, atol=1e-9 * float(moved.max() + center.abs().max()) + 1e-300)
+
+
+def test_centered_clipping_overflow_and_tiny_coefficients_take_the_float64_path():
+    big = torch.tensor([[3e38, -3e38, 1.0], [1.0, 2.0, 3.0], [-3e38, 3e38, 0.0]])
+    center = torch.tensor([-3e38, 3e38, 0.0], dtype=torch.float64)  # differences overflow float32
+    want, _ = _cclip_reference(big, center, 1.0)
+    got = centered_clipping_step(big, center, 1.0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    tiny = torch.tensor([[1e-30, 0.0], [0.0, 1e-30], [1e30, 1e30]])  # c_3 below float32's normal range
+    zero = torch.zeros(2, dtype=torch.float64)
+    want, _ = _cclip_reference(tiny, zero, 1e-35)
+    torch.testing.assert_close(centered_clipping_step(tiny, zero, 1e-35), want, rtol=1e-12, atol=0.0)
+    outside = torch.full((2,), 1e39, dtype=torch.float64)  # a center float32 cannot hold
+    want, _ = _cclip_reference(tiny, outside, 1.0)
+    torch.testing.assert_close(centered_clipping_step(tiny, outside, 1.0), want, rtol=1e-12, atol=0.0)
 
 
 @SETTINGS
