@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from securefml.errors import InvalidUpdateError, MalformedMessageError, ProtocolError, SecureFMLError
@@ -50,14 +51,14 @@ from securefml.flower.records import (
     read_vector,
     write_stage,
 )
-from securefml.flower.strategy import HELLO_KEY
+from securefml.flower.strategy import HELLO_ACTION, HELLO_KEY
 from securefml.protocols.base import AggregationProtocol
 from securefml.protocols.halves import ClientHalf
 from securefml.rounds import ClientUpdate, check_finite
 from securefml.selection import AllLayers, LayerSelector
 from securefml.updates import LayerLayout
 
-__all__ = ["securefml_mod", "UploadPolicy", "ERROR_CODE", "partition_client_id", "forget_halves"]
+__all__ = ["securefml_mod", "add_hello", "UploadPolicy", "ERROR_CODE", "partition_client_id", "forget_halves"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,20 @@ def forget_halves() -> None:
     _HALVES.clear()
 
 
+def add_hello(app: ClientApp, *, client_id: Callable[[Context], int] = partition_client_id) -> ClientApp:
+    """Register the ``query.securefml_hello`` handler: the node tells the strategy its client id.
+
+    Flower routes a message only to a registered function, so the strategy's one-time question
+    needs its own handler; ``securefml_mod`` answers the protocol stages of ``train``.
+    """
+
+    @app.query(HELLO_ACTION)
+    def hello(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({HELLO_KEY: ConfigRecord({"client": int(client_id(context))})}), reply_to=msg)
+
+    return app
+
+
 def securefml_mod(
     protocol: AggregationProtocol,
     layout: LayerLayout,
@@ -128,7 +143,7 @@ def securefml_mod(
     Returns
     -------
     Mod
-        Register it app-wide: ``ClientApp(mods=[securefml_mod(...)])``.
+        Register it app-wide, ``ClientApp(mods=[securefml_mod(...)])``, and call ``add_hello(app)``.
     """
     pol = policy or UploadPolicy()
     selector = pol.selector or AllLayers()
@@ -136,8 +151,6 @@ def securefml_mod(
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         content = msg.content if msg.has_content() else RecordDict()
         me = client_id(context)
-        if HELLO_KEY in content.config_records:
-            return Message(RecordDict({HELLO_KEY: ConfigRecord({"client": int(me)})}), reply_to=msg)
         if PROTOCOL_KEY not in content.config_records:
             return call_next(msg, context)
         try:

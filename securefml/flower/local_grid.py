@@ -13,7 +13,8 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import DEFAULT_TTL, Context, Message, Metadata, RecordDict
+from flwr.app.message.message import make_message
 from flwr.clientapp import ClientApp
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
@@ -68,10 +69,10 @@ class LocalGrid(Grid):
     def create_message(
         self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
     ) -> Message:
-        msg = Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-        msg.metadata.run_id = self._run.run_id
-        msg.metadata.src_node_id = SUPERLINK
-        return msg
+        meta = Metadata(run_id=self._run.run_id, message_id="", src_node_id=SUPERLINK, dst_node_id=dst_node_id,
+                        reply_to_message_id="", group_id=group_id, created_at=time.time(), ttl=ttl or DEFAULT_TTL,
+                        message_type=message_type, src_task_id=0, dst_task_id=0)
+        return make_message(meta, content)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.apps)
@@ -80,14 +81,14 @@ class LocalGrid(Grid):
         ids = []
         for msg in messages:
             mid = f"m{next(self._ids)}"
-            msg.metadata.message_id = mid
+            msg.metadata.__dict__["_message_id"] = mid  # what the SuperLink assigns on push
             msg.metadata.created_at = time.time()
             ids.append(mid)
             node = msg.metadata.dst_node_id
             if node not in self.apps or (self.offline is not None and self.offline(node, msg)):
                 continue
             reply = self.apps[node](msg, self.contexts[node])
-            reply.metadata.message_id = f"r{mid}"
+            reply.metadata.__dict__["_message_id"] = f"r{mid}"
             self._replies[mid] = reply
         return ids
 

@@ -63,11 +63,12 @@ from securefml.reveals import Reveals
 from securefml.rounds import RoundOutput, Transport
 from securefml.updates import LayerLayout
 
-__all__ = ["SecureStrategy", "StrategyConfig", "FlowerRound", "HELLO_KEY", "EVAL_KEY"]
+__all__ = ["SecureStrategy", "StrategyConfig", "FlowerRound", "HELLO_KEY", "HELLO_ACTION", "EVAL_KEY"]
 
 log = logging.getLogger(__name__)
 
 HELLO_KEY = "securefml.hello"
+HELLO_ACTION = "securefml_hello"
 EVAL_KEY = "securefml.eval"
 
 #: ``cohort_fn(round_idx, client_ids) -> cohort``: which announced clients take part in a round.
@@ -295,7 +296,8 @@ class SecureStrategy(Strategy):
         new = [n for n in nodes if n not in self._clients]
         if not new:
             return
-        hello = [grid.create_message(RecordDict({HELLO_KEY: ConfigRecord({"ask": 1})}), MessageType.QUERY, n, "hello")
+        hello = [grid.create_message(RecordDict({HELLO_KEY: ConfigRecord({"ask": 1})}), f"{MessageType.QUERY}.{HELLO_ACTION}", n,
+                                 "hello")
                  for n in new]
         for msg in grid.send_and_receive(hello, timeout=self.config.timeout):
             if msg.has_error() or HELLO_KEY not in msg.content.config_records:
