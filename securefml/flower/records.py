@@ -26,6 +26,7 @@ __all__ = [
     "GLOBAL_KEY",
     "UPDATE_KEY",
     "METRICS_KEY",
+    "ROUND_KEY",
     "StageRecord",
     "write_stage",
     "read_stage",
@@ -37,6 +38,8 @@ PROTOCOL_KEY = "securefml"
 GLOBAL_KEY = "securefml.global"
 UPDATE_KEY = "securefml.update"
 METRICS_KEY = "securefml.metrics"
+#: The strategy's public facts of the round (round index, cohort size), sent with the first stage.
+ROUND_KEY = "securefml.round"
 _VECTOR = "vector"
 
 

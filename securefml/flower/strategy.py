@@ -49,7 +49,7 @@ from securefml.errors import ConfigError, InvalidUpdateError, ProtocolAbort, Pro
 from securefml.flower.optimizer import ServerOptimizer
 from securefml.flower.records import (
     GLOBAL_KEY,
-    METRICS_KEY,
+    ROUND_KEY,
     StageRecord,
     metrics_of,
     read_stage,
@@ -349,6 +349,7 @@ class SecureStrategy(Strategy):
             content = write_stage(RecordDict(), StageRecord(opened.stage, rnd.round_idx, party, payload))
             if first:
                 write_vector(content, GLOBAL_KEY, self.model.vector)
+                content[ROUND_KEY] = ConfigRecord({"round": rnd.round_idx, "cohort_size": len(rnd.cohort)})
             rnd.bytes_down += len(payload)
             rnd.waiting.add(party)
             out.append(self._grid.create_message(content, MessageType.TRAIN, node, f"round-{rnd.round_idx}"))
