@@ -22,12 +22,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
@@ -41,7 +42,7 @@ from securefml.flower.strategy import SecureStrategy, StrategyConfig
 from securefml.protocols.base import AggregationProtocol
 from securefml.rounds import Transport
 
-__all__ = ["run", "backend_config"]
+__all__ = ["run", "prepare", "FlowerRun", "backend_config"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,108 @@ def _check_supported(config: RunConfig, defense: Defense) -> None:
         raise ConfigError(f"defense {config.defense!r} needs the server's reference update, not wired to Flower yet")
     if getattr(config, "engine", "flower") not in ("flower", "inprocess"):
         raise ConfigError(f"unknown engine {config.engine!r}")
+
+
+@dataclass
+class FlowerRun:
+    """A prepared Flower run: the strategy, the ClientApp, how many SuperNodes, and the result builder."""
+
+    strategy: SecureStrategy
+    client_app: ClientApp
+    num_supernodes: int
+    node_config: dict[int, dict[str, int]]
+    initial: torch.Tensor
+    finish: Callable[[float], RunResult]
+
+    def initial_as_arrays(self) -> ArrayRecord:
+        """The initial global vector as the ``ArrayRecord`` Flower's ``Strategy.start`` takes."""
+        return write_vector(RecordDict(), GLOBAL_KEY, self.initial).array_records[GLOBAL_KEY]
+
+    def server_app(self, rounds: int, timeout: float) -> ServerApp:
+        """The ServerApp that runs ``strategy`` for ``rounds`` rounds."""
+        app = ServerApp()
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            self.strategy.start(grid=grid, initial_arrays=self.initial_as_arrays(), num_rounds=rounds, timeout=timeout)
+
+        return app
+
+
+def prepare(
+    config: RunConfig,
+    *,
+    protocol: AggregationProtocol | None = None,
+    defense: Defense | None = None,
+    attack: Attack | None = None,
+    transport: Transport | None = None,
+    timeout: float = 600.0,
+) -> FlowerRun:
+    """Build everything ``run`` runs (also driven by ``LocalGrid`` in fast tests); see ``run``."""
+    resolve_device(config.device)
+    defense = defense if defense is not None else make_defense(config.defense)
+    _check_supported(config, defense)
+    options = tuple(sorted(config.dataset_options.items()))
+    data = MetaNode(MetaAppConfig(dataset=config.dataset, dataset_options=options, seed=config.seed,
+                                  algorithm=config.algorithm, device=config.device)).data
+    hp = config.resolved(data.kind)
+    n_train = len(data.train)
+    if config.clients_per_round > n_train:
+        raise ConfigError(f"clients_per_round={config.clients_per_round} but dataset {config.dataset!r} has only "
+                          f"{n_train} training clients")
+    gen = torch.Generator().manual_seed(config.seed)  # consumed in run_experiment's order
+    n_mal = int(round(config.malicious * n_train))
+    mal_ids = tuple(sorted(data.train[i].client_id for i in torch.randperm(n_train, generator=gen)[:n_mal].tolist()))
+    app_cfg = MetaAppConfig(
+        dataset=config.dataset, dataset_options=options, seed=config.seed,
+        algorithm=config.algorithm, inner_steps=int(hp["inner_steps"]), inner_lr=float(hp["inner_lr"]),
+        outer_lr=float(hp["outer_lr"]), outer_steps=int(hp["outer_steps"]), finetune_steps=int(hp["finetune_steps"]),
+        hidden=config.hidden, attack=config.attack if n_mal else "none", malicious=mal_ids, device=config.device,
+    )
+    node = MetaNode(app_cfg, attack if n_mal else None)
+    proto = protocol if protocol is not None else _build_protocol(config.protocol, config.seed)
+    proto.check_defense(defense)
+    per_round = config.clients_per_round
+    train_ids = [t.client_id for t in data.train]
+    heldout_ids = [t.client_id for t in data.heldout]
+    budget = byzantine_budget(n_mal / n_train, per_round, population=n_train) if n_train else 0
+    probe_task = data.heldout[0] if data.heldout else data.train[0]
+    stimulus = probe_task.support_x[:32].to(node.device)
+    layout = node.layout
+    top = max(float(t.support_x.shape[0]) for t in data.train)
+    max_weight = 2.0 ** math.ceil(math.log2(top)) if top > 0 else 1.0
+
+    def cohort_fn(round_idx: int, _announced: Sequence[int]) -> list[int]:
+        return sorted(train_ids[i] for i in torch.randperm(n_train, generator=gen)[:per_round].tolist())
+
+    def context_fn(round_idx: int, vector: torch.Tensor) -> dict[str, Any]:
+        def forward(v: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return node.learner.forward(layout.unflatten(v.to(node.device)), stimulus)
+
+        return {"forward": forward, BYZANTINE_KEY: budget, "generator": gen, "layers": tuple(layout.layer_names)}
+
+    def evaluate_fn(round_idx: int, _announced: Sequence[int]) -> list[int]:
+        return list(heldout_ids) if round_idx == config.rounds - 1 else []
+
+    initial = layout.flatten(node.learner.init_params(node.device)).detach().cpu()
+    nodes = n_train + len(heldout_ids)
+    strategy = SecureStrategy(
+        proto, defense, layout, initial,
+        config=StrategyConfig(clients_per_round=per_round, min_nodes=nodes, server_opt=str(hp["server_opt"]),
+                              server_lr=float(hp["server_lr"]), timeout=timeout, max_weight=max_weight,
+                              seed=config.seed),
+        cohort_fn=cohort_fn, context_fn=context_fn, transport=transport, evaluate_fn=evaluate_fn,
+    )
+    client_app = meta_client_app(app_cfg, proto, attack=attack if n_mal else None)
+
+    def finish(wall: float) -> RunResult:
+        if len(strategy.history) != config.rounds:
+            raise ConfigError(f"the Flower run finished {len(strategy.history)} of {config.rounds} rounds "
+                              "(see Flower's log for why)")
+        return _result(config, hp, strategy, heldout_ids, mal_ids, app_cfg.finetune_steps, data.kind, wall)
+
+    return FlowerRun(strategy, client_app, nodes, {p: {"partition-id": p} for p in range(nodes)}, initial, finish)
 
 
 def run(
@@ -100,75 +203,10 @@ def run(
         cohort larger than the training clients; before anything starts.
     """
     started = time.perf_counter()
-    resolve_device(config.device)
-    defense = defense if defense is not None else make_defense(config.defense)
-    _check_supported(config, defense)
-    meta_probe = MetaAppConfig(dataset=config.dataset, dataset_options=tuple(sorted(config.dataset_options.items())),
-                               seed=config.seed, algorithm=config.algorithm, device=config.device)
-    data = MetaNode(meta_probe).data
-    hp = config.resolved(data.kind)
-    n_train = len(data.train)
-    if config.clients_per_round > n_train:
-        raise ConfigError(f"clients_per_round={config.clients_per_round} but dataset {config.dataset!r} has only "
-                          f"{n_train} training clients")
-    gen = torch.Generator().manual_seed(config.seed)
-    n_mal = int(round(config.malicious * n_train))
-    mal_ids = tuple(sorted(data.train[i].client_id for i in torch.randperm(n_train, generator=gen)[:n_mal].tolist()))
-    app_cfg = MetaAppConfig(
-        dataset=config.dataset, dataset_options=tuple(sorted(config.dataset_options.items())), seed=config.seed,
-        algorithm=config.algorithm, inner_steps=int(hp["inner_steps"]), inner_lr=float(hp["inner_lr"]),
-        outer_lr=float(hp["outer_lr"]), outer_steps=int(hp["outer_steps"]), finetune_steps=int(hp["finetune_steps"]),
-        hidden=config.hidden, attack=config.attack if n_mal else "none", malicious=mal_ids, device=config.device,
-    )
-    node = MetaNode(app_cfg, attack if n_mal else None)
-    proto = protocol if protocol is not None else _build_protocol(config.protocol, config.seed)
-    proto.check_defense(defense)
-    per_round = config.clients_per_round
-    train_ids = [t.client_id for t in data.train]
-    heldout_ids = [t.client_id for t in data.heldout]
-    budget = byzantine_budget(n_mal / n_train, per_round, population=n_train) if n_train else 0
-    probe_task = data.heldout[0] if data.heldout else data.train[0]
-    stimulus = probe_task.support_x[:32].to(node.device)
-    layout = node.layout
-    top = max(float(t.support_x.shape[0]) for t in data.train)
-    max_weight = 2.0 ** math.ceil(math.log2(top)) if top > 0 else 1.0
-
-    def cohort_fn(round_idx: int, _announced: Sequence[int]) -> list[int]:
-        return sorted(train_ids[i] for i in torch.randperm(n_train, generator=gen)[:per_round].tolist())
-
-    def context_fn(round_idx: int, vector: torch.Tensor) -> dict[str, Any]:
-        def forward(v: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return node.learner.forward(layout.unflatten(v.to(node.device)), stimulus)
-
-        return {"forward": forward, BYZANTINE_KEY: budget, "generator": gen, "layers": tuple(layout.layer_names)}
-
-    def evaluate_fn(round_idx: int, _announced: Sequence[int]) -> list[int]:
-        return list(heldout_ids) if round_idx == config.rounds - 1 else []
-
-    initial = layout.flatten(node.learner.init_params(node.device)).detach().cpu()
-    strategy = SecureStrategy(
-        proto, defense, layout, initial,
-        config=StrategyConfig(clients_per_round=per_round, min_nodes=n_train + len(heldout_ids),
-                              server_opt=str(hp["server_opt"]), server_lr=float(hp["server_lr"]), timeout=timeout,
-                              max_weight=max_weight, seed=config.seed),
-        cohort_fn=cohort_fn, context_fn=context_fn, transport=transport, evaluate_fn=evaluate_fn,
-    )
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        arrays = write_vector(RecordDict(), GLOBAL_KEY, initial).array_records[GLOBAL_KEY]
-        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=config.rounds, timeout=timeout)
-
-    client_app = meta_client_app(app_cfg, proto, attack=attack if n_mal else None)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_train + len(heldout_ids),
-                   backend_config=dict(backend or backend_config()))
-    if len(strategy.history) != config.rounds:
-        raise ConfigError(f"the Flower run finished {len(strategy.history)} of {config.rounds} rounds "
-                          "(see Flower's log above for why)")
-    return _result(config, hp, strategy, heldout_ids, mal_ids, app_cfg.finetune_steps, data.kind,
-                   time.perf_counter() - started)
+    prepared = prepare(config, protocol=protocol, defense=defense, attack=attack, transport=transport, timeout=timeout)
+    run_simulation(server_app=prepared.server_app(config.rounds, timeout), client_app=prepared.client_app,
+                   num_supernodes=prepared.num_supernodes, backend_config=dict(backend or backend_config()))
+    return prepared.finish(time.perf_counter() - started)
 
 
 def _report(per_client: Mapping[int, Mapping[str, float]], ids: Sequence[int], prefix: str, metric: str,
