@@ -102,6 +102,19 @@ def forget_halves() -> None:
     _HALVES.clear()
 
 
+# The mod below reaches the registry only through these module-level functions: Flower's Ray
+# backend ships the ClientApp to its actor with cloudpickle on every message, which copies the
+# globals a nested function names directly, but re-imports a module-level function by name.
+def _get_half(key: tuple[int, int, int]) -> ClientHalf | None:
+    return _HALVES.get(key)
+
+
+def _put_half(key: tuple[int, int, int], half: ClientHalf) -> None:
+    for old in [k for k in _HALVES if k[:2] == key[:2] and k[2] < key[2]]:  # earlier rounds of this node
+        del _HALVES[old]
+    _HALVES[key] = half
+
+
 def add_hello(app: ClientApp, *, client_id: Callable[[Context], int] = partition_client_id) -> ClientApp:
     """Register the ``query.securefml_hello`` handler: the node tells the strategy its client id.
 
@@ -164,18 +177,16 @@ def securefml_mod(
         key = (msg.metadata.run_id, msg.metadata.dst_node_id, rec.round_idx)
         shared: dict[str, float] = {}
         if rec.party != me:
-            half = _HALVES.get(key)
+            half = _get_half(key)
             if half is None and services is not None:
                 half = services(rec.round_idx, rec.party)
                 if half is not None:
-                    _HALVES[key] = half
+                    _put_half(key, half)
             if half is None or half.party != rec.party:
                 raise ProtocolError(f"message addressed to party {rec.party}, this node is {me}", sender=None)
         elif GLOBAL_KEY in msg.content.array_records:  # the first stage: train, then build the half
-            if key in _HALVES:
+            if _get_half(key) is not None:
                 raise ProtocolError(f"round {rec.round_idx} started twice", sender=None)
-            for old in [k for k in _HALVES if k[:2] == key[:2] and k[2] < rec.round_idx]:
-                del _HALVES[old]
             reply = call_next(msg, context)
             if reply.has_error():
                 return reply
@@ -183,9 +194,9 @@ def securefml_mod(
             update, metrics = _update_from(reply, me, layout, selector, pol, received)
             shared = {k: v for k, v in metrics.items() if k in pol.share_metrics}
             half = protocol.client_half(rec.round_idx, layout, update)
-            _HALVES[key] = half
+            _put_half(key, half)
         else:
-            half = _HALVES.get(key)
+            half = _get_half(key)
             if half is None:
                 raise ProtocolError(f"stage {rec.stage!r} of round {rec.round_idx} without this node's half "
                                     "(the ClientApp process did not keep it)", sender=None)

@@ -108,7 +108,7 @@ def test_ckks_multikrum_on_the_encrypted_gram_over_flower() -> None:  # pragma: 
 def test_run_simulation_secagg_buckets_and_plaintext_match_in_process() -> None:
     """Must show: >= 10 SuperNodes, 3 rounds, 20% malicious, one dropout per round, through run_simulation."""
     for spec, proto, defense, stage in (("secagg:buckets=3", SecAggHalves(buckets=3), "median", "masked"),
-                                        ("plaintext", None, "trimmed-mean", "update")):
+                                        ("plaintext", None, "trimmedmean", "update")):
         cfg = _config(spec, defense)
         victim = _honest_victim(cfg)
         forget_halves()
