@@ -3,8 +3,9 @@
 Both peers run through ``flwr.simulation.run_simulation`` (Flower 1.42's simulation runtime,
 Ray) in this one process, on the same machine, with the same cohort (every SuperNode, each
 returning a fixed random float32 vector of ``L`` entries as its update), the same number of
-neighbours ``k`` and threshold ``t`` (Flower's ``num_shares`` is ``k + 1``: it counts the share
-a client keeps), no dropouts.  Per-round wall time is taken inside the ServerApp (securefml:
+neighbours and threshold ``t`` (Flower's ring needs an odd ``num_shares``, one of them kept by
+the client: ``num_shares = k`` for odd ``k``, so Flower masks with ``k - 1`` neighbours, one
+fewer than securefml; both are recorded), no dropouts.  Per-round wall time is taken inside the ServerApp (securefml:
 ``SecureStrategy`` from ``configure_train`` to the end of ``aggregate_train``; Flower: one call
 of ``SecAggPlusWorkflow``), so Ray's start-up is outside both.  Bytes per client are the
 record bytes of the replies that reach the ServerApp (config-record values plus array data),
@@ -125,7 +126,8 @@ def run_securefml(n: int, length: int, rounds: int, k: int, t: int, backend: dic
 
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
-        content = write_vector(RecordDict(), UPDATE_KEY, torch.from_numpy(vectors[int(ctx.node_config["partition-id"])]))
+        mine = vectors[int(ctx.node_config["partition-id"])]
+        content = write_vector(RecordDict(), UPDATE_KEY, torch.from_numpy(mine))
         content[METRICS_KEY] = MetricRecord({"num_examples": 1.0})
         return Message(content, reply_to=msg)
 
@@ -166,6 +168,7 @@ def run_flower(n: int, length: int, rounds: int, k: int, t: int, backend: dict[s
     from flwr.simulation import run_simulation
 
     vectors = _vectors(n, length)
+    shares = k if k % 2 else k + 1  # Flower's ring: (shares - 1) / 2 neighbours on each side, one share kept
 
     class Fixed(NumPyClient):  # type: ignore[misc]
         def __init__(self, cid: int) -> None:
@@ -196,14 +199,14 @@ def run_flower(n: int, length: int, rounds: int, k: int, t: int, backend: dict[s
         strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n, min_available_clients=n,
                           initial_parameters=ndarrays_to_parameters([np.zeros(length, np.float32)]))
         ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
-        DefaultWorkflow(fit_workflow=Timed(num_shares=k + 1, reconstruction_threshold=t, max_weight=1.0,
+        DefaultWorkflow(fit_workflow=Timed(num_shares=shares, reconstruction_threshold=t, max_weight=1.0,
                                            clipping_range=1.0))(grid, ctx)
         captured["ctx"] = ctx
 
     run_simulation(server_app=server, client_app=client, num_supernodes=n, backend_config=backend)
     return {"round_s": times, "median_round_s": statistics.median(times[1:] or times) if times else None,
             "bytes_per_client_per_round": sum(sink) / (n * max(1, len(times))) if times else None,
-            "num_shares": k + 1, "reconstruction_threshold": t}
+            "num_shares": shares, "neighbours": shares - 1, "reconstruction_threshold": t}
 
 
 def main() -> None:

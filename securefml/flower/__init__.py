@@ -25,7 +25,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "securefml.flower needs Flower: pip install 'securefml[flower]' (flwr>=1.42,<2)"
     ) from exc
 
-from securefml.flower.client import ERROR_CODE, UploadPolicy, add_hello, forget_halves, partition_client_id, securefml_mod
+from securefml.flower.client import (
+    ERROR_CODE,
+    UploadPolicy,
+    add_hello,
+    forget_halves,
+    partition_client_id,
+    securefml_mod,
+)
 from securefml.flower.local_grid import LocalGrid
 from securefml.flower.optimizer import ServerOptimizer
 from securefml.flower.records import StageRecord, read_stage, read_vector, write_stage, write_vector

@@ -175,7 +175,7 @@ def securefml_mod(
     def _answer(msg: Message, context: Context, call_next: ClientAppCallable, me: int) -> Message:
         rec = read_stage(msg, sender=None)
         key = (msg.metadata.run_id, msg.metadata.dst_node_id, rec.round_idx)
-        shared: dict[str, float] = {}
+        shared: dict[str, int | float | list[int] | list[float]] = {}
         if rec.party != me:
             half = _get_half(key)
             if half is None and services is not None:

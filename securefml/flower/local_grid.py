@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from flwr.app import DEFAULT_TTL, Context, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from flwr.clientapp import ClientApp
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 __all__ = ["LocalGrid"]
 
@@ -42,7 +42,7 @@ class LocalGrid(Grid):
     def __init__(
         self,
         apps: Mapping[int, ClientApp],
-        node_config: Mapping[int, Mapping[str, int | float | str | bytes | bool]],
+        node_config: Mapping[int, Mapping[str, bool | float | int | str]],
         *,
         offline: Callable[[int, Message], bool] | None = None,
         run_id: int = 1,

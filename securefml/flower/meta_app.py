@@ -33,7 +33,7 @@ from securefml.attacks import Attack, make_attack
 from securefml.attacks.base import AttackContext
 from securefml.data import load_dataset
 from securefml.data.base import FederatedDataset, Task
-from securefml.errors import ConfigError
+from securefml.errors import ConfigError, MalformedMessageError
 from securefml.flower.client import UploadPolicy, add_hello, securefml_mod
 from securefml.flower.records import GLOBAL_KEY, METRICS_KEY, ROUND_KEY, UPDATE_KEY, read_vector, write_vector
 from securefml.meta import MetaConfig
@@ -202,8 +202,10 @@ def meta_client_app(
         node = _node(config, attack)
         vec = read_vector(msg.content, GLOBAL_KEY, length=node.layout.numel)
         facts = msg.content.config_records.get(ROUND_KEY)
-        cohort = int(facts["cohort_size"]) if facts is not None and "cohort_size" in facts else 1
-        round_idx = int(facts["round"]) if facts is not None and "round" in facts else 0
+        cohort = facts.get("cohort_size", 1) if facts is not None else 1
+        round_idx = facts.get("round", 0) if facts is not None else 0
+        if not (isinstance(cohort, int) and isinstance(round_idx, int)):
+            raise MalformedMessageError("the round facts must be integers", sender=None)
         flat, weight, metrics = node.train(part(ctx), vec, round_idx, cohort)  # non-finite: an error reply
         content = write_vector(RecordDict(), UPDATE_KEY, flat)
         loss = next((v for k, v in metrics.items() if k.endswith("loss")), float("nan"))
@@ -214,6 +216,7 @@ def meta_client_app(
     def evaluate(msg: Message, ctx: Context) -> Message:
         node = _node(config, attack)
         vec = read_vector(msg.content, GLOBAL_KEY, length=node.layout.numel)
-        return Message(RecordDict({METRICS_KEY: MetricRecord(node.evaluate(part(ctx), vec))}), reply_to=msg)
+        scores: dict[str, int | float | list[int] | list[float]] = dict(node.evaluate(part(ctx), vec))
+        return Message(RecordDict({METRICS_KEY: MetricRecord(scores)}), reply_to=msg)
 
     return add_hello(app, client_id=client_id)

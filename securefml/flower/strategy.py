@@ -53,7 +53,6 @@ from securefml.flower.records import (
     StageRecord,
     metrics_of,
     read_stage,
-    read_vector,
     write_stage,
     write_vector,
 )
@@ -296,9 +295,8 @@ class SecureStrategy(Strategy):
         new = [n for n in nodes if n not in self._clients]
         if not new:
             return
-        hello = [grid.create_message(RecordDict({HELLO_KEY: ConfigRecord({"ask": 1})}), f"{MessageType.QUERY}.{HELLO_ACTION}", n,
-                                 "hello")
-                 for n in new]
+        kind = f"{MessageType.QUERY}.{HELLO_ACTION}"
+        hello = [grid.create_message(RecordDict({HELLO_KEY: ConfigRecord({"ask": 1})}), kind, n, "hello") for n in new]
         for msg in grid.send_and_receive(hello, timeout=self.config.timeout):
             if msg.has_error() or HELLO_KEY not in msg.content.config_records:
                 log.warning("SuperNode %s did not announce a securefml client id", msg.metadata.src_node_id)
@@ -368,7 +366,8 @@ class SecureStrategy(Strategy):
         for msg in replies:
             party = self._party_of(msg)
             if party is None or party not in rnd.waiting:
-                log.warning("round %d: reply from an unexpected node %s ignored", rnd.round_idx, msg.metadata.src_node_id)
+                log.warning("round %d: reply from an unexpected node %s ignored", rnd.round_idx,
+                            msg.metadata.src_node_id)
                 continue
             rnd.waiting.discard(party)
             if msg.has_error():

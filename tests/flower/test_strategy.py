@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import math
+import pytest  # noqa: I001
 
-import pytest
-import torch
-from flwr.app import ConfigRecord, Message
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+pytest.importorskip("flwr", reason="Flower is the optional extra: pip install 'securefml[flower]'")
 
-from securefml.defenses import make_defense
-from securefml.flower import SecureStrategy, StrategyConfig, forget_halves
-from securefml.flower.records import GLOBAL_KEY, PROTOCOL_KEY, read_stage, read_vector
-from securefml.protocols.plaintext import Plaintext
-from securefml.rounds import ClientUpdate, Transport
-from tests.flower.halves_adapters import SecAggHalves
-from tests.flower.helpers import LAYOUT, fixed_app, known_updates, local_grid
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ConfigRecord, Message  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from securefml.defenses import make_defense  # noqa: E402
+from securefml.flower import SecureStrategy, StrategyConfig, forget_halves  # noqa: E402
+from securefml.flower.records import GLOBAL_KEY, PROTOCOL_KEY, read_stage, read_vector  # noqa: E402
+from securefml.protocols.plaintext import Plaintext  # noqa: E402
+from securefml.rounds import ClientUpdate, Transport  # noqa: E402
+from tests.flower.halves_adapters import SecAggHalves  # noqa: E402
+from tests.flower.helpers import LAYOUT, fixed_app, known_updates, local_grid  # noqa: E402
 
 
 def _drive(strategy: SecureStrategy, grid, rounds: int = 1) -> None:  # type: ignore[no-untyped-def]
@@ -170,7 +174,8 @@ def test_a_reply_for_another_stage_or_party_is_rejected_before_the_protocol() ->
 
     def lying_app(msg, ctx):  # type: ignore[no-untyped-def]
         reply = app(msg, ctx)
-        if ctx.node_config["partition-id"] == 1 and reply.has_content() and PROTOCOL_KEY in reply.content.config_records:
+        ours = reply.has_content() and PROTOCOL_KEY in reply.content.config_records
+        if ctx.node_config["partition-id"] == 1 and ours:
             reply.content[PROTOCOL_KEY]["party"] = 0  # claims to answer for client 0
         return reply
 
