@@ -260,8 +260,12 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         if config.engine == "flower":
-            from securefml.flower.engine import run as run_on_flower  # the [flower] extra
+            try:
+                from securefml.flower.engine import run as run_on_flower  # the [flower] extra
+            except ImportError as exc:
+                from securefml.errors import ConfigError
 
+                raise ConfigError(f"--engine flower needs Flower: pip install 'securefml[flower]' ({exc})") from None
             result = run_on_flower(config)
         else:
             result = run_experiment(config, on_round=on_round, on_start=on_start)

@@ -12,6 +12,7 @@ import pytest  # noqa: I001
 
 pytest.importorskip("flwr", reason="Flower is the optional extra: pip install 'securefml[flower]'")
 
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -78,10 +79,8 @@ def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path) -> None
         assert rounds == ["3", "3"], out[-3000:]
     finally:
         for p in procs:  # each started here, in its own session: stop its group (its ClientApp children)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for p in procs:
             try:
                 p.wait(timeout=30)
