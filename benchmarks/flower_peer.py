@@ -232,6 +232,7 @@ def main() -> None:
     from securefml.flower.engine import backend_config
 
     backend = backend_config()
+    out["partial"] = True  # until every scenario ran: the JSON is written after each one
     for n in args.nodes:
         k = min(args.k, n - 1)
         t = k // 2 + 1
@@ -246,6 +247,9 @@ def main() -> None:
                                                   / ours["bytes_per_client_per_round"]
                                                   if peer["bytes_per_client_per_round"] else None),
         })
+        if args.out:
+            Path(args.out).write_text(json.dumps({**out, "machine_after": machine()}, indent=2) + "\n")
+    out.pop("partial")
     out["machine_after"] = machine()
     out["cpus"] = os.cpu_count()
     text = json.dumps(out, indent=2)

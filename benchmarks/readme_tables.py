@@ -117,7 +117,8 @@ def render_flower_peer(data: dict[str, Any]) -> str:
         f"L={data['length']:,} float32 entries per client, {data['rounds']} rounds per peer (median of rounds 2..), "
         f"Flower {data.get('flower_version', '?')}, both through `run_simulation` (Ray, one actor) in one process. "
         f"Measured {before.get('utc', '?')} on {before.get('cpus', '?')} CPUs shared with other work (1-min load "
-        f"average {before.get('load_avg', ['?'])[0]} before, {after.get('load_avg', ['?'])[0]} after).",
+        f"average {before.get('load_avg', ['?'])[0]} before, {after.get('load_avg', ['?'])[0]} after)."
+        + (" Partial run: the rows shown are complete." if data.get("partial") else ""),
         "",
         "| SuperNodes | securefml k / t | Flower neighbours / t | securefml s/round | Flower s/round "
         "| Flower / securefml | securefml bytes/client | Flower bytes/client | all accepted |",
