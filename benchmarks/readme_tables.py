@@ -133,11 +133,42 @@ def render_dp_step(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_flower_peer(data: dict[str, Any]) -> str:
+    """securefml SecAgg+ on Flower vs Flower's SecAggPlusWorkflow, both through run_simulation (same run)."""
+    before, after = data.get("machine_before", {}), data.get("machine_after", {})
+    if "scenarios" not in data or not data["scenarios"]:
+        return "Flower is not installed: `\"anchor\": \"not measured\"`.\n"
+    lines = [
+        f"L={data['length']:,} float32 entries per client, {data['rounds']} rounds per peer (median of rounds 2..), "
+        f"Flower {data.get('flower_version', '?')}, both through `run_simulation` (Ray, one actor) in one process. "
+        f"Measured {before.get('utc', '?')} on {before.get('cpus', '?')} CPUs shared with other work (1-min load "
+        f"average {before.get('load_avg', ['?'])[0]} before, {after.get('load_avg', ['?'])[0]} after)."
+        + (" Partial run: the rows shown are complete." if data.get("partial") else ""),
+        "",
+        "| SuperNodes | securefml k / t | Flower neighbours / t | securefml s/round | Flower s/round "
+        "| Flower / securefml | securefml bytes/client | Flower bytes/client | all accepted |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for sc in data["scenarios"]:
+        ours, peer = sc["securefml"], sc["flower_secaggplus"]
+        ratio = sc.get("flower_over_securefml_round_time")
+        peer_s = _s(peer["median_round_s"]) if peer.get("median_round_s") else "failed"
+        peer_b = f"{peer['bytes_per_client_per_round']:,.0f}" if peer.get("bytes_per_client_per_round") else "-"
+        lines.append(
+            f"| {sc['nodes']} | {sc['k']} / {sc['t']} | {peer.get('neighbours', '?')} / "
+            f"{peer.get('reconstruction_threshold', '?')} | {_s(ours['median_round_s'])} | {peer_s} "
+            f"| {_r(ratio) if ratio else '-'} | {ours['bytes_per_client_per_round']:,.0f} | {peer_b} "
+            f"| {'yes' if ours['all_accepted'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "defenses": render_defenses,
     "plaintext": render_plaintext,
     "meta_cohorts": render_meta_cohorts,
     "dp_step": render_dp_step,
+    "flower_peer": render_flower_peer,
 }
 
 

@@ -98,6 +98,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, names: dict[str, list[str]]) 
     p.add_argument("--aggregation", default="mean",
                    help="mean | relevance[:temperature=T,include_self=true,min_effective=2,method=gradient,...]")
     p.add_argument("--architectures", help="heterogeneous Co-LoRA federation on digits-clusters, e.g. 32,64,64x64")
+    p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
+                   help="flower: run on Flower's simulation runtime (pip install 'securefml[flower]')")
     p.add_argument("--out", default="results/run", help="output folder for result.json")
     p.add_argument("--plots", action="store_true", help="also write reliability.png (classification runs)")
     p.add_argument("--no-progress", action="store_true")
@@ -151,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         finetune_steps=args.finetune_steps, protocol=protocol, select=args.select, defense=args.defense,
         attack=args.attack, malicious=args.malicious, dataset_options=_dataset_options(args.dataset_option),
         privacy=_privacy_options(args), hidden=args.hidden, aggregation=args.aggregation,
-        architectures=args.architectures,
+        architectures=args.architectures, engine=getattr(args, "engine", "inprocess"),
     )
 
 
@@ -258,7 +260,16 @@ def _run(args: argparse.Namespace) -> int:
             bar.update(1)
 
     try:
-        result = run_experiment(config, on_round=on_round, on_start=on_start)
+        if config.engine == "flower":
+            try:
+                from securefml.flower.engine import run as run_on_flower  # the [flower] extra
+            except ImportError as exc:
+                from securefml.errors import ConfigError
+
+                raise ConfigError(f"--engine flower needs Flower: pip install 'securefml[flower]' ({exc})") from None
+            result = run_on_flower(config)
+        else:
+            result = run_experiment(config, on_round=on_round, on_start=on_start)
     finally:
         if bar is not None:
             bar.close()

@@ -146,10 +146,14 @@ class RunConfig:
     aggregation: str = "mean"
     #: heterogeneous Co-LoRA federation over these MLP shapes ("32,64,64x64"), or None
     architectures: str | None = None
+    #: "inprocess" (``run_experiment``) or "flower" (``securefml.flower.engine.run``, the ``[flower]`` extra)
+    engine: str = "inprocess"
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
             raise ConfigError(f"rounds must be positive, got {self.rounds}")
+        if self.engine not in ("inprocess", "flower"):
+            raise ConfigError(f"engine must be 'inprocess' or 'flower', got {self.engine!r}")
         if self.clients_per_round <= 0:
             raise ConfigError(f"clients_per_round must be positive, got {self.clients_per_round}")
         resolve_device(self.device)
@@ -262,6 +266,8 @@ def run_experiment(
     unknown names and option names, an unusable device, and a cohort larger than the training
     clients.
     """
+    if config.engine != "inprocess":
+        raise ConfigError(f"engine {config.engine!r} runs through securefml.flower.engine.run, not run_experiment")
     started = time.perf_counter()
     attacks = _attacks(config.attack, attack) if config.malicious > 0 else []  # a bad spec fails before work
     data = dataset or load_dataset(config.dataset, seed=config.seed, **config.dataset_options)
