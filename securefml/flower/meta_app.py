@@ -42,7 +42,7 @@ from securefml.models import make_model
 from securefml.personalize import CALIBRATION_METRICS, personalize
 from securefml.protocols.base import AggregationProtocol
 from securefml.rounds import check_finite
-from securefml.updates import LayerLayout
+from securefml.updates import Role
 
 __all__ = ["MetaAppConfig", "MetaNode", "meta_client_app"]
 
@@ -99,7 +99,7 @@ class MetaNode:
         net = make_model(self.data, hidden=config.hidden, seed=config.seed, device=self.device)
         meta = MetaConfig(config.inner_steps, config.inner_lr, config.outer_lr, config.outer_steps)
         self.learner: MetaLearner = LEARNERS.create(config.algorithm, model=net, config=meta)
-        self.layout = LayerLayout.from_params(self.learner.init_params(self.device))
+        self.layout = self.learner.layout(self.device)  # with the learner's declared roles
         self.attack = attack if attack is not None else (
             make_attack(config.attack) if config.attack != "none" and config.malicious else None)
         self._poisoned: dict[int, Task] = {}
@@ -135,9 +135,8 @@ class MetaNode:
         if self.attack is not None and task.client_id in self.config.malicious:
             gen = torch.Generator().manual_seed((self.config.seed * 1_000_003 + task.client_id) * 7919 + round_idx)
             ctx = AttackContext(round=round_idx, n_clients=cohort_size, n_malicious=1, generator=gen,
-                                extras={"layout": self.layout, "global_vector": global_vector,
-                                        "lr_mask": self.layout.mask([n for n in self.layout.layer_names
-                                                                     if n.startswith("alpha.")])})
+                                layout=self.layout, global_vector=global_vector,
+                                lr_mask=self.layout.mask(self.layout.layers_with_role(Role.LEARNED_RATE)))
             flat = self.attack.poison_updates(flat[None], ctx)[0].to(flat.dtype)
         return flat.cpu(), float(task.support_x.shape[0]), {k: float(v) for k, v in metrics.items()}
 

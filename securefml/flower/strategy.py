@@ -58,6 +58,7 @@ from securefml.flower.records import (
 )
 from securefml.protocols.base import AggregationProtocol, HalvesSetup
 from securefml.protocols.halves import ServerHalf
+from securefml.records import json_ready
 from securefml.reveals import Reveals
 from securefml.rounds import RoundOutput, Transport
 from securefml.updates import LayerLayout
@@ -435,7 +436,7 @@ class SecureStrategy(Strategy):
             update_norm=float(out.aggregate.norm()),
             seconds=time.perf_counter() - rnd.started,
             stages=list(rnd.stages),
-            extras={k: v for k, v in out.extras.items() if isinstance(v, (int, float, str, list, dict))},
+            extras=json_ready(out.extras),
         )
 
 
