@@ -34,11 +34,12 @@ from typing import Any
 import torch
 
 from securefml.bayes import MetaSGDTemperature
-from securefml.calibration import expected_calibration_error
+from securefml.calibration import calibrated_ece_floor, expected_calibration_error
 from securefml.experiment import RunConfig, run_experiment
-from securefml.personalize import personalize
+from securefml.personalize import personalize, personalized_probabilities
 
 KEYS = ("accuracy", "ece", "ece_adaptive", "nll", "brier", "selective_accuracy", "ood_auroc")
+FLOOR_KEYS = ("ece_floor", "ece_pooled_floor", "mean_confidence")
 
 
 def _summary(pers: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +50,20 @@ def _summary(pers: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def own_floor(learner: Any, params: Any, tasks: Any, steps: int) -> dict[str, float]:
+    """ECE each held-out client's predictions would score if they were exactly calibrated.
+
+    ``calibrated_ece_floor`` on the learner's own personalized query predictions: per client
+    (mean over clients, as ``ece``) and pooled over all clients (as ``ece_pooled``).
+    """
+    probs = [personalized_probabilities(learner, params, t, steps=steps) for t in tasks]
+    gen = torch.Generator().manual_seed(0)
+    per_client = [calibrated_ece_floor(p, generator=gen) for p in probs]
+    return {"ece_floor": statistics.fmean(per_client),
+            "ece_pooled_floor": calibrated_ece_floor(torch.cat(probs), draws=20, generator=gen),
+            "mean_confidence": float(torch.cat(probs).max(1).values.mean())}
+
+
 def run_one(job: tuple[str, int, int, str, str]) -> dict[str, Any]:
     algorithm, rounds, seed, protocol, group = job
     torch.set_num_threads(1)
@@ -56,10 +71,13 @@ def run_one(job: tuple[str, int, int, str, str]) -> dict[str, Any]:
 
     def on_finish(server, data):  # type: ignore[no-untyped-def]
         extra["vector"] = server.global_vector.clone()
+        steps = server.learner.config.inner_steps  # = the run's finetune_steps for these learners
+        if group == "main":
+            extra["floor"] = own_floor(server.learner, server.params, data.heldout, steps)
         if algorithm == "metasgd":  # the same trained model, personalized with temperature scaling
             ts = MetaSGDTemperature(server.learner.model, server.learner.config)
-            steps = server.learner.config.inner_steps
             extra["ts"] = personalize(ts, server.params, data.heldout, steps=steps).to_dict()
+            extra["ts_floor"] = own_floor(ts, server.params, data.heldout, steps)
         return {}
 
     cfg = RunConfig(dataset="digits-fewshot", algorithm=algorithm, rounds=rounds, clients_per_round=10, seed=seed,
@@ -69,8 +87,10 @@ def run_one(job: tuple[str, int, int, str, str]) -> dict[str, Any]:
     out = {"algorithm": algorithm, "seed": seed, "protocol": protocol, "rounds": rounds, "group": group,
            "seconds": time.perf_counter() - t, "metrics": _summary(res.metrics["personalized"]),
            "hyperparameters": res.config["resolved"], "vector": extra["vector"].tolist()}
+    if "floor" in extra:
+        out["metrics"].update(extra["floor"])
     if "ts" in extra:
-        out["ts_metrics"] = _summary(extra["ts"])
+        out["ts_metrics"] = {**_summary(extra["ts"]), **extra["ts_floor"]}
     return out
 
 
@@ -126,7 +146,7 @@ def main() -> None:
             runs = [r for r in main_runs if r["algorithm"] == name]
             per_seed = [{"seed": r["seed"], **r["metrics"]} for r in runs]
             seconds = statistics.fmean(r["seconds"] for r in runs)
-        table[name] = {"mean": {k: _mean(per_seed, k) for k in (*KEYS, "ece_pooled", "nll_pooled")},
+        table[name] = {"mean": {k: _mean(per_seed, k) for k in (*KEYS, "ece_pooled", "nll_pooled", *FLOOR_KEYS)},
                        "per_seed": per_seed, "seconds_per_run": seconds}
     m = {k: v["mean"] for k, v in table.items()}
     b, ms, ts, pf = m["bayes-metasgd"], m["metasgd"], m["metasgd-ts"], m["pfedbayes"]
@@ -139,6 +159,8 @@ def main() -> None:
         "ece bayes-metasgd < pfedbayes": b["ece"] < pf["ece"],
         "accuracy bayes-metasgd >= pfedbayes": b["accuracy"] >= pf["accuracy"],
     }
+    checks["metasgd ece floor of its own confidences / 0.5x its ece (> 1: the target is below the estimator's floor)"] = (
+        ms["ece_floor"] / (0.5 * ms["ece"]))
     checks["target: ece <= 0.5x metasgd at accuracy within 1 point and lower nll"] = bool(
         checks["ece ratio bayes-metasgd / metasgd (target <= 0.5)"] <= 0.5
         and checks["accuracy difference bayes-metasgd - metasgd (points, target >= -1)"] >= -1

@@ -64,7 +64,7 @@ def test_kl_matches_monte_carlo_estimate() -> None:
 
 def test_kl_of_learner_prior_to_itself_is_zero_and_grows_away_from_it() -> None:
     learner = _learner()
-    prior = learner.model_params(learner.init_params())
+    prior = learner.gaussian(learner.init_params())
     names = learner.net.gaussian_names
     assert float(kl_params(prior, prior, names)) == 0.0
     moved = {**prior, names[0]: prior[names[0]] + 0.1}
@@ -139,9 +139,9 @@ def test_local_inference_starts_at_the_prior_and_fits_the_support_set() -> None:
                                                                    steps=0).items())
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     noise = learner.net.draw_noise(t.support_x.shape[0], 16, generator=gen(), device="cpu")
-    prior = learner.model_params(params)
+    prior = learner.gaussian(params)
     before = learner.free_energy(prior, prior, t.support_x, t.support_y, noise, weight=learner.bayes.kl_weight)
-    q = learner.adapt(params, t.support_x, t.support_y, t.kind, steps=4)
+    q = learner.gaussian(learner.adapt(params, t.support_x, t.support_y, t.kind, steps=4))
     after = learner.free_energy(q, prior, t.support_x, t.support_y, noise, weight=learner.bayes.kl_weight)
     assert float(after) < float(before)
     again = learner.adapt(params, t.support_x, t.support_y, t.kind, steps=4)
