@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,6 +123,10 @@ def main() -> None:
     ap.add_argument("--protocol-rounds", type=int, default=20, help="0 skips the CKKS/SecAgg+ comparison")
     ap.add_argument("--with-maml", action="store_true", help="also run bayes-maml")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one torch thread each)")
+    ap.add_argument("--out", help="also write the JSON here (benchmarks/json/bayes.json feeds the README)")
+    ap.add_argument("--runs-dir", help="keep each finished run here as JSON and skip runs already there (resume)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="with --runs-dir: build the report from the runs already there, run nothing")
     ap.add_argument("--floor-only", action="store_true", help="only the ECE estimator's floor (seconds)")
     args = ap.parse_args()
     floor = {"per_client_50": ece_floor(50), "pooled_1500": ece_floor(1500, trials=20)}
@@ -128,14 +134,40 @@ def main() -> None:
         print(json.dumps({"ece_floor_of_calibrated_predictions": floor}, indent=2))
         return
     learners = ["bayes-metasgd", "metasgd", "pfedbayes"] + (["bayes-maml"] if args.with_maml else [])
-    # the slowest learner first, so its runs overlap the others'
-    jobs = [(a, args.rounds, s, "plaintext", "main") for a in learners for s in args.seeds]
+    # seed by seed (a run stopped early still leaves complete seeds), the slowest learner first;
+    # the short protocol runs after the first seed
+    jobs = [(a, args.rounds, s, "plaintext", "main") for s in args.seeds[:1] for a in learners]
     if args.protocol_rounds:
         jobs += [("bayes-metasgd", args.protocol_rounds, args.seeds[0], p, "protocol")
                  for p in ("plaintext", "ckks", "secagg")]
+    jobs += [(a, args.rounds, s, "plaintext", "main") for s in args.seeds[1:] for a in learners]
     started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(run_one, jobs))
+    before = os.getloadavg()[0]
+    runs_dir = Path(args.runs_dir) if args.runs_dir else None
+
+    def path(job: tuple[str, int, int, str, str]) -> Path:
+        assert runs_dir is not None
+        return runs_dir / f"{job[0]}_{job[3]}_{job[4]}_r{job[1]}_s{job[2]}.json"
+
+    done: dict[tuple[str, int, int, str, str], dict[str, Any]] = {}
+    if runs_dir is not None:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        done = {j: json.loads(path(j).read_text()) for j in jobs if path(j).exists()}
+    todo = [] if args.report_only else [j for j in jobs if j not in done]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_one, j): j for j in todo}
+        for fut in as_completed(futures):  # each run is kept as soon as it finishes
+            job = futures[fut]
+            done[job] = fut.result()
+            if runs_dir is not None:
+                path(job).write_text(json.dumps(done[job]))
+    # a seed counts only when every learner finished it (a partial resume reports complete seeds)
+    complete = [s for s in args.seeds if all((a, args.rounds, s, "plaintext", "main") in done for a in learners)]
+    if not complete:
+        raise SystemExit("no seed has every learner's run")
+    partial = complete != list(args.seeds)
+    args.seeds = complete
+    results = [r for j, r in done.items() if j[4] == "protocol" or j[2] in complete]
     main_runs = [r for r in results if r["group"] == "main"]
     table: dict[str, Any] = {}
     for name in [*learners, "metasgd-ts"]:
@@ -159,19 +191,21 @@ def main() -> None:
         "ece bayes-metasgd < pfedbayes": b["ece"] < pf["ece"],
         "accuracy bayes-metasgd >= pfedbayes": b["accuracy"] >= pf["accuracy"],
     }
-    checks["metasgd ece floor of its own confidences / 0.5x its ece (> 1: the target is below the estimator's floor)"] = (
-        ms["ece_floor"] / (0.5 * ms["ece"]))
+    key = "metasgd ece floor of its own confidences / 0.5x its ece (> 1: the target is below the estimator's floor)"
+    checks[key] = ms["ece_floor"] / (0.5 * ms["ece"])
     checks["target: ece <= 0.5x metasgd at accuracy within 1 point and lower nll"] = bool(
         checks["ece ratio bayes-metasgd / metasgd (target <= 0.5)"] <= 0.5
         and checks["accuracy difference bayes-metasgd - metasgd (points, target >= -1)"] >= -1
         and checks["nll bayes-metasgd < metasgd"])
     report: dict[str, Any] = {
-        "setting": {"dataset": "digits-fewshot", "n_way": 5, "k_shot": 5, "rounds": args.rounds,
+        "setting": {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "dataset": "digits-fewshot", "n_way": 5, "k_shot": 5, "rounds": args.rounds,
                     "clients_per_round": 10, "seeds": args.seeds, "heldout_clients": 30,
                     "mc_samples_eval": 32, "ece_bins": 15, "selective_coverage": 0.8},
         "results": table, "checks": checks, "ece_floor_of_calibrated_predictions": floor,
     }
-    if args.protocol_rounds:
+    report["partial"] = partial
+    if args.protocol_rounds and all(j in done for j in jobs if j[4] == "protocol"):
         runs = {r["protocol"]: r for r in results if r["group"] == "protocol"}
         plain = runs["plaintext"]
         ref = torch.tensor(plain["vector"])
@@ -186,8 +220,12 @@ def main() -> None:
                 **{f"{k}_diff": r["metrics"][k] - plain["metrics"][k] for k in ("accuracy", "ece", "nll")},
             }
     report["wall_seconds"] = time.perf_counter() - started
-    report["note"] = "timings on a shared 2-core machine under nice; per-run seconds include personalization"
-    print(json.dumps(report, indent=2))
+    report["note"] = (f"Timings on a shared 2-core machine under nice (1-min load average {before:.1f} at the start, "
+                      f"{os.getloadavg()[0]:.1f} at the end); per-run seconds include personalization")
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -138,8 +138,8 @@ class BayesConfig:
     seed: int = 0
     zeta: float = 0.01
     logvar_unit: float = 8.0
-    newton_logvar_step: bool = True
-    init_logvar_rate: float | None = 1.0
+    newton_logvar_step: bool = False
+    init_logvar_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.train_samples < 1 or self.eval_samples < 1:
