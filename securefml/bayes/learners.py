@@ -25,8 +25,14 @@ the output layer (``layers.0``, ``layers.2``, ``layers.4`` of the 64-64 MLP, 9,0
 for calibration is in the output layer and the features feeding it; restricting the Gaussian to
 some layers (``BayesConfig.layers``) keeps the others deterministic and halves their traffic.
 
+Units of the log-variances.  ``logvar.<name>`` stores the log-variance divided by
+``BayesConfig.logvar_unit`` (8): the server's Adam moves a coordinate by about its rate per round
+whatever the gradient, which in raw units left the prior's variances where they started
+(``BayesConfig`` gives the measurements).  ``gaussian(params)`` is the Gaussian in natural units;
+local inference, the KL and the predictions work there, ``adapt`` returns stored units.
+
 What travels.  The meta-parameters are the prior's means (under the model's own names),
-log-variances (``logvar.<name>``) and rates (``alpha.<...>``); a client uploads ``theta_local -
+scaled log-variances (``logvar.<name>``) and rates (``alpha.<...>``); a client uploads ``theta_local -
 theta`` of all of them, flattened by ``LayerLayout`` like any other layers (``logvar.layers.0``
 is a layer), so CKKS, SecAgg+, selection (log-variances and rates follow their layer), DP and
 every defense apply unchanged.  Variances are therefore aggregated as the (weighted, or robust)
@@ -114,7 +120,10 @@ class BayesConfig:
         raw units a prior log-variance could move by at most 1.0 in 200 rounds; measured, it
         stayed within 0.03 of its initial value after 30 rounds.  In units of 8 the same step is
         0.04 of log-variance per round.  The merge is unchanged: a mean of scaled log-variances
-        is the scaled mean of log-variances.
+        is the scaled mean of log-variances.  Measured (60 rounds, seed 0): in raw units the
+        prior's mean log-variance per layer ended within 0.15 of -6 and the run reached 88.0%
+        accuracy, ECE 0.125, NLL 0.356; in units of 8 the hidden layers narrowed (-6.4 to -7.1)
+        and the output layer's weights widened (-5.8): 90.4%, 0.127, 0.310.
     newton_logvar_step:
         Local inference scales the log-variance gradient by ``n / kl_weight``, the inverse of the
         KL term's curvature in a log-variance at ``q = p`` (``kl_weight / (2 n)``; a diagonal
@@ -123,11 +132,16 @@ class BayesConfig:
         std 0.05, so a rate-0.1 step moved the posterior's log-variance by 1e-5 (measured): the
         posterior *was* the prior.  Rescaled, the KL term pulls a step of rate ``r`` back by
         ``r / 2`` of its distance to the prior and the data term shrinks the variance where the
-        likelihood is curved.  Off for ``kl_weight = 0`` (no KL to scale by).
+        likelihood is curved.  Never applied for ``kl_weight = 0`` (no KL to scale by).  **Off by
+        default, because it measured worse**: the one-sample reparameterized gradient of a
+        log-variance is noisy and the factor (2,500 for 25 support examples at ``kl_weight``
+        0.01) amplifies the noise with the signal.  60 rounds, seed 0, digits-fewshot 5-way
+        5-shot: without it 90.4% accuracy, ECE 0.127, NLL 0.310; with it at rate 0.1 88.4%,
+        0.132, 0.355; at rate 1.0 84.8%, 0.198, 0.551.
     init_logvar_rate:
         Initial inner rate of the log-variances (``alpha.logvar.<name>`` for Bayesian Meta-SGD,
-        the fixed rate for Bayesian MAML); ``None`` = ``inner_lr``.  1.0 with the Newton step:
-        the KL term then halves the distance to the prior per step (stable below 4).
+        the fixed rate for Bayesian MAML); ``None`` (default) = ``inner_lr``.  With the Newton
+        step, 1.0 makes the KL term halve the distance to the prior per step.
     """
 
     train_samples: int = 4
