@@ -375,6 +375,14 @@ class PFedBayes(BayesianLearner):
 
     name = "pfedbayes"
 
+    def __init__(self, model: nn.Module, config: MetaConfig | None = None, *, bayes: BayesConfig | None = None) -> None:
+        # log-variances in raw units (logvar_unit 1): the unit exists so the *meta-gradient* can move
+        # a prior's variances; here the server steps on pFedBayes' own natural-gradient moves of the
+        # global log-variances, and 8x that step widened the global distribution until predictions
+        # were at chance (200 rounds, seed 0: log-variances -6 -> -3.3..-4.8, std above the weights'
+        # mean magnitude 0.1; accuracy 26%)
+        super().__init__(model, config, bayes=bayes or BayesConfig(logvar_unit=1.0))
+
     def infer(self, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
               generator: torch.Generator) -> Params:
         prior = self.gaussian(params)

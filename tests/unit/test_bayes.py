@@ -303,6 +303,8 @@ def test_log_variance_rates_start_at_init_logvar_rate() -> None:
         assert torch.all(params[ALPHA_PREFIX + n] == CFG.inner_lr)
     assert torch.all(_learner(BayesMAML, init_logvar_rate=None).rates(params)[logvar_name("layers.0.weight")]
                      == CFG.inner_lr)
+    # pFedBayes keeps raw units (its server step moves its own global log-variances, see PFedBayes)
+    assert _learner(PFedBayes).bayes.logvar_unit == 8.0 and PFedBayes(make_model(DATA), CFG).bayes.logvar_unit == 1.0
     with pytest.raises(ConfigError):
         BayesConfig(logvar_unit=0.0)
     with pytest.raises(ConfigError):
