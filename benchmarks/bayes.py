@@ -219,9 +219,15 @@ def main() -> None:
                 "param_norm": float(ref.norm()),
                 **{f"{k}_diff": r["metrics"][k] - plain["metrics"][k] for k in ("accuracy", "ece", "nll")},
             }
-    report["wall_seconds"] = time.perf_counter() - started
-    report["note"] = (f"Timings on a shared 2-core machine under nice (1-min load average {before:.1f} at the start, "
-                      f"{os.getloadavg()[0]:.1f} at the end); per-run seconds include personalization")
+    if args.report_only:
+        report["wall_seconds"] = None
+        report["note"] = ("Assembled with --report-only from the runs kept in --runs-dir; run timings "
+                          "(seconds_per_run, per-run seconds) on a shared 2-core machine under nice, several runs "
+                          "at once, and include personalization")
+    else:
+        report["wall_seconds"] = time.perf_counter() - started
+        report["note"] = (f"Timings on a shared 2-core machine under nice (1-min load average {before:.1f} at the "
+                          f"start, {os.getloadavg()[0]:.1f} at the end); per-run seconds include personalization")
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -118,15 +118,16 @@ def render_bayes(data: dict[str, Any]) -> str:
              "ECE floor: what the ECE estimator reports for the learner's own predictions if they were "
              "exactly calibrated (labels drawn from them).", "",
              "| learner | accuracy | ECE | ECE floor | ECE pooled | pooled floor | NLL | Brier | mean confidence "
-             "| out-of-task AUROC |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| out-of-task AUROC | s / run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, label in names.items():
         if key not in data["results"]:
             continue
         m = data["results"][key]["mean"]
+        sec = data["results"][key].get("seconds_per_run")
         lines.append(f"| {label} | {m['accuracy']:.3f} | {m['ece']:.3f} | {m['ece_floor']:.3f} | {m['ece_pooled']:.3f} "
                      f"| {m['ece_pooled_floor']:.3f} | {m['nll']:.3f} | {m['brier']:.3f} | {m['mean_confidence']:.3f} "
-                     f"| {m['ood_auroc']:.3f} |")
+                     f"| {m['ood_auroc']:.3f} | {'-' if sec is None else f'{sec:.0f}'} |")
     c = data["checks"]
     lines += ["", f"bayes-metasgd / Meta-SGD: ECE {_r(c['ece ratio bayes-metasgd / metasgd (target <= 0.5)'])} "
               f"(target <= 0.50x), pooled ECE {_r(c['pooled ece ratio bayes-metasgd / metasgd'])}, accuracy "
@@ -140,7 +141,8 @@ def render_bayes(data: dict[str, Any]) -> str:
                               f"ECE {pr[k]['ece_diff']:.1e}, NLL {pr[k]['nll_diff']:.1e}, largest parameter difference "
                               f"{pr[k]['max_abs_param_diff_vs_plaintext']:.1e} (norm {pr[k]['param_norm']:.0f})"
                               for k, label in (("ckks", "CKKS"), ("secagg", "SecAgg+"))) + "."]
-    lines += ["", f"{data['note']}; whole benchmark {data['wall_seconds']:.0f} s."]
+    wall = data.get("wall_seconds")
+    lines += ["", data["note"] + (f"; whole benchmark {wall:.0f} s." if wall is not None else ".")]
     return "\n".join(lines) + "\n"
 
 
