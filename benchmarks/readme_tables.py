@@ -163,7 +163,46 @@ def render_flower_peer(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_bayes(data: dict[str, Any]) -> str:
+    st = data["setting"]
+    names = {"metasgd": "Meta-SGD", "metasgd-ts": "Meta-SGD + TS (support)", "bayes-metasgd": "bayes-metasgd",
+             "bayes-maml": "bayes-maml", "pfedbayes": "pFedBayes"}
+    lines = [f"{st['dataset']} {st['n_way']}-way {st['k_shot']}-shot, {st['clients_per_round']} clients per round, "
+             f"**{st['rounds']} rounds, seeds {', '.join(str(s) for s in st['seeds'])}** (means over seeds), "
+             f"{st['heldout_clients']} held-out clients, {st['mc_samples_eval']} Monte Carlo samples. "
+             "ECE floor: what the ECE estimator reports for the learner's own predictions if they were "
+             "exactly calibrated (labels drawn from them).", "",
+             "| learner | accuracy | ECE | ECE floor | ECE pooled | pooled floor | NLL | Brier | mean confidence "
+             "| out-of-task AUROC | s / run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, label in names.items():
+        if key not in data["results"]:
+            continue
+        m = data["results"][key]["mean"]
+        sec = data["results"][key].get("seconds_per_run")
+        lines.append(f"| {label} | {m['accuracy']:.3f} | {m['ece']:.3f} | {m['ece_floor']:.3f} | {m['ece_pooled']:.3f} "
+                     f"| {m['ece_pooled_floor']:.3f} | {m['nll']:.3f} | {m['brier']:.3f} | {m['mean_confidence']:.3f} "
+                     f"| {m['ood_auroc']:.3f} | {'-' if sec is None else f'{sec:.0f}'} |")
+    c = data["checks"]
+    lines += ["", f"bayes-metasgd / Meta-SGD: ECE {_r(c['ece ratio bayes-metasgd / metasgd (target <= 0.5)'])} "
+              f"(target <= 0.50x), pooled ECE {_r(c['pooled ece ratio bayes-metasgd / metasgd'])}, accuracy "
+              f"{c['accuracy difference bayes-metasgd - metasgd (points, target >= -1)']:+.1f} points (target >= -1), "
+              f"lower NLL: {'yes' if c['nll bayes-metasgd < metasgd'] else 'no'}; target met: "
+              f"{'yes' if c['target: ece <= 0.5x metasgd at accuracy within 1 point and lower nll'] else 'no'}."]
+    pr = data.get("protocols")
+    if pr:
+        lines += ["", f"Protocols (bayes-metasgd, {pr['rounds']} rounds, seed {pr['seed']}): "
+                  + "; ".join(f"{label}: accuracy difference {pr[k]['accuracy_diff']:.1e}, "
+                              f"ECE {pr[k]['ece_diff']:.1e}, NLL {pr[k]['nll_diff']:.1e}, largest parameter difference "
+                              f"{pr[k]['max_abs_param_diff_vs_plaintext']:.1e} (norm {pr[k]['param_norm']:.0f})"
+                              for k, label in (("ckks", "CKKS"), ("secagg", "SecAgg+"))) + "."]
+    wall = data.get("wall_seconds")
+    lines += ["", data["note"] + (f"; whole benchmark {wall:.0f} s." if wall is not None else ".")]
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "bayes": render_bayes,
     "defenses": render_defenses,
     "plaintext": render_plaintext,
     "meta_cohorts": render_meta_cohorts,

@@ -16,6 +16,9 @@ Definitions
   predictions sorted by confidence and cut into ``n_bins`` near-equal chunks
   (``numpy.array_split`` sizes).  On few predictions (a 50-example query set) both are biased
   upwards; a pooled value over all clients is reported beside the per-client distribution.
+  ``calibrated_ece_floor`` measures that bias for given predictions: the ECE the same
+  confidences would score if they were exactly calibrated (labels drawn from the predictions
+  themselves), so a measured ECE can be read against what the estimator reports at zero error.
 * **NLL**: mean of ``-log p_y`` (probabilities clamped at 1e-12 so a confident mistake costs a
   large finite amount).
 * **Brier** (Brier 1950, multi-class form): mean over examples of ``sum_k (p_k - 1[y = k])^2``,
@@ -40,6 +43,7 @@ __all__ = [
     "ReliabilityBins",
     "auroc",
     "brier_score",
+    "calibrated_ece_floor",
     "calibration_summary",
     "expected_calibration_error",
     "negative_log_likelihood",
@@ -213,3 +217,33 @@ def calibration_summary(probs: torch.Tensor, labels: torch.Tensor, *, n_bins: in
         "brier": brier_score(p, y),
         "selective_accuracy": selective_accuracy(p, y, coverage=coverage),
     }
+
+
+def calibrated_ece_floor(probs: torch.Tensor, *, n_bins: int = 15, adaptive: bool = False, draws: int = 100,
+                         generator: torch.Generator | None = None) -> float:
+    """Mean ECE of these predictions if they were perfectly calibrated: the estimator's floor for them.
+
+    Labels are drawn from the predictive distribution itself (``y ~ Categorical(p)``), so the
+    true calibration error is 0 by construction and what ``expected_calibration_error`` reports
+    is its finite-sample bias at exactly this confidence profile and sample size.  A measured
+    ECE near this floor means the estimator cannot tell the predictions from calibrated ones;
+    no method can get far below the floor of its own confidences.
+
+    Examples
+    --------
+    Confident predictions on few examples have a floor well above 0:
+
+    >>> p = torch.tensor([[0.9, 0.1]] * 20)
+    >>> 0.02 < calibrated_ece_floor(p, generator=torch.Generator().manual_seed(0)) < 0.15
+    True
+    """
+    if draws < 1:
+        raise ConfigError(f"draws must be >= 1, got {draws}")
+    p = probs.detach().to(torch.float64)
+    if p.dim() != 2 or p.shape[0] == 0 or not bool(torch.isfinite(p).all()):
+        raise ConfigError(f"need finite [n, C] probabilities with n > 0, got shape {tuple(p.shape)}")
+    p = p.clamp_min(0)
+    gen = generator or torch.Generator().manual_seed(0)
+    labels = torch.multinomial(p.cpu(), draws, replacement=True, generator=gen)  # [n, draws]
+    return float(sum(expected_calibration_error(p, labels[:, d], n_bins=n_bins, adaptive=adaptive)
+                     for d in range(draws)) / draws)

@@ -27,7 +27,7 @@ from securefml.data.base import Task
 from securefml.meta.base import MetaLearner, Params
 
 __all__ = ["CalibrationReport", "PersonalizationReport", "evaluate_task", "out_of_task_inputs", "personalize",
-           "predictive_probabilities"]
+           "personalized_probabilities", "predictive_probabilities"]
 
 #: the per-client calibration numbers, in report order
 CALIBRATION_METRICS = ("ece", "ece_adaptive", "nll", "brier", "selective_accuracy", "ood_auroc")
@@ -148,6 +148,16 @@ def _adapt(learner: MetaLearner, base: Params, t: Task, steps: int) -> Params:
     if learner.adapts_with_learned_rates:
         adapted = {**base, **adapted}
     return learner.calibrate(adapted, t.support_x, t.support_y, t.kind)
+
+
+def personalized_probabilities(learner: MetaLearner, params: Params, task: Task, *, steps: int) -> torch.Tensor:
+    """Query predictive probabilities of one client after the same personalization ``personalize`` scores.
+
+    Adapt on the support set (``steps`` steps), post-hoc calibrate, then ``predictive_probabilities``
+    on the query inputs; for analyses that need the probabilities themselves (the ECE floor of
+    ``securefml.calibration.calibrated_ece_floor``).
+    """
+    return predictive_probabilities(learner, _adapt(learner, params, task, steps), task.query_x)
 
 
 def personalize(

@@ -87,7 +87,7 @@ def test_no_finite_byzantine_upload_makes_the_merged_variance_invalid(byzantine:
     cohort = [Client(t, attack=Arbitrary() if i == 0 else None) for i, t in enumerate(DATA.train)]  # type: ignore[arg-type]
     server.run_round(0, cohort, generator=torch.Generator().manual_seed(0))
     for n in learner.net.gaussian_names:
-        var = torch.exp(learner.model_params(server.params)["logvar." + n].clamp(-16, 2))
+        var = torch.exp(learner.gaussian(server.params)["logvar." + n].clamp(-16, 2))
         assert bool(torch.isfinite(var).all()) and bool((var > 0).all())
     probs = torch.softmax(learner.forward(server.params, DATA.heldout[0].query_x), 1)
     assert bool(torch.isfinite(probs).all())

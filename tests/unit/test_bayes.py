@@ -64,7 +64,7 @@ def test_kl_matches_monte_carlo_estimate() -> None:
 
 def test_kl_of_learner_prior_to_itself_is_zero_and_grows_away_from_it() -> None:
     learner = _learner()
-    prior = learner.model_params(learner.init_params())
+    prior = learner.gaussian(learner.init_params())
     names = learner.net.gaussian_names
     assert float(kl_params(prior, prior, names)) == 0.0
     moved = {**prior, names[0]: prior[names[0]] + 0.1}
@@ -139,12 +139,12 @@ def test_local_inference_starts_at_the_prior_and_fits_the_support_set() -> None:
                                                                    steps=0).items())
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     noise = learner.net.draw_noise(t.support_x.shape[0], 16, generator=gen(), device="cpu")
-    prior = learner.model_params(params)
+    prior = learner.gaussian(params)
     before = learner.free_energy(prior, prior, t.support_x, t.support_y, noise, weight=learner.bayes.kl_weight)
-    q = learner.adapt(params, t.support_x, t.support_y, t.kind, steps=4)
+    q = learner.gaussian(learner.adapt(params, t.support_x, t.support_y, t.kind, steps=4))
     after = learner.free_energy(q, prior, t.support_x, t.support_y, noise, weight=learner.bayes.kl_weight)
     assert float(after) < float(before)
-    again = learner.adapt(params, t.support_x, t.support_y, t.kind, steps=4)
+    again = learner.gaussian(learner.adapt(params, t.support_x, t.support_y, t.kind, steps=4))
     assert all(torch.equal(q[n], again[n]) for n in q)  # a deterministic function of data and prior
 
 
@@ -258,3 +258,54 @@ def test_cedar_selection_runs_on_the_bayesian_learner() -> None:
     assert sum(uploaded.get(n, 0) for n in ("layers.0", "layers.2", "layers.4")) == 2 * 2
     for n in ("layers.0", "layers.2", "layers.4"):
         assert uploaded.get(n, 0) == uploaded.get("logvar." + n, 0)
+
+
+# -- the log-variance's units and inner step ------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(unit=st.sampled_from([1.0, 2.0, 8.0, 16.0]), logvar=st.floats(-16.0, 2.0))
+def test_stored_log_variances_are_scaled_exactly_and_merge_linearly(unit: float, logvar: float) -> None:
+    learner = _learner(logvar_unit=unit, init_logvar=logvar)
+    params = learner.init_params()
+    g = learner.gaussian(params)
+    for n in learner.net.gaussian_names:
+        assert torch.all(g[logvar_name(n)] == torch.tensor(logvar, dtype=torch.float32))
+        assert torch.equal(params[logvar_name(n)] * unit, g[logvar_name(n)])
+    back = learner.stored(g)
+    assert all(torch.equal(back[n], params[n]) for n in back)
+    # a mean of stored values is the stored mean of log-variances: the merge is unchanged by the unit
+    a, b = torch.tensor([-7.0, 1.0]), torch.tensor([-3.0, -5.0])
+    assert torch.allclose((a / unit + b / unit) / 2 * unit, (a + b) / 2)
+
+
+def test_newton_step_moves_the_posterior_variance_off_the_prior() -> None:
+    t = DATA.train[0]
+    moved = {}
+    for newton in (False, True):
+        learner = _learner(BayesMAML, newton_logvar_step=newton, init_logvar_rate=0.1)
+        params = learner.init_params()
+        # a prior whose means already fit the task: the likelihood is curved, so the variance should shrink
+        for _ in range(30):
+            q = learner.gaussian(learner.adapt(params, t.support_x, t.support_y, t.kind, steps=1))
+            params = {**params, **{n: q[n] for n in learner.net.mean_names}}
+        prior = learner.gaussian(params)
+        q = learner.gaussian(learner.adapt(params, t.support_x, t.support_y, t.kind, steps=5))
+        moved[newton] = max(float((q[lv] - prior[lv]).abs().mean())
+                            for lv in (logvar_name(n) for n in learner.net.gaussian_names))
+    assert moved[False] < 1e-3  # the plain gradient step leaves the posterior's variance at the prior's
+    assert moved[True] > 100 * moved[False]
+
+
+def test_log_variance_rates_start_at_init_logvar_rate() -> None:
+    learner = _learner(init_logvar_rate=0.7)
+    params = learner.init_params()
+    for n in learner.net.gaussian_names:
+        assert torch.all(params[ALPHA_PREFIX + logvar_name(n)] == 0.7)
+        assert torch.all(params[ALPHA_PREFIX + n] == CFG.inner_lr)
+    assert torch.all(_learner(BayesMAML, init_logvar_rate=None).rates(params)[logvar_name("layers.0.weight")]
+                     == CFG.inner_lr)
+    # pFedBayes keeps raw units (its server step moves its own global log-variances, see PFedBayes)
+    assert _learner(PFedBayes).bayes.logvar_unit == 8.0 and PFedBayes(make_model(DATA), CFG).bayes.logvar_unit == 1.0
+    with pytest.raises(ConfigError):
+        BayesConfig(logvar_unit=0.0)
+    with pytest.raises(ConfigError):
+        BayesConfig(init_logvar_rate=-1.0)

@@ -122,3 +122,41 @@ def test_out_of_task_inputs_are_outside_the_task() -> None:
                if (o.classes or ())[c] not in own]
     for row in outside:
         assert any(torch.equal(row, a) for a in allowed)
+
+
+# -- the estimator's floor ------------------------------------------------------------------------
+def test_calibrated_ece_floor_is_zero_for_certain_predictions_and_matches_a_simulation() -> None:
+    from securefml.calibration import calibrated_ece_floor, expected_calibration_error
+
+    onehot = torch.eye(3)[torch.tensor([0, 1, 2, 1])]
+    assert calibrated_ece_floor(onehot, draws=5) == 0.0  # certain and right whatever is drawn
+    # the floor is what ECE reports on predictions whose labels really are drawn from them
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(2.0 * torch.randn(50, 5, generator=g), dim=1)
+    sims = [expected_calibration_error(p, torch.multinomial(p, 1, generator=g).squeeze(1)) for _ in range(400)]
+    floor = calibrated_ece_floor(p, draws=400, generator=torch.Generator().manual_seed(2))
+    assert floor == pytest.approx(sum(sims) / len(sims), abs=0.01)
+    assert 0.05 < floor < 0.3  # 50 predictions of moderate confidence: far from 0
+    with pytest.raises(ConfigError):
+        calibrated_ece_floor(p, draws=0)
+    with pytest.raises(ConfigError):
+        calibrated_ece_floor(torch.full((2, 3), float("nan")))
+
+
+def test_personalized_probabilities_are_what_personalize_scores() -> None:
+    from securefml.bayes import BayesMetaSGD
+    from securefml.calibration import calibration_summary
+    from securefml.data import make_digits_fewshot
+    from securefml.meta import MetaConfig
+    from securefml.models import make_model
+    from securefml.personalize import personalize, personalized_probabilities
+
+    data = make_digits_fewshot(n_train=2, n_heldout=2, k_shot=3, query=4, seed=0)
+    learner = BayesMetaSGD(make_model(data, hidden=(16, 16)), MetaConfig(inner_steps=2, inner_lr=0.1))
+    params = learner.init_params()
+    rep = personalize(learner, params, data.heldout, steps=2)
+    assert rep.calibration is not None
+    for i, t in enumerate(data.heldout):
+        p = personalized_probabilities(learner, params, t, steps=2)
+        assert torch.allclose(p.sum(1), torch.ones(p.shape[0], dtype=p.dtype))
+        assert calibration_summary(p, t.query_y)["ece"] == pytest.approx(rep.calibration.per_client["ece"][i])
