@@ -78,12 +78,7 @@ def prepare_inputs(
     if x.dim() != 2 or x.shape[0] == 0:
         raise ConfigError(f"updates must be a non-empty [n, d] tensor, got shape {tuple(x.shape)}")
     n = x.shape[0]
-    if weights is None:
-        w = torch.ones(n, dtype=torch.float64, device=x.device)
-    else:
-        w = torch.as_tensor(weights, dtype=torch.float64, device=x.device).reshape(-1)
-        if w.numel() != n or (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
-            raise ConfigError("weights must be n finite non-negative numbers with a positive sum")
+    w = prepare_weights(weights, n).to(x.device)
     ids = tuple(range(n)) if client_ids is None else tuple(int(c) for c in client_ids)
     if len(ids) != n:
         raise ConfigError(f"{len(ids)} client ids for {n} updates")
