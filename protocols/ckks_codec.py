@@ -27,6 +27,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -178,7 +179,7 @@ def encode_signed_upload(u: SignedUpload) -> bytes:
         "sig": bytes(u.signature),
     }
     for k in sorted(u.chunks):
-        fields[ct_field(int(k))] = u.chunks[k]
+        fields[ct_field(int(k))] = cast(bytes, u.chunks[k])  # a view stays a view: ``encode`` joins it once
     return encode(Envelope(SIGNED, int(u.round_idx), wire_id(u.sender), fields))
 
 

@@ -418,6 +418,8 @@ class CKKSServerHalf(ServerHalf):
             # every client that had something to send was rejected or lost (when the frame
             # withholds every layer, below min_contributors, nobody is asked and the round is empty)
             raise nothing_accepted(self.round_idx, len(self._asked), self._rejected)
+        if not self._announced and self._rejected:  # not one announcement was usable
+            raise nothing_accepted(self.round_idx, len(self.cohort), self._rejected)
         if self.gram_mode:
             return self._revealed_gram()
         return self._revealed_mean()
