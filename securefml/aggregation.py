@@ -5,6 +5,12 @@ only this step, turns it into the round's aggregate: it checks that the defense 
 was revealed (``Defense.runs_on``), runs it (on updates, or on bucket means), and places the
 result in the full layout with the weight behind each layer.  Protocols never call a defense
 themselves on this path, so a defense is written once for every protocol.
+
+A Gram-revealing protocol (CKKS) asks for its decision mid-round through ``gram_combiner`` and
+then reveals the decided combination (``RevealedGram``); this step applies the rule's typed
+post-processing (``AggregationResult.noise_std``, e.g. FLAME's noise) to it after decryption.
+Per-layer means (CKKS under the weighted mean, ``RevealedLayerMeans``) pass through.  The
+same-layers check (``check_same_layers``) exists here once, for every protocol.
 """
 
 from __future__ import annotations
