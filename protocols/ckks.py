@@ -244,7 +244,7 @@ class CKKS(AggregationProtocol):
     def client_half(self, round_idx: int, layout: LayerLayout, update: ClientUpdate) -> CKKSClientHalf:
         """Client ``update.client_id``'s half, with its enrolled signing key and the public context."""
         return CKKSClientHalf(update, layout, round_idx=round_idx, public_context=self._public, preset=self.preset,
-                              signer=self.enroll(update.client_id))
+                              signer=self.enroll(update.client_id), client=self.client)
 
     def service_halves(self, round_idx: int, layout: LayerLayout, *, setup: HalvesSetup) -> dict[int, ClientHalf]:
         """The key holder's half, and in a robust round with a reference the reference party's."""
@@ -252,7 +252,8 @@ class CKKS(AggregationProtocol):
         party = self._reference_party(setup) if not setup.defense.is_weighted_mean else None
         if party is not None and setup.reference is not None:
             out[party] = CKKSReferenceHalf(setup.reference, layout, round_idx=round_idx, public_context=self._public,
-                                           preset=self.preset, signer=self.enroll(party), party=party)
+                                           preset=self.preset, signer=self.enroll(party), party=party,
+                                           client=self.client)
         return out
 
     def _reference_party(self, setup: HalvesSetup) -> int | None:

@@ -58,6 +58,9 @@ class CKKSClientHalf(ClientHalf):
         The key holder's public context and parameters (no secret key).
     signer:
         The client's enrolled Ed25519 key (its ``party_id`` must be the client's id).
+    client:
+        An already loaded ``CKKSClient`` for the same public context (loading a statistics
+        context with its Galois keys takes a while; the in-process driver shares one).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class CKKSClientHalf(ClientHalf):
         public_context: bytes,
         preset: str | CKKSPreset,
         signer: UploadSigner,
+        client: CKKSClient | None = None,
     ) -> None:
         if signer.party_id != update.client_id:
             raise ConfigError(f"client {update.client_id} cannot sign with party {signer.party_id}'s key")
@@ -76,7 +80,7 @@ class CKKSClientHalf(ClientHalf):
         self.update = update
         self.layout = layout
         self.round_idx = int(round_idx)
-        self.client = CKKSClient(public_context, preset)
+        self.client = client if client is not None else CKKSClient(public_context, preset)
         self.signer = signer
         self._mode: str | None = None
         self._layers = layout.canonical(update.layers)
@@ -116,6 +120,8 @@ class CKKSReferenceHalf(ClientHalf):
         The reference update, over the full layout (or over the frame layers only).
     party:
         The reference party's id (the key holder's ``policy.reference_party``).
+    client:
+        As for ``CKKSClientHalf``.
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class CKKSReferenceHalf(ClientHalf):
         preset: str | CKKSPreset,
         signer: UploadSigner,
         party: int,
+        client: CKKSClient | None = None,
     ) -> None:
         if signer.party_id != party:
             raise ConfigError(f"the reference party {party} cannot sign with party {signer.party_id}'s key")
@@ -135,7 +142,7 @@ class CKKSReferenceHalf(ClientHalf):
         self.reference = reference.detach().to("cpu", torch.float64).reshape(-1)
         self.layout = layout
         self.round_idx = int(round_idx)
-        self.client = CKKSClient(public_context, preset)
+        self.client = client if client is not None else CKKSClient(public_context, preset)
         self.signer = signer
 
     def respond(self, stage: str, message: bytes) -> bytes:
