@@ -324,7 +324,8 @@ def main() -> None:
     torch.set_num_threads(1)
     result: dict[str, object] = {
         "benchmark": "ckks",
-        "machine": {"python": platform.python_version(), "tenseal": ts.__version__, "cpus": os.cpu_count()},
+        "machine": {"python": platform.python_version(), "tenseal": ts.__version__, "cpus": os.cpu_count(),
+                    "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg": list(os.getloadavg())},
     }
     met = {}
     if "aggregation" in args.parts:
