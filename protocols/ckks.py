@@ -206,11 +206,6 @@ class CKKS(AggregationProtocol):
         """Also refuse a rule whose output is fewer than ``min_contributors`` clients' updates,
         and a robust rule under a preset without the statistics keys."""
         super().check_defense(defense)
-        if not defense.is_weighted_mean and not self.preset.statistics:
-            raise ConfigError(
-                f"defense {defense!r} needs encrypted statistics; preset {self.preset.name!r} has no "
-                "relinearization/Galois keys (use preset='stats')"
-            )
         selects = getattr(defense, "selects", None)
         mins = self.min_contributors
         if selects is not None and int(selects) < mins:
@@ -222,6 +217,11 @@ class CKKS(AggregationProtocol):
         if defense.needs_reference and self.policy.reference_party is None:
             raise ConfigError(
                 f"defense {defense!r} needs a reference, and the key holder's policy names no reference party"
+            )
+        if not defense.is_weighted_mean and not self.preset.statistics:
+            raise ConfigError(
+                f"defense {defense!r} needs encrypted statistics; preset {self.preset.name!r} has no "
+                "relinearization/Galois keys (use preset='stats')"
             )
 
     def frame_for(self, layout: LayerLayout, layer_sets: Sequence[Sequence[str]]) -> PackingFrame:
