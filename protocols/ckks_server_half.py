@@ -239,9 +239,7 @@ class CKKSServerHalf(ServerHalf):
     def reject(self, party: int, error: ProtocolError | InvalidUpdateError) -> None:
         self._rejected[party] = f"{type(error).__name__}: {error}"
         self._announced.pop(party, None)
-        rec = self._received.pop(party, None)
-        if rec is not None and self._sums:
-            log.debug("round %d: client %s dropped after its upload was added", self.round_idx, party)
+        self._received.pop(party, None)
 
     def close_stage(self) -> None:
         if self._stage == ANNOUNCE:
@@ -300,6 +298,8 @@ class CKKSServerHalf(ServerHalf):
             into=None if self.gram_mode else self._sums, normalizer=None if self.gram_mode else self.normalizer,
         )
         expected_layers = tuple(n for n in announced_layers if n in self.frame.spans)
+        # (under the weighted mean its ciphertexts were already added to the running sums; those
+        # sums only check that ciphertexts add, the key holder recomputes from accepted uploads)
         if rec.weight != announced_weight or rec.layers != expected_layers:
             raise MalformedMessageError("the upload's weight or layers differ from the announced ones", sender=party)
         self._received[party] = rec

@@ -485,3 +485,34 @@ def test_key_holder_ledger_and_registry_survive_a_checkpoint(add_proto):
     again = AggregateRequest(90, frame, uploads, dict.fromkeys(range(3), 1.0))
     with pytest.raises(PolicyViolation, match="already decrypted"):
         add_proto.key_holder.decrypt_aggregate(again)
+
+
+# -- the halves: announcements bind the upload; clients check the server's plan ----------------------
+def test_upload_whose_weight_differs_from_the_announced_one_is_rejected(add_proto):
+    class Reannounce(Transport):  # client 1's announcement is altered on the wire: weight 9
+        def deliver(self, sender, stage, data):
+            if sender == 1 and stage == "announce":
+                return _rebuild(data, fields={"weight": struct.pack(">d", 9.0)})
+            return data
+
+    ups = make_updates([("a", "b")] * 4, seed=95)
+    out = add_proto.run_round(95, ups, LAYOUT, defense=Mean(), transport=Reannounce())
+    assert set(out.rejected) == {1} and "announced" in out.rejected[1]
+    ref, _ = reference_mean([u for u in ups if u.client_id != 1])
+    assert torch.allclose(out.aggregate.double(), ref.double(), atol=1e-4)
+
+
+def test_client_half_stops_on_a_plan_for_another_key_set_or_a_normalizer_below_its_weight(add_proto, stats_proto):
+    from securefml.protocols.ckks_codec import encode_upload_plan
+
+    ups = make_updates([("a", "b")] * 2, seed=96)
+    ours = add_proto.round_halves(96, ups, LAYOUT, setup=HalvesSetup(Mean()))
+    other = stats_proto.round_halves(96, ups, LAYOUT, setup=HalvesSetup(Mean()))
+    foreign_plan = other.server.next_stage().messages[0]
+    with pytest.raises(ProtocolError, match="another CKKS key set"):
+        ours.clients[0].respond("announce", foreign_plan)
+    plan = ours.server.next_stage().messages[1]
+    ours.clients[1].respond("announce", plan)
+    frame = add_proto.frame_for(LAYOUT, [("a", "b")] * 2)
+    with pytest.raises(ProtocolError, match="does not cover"):  # weight 2, a server claiming W = 1
+        ours.clients[1].respond("update", encode_upload_plan(96, frame, 1.0))
