@@ -201,8 +201,50 @@ def render_bayes(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_ckks(data: dict[str, Any]) -> str:
+    m = data.get("machine", {})
+    when = m.get("utc", "date not recorded")
+    lines = [f"TenSEAL {m.get('tenseal', '?')}, {m.get('cpus', '?')} CPUs, measured {when} "
+             f"(1-min load average {m.get('load_avg', ['not recorded'])[0]}); every ratio is against a peer timed "
+             "in the same run.", "", "| what | measured | target | met |", "|---|---|---|---|"]
+    met = data.get("targets_met", {})
+    for preset, b in data.get("bytes", {}).items():
+        lines.append(f"| bytes per float32, {preset} preset | {b['bytes_per_float32']:.2f} "
+                     f"(slot utilisation {b['slot_utilisation']:.3f}) | - | - |")
+    a = data.get("aggregation")
+    if a:
+        lines.append(f"| server receive, N={a['clients']}, L={a['length']:,}, vs raw TenSEAL deserialize+add loop | "
+                     f"{_r(a['ratio_server_to_raw_cpu'])} CPU ({_r(a['ratio_server_to_raw'])} wall; "
+                     f"{_s(a['server_half_s'])} s vs {_s(a['raw_deserialize_add_s'])} s) | <= 1.2x | "
+                     f"{'yes' if met.get('server_aggregation_le_1.2x_raw_cpu') else 'no'} |")
+        v = a["verification"]
+        lines.append(f"| key holder: verify + own sum + decrypt, vs decrypting the server's sum | "
+                     f"{_r(v['ratio_key_holder_verified_to_unverified_cpu'])} CPU | - | - |")
+        lines.append("| whole mean round, verified vs unverified | "
+                     f"{_r(v['ratio_round_verified_to_unverified_cpu'])} CPU | - | - |")
+        lines.append(f"| decrypted aggregate error | {a['max_abs_error']:.1e} | within the documented bound | - |")
+    g = data.get("gram")
+    if g:
+        lines.append(f"| encrypted Gram N={g['clients']}, L={g['length']:,} ({g['chunks_per_client']} chunks), vs "
+                     f"{g['pairs']} naive encrypted dot products | {_r(g['speedup_vs_naive'])} faster "
+                     f"({_s(g['encrypted_gram_s'])} s vs {_s(g['naive_dot_products_s'])} s) | >= 20x | "
+                     f"{'yes' if met.get('gram_ge_20x_faster_than_naive') else 'no'} |")
+        pr = g.get("primitives")
+        if pr:
+            lines.append(f"| bound for any scheme with one relinearized product per chunk pair (same run) | "
+                         f"{_r(pr['speedup_bound_one_product_per_chunk'])} | - | - |")
+    r = data.get("round")
+    if r:
+        for name in ("mean", "multikrum"):
+            e = r[name]
+            lines.append(f"| whole round through the halves, {name}, N={r['clients']}, L={r['length']:,} | "
+                         f"{_s(e['round_cpu_s'])} s CPU ({_s(e['round_s'])} s wall) | - | - |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "bayes": render_bayes,
+    "ckks": render_ckks,
     "defenses": render_defenses,
     "plaintext": render_plaintext,
     "meta_cohorts": render_meta_cohorts,

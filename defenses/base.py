@@ -58,6 +58,12 @@ class AggregationResult:
         Client ids the rule considers Byzantine (excluded or down-weighted).
     client_ids:
         The ids the rows referred to, in order.
+    noise_std:
+        Standard deviation of the Gaussian noise the rule's output carries (post-processing,
+        e.g. FLAME's).  A rule that returns coordinates has added it to ``aggregate`` itself;
+        when the rule decided on a ``Gram`` only (``aggregate`` is None), the aggregation step
+        (``securefml.aggregation``) adds it to the combination the protocol revealed, for
+        every protocol, drawn from ``context["generator"]``.
     """
 
     aggregate: torch.Tensor | None
@@ -66,6 +72,7 @@ class AggregationResult:
     scores: torch.Tensor | None = None
     flagged: tuple[int, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    noise_std: float = 0.0
 
 
 def prepare_inputs(

@@ -1,7 +1,7 @@
 """Detection by similarity structure: FLAME, FoolsGold, DnC.
 
-FLAME needs only cosines and norms, so it runs on a CKKS Gram (the server adds its noise
-after decryption, from ``info["noise_std"]``).  FoolsGold needs each client's update history
+FLAME needs only cosines and norms, so it runs on a CKKS Gram (the aggregation step adds its
+noise after decryption, from the result's typed ``noise_std``).  FoolsGold needs each client's update history
 across rounds, and DnC projects random coordinate subsets: both need coordinates.
 """
 
@@ -152,8 +152,9 @@ class FLAME(Defense):
        averaged.  4. Gaussian noise with standard deviation ``noise * S`` is added
        (``noise = 0.001`` is the paper's choice for image classification; 0 disables it).
        The noise is drawn from ``context["generator"]`` (``ConfigError`` if missing).
-       On a Gram (CKKS), steps 1-3 give the coefficients and ``info["noise_std"]`` tells the
-       server how much noise to add to the decrypted aggregate.
+       On a Gram (CKKS), steps 1-3 give the coefficients and the result's typed ``noise_std``
+       field tells the aggregation step how much noise to add to the decrypted aggregate
+       (``info["noise_std"]`` keeps the same number for the round's record).
 
     Threat model: fewer than half the clients inject backdoors; the backdoored updates
     differ in direction (caught by 1) or magnitude (bounded by 2), and the residual is
@@ -189,11 +190,13 @@ class FLAME(Defense):
         if self.noise > 0:
             gen = _generator(context, "FLAME (noise > 0)")
             agg += torch.randn(agg.shape, generator=gen, dtype=torch.float64).to(agg.device) * info["noise_std"]
-        return AggregationResult(agg.to(updates.dtype), client_ids, weights=coeffs, flagged=flagged, info=info)
+        return AggregationResult(agg.to(updates.dtype), client_ids, weights=coeffs, flagged=flagged, info=info,
+                                 noise_std=float(info["noise_std"]))
 
     def decide_gram(self, gram: Gram, weights: torch.Tensor, *, context: Mapping[str, Any]) -> AggregationResult:
         coeffs, flagged, info = self._decide(gram.inner.to(torch.float64), gram.client_ids)
-        return AggregationResult(None, gram.client_ids, weights=coeffs, flagged=flagged, info=info)
+        return AggregationResult(None, gram.client_ids, weights=coeffs, flagged=flagged, info=info,
+                                 noise_std=float(info["noise_std"]))
 
 
 class FoolsGold(Defense):

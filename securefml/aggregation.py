@@ -5,6 +5,12 @@ only this step, turns it into the round's aggregate: it checks that the defense 
 was revealed (``Defense.runs_on``), runs it (on updates, or on bucket means), and places the
 result in the full layout with the weight behind each layer.  Protocols never call a defense
 themselves on this path, so a defense is written once for every protocol.
+
+A Gram-revealing protocol (CKKS) asks for its decision mid-round through ``gram_combiner`` and
+then reveals the decided combination (``RevealedGram``); this step applies the rule's typed
+post-processing (``AggregationResult.noise_std``, e.g. FLAME's noise) to it after decryption.
+Per-layer means (CKKS under the weighted mean, ``RevealedLayerMeans``) pass through.  The
+same-layers check (``check_same_layers``) exists here once, for every protocol.
 """
 
 from __future__ import annotations
@@ -18,11 +24,20 @@ from securefml.defenses.base import Defense
 from securefml.defenses.buckets import aggregate_buckets
 from securefml.errors import ConfigError, ProtocolAbort
 from securefml.gram import Gram
-from securefml.reveals import GramCombiner, GramDecision, Revealed, RevealedSums, RevealedUpdates, Reveals
+from securefml.reveals import (
+    GramCombiner,
+    GramDecision,
+    Revealed,
+    RevealedGram,
+    RevealedLayerMeans,
+    RevealedSums,
+    RevealedUpdates,
+    Reveals,
+)
 from securefml.rounds import ClientUpdate, RoundOutput, nothing_accepted, weighted_layer_mean
 from securefml.updates import LayerLayout
 
-__all__ = ["aggregate", "aggregate_plain", "gram_combiner", "streaming_weighted_mean"]
+__all__ = ["aggregate", "aggregate_plain", "check_same_layers", "gram_combiner", "streaming_weighted_mean"]
 
 
 def aggregate(
@@ -62,7 +77,95 @@ def aggregate(
             for c, v, layers, w in zip(revealed.client_ids, revealed.vectors, revealed.layer_sets, revealed.weights)
         ]
         return aggregate_plain(layout, clients, defense, rejected, bytes_uploaded, context)
+    if isinstance(revealed, RevealedLayerMeans):
+        return _aggregate_layer_means(revealed, defense, layout, rejected, bytes_uploaded)
+    if isinstance(revealed, RevealedGram):
+        return _aggregate_gram(revealed, layout, rejected, bytes_uploaded, context)
     return _aggregate_sums(revealed, defense, layout, rejected, bytes_uploaded, context)
+
+
+def check_same_layers(defense: Defense, layer_sets: Sequence[tuple[str, ...]]) -> None:
+    """The same-layers check, once for every protocol: a rule other than the weighted mean
+    needs every client to upload the same layers (a server-dictated selection plan).
+
+    A protocol that must decide before anything is revealed (CKKS packs the Gram's frame from
+    the clients' announced manifests) calls it on the announcements; ``aggregate_plain`` calls it
+    on the decoded updates.
+
+    Raises
+    ------
+    ConfigError
+        If the sets differ and ``defense`` is not the weighted mean.
+    """
+    if len(set(layer_sets)) > 1 and not defense.is_weighted_mean:
+        raise ConfigError(
+            f"defense {defense!r} needs every client to upload the same layers; "
+            "use a server-dictated selection plan with robust rules"
+        )
+
+
+def _with_stats(out: RoundOutput, revealed: RevealedLayerMeans | RevealedGram) -> RoundOutput:
+    if revealed.stats is not None:
+        out.extras.update(revealed.stats.to_dict())
+    return out
+
+
+def _aggregate_layer_means(
+    revealed: RevealedLayerMeans,
+    defense: Defense,
+    layout: LayerLayout,
+    rejected: dict[int, str],
+    bytes_uploaded: int,
+) -> RoundOutput:
+    """Per-layer weighted means (CKKS mean mode) -> the round's output; only the mean runs on them."""
+    if not defense.is_weighted_mean:
+        raise ConfigError(f"defense {defense!r} cannot run on per-layer sums; only the weighted mean can")
+    out = RoundOutput(revealed.mean.to(torch.float32), dict(revealed.layer_weight), revealed.client_ids, rejected,
+                      bytes_uploaded=bytes_uploaded)
+    out.extras.update(withheld_layers=tuple(revealed.withheld_layers), layer_counts=dict(revealed.layer_counts),
+                      error_bound=revealed.error_bound)
+    return _with_stats(out, revealed)
+
+
+def _aggregate_gram(
+    revealed: RevealedGram,
+    layout: LayerLayout,
+    rejected: dict[int, str],
+    bytes_uploaded: int,
+    context: Mapping[str, object] | None,
+) -> RoundOutput:
+    """A Gram-decided combination -> the round's output, with the rule's post-processing noise.
+
+    The rule ran mid-round (``gram_combiner``); here its typed ``noise_std`` is applied to the
+    decrypted combination, before it leaves the aggregation step.  A combination that was not
+    decrypted (policy refusal, too few clients) leaves the model as it is: zero weight on
+    every layer, ``withheld_layers`` naming the layers it would have covered.
+    """
+    ids = revealed.client_ids
+    zeros = torch.zeros(layout.numel)
+    nothing = dict.fromkeys(layout.layer_names, 0.0)
+    result = revealed.decision.result if revealed.decision is not None else None
+    flagged = tuple(result.flagged) if result is not None else ()
+    out = RoundOutput(zeros, nothing, ids, rejected, flagged=flagged, bytes_uploaded=bytes_uploaded, defense=result)
+    out.extras["layer_counts"] = dict(revealed.layer_counts)
+    if revealed.gram is not None:
+        out.extras["gram"] = revealed.gram
+    if revealed.policy_refused is not None:
+        out.extras["policy_refused"] = revealed.policy_refused
+    if revealed.combination is None or result is None:
+        out.extras["withheld_layers"] = tuple(revealed.layers) if ids else ()
+        return _with_stats(out, revealed)
+    vec = revealed.combination.detach().to("cpu", torch.float64).reshape(-1)
+    if result.noise_std > 0:
+        # post-processing (FLAME): added right after decryption, before the aggregate leaves this step
+        gen = (context or {}).get("generator")
+        noise = torch.randn(vec.shape, generator=gen if isinstance(gen, torch.Generator) else None,
+                            dtype=torch.float64)
+        vec = vec + float(result.noise_std) * noise
+    out.aggregate = layout.scatter(vec.to(torch.float32), revealed.layers)
+    out.layer_weight = {n: (float(revealed.kept_weight) if n in revealed.layers else 0.0) for n in layout.layer_names}
+    out.extras["withheld_layers"] = ()
+    return _with_stats(out, revealed)
 
 
 def _aggregate_sums(
@@ -153,11 +256,7 @@ def aggregate_plain(
     weights = [c.weight for c in clients]
     layer_sets = {c.layers for c in clients}
     if len(layer_sets) > 1:
-        if not defense.is_weighted_mean:
-            raise ConfigError(
-                f"defense {defense!r} needs every client to upload the same layers; "
-                "use a server-dictated selection plan with robust rules"
-            )
+        check_same_layers(defense, [c.layers for c in clients])
         agg, totals = weighted_layer_mean(layout, [c.vector for c in clients], [c.layers for c in clients], weights)
         return RoundOutput(agg, totals, ids, rejected, bytes_uploaded=nbytes)
     (layers,) = layer_sets

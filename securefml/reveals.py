@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import torch
 
@@ -19,7 +19,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from securefml.defenses.base import AggregationResult
     from securefml.gram import Gram
 
-__all__ = ["Reveals", "Revealed", "RevealedUpdates", "RevealedSums", "GramDecision", "GramCombiner"]
+__all__ = [
+    "Reveals",
+    "Revealed",
+    "RevealedUpdates",
+    "RevealedSums",
+    "RevealedLayerMeans",
+    "RevealedGram",
+    "RoundStats",
+    "GramDecision",
+    "GramCombiner",
+]
 
 
 class Reveals(str, Enum):
@@ -84,8 +94,102 @@ class RevealedSums:
             raise ValueError("one total weight and one contributor set per sum")
 
 
+class RoundStats(Protocol):
+    """What a protocol measured in one round (bytes, ciphertexts, timings), as a typed value.
+
+    Each protocol defines its own frozen dataclass; ``to_dict`` gives the JSON-ready form the
+    aggregation step places in ``RoundOutput.extras`` (and so in the round's history).
+    """
+
+    def to_dict(self) -> dict[str, object]:
+        """The measured values by name (ints, floats, strings, tuples of them)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RevealedLayerMeans:
+    """``Reveals.SUM`` per layer: each layer's weighted mean over the clients that sent it.
+
+    What the CKKS key holder decrypts under the weighted mean: per frame chunk the sum of the
+    signed uploads (each client encrypted ``weight / W * update``), which the server half
+    rescales per layer by ``W / (total weight behind the layer)``.  No single client's
+    coordinates are revealed, only per-layer sums and the declared leakage (participants,
+    layer manifests, weights).
+
+    Attributes
+    ----------
+    mean:
+        Full-layout vector; zeros on layers that were withheld or that nobody sent.
+    layer_weight:
+        Total weight behind each layer (0 where withheld or not sent).
+    client_ids:
+        The clients whose uploads entered the sums.
+    withheld_layers:
+        Layers some clients sent but that were not decrypted (too few contributors, or a
+        combination the key holder's policy refuses).
+    layer_counts:
+        How many accepted clients sent each layer (layout order).
+    error_bound:
+        Bound on each entry's encryption error.
+    """
+
+    mean: torch.Tensor
+    layer_weight: Mapping[str, float]
+    client_ids: tuple[int, ...]
+    withheld_layers: tuple[str, ...]
+    layer_counts: Mapping[str, int]
+    error_bound: float
+    rejected: Mapping[int, str] = field(default_factory=dict)
+    stats: RoundStats | None = None
+    kind: Reveals = Reveals.SUM
+
+
+@dataclass(frozen=True)
+class RevealedGram:
+    """``Reveals.GRAM``: the Gram of the round's uploads, the rule's decision, its combination.
+
+    A Gram-revealing protocol asks the aggregation step for its decision mid-round
+    (``GramCombiner``) and then reveals the one combination that decision names; this value
+    carries all three to the aggregation step, which applies the rule's post-processing
+    (``AggregationResult.noise_std``) and places the combination in the full layout.
+
+    Attributes
+    ----------
+    client_ids, sample_weights:
+        The clients the Gram was built over, in its order, and their declared weights.
+    layers:
+        The (frame) layers the combination covers, layout order.
+    gram:
+        The decrypted Gram; ``None`` when none was computed (fewer clients than the key
+        holder's minimum, or nothing to pack).
+    decision:
+        The aggregation step's decision on ``gram`` (``None`` with ``gram``).
+    combination:
+        ``sum_i c_i u_i`` over ``layers`` (float64); ``None`` when it was not decrypted.
+    kept_weight:
+        Total sample weight of the clients with a non-negligible coefficient.
+    layer_counts:
+        How many accepted clients sent each layer.
+    policy_refused:
+        Why the key holder's policy refuses the decided combination (it was then not asked).
+    """
+
+    client_ids: tuple[int, ...]
+    sample_weights: tuple[float, ...]
+    layers: tuple[str, ...]
+    gram: Gram | None
+    decision: GramDecision | None
+    combination: torch.Tensor | None
+    kept_weight: float
+    layer_counts: Mapping[str, int]
+    policy_refused: str | None = None
+    rejected: Mapping[int, str] = field(default_factory=dict)
+    stats: RoundStats | None = None
+    kind: Reveals = Reveals.GRAM
+
+
 #: What a server half can hand the aggregation step.
-Revealed: TypeAlias = RevealedUpdates | RevealedSums
+Revealed: TypeAlias = RevealedUpdates | RevealedSums | RevealedLayerMeans | RevealedGram
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Protocol halves over bytes: one generic driver, and each client half in its own process.
 
-The plaintext and SecAgg+ halves are driven by ``securefml.protocols.halves.simulate`` and the
+The plaintext, SecAgg+ and CKKS halves are driven by ``securefml.protocols.halves.simulate`` and the
 one aggregation step (``securefml.aggregation.aggregate``); the result must equal what the
 protocol's own in-process ``run_round`` gives.  Then every client half runs in a separate
-process that sees nothing but bytes from a pipe, and the round must come out the same.
+process that sees nothing but bytes from a pipe (for CKKS the key holder and the reference party
+too), and the round must come out the same.
 """
 
 from __future__ import annotations
@@ -204,3 +205,79 @@ def test_the_aggregation_step_refuses_a_rule_the_reveal_cannot_serve() -> None:
     revealed = simulate(SecAggServerHalf(plan), {c: _secagg_half(c, None) for c in COHORT})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="cannot run on what the protocol revealed"):
         aggregate(revealed, TrimmedMean(f=1), LAYOUT)
+
+
+# -- CKKS: clients, key holder and reference party each in its own process ----------------------
+def _serve_half(half: ClientHalf, conn: Connection) -> None:
+    """A child process holding one already-built half (fork: nothing is pickled), bytes over ``conn``."""
+    while True:
+        try:
+            stage = conn.recv_bytes().decode("ascii")
+        except EOFError:
+            return
+        message = conn.recv_bytes()
+        try:
+            conn.send_bytes(b"\x00" + half.respond(stage, message))
+        except ProtocolError as exc:
+            conn.send_bytes(b"\x01" + str(exc).encode("utf-8"))
+
+
+def _halves_in_processes(parties: dict[int, ClientHalf], run: Callable[[dict[int, ClientHalf]], object]) -> object:
+    ctx = mp.get_context("fork")
+    procs, handles = [], {}
+    try:
+        for party, half in parties.items():
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve_half, args=(half, child), daemon=True)
+            proc.start()
+            child.close()
+            procs.append(proc)
+            handles[party] = PipeClient(party, parent)
+        return run(handles)
+    finally:
+        for h in handles.values():
+            h.conn.close()
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():  # pragma: no cover - a hung child must not hang the suite
+                proc.kill()
+
+
+@pytest.mark.parametrize("robust", [False, True])
+def test_ckks_clients_and_key_holder_in_separate_processes(robust: bool) -> None:
+    from securefml.aggregation import gram_combiner
+    from securefml.defenses import FLTrust
+    from securefml.protocols import CKKS
+    from securefml.protocols.base import HalvesSetup
+    from securefml.protocols.ckks import KEY_HOLDER_PARTY, REFERENCE_PARTY
+    from securefml.protocols.ckks_stats import inner_product_error_bound, sum_error_bound
+
+    proto = CKKS(preset="stats")
+    ups = [_update(c) for c in COHORT]
+    reference = 0.3 * torch.randn(LAYOUT.numel, generator=torch.Generator().manual_seed(99)) if robust else None
+    defense = FLTrust() if robust else Mean()
+    setup = HalvesSetup(defense, combine=gram_combiner(defense) if robust else None, reference=reference)
+    halves = proto.round_halves(ROUND, ups, LAYOUT, setup=setup)
+    assert KEY_HOLDER_PARTY in halves.services and (REFERENCE_PARTY in halves.services) is robust
+    seen = Transcript()
+
+    def run(parties: dict[int, ClientHalf]):  # type: ignore[no-untyped-def]
+        return aggregate(simulate(halves.server, parties, transcript=seen), defense, LAYOUT)
+
+    remote = _halves_in_processes(halves.parties(), run)
+    assert not seen.client_errors and not seen.rejected and not seen.dropped
+    # the same round in this process (next round: the key holder in the child kept its ledger)
+    local = proto.run_round(ROUND + 1, ups, LAYOUT, defense=defense, reference=reference)
+    assert remote.accepted == local.accepted == COHORT  # type: ignore[attr-defined]
+    tol = 10 * sum_error_bound(len(COHORT), 1.0)
+    assert float((remote.aggregate - local.aggregate).abs().max()) <= tol  # type: ignore[attr-defined]
+    if not robust:
+        w = torch.tensor([u.weight for u in ups], dtype=torch.float64)
+        expected = (torch.stack([u.vector.double() for u in ups]) * w[:, None]).sum(0) / w.sum()
+        assert float((remote.aggregate.double() - expected).abs().max()) <= tol  # type: ignore[attr-defined]
+    else:
+        bound = inner_product_error_bound(LAYOUT.numel, 2.0)
+        g_remote, g_local = remote.extras["gram"], local.extras["gram"]  # type: ignore[attr-defined]
+        assert torch.allclose(g_remote.inner, g_local.inner, atol=2 * bound)
+        assert torch.allclose(g_remote.reference, g_local.reference, atol=2 * bound)
+        torch.testing.assert_close(remote.defense.weights, local.defense.weights, atol=1e-3, rtol=0)  # type: ignore[attr-defined]

@@ -16,7 +16,12 @@ own policy code), each chunk at most once per round; a Gram is returned only as 
 inner products of >= ``min_contributors`` genuine uploads (and of the reference party's
 signed reference), once per round.
 
-CI runs 60 + 20 examples (about 10 s); ``SECUREFML_SLOW=1 pytest -m slow`` runs 600 more.
+The key holder is its own party: the same requests also reach it as bytes through its half
+(``CKKSKeyHolderHalf``), and a server may send that half *any* bytes (random, truncated,
+bit-flipped encodings of an honest request): it raises a typed ``ProtocolError`` or answers with
+exactly what the decoded request may have, checked against the same ground truth.
+
+CI runs 60 + 20 + 25 examples (about 15 s); ``SECUREFML_SLOW=1 pytest -m slow`` runs 600 more.
 """
 
 from __future__ import annotations
@@ -33,10 +38,23 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from securefml.errors import DecryptionError, PolicyViolation
+from securefml.errors import DecryptionError, PolicyViolation, ProtocolError
 from securefml.protocols.base import ClientUpdate
-from securefml.protocols.ckks import CKKS, REFERENCE_PARTY
+from securefml.protocols.ckks import CKKS, KEY_HOLDER_PARTY, REFERENCE_PARTY
 from securefml.protocols.ckks_auth import SignedUpload, UploadSigner
+from securefml.protocols.ckks_codec import (
+    CHUNKS,
+    GRAM,
+    Blame,
+    decode_aggregate_request,
+    decode_chunks,
+    decode_gram,
+    decode_gram_request,
+    decode_reply,
+    encode_aggregate_request,
+    encode_gram_request,
+)
+from securefml.protocols.ckks_key_holder_half import DECRYPT_STAGE, GRAM_STAGE, CKKSKeyHolderHalf
 from securefml.protocols.ckks_keys import CKKSKeyHolder
 from securefml.protocols.ckks_policy import AggregateRequest, GramRequest
 from securefml.protocols.ckks_stats import PackingFrame
@@ -191,6 +209,25 @@ def test_curious_server_gets_only_policy_combinations_long(driver, sets, scales,
     check_combinations(driver, sets, scales, seed, data)
 
 
+def through_half(kh: CKKSKeyHolder, round_idx: int, stage: str, payload: bytes):
+    """Send ``payload`` to the key holder's half; a blame (nothing decrypted) counts as refused."""
+    reply = CKKSKeyHolderHalf(kh, LAYOUT, round_idx=round_idx).respond(stage, payload)
+    got = decode_reply(reply, round_idx, KEY_HOLDER_PARTY, expect=CHUNKS if stage == DECRYPT_STAGE else GRAM)
+    if isinstance(got, Blame):
+        raise DecryptionError(got.reason, sender=got.party)
+    if stage == DECRYPT_STAGE:
+        return decode_chunks(got, KEY_HOLDER_PARTY, kh.preset.slots)
+    return decode_gram(got, KEY_HOLDER_PARTY)
+
+
+def encoded(encode, req) -> bytes | None:
+    """The request's bytes, or None when it is not even encodable (ill-typed fields)."""
+    try:
+        return encode(req)
+    except Exception:
+        return None
+
+
 def check_combinations(driver, sets, scales, seed, data):
     kh = driver.key_holder
     rnd = make_round(driver, sets, scales, seed)
@@ -201,9 +238,14 @@ def check_combinations(driver, sets, scales, seed, data):
             with pytest.raises(REFUSED):
                 kh.decrypt_aggregate(req, contributors=claim)
             continue
+        payload = encoded(encode_aggregate_request, req) if data.draw(st.booleans(), label="as bytes") else None
         try:
-            out = kh.decrypt_aggregate(req)
-        except REFUSED:
+            if payload is None:
+                out = kh.decrypt_aggregate(req)
+            else:  # through the key holder's half; it decodes what it checks from the bytes alone
+                out = through_half(kh, rnd.idx, DECRYPT_STAGE, payload)
+                req = decode_aggregate_request(payload, req.round_idx, LAYOUT, max_bytes=1 << 30)
+        except (*REFUSED, ProtocolError):
             OUTCOMES["refused"] += 1
             continue
         OUTCOMES["decrypted"] += 1
@@ -249,6 +291,22 @@ def gram_requests(draw, rnd: Round, ctx: ts.Context, ctx_fp: bytes):
     return GramRequest(round_idx, rnd.frame, tuple(uploads), ref)
 
 
+def check_gram(rnd: Round, req: GramRequest, gram) -> None:
+    """A returned Gram is the true inner products of >= min_contributors genuine full uploads."""
+    ids = [u.sender for u in req.uploads]
+    assert req.round_idx == rnd.idx and len(set(ids)) == len(ids) >= MIN_CONTRIBUTORS
+    for u in req.uploads:
+        assert u == rnd.uploads[u.sender] and u.layers == FULL
+    x = np.stack([rnd.truth[c] for c in ids])
+    assert np.abs(gram.inner.numpy() - x @ x.T).max() < TOL
+    if req.reference is None:
+        assert gram.reference is None
+    else:
+        assert req.reference == rnd.reference  # only the reference party's signed upload
+        assert np.abs(gram.reference.numpy() - x @ rnd.ref_truth).max() < TOL
+        assert abs(gram.reference_sq_norm - float(rnd.ref_truth @ rnd.ref_truth)) < TOL
+
+
 @settings(max_examples=20, **SETTINGS)
 @given(layer_sets, st.integers(0, 2**16), st.data())
 def test_curious_server_gets_only_the_signed_uploads_gram(driver, sets, seed, data):
@@ -257,26 +315,74 @@ def test_curious_server_gets_only_the_signed_uploads_gram(driver, sets, seed, da
     got_gram = False
     for _ in range(data.draw(st.integers(1, 2), label="requests")):
         req = data.draw(gram_requests(rnd, driver.client.context, kh.fingerprint), label="gram request")
+        payload = encoded(encode_gram_request, req) if data.draw(st.booleans(), label="as bytes") else None
         try:
-            gram = kh.decrypt_gram(req)
-        except REFUSED:
+            if payload is None:
+                gram = kh.decrypt_gram(req)
+            else:
+                gram = through_half(kh, rnd.idx, GRAM_STAGE, payload)
+                req = decode_gram_request(payload, req.round_idx, LAYOUT, max_bytes=1 << 30)
+        except (*REFUSED, ProtocolError):
             OUTCOMES["gram refused"] += 1
             continue
         OUTCOMES["gram decrypted"] += 1
         assert not got_gram  # one Gram per round
         got_gram = True
-        ids = [u.sender for u in req.uploads]
-        assert req.round_idx == rnd.idx and len(set(ids)) == len(ids) >= MIN_CONTRIBUTORS
-        for u in req.uploads:
-            assert u == rnd.uploads[u.sender] and u.layers == FULL
-        x = np.stack([rnd.truth[c] for c in ids])
-        assert np.abs(gram.inner.numpy() - x @ x.T).max() < TOL
-        if req.reference is None:
-            assert gram.reference is None
-        else:
-            assert req.reference == rnd.reference  # only the reference party's signed upload
-            assert np.abs(gram.reference.numpy() - x @ rnd.ref_truth).max() < TOL
-            assert abs(gram.reference_sq_norm - float(rnd.ref_truth @ rnd.ref_truth)) < TOL
+        check_gram(rnd, req, gram)
+
+
+def mutate(draw, payload: bytes) -> bytes:
+    how = draw(st.sampled_from(["none", "random", "flip", "flip-header", "truncate", "extend"]))
+    if how == "none":
+        return payload
+    if how == "random":
+        return draw(st.binary(min_size=0, max_size=512))
+    # positions as fractions: the payload's length varies with the (randomized) ciphertexts
+    if how == "truncate":
+        return payload[: int(draw(st.floats(0, 1, exclude_max=True)) * len(payload))]
+    if how == "extend":
+        return payload + draw(st.binary(min_size=1, max_size=16))
+    # a flip anywhere (mostly ciphertext bytes), or in the first and last 2 KiB (framing,
+    # coefficients, chunk lists, signatures)
+    span = len(payload) if how == "flip" else 2048
+    pos = int(draw(st.floats(0, 1, exclude_max=True)) * span)
+    if how == "flip-header" and draw(st.booleans()):
+        pos = len(payload) - 1 - pos
+    return payload[:pos] + bytes([payload[pos] ^ draw(st.integers(1, 255))]) + payload[pos + 1 :]
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(st.sampled_from([DECRYPT_STAGE, GRAM_STAGE]), st.integers(0, 2**16), st.data())
+def test_any_bytes_sent_to_the_key_holder_half_reveal_nothing_outside_the_policy(driver, stage, seed, data):
+    """The server half may send the key holder's half any bytes: typed refusal, or an allowed answer."""
+    kh = driver.key_holder
+    rnd = make_round(driver, [FULL] * N_CLIENTS, [0.25] * N_CLIENTS, seed)
+    everyone = tuple(rnd.uploads.values())
+    if stage == DECRYPT_STAGE:
+        payload = encode_aggregate_request(AggregateRequest(rnd.idx, rnd.frame, everyone,
+                                                            dict.fromkeys(rnd.uploads, 1.0)))
+    else:
+        payload = encode_gram_request(GramRequest(rnd.idx, rnd.frame, everyone, rnd.reference))
+    sent = mutate(data.draw, payload)
+    try:
+        out = through_half(kh, rnd.idx, stage, sent)
+    except ProtocolError:
+        assert sent != payload, "the honest request must be answered"
+        OUTCOMES["refused"] += 1
+        return
+    OUTCOMES["decrypted"] += 1
+    # it answered: the bytes decode to a request the stated policy allows, answered truthfully
+    if stage == GRAM_STAGE:
+        check_gram(rnd, decode_gram_request(sent, rnd.idx, LAYOUT, max_bytes=1 << 30), out)
+        return
+    req = decode_aggregate_request(sent, rnd.idx, LAYOUT, max_bytes=1 << 30)
+    assert req.frame == rnd.frame
+    for u in req.uploads:
+        assert u == rnd.uploads[u.sender]
+    coeffs = {c: float(w) for c, w in req.coefficients.items()}
+    assert allowed(rnd, coeffs, req.chunks)
+    expected = sum(coeffs[c] * rnd.truth[c] for c in coeffs if coeffs[c] > 1e-9)
+    assert np.abs(out[0] - expected).max() < TOL * max(1.0, max(coeffs.values()))
 
 
 def test_server_made_basis_probe_and_differences_are_refused(driver):

@@ -20,7 +20,7 @@ from securefml.errors import (
     ReplayError,
 )
 from securefml.gram import Gram
-from securefml.protocols.base import ClientUpdate, Reveals, Transport, weighted_layer_mean
+from securefml.protocols.base import ClientUpdate, HalvesSetup, Reveals, Transport, weighted_layer_mean
 from securefml.protocols.ckks import CKKS, CKKSClient, CKKSServer
 from securefml.protocols.ckks_auth import UploadSigner
 from securefml.protocols.ckks_keys import PRESETS, CKKSKeyHolder, get_preset, load_public_context
@@ -162,7 +162,8 @@ def test_frame_packs_densely_and_reports_utilisation(add_proto):
     out = add_proto.run_round(0, ups, LAYOUT, defense=Mean())
     assert out.extras["ciphertexts"] == 3 * frame.n_chunks
     assert out.extras["slot_utilisation"] == pytest.approx(LAYOUT.numel / (frame.n_chunks * slots))
-    assert out.bytes_uploaded == out.extras["bytes_uploaded"] > 0
+    # the clients' announcements and uploads; the driver's count also has the key holder's replies
+    assert out.bytes_uploaded > out.extras["bytes_uploaded"] > 0
 
 
 # -- weighted mean -----------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_mean_over_client_chosen_layers_matches_plaintext(proto_name, request):
     assert out.layer_weight == totals
     assert torch.allclose(out.aggregate.double(), ref.double(), atol=sum_error_bound(4, 5.0) * 10)
     assert out.extras["layer_counts"] == {"a": 3, "b": 3}
-    for key in ("encrypt_s", "server_receive_s", "decrypt_s", "total_s"):
+    for key in ("server_receive_s", "decrypt_s", "total_s"):  # the server's own clock (clients time themselves)
         assert out.extras["timing"][key] >= 0
 
 
@@ -265,13 +266,13 @@ def test_multiply_accumulate_gram_equals_naive_dot_products():
 
 # -- rejection of bad messages -----------------------------------------------------------------------
 class Tamper(Transport):
-    """Applies ``fn(sender, data)`` to every message of the clients in ``targets``."""
+    """Applies ``fn(sender, data)`` to the upload (stage ``"update"``) of the clients in ``targets``."""
 
     def __init__(self, targets, fn):
         self.targets, self.fn = set(targets), fn
 
     def deliver(self, sender, stage, data):
-        return self.fn(sender, data) if sender in self.targets else data
+        return self.fn(sender, data) if sender in self.targets and stage == "update" else data
 
 
 def _rebuild(data, **changes):
@@ -342,8 +343,20 @@ def test_rejects_other_round_and_other_sender(add_proto):
 
 def test_rejects_duplicate_message_and_replayed_ciphertext(add_proto):
     ups = make_updates([("a", "b")] * 3, seed=30)
-    out = add_proto.run_round(24, ups + [ups[1]], LAYOUT, defense=Mean())
-    assert out.accepted == (0, 1, 2) and "ReplayError" in out.rejected[1]
+    halves = add_proto.round_halves(24, ups, LAYOUT, setup=HalvesSetup(Mean()))
+    server, clients = halves.server, halves.clients
+    opened = server.next_stage()
+    announced = {c: clients[c].respond(opened.stage, msg) for c, msg in opened.messages.items()}
+    for c, reply in announced.items():
+        server.receive(c, reply)
+    with pytest.raises(ReplayError, match="duplicate announcement"):
+        server.receive(1, announced[1])
+    server.close_stage()
+    opened = server.next_stage()
+    sent = clients[1].respond(opened.stage, opened.messages[1])
+    server.receive(1, sent)
+    with pytest.raises(ReplayError, match="duplicate message"):
+        server.receive(1, sent)
 
     stolen = {}
 
@@ -472,3 +485,34 @@ def test_key_holder_ledger_and_registry_survive_a_checkpoint(add_proto):
     again = AggregateRequest(90, frame, uploads, dict.fromkeys(range(3), 1.0))
     with pytest.raises(PolicyViolation, match="already decrypted"):
         add_proto.key_holder.decrypt_aggregate(again)
+
+
+# -- the halves: announcements bind the upload; clients check the server's plan ----------------------
+def test_upload_whose_weight_differs_from_the_announced_one_is_rejected(add_proto):
+    class Reannounce(Transport):  # client 1's announcement is altered on the wire: weight 9
+        def deliver(self, sender, stage, data):
+            if sender == 1 and stage == "announce":
+                return _rebuild(data, fields={"weight": struct.pack(">d", 9.0)})
+            return data
+
+    ups = make_updates([("a", "b")] * 4, seed=95)
+    out = add_proto.run_round(95, ups, LAYOUT, defense=Mean(), transport=Reannounce())
+    assert set(out.rejected) == {1} and "announced" in out.rejected[1]
+    ref, _ = reference_mean([u for u in ups if u.client_id != 1])
+    assert torch.allclose(out.aggregate.double(), ref.double(), atol=1e-4)
+
+
+def test_client_half_stops_on_a_plan_for_another_key_set_or_a_normalizer_below_its_weight(add_proto, stats_proto):
+    from securefml.protocols.ckks_codec import encode_upload_plan
+
+    ups = make_updates([("a", "b")] * 2, seed=96)
+    ours = add_proto.round_halves(96, ups, LAYOUT, setup=HalvesSetup(Mean()))
+    other = stats_proto.round_halves(96, ups, LAYOUT, setup=HalvesSetup(Mean()))
+    foreign_plan = other.server.next_stage().messages[0]
+    with pytest.raises(ProtocolError, match="another CKKS key set"):
+        ours.clients[0].respond("announce", foreign_plan)
+    plan = ours.server.next_stage().messages[1]
+    ours.clients[1].respond("announce", plan)
+    frame = add_proto.frame_for(LAYOUT, [("a", "b")] * 2)
+    with pytest.raises(ProtocolError, match="does not cover"):  # weight 2, a server claiming W = 1
+        ours.clients[1].respond("update", encode_upload_plan(96, frame, 1.0))
