@@ -50,6 +50,10 @@ def _secagg_half(c: int, key: bytes | None) -> ClientHalf:
     return SecAggClientHalf(c, u.vector, u.weight, round_idx=ROUND, identity=identity)
 
 
+#: how long the server side waits for one reply from a child process
+REPLY_TIMEOUT_S = 120.0
+
+
 def _serve(build: Callable[[int, bytes | None], ClientHalf], c: int, key: bytes | None, conn: Connection) -> None:
     """A child process: one client half, bytes in and bytes out over ``conn`` until closed."""
     half = build(c, key)
@@ -75,9 +79,13 @@ class PipeClient(ClientHalf):
     def respond(self, stage: str, message: bytes) -> bytes:
         self.conn.send_bytes(stage.encode("ascii"))
         self.conn.send_bytes(message)
+        if not self.conn.poll(REPLY_TIMEOUT_S):  # a dead or hung child fails the test, never hangs it
+            raise AssertionError(f"party {self.party} gave no reply at {stage!r} within {REPLY_TIMEOUT_S} s")
         reply = self.conn.recv_bytes()
         if reply[:1] == b"\x01":
             raise ProtocolError(reply[1:].decode("utf-8"), sender=self.party)
+        if reply[:1] == b"\x02":
+            raise AssertionError(f"party {self.party} failed at {stage!r}: {reply[1:].decode('utf-8')}")
         return reply[1:]
 
 
@@ -220,6 +228,9 @@ def _serve_half(half: ClientHalf, conn: Connection) -> None:
             conn.send_bytes(b"\x00" + half.respond(stage, message))
         except ProtocolError as exc:
             conn.send_bytes(b"\x01" + str(exc).encode("utf-8"))
+        except Exception as exc:  # any other failure is reported, never a silent dead child
+            conn.send_bytes(b"\x02" + f"{type(exc).__name__}: {exc}".encode("utf-8"))
+            return
 
 
 def _halves_in_processes(parties: dict[int, ClientHalf], run: Callable[[dict[int, ClientHalf]], object]) -> object:
