@@ -27,7 +27,7 @@ import torch
 
 from securefml.aggregation import aggregate, gram_combiner
 from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
-from securefml.protocols.halves import ClientHalf, ServerHalf, Transcript, simulate
+from securefml.protocols.halves import ClientHalf, RoundStats, ServerHalf, Transcript, simulate
 from securefml.reveals import GramCombiner, Reveals
 from securefml.rounds import (
     ClientUpdate,
@@ -160,7 +160,18 @@ class AggregationProtocol(ABC):
         out.rejected = {**{c: f"client stopped: {why}" for c, why in transcript.client_errors.items()},
                         **transcript.rejected, **out.rejected}
         out.extras.setdefault("dropped", dict(transcript.dropped))
+        stats = self.round_stats(halves)
+        if stats is not None:
+            out.extras = {**stats.to_dict(), **out.extras}
         return out
+
+    def round_stats(self, halves: RoundHalves) -> RoundStats | None:
+        """The round's typed statistics for its record: the server half's own by default.
+
+        A protocol whose clients count something of their own (never sent) may add it here for
+        in-process rounds, where the driver holds every half anyway.
+        """
+        return halves.server.stats
 
     def check_defense(self, defense: Defense) -> None:
         """Raise ``ConfigError`` if ``defense`` cannot run on what this protocol reveals."""
