@@ -100,10 +100,10 @@ weight counts as the bound.
 
 Bucketed mode (``buckets = s >= 2``): the cohort is split into ``n // s`` random buckets of
 (at least) ``s`` clients by a partition derived from SHA-256 of the public round data (the
-server cannot choose it; clients can recompute it); each bucket runs its own secure sum, all of them side
-by side in one server half (``secagg_halves.SecAggServerHalf``); the aggregation step
-(``securefml.aggregation.aggregate``) gives the defense the bucket means with the bucket total weights (Karimireddy et al., ICLR 2022,
-bucketing), through ``securefml.defenses.buckets.aggregate_buckets``.  The declared leakage
+server cannot choose it; clients can recompute it); each bucket runs its own secure sum, all of
+them side by side in one server half (``secagg_halves.SecAggServerHalf``); the aggregation step
+(``securefml.aggregation.aggregate``) gives the defense the bucket means with the bucket total
+weights (Karimireddy et al., ICLR 2022, bucketing), through ``securefml.defenses.buckets.aggregate_buckets``.  The declared leakage
 grows as ``s`` shrinks: the server learns the sum of every bucket of ``s`` clients.  A bucket
 that falls below threshold aborts alone and the others go on.
 
