@@ -103,9 +103,10 @@ Bucketed mode (``buckets = s >= 2``): the cohort is split into ``n // s`` random
 server cannot choose it; clients can recompute it); each bucket runs its own secure sum, all of
 them side by side in one server half (``secagg_halves.SecAggServerHalf``); the aggregation step
 (``securefml.aggregation.aggregate``) gives the defense the bucket means with the bucket total
-weights (Karimireddy et al., ICLR 2022, bucketing), through ``securefml.defenses.buckets.aggregate_buckets``.  The declared leakage
-grows as ``s`` shrinks: the server learns the sum of every bucket of ``s`` clients.  A bucket
-that falls below threshold aborts alone and the others go on.
+weights (Karimireddy et al., ICLR 2022, bucketing), through
+``securefml.defenses.buckets.aggregate_buckets``.  The declared leakage grows as ``s``
+shrinks: the server learns the sum of every bucket of ``s`` clients.  A bucket that falls
+below threshold aborts alone and the others go on.
 
 Differences from Flower's SecAgg+ (1.42): AES-256-CTR masks from full 256-bit seeds (not
 MT19937 seeded with 32 bits); 33-byte Shamir shares of raw 32-byte secrets (not 306-byte PEM
@@ -165,6 +166,7 @@ from securefml.protocols.secagg_halves import SecAggClientHalf, SecAggPlanningHa
 from securefml.protocols.secagg_params import graph_params, resolve_max_weight
 from securefml.protocols.secagg_plan import RoundPlan
 from securefml.protocols.secagg_stats import SecAggClientStats, SecAggRoundStats, SumResult
+from securefml.reveals import RevealedSums
 from securefml.updates import LayerLayout
 
 __all__ = ["SecAggPlus", "SumResult"]
@@ -474,8 +476,10 @@ class SecAggPlus(AggregationProtocol):
         seen = Transcript()
         res = SumResult(plan.cohort, plan.params, None, 0.0, ())
         t0 = time.perf_counter()
+        revealed: RevealedSums | None
         try:
-            revealed = simulate(server, clients, transport=transport, transcript=seen)
+            simulate(server, clients, transport=transport, transcript=seen)
+            revealed = server.revealed()
         except ProtocolAbort as exc:
             log.warning("secagg: round %s aborted: %s", plan.round_idx, exc)
             res.aborted = str(exc)
