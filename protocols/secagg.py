@@ -416,9 +416,9 @@ class SecAggPlus(AggregationProtocol):
         if len(cohort) < 2:
             raise ConfigError(f"secure aggregation needs at least 2 clients, got {len(cohort)}")
 
-        def planner(members: tuple[int, ...], layers: tuple[str, ...]) -> SecAggServerHalf:
-            plans = self.bucket_plans(round_idx, members, layout, layers, max_weight=max_w)
-            return SecAggServerHalf(plans, reveals=self.reveals, checks=self.checks)
+        def planner(everyone: tuple[int, ...], present: tuple[int, ...], layers: tuple[str, ...]) -> SecAggServerHalf:
+            plans = self.bucket_plans(round_idx, everyone, layout, layers, max_weight=max_w)
+            return SecAggServerHalf(plans, reveals=self.reveals, checks=self.checks, present=present)
 
         return SecAggPlanningHalf(round_idx, layout, cohort, planner)
 

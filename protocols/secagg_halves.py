@@ -18,7 +18,8 @@ A round the factory plans itself (``SecAggPlus.server_half``) starts with one mo
 ``layers`` (``SecAggPlanningHalf``): the server does not see any update, so it asks each client
 which layers it uploads (public: per-layer upload counts are declared leakage), takes the layer
 set most clients named, rejects by name any client that named another one, and then plans the
-secure sums over the clients that agree.  A server half built from ready plans
+secure sums over the whole cohort, the silent and the rejected counting as clients that dropped
+before advertising (so the graph, the buckets and the code are those of the announced cohort).  A server half built from ready plans
 (``SecAggServerHalf(plan)``) skips that stage.
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -71,10 +72,18 @@ class SecAggServerHalf(ServerHalf):
     checks:
         Range-check each decoded sum (``FixedPoint.check_sum``).  ``False`` only to measure the
         check's cost: without it a client's out-of-code ring element corrupts the sum.
+    present:
+        The planned clients still taking part (default: all); the others are treated as clients
+        that dropped before advertising, exactly as SecAgg+ handles them (no message, no mask).
     """
 
     def __init__(
-        self, plans: RoundPlan | Sequence[RoundPlan], *, reveals: Reveals | None = None, checks: bool = True
+        self,
+        plans: RoundPlan | Sequence[RoundPlan],
+        *,
+        reveals: Reveals | None = None,
+        checks: bool = True,
+        present: Collection[int] | None = None,
     ) -> None:
         self.plans: tuple[RoundPlan, ...] = (plans,) if isinstance(plans, RoundPlan) else tuple(plans)
         if not self.plans:
@@ -99,7 +108,8 @@ class SecAggServerHalf(ServerHalf):
             self._stages.append(Stage.CONSISTENCY)
         self._stages.append(Stage.UNMASK)
         self._at = -1
-        self._answered = [set(p.cohort) for p in self.plans]  # who answered the previous stage, per sum
+        here = set(members) if present is None else set(present)
+        self._answered = [set(p.cohort) & here for p in self.plans]  # who answered the previous stage, per sum
         self._replied: list[set[int]] = [set() for _ in self.plans]
         self._sums: dict[int, tuple[np.ndarray, float, tuple[int, ...], float]] = {}
         self._aborted: dict[int, str] = {}
@@ -271,8 +281,10 @@ class SecAggPlanningHalf(ServerHalf):
     round_idx, layout, cohort:
         The round, the model layout every client must share, and the clients asked.
     planner:
-        Builds the round's server half for the clients that named the chosen layer set; it may
-        raise ``ProtocolAbort`` (too few of them for the planned sums).
+        ``planner(cohort, present, layers)`` builds the round's server half: the plans cover the
+        whole ``cohort`` (so the graph and the code are sized as announced), and the clients not
+        in ``present`` (silent at this stage, or naming other layers) count as dropped before
+        advertising.  It may raise ``ProtocolAbort``.
     """
 
     def __init__(
@@ -280,7 +292,7 @@ class SecAggPlanningHalf(ServerHalf):
         round_idx: int,
         layout: LayerLayout,
         cohort: Sequence[int],
-        planner: Callable[[tuple[int, ...], tuple[str, ...]], SecAggServerHalf],
+        planner: Callable[[tuple[int, ...], tuple[int, ...], tuple[str, ...]], SecAggServerHalf],
     ) -> None:
         if len(set(cohort)) != len(cohort):
             raise ConfigError("client ids in one round must be distinct")
@@ -363,7 +375,7 @@ class SecAggPlanningHalf(ServerHalf):
         if len(members) < 2:
             raise ProtocolAbort(f"only {len(members)} client(s) upload the same layers; a secure sum needs 2")
         t0 = time.perf_counter()
-        self.inner = self._planner(tuple(members), layers)
+        self.inner = self._planner(self.cohort, tuple(members), layers)
         self._server_s += time.perf_counter() - t0
 
     def revealed(self) -> RevealedSums:
