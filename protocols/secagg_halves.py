@@ -19,7 +19,8 @@ A round the factory plans itself (``SecAggPlus.server_half``) starts with one mo
 which layers it uploads (public: per-layer upload counts are declared leakage), takes the layer
 set most clients named, rejects by name any client that named another one, and then plans the
 secure sums over the whole cohort, the silent and the rejected counting as clients that dropped
-before advertising (so the graph, the buckets and the code are those of the announced cohort).  A server half built from ready plans
+before advertising (so the graph, the buckets and the code are those of the announced cohort).
+A server half built from ready plans
 (``SecAggServerHalf(plan)``) skips that stage.
 """
 
