@@ -20,8 +20,7 @@ which layers it uploads (public: per-layer upload counts are declared leakage), 
 set most clients named, rejects by name any client that named another one, and then plans the
 secure sums over the whole cohort, the silent and the rejected counting as clients that dropped
 before advertising (so the graph, the buckets and the code are those of the announced cohort).
-A server half built from ready plans
-(``SecAggServerHalf(plan)``) skips that stage.
+A server half built from ready plans (``SecAggServerHalf(plan)``) skips that stage.
 """
 
 from __future__ import annotations
