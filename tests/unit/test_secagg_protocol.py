@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.mean import Mean
@@ -276,3 +278,34 @@ def test_masked_vector_of_zeros_looks_uniform() -> None:
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 350.0  # 255 dof: P[chi2 > 350] < 1e-4
     assert math.isfinite(chi2)
+
+
+class _GarbleLayers(Transport):
+    def __init__(self, victim: int, junk: bytes) -> None:
+        self.victim, self.junk = victim, junk
+
+    def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
+        return self.junk if (sender == self.victim and stage == "layers") else data
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 5))
+def test_any_bytes_at_the_layers_stage_reject_only_their_sender(junk: bytes, victim: int) -> None:
+    ups = updates(6, seed=11)
+    out = SecAggPlus(dropout_fraction=0.3).run_round(0, ups, LAYOUT, defense=Mean(),
+                                                     transport=_GarbleLayers(victim, junk))
+    assert set(out.rejected) == {victim} and f"sender {victim}" in out.rejected[victim]
+    kept = set(range(6)) - {victim}
+    assert set(out.accepted) == kept
+    assert torch.allclose(out.aggregate, plain_mean(ups, kept), atol=out.extras["error_bound"] + 1e-7)
+
+
+def test_a_client_refuses_a_plan_for_other_layers_than_it_uploads() -> None:
+    from securefml.protocols.secagg_halves import SecAggClientHalf
+
+    proto = SecAggPlus()
+    half = proto.client_half(0, LAYOUT, updates(3)[0])
+    other = proto.plan(0, [0, 1, 2], LAYOUT.numel_of(("b",)), max_weight=4.0, layout=LAYOUT, layers=("b",))
+    assert isinstance(half, SecAggClientHalf)
+    with pytest.raises(ProtocolError, match="other layers"):
+        half.respond("advertise", other.to_bytes())
