@@ -4,10 +4,17 @@ Prints one JSON object.  Scenarios (issue 5): N=100 clients, L=1,000,000 entries
 neighbours, with no dropouts and with 10% of clients dropping after sharing their keys (the
 server then removes their pairwise masks); full SecAgg (k = n - 1) at N=100, L=100,000.
 The floor is the plain sum of N float32 vectors of L entries (numpy, in place).  ``clients_s``
-and ``server_s`` split the round as the in-memory driver saw it; ``round_s`` is the whole
-round's wall time; ``main_process_cpu_s`` is the CPU time of this process during the round
-(the whole cost when ``workers == 1``; it does not grow with other load on the machine).  The
-machine's other load shows in ``load_avg``: timings are only comparable within one run.
+(the client halves' own time) and ``server_s`` (the server half's) split the round as the
+generic driver ran it; ``round_s`` is the whole round's wall time; ``main_process_cpu_s`` is the
+CPU time of this process during the round (the whole cost: SecAgg+ has no worker pool; it does
+not grow with other load on the machine the way wall time does).  The machine's other load
+shows in ``load_avg``: timings are only comparable within one run.
+
+The mask-expansion floor (issue 15): a round expands ``N * (k + 1)`` keystreams on the clients
+(k pairwise masks and one self mask each) and ``N`` on the server (the self masks), each of 4L
+bytes of AES-256-CTR added into a uint32 vector.  ``mask_floor`` times 64 such expansions in
+the same run (best of 3) and scales to the round's count: ``round_over_mask_floor`` is the
+round's CPU time over that floor, the part of the round no implementation on one core avoids.
 
 Cost of the issue-11 checks (``checks_cost``): rounds with ``SecAggPlus(checks=True)`` (clients
 verify exclusions and keep ``t`` mask peers; the decoded sum is range-checked) and with
@@ -15,7 +22,8 @@ verify exclusions and keep ``t`` mask peers; the decoded sum is range-checked) a
 ratio of the median round times is printed (target <= 1.1).  ``--no-checks`` runs the main
 scenarios without the checks; ``--only-checks-cost`` runs just the interleaved comparison.
 
-Usage: ``python benchmarks/secagg.py [--quick] [--workers 2] [--no-checks] [--only-checks-cost] [--repeats 5]``.
+Usage: ``python benchmarks/secagg.py [--quick] [--no-checks] [--only-checks-cost] [--repeats 5]
+[--out benchmarks/json/secagg.json]``.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 
 from securefml.defenses import Mean
 from securefml.protocols import ClientUpdate, Plaintext, SecAggPlus
+from securefml.protocols.prg import MaskStreams, new_seed
 from securefml.testing.secagg_strategies import DropAt
 from securefml.updates import LayerLayout
 
@@ -44,6 +53,19 @@ def floor_sum(vectors: list[np.ndarray], repeats: int = 3) -> float:
             np.add(acc, v, out=acc)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def mask_floor(n: int, length: int, k: int, repeats: int = 3, sample: int = 64) -> dict:
+    """CPU seconds of the round's mask expansion alone: ``n * (k + 2)`` keystreams of 4L bytes."""
+    acc = np.zeros(length, dtype=np.uint32)
+    seeds = [new_seed() for _ in range(sample)]
+    best = float("inf")
+    for _ in range(repeats):
+        c0 = time.process_time()
+        MaskStreams(seeds).apply(acc)
+        best = min(best, time.process_time() - c0)
+    streams = n * (k + 2)
+    return {"streams": streams, "per_stream_cpu_s": best / sample, "floor_cpu_s": best / sample * streams}
 
 
 def make_updates(n: int, length: int, seed: int) -> tuple[list[ClientUpdate], LayerLayout]:
@@ -68,35 +90,33 @@ def timed_round(proto: SecAggPlus, ups: list[ClientUpdate], layout: LayerLayout,
     return {
         "round_s": wall,
         "main_process_cpu_s": cpu,  # the whole round's CPU cost when workers == 1
-        "clients_s": tim["clients_s"],
+        "clients_s": tim.get("clients_s", float("nan")),
         "server_s": tim["server_s"],
         "accepted": len(out.accepted),
         "k_t": out.extras["params"][0],
+        "clipped_fraction": out.extras.get("clipped_fraction"),
         "upload_bytes": out.bytes_uploaded,
         "max_abs_error": err,
         "error_bound": out.extras["error_bound"],
     }
 
 
-def checks_cost(n: int, length: int, k: int, workers: int, repeats: int, signatures: bool) -> dict:
+def checks_cost(n: int, length: int, k: int, repeats: int, signatures: bool) -> dict:
     """Median round time with the issue-11 checks over the median without them (interleaved)."""
     ups, layout = make_updates(n, length, 5)
     times: dict[bool, list[float]] = {True: [], False: []}
     cpu: dict[bool, list[float]] = {True: [], False: []}
-    with SecAggPlus(neighbours=k, workers=workers, signatures=signatures, checks=True) as on, \
-            SecAggPlus(neighbours=k, workers=workers, signatures=signatures, checks=False) as off:
-        small, small_layout = make_updates(4, 8, 0)
-        for proto in (on, off):
-            proto.run_round(0, small, small_layout, defense=Mean())  # start the worker pools outside the timing
-        for r in range(repeats):
-            for checked, proto in ((True, on), (False, off)) if r % 2 == 0 else ((False, off), (True, on)):
-                res = timed_round(proto, ups, layout, r + 1)
-                times[checked].append(res["round_s"])
-                cpu[checked].append(res["main_process_cpu_s"])
+    on = SecAggPlus(neighbours=k, signatures=signatures, checks=True, max_weight=8.0)
+    off = SecAggPlus(neighbours=k, signatures=signatures, checks=False, max_weight=8.0)
+    for r in range(repeats):
+        for checked, proto in ((True, on), (False, off)) if r % 2 == 0 else ((False, off), (True, on)):
+            res = timed_round(proto, ups, layout, r + 1)
+            times[checked].append(res["round_s"])
+            cpu[checked].append(res["main_process_cpu_s"])
     med = {c: statistics.median(v) for c, v in times.items()}
     med_cpu = {c: statistics.median(v) for c, v in cpu.items()}
     return {
-        "n": n, "L": length, "k": k, "workers": workers, "signatures": signatures, "repeats": repeats,
+        "n": n, "L": length, "k": k, "signatures": signatures, "repeats": repeats,
         "round_s_checks_on": times[True], "round_s_checks_off": times[False],
         "median_round_s_checks_on": med[True], "median_round_s_checks_off": med[False],
         "ratio_on_over_off": med[True] / med[False],
@@ -105,22 +125,21 @@ def checks_cost(n: int, length: int, k: int, workers: int, repeats: int, signatu
     }
 
 
-def scenario(n: int, length: int, k: int | None, workers: int, drop_frac: float, floor: float, seed: int,
-             checks: bool = True) -> dict:
+def scenario(n: int, length: int, k: int | None, drop_frac: float, floor: float, seed: int,
+             checks: bool = True, rounds: int = 2) -> dict:
     ups, layout = make_updates(n, length, seed)
     drops = {c: "masked" for c in range(0, n, max(1, round(1 / drop_frac)))} if drop_frac else {}
-    with SecAggPlus(neighbours=k, workers=workers, checks=checks) as proto:
-        small, small_layout = make_updates(4, 8, 0)
-        proto.run_round(0, small, small_layout, defense=Mean())  # start the worker pool outside the timing
-        runs = [timed_round(proto, ups, layout, r + 1, drops) for r in range(2)]
+    proto = SecAggPlus(neighbours=k, checks=checks, max_weight=8.0)  # weights 1..7: the public bound is 8
+    runs = [timed_round(proto, ups, layout, r + 1, drops) for r in range(rounds)]
     best = min(runs, key=lambda r: r["round_s"])
     live = n - len(drops)
     best.update(
         {
             "n": n,
             "L": length,
-            "workers": workers,
             "dropouts": len(drops),
+            "rounds_s": [r["round_s"] for r in runs],
+            "cpu_s": [r["main_process_cpu_s"] for r in runs],
             "server_over_floor": best["server_s"] / floor,
             "round_over_floor": best["round_s"] / floor,
             # all bytes any client sent, over 4 bytes x L per client that sent a masked vector
@@ -135,20 +154,23 @@ def scenario(n: int, length: int, k: int | None, workers: int, drop_frac: float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N=20, L=100,000 (a smoke run)")
-    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-checks", action="store_true", help="main scenarios without the issue-11 checks")
     ap.add_argument("--only-checks-cost", action="store_true", help="only the interleaved checks on/off rounds")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of each kind for checks_cost")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds per scenario (the best is reported)")
+    ap.add_argument("--out", help="also write the JSON here (e.g. benchmarks/json/secagg.json)")
     args = ap.parse_args()
     n, big, small = (20, 100_000, 20_000) if args.quick else (100, 1_000_000, 100_000)
+    machine = {"cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+               "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch_threads": torch.get_num_threads()}
     if args.only_checks_cost:
-        out0 = {
-            "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
-            "checks_cost": checks_cost(n, big, 15, args.workers, args.repeats, False),
-            "checks_cost_signed": checks_cost(n, big, 15, args.workers, args.repeats, True),
+        out0: dict[str, object] = {
+            "machine": machine,
+            "checks_cost": checks_cost(n, big, 15, args.repeats, False),
+            "checks_cost_signed": checks_cost(n, big, 15, args.repeats, True),
         }
         out0["targets"] = {"checks_le_1.1x": out0["checks_cost"]["ratio_on_over_off"] <= 1.1}  # type: ignore[index]
-        print(json.dumps(out0, indent=2))
+        emit(out0, args.out)
         return
     checks = not args.no_checks
 
@@ -161,32 +183,47 @@ def main() -> None:
     del ups, vecs
 
     out: dict[str, object] = {
-        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg()},
+        "machine": machine,
         "floor_plain_sum_s": floor,
         "plaintext_protocol_round_s": plaintext_round,
+        "mask_floor": mask_floor(n, big, 15),
         "checks": checks,
-        "secaggplus": scenario(n, big, 15, args.workers, 0.0, floor, 2, checks),
-        "secaggplus_single_process": scenario(n, big, 15, 1, 0.0, floor, 2, checks),
-        "secaggplus_10pct_dropouts": scenario(n, big, 15, args.workers, 0.1, floor, 3, checks),
-        "checks_cost": checks_cost(n, big, 15, args.workers, args.repeats, False),
+        "secaggplus": scenario(n, big, 15, 0.0, floor, 2, checks, args.rounds),
+        "secaggplus_10pct_dropouts": scenario(n, big, 15, 0.1, floor, 3, checks, args.rounds),
     }
+    if args.repeats:
+        out["checks_cost"] = checks_cost(n, big, 15, args.repeats, False)
     ups_s, layout_s = make_updates(n, small, 4)
     floor_small = floor_sum([u.vector.numpy() for u in ups_s])
     out["floor_plain_sum_small_s"] = floor_small
-    out["secagg_full"] = scenario(n, small, n - 1, args.workers, 0.0, floor_small, 4, checks)
+    out["secagg_full"] = scenario(n, small, n - 1, 0.0, floor_small, 4, checks, args.rounds)
     sp, dr, full = out["secaggplus"], out["secaggplus_10pct_dropouts"], out["secagg_full"]
+    mf = out["mask_floor"]
+    sp["round_cpu_over_mask_floor"] = sp["main_process_cpu_s"] / mf["floor_cpu_s"]  # type: ignore[index]
+    out["machine_after"] = {"load_avg": os.getloadavg()}
     out["targets"] = {
-        "round_le_2s": sp["round_s"] <= 2.0,  # type: ignore[index]
+        # issue 15: <= 1.0 s on 2 cores; wall time on a shared machine says little, so the CPU time is given too
+        "round_le_1s": sp["round_s"] <= 1.0,  # type: ignore[index]
+        "round_cpu_le_1s": sp["main_process_cpu_s"] <= 1.0,  # type: ignore[index]
         "server_le_5x_floor": sp["server_over_floor"] <= 5.0,  # type: ignore[index]
         "server_le_10x_floor_with_10pct_dropouts": dr["server_over_floor"] <= 10.0,  # type: ignore[index]
         "full_secagg_le_10s": full["round_s"] <= 10.0,  # type: ignore[index]
         "upload_le_1.01x_4L": sp["upload_per_client_over_4L"] <= 1.01,  # type: ignore[index]
-        "checks_le_1.1x": out["checks_cost"]["ratio_on_over_off"] <= 1.1,  # type: ignore[index]
     }
-    # Flower's SecAgg+ is a peer to be timed in the same run (issue: honest anchors); until that
-    # driver exists here no ratio against it is computed, and none against a typed-in constant
+    if "checks_cost" in out:
+        out["targets"]["checks_le_1.1x"] = out["checks_cost"]["ratio_on_over_off"] <= 1.1  # type: ignore[index]
+    # Flower's SecAgg+ is timed in the same run by benchmarks/flower_peer.py (its own engineer);
+    # no ratio against it, or against a typed-in constant, is computed here
     out["flower"] = {"anchor": "not measured"}
-    print(json.dumps(out, indent=2))
+    emit(out, args.out)
+
+
+def emit(out: dict, path: str | None) -> None:
+    text = json.dumps(out, indent=2)
+    print(text)
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 
 from securefml.aggregation import aggregate, gram_combiner
 from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
-from securefml.protocols.halves import ClientHalf, ServerHalf, Transcript, simulate
+from securefml.protocols.halves import ClientHalf, RoundStats, ServerHalf, Transcript, simulate
 from securefml.reveals import GramCombiner, Revealed, Reveals
 from securefml.rounds import (
     ClientUpdate,
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 def finish_round(
     revealed: Revealed,
     transcript: Transcript,
-    server: ServerHalf,
+    stats: RoundStats | None,
     defense: Defense,
     layout: LayerLayout,
     *,
@@ -82,10 +82,8 @@ def finish_round(
                     **transcript.rejected, **out.rejected}
     out.extras.setdefault("dropped", dict(transcript.dropped))
     out.extras.setdefault("bytes_to_clients", transcript.bytes_to_clients)
-    stats = getattr(server, "stats", None)
-    to_dict = getattr(stats, "to_dict", None)
-    if callable(to_dict):
-        out.extras.update(to_dict())
+    if stats is not None:
+        out.extras = {**stats.to_dict(), **out.extras}
     return out
 
 
@@ -176,11 +174,11 @@ class AggregationProtocol(ABC):
         *,
         setup: HalvesSetup,
         transport: Transport | None = None,
-    ) -> tuple[Revealed, Transcript, ServerHalf]:
+    ) -> tuple[Revealed, Transcript, RoundHalves]:
         """Build every half of the round and drive them in this process over ``transport``.
 
         Returns what the server half reveals, the driver's transcript (bytes, dropouts, who
-        stopped or was rejected and why) and the server half itself (for its ``stats``).
+        stopped or was rejected and why) and the halves themselves (for ``round_stats``).
         """
         self.check_defense(setup.defense)
         if not updates:
@@ -188,7 +186,7 @@ class AggregationProtocol(ABC):
         halves = self.round_halves(round_idx, updates, layout, setup=setup)
         transcript = Transcript()
         revealed = simulate(halves.server, halves.parties(), transport=transport, transcript=transcript)
-        return revealed, transcript, halves.server
+        return revealed, transcript, halves
 
     def run_round(
         self,
@@ -209,9 +207,17 @@ class AggregationProtocol(ABC):
         revealed.
         """
         setup = self.halves_setup(defense, context=context, reference=reference, max_weight=max_weight)
-        revealed, transcript, server = self.collect(round_idx, updates, layout, setup=setup, transport=transport)
-        return finish_round(revealed, transcript, server, defense, layout, context=context, round_idx=round_idx,
-                            offered=len(updates))
+        revealed, transcript, halves = self.collect(round_idx, updates, layout, setup=setup, transport=transport)
+        return finish_round(revealed, transcript, self.round_stats(halves), defense, layout, context=context,
+                            round_idx=round_idx, offered=len(updates))
+
+    def round_stats(self, halves: RoundHalves) -> RoundStats | None:
+        """The round's typed statistics for its record: the server half's own by default.
+
+        A protocol whose clients count something of their own (never sent) may add it here for
+        in-process rounds, where the driver holds every half anyway.
+        """
+        return halves.server.stats
 
     def check_defense(self, defense: Defense) -> None:
         """Raise ``ConfigError`` if ``defense`` cannot run on what this protocol reveals."""

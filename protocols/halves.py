@@ -17,7 +17,9 @@ or over a user's own transport:
   ``ServerHalf.reject`` and the round goes on), ``ServerHalf.close_stage()`` ends the stage;
 - ``ServerHalf.revealed()`` returns what the protocol reveals, a typed value from
   ``securefml.reveals``; one aggregation step outside the protocols
-  (``securefml.aggregation.aggregate``) runs the defense on it.
+  (``securefml.aggregation.aggregate``) runs the defense on it;
+- ``ServerHalf.stats`` (optional) is what the server half measured, a typed value with
+  ``to_dict()`` (``RoundStats``) that the round record keeps.
 
 A reply that never comes (``Transport.deliver`` returns ``None``) is a dropout: the server half
 is simply not given that party's message, as over a real network.
@@ -29,12 +31,13 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from securefml.errors import InvalidUpdateError, ProtocolError
 from securefml.reveals import Revealed
 from securefml.rounds import Transport
 
-__all__ = ["ClientHalf", "ServerHalf", "StageMessages", "Transcript", "simulate"]
+__all__ = ["ClientHalf", "RoundStats", "ServerHalf", "StageMessages", "Transcript", "simulate"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,17 @@ class Transcript:
     dropped: dict[int, str] = field(default_factory=dict)  # party -> stage it stopped answering at
     client_errors: dict[int, str] = field(default_factory=dict)  # party -> why the client itself stopped
     rejected: dict[int, str] = field(default_factory=dict)  # party -> why the server refused its message
+
+
+@runtime_checkable
+class RoundStats(Protocol):
+    """A protocol's typed per-round statistics (a frozen dataclass in practice).
+
+    ``to_dict()`` returns plain values (``int``, ``float``, ``str``, ``list``, ``dict``) so every
+    field reaches ``RoundOutput.extras`` and the round record.
+    """
+
+    def to_dict(self) -> dict[str, object]: ...
 
 
 class ClientHalf(ABC):
@@ -96,6 +110,11 @@ class ServerHalf(ABC):
     @abstractmethod
     def revealed(self) -> Revealed:
         """What the protocol reveals once the last stage closed."""
+
+    @property
+    def stats(self) -> RoundStats | None:
+        """What this half measured in the round (public to the server); none by default."""
+        return None
 
 
 def simulate(

@@ -12,8 +12,9 @@ Overflow check (the bit budget is picked from ``n``): every rounded entry satisf
 ``|q| <= max_weight * clip * scale + 1``, so choosing
 ``scale = (2**(bits-1-h) - 1 - n) / (n * max_weight * clip)`` (``h = headroom_bits``) keeps
 the sum of ``n`` entries inside the signed range ``(-2**(bits-1-h), 2**(bits-1-h))``: the
-modular sum decodes exactly to the integer sum.  The weight coordinate uses ``weight_scale =
-(2**(bits-1-h) - 1 - n) / (n * max_weight)`` the same way.
+modular sum decodes exactly to the integer sum.  The weight coordinate uses ``weight_scale``,
+the largest power of two at most ``(2**(bits-1-h) - 1 - n) / (n * max_weight)``, the same way
+(a power of two, so integer weights such as sample counts decode exactly).
 
 Headroom and the range check (``check_sum``).  The code reserves ``headroom_bits`` (default
 1) above what ``n`` in-range inputs can reach: the scales use ``2**(bits-1-headroom_bits)``.  An
@@ -109,7 +110,12 @@ class FixedPoint:
 
     @property
     def weight_scale(self) -> float:
-        return (self._top - 1 - self.n) / (self.n * self.max_weight)
+        """A power of two at most ``(2**(bits-1-h) - 1 - n) / (n * max_weight)``.
+
+        A power of two, so integer (and dyadic) weights such as sample counts encode and decode
+        exactly; at most half the precision of the largest scale otherwise.
+        """
+        return 2.0 ** math.floor(math.log2((self._top - 1 - self.n) / (self.n * self.max_weight)))
 
     @property
     def mask(self) -> int:

@@ -1,12 +1,19 @@
-"""SecAgg+ (Bonawitz et al. CCS 2017; Bell et al. CCS 2020): the protocol the federation loop uses.
+"""SecAgg+ (Bonawitz et al. CCS 2017; Bell et al. CCS 2020): the protocol factory the federation uses.
 
-``SecAggPlus`` is the high-level recipe with secure defaults; the client half
-(``secagg_client.SecAggClient``), the server half (``secagg_server.SecAggServer``), the public
-round plan (``secagg_plan.RoundPlan``) and the stage vocabulary (``secagg_messages``) are the
-low-level pieces a user drives over their own transport (every message is ``bytes``).
-``SecAggPlus.run_round`` is the in-memory driver: it runs all six stages through a
-``Transport`` (``"advertise"``, ``"share"``, ``"complaints"``, ``"masked"``, ``"consistency"``,
-``"unmask"``; ``None`` from the transport means the client dropped at that stage).
+``SecAggPlus`` is the high-level recipe with secure defaults: a factory of the protocol's halves
+(``server_half`` / ``client_half``, ``secagg_halves``), driven by the generic driver
+(``securefml.protocols.halves.simulate``) like every protocol; ``run_round`` is the base class's
+(halves -> ``simulate`` -> the one aggregation step).  The pieces, one job each:
+
+- ``secagg_halves``: the server half (every secure sum of a round side by side) and the client half;
+- ``secagg_client`` / ``secagg_server``: one client's and the server's state machine per secure sum;
+- ``secagg_plan``: the public round plan and its bytes form; ``secagg_messages``: stages and codecs;
+- ``secagg_params`` / ``secagg_graph``: ``k``, ``t``, the weight bound, the graph and the buckets;
+- ``secagg_crypto``: the key schedule; ``secagg_stats``: what a round measured (``to_dict()``).
+
+Stages of a round the factory plans: ``"layers"`` (each client names the layers it uploads),
+``"advertise"``, ``"share"``, ``"complaints"``, ``"masked"``, ``"consistency"`` (signed mode) and
+``"unmask"``; ``None`` from the ``Transport`` means the client dropped at that stage.
 
 Threat model
 ------------
@@ -85,15 +92,21 @@ Guarantees
   the round goes on over the others while thresholds hold.
 
 Weights: each client encodes ``w * x`` and, in one extra coordinate, ``w`` itself, so the server
-divides the decoded sum by the decoded total weight and never sees a single weight.
+divides the decoded sum by the decoded total weight and never sees a single weight.  The ring is
+sized by a *public* bound on ``w`` (``secagg_params.resolve_max_weight``: the round's
+``HalvesSetup.max_weight``, else ``SecAggPlus(max_weight=...)``, else ``DEFAULT_MAX_WEIGHT``);
+it is never derived from the clients' weights, which the server must not learn.  A larger
+weight counts as the bound.
 
 Bucketed mode (``buckets = s >= 2``): the cohort is split into ``n // s`` random buckets of
 (at least) ``s`` clients by a partition derived from SHA-256 of the public round data (the
-server cannot choose it; clients can recompute it); each bucket runs its own secure sum; the
-defense receives the bucket means with the bucket total weights (Karimireddy et al., ICLR 2022,
-bucketing), through ``securefml.defenses.buckets.aggregate_buckets``.  The declared leakage
-grows as ``s`` shrinks: the server learns the sum of every bucket of ``s`` clients.  A bucket
-that falls below threshold aborts alone and the others go on.
+server cannot choose it; clients can recompute it); each bucket runs its own secure sum, all of
+them side by side in one server half (``secagg_halves.SecAggServerHalf``); the aggregation step
+(``securefml.aggregation.aggregate``) gives the defense the bucket means with the bucket total
+weights (Karimireddy et al., ICLR 2022, bucketing), through
+``securefml.defenses.buckets.aggregate_buckets``.  The declared leakage grows as ``s``
+shrinks: the server learns the sum of every bucket of ``s`` clients.  A bucket that falls
+below threshold aborts alone and the others go on.
 
 Differences from Flower's SecAgg+ (1.42): AES-256-CTR masks from full 256-bit seeds (not
 MT19937 seeded with 32 bits); 33-byte Shamir shares of raw 32-byte secrets (not 306-byte PEM
@@ -135,38 +148,26 @@ Karimireddy, He, Jaggi, Byzantine-Robust Learning on Heterogeneous Datasets via 
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from securefml.errors import AggregateOutOfRange, ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError
-from securefml.protocols.base import (
-    AggregationProtocol,
-    ClientUpdate,
-    Reveals,
-    RoundOutput,
-    Transport,
-    nothing_accepted,
-)
+from securefml.errors import ConfigError, ProtocolAbort
+from securefml.protocols.base import AggregationProtocol, ClientUpdate, HalvesSetup, Reveals, RoundHalves, Transport
+from securefml.protocols.halves import Transcript, simulate
 from securefml.protocols.quantize import FixedPoint
-from securefml.protocols.secagg_client import MaskJob, SecAggClient, run_mask_job
-from securefml.protocols.secagg_graph import GraphParams, bucket_partition, derive_parameters, round_seed
-from securefml.protocols.secagg_messages import Stage
+from securefml.protocols.secagg_client import MaskJob
+from securefml.protocols.secagg_graph import GraphParams, bucket_partition, round_seed
+from securefml.protocols.secagg_halves import SecAggClientHalf, SecAggPlanningHalf, SecAggServerHalf
+from securefml.protocols.secagg_params import graph_params, resolve_max_weight
 from securefml.protocols.secagg_plan import RoundPlan
-from securefml.protocols.secagg_server import MaskRunner, SecAggServer, mask_total
+from securefml.protocols.secagg_stats import SecAggClientStats, SecAggRoundStats, SumResult
+from securefml.reveals import RevealedSums
 from securefml.updates import LayerLayout
-
-if TYPE_CHECKING:  # pragma: no cover
-    from securefml.defenses.base import Defense
 
 __all__ = ["SecAggPlus", "SumResult"]
 
@@ -175,24 +176,21 @@ log = logging.getLogger(__name__)
 #: Above this fraction of clipped entries in a round, SecAggPlus warns (once per instance).
 CLIP_WARNING_FRACTION = 0.01
 
-MAIN_SHARE = 0.8  # the driver's process takes 80% of an equal share of the mask jobs
 
+class _PKI(Mapping[int, bytes]):
+    """The public identity keys a simulated client trusts: the protocol object's, by client id."""
 
-@dataclass
-class SumResult:
-    """The outcome of one secure sum (one bucket, or the whole cohort)."""
+    def __init__(self, proto: SecAggPlus) -> None:
+        self._proto = proto
 
-    cohort: tuple[int, ...]
-    params: GraphParams
-    weighted_sum: np.ndarray | None  # float64 [L]; None when aborted
-    total_weight: float
-    contributors: tuple[int, ...]
-    rejected: dict[int, ProtocolError | InvalidUpdateError] = field(default_factory=dict)
-    client_errors: dict[int, str] = field(default_factory=dict)
-    bytes_uploaded: int = 0
-    aborted: str | None = None
-    error_bound: float = math.inf
-    timings: dict[str, float] = field(default_factory=lambda: {"clients_s": 0.0, "server_s": 0.0})
+    def __getitem__(self, client: int) -> bytes:
+        return self._proto.identity(client).public_key().public_bytes_raw()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._proto._identities))
+
+    def __len__(self) -> int:
+        return len(self._proto._identities)
 
 
 class SecAggPlus(AggregationProtocol):
@@ -223,15 +221,14 @@ class SecAggPlus(AggregationProtocol):
         ``len(job.vector) + 1`` entries, added to the client's quantized vector before masking
         (``securefml.privacy.distributed.DistributedSkellam`` sets it).
     max_weight:
-        Public bound on a client's weight (larger weights are clipped to it); None uses the
-        next power of two above the cohort's largest weight.
+        Public bound on a client's weight (larger weights count as the bound), used when the
+        round's ``HalvesSetup.max_weight`` is None; None for both means
+        ``secagg_params.DEFAULT_MAX_WEIGHT``.  Never derived from the clients' weights.
     identities:
         Client id -> Ed25519 identity key (the PKI) for ``signatures``; None generates one per
         client on first use (simulation).
     public_seed:
         Public randomness mixed into the graph and bucket seeds (e.g. a beacon value).
-    workers:
-        Processes used for mask expansion in the in-memory driver (1 = in process).
     sigma, eta:
         Security and correctness parameters of the derivation (failure probability ``2**-sigma``
         and ``2**-eta``).
@@ -242,17 +239,16 @@ class SecAggPlus(AggregationProtocol):
         The issue-11 checks (clients verify exclusions and keep ``t`` mask peers; the decoded
         sum is range-checked).  ``False`` only to measure their cost (``benchmarks/secagg.py``):
         without them a lying server can recover an input and a client can corrupt the sum.
+
+    Notes
+    -----
+    There is no worker pool: the generic driver runs one stage's replies one after another, and
+    issue 15 measured the former ``workers=2`` pool slower than one process on two cores (the
+    main process fed the helpers and still played the server); ``benchmarks/secagg.py`` reports
+    the single-process round and its CPU time.
     """
 
     name = "secagg"
-
-    # Interim (this session's architecture work): the halves of this protocol are being moved
-    # behind ``server_half``/``client_half``; until then its own ``run_round`` drives it.
-    def server_half(self, round_idx, layout, cohort, *, setup):  # type: ignore[no-untyped-def]
-        raise NotImplementedError(f"{self.name}: server_half is being ported; use run_round")
-
-    def client_half(self, round_idx, layout, update):  # type: ignore[no-untyped-def]
-        raise NotImplementedError(f"{self.name}: client_half is being ported; use run_round")
 
     def __init__(
         self,
@@ -270,7 +266,6 @@ class SecAggPlus(AggregationProtocol):
         max_weight: float | None = None,
         identities: Mapping[int, Ed25519PrivateKey] | None = None,
         public_seed: bytes = b"",
-        workers: int = 1,
         sigma: int = 40,
         eta: int = 10,
         headroom_bits: int = 1,
@@ -282,10 +277,8 @@ class SecAggPlus(AggregationProtocol):
             raise ConfigError(f"threshold must be >= 1, got {threshold}")
         if buckets < 0:
             raise ConfigError(f"buckets must be >= 0, got {buckets}")
-        if workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {workers}")
-        if max_weight is not None and not (math.isfinite(max_weight) and max_weight > 0):
-            raise ConfigError(f"max_weight must be positive, got {max_weight}")
+        if max_weight is not None:
+            resolve_max_weight(None, max_weight)  # validates it now, not mid-round
         if not (0 <= dropout_fraction < 1 and 0 <= corrupt_fraction < 0.5):
             raise ConfigError("need 0 <= dropout_fraction < 1 and 0 <= corrupt_fraction < 1/2")
         FixedPoint(clip_range, 1, bits, headroom_bits=headroom_bits)  # validates them now, not mid-round
@@ -301,7 +294,6 @@ class SecAggPlus(AggregationProtocol):
         self.ring_noise = ring_noise
         self.max_weight = max_weight
         self.public_seed = public_seed
-        self.workers = workers
         self.sigma = sigma
         self.eta = eta
         self.headroom_bits = headroom_bits
@@ -309,13 +301,12 @@ class SecAggPlus(AggregationProtocol):
         self.reveals = Reveals.BUCKETS if buckets >= 2 else Reveals.SUM
         self._identities: dict[int, Ed25519PrivateKey] = dict(identities or {})
         self._warned: set[str] = set()  # warnings already given by this instance (one per run)
-        self._pool: ProcessPoolExecutor | None = None
 
     def __repr__(self) -> str:
         return (
             f"SecAggPlus(neighbours={self.neighbours}, threshold={self.threshold}, dropout_fraction="
             f"{self.dropout_fraction}, corrupt_fraction={self.corrupt_fraction}, clip_range={self.clip_range}, "
-            f"bits={self.bits}, buckets={self.buckets}, signatures={self.signatures}, workers={self.workers}, "
+            f"bits={self.bits}, buckets={self.buckets}, signatures={self.signatures}, max_weight={self.max_weight}, "
             f"headroom_bits={self.headroom_bits}, checks={self.checks})"
         )
 
@@ -330,83 +321,30 @@ class SecAggPlus(AggregationProtocol):
         """
         return self.signatures
 
-    # -- resources -----------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Shut down the worker processes, if any."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def __enter__(self) -> SecAggPlus:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _get_pool(self) -> ProcessPoolExecutor | None:
-        """``workers - 1`` helper processes; this process always takes a share of the work."""
-        if self.workers <= 1:
-            return None
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers - 1)
-        return self._pool
-
     def identity(self, client_id: int) -> Ed25519PrivateKey:
         """The identity key of ``client_id`` (generated on first use when none was given)."""
         if client_id not in self._identities:
             self._identities[client_id] = Ed25519PrivateKey.generate()
         return self._identities[client_id]
 
-    def _warn_once(self, key: str, message: str, *args: object) -> None:
+    def _warn_once(self, key: str, message: str) -> None:
         """Log ``message`` as a warning the first time ``key`` occurs, at debug level after that.
 
         Bucketed rounds plan one secure sum per bucket: a per-sum warning would repeat
         buckets x rounds times for one cause.
         """
         if key in self._warned:
-            log.debug(message, *args)
+            log.debug(message)
             return
         self._warned.add(key)
-        log.warning(message, *args)
-
-    def clipped_fraction(self, updates: Sequence[ClientUpdate]) -> float:
-        """The fraction of the round's entries outside ``[-clip_range, clip_range]`` (clipped on encoding).
-
-        Counted by this in-process driver, which holds the clients' inputs anyway; in a
-        deployment each client would count its own.  Only the round's total is recorded.
-        """
-        total = sum(u.vector.numel() for u in updates)
-        if total == 0:
-            return 0.0
-        over = sum(int((u.vector.detach().abs() > self.clip_range).sum()) for u in updates)
-        return over / total
+        log.warning(message)
 
     # -- planning --------------------------------------------------------------------------------------
     def graph_params(self, n: int) -> GraphParams:
-        """``k`` and ``t`` for a secure sum over ``n`` clients."""
-        if n < 2:
-            raise ConfigError(f"secure aggregation needs at least 2 clients, got {n}")
-        derived = None
-        if self.neighbours is None or self.threshold is None:
-            try:
-                derived = derive_parameters(n, dropout_fraction=self.dropout_fraction,
-                                            corrupt_fraction=self.corrupt_fraction, sigma=self.sigma, eta=self.eta)
-            except ConfigError as exc:  # small cohorts: keep the security condition, lose dropout tolerance
-                corrupt = math.ceil(self.corrupt_fraction * n)
-                derived = GraphParams(n - 1, min(n - 1, (n - 1 + corrupt) // 2 + 1))
-                self._warn_once(f"complete-graph-{n}", "secagg: %s; using the complete graph with t=%d "
-                                "(said once per run)", exc, derived.t)
-        k = min(self.neighbours, n - 1) if self.neighbours is not None else derived.k  # type: ignore[union-attr]
-        if self.threshold is not None:
-            t = self.threshold
-        elif self.neighbours is None:
-            t = derived.t  # type: ignore[union-attr]
-        else:
-            c = math.ceil(self.corrupt_fraction * k)
-            t = (k + c) // 2 + 1
-        if t > k:
-            raise ConfigError(f"threshold {t} exceeds the {k} neighbours of a {n}-client sum")
-        return GraphParams(k, t)
+        """``k`` and ``t`` for a secure sum over ``n`` clients (``secagg_params.graph_params``)."""
+        return graph_params(n, neighbours=self.neighbours, threshold=self.threshold,
+                            dropout_fraction=self.dropout_fraction, corrupt_fraction=self.corrupt_fraction,
+                            sigma=self.sigma, eta=self.eta, warn=self._warn_once)
 
     def plan(
         self,
@@ -436,7 +374,84 @@ class SecAggPlus(AggregationProtocol):
             public_seed=self.public_seed,
         )
 
-    # -- the in-memory driver ---------------------------------------------------------------------------
+    def bucket_plans(
+        self, round_idx: int, members: Sequence[int], layout: LayerLayout, layers: Sequence[str], *, max_weight: float
+    ) -> list[RoundPlan]:
+        """The plans of one round: one secure sum, or one per bucket of the public partition.
+
+        Raises
+        ------
+        ProtocolAbort
+            If too few clients are left to fill one bucket.
+        """
+        cohort = tuple(sorted(members))
+        length = layout.numel_of(layers)
+        if self.buckets >= 2:
+            if len(cohort) < self.buckets:
+                raise ProtocolAbort(f"{len(cohort)} clients cannot fill a bucket of {self.buckets}")
+            seed = round_seed(round_idx, cohort, self.public_seed, "buckets")
+            groups = bucket_partition(cohort, len(cohort) // self.buckets, seed)
+        else:
+            groups = [cohort]
+        return [self.plan(round_idx, g, length, max_weight=max_weight, layout=layout, layers=layers) for g in groups]
+
+    # -- the halves ------------------------------------------------------------------------------------
+    def server_half(
+        self, round_idx: int, layout: LayerLayout, cohort: Sequence[int], *, setup: HalvesSetup
+    ) -> SecAggPlanningHalf:
+        """The server half of one round: the ``layers`` stage, then every secure sum side by side.
+
+        The weight bound is ``setup.max_weight`` (public), else this protocol's ``max_weight``,
+        else ``DEFAULT_MAX_WEIGHT`` (``secagg_params.resolve_max_weight``); never derived from
+        the clients' weights, which the server does not see.
+
+        Raises
+        ------
+        ConfigError
+            Before any work, if the cohort cannot fill one bucket or the weight bound is invalid.
+        """
+        max_w = resolve_max_weight(setup.max_weight, self.max_weight)
+        if self.buckets >= 2 and len(cohort) < self.buckets:
+            raise ConfigError(f"{len(cohort)} clients cannot fill a bucket of {self.buckets}")
+        if len(cohort) < 2:
+            raise ConfigError(f"secure aggregation needs at least 2 clients, got {len(cohort)}")
+
+        def planner(everyone: tuple[int, ...], present: tuple[int, ...], layers: tuple[str, ...]) -> SecAggServerHalf:
+            plans = self.bucket_plans(round_idx, everyone, layout, layers, max_weight=max_w)
+            return SecAggServerHalf(plans, reveals=self.reveals, checks=self.checks, present=present)
+
+        return SecAggPlanningHalf(round_idx, layout, cohort, planner)
+
+    def client_half(self, round_idx: int, layout: LayerLayout, update: ClientUpdate) -> SecAggClientHalf:
+        """Client ``update.client_id``'s half: its update, its identity key and the PKI it trusts."""
+        c = update.client_id
+        return SecAggClientHalf(
+            c, update.vector, float(update.weight), round_idx=round_idx,
+            identity=self.identity(c) if self.signatures else None,
+            trusted_identities=_PKI(self) if self.signatures else None,
+            noise_fn=self.noise_fn, ring_noise=self.ring_noise,
+            layers=layout.canonical(update.layers), layout=layout, checks=self.checks,
+        )
+
+    def round_stats(self, halves: RoundHalves) -> SecAggRoundStats | None:
+        """The server half's stats plus the clients' own tallies (this in-process round holds them).
+
+        The clipped fraction and the clipped-weight count are what each client counted itself;
+        the server half never receives them.  Above ``CLIP_WARNING_FRACTION`` clipped entries
+        this warns once per protocol instance.
+        """
+        server = halves.server.stats
+        if not isinstance(server, SecAggRoundStats):
+            return None
+        mine = [h.stats for h in halves.clients.values() if isinstance(h, SecAggClientHalf)]
+        stats = server.with_clients([s for s in mine if isinstance(s, SecAggClientStats)])
+        if stats.clipped_fraction is not None and stats.clipped_fraction > CLIP_WARNING_FRACTION:
+            self._warn_once("clipped", f"secagg: {100 * stats.clipped_fraction:.1f}% of a round's entries exceed "
+                            f"clip_range={self.clip_range:g} and were clipped (said once per run; each round's "
+                            "fraction is in RoundRecord.extras['clipped_fraction'])")
+        return stats
+
+    # -- one secure sum, for code that needs the raw weighted sum ---------------------------------------
     def secure_sum(
         self,
         plan: RoundPlan,
@@ -444,266 +459,40 @@ class SecAggPlus(AggregationProtocol):
         *,
         transport: Transport | None = None,
     ) -> SumResult:
-        """Run all stages for ``plan.cohort`` over ``transport``; ``inputs[c] = (vector, weight)``."""
-        transport = transport or Transport()
-        server = SecAggServer(plan)
+        """One secure sum over ``plan.cohort``: its halves, driven by ``simulate``; ``inputs[c] = (vector, weight)``.
+
+        A sum that aborts (too few survivors, an out-of-range sum) is returned with ``aborted``
+        set and no weighted sum; nothing was unmasked.
+        """
+        server = SecAggServerHalf(plan, checks=self.checks)
         clients = {
-            c: SecAggClient(c, plan, identity=self.identity(c) if plan.signatures else None, checks=self.checks)
-            for c in plan.cohort
+            c: SecAggClientHalf(
+                c, inputs[c][0], float(inputs[c][1]), round_idx=plan.round_idx,
+                identity=self.identity(c) if plan.signatures else None,
+                noise_fn=self.noise_fn, ring_noise=self.ring_noise, checks=self.checks,
+            )
+            for c in plan.cohort if c in inputs
         }
+        seen = Transcript()
         res = SumResult(plan.cohort, plan.params, None, 0.0, ())
-        alive = set(plan.cohort)
-        clock = res.timings
-
-        def srv(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock["server_s"] += time.perf_counter() - t0
-
-        def client_step(c: int, fn: Callable[[], Any]) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn()
-            except InvalidUpdateError as exc:
-                server.reject(c, ProtocolError(str(exc), sender=c))
-                res.rejected[c] = exc
-            except ProtocolError as exc:  # the client stops (e.g. it caught the server cheating)
-                log.warning("secagg: client %s stopped: %s", c, exc)
-                res.client_errors[c] = f"{type(exc).__name__}: {exc}"
-            finally:
-                clock["clients_s"] += time.perf_counter() - t0
-            alive.discard(c)
-            return None
-
-        def deliver(c: int, stage: Stage, data: bytes, receive: Callable[[int, bytes], None]) -> None:
-            msg = transport.deliver(c, stage.value, data)
-            if msg is None:
-                alive.discard(c)
-                return
-            res.bytes_uploaded += len(msg)
-            try:
-                srv(receive, c, msg)
-            except (ProtocolError, InvalidUpdateError) as exc:
-                log.warning("secagg: rejected client %s at %s: %s", c, stage.value, exc)
-                server.reject(c, exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc), sender=c))
-                res.rejected[c] = exc
-                alive.discard(c)
-
-        for c in plan.cohort:
-            adv = client_step(c, clients[c].advertise)
-            if adv is not None:
-                deliver(c, Stage.ADVERTISE, adv, server.receive_advertise)
-        for c in sorted(alive):
-            keys = srv(server.keys_for, c)
-            data = client_step(c, functools.partial(clients[c].share, keys))
-            if data is not None:
-                deliver(c, Stage.SHARE, data, server.receive_share)
-        for c in sorted(alive):
-            shares = srv(server.shares_for, c)
-            data = client_step(c, functools.partial(clients[c].complain, shares))
-            if data is not None:
-                deliver(c, Stage.COMPLAINTS, data, server.receive_complaints)
+        t0 = time.perf_counter()
+        revealed: RevealedSums | None
         try:
-            srv(server.close_complaints)
-            alive.difference_update(server.state.excluded)
-            jobs: dict[int, MaskJob] = {}
-            for c in sorted(alive):
-                vec, weight = inputs[c]
-                excluded = srv(server.exclusions_for, c)
-                job = client_step(c, functools.partial(clients[c].prepare_masked, excluded, vec, weight,
-                                                       noise_fn=self.noise_fn))
-                if job is not None:
-                    if self.ring_noise is not None:
-                        job.ring_noise = self.ring_noise(job)
-                    jobs[c] = job
-            t0 = time.perf_counter()
-            masked_msgs = self._run_jobs(jobs)
-            clock["clients_s"] += time.perf_counter() - t0
-            for c, masked in masked_msgs:
-                if isinstance(masked, InvalidUpdateError):
-                    server.reject(c, ProtocolError(str(masked), sender=c))
-                    res.rejected[c] = masked
-                    alive.discard(c)
-                    continue
-                deliver(c, Stage.MASKED, masked, server.receive_masked)
-            srv(server.close_masked)
-            if plan.signatures:
-                for c in [c for c in server.state.contributors if c in alive]:
-                    msg = srv(server.survivors_for, c)
-                    data = client_step(c, functools.partial(clients[c].consistency, msg))
-                    if data is not None:
-                        deliver(c, Stage.CONSISTENCY, data, server.receive_consistency)
-                askers = [c for c in server.state.sigs if c in alive]
-            else:
-                askers = [c for c in server.state.contributors if c in alive]
-            for c in sorted(askers):
-                msg = srv(server.request_for, c)
-                data = client_step(c, functools.partial(clients[c].unmask, msg))
-                if data is not None:
-                    deliver(c, Stage.UNMASK, data, server.receive_unmask)
-            total = srv(server.finish, mask_runner=self._mask_runner())
+            simulate(server, clients, transport=transport, transcript=seen)
+            revealed = server.revealed()
         except ProtocolAbort as exc:
             log.warning("secagg: round %s aborted: %s", plan.round_idx, exc)
             res.aborted = str(exc)
-            res.rejected.update({c: e for c, e in server.state.rejected.items() if c not in res.rejected})
-            return res
-        res.rejected.update({c: e for c, e in server.state.rejected.items() if c not in res.rejected})
-        contributors = server.state.contributors
-        weighted_sum, total_weight = srv(plan.fixed_point.decode_sum, total)
-        if self.checks:
-            try:
-                srv(plan.fixed_point.check_sum, weighted_sum, total_weight, len(contributors))
-            except AggregateOutOfRange as exc:  # some client sent a ring element outside the code
-                log.warning("secagg: round %s: discarding the sum: %s", plan.round_idx, exc)
-                res.aborted = f"AggregateOutOfRange: {exc}"
-                return res
-        res.contributors = contributors
-        res.weighted_sum, res.total_weight = weighted_sum, total_weight
-        res.error_bound = plan.fixed_point.error_bound(len(res.contributors), res.total_weight)
+            revealed = None
+        wall = time.perf_counter() - t0
+        res.rejected = dict(server.rejections())
+        res.client_errors = dict(seen.client_errors)
+        res.bytes_uploaded = seen.bytes_to_server
+        clients_s = sum(h.stats.seconds for h in clients.values())
+        res.timings = {"clients_s": clients_s, "server_s": max(0.0, wall - clients_s)}
+        if revealed is not None:
+            res.weighted_sum = revealed.sums[0].numpy()
+            res.total_weight = revealed.total_weights[0]
+            res.contributors = revealed.contributors[0]
+            res.error_bound = revealed.error_bound
         return res
-
-    def _run_jobs(self, jobs: dict[int, MaskJob]) -> list[tuple[int, bytes | InvalidUpdateError]]:
-        """Run the clients' mask jobs, some here and the rest in the helper processes.
-
-        This process also feeds the helpers and plays the server, so it keeps a smaller share
-        (``MAIN_SHARE`` of an equal split).
-        """
-        pool = self._get_pool()
-        items = list(jobs.items())
-        futures = {}
-        if pool is not None and len(items) > 1:
-            mine = int(len(items) * MAIN_SHARE / self.workers)
-            futures = {c: pool.submit(run_mask_job, job) for c, job in items[mine:]}
-        done: dict[int, bytes | InvalidUpdateError] = {}
-        for c, job in items:
-            if c not in futures:
-                try:
-                    done[c] = run_mask_job(job)
-                except InvalidUpdateError as exc:
-                    done[c] = exc
-        for c, fut in futures.items():
-            try:
-                done[c] = fut.result()
-            except InvalidUpdateError as exc:
-                done[c] = exc
-        return [(c, done[c]) for c, _ in items]
-
-    def _mask_runner(self) -> MaskRunner | None:
-        pool = self._get_pool()
-        if pool is None:
-            return None
-        parts = self.workers
-
-        def runner(n: int, dtype: np.dtype, plus: Sequence[bytes], minus: Sequence[bytes]) -> Callable[[], np.ndarray]:
-            # helpers take (parts - 1) / parts of the streams; this process the rest, after its own summation
-            futures = [pool.submit(mask_total, n, dtype, list(plus[i::parts]), list(minus[i::parts]))
-                       for i in range(1, parts) if plus[i::parts] or minus[i::parts]]
-
-            def wait() -> np.ndarray:
-                total = mask_total(n, dtype, list(plus[0::parts]), list(minus[0::parts]))
-                for fut in futures:
-                    np.add(total, fut.result(), out=total)
-                return total
-
-            return wait
-
-        return runner
-
-    def run_round(
-        self,
-        round_idx: int,
-        updates: Sequence[ClientUpdate],
-        layout: LayerLayout,
-        *,
-        defense: Defense,
-        transport: Transport | None = None,
-        reference: torch.Tensor | None = None,
-        context: Mapping[str, object] | None = None,
-    ) -> RoundOutput:
-        """Securely aggregate ``updates`` (one secure sum, or one per bucket) and run ``defense``.
-
-        Raises ``ConfigError`` if clients upload different layers (SecAgg needs a server-dictated
-        plan) and ``ProtocolAbort`` if no (bucket) sum survives.
-        """
-        self.check_defense(defense)
-        if not updates:
-            raise nothing_accepted(round_idx, 0, {})
-        ids = [u.client_id for u in updates]
-        if len(set(ids)) != len(ids):
-            raise ConfigError("client ids in one round must be distinct")
-        layer_sets = {layout.canonical(u.layers) for u in updates}
-        if len(layer_sets) != 1:
-            raise ConfigError("SecAgg needs every client to upload the same layers (a server-dictated plan)")
-        (layers,) = layer_sets
-        length = layout.numel_of(layers)
-        max_w = self.max_weight
-        if max_w is None:
-            top = max(float(u.weight) for u in updates)
-            max_w = 2.0 ** math.ceil(math.log2(top)) if top > 0 and math.isfinite(top) else 1.0
-        inputs = {u.client_id: (u.vector, float(u.weight)) for u in updates}
-        clipped = self.clipped_fraction(updates)
-        if clipped > CLIP_WARNING_FRACTION:
-            self._warn_once("clipped", "secagg: %.1f%% of round %d's entries exceed clip_range=%g and were clipped "
-                            "(said once per run; each round's fraction is in RoundRecord.extras['clipped_fraction'])",
-                            100 * clipped, round_idx, self.clip_range)
-        cohort = tuple(sorted(ids))
-        if self.buckets >= 2:
-            if len(cohort) < self.buckets:
-                raise ConfigError(f"{len(cohort)} clients cannot fill a bucket of {self.buckets}")
-            seed = round_seed(round_idx, cohort, self.public_seed, "buckets")
-            groups = bucket_partition(cohort, len(cohort) // self.buckets, seed)
-        else:
-            groups = [cohort]
-        results = [
-            self.secure_sum(self.plan(round_idx, g, length, max_weight=max_w, layout=layout, layers=layers),
-                            {c: inputs[c] for c in g}, transport=transport)
-            for g in groups
-        ]
-        out = self._output(results, layout, layers, defense, context)
-        out.extras["clipped_fraction"] = clipped
-        return out
-
-    def _output(
-        self,
-        results: list[SumResult],
-        layout: LayerLayout,
-        layers: tuple[str, ...],
-        defense: Defense,
-        context: Mapping[str, object] | None,
-    ) -> RoundOutput:
-        rejected = {c: f"{type(e).__name__}: {e}" for r in results for c, e in r.rejected.items()}
-        nbytes = sum(r.bytes_uploaded for r in results)
-        extras: dict[str, object] = {
-            "params": [(r.params.k, r.params.t) for r in results],
-            "client_errors": {c: m for r in results for c, m in r.client_errors.items()},
-            "error_bound": max((r.error_bound for r in results if r.aborted is None), default=math.inf),
-            "timings": {k: sum(r.timings[k] for r in results) for k in ("clients_s", "server_s")},
-        }
-        if self.buckets >= 2:
-            extras["buckets"] = {i: r.cohort for i, r in enumerate(results)}
-            extras["aborted_buckets"] = {i: r.aborted for i, r in enumerate(results) if r.aborted is not None}
-        ok = [(i, r) for i, r in enumerate(results) if r.aborted is None and r.total_weight > 0]
-        if not ok:
-            reasons = "; ".join(r.aborted or "no weight" for r in results)
-            raise ProtocolAbort(f"no secure sum survived this round: {reasons}")
-        sums = torch.stack([torch.from_numpy(r.weighted_sum) for _, r in ok])  # type: ignore[arg-type]
-        weights = [r.total_weight for _, r in ok]
-        ctx = dict(context or {})
-        if self.buckets >= 2:
-            from securefml.defenses.buckets import aggregate_buckets  # defenses import protocols: import late
-
-            result = aggregate_buckets(defense, sums.to(torch.float32), weights, [r.contributors for _, r in ok],
-                                       context=ctx)
-            extras["bucket_index"] = tuple(i for i, _ in ok)
-            extras["flagged_buckets"] = result.info.get("flagged_buckets", ())
-        else:
-            result = defense((sums / weights[0]).to(torch.float32), weights, client_ids=(-1,), context=ctx)
-        assert result.aggregate is not None
-        agg = layout.scatter(result.aggregate.to(torch.float32), layers)
-        total = float(sum(weights))
-        totals = {name: (total if name in layers else 0.0) for name in layout.layer_names}
-        accepted = tuple(sorted(c for _, r in ok for c in r.contributors))
-        return RoundOutput(agg, totals, accepted, rejected, flagged=tuple(result.flagged), bytes_uploaded=nbytes,
-                           defense=result, extras=extras)

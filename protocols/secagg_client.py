@@ -242,7 +242,7 @@ class SecAggClient:
             try:
                 if self.plan.signatures:
                     verify(self.plan.identities[peer], sig, advert_payload(rnd, peer, c_pk, s_pk), sender=peer)
-                key = pair_key(st.c_keys.private, c_pk, purpose=b"share", round_idx=rnd, a=self.id, b=peer,
+                key = pair_key(st.c_keys.key(), c_pk, purpose=b"share", round_idx=rnd, a=self.id, b=peer,
                                sender=peer)
             except ProtocolError as exc:
                 self._complain(exc)
@@ -284,7 +284,7 @@ class SecAggClient:
                 continue  # a peer we left out at the key stage (already in ``errors``)
             try:
                 plain = open_share(st.channel[peer], sealed, round_idx=rnd, sender=peer, receiver=self.id)
-                seed = pair_key(st.s_keys.private, st.peer_keys[peer][1], purpose=b"mask", round_idx=rnd,
+                seed = pair_key(st.s_keys.key(), st.peer_keys[peer][1], purpose=b"mask", round_idx=rnd,
                                 a=self.id, b=peer, sender=peer)
             except ProtocolError as exc:
                 self._complain(exc)

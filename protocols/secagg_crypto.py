@@ -55,11 +55,18 @@ SEALED_BYTES = SHARE_PAIR_BYTES + 16
 class KeyPair:
     """Raw 32-byte X25519 private and public keys (raw bytes, so a state can be copied or stored)."""
 
-    __slots__ = ("private", "public")
+    __slots__ = ("private", "public", "_key")
 
     def __init__(self, private: bytes, public: bytes) -> None:
         self.private = private
         self.public = public
+        self._key: X25519PrivateKey | None = None
+
+    def key(self) -> X25519PrivateKey:
+        """The private key as a ``cryptography`` object, parsed once (a client uses it once per neighbour)."""
+        if self._key is None:
+            self._key = X25519PrivateKey.from_private_bytes(self.private)
+        return self._key
 
     def __repr__(self) -> str:  # never show the private key
         return f"KeyPair(public={self.public.hex()[:16]}...)"
@@ -67,19 +74,22 @@ class KeyPair:
 
 def generate_keypair() -> KeyPair:
     sk = X25519PrivateKey.generate()
-    return KeyPair(sk.private_bytes_raw(), sk.public_key().public_bytes_raw())
+    pair = KeyPair(sk.private_bytes_raw(), sk.public_key().public_bytes_raw())
+    pair._key = sk
+    return pair
 
 
 def public_of(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
-def pair_key(private: bytes, peer_public: bytes, *, purpose: bytes, round_idx: int, a: int, b: int,
+def pair_key(private: bytes | X25519PrivateKey, peer_public: bytes, *, purpose: bytes, round_idx: int, a: int, b: int,
              sender: int | None = None) -> bytes:
     """HKDF-SHA256 of X25519(private, peer_public), bound to purpose, round and the pair {a, b}."""
     try:
         peer = X25519PublicKey.from_public_bytes(peer_public)
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(peer)
+        own = X25519PrivateKey.from_private_bytes(private) if isinstance(private, bytes) else private
+        shared = own.exchange(peer)
     except ValueError as exc:  # wrong length, or a low-order point giving an all-zero secret
         raise MalformedMessageError(f"unusable X25519 public key: {exc}", sender=sender) from None
     lo, hi = min(a, b), max(a, b)

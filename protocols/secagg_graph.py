@@ -35,6 +35,7 @@ gives ``k = 15, t = 8``; adding 5% corrupt clients gives ``k = 28, t = 17``; ``n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -128,8 +129,15 @@ def ring_order(cohort: Sequence[int], seed: bytes) -> list[int]:
 def neighbour_graph(cohort: Sequence[int], k: int, seed: bytes) -> dict[int, tuple[int, ...]]:
     """Each client's neighbours (sorted ids) in the random Harary graph of degree ``k``.
 
-    Odd ``k`` with odd ``n`` is rounded up to ``k + 1`` (no ``k``-regular graph exists).
+    Odd ``k`` with odd ``n`` is rounded up to ``k + 1`` (no ``k``-regular graph exists).  A pure
+    function of public data, memoized (a simulated round builds every client's plan from the
+    same bytes; a deployed client computes it once): each call returns a fresh ``dict``.
     """
+    return dict(_neighbour_graph(tuple(cohort), k, bytes(seed)))
+
+
+@functools.lru_cache(maxsize=64)
+def _neighbour_graph(cohort: tuple[int, ...], k: int, seed: bytes) -> dict[int, tuple[int, ...]]:
     n = len(cohort)
     if len(set(cohort)) != n:
         raise ConfigError("cohort ids must be distinct")

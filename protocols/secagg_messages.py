@@ -17,6 +17,7 @@ from securefml.errors import MalformedMessageError
 
 __all__ = [
     "Stage",
+    "LAYERS_STAGE",
     "SERVER_ID",
     "KIND",
     "pack_ids",
@@ -43,8 +44,14 @@ class Stage(str, Enum):
     UNMASK = "unmask"
 
 
+#: The stage before ``advertise`` in a round the factory plans (``SecAggPlus.server_half``): each
+#: client names the layers it uploads (public: per-layer upload counts are declared leakage), so
+#: the server can fix the plan every vector must match without seeing any update.
+LAYERS_STAGE = "layers"
+
 KIND = {
     # client -> server
+    LAYERS_STAGE: "secagg/layers",
     Stage.ADVERTISE: "secagg/advertise",
     Stage.SHARE: "secagg/share",
     Stage.COMPLAINTS: "secagg/complaints",
@@ -52,6 +59,7 @@ KIND = {
     Stage.CONSISTENCY: "secagg/consistency",
     Stage.UNMASK: "secagg/unmask",
     # server -> client
+    "layers-request": "secagg/layers-request",
     "keys": "secagg/keys",
     "shares": "secagg/shares",
     "exclusions": "secagg/exclusions",

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,18 +73,11 @@ from securefml.protocols.secagg_messages import (
 from securefml.protocols.secagg_plan import RoundPlan
 from securefml.protocols.wire import Envelope, decode, encode, unpack_array
 
-__all__ = ["SecAggServer", "ServerState", "mask_total"]
+__all__ = ["SecAggServer", "ServerState"]
 
 log = logging.getLogger(__name__)
 
 MAX_SUBSETS = 5000  # t-subsets tried to route around bad revealed shares
-
-MaskRunner = Callable[[int, np.dtype, Sequence[bytes], Sequence[bytes]], Callable[[], np.ndarray]]
-
-
-def mask_total(n: int, dtype: np.dtype, plus: Sequence[bytes], minus: Sequence[bytes]) -> np.ndarray:
-    """Sum of the ``plus`` masks minus the ``minus`` masks (a job a worker process can run)."""
-    return apply_masks(np.zeros(n, dtype=dtype), plus, minus)
 
 
 @dataclass
@@ -350,13 +343,8 @@ class SecAggServer:
             out.append((about, kind, body[1:]))
         st.shares[sender] = out
 
-    def finish(self, *, mask_runner: MaskRunner | None = None) -> np.ndarray:
-        """The modular sum of the contributors' encodings, or ``ProtocolAbort`` (nothing unmasked).
-
-        ``mask_runner(n, dtype, plus, minus)`` starts computing a mask total and returns a
-        function that waits for it; a driver may pass one that splits the work over worker
-        processes, which then overlaps with the summation of the masked vectors here.
-        """
+    def finish(self) -> np.ndarray:
+        """The modular sum of the contributors' encodings, or ``ProtocolAbort`` (nothing unmasked)."""
         st = self.state
         plan = self.plan
         t = plan.t
@@ -402,14 +390,10 @@ class SecAggServer:
                     seed = pair_key(key, st.adverts[c][1], purpose=b"mask", round_idx=plan.round_idx, a=c, b=d)
                     (minus if c < d else plus).append(seed)
         fp = plan.fixed_point
-        pending = None if mask_runner is None else mask_runner(plan.length + 1, fp.dtype, plus, minus + seeds)
         total = np.zeros(plan.length + 1, dtype=fp.dtype)
         for c in st.contributors:
             np.add(total, st.masked[c].vector, out=total)
-        if pending is None:
-            apply_masks(total, plus, minus + seeds)
-        else:
-            np.add(total, pending(), out=total)
+        apply_masks(total, plus, minus + seeds)
         if fp.bits != 8 * fp.dtype.itemsize:
             total &= fp.dtype.type(fp.mask)
         return total

@@ -192,8 +192,11 @@ def _aggregate_sums(
     total = float(sum(weights))
     totals = {name: (total if name in revealed.layers else 0.0) for name in layout.layer_names}
     accepted = tuple(sorted(c for group in members for c in group))
+    extras: dict[str, object] = {"error_bound": revealed.error_bound}
+    if revealed.kind is Reveals.BUCKETS:  # positions among the revealed sums; a flag never names a client
+        extras["flagged_buckets"] = list(result.info.get("flagged_buckets", ()))
     return RoundOutput(full, totals, accepted, rejected, flagged=tuple(result.flagged),
-                       bytes_uploaded=bytes_uploaded, defense=result, extras={"error_bound": revealed.error_bound})
+                       bytes_uploaded=bytes_uploaded, defense=result, extras=extras)
 
 
 def gram_combiner(defense: Defense, context: Mapping[str, object] | None = None) -> GramCombiner:

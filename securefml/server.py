@@ -174,16 +174,13 @@ class Server:
     ) -> RoundOutput:
         """The protocol's halves over bytes, then the one aggregation step."""
         protocol, defense = self.protocol, self.defense
-        if type(protocol).run_round is not AggregationProtocol.run_round:  # a protocol with its own driver
-            return protocol.run_round(round_idx, updates, self.layout, defense=defense, transport=transport,
-                                      reference=context.reference, context=context)
         if not updates:
             raise nothing_accepted(round_idx, 0, {})
         setup = protocol.halves_setup(defense, context=context, reference=context.reference)
-        revealed, transcript, server_half = protocol.collect(round_idx, updates, self.layout, setup=setup,
-                                                             transport=transport)
-        return finish_round(revealed, transcript, server_half, defense, self.layout, context=context,
-                            round_idx=round_idx, offered=len(updates))
+        revealed, transcript, halves = protocol.collect(round_idx, updates, self.layout, setup=setup,
+                                                        transport=transport)
+        return finish_round(revealed, transcript, protocol.round_stats(halves), defense, self.layout,
+                            context=context, round_idx=round_idx, offered=len(updates))
 
     def run_round(
         self,

@@ -155,6 +155,10 @@ class DistributedSkellam:
             raise ConfigError(f"a {protocol.bits}-bit ring with clip_range={protocol.clip_range:g} leaves no room for "
                               f"the noise of {cohort} clients (worst coordinate {worst:.3g} >= 2^{protocol.bits - 1}); "
                               f"use clip_range={hint:.6g} (secagg_clip_range) or more bits")
+        if protocol.max_weight not in (None, 1.0):
+            raise ConfigError(f"distributed DP needs unit client weights; SecAgg's max_weight={protocol.max_weight:g} "
+                              "sizes the ring for others (leave it unset)")
+        protocol.max_weight = 1.0  # the public weight bound the ring above was sized for (every weight is 1)
         protocol.ring_noise = self.ring_noise
 
     def share_variance(self, l2: float) -> float:

@@ -229,7 +229,7 @@ def _serve_half(half: ClientHalf, conn: Connection) -> None:
         except ProtocolError as exc:
             conn.send_bytes(b"\x01" + str(exc).encode("utf-8"))
         except Exception as exc:  # any other failure is reported, never a silent dead child
-            conn.send_bytes(b"\x02" + f"{type(exc).__name__}: {exc}".encode("utf-8"))
+            conn.send_bytes(b"\x02" + f"{type(exc).__name__}: {exc}".encode())
             return
 
 
@@ -292,3 +292,32 @@ def test_ckks_clients_and_key_holder_in_separate_processes(robust: bool) -> None
         assert torch.allclose(g_remote.inner, g_local.inner, atol=2 * bound)
         assert torch.allclose(g_remote.reference, g_local.reference, atol=2 * bound)
         torch.testing.assert_close(remote.defense.weights, local.defense.weights, atol=1e-3, rtol=0)  # type: ignore[attr-defined]
+
+
+# -- SecAgg+ halves from the factory: the layers stage and buckets side by side ------------------
+def _factory_half(c: int, _key: bytes | None) -> ClientHalf:
+    return SecAggPlus(buckets=2, clip_range=2.0).client_half(ROUND, LAYOUT, _update(c))
+
+
+def _factory_round(clients: dict[int, ClientHalf]) -> RevealedSums:
+    from securefml.protocols.base import HalvesSetup
+
+    server = SecAggPlus(buckets=2, clip_range=2.0).server_half(ROUND, LAYOUT, COHORT,
+                                                               setup=HalvesSetup(defense=Mean(), max_weight=4.0))
+    revealed = simulate(server, clients)
+    assert isinstance(revealed, RevealedSums)
+    return revealed
+
+
+def test_secagg_factory_halves_with_buckets_in_separate_processes() -> None:
+    """The factory's halves (``layers`` stage, then both buckets' sums in one server half) over pipes."""
+    in_process = _factory_round({c: _factory_half(c, None) for c in COHORT})
+    remote = _in_processes(_factory_half, {}, _factory_round)
+    assert isinstance(remote, RevealedSums) and remote.kind is Reveals.BUCKETS
+    assert remote.contributors == in_process.contributors and len(remote.contributors) == 2
+    assert sorted(c for g in remote.contributors for c in g) == list(COHORT)
+    by_id = {c: _update(c) for c in COHORT}
+    for members, s, w in zip(remote.contributors, remote.sums, remote.total_weights):
+        exact = sum(by_id[c].weight * by_id[c].vector.double().clamp(-2, 2) for c in members)
+        assert w == sum(by_id[c].weight for c in members)  # integer weights decode exactly
+        assert float((s / w - exact / w).abs().max()) <= remote.error_bound

@@ -67,7 +67,9 @@ def test_sum_is_exact_within_the_bound_or_the_round_aborts_revealing_nothing(scn
             assert spy.call_count == 0  # aborted before reconstructing any secret
             return
     assert expect_ok
-    assert out.rejected == {}
+    # nobody is rejected; an honest client left with fewer than t neighbours stops itself, which the
+    # generic driver records as "client stopped: ProtocolAbort ..." (the old driver kept it apart)
+    assert {c: why for c, why in out.rejected.items() if not why.startswith("client stopped: ProtocolAbort")} == {}
     survivors = {c for c in scn.cohort if scn.drops.get(c) in (None, "unmask")}
     assert set(out.accepted) <= survivors
     bound = out.extras["error_bound"]

@@ -86,7 +86,9 @@ def test_finding1_server_cannot_strip_every_pairwise_mask_of_a_victim(signatures
 def _round(n: int, transport: Transport | None, **kw: object):  # noqa: ANN202
     g = torch.Generator().manual_seed(n)
     ups = [ClientUpdate(i, 0.2 * torch.rand(LENGTH, generator=g) - 0.1, ("w",), 1.0) for i in range(n)]
-    return ups, SecAggPlus(**kw).run_round(0, ups, LAYOUT, defense=Mean(), transport=transport)  # type: ignore[arg-type]
+    # the public weight bound is 1 (every weight is 1); it is no longer derived from the clients' weights
+    return ups, SecAggPlus(max_weight=1.0, **kw).run_round(0, ups, LAYOUT, defense=Mean(),  # type: ignore[arg-type]
+                                                           transport=transport)
 
 
 class AddToMasked(Transport):

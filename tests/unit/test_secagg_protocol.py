@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.mean import Mean
@@ -76,11 +78,20 @@ def test_partial_layers_are_scattered_into_the_full_layout() -> None:
     assert torch.all(LAYOUT.gather(out.aggregate, ("a",)) == 0)
 
 
-def test_configuration_errors() -> None:
+def test_a_client_naming_other_layers_is_rejected_by_name_and_the_round_goes_on() -> None:
+    """The server sees no update before the round, so clients name their layers (``layers``
+    stage); a client naming another set than most is rejected by name (it used to be a
+    ``ConfigError`` raised by a driver that read every update)."""
     ups = updates(5)
     ups[2] = ClientUpdate(2, torch.zeros(LAYOUT.numel_of(("a",))), ("a",))
-    with pytest.raises(ConfigError, match="same layers"):
-        SecAggPlus().run_round(0, ups, LAYOUT, defense=Mean())
+    out = SecAggPlus().run_round(0, ups, LAYOUT, defense=Mean())
+    assert set(out.rejected) == {2} and "same layers" in out.rejected[2] and "sender 2" in out.rejected[2]
+    kept = set(range(5)) - {2}
+    assert set(out.accepted) == kept
+    assert torch.allclose(out.aggregate, plain_mean(ups, kept), atol=out.extras["error_bound"] + 1e-7)
+
+
+def test_configuration_errors() -> None:
     with pytest.raises(ConfigError, match="cannot run under protocol"):
         SecAggPlus().run_round(0, updates(5), LAYOUT, defense=CoordinateMedian())
     with pytest.raises(ConfigError):
@@ -221,11 +232,30 @@ def test_client_refuses_stages_out_of_order() -> None:
         cl.share(other.keys_for(0))
 
 
-def test_workers_give_the_same_sum() -> None:
+def test_secure_sum_drives_the_same_halves_and_reports_dropouts() -> None:
+    """``secure_sum`` (kept for code that needs the raw weighted sum) is the halves + ``simulate``."""
     ups = updates(6, seed=9)
-    with SecAggPlus(workers=2) as proto:
-        out = proto.run_round(0, ups, LAYOUT, defense=Mean())
-    assert torch.allclose(out.aggregate, plain_mean(ups, set(range(6))), atol=out.extras["error_bound"] + 1e-7)
+    proto = SecAggPlus(dropout_fraction=0.3)
+    plan = proto.plan(0, range(6), LAYOUT.numel_of(("a", "b")), max_weight=4.0)
+    res = proto.secure_sum(plan, {u.client_id: (u.vector, u.weight) for u in ups}, transport=DropAt({4: "masked"}))
+    assert res.aborted is None and res.contributors == (0, 1, 2, 3, 5) and res.weighted_sum is not None
+    mean = torch.from_numpy(res.weighted_sum / res.total_weight).float()
+    assert torch.allclose(mean, plain_mean(ups, set(res.contributors)), atol=res.error_bound + 1e-7)
+    assert res.total_weight == sum(u.weight for u in ups if u.client_id != 4)  # integer weights decode exactly
+    assert res.bytes_uploaded > 5 * 4 * plan.length and res.rejected == {}
+    short = proto.secure_sum(plan, {u.client_id: (u.vector, u.weight) for u in ups},
+                             transport=DropAt(dict.fromkeys(range(1, 6), "unmask")))
+    assert short.weighted_sum is None and short.aborted is not None and "nothing was unmasked" in short.aborted
+
+
+def test_round_stats_reach_the_record_as_plain_values() -> None:
+    out = SecAggPlus(buckets=3).run_round(0, updates(12, seed=3), LAYOUT, defense=CoordinateMedian())
+    for key in ("params", "buckets", "aborted_buckets", "bucket_index", "clipped_fraction", "timings",
+                "weights_clipped", "flagged_buckets"):
+        assert key in out.extras, key
+    assert out.extras["params"] == [list(p) for p in out.extras["params"]] and len(out.extras["params"]) == 4
+    assert out.extras["bucket_index"] == [0, 1, 2, 3] and out.extras["aborted_buckets"] == {}
+    assert out.extras["weights_clipped"] == 0 and out.extras["timings"]["server_s"] > 0
 
 
 def test_masked_vector_of_zeros_looks_uniform() -> None:
@@ -248,3 +278,34 @@ def test_masked_vector_of_zeros_looks_uniform() -> None:
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 350.0  # 255 dof: P[chi2 > 350] < 1e-4
     assert math.isfinite(chi2)
+
+
+class _GarbleLayers(Transport):
+    def __init__(self, victim: int, junk: bytes) -> None:
+        self.victim, self.junk = victim, junk
+
+    def deliver(self, sender: int, stage: str, data: bytes) -> bytes | None:
+        return self.junk if (sender == self.victim and stage == "layers") else data
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 5))
+def test_any_bytes_at_the_layers_stage_reject_only_their_sender(junk: bytes, victim: int) -> None:
+    ups = updates(6, seed=11)
+    out = SecAggPlus(dropout_fraction=0.3).run_round(0, ups, LAYOUT, defense=Mean(),
+                                                     transport=_GarbleLayers(victim, junk))
+    assert set(out.rejected) == {victim} and f"sender {victim}" in out.rejected[victim]
+    kept = set(range(6)) - {victim}
+    assert set(out.accepted) == kept
+    assert torch.allclose(out.aggregate, plain_mean(ups, kept), atol=out.extras["error_bound"] + 1e-7)
+
+
+def test_a_client_refuses_a_plan_for_other_layers_than_it_uploads() -> None:
+    from securefml.protocols.secagg_halves import SecAggClientHalf
+
+    proto = SecAggPlus()
+    half = proto.client_half(0, LAYOUT, updates(3)[0])
+    other = proto.plan(0, [0, 1, 2], LAYOUT.numel_of(("b",)), max_weight=4.0, layout=LAYOUT, layers=("b",))
+    assert isinstance(half, SecAggClientHalf)
+    with pytest.raises(ProtocolError, match="other layers"):
+        half.respond("advertise", other.to_bytes())
