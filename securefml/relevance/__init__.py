@@ -31,6 +31,7 @@ from securefml.relevance.weights import (
     effective_contributors,
     relevance_weights,
     temper,
+    temper_row,
 )
 
 __all__ = [
@@ -62,4 +63,5 @@ __all__ = [
     "relevance_groups",
     "relevance_weights",
     "temper",
+    "temper_row",
 ]

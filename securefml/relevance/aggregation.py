@@ -67,6 +67,7 @@ from securefml.relevance.weights import (
     effective_contributors,
     relevance_weights,
     temper,
+    temper_row,
 )
 
 __all__ = ["RelevanceConfig", "PersonalizedAggregate", "RelevanceAggregation"]
@@ -222,25 +223,18 @@ class RelevanceAggregation:
         return w
 
     def _temper_masked(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``temper`` restricted to the allowed columns (rows mix towards uniform over them)."""
-        idx = torch.nonzero(keep).reshape(-1)
+        """``temper`` restricted to the allowed columns (a row's fallback spreads over them only)."""
         m = self.config.min_effective
         out = w.clone()
         for i in range(w.shape[0]):
-            others = idx[idx != i]
-            if others.numel() < m or effective_contributors(w[i], exclude=i) >= m:
+            cand = keep.clone()
+            if not self.config.include_self:
+                cand[i] = False
+            others = keep.clone()
+            others[i] = False
+            if int(others.sum()) < m:
                 continue
-            uniform = torch.zeros_like(w[i])
-            cand = idx if self.config.include_self or i not in idx.tolist() else others
-            uniform[cand] = 1.0 / cand.numel()
-            lo, hi = 0.0, 1.0
-            for _ in range(60):
-                mid = (lo + hi) / 2
-                if effective_contributors((1 - mid) * w[i] + mid * uniform, exclude=i) >= m:
-                    hi = mid
-                else:
-                    lo = mid
-            out[i] = (1 - hi) * w[i] + hi * uniform
+            out[i] = temper_row(w[i], i, m, cand)
         return out
 
     def heldout_weights(self, new_vectors: torch.Tensor, train_vectors: torch.Tensor) -> torch.Tensor:
@@ -248,29 +242,19 @@ class RelevanceAggregation:
         a = new_vectors.to(torch.float64)
         b = train_vectors.to(torch.float64)
         cos = (a @ b.T) / (a.norm(dim=1, keepdim=True).clamp_min(1e-12) * b.norm(dim=1)[None, :].clamp_min(1e-12))
-        return self._cross(cos)
+        return self.cross_from_cosines(cos)
 
-    def _cross(self, cos: torch.Tensor) -> torch.Tensor:
+    def cross_from_cosines(self, cos: torch.Tensor) -> torch.Tensor:
+        """``[h, n]`` held-out weights from their cosines to the training clients, tempered.
+
+        A new client is nobody's member: every training client counts as "other" in its
+        effective number of contributors.
+        """
         w = cross_weights(cos, temperature=self.config.temperature, standardize=self.config.standardize)
         m = self.config.min_effective
         if m > 1 and w.shape[1] >= m:
-            # a new client is nobody's member: every training client counts as "other"
-            padded = torch.cat([torch.zeros(w.shape[0], 1, dtype=w.dtype), w], dim=1)
-            out = []
-            for row in padded:
-                uniform = torch.cat([torch.zeros(1, dtype=w.dtype), torch.full((w.shape[1],), 1.0 / w.shape[1],
-                                                                               dtype=w.dtype)])
-                lo, hi = 0.0, 1.0
-                if effective_contributors(row, exclude=0) < m:
-                    for _ in range(60):
-                        mid = (lo + hi) / 2
-                        if effective_contributors((1 - mid) * row + mid * uniform, exclude=0) >= m:
-                            hi = mid
-                        else:
-                            lo = mid
-                    row = (1 - hi) * row + hi * uniform
-                out.append(row[1:])
-            w = torch.stack(out)
+            cand = torch.ones(w.shape[1], dtype=torch.bool)
+            w = torch.stack([temper_row(row, None, m, cand) for row in w])
         return w
 
     # -- one round ----------------------------------------------------------------------------
