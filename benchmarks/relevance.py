@@ -45,6 +45,7 @@ from securefml.relevance import (
     HeteroConfig,
     RelevanceAggregation,
     RelevanceConfig,
+    RelevancePolicy,
     RelevanceServer,
     TaskVectorConfig,
     TaskVectorizer,
@@ -87,11 +88,11 @@ class OracleVectorizer:
 
 
 def build(data: ClusteredDataset, budget: Budget, protocol: AggregationProtocol, *, seed: int, oracle: bool = False,
-          defense: str = "mean", learner_name: str | None = None) -> RelevanceServer:
+          defense: str = "mean", learner_name: str | None = None, blind: bool = False) -> RelevanceServer:
     model = make_model(data, seed=seed)
     name = learner_name or budget.learner
     learner = LEARNERS.create(name, model=model, config=learner_config(name, budget))
-    step = RelevanceAggregation(RelevanceConfig(temperature=budget.temperature), protocol=protocol)
+    step = RelevanceAggregation(RelevanceConfig(temperature=budget.temperature, blind=blind), protocol=protocol)
     vec: Any = TaskVectorizer(model, learner.init_params())
     if oracle:
         groups = {**data.groups_at(0), **{t.client_id: g for t, g in zip(data.heldout, data.heldout_groups)}}
@@ -108,6 +109,7 @@ def train(server: RelevanceServer, data: ClusteredDataset, budget: Budget, *, se
     clients = [Client.build(t, attack=atk if i in mal_ids else None, generator=gen) for i, t in enumerate(data.train)]
     curve = []
     mal_weight = []
+    nbytes = refused = 0
     t0 = time.perf_counter()
     for rnd in range(rounds or budget.rounds):
         if data.shift_round is not None and rnd == data.shift_round:
@@ -117,13 +119,16 @@ def train(server: RelevanceServer, data: ClusteredDataset, budget: Budget, *, se
                     server.vectorizer.groups[cid] = g
         idx = sorted(torch.randperm(len(clients), generator=gen)[: budget.cohort].tolist())
         rec = server.run_round(rnd, [clients[i] for i in idx], generator=gen)
+        nbytes += rec.bytes_uploaded
+        refused += len(rec.rejected)
         if "malicious_weight" in rec.extras:
             mal_weight.append(rec.extras["malicious_weight"])
         if every and (rnd + 1) % every == 0:
             honest = [c.task for c in clients if not c.malicious]
             score = server.evaluate_clients(honest, steps=budget.finetune).mean
             curve.append({"round": rnd + 1, "train_clients": score})
-    out: dict[str, Any] = {"train_seconds": time.perf_counter() - t0}
+    out: dict[str, Any] = {"train_seconds": time.perf_counter() - t0, "bytes_uploaded": nbytes,
+                           "refused_rows": refused}
     held = server.personalize_new(data.heldout, steps=budget.finetune)
     groups = {t.client_id: g for t, g in zip(data.heldout, data.heldout_groups)}
     out["personalized"] = held.mean
@@ -209,15 +214,28 @@ def section_shift(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
 
 def section_protocol(args: argparse.Namespace, budget: Budget, name: str) -> dict[str, Any]:
     plain, secure, secs, psecs = [], [], [], []
+    extra: dict[str, list[Any]] = {"max_model_diff": [], "bytes_uploaded": [], "refused_rows": []}
+    blind = name == "ckks"  # the plaintext run applies exactly the weights the CKKS key holder allows
     for seed in args.seeds:
         data = make_digits_clusters(seed=seed, n_heldout=args.heldout, k_shot=args.k_shot, query=args.query)
-        p = train(build(data, budget, Plaintext(), seed=seed), data, budget, seed=seed)
-        proto: AggregationProtocol = CKKS(preset="stats") if name == "ckks" else SecAggPlus(clip_range=8.0)
-        s = train(build(data, budget, proto, seed=seed), data, budget, seed=seed)
+        plain_server = build(data, budget, Plaintext(), seed=seed, blind=blind)
+        p = train(plain_server, data, budget, seed=seed)
+        proto: AggregationProtocol = (CKKS(policy=RelevancePolicy(min_effective=2.0)) if name == "ckks"
+                                      else SecAggPlus(clip_range=8.0))
+        server = build(data, budget, proto, seed=seed)
+        t0 = time.perf_counter()
+        server.enroll(list(data.train) + list(data.heldout))  # CKKS: one key-holder Gram of every task vector
+        enrol_s = time.perf_counter() - t0
+        s = train(server, data, budget, seed=seed)
+        s["train_seconds"] += enrol_s
         plain.append(p["personalized"])
         secure.append(s["personalized"])
         secs.append(s["train_seconds"])
         psecs.append(p["train_seconds"])
+        extra["max_model_diff"].append(max(float((plain_server.models[c] - server.models[c]).abs().max())
+                                           for c in server.models if c in plain_server.models))
+        extra["bytes_uploaded"].append(s.get("bytes_uploaded", 0))
+        extra["refused_rows"].append(s.get("refused_rows", 0))
     diff = [b - a for a, b in zip(plain, secure)]
     gap = statistics.fmean(secure) - statistics.fmean(plain)
     # CKKS computes the same weighted sums (two-sided bound); SecAgg+ grouping is a different
@@ -225,6 +243,7 @@ def section_protocol(args: argparse.Namespace, budget: Budget, name: str) -> dic
     check = {"ckks_within_0.5pt_of_plaintext": abs(gap) <= 0.005} if name == "ckks" else \
         {"secagg_at_most_2pt_below_plaintext": gap >= -0.02}
     return {"plaintext": summary(plain), name: summary(secure), "diff_vs_plaintext": summary(diff),
+            "per_seed": {"plaintext": plain, name: secure}, **extra,
             "train_seconds_ratio_vs_plaintext": statistics.fmean(s / p for s, p in zip(secs, psecs)),
             "checks": check}
 

@@ -15,14 +15,16 @@ from securefml.relevance.colora import (
     HeteroUpload,
     aggregate_heterogeneous,
     architecture_state,
-    check_upload,
     block_keys,
+    check_upload,
     load_shared,
     shared_state,
 )
+from securefml.relevance.encrypted import EncryptedRelevance, EncryptedRows
 from securefml.relevance.experiment import parse_relevance_spec
 from securefml.relevance.grouping import relevance_groups
 from securefml.relevance.hetero import HeteroConfig, HeteroResult, architecture_name, run_heterogeneous
+from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.server import ClientScores, RelevanceServer
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
 from securefml.relevance.weights import (
@@ -33,10 +35,14 @@ from securefml.relevance.weights import (
     relevance_weights,
     temper,
     temper_row,
+    worst_case_effective,
 )
 
 __all__ = [
     "ClientScores",
+    "EncryptedRelevance",
+    "EncryptedRows",
+    "RelevancePolicy",
     "CoLoRALinear",
     "CoLoRAMLP",
     "HeteroConfig",
@@ -66,4 +72,5 @@ __all__ = [
     "relevance_weights",
     "temper",
     "temper_row",
+    "worst_case_effective",
 ]

@@ -121,10 +121,7 @@ def heterogeneous_metrics(
         opts = {k: v for k, v in dataset_options.items() if k != "architectures"}
         data = make_digits_clusters(seed=seed, architectures=shapes, **opts)
     assert isinstance(data, ClusteredDataset)
-    if optimizer == "sgd":
-        used_lr = lr
-    else:
-        used_lr = adapter_lr if adapter_lr is not None else HeteroConfig.lr
+    used_lr = lr if optimizer == "sgd" else (adapter_lr if adapter_lr is not None else HeteroConfig.lr)
     out: dict[str, Any] = {"architectures": [architecture_name(s) for s in shapes], "optimizer": optimizer,
                            "adapter_lr": used_lr}
     for label, share in (("shared", True), ("alone", False)):
