@@ -158,6 +158,13 @@ class PersonalizedAggregate:
         return self.per_client[self.client_ids.index(client_id)]
 
 
+def _with_margin(m_min: float) -> float:
+    """Temper a hair above the bound: the CKKS path drops coefficients below ``SKIP_BELOW``
+    before it asks, which lowers ``n_eff`` by about that much, and the key holder checks
+    ``>= m_min`` exactly."""
+    return m_min * (1 + 1e-6) if m_min > 1 else m_min
+
+
 def _digest(vector: torch.Tensor) -> bytes:
     data = vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     return hashlib.blake2b(data, digest_size=16).digest()
@@ -215,6 +222,7 @@ class RelevanceAggregation:
                               include_self=self.config.include_self, standardize=self.config.standardize)
         n = w.shape[0]
         m = self.min_effective
+        target = _with_margin(m)
         if allowed is not None:
             keep = allowed.to(torch.bool).reshape(-1)
             if keep.numel() != n:
@@ -227,8 +235,8 @@ class RelevanceAggregation:
             if m > 1:
                 w = self._temper_masked(w, keep)
             return w
-        if m > 1 and n - 1 >= m:
-            w = temper(w, m, include_self=self.config.include_self, blind=self.blind)
+        if m > 1 and n - 1 >= m * (1 - 1e-5):
+            w = temper(w, target, include_self=self.config.include_self, blind=self.blind)
         return w
 
     def _temper_masked(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -243,7 +251,7 @@ class RelevanceAggregation:
             others[i] = False
             if int(others.sum()) < m:
                 continue
-            out[i] = temper_row(w[i], i, m, cand, blind=self.blind)
+            out[i] = temper_row(w[i], i, _with_margin(m), cand, blind=self.blind)
         return out
 
     def heldout_weights(self, new_vectors: torch.Tensor, train_vectors: torch.Tensor) -> torch.Tensor:
@@ -263,7 +271,7 @@ class RelevanceAggregation:
         m = self.min_effective
         if m > 1 and w.shape[1] >= m:
             cand = torch.ones(w.shape[1], dtype=torch.bool)
-            w = torch.stack([temper_row(row, None, m, cand, blind=self.blind) for row in w])
+            w = torch.stack([temper_row(row, None, _with_margin(m), cand, blind=self.blind) for row in w])
         return w
 
     # -- one round ----------------------------------------------------------------------------

@@ -147,16 +147,19 @@ def worst_case_effective(weights: torch.Tensor) -> float:
     The recipient-blind form of the policy: a party that checks a combination without
     knowing whose aggregate it is (the CKKS key holder) must assume the recipient is the
     client whose removal leaves the others most concentrated.  ``n_eff`` of the rest, for
-    each k, is ``(S - w_k)^2 / (Q - w_k^2)`` with ``S = sum w`` and ``Q = sum w^2``.
+    each k, is ``(sum_{j != k} w_j)^2 / sum_{j != k} w_j^2`` (summed directly: ``Q - w_k^2``
+    would cancel to 0 next to a dominant entry).
     """
     w = weights.to(torch.float64).reshape(-1).clamp_min(0)
     total, sq = float(w.sum()), float((w * w).sum())
     if sq <= 0:
         return 0.0
-    rest_s = total - w
-    rest_q = (sq - w * w).clamp_min(0)
-    per = torch.where(rest_q > 1e-300, rest_s * rest_s / rest_q.clamp_min(1e-300), torch.zeros_like(w))
-    return min(total * total / sq, float(per[w > 0].min()) if bool((w > 0).any()) else 0.0)
+    live = w[w > 0]
+    off = ~torch.eye(live.numel(), dtype=torch.bool)  # sums without entry k, not S - w_k (no cancellation)
+    rest_s = (live[None, :] * off).sum(1)
+    rest_q = ((live * live)[None, :] * off).sum(1)
+    per = torch.where(rest_q > 0, rest_s * rest_s / rest_q.clamp_min(1e-300), torch.zeros_like(rest_s))
+    return min(total * total / sq, float(per.min()))
 
 
 def _measure(w: torch.Tensor, position: int | None, blind: bool) -> float:
@@ -216,7 +219,7 @@ def temper(
     if m_min <= 1:
         return w
     others = n - 1
-    if others < m_min:
+    if others < m_min * (1 - 1e-5):  # (a caller's tempering margin must not turn n - 1 = m_min into an error)
         raise ConfigError(f"{n} clients cannot give any client {m_min} effective contributors besides itself")
     cand = _candidates(n, include_self, w.device)
     for i in range(n):
