@@ -1,6 +1,7 @@
 """Relevance-aware personalized aggregation on ``digits-clusters``; prints JSON.
 
-    nice -n 10 python benchmarks/relevance.py [--seeds 0 1 2] [--rounds 30] [--only main ckks ...]
+    nice -n 10 python benchmarks/relevance.py [--seeds 0 1 2] [--rounds 30] [--only main ckks ...] [--out F]
+    python benchmarks/relevance.py --combine a.json b.json ... --out benchmarks/json/relevance.json
 
 Sections (``--only`` picks some):
 
@@ -236,6 +237,11 @@ def section_protocol(args: argparse.Namespace, budget: Budget, name: str) -> dic
                                            for c in server.models if c in plain_server.models))
         extra["bytes_uploaded"].append(s.get("bytes_uploaded", 0))
         extra["refused_rows"].append(s.get("refused_rows", 0))
+    return protocol_summary(name, plain, secure, statistics.fmean(s / p for s, p in zip(secs, psecs)), extra)
+
+
+def protocol_summary(name: str, plain: list[float], secure: list[float], ratio: float,
+                     extra: dict[str, list[Any]]) -> dict[str, Any]:
     diff = [b - a for a, b in zip(plain, secure)]
     gap = statistics.fmean(secure) - statistics.fmean(plain)
     # CKKS computes the same weighted sums (two-sided bound); SecAgg+ grouping is a different
@@ -244,8 +250,7 @@ def section_protocol(args: argparse.Namespace, budget: Budget, name: str) -> dic
         {"secagg_at_most_2pt_below_plaintext": gap >= -0.02}
     return {"plaintext": summary(plain), name: summary(secure), "diff_vs_plaintext": summary(diff),
             "per_seed": {"plaintext": plain, name: secure}, **extra,
-            "train_seconds_ratio_vs_plaintext": statistics.fmean(s / p for s, p in zip(secs, psecs)),
-            "checks": check}
+            "train_seconds_ratio_vs_plaintext": ratio, "checks": check}
 
 
 def section_malicious(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
@@ -289,6 +294,41 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02, "largest_no_loss": gain[largest] >= 0.0}}
 
 
+def combine(paths: list[str]) -> dict[str, Any]:
+    """One report from several runs of this script (e.g. one process per seed of ``ckks``).
+
+    Sections appear once each, except ``ckks`` / ``secagg``, whose seeds are pooled and whose
+    summaries are recomputed from the pooled per-seed values.  Each input's budget and seeds
+    are kept under ``runs``.
+    """
+    out: dict[str, Any] = {"runs": [], "note": "timings taken on a shared, loaded 2-core machine"}
+    for path in paths:
+        with open(path) as fh:
+            rep = json.load(fh)
+        out["runs"].append({"file": path.rsplit("/", 1)[-1], "budget": rep["budget"], "seeds": rep["seeds"],
+                            "sections": [k for k in rep if k in SECTIONS]})
+        for name in SECTIONS:
+            if name not in rep:
+                continue
+            sec = rep[name]
+            if name in ("ckks", "secagg") and name in out:
+                prev = out[name]
+                pooled = {k: prev["per_seed"][k] + sec["per_seed"][k] for k in ("plaintext", name)}
+                lists = {k: prev[k] + sec[k] for k in ("max_model_diff", "bytes_uploaded", "refused_rows")}
+                ratio = [prev["train_seconds_ratio_vs_plaintext"]] * len(prev["per_seed"]["plaintext"]) + \
+                    [sec["train_seconds_ratio_vs_plaintext"]] * len(sec["per_seed"]["plaintext"])
+                out[name] = protocol_summary(name, pooled["plaintext"], pooled[name], statistics.fmean(ratio), lists)
+                out[name]["seconds"] = prev["seconds"] + sec["seconds"]
+            elif name in out:
+                raise SystemExit(f"section {name} appears in two inputs")
+            else:
+                out[name] = sec
+    return out
+
+
+SECTIONS = ("main", "shift", "ckks", "secagg", "hetero", "malicious")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -309,8 +349,16 @@ def main() -> None:
     ap.add_argument("--learner", default="maml", choices=["maml", "fedavg"],
                     help="client step of the relevance runs (maml: relevance-weighted meta-updates)")
     ap.add_argument("--out", help="also write the JSON report to this file")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge earlier reports (see combine) and exit")
     ap.add_argument("--only", nargs="+", default=["main", "shift", "secagg", "hetero", "malicious"])
     args = ap.parse_args()
+    if args.combine:
+        text = json.dumps(combine(args.combine), indent=2, default=float)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write(text + "\n")
+        print(text)
+        return
     torch.set_num_threads(1)
     budget = Budget(args.rounds, args.cohort, args.local_steps, args.local_lr, args.finetune, args.temperature,
                     args.learner)

@@ -22,9 +22,11 @@ from securefml.defenses.base import Defense
 from securefml.errors import ConfigError
 from securefml.meta.base import MetaLearner
 from securefml.protocols.base import AggregationProtocol
+from securefml.protocols.ckks import CKKS
 from securefml.registry import parse_spec
 from securefml.relevance.aggregation import RelevanceAggregation, RelevanceConfig
 from securefml.relevance.hetero import HeteroConfig, architecture_name, run_heterogeneous
+from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.server import RelevanceServer
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer
 
@@ -60,8 +62,17 @@ def parse_relevance_spec(spec: str) -> tuple[RelevanceConfig, TaskVectorConfig]:
 def build_relevance_server(
     spec: str, learner: MetaLearner, protocol: AggregationProtocol, defense: Defense, *, device: torch.device | str
 ) -> RelevanceServer:
-    """The ``RelevanceServer`` of a run: the frozen reference network is the initial model."""
+    """The ``RelevanceServer`` of a run: the frozen reference network is the initial model.
+
+    Under CKKS the run's key holder is replaced by one whose policy is a ``RelevancePolicy``
+    (``min_effective`` from the spec), so it refuses concentrated per-client combinations itself.
+    """
     rel, tv = parse_relevance_spec(spec)
+    if isinstance(protocol, CKKS) and not isinstance(protocol.policy, RelevancePolicy):
+        # the key holder must refuse concentrated per-client combinations itself: a relevance run
+        # under CKKS gets a key holder with a RelevancePolicy (same preset and contributor minimum)
+        protocol = CKKS(preset=protocol.preset, policy=RelevancePolicy(
+            min_contributors=protocol.min_contributors, min_effective=rel.min_effective))
     step = RelevanceAggregation(rel, protocol=protocol)
     init = learner.init_params(device)
     numel = sum(p.numel() for p in init.values())

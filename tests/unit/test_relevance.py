@@ -186,6 +186,19 @@ def test_ckks_step_matches_the_plaintext_step_with_the_same_weights(ckks_relevan
     assert out.bytes_uploaded > 0
 
 
+def test_a_relevance_run_under_ckks_gets_a_key_holder_with_a_relevance_policy(clusters):
+    from securefml.relevance.experiment import build_relevance_server
+
+    model = make_model(clusters, seed=0)
+    learner = LEARNERS.create("maml", model=model, config=MetaConfig(1, 0.1, 1.0, 1))
+    server = build_relevance_server("relevance:min_effective=3", learner, CKKS(preset="stats"), make_defense("mean"),
+                                    device="cpu")
+    assert server.relevance.encrypted is not None
+    policy = server.relevance.encrypted.policy
+    assert isinstance(policy, RelevancePolicy) and policy.min_effective == 3
+    assert server.protocol is server.relevance.protocol
+
+
 def test_server_refuses_a_concentrated_row_before_asking_the_key_holder(ckks_relevance):
     enc = ckks_relevance
     ids = (10, 11, 12, 13, 14)
