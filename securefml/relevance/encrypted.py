@@ -93,10 +93,6 @@ class EncryptedRelevance:
         Owns the secret key.  Its policy must be a ``RelevancePolicy`` (so the key holder
         itself refuses concentrated per-client combinations) and its preset must carry the
         statistics keys (the encrypted Gram and plaintext-scalar products need them).
-
-    Examples
-    --------
-    >>> enc = EncryptedRelevance.generate(min_effective=2.0)   # doctest: +SKIP
     """
 
     def __init__(self, key_holder: CKKSKeyHolder) -> None:
