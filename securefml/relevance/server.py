@@ -202,7 +202,8 @@ class RelevanceServer(Server):
             honest_rows = ~mal
             if bool(mal.any()) and bool(honest_rows.any()):
                 extras["malicious_weight"] = float(agg.weights[honest_rows][:, mal].sum(1).mean())
-            extras["min_effective"] = float(min(agg.effective))
+            if agg.effective:
+                extras["min_effective"] = float(min(agg.effective))
             extras["self_weight"] = float(torch.diagonal(agg.weights).mean())
             if agg.groups is not None:
                 extras["groups"] = [list(g) for g in agg.groups]
