@@ -242,6 +242,77 @@ def render_ckks(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ms(e: dict[str, float]) -> str:
+    return f"{e['mean']:.3f} ± {e['std']:.3f}"
+
+
+def _yes(flag: object) -> str:
+    return "yes" if flag else "**no**"
+
+
+def render_relevance(data: dict[str, Any]) -> str:
+    """``benchmarks/relevance.py --combine ...`` output: one table per section present."""
+    lines: list[str] = []
+    runs = "; ".join(f"{r['file']}: seeds {r['seeds']}, {r['budget']['rounds']} rounds x {r['budget']['cohort']} "
+                     f"clients, client step {r['budget'].get('learner', 'fedavg')} ({', '.join(r['sections'])})"
+                     for r in data.get("runs", []))
+    lines += [f"Runs: {runs}. {data.get('note', '')}.", ""]
+    if "main" in data:
+        m = data["main"]
+        c = m["checks"]
+        lines += ["| personalized accuracy of held-out clients (mean ± std over seeds) | |", "|---|---:|"]
+        labels = {"relevance": "relevance-weighted MAML meta-updates (plaintext)",
+                  "oracle": "oracle: MAML meta-updates averaged within the true groups",
+                  "relevance_fedavg": "relevance-weighted FedAvg updates",
+                  "oracle_fedavg": "oracle with FedAvg updates",
+                  "fedavg+ft": "global FedAvg + fine-tuning", "maml": "global MAML (project defaults)"}
+        lines += [f"| {labels[k]} | {_ms(m[k])} |" for k in labels if k in m]
+        lines += ["", f"Relevance vs MAML: {c['margin_over_maml'] * 100:+.1f} points (target +5: "
+                  f"{_yes(c['beats_maml_by_5pt'])}); vs FedAvg+FT: {c['margin_over_fedavg_ft'] * 100:+.1f} points "
+                  f"({_yes(c['beats_fedavg_ft_by_5pt'])}); gap to the oracle {c['gap_to_oracle'] * 100:.1f} points "
+                  f"(target <= 1: {_yes(c['within_1pt_of_oracle'])}).", ""]
+    for name, label in (("ckks", "CKKS"), ("secagg", "SecAgg+ grouping")):
+        if name in data:
+            e = data[name]
+            diff = e["diff_vs_plaintext"]
+            check = next(iter(e["checks"].items()))
+            lines += [f"| under {label} | plaintext | {label} | difference | largest model difference | "
+                      "train time vs plaintext | target met |", "|---|---:|---:|---:|---:|---:|---|",
+                      f"| seeds {len(e['per_seed']['plaintext'])} | {_ms(e['plaintext'])} | {_ms(e[name])} | "
+                      f"{diff['mean'] * 100:+.2f} points | {max(e['max_model_diff']):.1e} | "
+                      f"{e['train_seconds_ratio_vs_plaintext']:.0f}x | {check[0]}: {_yes(check[1])} |", ""]
+    if "hetero" in data:
+        h = data["hetero"]
+        acc = h["accuracy"]
+        lines += [f"Co-LoRA, MLP shapes {h['architectures']} (client shares {h['client_shares']}), rank {h['rank']}, "
+                  f"{h['optimizer']} {h['adapter_lr']}, {h['heldout_clients']} held-out clients:", "",
+                  "| architecture | P, Q shared across architectures | each architecture alone | gain |",
+                  "|---|---:|---:|---:|"]
+        for a in acc["shared"]:
+            lines.append(f"| {a} | {_ms(acc['shared'][a])} | {_ms(acc['alone'][a])} | "
+                         f"{h['gain_from_sharing'][a] * 100:+.1f} points |")
+        ch = h["checks"]
+        lines += ["", f"Smallest group gains >= 2 points: {_yes(ch['smallest_gains_2pt'])}; largest loses nothing: "
+                  f"{_yes(ch['largest_no_loss'])}.", ""]
+    if "shift" in data:
+        sh = data["shift"]
+        lines += [f"Shift at round {sh['shift_round']}: rounds until within 2 points of the oracle, per seed: "
+                  f"{sh['rounds_to_within_2pt']} (target <= 20: {_yes(sh['checks']['recovers_within_20_rounds'])}).",
+                  ""]
+    if "malicious" in data:
+        mal = data["malicious"]
+        lines += [f"20% malicious clients; robust rule {mal['robust_rule']}:", "",
+                  "| attack | relevance alone | weight on malicious | relevance + robust rule | weight on malicious |",
+                  "|---|---:|---:|---:|---:|"]
+        for atk in ("signflip", "alie"):
+            if atk in mal:
+                a, b = mal[atk]["relevance"], mal[atk]["relevance+robust"]
+                lines.append(f"| {atk} | {_ms(a['personalized'])} | {a['malicious_weight']['mean']:.3f} | "
+                             f"{_ms(b['personalized'])} | {b['malicious_weight']['mean']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "bayes": render_bayes,
     "ckks": render_ckks,
@@ -250,6 +321,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "meta_cohorts": render_meta_cohorts,
     "dp_step": render_dp_step,
     "flower_peer": render_flower_peer,
+    "relevance": render_relevance,
 }
 
 

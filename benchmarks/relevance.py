@@ -1,6 +1,7 @@
 """Relevance-aware personalized aggregation on ``digits-clusters``; prints JSON.
 
-    nice -n 10 python benchmarks/relevance.py [--seeds 0 1 2] [--rounds 30] [--only main ckks ...]
+    nice -n 10 python benchmarks/relevance.py [--seeds 0 1 2] [--rounds 30] [--only main ckks ...] [--out F]
+    python benchmarks/relevance.py --combine a.json b.json ... --out benchmarks/json/relevance.json
 
 Sections (``--only`` picks some):
 
@@ -45,6 +46,7 @@ from securefml.relevance import (
     HeteroConfig,
     RelevanceAggregation,
     RelevanceConfig,
+    RelevancePolicy,
     RelevanceServer,
     TaskVectorConfig,
     TaskVectorizer,
@@ -60,6 +62,15 @@ class Budget:
     local_lr: float
     finetune: int
     temperature: float
+    learner: str = "maml"
+
+
+#: client-side configuration of each learner (MAML: the project's classification defaults, the
+#: same client step as the MAML baseline; its server step is the relevance-weighted average)
+def learner_config(name: str, budget: Budget) -> MetaConfig:
+    if name == "maml":
+        return MetaConfig(inner_steps=5, inner_lr=0.1, outer_lr=1.0, outer_steps=1)
+    return MetaConfig(budget.local_steps, budget.local_lr, 1.0, 1)
 
 
 class OracleVectorizer:
@@ -78,10 +89,11 @@ class OracleVectorizer:
 
 
 def build(data: ClusteredDataset, budget: Budget, protocol: AggregationProtocol, *, seed: int, oracle: bool = False,
-          defense: str = "mean") -> RelevanceServer:
+          defense: str = "mean", learner_name: str | None = None, blind: bool = False) -> RelevanceServer:
     model = make_model(data, seed=seed)
-    learner = LEARNERS.create("fedavg", model=model, config=MetaConfig(budget.local_steps, budget.local_lr, 1.0, 1))
-    step = RelevanceAggregation(RelevanceConfig(temperature=budget.temperature), protocol=protocol)
+    name = learner_name or budget.learner
+    learner = LEARNERS.create(name, model=model, config=learner_config(name, budget))
+    step = RelevanceAggregation(RelevanceConfig(temperature=budget.temperature, blind=blind), protocol=protocol)
     vec: Any = TaskVectorizer(model, learner.init_params())
     if oracle:
         groups = {**data.groups_at(0), **{t.client_id: g for t, g in zip(data.heldout, data.heldout_groups)}}
@@ -98,6 +110,7 @@ def train(server: RelevanceServer, data: ClusteredDataset, budget: Budget, *, se
     clients = [Client.build(t, attack=atk if i in mal_ids else None, generator=gen) for i, t in enumerate(data.train)]
     curve = []
     mal_weight = []
+    nbytes = refused = 0
     t0 = time.perf_counter()
     for rnd in range(rounds or budget.rounds):
         if data.shift_round is not None and rnd == data.shift_round:
@@ -107,13 +120,16 @@ def train(server: RelevanceServer, data: ClusteredDataset, budget: Budget, *, se
                     server.vectorizer.groups[cid] = g
         idx = sorted(torch.randperm(len(clients), generator=gen)[: budget.cohort].tolist())
         rec = server.run_round(rnd, [clients[i] for i in idx], generator=gen)
+        nbytes += rec.bytes_uploaded
+        refused += len(rec.rejected)
         if "malicious_weight" in rec.extras:
             mal_weight.append(rec.extras["malicious_weight"])
         if every and (rnd + 1) % every == 0:
             honest = [c.task for c in clients if not c.malicious]
             score = server.evaluate_clients(honest, steps=budget.finetune).mean
             curve.append({"round": rnd + 1, "train_clients": score})
-    out: dict[str, Any] = {"train_seconds": time.perf_counter() - t0}
+    out: dict[str, Any] = {"train_seconds": time.perf_counter() - t0, "bytes_uploaded": nbytes,
+                           "refused_rows": refused}
     held = server.personalize_new(data.heldout, steps=budget.finetune)
     groups = {t.client_id: g for t, g in zip(data.heldout, data.heldout_groups)}
     out["personalized"] = held.mean
@@ -141,19 +157,26 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def section_main(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
-    rows: dict[str, list[float]] = {"relevance": [], "oracle": [], "fedavg+ft": [], "maml": []}
+    rows: dict[str, list[float]] = {"relevance": [], "oracle": [], "relevance_fedavg": [], "oracle_fedavg": [],
+                                    "fedavg+ft": [], "maml": []}
     per_seed = []
     for seed in args.seeds:
         data = make_digits_clusters(seed=seed, n_heldout=args.heldout, k_shot=args.k_shot, query=args.query)
-        rel = train(build(data, budget, Plaintext(), seed=seed), data, budget, seed=seed)
-        ora = train(build(data, budget, Plaintext(), seed=seed, oracle=True), data, budget, seed=seed)
+        got: dict[str, Any] = {}
+        got["relevance"] = train(build(data, budget, Plaintext(), seed=seed), data, budget, seed=seed)
+        got["oracle"] = train(build(data, budget, Plaintext(), seed=seed, oracle=True), data, budget, seed=seed)
+        got["relevance_fedavg"] = train(build(data, budget, Plaintext(), seed=seed, learner_name="fedavg"), data,
+                                        budget, seed=seed)
+        got["oracle_fedavg"] = train(build(data, budget, Plaintext(), seed=seed, oracle=True, learner_name="fedavg"),
+                                     data, budget, seed=seed)
+        for k, v in got.items():
+            rows[k].append(v["personalized"])
         fed = baseline(data, budget, "fedavg", seed)
         maml = baseline(data, budget, "maml", seed)
-        for k, v in (("relevance", rel["personalized"]), ("oracle", ora["personalized"]), ("fedavg+ft", fed),
-                     ("maml", maml)):
-            rows[k].append(v)
-        per_seed.append({"seed": seed, "relevance": rel, "oracle": ora["personalized"], "fedavg+ft": fed,
-                         "maml": maml})
+        rows["fedavg+ft"].append(fed)
+        rows["maml"].append(maml)
+        per_seed.append({"seed": seed, **{k: {"personalized": v["personalized"], "per_group": v["per_group"]}
+                                          for k, v in got.items()}, "fedavg+ft": fed, "maml": maml})
     out: dict[str, Any] = {k: summary(v) for k, v in rows.items()}
     rel_m = out["relevance"]["mean"]
     out["checks"] = {
@@ -161,6 +184,8 @@ def section_main(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
         "beats_maml_by_5pt": rel_m - out["maml"]["mean"] >= 0.05,
         "within_1pt_of_oracle": out["oracle"]["mean"] - rel_m <= 0.01,
         "gap_to_oracle": out["oracle"]["mean"] - rel_m,
+        "margin_over_maml": rel_m - out["maml"]["mean"],
+        "margin_over_fedavg_ft": rel_m - out["fedavg+ft"]["mean"],
     }
     out["per_seed"] = per_seed
     return out
@@ -190,15 +215,33 @@ def section_shift(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
 
 def section_protocol(args: argparse.Namespace, budget: Budget, name: str) -> dict[str, Any]:
     plain, secure, secs, psecs = [], [], [], []
+    extra: dict[str, list[Any]] = {"max_model_diff": [], "bytes_uploaded": [], "refused_rows": []}
+    blind = name == "ckks"  # the plaintext run applies exactly the weights the CKKS key holder allows
     for seed in args.seeds:
         data = make_digits_clusters(seed=seed, n_heldout=args.heldout, k_shot=args.k_shot, query=args.query)
-        p = train(build(data, budget, Plaintext(), seed=seed), data, budget, seed=seed)
-        proto: AggregationProtocol = CKKS(preset="stats") if name == "ckks" else SecAggPlus(clip_range=8.0)
-        s = train(build(data, budget, proto, seed=seed), data, budget, seed=seed)
+        plain_server = build(data, budget, Plaintext(), seed=seed, blind=blind)
+        p = train(plain_server, data, budget, seed=seed)
+        proto: AggregationProtocol = (CKKS(policy=RelevancePolicy(min_effective=2.0)) if name == "ckks"
+                                      else SecAggPlus(clip_range=8.0))
+        server = build(data, budget, proto, seed=seed)
+        t0 = time.perf_counter()
+        server.enroll(list(data.train) + list(data.heldout))  # CKKS: one key-holder Gram of every task vector
+        enrol_s = time.perf_counter() - t0
+        s = train(server, data, budget, seed=seed)
+        s["train_seconds"] += enrol_s
         plain.append(p["personalized"])
         secure.append(s["personalized"])
         secs.append(s["train_seconds"])
         psecs.append(p["train_seconds"])
+        extra["max_model_diff"].append(max(float((plain_server.models[c] - server.models[c]).abs().max())
+                                           for c in server.models if c in plain_server.models))
+        extra["bytes_uploaded"].append(s.get("bytes_uploaded", 0))
+        extra["refused_rows"].append(s.get("refused_rows", 0))
+    return protocol_summary(name, plain, secure, statistics.fmean(s / p for s, p in zip(secs, psecs)), extra)
+
+
+def protocol_summary(name: str, plain: list[float], secure: list[float], ratio: float,
+                     extra: dict[str, list[Any]]) -> dict[str, Any]:
     diff = [b - a for a, b in zip(plain, secure)]
     gap = statistics.fmean(secure) - statistics.fmean(plain)
     # CKKS computes the same weighted sums (two-sided bound); SecAgg+ grouping is a different
@@ -206,8 +249,8 @@ def section_protocol(args: argparse.Namespace, budget: Budget, name: str) -> dic
     check = {"ckks_within_0.5pt_of_plaintext": abs(gap) <= 0.005} if name == "ckks" else \
         {"secagg_at_most_2pt_below_plaintext": gap >= -0.02}
     return {"plaintext": summary(plain), name: summary(secure), "diff_vs_plaintext": summary(diff),
-            "train_seconds_ratio_vs_plaintext": statistics.fmean(s / p for s, p in zip(secs, psecs)),
-            "checks": check}
+            "per_seed": {"plaintext": plain, name: secure}, **extra,
+            "train_seconds_ratio_vs_plaintext": ratio, "checks": check}
 
 
 def section_malicious(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
@@ -233,21 +276,57 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     shapes = "32,64,64x64"
     res: dict[str, dict[str, list[float]]] = {"shared": {}, "alone": {}}
     for seed in args.seeds:
-        data = make_digits_clusters(seed=seed, groups=1, n_heldout=24, k_shot=2, query=3, architectures=shapes,
-                                    architecture_shares=shares)
+        data = make_digits_clusters(seed=seed, groups=1, n_heldout=args.hetero_heldout, k_shot=2, query=3,
+                                    architectures=shapes, architecture_shares=shares)
         for label, share in (("shared", True), ("alone", False)):
             cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
-                               lr=budget.local_lr, finetune_steps=budget.finetune, rank=args.rank, share=share,
-                               seed=seed)
+                               lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
+                               share=share, seed=seed)
             for a, v in run_heterogeneous(data, cfg).per_architecture.items():
                 res[label].setdefault(a, []).append(v)
     counts = {"32": shares[0], "64": shares[1], "64x64": shares[2]}
     smallest, largest = min(counts, key=lambda k: counts[k]), max(counts, key=lambda k: counts[k])
     table = {label: {a: summary(v) for a, v in rows.items()} for label, rows in res.items()}
     gain = {a: table["shared"][a]["mean"] - table["alone"][a]["mean"] for a in table["shared"]}
-    return {"architectures": shapes, "client_shares": counts, "rank": args.rank, "accuracy": table,
+    return {"architectures": shapes, "client_shares": counts, "rank": args.rank, "optimizer": "adam",
+            "adapter_lr": args.hetero_lr, "heldout_clients": args.hetero_heldout, "accuracy": table,
             "gain_from_sharing": gain,
             "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02, "largest_no_loss": gain[largest] >= 0.0}}
+
+
+def combine(paths: list[str]) -> dict[str, Any]:
+    """One report from several runs of this script (e.g. one process per seed of ``ckks``).
+
+    Sections appear once each, except ``ckks`` / ``secagg``, whose seeds are pooled and whose
+    summaries are recomputed from the pooled per-seed values.  Each input's budget and seeds
+    are kept under ``runs``.
+    """
+    out: dict[str, Any] = {"runs": [], "note": "timings taken on a shared, loaded 2-core machine"}
+    for path in paths:
+        with open(path) as fh:
+            rep = json.load(fh)
+        out["runs"].append({"file": path.rsplit("/", 1)[-1], "budget": rep["budget"], "seeds": rep["seeds"],
+                            "sections": [k for k in rep if k in SECTIONS]})
+        for name in SECTIONS:
+            if name not in rep:
+                continue
+            sec = rep[name]
+            if name in ("ckks", "secagg") and name in out:
+                prev = out[name]
+                pooled = {k: prev["per_seed"][k] + sec["per_seed"][k] for k in ("plaintext", name)}
+                lists = {k: prev[k] + sec[k] for k in ("max_model_diff", "bytes_uploaded", "refused_rows")}
+                ratio = [prev["train_seconds_ratio_vs_plaintext"]] * len(prev["per_seed"]["plaintext"]) + \
+                    [sec["train_seconds_ratio_vs_plaintext"]] * len(sec["per_seed"]["plaintext"])
+                out[name] = protocol_summary(name, pooled["plaintext"], pooled[name], statistics.fmean(ratio), lists)
+                out[name]["seconds"] = prev["seconds"] + sec["seconds"]
+            elif name in out:
+                raise SystemExit(f"section {name} appears in two inputs")
+            else:
+                out[name] = sec
+    return out
+
+
+SECTIONS = ("main", "shift", "ckks", "secagg", "hetero", "malicious")
 
 
 def main() -> None:
@@ -265,10 +344,24 @@ def main() -> None:
     ap.add_argument("--shift-round", type=int, default=15)
     ap.add_argument("--robust", default="multikrum:f=4")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--hetero-lr", type=float, default=0.01, help="Adam rate of the Co-LoRA adapters")
+    ap.add_argument("--hetero-heldout", type=int, default=48)
+    ap.add_argument("--learner", default="maml", choices=["maml", "fedavg"],
+                    help="client step of the relevance runs (maml: relevance-weighted meta-updates)")
+    ap.add_argument("--out", help="also write the JSON report to this file")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge earlier reports (see combine) and exit")
     ap.add_argument("--only", nargs="+", default=["main", "shift", "secagg", "hetero", "malicious"])
     args = ap.parse_args()
+    if args.combine:
+        text = json.dumps(combine(args.combine), indent=2, default=float)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write(text + "\n")
+        print(text)
+        return
     torch.set_num_threads(1)
-    budget = Budget(args.rounds, args.cohort, args.local_steps, args.local_lr, args.finetune, args.temperature)
+    budget = Budget(args.rounds, args.cohort, args.local_steps, args.local_lr, args.finetune, args.temperature,
+                    args.learner)
     report: dict[str, Any] = {"budget": vars(budget), "seeds": args.seeds,
                               "note": "timings taken on a shared, loaded 2-core machine"}
     started = time.perf_counter()
@@ -286,7 +379,11 @@ def main() -> None:
             report[name] = section_hetero(args, budget)
         report[name]["seconds"] = time.perf_counter() - t0
     report["seconds"] = time.perf_counter() - started
-    print(json.dumps(report, indent=2, default=float))
+    text = json.dumps(report, indent=2, default=float)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,15 @@ from securefml.relevance.colora import (
     aggregate_heterogeneous,
     architecture_state,
     block_keys,
+    check_upload,
     load_shared,
     shared_state,
 )
+from securefml.relevance.encrypted import EncryptedRelevance, EncryptedRows
 from securefml.relevance.experiment import parse_relevance_spec
 from securefml.relevance.grouping import relevance_groups
 from securefml.relevance.hetero import HeteroConfig, HeteroResult, architecture_name, run_heterogeneous
+from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.server import ClientScores, RelevanceServer
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
 from securefml.relevance.weights import (
@@ -31,10 +34,15 @@ from securefml.relevance.weights import (
     effective_contributors,
     relevance_weights,
     temper,
+    temper_row,
+    worst_case_effective,
 )
 
 __all__ = [
     "ClientScores",
+    "EncryptedRelevance",
+    "EncryptedRows",
+    "RelevancePolicy",
     "CoLoRALinear",
     "CoLoRAMLP",
     "HeteroConfig",
@@ -44,6 +52,7 @@ __all__ = [
     "run_heterogeneous",
     "aggregate_heterogeneous",
     "architecture_state",
+    "check_upload",
     "block_keys",
     "load_shared",
     "shared_state",
@@ -62,4 +71,6 @@ __all__ = [
     "relevance_groups",
     "relevance_weights",
     "temper",
+    "temper_row",
+    "worst_case_effective",
 ]

@@ -13,10 +13,13 @@ aggregation step after the protocols once the round is split into halves.
 Under each protocol
 -------------------
 * ``Plaintext``: weights from the task vectors' cosine matrix; aggregates by one matmul.
-* ``CKKS``: refused (``ConfigError``).  The CKKS key holder now decrypts only policy-checked
-  combinations of uploads their authors signed (``docs/ckks.md``); the relevance step's
-  encrypted path (encrypted Gram of task vectors, one encrypted weighted sum per client) has
-  not been ported to that API yet, and it is not offered on the unchecked path.
+* ``CKKS`` (``encrypted``): the key holder decrypts the Gram of the signed, encrypted task
+  vectors; the weights come from it; each client's aggregate is one ``AggregateRequest`` with
+  its row of coefficients, checked against the key holder's ``RelevancePolicy`` by the server
+  before it asks and by the key holder itself before it decrypts.  The key holder must have
+  been given a ``RelevancePolicy`` (``ConfigError`` otherwise).  The bound is then
+  recipient-blind (``policy``): rows are tempered to ``worst_case_effective >= m_min`` with
+  ``m_min`` the larger of the config's and the key holder's.
 * ``SecAggPlus``: the cohort is partitioned into relevance groups of at least
   ``min_group_size`` clients (``grouping``), each group is one SecAgg+ secure sum, and every
   member's aggregate is its group's mean.  Declared leakage: the task vectors' Gram (needed to
@@ -35,13 +38,6 @@ concentrated that is on one other client (each other client carries at most
 not covered.  Byzantine clients may send any model or task vector: relevance weights alone are
 not a defense (a client that copies another group's task vector attracts that group's weight);
 ``allowed`` lets a robust rule exclude clients first.
-
-How this should plug into the CKKS key holder
----------------------------------------------
-The check ``check_effective(row, i, m_min)`` needs the row of coefficients the server used;
-the key holder should be handed that row with the signed uploads (``AggregateRequest``), verify
-it against the Gram of task vectors it decrypted itself (recomputing the softmax) and refuse
-below ``m_min``, beside its own ``min_contributors`` / ``max_share`` policy.
 """
 
 from __future__ import annotations
@@ -59,14 +55,18 @@ from securefml.errors import ConfigError, InvalidUpdateError, ProtocolError
 from securefml.gram import Gram
 from securefml.protocols.base import AggregationProtocol, Transport
 from securefml.protocols.ckks import CKKS
+from securefml.protocols.ckks_keys import CKKSKeyHolder
 from securefml.protocols.plaintext import Plaintext
 from securefml.protocols.secagg import SecAggPlus
+from securefml.relevance.encrypted import EncryptedRelevance
 from securefml.relevance.grouping import relevance_groups
 from securefml.relevance.weights import (
     cross_weights,
     effective_contributors,
     relevance_weights,
     temper,
+    temper_row,
+    worst_case_effective,
 )
 
 __all__ = ["RelevanceConfig", "PersonalizedAggregate", "RelevanceAggregation"]
@@ -95,6 +95,11 @@ class RelevanceConfig:
     min_group_size:
         SecAgg+ grouping: smallest group (a member learns the sum of >= this - 1 others);
         None = ``ceil(min_effective) + 1``.
+    blind:
+        Temper rows to the recipient-blind bound (``worst_case_effective``: ``n_eff`` after
+        leaving out any one client) instead of leaving out the row's own client.  Always on
+        under CKKS (what its key holder can check); settable here so a plaintext run can
+        apply exactly the CKKS weights.
     """
 
     temperature: float = 0.2
@@ -102,6 +107,7 @@ class RelevanceConfig:
     standardize: bool = True
     min_effective: float = 2.0
     min_group_size: int | None = None
+    blind: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature > 0 or not math.isfinite(self.temperature):
@@ -152,9 +158,16 @@ class PersonalizedAggregate:
         return self.per_client[self.client_ids.index(client_id)]
 
 
+def _with_margin(m_min: float) -> float:
+    """Temper a hair above the bound: the CKKS path drops coefficients below ``SKIP_BELOW``
+    before it asks, which lowers ``n_eff`` by about that much, and the key holder checks
+    ``>= m_min`` exactly."""
+    return m_min * (1 + 1e-6) if m_min > 1 else m_min
+
+
 def _digest(vector: torch.Tensor) -> bytes:
-    return hashlib.blake2b(vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(),
-                           digest_size=16).digest()
+    data = vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class RelevanceAggregation:
@@ -185,16 +198,19 @@ class RelevanceAggregation:
         self.protocol = protocol if protocol is not None else Plaintext()
         if not isinstance(self.protocol, (Plaintext, CKKS, SecAggPlus)):
             raise ConfigError(f"relevance aggregation supports plaintext, ckks and secagg, not {self.protocol.name!r}")
+        self.encrypted: EncryptedRelevance | None = None
+        self.min_effective = self.config.min_effective
+        self.blind = self.config.blind
         if isinstance(self.protocol, CKKS):
-            raise ConfigError(
-                "relevance aggregation under CKKS is not available: the CKKS key holder decrypts only "
-                "policy-checked combinations of signed uploads (docs/ckks.md), and the relevance step's "
-                "encrypted path is not yet ported to that API; use plaintext, or SecAgg+ relevance grouping"
-            )
-
-        self._tv_ct: dict[int, list] = {}
-        self._tv_digest: dict[int, bytes] = {}
-        self._gram_cache: dict[tuple[int, int], float] = {}
+            key_holder = getattr(self.protocol, "key_holder", None)
+            if not isinstance(key_holder, CKKSKeyHolder):
+                raise ConfigError("the CKKS protocol object holds no CKKSKeyHolder")
+            self.encrypted = EncryptedRelevance(key_holder)
+            self.min_effective = max(self.config.min_effective, self.encrypted.policy.min_effective)
+            self.blind = True
+        # CKKS: decrypted task-vector inner products, kept while a client's vector is unchanged
+        self._inner: dict[tuple[int, int], float] = {}
+        self._digests: dict[int, bytes] = {}
 
     def __repr__(self) -> str:
         return f"RelevanceAggregation({self.config}, protocol={self.protocol.name})"
@@ -205,6 +221,8 @@ class RelevanceAggregation:
         w = relevance_weights(gram.cosine(), temperature=self.config.temperature,
                               include_self=self.config.include_self, standardize=self.config.standardize)
         n = w.shape[0]
+        m = self.min_effective
+        target = _with_margin(m)
         if allowed is not None:
             keep = allowed.to(torch.bool).reshape(-1)
             if keep.numel() != n:
@@ -214,33 +232,26 @@ class RelevanceAggregation:
             empty = w.sum(1) <= 0
             w[empty] = cols.to(w.dtype)  # a row with no allowed candidate: uniform over the allowed
             w = w / w.sum(1, keepdim=True).clamp_min(1e-300)
-            if self.config.min_effective > 1:
+            if m > 1:
                 w = self._temper_masked(w, keep)
             return w
-        if self.config.min_effective > 1 and n - 1 >= self.config.min_effective:
-            w = temper(w, self.config.min_effective, include_self=self.config.include_self)
+        if m > 1 and n - 1 >= m * (1 - 1e-5):
+            w = temper(w, target, include_self=self.config.include_self, blind=self.blind)
         return w
 
     def _temper_masked(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """``temper`` restricted to the allowed columns (rows mix towards uniform over them)."""
-        idx = torch.nonzero(keep).reshape(-1)
-        m = self.config.min_effective
+        """``temper`` restricted to the allowed columns (a row's fallback spreads over them only)."""
+        m = self.min_effective
         out = w.clone()
         for i in range(w.shape[0]):
-            others = idx[idx != i]
-            if others.numel() < m or effective_contributors(w[i], exclude=i) >= m:
+            cand = keep.clone()
+            if not self.config.include_self:
+                cand[i] = False
+            others = keep.clone()
+            others[i] = False
+            if int(others.sum()) < m:
                 continue
-            uniform = torch.zeros_like(w[i])
-            cand = idx if self.config.include_self or i not in idx.tolist() else others
-            uniform[cand] = 1.0 / cand.numel()
-            lo, hi = 0.0, 1.0
-            for _ in range(60):
-                mid = (lo + hi) / 2
-                if effective_contributors((1 - mid) * w[i] + mid * uniform, exclude=i) >= m:
-                    hi = mid
-                else:
-                    lo = mid
-            out[i] = (1 - hi) * w[i] + hi * uniform
+            out[i] = temper_row(w[i], i, _with_margin(m), cand, blind=self.blind)
         return out
 
     def heldout_weights(self, new_vectors: torch.Tensor, train_vectors: torch.Tensor) -> torch.Tensor:
@@ -248,29 +259,19 @@ class RelevanceAggregation:
         a = new_vectors.to(torch.float64)
         b = train_vectors.to(torch.float64)
         cos = (a @ b.T) / (a.norm(dim=1, keepdim=True).clamp_min(1e-12) * b.norm(dim=1)[None, :].clamp_min(1e-12))
-        return self._cross(cos)
+        return self.cross_from_cosines(cos)
 
-    def _cross(self, cos: torch.Tensor) -> torch.Tensor:
+    def cross_from_cosines(self, cos: torch.Tensor) -> torch.Tensor:
+        """``[h, n]`` held-out weights from their cosines to the training clients, tempered.
+
+        A new client is nobody's member: every training client counts as "other" in its
+        effective number of contributors.
+        """
         w = cross_weights(cos, temperature=self.config.temperature, standardize=self.config.standardize)
-        m = self.config.min_effective
+        m = self.min_effective
         if m > 1 and w.shape[1] >= m:
-            # a new client is nobody's member: every training client counts as "other"
-            padded = torch.cat([torch.zeros(w.shape[0], 1, dtype=w.dtype), w], dim=1)
-            out = []
-            for row in padded:
-                uniform = torch.cat([torch.zeros(1, dtype=w.dtype), torch.full((w.shape[1],), 1.0 / w.shape[1],
-                                                                               dtype=w.dtype)])
-                lo, hi = 0.0, 1.0
-                if effective_contributors(row, exclude=0) < m:
-                    for _ in range(60):
-                        mid = (lo + hi) / 2
-                        if effective_contributors((1 - mid) * row + mid * uniform, exclude=0) >= m:
-                            hi = mid
-                        else:
-                            lo = mid
-                    row = (1 - hi) * row + hi * uniform
-                out.append(row[1:])
-            w = torch.stack(out)
+            cand = torch.ones(w.shape[1], dtype=torch.bool)
+            w = torch.stack([temper_row(row, None, _with_margin(m), cand, blind=self.blind) for row in w])
         return w
 
     # -- one round ----------------------------------------------------------------------------
@@ -299,21 +300,127 @@ class RelevanceAggregation:
             raise ConfigError("sample weights must be positive and finite")
         if isinstance(self.protocol, SecAggPlus):
             return self._secagg(round_idx, ids, models, p, task_vectors, transport)
+        for cid, row, v in zip(ids, models, task_vectors):
+            if not (torch.isfinite(row).all() and torch.isfinite(v).all()):
+                raise InvalidUpdateError("model or task vector contains NaN or Inf", sender=cid)
+        if self.encrypted is not None:
+            if allowed is not None:
+                raise ConfigError("a robust filter before relevance weighting needs the plaintext protocol")
+            return self._ckks(round_idx, ids, models, p, task_vectors)
         return self._plain(ids, models, p, task_vectors, allowed)
 
     # -- plaintext ----------------------------------------------------------------------------
     def _plain(self, ids: tuple[int, ...], models: torch.Tensor, p: torch.Tensor, tv: torch.Tensor,
                allowed: torch.Tensor | None) -> PersonalizedAggregate:
-        for cid, row, v in zip(ids, models, tv):
-            if not (torch.isfinite(row).all() and torch.isfinite(v).all()):
-                raise InvalidUpdateError("model or task vector contains NaN or Inf", sender=cid)
         w = self.weights_from_gram(Gram.from_updates(tv, ids), allowed=allowed)
         x = models.to(torch.float64)
         per = (w @ x).to(torch.float32)
         pg = p if allowed is None else p * allowed.to(torch.float64)
         glob = ((pg / pg.sum()) @ x).to(torch.float32)
-        eff = tuple(effective_contributors(w[i], exclude=i) for i in range(len(ids)))
+        eff = tuple(self._effective(w[i], i) for i in range(len(ids)))
         return PersonalizedAggregate(ids, w, per, glob, eff)
+
+    def _effective(self, row: torch.Tensor, position: int | None) -> float:
+        return worst_case_effective(row) if self.blind else effective_contributors(row, exclude=position)
+
+    # -- CKKS -----------------------------------------------------------------------------------
+    def register(self, round_idx: int, client_ids: Sequence[int], task_vectors: torch.Tensor, *,
+                 slot: int = 0) -> Gram:
+        """CKKS: one key-holder Gram of these clients' encrypted task vectors, remembered.
+
+        A gradient task vector at a frozen reference network on fixed support data does not
+        change from round to round, so its inner products are learned once (e.g. in an
+        enrolment phase over every client, held-out ones included) and reused while the
+        client's vector stays the same; a client whose vector changed (a shift, noise) is
+        dropped from the cache and the next round asks for a fresh Gram.  Declared leakage: the
+        same inner products, once.  The digest stands for the client saying "unchanged" (the
+        simulation computes it from the vector in-process).
+        """
+        enc = self.encrypted
+        if enc is None:
+            raise ConfigError("register is the CKKS path's enrolment of task vectors")
+        ids = tuple(int(c) for c in client_ids)
+        gram = enc.gram(round_idx, ids, task_vectors, slot=slot)
+        for c, v in zip(ids, task_vectors):
+            d = _digest(v)
+            if self._digests.get(c) != d:
+                self._inner = {k: x for k, x in self._inner.items() if c not in k}
+                self._digests[c] = d
+        for a in range(len(ids)):
+            for b in range(a, len(ids)):
+                key = (min(ids[a], ids[b]), max(ids[a], ids[b]))
+                self._inner[key] = float(gram.inner[a, b])
+        return gram
+
+    def _task_gram(self, round_idx: int, ids: tuple[int, ...], tv: torch.Tensor, *, slot: int = 0) -> Gram:
+        cached = all(self._digests.get(c) == _digest(v) for c, v in zip(ids, tv))
+        if cached:
+            try:
+                mat = torch.tensor([[self._inner[(min(a, b), max(a, b))] for b in ids] for a in ids],
+                                   dtype=torch.float64)
+            except KeyError:
+                cached = False
+        if not cached:
+            return self.register(round_idx, ids, tv, slot=slot)
+        return Gram(ids, mat, None, None)
+
+    def _ckks(self, round_idx: int, ids: tuple[int, ...], models: torch.Tensor, p: torch.Tensor,
+              tv: torch.Tensor) -> PersonalizedAggregate:
+        enc = self.encrypted
+        assert enc is not None
+        t0 = time.perf_counter()
+        gram = self._task_gram(round_idx, ids, tv, slot=0)
+        t_gram = time.perf_counter() - t0
+        w = self.weights_from_gram(gram)
+        n = len(ids)
+        rows = torch.cat([w, (p / p.sum())[None, :]])  # the last row: the global aggregate
+        got = enc.combine(round_idx, ids, models, rows, first_slot=1)
+        if n not in got.vectors:
+            raise ProtocolError(f"round {round_idx}: the global aggregate was refused: {got.refused.get(n)}")
+        rejected = {ids[r]: reason for r, reason in got.refused.items() if r < n}
+        keep = sorted(r for r in got.vectors if r < n)
+        applied = torch.stack([got.applied[r] for r in range(n + 1) if r in got.vectors and r < n]) \
+            if keep else torch.zeros((0, n), dtype=torch.float64)
+        per = torch.stack([torch.from_numpy(got.vectors[r]).to(torch.float32) for r in keep]) if keep else \
+            torch.zeros((0, models.shape[1]))
+        glob = torch.from_numpy(got.vectors[n]).to(torch.float32)
+        kept_ids = tuple(ids[r] for r in keep)
+        square = applied[:, keep] if keep else applied
+        eff = tuple(self._effective(applied[k], keep[k]) for k in range(len(keep)))
+        for r, why in got.refused.items():
+            log.warning("round %d: per-client aggregate of client %s not decrypted: %s", round_idx,
+                        ids[r] if r < n else "global", why)
+        return PersonalizedAggregate(kept_ids, square, per, glob, eff, rejected=rejected,
+                                     bytes_uploaded=got.bytes_uploaded,
+                                     timing={"gram_s": t_gram, "combine_s": time.perf_counter() - t0 - t_gram})
+
+    def heldout_encrypted(
+        self, round_idx: int, new_ids: Sequence[int], new_vectors: torch.Tensor, train_ids: Sequence[int],
+        train_vectors: torch.Tensor, train_models: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+        """CKKS: held-out clients' weights and mixtures of the training models.
+
+        One key-holder Gram over the training and new task vectors (declared leakage: their
+        cosines), the new clients' rows tempered to the recipient-blind bound, one request per
+        new client.  Returns ``([h, n] weights, [h, d] mixtures, refused)``; a refused client's
+        mixture row is NaN and its id is in ``refused`` (the caller falls back to the global model).
+        """
+        enc = self.encrypted
+        if enc is None:
+            raise ConfigError("heldout_encrypted needs the CKKS protocol")
+        all_ids = tuple(int(c) for c in train_ids) + tuple(int(c) for c in new_ids)
+        gram = self._task_gram(round_idx, all_ids, torch.cat([train_vectors, new_vectors]), slot=0)
+        cos = gram.cosine()
+        n = len(train_ids)
+        w = self.cross_from_cosines(cos[n:, :n])
+        got = enc.combine(round_idx, train_ids, train_models, w, first_slot=1)
+        mixed = torch.full((w.shape[0], train_models.shape[1]), float("nan"))
+        applied = torch.zeros_like(w)
+        for r, vec in got.vectors.items():
+            mixed[r] = torch.from_numpy(vec).to(torch.float32)
+            applied[r] = got.applied[r]
+        refused = {int(new_ids[r]): why for r, why in got.refused.items()}
+        return applied, mixed, refused
 
     # -- SecAgg+ ------------------------------------------------------------------------------
     def _secagg(self, round_idx: int, ids: tuple[int, ...], models: torch.Tensor, p: torch.Tensor, tv: torch.Tensor,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from securefml.errors import ConfigError
+from securefml.errors import ConfigError, InvalidUpdateError
 
 __all__ = [
     "CoLoRALinear",
@@ -43,6 +43,7 @@ __all__ = [
     "architecture_state",
     "load_shared",
     "HeteroUpload",
+    "check_upload",
     "aggregate_heterogeneous",
 ]
 
@@ -102,25 +103,66 @@ def block_keys(depth: int) -> tuple[str, ...]:
     return ("first", *[f"mid{k}" for k in range(1, depth - 1)], "last")
 
 
+#: largest layer width a family-initialised ``CoLoRAMLP`` may have (its seeded matrices are this big)
+FAMILY_WIDTH = 1024
+
+
+def _family_matrix(seed: int, key: str, kind: str, rows: int, cols: int) -> torch.Tensor:
+    """Leading ``rows x cols`` block of one seeded ``FAMILY_WIDTH``-square uniform(-1, 1) matrix.
+
+    The matrix depends only on ``(seed, key, kind)``, so two networks of one family that have a
+    block ``key`` get the same entries wherever their shapes overlap (nested widths).
+    """
+    if rows > FAMILY_WIDTH or cols > FAMILY_WIDTH:
+        raise ConfigError(f"family initialisation supports widths up to {FAMILY_WIDTH}, got {rows} x {cols}")
+    tag = int.from_bytes(f"{key}/{kind}".encode(), "little") % (1 << 31)
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + tag) % (1 << 62))
+    return (torch.rand(FAMILY_WIDTH, FAMILY_WIDTH, generator=gen) * 2 - 1)[:rows, :cols]
+
+
 class CoLoRAMLP(nn.Module):
     """A ReLU MLP whose every linear layer is a ``CoLoRALinear`` (one block per layer).
 
     ``hidden`` are the widths (``(64,)``, ``(64, 64)``...); blocks are named by their
     depth-matching key (``blocks.first``, ``blocks.mid1``, ``blocks.last``).
+
+    ``family_seed``: initialise as one member of a *family* of architectures.  Every block's
+    base weight, base bias and ``A`` are the leading rows and columns of seeded matrices that
+    depend only on ``(family_seed, block key)`` (scaled like PyTorch's and LoRA's defaults,
+    uniform with bound ``1/sqrt(fan_in)``), so a 32-wide network is the first 32 units of the
+    64-wide one.  That is what makes ``P`` and ``Q`` of a matched block mean the same thing
+    in every architecture: ``A``'s rows (the adapter's r input directions) agree on the
+    common coordinates, and the hidden units the adapter writes to are the same units.
+    FedMosaic gets this alignment from pre-trained models of one family; without it, the
+    r-dimensional spaces of two architectures are unrelated random bases and averaging
+    ``P``, ``Q`` across them mixes incompatible coordinates (the collapse measured before
+    this option existed, ``docs/relevance.md``).
     """
 
     def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, *, rank: int = 4,
-                 alpha: float | None = None, generator: torch.Generator | None = None) -> None:
+                 alpha: float | None = None, generator: torch.Generator | None = None,
+                 family_seed: int | None = None) -> None:
         super().__init__()
         dims = [in_features, *hidden, out_features]
         if min(dims) < 1:
             raise ConfigError(f"layer sizes must be positive, got {dims}")
         keys = block_keys(len(dims) - 1)
         self.keys = keys
+        self.family_seed = family_seed
         self.blocks = nn.ModuleDict({
             k: CoLoRALinear(nn.Linear(dims[i], dims[i + 1]), rank, alpha=alpha, generator=generator)
             for i, k in enumerate(keys)
         })
+        if family_seed is not None:
+            with torch.no_grad():
+                for k in keys:
+                    blk = self.blocks[k]
+                    assert isinstance(blk, CoLoRALinear)
+                    fan_in = blk.base.in_features
+                    bound = 1.0 / math.sqrt(fan_in)
+                    blk.base.weight.copy_(_family_matrix(family_seed, k, "W", blk.base.out_features, fan_in) * bound)
+                    blk.base.bias.copy_(_family_matrix(family_seed, k, "b", 1, blk.base.out_features)[0] * bound)
+                    blk.lora_A.copy_(_family_matrix(family_seed, k, "A", rank, fan_in) * bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.flatten(1)
@@ -165,12 +207,31 @@ def load_shared(model: nn.Module, shared: Mapping[str, torch.Tensor]) -> None:
 
 @dataclass(frozen=True)
 class HeteroUpload:
-    """One client's Co-LoRA upload: its architecture id, the two parts, its sample weight."""
+    """One client's Co-LoRA upload: its architecture id, the two parts, its sample weight.
+
+    ``client_id`` names the sender in errors (None when the caller does not track it).
+    """
 
     architecture: str
     shared: Mapping[str, torch.Tensor]
     arch: Mapping[str, torch.Tensor]
     weight: float = 1.0
+    client_id: int | None = None
+
+
+def check_upload(upload: HeteroUpload) -> None:
+    """Refuse an upload with a non-finite tensor or weight (``InvalidUpdateError`` naming the client).
+
+    One diverged client's NaN, averaged into the shared P and Q, would reach every
+    architecture: the round must go on without it (``run_heterogeneous`` does that).
+    """
+    if not math.isfinite(upload.weight) or upload.weight <= 0:
+        raise InvalidUpdateError(f"upload weight must be positive and finite, got {upload.weight}",
+                                 sender=upload.client_id)
+    for part, state in (("shared", upload.shared), ("architecture", upload.arch)):
+        for name, value in state.items():
+            if not bool(torch.isfinite(value).all()):
+                raise InvalidUpdateError(f"{part} tensor {name!r} contains NaN or Inf", sender=upload.client_id)
 
 
 def aggregate_heterogeneous(
@@ -184,6 +245,8 @@ def aggregate_heterogeneous(
     """
     if not uploads:
         raise ConfigError("no uploads to aggregate")
+    for u in uploads:
+        check_upload(u)
     archs = sorted({u.architecture for u in uploads})
     arch_out: dict[str, dict[str, torch.Tensor]] = {}
     for a in archs:

@@ -22,9 +22,11 @@ from securefml.defenses.base import Defense
 from securefml.errors import ConfigError
 from securefml.meta.base import MetaLearner
 from securefml.protocols.base import AggregationProtocol
+from securefml.protocols.ckks import CKKS
 from securefml.registry import parse_spec
 from securefml.relevance.aggregation import RelevanceAggregation, RelevanceConfig
 from securefml.relevance.hetero import HeteroConfig, architecture_name, run_heterogeneous
+from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.server import RelevanceServer
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer
 
@@ -60,8 +62,17 @@ def parse_relevance_spec(spec: str) -> tuple[RelevanceConfig, TaskVectorConfig]:
 def build_relevance_server(
     spec: str, learner: MetaLearner, protocol: AggregationProtocol, defense: Defense, *, device: torch.device | str
 ) -> RelevanceServer:
-    """The ``RelevanceServer`` of a run: the frozen reference network is the initial model."""
+    """The ``RelevanceServer`` of a run: the frozen reference network is the initial model.
+
+    Under CKKS the run's key holder is replaced by one whose policy is a ``RelevancePolicy``
+    (``min_effective`` from the spec), so it refuses concentrated per-client combinations itself.
+    """
     rel, tv = parse_relevance_spec(spec)
+    if isinstance(protocol, CKKS) and not isinstance(protocol.policy, RelevancePolicy):
+        # the key holder must refuse concentrated per-client combinations itself: a relevance run
+        # under CKKS gets a key holder with a RelevancePolicy (same preset and contributor minimum)
+        protocol = CKKS(preset=protocol.preset, policy=RelevancePolicy(
+            min_contributors=protocol.min_contributors, min_effective=rel.min_effective))
     step = RelevanceAggregation(rel, protocol=protocol)
     init = learner.init_params(device)
     numel = sum(p.numel() for p in init.values())
@@ -105,8 +116,15 @@ def per_group(data: FederatedDataset, per_client: tuple[float, ...]) -> dict[str
 def heterogeneous_metrics(
     data: FederatedDataset, architectures: str, *, rounds: int, clients_per_round: int, local_steps: int, lr: float,
     finetune_steps: int, seed: int, dataset_options: dict[str, Any], device: torch.device | str = "cpu",
+    optimizer: str = "adam", adapter_lr: float | None = None,
 ) -> dict[str, Any]:
-    """Co-LoRA federation over ``architectures`` (P, Q shared) and, for reference, each group alone."""
+    """Co-LoRA federation over ``architectures`` (P, Q shared) and, for reference, each group alone.
+
+    ``lr`` is the run's inner learning rate; the adapters use it only with ``optimizer="sgd"``.
+    With the default Adam they train at ``adapter_lr`` (default ``HeteroConfig``'s 0.01): the
+    run's SGD rate (0.3 for FedAvg) makes adapters diverge (``HeteroConfig``).  The rate and
+    optimizer used are recorded in the result.
+    """
     shapes = parse_architectures(architectures)
     if not isinstance(data, ClusteredDataset) or not data.architectures:
         if data.name != "digits-clusters":
@@ -114,10 +132,12 @@ def heterogeneous_metrics(
         opts = {k: v for k, v in dataset_options.items() if k != "architectures"}
         data = make_digits_clusters(seed=seed, architectures=shapes, **opts)
     assert isinstance(data, ClusteredDataset)
-    out: dict[str, Any] = {"architectures": [architecture_name(s) for s in shapes]}
+    used_lr = lr if optimizer == "sgd" else (adapter_lr if adapter_lr is not None else HeteroConfig.lr)
+    out: dict[str, Any] = {"architectures": [architecture_name(s) for s in shapes], "optimizer": optimizer,
+                           "adapter_lr": used_lr}
     for label, share in (("shared", True), ("alone", False)):
-        cfg = HeteroConfig(rounds=rounds, clients_per_round=clients_per_round, local_steps=local_steps, lr=lr,
-                           finetune_steps=finetune_steps, share=share, seed=seed)
+        cfg = HeteroConfig(rounds=rounds, clients_per_round=clients_per_round, local_steps=local_steps, lr=used_lr,
+                           finetune_steps=finetune_steps, share=share, seed=seed, optimizer=optimizer)
         res = run_heterogeneous(data, cfg, device=device)
         out[label] = {"accuracy": res.mean, "per_architecture": res.per_architecture,
                       "per_client": {str(c): v for c, v in res.per_client.items()}}

@@ -23,12 +23,13 @@ import torch
 
 from securefml.data.base import Task
 from securefml.data.clusters import ClusteredDataset
-from securefml.errors import ConfigError
+from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.relevance.colora import (
     CoLoRAMLP,
     HeteroUpload,
     aggregate_heterogeneous,
     architecture_state,
+    check_upload,
     load_shared,
     shared_state,
 )
@@ -45,22 +46,52 @@ def architecture_name(hidden: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class HeteroConfig:
-    """Knobs of a heterogeneous Co-LoRA run (see the module docstring)."""
+    """Knobs of a heterogeneous Co-LoRA run (see the module docstring).
+
+    Attributes
+    ----------
+    rounds, clients_per_round, local_steps, finetune_steps:
+        Federation budget; held-out clients fine-tune ``finetune_steps`` on their support set.
+    lr, optimizer:
+        Local optimizer of the adapters: ``"adam"`` (default, a fresh state every round) at
+        ``lr`` = 0.01, or ``"sgd"``.  Plain SGD at 0.3 (the earlier default) diverged: a
+        client's adapter reached NaN around round 20 and, averaged into the shared P and Q,
+        turned every architecture to NaN (accuracy 0.10, the collapse in ``docs/relevance.md``).
+    rank, alpha:
+        Adapter rank r and LoRA scaling numerator (``s = alpha / r``; default ``alpha = r``).
+    share:
+        Average P, Q across architectures (True) or within each architecture group (False).
+    family:
+        Initialise every shape as one member of a family (``CoLoRAMLP(family_seed=seed)``): nested
+        seeded backbones and ``A``, so the r-dimensional adapter spaces agree across shapes.
+    freeze_backbone:
+        Train only the adapters (FedMosaic adapts frozen models).
+    seed:
+        Cohort sampling and initialisation.
+    """
 
     rounds: int = 30
     clients_per_round: int = 16
     local_steps: int = 10
-    lr: float = 0.3
+    lr: float = 0.01
     finetune_steps: int = 5
     rank: int = 8
     share: bool = True
     seed: int = 0
+    family: bool = True
+    freeze_backbone: bool = True
+    optimizer: str = "adam"
+    alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
             raise ConfigError("rounds and clients_per_round must be >= 1, step counts >= 0")
         if not self.lr > 0 or self.rank < 1:
             raise ConfigError(f"need lr > 0 and rank >= 1, got {self.lr}, {self.rank}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"alpha must be positive, got {self.alpha}")
 
 
 @dataclass(frozen=True)
@@ -88,10 +119,11 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
     models: dict[str, CoLoRAMLP] = {}
     for s in shapes:
         torch.manual_seed(config.seed)
-        m = CoLoRAMLP(in_features, s, classes, rank=config.rank,
-                      generator=torch.Generator().manual_seed(config.seed)).to(dev)
+        m = CoLoRAMLP(in_features, s, classes, rank=config.rank, alpha=config.alpha,
+                      generator=torch.Generator().manual_seed(config.seed),
+                      family_seed=config.seed if config.family else None).to(dev)
         for name, p in m.named_parameters():
-            if ".base." in name:  # the frozen backbone
+            if ".base." in name and config.freeze_backbone:  # the frozen backbone
                 p.requires_grad_(False)
         models[architecture_name(s)] = m
     state = {a: (shared_state(m), architecture_state(m)) for a, m in models.items()}
@@ -107,7 +139,9 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         t = task.to(dev)
         x = torch.cat([t.support_x, t.query_x]) if all_data else t.support_x
         y = torch.cat([t.support_y, t.query_y]) if all_data else t.support_y
-        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=config.lr)
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        opt: torch.optim.Optimizer = (torch.optim.SGD(trainable, lr=config.lr) if config.optimizer == "sgd"
+                                      else torch.optim.Adam(trainable, lr=config.lr))
         for _ in range(steps):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(m(x), y).backward()
@@ -123,7 +157,16 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
             t = data.train[i]
             a = arch_of[t.client_id]
             m = local(a, t, config.local_steps, all_data=True)
-            ups.append(HeteroUpload(a, shared_state(m), architecture_state(m), float(t.n_samples)))
+            up = HeteroUpload(a, shared_state(m), architecture_state(m), float(t.n_samples), client_id=t.client_id)
+            try:
+                check_upload(up)
+            except InvalidUpdateError as exc:
+                log.warning("hetero round %d: %s; the round goes on without it", rnd, exc)
+                continue
+            ups.append(up)
+        if not ups:
+            log.warning("hetero round %d: no usable upload", rnd)
+            continue
         shared, arch = aggregate_heterogeneous(ups, share=config.share)
         for a in arch:
             state[a] = (shared[a], arch[a])

@@ -47,9 +47,12 @@ from securefml.relevance.grouping import relevance_groups
 from securefml.relevance.task_vectors import TaskVectorizer, TaskVectorSmoother
 from securefml.server import RoundRecord, Server
 
-__all__ = ["RelevanceServer", "ClientScores"]
+__all__ = ["RelevanceServer", "ClientScores", "ENROL_ROUND"]
 
 log = logging.getLogger(__name__)
+
+#: the federation round index of the CKKS enrolment Gram (outside the training rounds)
+ENROL_ROUND = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,20 @@ class RelevanceServer(Server):
         self.smoother = TaskVectorSmoother(vectorizer.config.smoothing if smoothing is None else smoothing)
         self.models: dict[int, torch.Tensor] = {}
         self.last: PersonalizedAggregate | None = None
+
+    def enroll(self, tasks: Sequence[Task], *, round_idx: int = ENROL_ROUND,
+               generator: torch.Generator | None = None) -> None:
+        """CKKS: learn the inner products of these clients' task vectors once (one key-holder Gram).
+
+        An enrolment phase before training (training and, when known, held-out clients): their
+        gradient task vectors do not change while their data does not, so rounds reuse the
+        decrypted inner products (``RelevanceAggregation.register``) instead of asking the key
+        holder for a Gram every round.  A no-op for the other protocols.
+        """
+        if self.relevance.encrypted is None or not tasks:
+            return
+        vectors = torch.stack([self._new_vector(t, generator) for t in tasks])
+        self.relevance.register(round_idx, tuple(t.client_id for t in tasks), vectors)
 
     def model_of(self, client_id: int) -> torch.Tensor:
         """Client ``client_id``'s personalized flat model (the global one before it took part)."""
@@ -188,7 +205,8 @@ class RelevanceServer(Server):
             honest_rows = ~mal
             if bool(mal.any()) and bool(honest_rows.any()):
                 extras["malicious_weight"] = float(agg.weights[honest_rows][:, mal].sum(1).mean())
-            extras["min_effective"] = float(min(agg.effective))
+            if agg.effective:
+                extras["min_effective"] = float(min(agg.effective))
             extras["self_weight"] = float(torch.diagonal(agg.weights).mean())
             if agg.groups is not None:
                 extras["groups"] = [list(g) for g in agg.groups]
@@ -240,6 +258,13 @@ class RelevanceServer(Server):
         new_ids = tuple(t.client_id for t in tasks)
         if isinstance(proto, SecAggPlus):
             w, mixed = self._secagg_mix(round_idx, new_tv, train_ids, train_tv, train_models)
+        elif self.relevance.encrypted is not None:
+            w, mixed, refused = self.relevance.heldout_encrypted(round_idx, new_ids, new_tv, train_ids, train_tv,
+                                                                 train_models)
+            for cid in refused:
+                log.warning("held-out client %d: relevance mixture refused (%s); it starts from the global model",
+                            cid, refused[cid])
+                mixed[new_ids.index(cid)] = self.global_vector.detach().cpu()
         else:
             w = self.relevance.heldout_weights(new_tv, train_tv)
             mixed = (w @ train_models.to(torch.float64)).to(torch.float32)

@@ -24,6 +24,8 @@ from securefml.relevance import (
     effective_contributors,
     relevance_groups,
     relevance_weights,
+    temper,
+    worst_case_effective,
 )
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -70,13 +72,19 @@ def test_per_client_aggregates_are_permutation_equivariant(tv, t, include_self, 
 
 
 @SETTINGS
-@given(tv=task_vectors(min_n=4), t=st.floats(0.01, 1.0), include_self=st.booleans(), m_min=st.floats(1.0, 3.0))
-def test_every_applied_row_meets_the_minimum_effective_contributors(tv, t, include_self, m_min):
+@given(tv=task_vectors(min_n=4), t=st.floats(0.01, 1.0), include_self=st.booleans(), m_min=st.floats(1.0, 3.0),
+       blind=st.booleans())
+def test_every_applied_row_meets_the_minimum_effective_contributors(tv, t, include_self, m_min, blind):
     n = tv.shape[0]
-    step = RelevanceAggregation(RelevanceConfig(temperature=t, include_self=include_self, min_effective=m_min),
-                                protocol=Plaintext())
+    step = RelevanceAggregation(RelevanceConfig(temperature=t, include_self=include_self, min_effective=m_min,
+                                                blind=blind), protocol=Plaintext())
     out = step.aggregate(0, tuple(range(n)), torch.zeros(n, 3), [1.0] * n, tv.float())
     for i in range(n):
+        if blind:
+            reachable = (n - 1 if include_self else n - 2) >= m_min  # uniform over the candidates, minus one
+            if reachable:
+                assert worst_case_effective(out.weights[i]) >= m_min - 1e-6
+            continue
         assert effective_contributors(out.weights[i], exclude=i) >= m_min - 1e-6
         check_effective(out.weights[i], i, m_min)  # the key holder would accept it
 
@@ -122,3 +130,34 @@ def test_relevance_groups_partition_with_minimum_size(tv, min_size):
     assert flat == list(range(n))
     if n >= min_size:
         assert all(len(g) >= min_size for g in groups)
+
+
+@SETTINGS
+@given(raw=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=9))
+def test_worst_case_effective_is_the_minimum_over_every_left_out_client(raw):
+    w = torch.tensor(raw, dtype=torch.float64)
+    brute = []
+    for drop in [None, *range(len(raw))]:
+        if drop is not None and raw[drop] <= 0:
+            continue
+        rest = [x for k, x in enumerate(raw) if k != drop]
+        sq = sum(x * x for x in rest)
+        brute.append(sum(rest) ** 2 / sq if sq > 0 else 0.0)
+    assert worst_case_effective(w) == pytest.approx(min(brute), rel=1e-9, abs=1e-12)
+
+
+@SETTINGS
+@given(tv=task_vectors(min_n=5), t=st.floats(0.01, 0.5), m_min=st.floats(1.1, 3.0), include_self=st.booleans())
+def test_tempering_raises_the_temperature_and_keeps_the_order_of_relevance(tv, t, m_min, include_self):
+    # the tempered row is softmax at a higher temperature: the same ranking of clients, zeros stay zero
+    n = tv.shape[0]
+    sim = tv @ tv.T / (tv.norm(dim=1)[:, None] * tv.norm(dim=1)[None, :])
+    w = relevance_weights(sim, temperature=t, include_self=include_self)
+    out = temper(w, m_min, include_self=include_self) if n - 1 >= m_min else w
+    for i in range(n):
+        assert torch.isfinite(out[i]).all() and abs(float(out[i].sum()) - 1) < 1e-9
+        a, b = w[i], out[i]
+        pairs = [(j, k) for j in range(n) for k in range(n) if a[j] > a[k] * (1 + 1e-6) and a[k] > 1e-12]
+        assert all(b[j] >= b[k] - 1e-12 for j, k in pairs)
+        if not include_self:
+            assert b[i] == 0

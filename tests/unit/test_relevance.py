@@ -12,13 +12,15 @@ from securefml.defenses import make_defense
 from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
-from securefml.protocols import CKKS, Plaintext, SecAggPlus
+from securefml.protocols import CKKS, CKKSKeyHolder, Plaintext, SecAggPlus
 from securefml.relevance import (
     CoLoRALinear,
     CoLoRAMLP,
+    EncryptedRelevance,
     HeteroUpload,
     RelevanceAggregation,
     RelevanceConfig,
+    RelevancePolicy,
     RelevanceServer,
     TaskVectorConfig,
     TaskVectorizer,
@@ -26,6 +28,7 @@ from securefml.relevance import (
     aggregate_heterogeneous,
     architecture_state,
     block_keys,
+    check_upload,
     cosine_similarity,
     load_shared,
     shared_state,
@@ -35,6 +38,11 @@ from securefml.relevance import (
 @pytest.fixture(scope="module")
 def clusters():
     return make_digits_clusters(n_train=16, n_heldout=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ckks_relevance():
+    return EncryptedRelevance.generate(min_effective=2.0)
 
 
 def _two_clusters(n: int = 8, k: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,12 +160,57 @@ def test_allowed_mask_removes_a_client_from_every_aggregate():
     assert torch.allclose(out.weights.sum(1), torch.ones(8, dtype=torch.float64))
 
 
-def test_ckks_is_refused_until_its_path_goes_through_the_key_holders_policy():
-    # the encrypted relevance path needs unchecked scalar decryptions, which the CKKS key holder
-    # no longer performs (it decrypts only policy-checked combinations of signed uploads)
-    for preset in ("stats", "add-only"):
-        with pytest.raises(ConfigError, match="not yet ported"):
-            RelevanceAggregation(protocol=CKKS(preset=preset))
+def test_ckks_needs_a_key_holder_with_a_relevance_policy():
+    # a plain DecryptionPolicy would let a per-client combination concentrated on one other
+    # client through (no share above 0.5): the key holder itself must check the relevance bound
+    with pytest.raises(ConfigError, match="RelevancePolicy"):
+        RelevanceAggregation(protocol=CKKS(preset="stats"))
+    with pytest.raises(ConfigError, match="statistics preset"):
+        EncryptedRelevance(CKKSKeyHolder.generate("add-only", policy=RelevancePolicy()))
+
+
+def test_ckks_step_matches_the_plaintext_step_with_the_same_weights(ckks_relevance):
+    tv, models = _two_clusters(n=6, k=4)
+    proto = CKKS(ckks_relevance.key_holder)
+    cfg = RelevanceConfig(temperature=0.3, min_effective=2.0, blind=True)
+    enc = RelevanceAggregation(cfg, protocol=proto)
+    plain = RelevanceAggregation(cfg, protocol=Plaintext()).aggregate(0, tuple(range(6)), models, [1.0] * 6, tv)
+    out = enc.aggregate(3, tuple(range(6)), models, [1.0] * 6, tv)
+    assert out.client_ids == plain.client_ids and not out.rejected
+    assert torch.allclose(out.weights, plain.weights, atol=1e-6)
+    assert torch.allclose(out.per_client, plain.per_client, atol=1e-4)
+    assert torch.allclose(out.global_aggregate, plain.global_aggregate, atol=1e-4)
+    assert all(e >= 2.0 - 1e-6 for e in out.effective)  # the recipient-blind bound, per row
+    # within each cluster (rows 0, 2, 4 and 1, 3, 5) the aggregates stay in the cluster
+    assert float(out.weights[0, [1, 3, 5]].sum()) < 0.05
+    assert out.bytes_uploaded > 0
+
+
+def test_a_relevance_run_under_ckks_gets_a_key_holder_with_a_relevance_policy(clusters):
+    from securefml.relevance.experiment import build_relevance_server
+
+    model = make_model(clusters, seed=0)
+    learner = LEARNERS.create("maml", model=model, config=MetaConfig(1, 0.1, 1.0, 1))
+    server = build_relevance_server("relevance:min_effective=3", learner, CKKS(preset="stats"), make_defense("mean"),
+                                    device="cpu")
+    assert server.relevance.encrypted is not None
+    policy = server.relevance.encrypted.policy
+    assert isinstance(policy, RelevancePolicy) and policy.min_effective == 3
+    assert server.protocol is server.relevance.protocol
+
+
+def test_server_refuses_a_concentrated_row_before_asking_the_key_holder(ckks_relevance):
+    enc = ckks_relevance
+    ids = (10, 11, 12, 13, 14)
+    vectors = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([[0.45, 0.45, 0.04, 0.03, 0.03],   # 10 or 11 would read the other one
+                         [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=torch.float64)
+    got = enc.combine(40, ids, vectors, rows, first_slot=1)
+    assert 0 in got.refused and "before asking" in got.refused[0]
+    rounds = enc.key_holder.state_dict()["rounds"]
+    assert str(enc.key_round(40, 1)) not in rounds  # the key holder was never asked for row 0
+    assert str(enc.key_round(40, 2)) in rounds
+    assert torch.allclose(torch.from_numpy(got.vectors[1]), vectors.double().mean(0), atol=1e-4)
 
 
 def test_secagg_step_groups_by_relevance_and_sums_each_group():
@@ -189,8 +242,8 @@ def test_relevance_server_rounds_and_heldout_personalization(clusters):
     scores = server.personalize_new(clusters.heldout, steps=1)
     assert len(scores.scores) == 4 and scores.weights is not None and scores.weights.shape == (4, 8)
     assert torch.allclose(scores.weights.sum(1), torch.ones(4, dtype=torch.float64))
-    with pytest.raises(ConfigError, match="not yet ported"):
-        ckks = CKKS(preset="stats")
+    with pytest.raises(ConfigError, match="plaintext"):
+        ckks = CKKS(policy=RelevancePolicy(min_effective=2.0))
         RelevanceServer(learner, ckks, make_defense("multikrum:f=1"), relevance=RelevanceAggregation(protocol=ckks),
                         vectorizer=TaskVectorizer(model, learner.init_params()))
 
@@ -248,6 +301,39 @@ def test_heterogeneous_aggregation_shares_p_q_across_and_a_b_within():
     with pytest.raises(ConfigError, match="ranks"):
         aggregate_heterogeneous([ups[0], HeteroUpload("r3", shared_state(CoLoRAMLP(64, (8,), 10, rank=3)),
                                                       architecture_state(CoLoRAMLP(64, (8,), 10, rank=3)))])
+
+
+def test_a_non_finite_upload_is_refused_naming_its_client():
+    # the 0.10 collapse: one diverged client's NaN adapter, averaged into the shared P and Q,
+    # reached every architecture; now its upload is refused with its id and the others aggregate
+    good = CoLoRAMLP(64, (32,), 10, rank=2)
+    bad = CoLoRAMLP(64, (64,), 10, rank=2)
+    with torch.no_grad():
+        bad.blocks["last"].P.fill_(float("nan"))
+    up_bad = HeteroUpload("64", shared_state(bad), architecture_state(bad), client_id=7)
+    with pytest.raises(InvalidUpdateError, match="client 7") as err:
+        check_upload(up_bad)
+    assert err.value.sender == 7
+    with pytest.raises(InvalidUpdateError, match="client 7"):
+        aggregate_heterogeneous([HeteroUpload("32", shared_state(good), architecture_state(good), client_id=1),
+                                 up_bad])
+    with pytest.raises(InvalidUpdateError, match="weight"):
+        check_upload(HeteroUpload("32", shared_state(good), architecture_state(good), weight=float("inf")))
+
+
+def test_family_initialisation_nests_the_widths():
+    small = CoLoRAMLP(64, (32,), 10, rank=4, family_seed=3)
+    wide = CoLoRAMLP(64, (64,), 10, rank=4, family_seed=3)
+    other = CoLoRAMLP(64, (64,), 10, rank=4, family_seed=4)
+    first_s, first_w = small.blocks["first"], wide.blocks["first"]
+    assert torch.equal(first_s.base.weight, first_w.base.weight[:32])  # the 32 units are the 64's first 32
+    assert torch.equal(first_s.lora_A, first_w.lora_A)  # same input space, same adapter directions
+    assert torch.allclose(small.blocks["last"].base.weight * 32**0.5, wide.blocks["last"].base.weight[:, :32] * 64**0.5)
+    assert not torch.equal(first_w.base.weight, other.blocks["first"].base.weight)
+    x = torch.randn(3, 64)
+    assert torch.allclose(first_s(x), first_w(x)[:, :32], atol=1e-6)  # B = 0 at init: plain base layers
+    with pytest.raises(ConfigError, match="widths up to"):
+        CoLoRAMLP(64, (2048,), 10, family_seed=0)
 
 
 # -- command line -----------------------------------------------------------------------------------
