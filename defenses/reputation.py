@@ -107,7 +107,8 @@ class Reputation(Defense):
     name = "reputation"
 
     def __init__(
-        self, rule: Defense | None = None, *, threshold: float = 0.5, min_rounds: int = 2, window: int = 2000
+        self, rule: Defense | None = None, *, threshold: float = 0.5, min_rounds: int = 2, window: int = 2000,
+        consensus: str = "unflagged",
     ) -> None:
         if not (isinstance(threshold, (int, float)) and 0 < threshold < float("inf")):
             raise ConfigError(f"threshold must be positive and finite, got {threshold!r}")
@@ -115,6 +116,9 @@ class Reputation(Defense):
             raise ConfigError(f"min_rounds must be a positive integer, got {min_rounds!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 8:
             raise ConfigError(f"window must be an integer >= 8, got {window!r}")
+        if consensus not in ("trusted", "unflagged"):
+            raise ConfigError(f"consensus must be 'trusted' or 'unflagged', got {consensus!r}")
+        self.consensus = consensus
         self.rule = rule if rule is not None else Mean()
         if not isinstance(self.rule, Defense):
             raise ConfigError(f"rule must be a Defense, got {self.rule!r}")
@@ -153,7 +157,14 @@ class Reputation(Defense):
         prior = torch.tensor([not self.is_flagged(c) for c in ids])
         if gram.n < 3 or int(prior.sum()) < 2:
             return torch.zeros(gram.n, dtype=torch.float64), self._cap(ids, prior)
-        z = consensus_cosine(gram.inner, prior)
+        members = prior
+        if self.consensus == "trusted":
+            # the consensus is formed by the members without evidence against them (statistic >= 0
+            # or never seen): suspected attackers no longer dilute it before they are flagged
+            trusted = torch.tensor([(self.statistic(c) or 0.0) >= 0 for c in ids]) & prior
+            if int(trusted.sum()) >= 2:
+                members = trusted
+        z = consensus_cosine(gram.inner, members)
         for c, zi in zip(ids, z.tolist()):
             self._count[c] = self._count.get(c, 0) + 1
             self._sum[c] = self._sum.get(c, 0.0) + zi
@@ -221,4 +232,4 @@ class Reputation(Defense):
 
     def __repr__(self) -> str:
         return (f"Reputation({self.rule!r}, threshold={self.threshold}, min_rounds={self.min_rounds}, "
-                f"window={self.window})")
+                f"window={self.window}, consensus={self.consensus!r})")

@@ -280,7 +280,8 @@ def heatmap_figure(records: Sequence[Mapping[str, Any]], metric: str) -> Any:
     if metric in ("personalized", "personalized_last_k", "global") and name == "mse":
         higher = False
     fig, ax = plt.subplots(figsize=(2.0 + 1.1 * len(cols), 1.2 + 0.5 * len(rows)), dpi=110)
-    bounded = metric in ("personalized", "personalized_last_k", "global", "asr_personalized", "asr_global", "tpr", "fpr") and name != "mse"
+    bounded = name != "mse" and metric in (
+        "personalized", "personalized_last_k", "global", "asr_personalized", "asr_global", "tpr", "fpr")
     im = ax.imshow(grid, cmap="viridis" if higher else "viridis_r", aspect="auto",
                    vmin=0.0 if bounded else None, vmax=1.0 if bounded else None)
     ax.set_xticks(range(len(cols)), labels=cols, rotation=35, ha="right", fontsize=8)
