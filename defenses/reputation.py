@@ -9,8 +9,12 @@ of a standardised per-round score and flags a client once the evidence is signif
 flagged clients are excluded before the wrapped rule runs.
 
 Score (per round, per client ``i``): the cosine between ``u_i`` and the sum of the other
-non-flagged updates, ``c_i = <u_i, S - u_i> / (||u_i|| ||S - u_i||)``; every term is an entry
-of the Gram matrix, so the score is computed from a CKKS ``Gram`` (the key holder decrypts
+non-flagged updates' unit vectors, ``c_i = <v_i, S - v_i> / ||S - v_i||`` with ``v = u / ||u||``
+and ``S`` the sum of the consensus members' ``v``.  Normalising makes every member's weight in
+the consensus the same whatever its norm: with a raw sum, Byzantine rows scaled by 10 *are* the
+consensus, so they score as agreeing and honest clients as disagreeing (the scaled attack then
+got honest clients excluded; property-tested now: no attacker scale changes an honest score).
+Every term is an entry of the Gram matrix, so the score is computed from a CKKS ``Gram`` (the key holder decrypts
 only that matrix) exactly as from plaintext updates.  Evidence: the sum of a client's scores
 over the ``k`` rounds it took part in.  The scale ``sigma`` is pooled over every score seen
 in the last ``window`` observations (1.4826 times their median absolute deviation, robust to
@@ -58,13 +62,22 @@ from securefml.reveals import Reveals
 __all__ = ["consensus_cosine", "robust_scale", "Reputation"]
 
 
-def consensus_cosine(inner: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
+def consensus_cosine(inner: torch.Tensor, include: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
     """Cosine of each row with the sum of the *other* included rows, from a Gram matrix.
 
     ``include`` is a boolean ``[n]`` mask of the rows forming the consensus (a row is never
-    compared with itself).  Rows with zero norm get cosine 0.
+    compared with itself).  Rows with zero norm get cosine 0.  With ``normalize`` (the
+    default) the consensus is the sum of the other rows' *unit* vectors, i.e. the formula runs
+    on the cosine matrix: a row's weight in everyone else's consensus does not grow with its
+    norm.  Without it, one row scaled by 10 dominates the sum, so the scaled rows agree with
+    "the consensus" and honest rows appear to disagree (measured: under 10x sign flips the raw
+    sum made reputation flag honest clients and keep the attackers).
     """
     g = inner.to(torch.float64)
+    if normalize:
+        norms = torch.diagonal(g).clamp_min(0).sqrt()
+        unit = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        g = g * unit[:, None] * unit[None, :]
     inc = include.to(g.device, torch.float64)
     rowsum = g @ inc  # <u_i, S> with S the sum of the included rows
     diag = torch.diagonal(g)
