@@ -84,10 +84,14 @@ def summarize(cfg: RunConfig) -> dict[str, Any]:
     """Run one configuration and keep what the sections report."""
     torch.set_num_threads(1)
     started = time.perf_counter()
-    m = run_experiment(cfg).metrics
+    res = run_experiment(cfg)
+    m = res.metrics
     det = m["detection"]
     cum = det["cumulative"]
     return {
+        # per round: who took part, who was flagged, the aggregate's norm (plaintext vs CKKS)
+        "rounds": [{"cohort": h["cohort"], "flagged": h["flagged"], "update_norm": h["update_norm"]}
+                   for h in res.history],
         "key": key_of(cfg),
         "final": m["personalized"]["accuracy"],
         "last_k": m["personalized_last_k"]["mean"],
@@ -141,14 +145,18 @@ def selection_config(args: argparse.Namespace, spec: str, share: float, seed: in
                      clients_per_round=10, seed=seed, select=spec, last_k=args.last_k)
 
 
+def _selections(args: argparse.Namespace) -> list[tuple[str, float]]:
+    return [(spec, share) for spec, share in SELECTIONS if args.selections is None or spec in args.selections]
+
+
 def selection_configs(args: argparse.Namespace) -> list[RunConfig]:
-    return [selection_config(args, spec, share, seed) for spec, share in SELECTIONS for seed in args.seeds]
+    return [selection_config(args, spec, share, seed) for spec, share in _selections(args) for seed in args.seeds]
 
 
 def selection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
     out = []
     full = {s: runner.get(selection_config(args, "all", 1.0, s)) for s in args.seeds}
-    for spec, share in SELECTIONS:
+    for spec, share in _selections(args):
         recs = [(s, r) for s in args.seeds if (r := runner.get(selection_config(args, spec, share, s))) is not None]
         if not recs:
             continue
@@ -167,6 +175,33 @@ def detection_config(args: argparse.Namespace, protocol: str, seed: int) -> RunC
     return RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=args.detection_rounds, clients_per_round=8,
                      seed=seed, protocol=protocol, defense=args.detector, attack="signflip:scale=1", malicious=0.25,
                      last_k=args.last_k)
+
+
+def divergence(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
+    """Plaintext vs CKKS detection runs of the same seed, round by round.
+
+    The two make the same decisions on the same inputs (unit-tested); this shows where and why
+    two *runs* part: the rounds with the same cohort and the same flags, and the relative
+    difference of the aggregate's norm (CKKS rounding, amplified by training).
+    """
+    out = []
+    for seed in args.seeds:
+        a = runner.get(detection_config(args, "plaintext", seed))
+        b = runner.get(detection_config(args, "ckks", seed))
+        if a is None or b is None or "rounds" not in a or "rounds" not in b:
+            continue
+        pairs = list(zip(a["rounds"], b["rounds"]))
+        same_flags = [x["flagged"] == y["flagged"] for x, y in pairs]
+        rel = [abs(x["update_norm"] - y["update_norm"]) / max(abs(x["update_norm"]), 1e-30) for x, y in pairs]
+        out.append({
+            "seed": seed,
+            "same_cohorts_all_rounds": all(x["cohort"] == y["cohort"] for x, y in pairs),
+            "first_round_with_different_flags": same_flags.index(False) if False in same_flags else None,
+            "rounds_with_same_flags": sum(same_flags), "rounds": len(pairs),
+            "aggregate_norm_relative_difference": {str(r): rel[r] for r in (0, 1, 5, 10, 20, 50, len(rel) - 1)
+                                                    if r < len(rel)},
+        })
+    return out
 
 
 def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
@@ -198,9 +233,10 @@ def matrix_config(args: argparse.Namespace, setting: str, frac: float, defense: 
 
 
 def matrix_configs(args: argparse.Namespace) -> list[RunConfig]:
-    # seed-major, so a partial run has every cell for the first seeds
-    return [matrix_config(args, st, frac, d, a, seed) for seed in args.seeds for st in args.settings
-            for frac in args.malicious for d in args.defenses for a in ["none", *args.attacks]]
+    # setting-major, then defense, in the order given: a partial run has every seed and attack of
+    # the first (setting, defense) pairs
+    return [matrix_config(args, st, frac, d, a, seed) for st in args.settings for d in args.defenses
+            for seed in args.seeds for frac in args.malicious for a in ["none", *args.attacks]]
 
 
 def matrix(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
@@ -260,6 +296,7 @@ def main() -> None:
     ap.add_argument("--attacks", nargs="+", default=ATTACKS)
     ap.add_argument("--last-k", type=int, default=5)
     ap.add_argument("--selection-rounds", type=int, default=200)
+    ap.add_argument("--selections", nargs="+", help="only these selection specs (default: every one of SELECTIONS)")
     ap.add_argument("--detection-rounds", type=int, default=100)
     ap.add_argument("--detection-protocols", nargs="+", default=["plaintext", "ckks"])
     ap.add_argument("--detector", default="reputation>>mean")
@@ -290,6 +327,7 @@ def main() -> None:
         result["selection"] = selection(args, runner)
     if "detection" in args.sections:
         result["detection"] = detection(args, runner)
+        result["plaintext_vs_ckks"] = divergence(args, runner)
     if "matrix" in args.sections:
         result["matrix"] = matrix(args, runner)
     text = json.dumps(result, indent=1)
