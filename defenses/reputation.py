@@ -25,6 +25,18 @@ below zero.  Honest clients agree with the consensus *on average* (on digits-few
 cosine is about +0.12, a unit sign flipper's about -0.15, both +- 0.25 per round), so the
 evidence separates them as participations accumulate, while a single round cannot.
 
+Near-copies.  Honest clients with their own data never upload near-identical updates, but
+colluders that all send one crafted vector (ALIE, IPM and their "optimal" versions, whose
+strength is searched against this very rule) do, and a mimic copies an honest client.  A member
+whose cosine with another member of the round is at least ``duplicate`` (default 0.99) scores
+-1 that round (the strongest disagreement), does not vote on the consensus, and is excluded from
+that round's aggregate.  Measured: under ``optimal-alie`` at 20 % (digits-fewshot FOMAML, 50
+rounds, seed 0) ``recommended`` scored 0.2 (chance) without this rule and 0.694 with it, with
+TPR 1.0 / FPR 0.03.  Cost and limit: the honest client a mimic copies is a near-copy too, so it
+is excluded in the rounds it is copied (and accrues that evidence); colluders that add
+independent noise to their common vector are no longer near-copies, but noise of honest size
+dilutes the common component by the same factor after ARC's clipping.
+
 Threat model and limits: Byzantine clients that *disagree with the consensus* over the
 rounds they take part in (sign flip, IPM, large scaling) are found; an attacker that copies
 the consensus (mimic, small ALIE shifts) scores like an honest client and is left to the
@@ -59,7 +71,7 @@ from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
 
-__all__ = ["consensus_cosine", "robust_scale", "Reputation"]
+__all__ = ["consensus_cosine", "duplicates", "robust_scale", "Reputation"]
 
 
 def consensus_cosine(inner: torch.Tensor, include: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -89,6 +101,21 @@ def consensus_cosine(inner: torch.Tensor, include: torch.Tensor, *, normalize: b
     return torch.where(denom > 1e-300, a / denom.clamp_min(1e-300), torch.zeros_like(a)).clamp(-1, 1)
 
 
+def duplicates(inner: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Rows whose cosine with some *other* row is at least ``threshold`` (near-copies), from a Gram.
+
+    Honest clients with their own data do not upload near-identical updates; colluding
+    attackers that send one crafted vector (ALIE, IPM and their optimal versions) or copy an
+    honest client (mimic) do.  A copied honest client is a near-copy too (see ``Reputation``).
+    """
+    g = inner.to(torch.float64)
+    norms = torch.diagonal(g).clamp_min(0).sqrt()
+    unit = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    cos = g * unit[:, None] * unit[None, :]
+    cos.fill_diagonal_(-2.0)
+    return cos.max(dim=1).values >= threshold if g.shape[0] > 1 else torch.zeros(g.shape[0], dtype=torch.bool)
+
+
 def robust_scale(values: torch.Tensor) -> float:
     """1.4826 times the median absolute deviation (the standard deviation for normal data)."""
     med = values.median()
@@ -109,6 +136,12 @@ class Reputation(Defense):
         Observations needed before a client can be flagged.
     window:
         How many recent scores (all clients) the pooled scale ``sigma`` is estimated from.
+    consensus:
+        ``"unflagged"`` (default): the consensus is every non-flagged member; ``"trusted"``:
+        only the members whose statistic is not negative (measured on 3 seeds: TPR +0.04 on
+        average, FPR up to 0.11 on one seed; not the default).
+    duplicate:
+        Cosine at or above which two members are near-copies (None: off).
 
     Notes
     -----
@@ -121,7 +154,7 @@ class Reputation(Defense):
 
     def __init__(
         self, rule: Defense | None = None, *, threshold: float = 0.5, min_rounds: int = 2, window: int = 2000,
-        consensus: str = "unflagged",
+        consensus: str = "unflagged", duplicate: float | None = 0.99,
     ) -> None:
         if not (isinstance(threshold, (int, float)) and 0 < threshold < float("inf")):
             raise ConfigError(f"threshold must be positive and finite, got {threshold!r}")
@@ -132,6 +165,9 @@ class Reputation(Defense):
         if consensus not in ("trusted", "unflagged"):
             raise ConfigError(f"consensus must be 'trusted' or 'unflagged', got {consensus!r}")
         self.consensus = consensus
+        if duplicate is not None and not (isinstance(duplicate, (int, float)) and 0 < duplicate <= 1):
+            raise ConfigError(f"duplicate must be a cosine in (0, 1] or None, got {duplicate!r}")
+        self.duplicate = None if duplicate is None else float(duplicate)
         self.rule = rule if rule is not None else Mean()
         if not isinstance(self.rule, Defense):
             raise ConfigError(f"rule must be a Defense, got {self.rule!r}")
@@ -177,12 +213,17 @@ class Reputation(Defense):
             trusted = torch.tensor([(self.statistic(c) or 0.0) >= 0 for c in ids]) & prior
             if int(trusted.sum()) >= 2:
                 members = trusted
+        dup = (duplicates(gram.inner, self.duplicate) if self.duplicate is not None
+               else torch.zeros(gram.n, dtype=torch.bool))
+        if int((members & ~dup).sum()) >= 2:
+            members = members & ~dup  # near-copies do not vote on the consensus either
         z = consensus_cosine(gram.inner, members)
+        z = torch.where(dup, torch.full_like(z, -1.0), z)  # a near-copy is the strongest evidence
         for c, zi in zip(ids, z.tolist()):
             self._count[c] = self._count.get(c, 0) + 1
             self._sum[c] = self._sum.get(c, 0.0) + zi
             self._recent.append(zi)
-        return z, self._cap(ids, torch.tensor([not self.is_flagged(c) for c in ids]))
+        return z, self._cap(ids, torch.tensor([not self.is_flagged(c) for c in ids]) & ~dup)
 
     def _cap(self, ids: tuple[int, ...], keep: torch.Tensor) -> torch.Tensor:
         """Exclude at most ``(n - 1) // 2`` of ``n``: those with the strongest evidence."""
@@ -245,4 +286,4 @@ class Reputation(Defense):
 
     def __repr__(self) -> str:
         return (f"Reputation({self.rule!r}, threshold={self.threshold}, min_rounds={self.min_rounds}, "
-                f"window={self.window}, consensus={self.consensus!r})")
+                f"window={self.window}, consensus={self.consensus!r}, duplicate={self.duplicate})")

@@ -148,3 +148,35 @@ def test_trusted_consensus_leaves_suspects_out_of_the_consensus():
     assert float(res.info["scores"][2:].mean()) > float(everyone[2:].mean())  # honest agree more with a clean consensus
     with pytest.raises(ConfigError, match="consensus"):
         Reputation(consensus="median")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_bad=st.integers(2, 3), scale=st.floats(1e-6, 1e8),
+       direction=st.lists(st.floats(-1, 1), min_size=60, max_size=60).filter(lambda v: any(abs(x) > 1e-3 for x in v)))
+def test_colluders_sending_one_vector_are_excluded_whatever_the_vector(seed, n_bad, scale, direction):
+    """ALIE/IPM-style collusion (every attacker uploads the same crafted row) is excluded in the round it happens."""
+    from securefml.defenses.reputation import duplicates
+
+    g = torch.Generator().manual_seed(seed)
+    ids = tuple(range(8))
+    x = _round(g, ids, set())
+    crafted = torch.tensor(direction, dtype=torch.float64) * scale
+    x[:n_bad] = crafted
+    assert duplicates(x @ x.T, 0.99).tolist() == [i < n_bad for i in ids]
+    rep = Reputation()
+    res = rep(x, client_ids=ids)
+    assert set(res.flagged) == set(range(n_bad))
+    honest_mean = x[n_bad:].mean(0)
+    assert torch.allclose(res.aggregate.to(torch.float64), honest_mean, atol=1e-6 * float(honest_mean.norm()) + 1e-9)
+    assert all(rep.statistic(c) < 0 for c in range(n_bad))
+
+
+def test_honest_heterogeneous_rows_are_never_near_copies():
+    from securefml.defenses.reputation import duplicates
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        x = _round(g, tuple(range(10)), set())
+        assert not duplicates(x @ x.T, 0.99).any()
+    with pytest.raises(ConfigError, match="duplicate"):
+        Reputation(duplicate=1.5)
