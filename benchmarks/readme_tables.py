@@ -121,11 +121,17 @@ def render_robustness(data: dict[str, Any]) -> str:
     args = data["args"]
     before = data.get("machine_before", {})
     after = data.get("machine_after", {})
-    lines = [f"Measured {before.get('utc', '?')} to {after.get('utc', '?')} on {before.get('cpus', '?')} CPUs shared "
-             f"with other work (1-min load average {before.get('load_avg', ['?'])[0]} before, "
-             f"{after.get('load_avg', ['?'])[0]} after), one torch thread per run; {data['runs_done']} of "
-             f"{data['runs_planned']} planned runs finished. Accuracy: personalized, mean of the last "
-             f"{args['last_k']} rounds' evaluations, mean ± 95 % t-interval over seeds."]
+    if data.get("report_only"):
+        when = (f"Summarized {before.get('utc', '?')} from the runs recorded in the benchmark's cache, measured "
+                f"earlier on {before.get('cpus', '?')} CPUs shared with other work (1-min load average "
+                f"{before.get('load_avg', ['?'])[0]} at summary time)")
+    else:
+        when = (f"Measured {before.get('utc', '?')} to {after.get('utc', '?')} on {before.get('cpus', '?')} CPUs "
+                f"shared with other work (1-min load average {before.get('load_avg', ['?'])[0]} before, "
+                f"{after.get('load_avg', ['?'])[0]} after)")
+    lines = [f"{when}, one torch thread per run; {data['runs_done']} of {data['runs_planned']} planned runs "
+             f"finished. Accuracy: personalized, mean of the last {args['last_k']} rounds' evaluations, "
+             f"mean ± 95 % t-interval over seeds."]
     if data.get("selection"):
         lines += ["", f"Selection (digits-fewshot FOMAML, 10 per round, {args['selection_rounds']} rounds):", "",
                   "| selection | rounds | accuracy | minus all layers | bytes vs all layers | seeds |",

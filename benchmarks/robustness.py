@@ -42,7 +42,7 @@ import statistics
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -99,6 +99,8 @@ def summarize(cfg: RunConfig) -> dict[str, Any]:
         "cumulative": [{k: c[k] for k in ("round", "tpr", "fpr")} for c in cum],
         "pooled_per_round": {"tpr": det["tpr"], "fpr": det["fpr"]},
         "seconds": time.perf_counter() - started,
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
     }
 
 
@@ -177,6 +179,10 @@ def detection_config(args: argparse.Namespace, protocol: str, seed: int) -> RunC
                      last_k=args.last_k)
 
 
+def divergence_config(args: argparse.Namespace, protocol: str, seed: int) -> RunConfig:
+    return replace(detection_config(args, protocol, seed), rounds=args.divergence_rounds)
+
+
 def divergence(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
     """Plaintext vs CKKS detection runs of the same seed, round by round.
 
@@ -185,9 +191,9 @@ def divergence(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]
     difference of the aggregate's norm (CKKS rounding, amplified by training).
     """
     out = []
-    for seed in args.seeds:
-        a = runner.get(detection_config(args, "plaintext", seed))
-        b = runner.get(detection_config(args, "ckks", seed))
+    for seed in args.divergence_seeds:
+        a = runner.get(divergence_config(args, "plaintext", seed))
+        b = runner.get(divergence_config(args, "ckks", seed))
         if a is None or b is None or "rounds" not in a or "rounds" not in b:
             continue
         pairs = list(zip(a["rounds"], b["rounds"]))
@@ -198,8 +204,9 @@ def divergence(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]
             "same_cohorts_all_rounds": all(x["cohort"] == y["cohort"] for x, y in pairs),
             "first_round_with_different_flags": same_flags.index(False) if False in same_flags else None,
             "rounds_with_same_flags": sum(same_flags), "rounds": len(pairs),
-            "aggregate_norm_relative_difference": {str(r): rel[r] for r in (0, 1, 5, 10, 20, 50, len(rel) - 1)
-                                                    if r < len(rel)},
+            "aggregate_norm_relative_difference": {
+                str(r): rel[r] for r in sorted({0, 1, 2, 5, 10, 20, 50, len(rel) - 1}) if r < len(rel)},
+            "flagged_per_round": [len(x["flagged"]) for x in a["rounds"]],
         })
     return out
 
@@ -284,8 +291,8 @@ def matrix(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", nargs="+", default=["selection", "detection", "matrix"],
-                    choices=["selection", "detection", "matrix"])
+    ap.add_argument("--sections", nargs="+", default=["selection", "detection", "divergence", "matrix"],
+                    choices=["selection", "detection", "divergence", "matrix"])
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--clients-per-round", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -300,6 +307,8 @@ def main() -> None:
     ap.add_argument("--detection-rounds", type=int, default=100)
     ap.add_argument("--detection-protocols", nargs="+", default=["plaintext", "ckks"])
     ap.add_argument("--detector", default="reputation>>mean")
+    ap.add_argument("--divergence-rounds", type=int, default=12)
+    ap.add_argument("--divergence-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path("results/robustness-runs.jsonl"))
     ap.add_argument("--report-only", action="store_true", help="summarize the cache; run nothing")
@@ -313,6 +322,8 @@ def main() -> None:
         planned += selection_configs(args)
     if "detection" in args.sections:
         planned += [detection_config(args, p, s) for p in args.detection_protocols for s in args.seeds]
+    if "divergence" in args.sections:
+        planned += [divergence_config(args, p, s) for p in ("plaintext", "ckks") for s in args.divergence_seeds]
     if "matrix" in args.sections:
         planned += matrix_configs(args)
     if not args.report_only:
@@ -323,10 +334,12 @@ def main() -> None:
         "runs_planned": len(planned), "runs_done": sum(runner.get(c) is not None for c in planned),
     }
     result["partial"] = result["runs_done"] < result["runs_planned"]
+    result["report_only"] = bool(args.report_only)
     if "selection" in args.sections:
         result["selection"] = selection(args, runner)
     if "detection" in args.sections:
         result["detection"] = detection(args, runner)
+    if "divergence" in args.sections:
         result["plaintext_vs_ckks"] = divergence(args, runner)
     if "matrix" in args.sections:
         result["matrix"] = matrix(args, runner)
