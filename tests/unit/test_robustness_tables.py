@@ -31,7 +31,8 @@ DATA = {
                    "final": _iv(0.79), "bytes_vs_all": 0.506, "minus_all_layers": _iv(-0.1, 0.02)}],
     "detection": [{"protocol": "plaintext", "seed": 0, "defense": "reputation>>mean",
                    "final_cumulative": {"tpr": 0.72, "fpr": 0.093},
-                   "cumulative_every_10": [{"round": 9, "tpr": 0.1, "fpr": 0.0}, {"round": 49, "tpr": 0.5, "fpr": 0.05}],
+                   "cumulative_every_10": [{"round": 9, "tpr": 0.1, "fpr": 0.0},
+                                           {"round": 49, "tpr": 0.5, "fpr": 0.05}],
                    "pooled_per_round": {"tpr": 0.5, "fpr": 0.07}, "accuracy_last_k": 0.766, "target_met": False}],
     "matrix": [{"dataset": "digits-fewshot", "algorithm": "fomaml", "malicious": 0.2, "rows": [
         {"defense": "recommended", "seeds": [0, 1, 2], "clean": _iv(0.7, 0.1), "worst_case": _iv(0.65, 0.1),
