@@ -6,6 +6,11 @@ sent it and keeps the global value where nobody did.  A selector is either *clie
 layers, which mask-based protocols and robust rules need): a dictated selector decides from the
 server's previous aggregate, which every client also knows.
 
+A budget smaller than a layer needs chunks: ``ChunkRotation`` works on a ``ChunkedLayout``
+(every layer split into contiguous chunks that protocols and rules see as layers) and sends
+about ``fraction`` of the parameters per round, every chunk once in every ``ceil(1/fraction)``
+rounds; ``run_experiment`` installs the chunked layout on the server for it.
+
 References
 ----------
 You et al., "A framework reforming personalized IoT by federated meta-learning" (Cedar),
