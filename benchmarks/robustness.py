@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from securefml.errors import SecureFMLError
 from securefml.experiment import RunConfig, run_experiment
 
 SETTINGS = [("digits-fewshot", "fomaml"), ("digits-fewshot", "maml"), ("digits-skew", "fedavg")]
@@ -81,10 +82,14 @@ def key_of(cfg: RunConfig) -> str:
 
 
 def summarize(cfg: RunConfig) -> dict[str, Any]:
-    """Run one configuration and keep what the sections report."""
+    """Run one configuration and keep what the sections report (an error record if the run raised)."""
     torch.set_num_threads(1)
     started = time.perf_counter()
-    res = run_experiment(cfg)
+    try:
+        res = run_experiment(cfg)
+    except SecureFMLError as exc:  # e.g. an attack undefined for one round's cohort: record it, go on
+        return {"key": key_of(cfg), "error": f"{type(exc).__name__}: {exc}",
+                "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     m = res.metrics
     det = m["detection"]
     cum = det["cumulative"]
@@ -132,7 +137,19 @@ class Runner:
                 sink.flush()
 
     def get(self, cfg: RunConfig) -> dict[str, Any] | None:
-        return self.done.get(key_of(cfg))
+        """The run's summary; None if it has not run or it raised (see ``errors``)."""
+        rec = self.done.get(key_of(cfg))
+        return None if rec is None or "error" in rec else rec
+
+    def errors(self, configs: Iterable[RunConfig]) -> list[dict[str, Any]]:
+        """The planned runs that raised: their configuration's coordinates and the error."""
+        out = []
+        for c in configs:
+            rec = self.done.get(key_of(c))
+            if rec is not None and "error" in rec:
+                out.append({"dataset": c.dataset, "algorithm": c.algorithm, "defense": c.defense, "attack": c.attack,
+                            "malicious": c.malicious, "seed": c.seed, "rounds": c.rounds, "error": rec["error"]})
+        return out
 
 
 def _machine() -> dict[str, Any]:
@@ -333,6 +350,7 @@ def main() -> None:
         "machine_before": before, "machine_after": _machine(),
         "runs_planned": len(planned), "runs_done": sum(runner.get(c) is not None for c in planned),
     }
+    result["errors"] = runner.errors(planned)
     result["partial"] = result["runs_done"] < result["runs_planned"]
     result["report_only"] = bool(args.report_only)
     if "selection" in args.sections:
