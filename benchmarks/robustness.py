@@ -277,19 +277,31 @@ def matrix(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
                         if rec is not None:
                             per_attack.setdefault(attack, {})[seed] = rec["last_k"]
                 clean_by_seed = per_attack.pop("none", {})
+                # a seed counts when its clean run and every attack run finished; an attack run that
+                # raised (e.g. ALIE undefined for a cohort with a Byzantine majority) is left out of
+                # that seed's worst case and listed under "raised"
+                raised = {a: [s for s in args.seeds if (rec := runner.done.get(key_of(
+                    matrix_config(args, setting, frac, defense, a, s)))) is not None and "error" in rec]
+                    for a in args.attacks}
+                raised = {a: v for a, v in raised.items() if v}
                 seeds = [s for s in args.seeds if s in clean_by_seed
-                         and all(s in per_attack.get(a, {}) for a in args.attacks)]
+                         and all(s in per_attack.get(a, {}) or s in raised.get(a, []) for a in args.attacks)]
                 if not seeds:
                     continue
-                worst = [min(per_attack[a][s] for a in args.attacks) for s in seeds]
+                ran = {s: [a for a in args.attacks if s in per_attack.get(a, {})] for s in seeds}
+                worst = [min(per_attack[a][s] for a in ran[s]) for s in seeds]
                 clean = [clean_by_seed[s] for s in seeds]
+                means = {a: statistics.fmean(v[s] for s in seeds if s in v) for a, v in per_attack.items()
+                         if any(s in v for s in seeds)}
                 rows.append({
-                    "defense": defense, "seeds": seeds, "complete": len(seeds) == len(args.seeds),
+                    "defense": defense, "seeds": seeds, "complete": len(seeds) == len(args.seeds) and not raised,
                     "clean": interval(clean),
                     "worst_case": interval(worst),
-                    "worst_attack": min(args.attacks, key=lambda a: statistics.fmean(per_attack[a][s] for s in seeds)),
+                    "worst_attack": min(means, key=means.__getitem__),
                     "drop_from_clean": interval([c - w for c, w in zip(clean, worst)]),
-                    "per_attack": {a: interval([per_attack[a][s] for s in seeds]) for a in args.attacks},
+                    "per_attack": {a: interval([per_attack[a][s] for s in seeds if s in per_attack.get(a, {})])
+                                   for a in args.attacks if any(s in per_attack.get(a, {}) for s in seeds)},
+                    "raised": raised,
                     "_clean": dict(zip(seeds, clean)),
                 })
             mean_row = next((r for r in rows if r["defense"] == "mean"), None)
