@@ -132,9 +132,13 @@ def render_robustness(data: dict[str, Any]) -> str:
     lines = [f"{when}, one torch thread per run; {data['runs_done']} of {data['runs_planned']} planned runs "
              f"finished. Accuracy: personalized, mean of the last {args['last_k']} rounds' evaluations, "
              f"mean ± 95 % t-interval over seeds."]
-    for e in data.get("errors", []):
-        lines.append(f"Run that raised (its seed is left out of that row): {e['dataset']} {e['algorithm']}, "
-                     f"`{e['defense']}`, {e['attack']}, {e['malicious']:.0%}, seed {e['seed']}: {e['error']}")
+    errors = data.get("errors", [])
+    if errors:
+        where = "; ".join(f"{e['algorithm']} `{e['defense']}` {e['attack']} {e['malicious']:.0%} seed {e['seed']}"
+                          for e in errors)
+        kinds = sorted({e["error"].split(" for ")[0] for e in errors})
+        lines.append(f"{len(errors)} runs raised ({'; '.join(kinds)}: a cohort held a Byzantine majority); each "
+                     f"is left out of its seed's worst case: {where}.")
     if data.get("selection"):
         lines += ["", f"Selection (digits-fewshot FOMAML, 10 per round, {args['selection_rounds']} rounds):", "",
                   "| selection | rounds | accuracy | minus all layers | bytes vs all layers | seeds |",
