@@ -36,9 +36,9 @@ def test_chunks_partition_the_same_flat_vector(layout, max_chunk):
         assert own[0].start == whole.start and own[-1].stop == whole.stop
 
 
-@settings(max_examples=80, deadline=None)
-@given(layout=layer_layouts(min_layers=1, max_layers=6, max_layer_size=80),
-       fraction=st.floats(0.05, 1.0), per_budget=st.integers(1, 10), staggered=st.booleans())
+@settings(max_examples=50, deadline=None)
+@given(layout=layer_layouts(min_layers=1, max_layers=5, max_layer_size=40),
+       fraction=st.floats(0.1, 1.0), per_budget=st.integers(1, 6), staggered=st.booleans())
 def test_every_chunk_is_sent_in_every_window_of_G_plans(layout, fraction, per_budget, staggered):
     sel = ChunkRotation(fraction, chunks_per_budget=per_budget, staggered=staggered)
     s = sel.chunk_size(layout.numel)
