@@ -313,6 +313,78 @@ def render_relevance(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _iv(v: dict[str, Any] | None, digits: int = 3) -> str:
+    """``mean ± 95 % half-width`` from a benchmark interval (``-`` when missing)."""
+    if not v:
+        return "-"
+    half = v.get("ci95")
+    return f"{v['mean']:.{digits}f}" + (f" ± {half:.{digits}f}" if half is not None else "")
+
+
+def render_robustness(data: dict[str, Any]) -> str:
+    """Selection, detection and worst-case tables of ``benchmarks/robustness.py``."""
+    args = data["args"]
+    before = data.get("machine_before", {})
+    after = data.get("machine_after", {})
+    if data.get("report_only"):
+        when = (f"Summarized {before.get('utc', '?')} from the runs recorded in the benchmark's cache, measured "
+                f"earlier on {before.get('cpus', '?')} CPUs shared with other work (1-min load average "
+                f"{before.get('load_avg', ['?'])[0]} at summary time)")
+    else:
+        when = (f"Measured {before.get('utc', '?')} to {after.get('utc', '?')} on {before.get('cpus', '?')} CPUs "
+                f"shared with other work (1-min load average {before.get('load_avg', ['?'])[0]} before, "
+                f"{after.get('load_avg', ['?'])[0]} after)")
+    lines = [f"{when}, one torch thread per run; {data['runs_done']} of {data['runs_planned']} planned runs "
+             f"finished. Accuracy: personalized, mean of the last {args['last_k']} rounds' evaluations, "
+             f"mean ± 95 % t-interval over seeds."]
+    errors = data.get("errors", [])
+    if errors:
+        where = "; ".join(f"{e['algorithm']} `{e['defense']}` {e['attack']} {e['malicious']:.0%} seed {e['seed']}"
+                          for e in errors)
+        kinds = sorted({e["error"].split(" for ")[0] for e in errors})
+        lines.append(f"{len(errors)} runs raised ({'; '.join(kinds)}: a cohort held a Byzantine majority); each "
+                     f"is left out of its seed's worst case: {where}.")
+    if data.get("selection"):
+        lines += ["", f"Selection (digits-fewshot FOMAML, 10 per round, {args['selection_rounds']} rounds):", "",
+                  "| selection | rounds | accuracy | minus all layers | bytes vs all layers | seeds |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in data["selection"]:
+            b = r.get("bytes_vs_all")
+            lines.append(f"| `{r['select']}` | {r['rounds']} | {_iv(r['last_k'])} | {_iv(r.get('minus_all_layers'))} | "
+                         f"{f'{b:.2f}' if b is not None else '-'} | {len(r['seeds'])} |")
+    if data.get("detection"):
+        lines += ["", f"Detection (digits-fewshot FOMAML, 100 clients, 25 % unit-scale sign flippers, 8 per round, "
+                      f"{args['detection_rounds']} rounds, `{args['detector']}`); cumulative TPR / FPR:", "",
+                  "| protocol | seed | round 10 | round 50 | last round | met (TPR >= 0.8, FPR <= 0.1) | "
+                  "pooled per round | accuracy |",
+                  "|---|---:|---|---|---|---|---|---:|"]
+        for r in data["detection"]:
+            every = {c["round"]: c for c in r["cumulative_every_10"]}
+
+            def at(rnd: int, every: dict[int, Any] = every) -> str:
+                c = every.get(rnd)
+                return f"{c['tpr']:.2f} / {c['fpr']:.2f}" if c else "-"
+
+            fin, pooled = r["final_cumulative"], r["pooled_per_round"]
+            lines.append(f"| {r['protocol']} | {r['seed']} | {at(9)} | {at(49)} | "
+                         f"{fin['tpr']:.2f} / {fin['fpr']:.2f} | "
+                         f"{'yes' if r['target_met'] else 'no'} | {pooled['tpr']:.2f} / {pooled['fpr']:.2f} | "
+                         f"{r['accuracy_last_k']:.3f} |")
+    if data.get("matrix"):
+        lines += ["", f"Worst case over {', '.join(args['attacks'])} ({args['rounds']} rounds, "
+                      f"{args['clients_per_round']} per round; sorted by worst case):", "",
+                  "| setting | malicious | defense | clean | worst case | worst attack | drop from clean | "
+                  "clean minus mean's clean | seeds |",
+                  "|---|---:|---|---:|---:|---|---:|---:|---:|"]
+        for block in data["matrix"]:
+            for r in block["rows"]:
+                lines.append(f"| {block['dataset']} {block['algorithm']} | {block['malicious']:.0%} | "
+                             f"`{r['defense']}` | {_iv(r['clean'])} | {_iv(r['worst_case'])} | {r['worst_attack']} | "
+                             f"{_iv(r['drop_from_clean'])} | {_iv(r.get('clean_minus_mean_clean'))} | "
+                             f"{len(r['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "bayes": render_bayes,
     "ckks": render_ckks,
@@ -322,6 +394,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "dp_step": render_dp_step,
     "flower_peer": render_flower_peer,
     "relevance": render_relevance,
+    "robustness": render_robustness,
 }
 
 

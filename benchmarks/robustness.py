@@ -1,21 +1,34 @@
-"""Robustness on heterogeneous meta-learning clients: worst case over attacks, and detection; JSON.
+"""Robustness on heterogeneous meta-learning clients: worst case over attacks, detection, selection; JSON.
 
-    python benchmarks/robustness.py [--sections matrix detection] [--rounds 60] [--seeds 0 1 2]
-                                    [--malicious 0.2 0.25] [--detection-rounds 100]
-                                    [--detection-protocols plaintext ckks]
+    python benchmarks/robustness.py --sections selection detection matrix [--rounds 60] [--seeds 0 1 2]
+                                    [--malicious 0.2 0.25] [--detection-rounds 100] [--selection-rounds 200]
+                                    [--workers 2] [--cache results/robustness-runs.jsonl]
+                                    [--out benchmarks/json/robustness.json]
+
+Every number is a real federated run (``run_experiment``).  Each run's summary is appended to
+``--cache`` (one JSON line, keyed by its complete configuration) as soon as it finishes, so an
+interrupted benchmark resumes where it stopped and a partial one still reports what finished;
+``--workers`` runs that many at a time (one torch thread each).  Accuracy is the personalized
+accuracy of the held-out clients as the **mean of the last k evaluation rounds** (``--last-k``,
+default 5; the final round alone is kept beside it).
+
+``selection``: digits-fewshot FOMAML, 10 clients per round, ``--selection-rounds`` rounds: all
+layers; all layers for half the rounds (the same uploaded bytes as a 50 % budget); the
+layer-granular ``topk`` rotation at 50 %; chunked rotation at 50 % with and without error
+feedback, dictated and staggered.
+
+``detection``: digits-fewshot FOMAML, 25 % unit-scale sign flippers, 100 clients, 8 per round:
+the reputation detector's cumulative TPR/FPR (every client seen so far, flagged at its latest
+participation) every 10 rounds, and the pooled per-round rates, per protocol and seed.
 
 ``matrix``: for each setting (digits-fewshot with FOMAML and MAML, digits-skew with FedAvg),
-each defense and each malicious fraction, personalized accuracy with no attack ("clean") and
-under every attack; per defense the worst case over the attacks, the drop from clean and the
-gap of its clean accuracy to the plain mean's (its bias under heterogeneity), each a mean over
-seeds with a 95 % t-interval.  Rows are sorted by worst case.  Accuracy is the personalized
-accuracy of the final model (one evaluation at the end of the run).
+each defense and each malicious fraction, accuracy with no attack ("clean") and under every
+attack; per defense the worst case over the attacks (per seed, then averaged), the drop from
+clean, and the gap of its clean accuracy to the plain mean's, each a mean over seeds with a
+95 % t-interval.  Rows are sorted by worst case.  ``complete`` says whether every run of a row
+finished (a partial run reports the rows it has).
 
-``detection``: digits-fewshot, 25 % unit-scale sign flippers, 100 clients, 8 per round: the
-reputation detector's cumulative TPR/FPR (every client seen so far, flagged at its latest
-participation) every 10 rounds, and the pooled per-round rates, per protocol.
-
-Every figure is measured in this run; nothing is compared with a constant from an earlier run.
+Nothing is compared with a constant from an earlier run.
 """
 
 from __future__ import annotations
@@ -23,18 +36,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import statistics
 import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from securefml.errors import SecureFMLError
 from securefml.experiment import RunConfig, run_experiment
 
 SETTINGS = [("digits-fewshot", "fomaml"), ("digits-fewshot", "maml"), ("digits-skew", "fedavg")]
-DEFENSES = ["mean", "reputation>>arc>>mean", "reputation>>mean", "nnm>>cclip", "arc>>nnm>>multikrum", "geomed",
-            "caf", "median"]
+DEFENSES = ["mean", "recommended", "nnm>>cclip", "geomed", "arc>>nnm>>multikrum", "caf", "median"]
 ATTACKS = ["signflip:scale=1", "signflip:scale=10", "alie", "ipm", "mimic", "optimal-alie", "optimal-ipm"]
+SELECTIONS = [
+    ("all", 1.0),
+    ("all", 0.5),  # half the rounds: the bytes of a 50 % budget
+    ("topk:fraction=0.5,server_dictated=true", 1.0),
+    ("chunks:fraction=0.5,error_feedback=false", 1.0),
+    ("chunks:0.5", 1.0),
+    ("chunks:fraction=0.5,staggered=true,error_feedback=false", 1.0),
+]
 # t quantiles (0.975) for 1..10 degrees of freedom
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
@@ -48,74 +77,251 @@ def interval(values: list[float]) -> dict[str, float | None]:
     return {"mean": m, "ci95": t * statistics.stdev(values) / math.sqrt(len(values))}
 
 
-def accuracy(cfg: RunConfig) -> float:
-    return float(run_experiment(cfg).metrics["personalized"]["accuracy"])
+def key_of(cfg: RunConfig) -> str:
+    return json.dumps(asdict(cfg), sort_keys=True, default=str)
 
 
-def matrix(args: argparse.Namespace) -> list[dict[str, Any]]:
+def summarize(cfg: RunConfig) -> dict[str, Any]:
+    """Run one configuration and keep what the sections report (an error record if the run raised)."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    try:
+        res = run_experiment(cfg)
+    except SecureFMLError as exc:  # e.g. an attack undefined for one round's cohort: record it, go on
+        return {"key": key_of(cfg), "error": f"{type(exc).__name__}: {exc}",
+                "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    m = res.metrics
+    det = m["detection"]
+    cum = det["cumulative"]
+    return {
+        # per round: who took part, who was flagged, the aggregate's norm (plaintext vs CKKS)
+        "rounds": [{"cohort": h["cohort"], "flagged": h["flagged"], "update_norm": h["update_norm"]}
+                   for h in res.history],
+        "key": key_of(cfg),
+        "final": m["personalized"]["accuracy"],
+        "last_k": m["personalized_last_k"]["mean"],
+        "bytes": m["bytes_uploaded"],
+        "cumulative": [{k: c[k] for k in ("round", "tpr", "fpr")} for c in cum],
+        "pooled_per_round": {"tpr": det["tpr"], "fpr": det["fpr"]},
+        "seconds": time.perf_counter() - started,
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+class Runner:
+    """Runs configurations (``workers`` at a time), reusing and appending to a JSONL cache."""
+
+    def __init__(self, cache: Path, workers: int) -> None:
+        self.cache = cache
+        self.workers = max(1, workers)
+        self.done: dict[str, dict[str, Any]] = {}
+        if cache.exists():
+            for line in cache.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    self.done[rec["key"]] = rec
+
+    def run(self, configs: Iterable[RunConfig]) -> None:
+        todo = {key_of(c): c for c in configs if key_of(c) not in self.done}
+        if not todo:
+            return
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) as pool, \
+                self.cache.open("a") as sink:
+            futures = {pool.submit(summarize, c): k for k, c in todo.items()}
+            for fut in as_completed(futures):
+                rec = fut.result()
+                self.done[rec["key"]] = rec
+                sink.write(json.dumps(rec) + "\n")
+                sink.flush()
+
+    def get(self, cfg: RunConfig) -> dict[str, Any] | None:
+        """The run's summary; None if it has not run or it raised (see ``errors``)."""
+        rec = self.done.get(key_of(cfg))
+        return None if rec is None or "error" in rec else rec
+
+    def errors(self, configs: Iterable[RunConfig]) -> list[dict[str, Any]]:
+        """The planned runs that raised: their configuration's coordinates and the error."""
+        out = []
+        for c in configs:
+            rec = self.done.get(key_of(c))
+            if rec is not None and "error" in rec:
+                out.append({"dataset": c.dataset, "algorithm": c.algorithm, "defense": c.defense, "attack": c.attack,
+                            "malicious": c.malicious, "seed": c.seed, "rounds": c.rounds, "error": rec["error"]})
+        return out
+
+
+def _machine() -> dict[str, Any]:
+    return {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__, "torch_threads": 1,
+            "python": platform.python_version()}
+
+
+# -- selection ------------------------------------------------------------------------------
+def selection_config(args: argparse.Namespace, spec: str, share: float, seed: int) -> RunConfig:
+    return RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=max(1, int(args.selection_rounds * share)),
+                     clients_per_round=10, seed=seed, select=spec, last_k=args.last_k)
+
+
+def _selections(args: argparse.Namespace) -> list[tuple[str, float]]:
+    return [(spec, share) for spec, share in SELECTIONS if args.selections is None or spec in args.selections]
+
+
+def selection_configs(args: argparse.Namespace) -> list[RunConfig]:
+    return [selection_config(args, spec, share, seed) for spec, share in _selections(args) for seed in args.seeds]
+
+
+def selection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
+    out = []
+    full = {s: runner.get(selection_config(args, "all", 1.0, s)) for s in args.seeds}
+    for spec, share in _selections(args):
+        recs = [(s, r) for s in args.seeds if (r := runner.get(selection_config(args, spec, share, s))) is not None]
+        if not recs:
+            continue
+        paired = [(r, full[s]) for s, r in recs if full[s] is not None]
+        out.append({
+            "select": spec, "rounds": max(1, int(args.selection_rounds * share)), "seeds": [s for s, _ in recs],
+            "last_k": interval([r["last_k"] for _, r in recs]), "final": interval([r["final"] for _, r in recs]),
+            "bytes_vs_all": statistics.fmean(r["bytes"] / f["bytes"] for r, f in paired) if paired else None,
+            "minus_all_layers": interval([r["last_k"] - f["last_k"] for r, f in paired]) if paired else None,
+        })
+    return out
+
+
+# -- detection ------------------------------------------------------------------------------
+def detection_config(args: argparse.Namespace, protocol: str, seed: int) -> RunConfig:
+    return RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=args.detection_rounds, clients_per_round=8,
+                     seed=seed, protocol=protocol, defense=args.detector, attack="signflip:scale=1", malicious=0.25,
+                     last_k=args.last_k)
+
+
+def divergence_config(args: argparse.Namespace, protocol: str, seed: int) -> RunConfig:
+    return replace(detection_config(args, protocol, seed), rounds=args.divergence_rounds)
+
+
+def divergence(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
+    """Plaintext vs CKKS detection runs of the same seed, round by round.
+
+    The two make the same decisions on the same inputs (unit-tested); this shows where and why
+    two *runs* part: the rounds with the same cohort and the same flags, and the relative
+    difference of the aggregate's norm (CKKS rounding, amplified by training).
+    """
+    out = []
+    for seed in args.divergence_seeds:
+        a = runner.get(divergence_config(args, "plaintext", seed))
+        b = runner.get(divergence_config(args, "ckks", seed))
+        if a is None or b is None or "rounds" not in a or "rounds" not in b:
+            continue
+        pairs = list(zip(a["rounds"], b["rounds"]))
+        same_flags = [x["flagged"] == y["flagged"] for x, y in pairs]
+        rel = [abs(x["update_norm"] - y["update_norm"]) / max(abs(x["update_norm"]), 1e-30) for x, y in pairs]
+        out.append({
+            "seed": seed,
+            "same_cohorts_all_rounds": all(x["cohort"] == y["cohort"] for x, y in pairs),
+            "first_round_with_different_flags": same_flags.index(False) if False in same_flags else None,
+            "rounds_with_same_flags": sum(same_flags), "rounds": len(pairs),
+            "aggregate_norm_relative_difference": {
+                str(r): rel[r] for r in sorted({0, 1, 2, 5, 10, 20, 50, len(rel) - 1}) if r < len(rel)},
+            "flagged_per_round": [len(x["flagged"]) for x in a["rounds"]],
+        })
+    return out
+
+
+def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
+    out = []
+    for protocol in args.detection_protocols:
+        for seed in args.seeds:
+            rec = runner.get(detection_config(args, protocol, seed))
+            if rec is None:
+                continue
+            cum = rec["cumulative"]
+            out.append({
+                "protocol": protocol, "seed": seed, "defense": args.detector,
+                "final_cumulative": {"tpr": cum[-1]["tpr"], "fpr": cum[-1]["fpr"]},
+                "cumulative_every_10": cum[9::10],
+                "pooled_per_round": rec["pooled_per_round"],
+                "accuracy_last_k": rec["last_k"], "accuracy_final": rec["final"],
+                "target_met": cum[-1]["tpr"] >= 0.8 and cum[-1]["fpr"] <= 0.1,
+                "seconds": rec["seconds"],
+            })
+    return out
+
+
+# -- matrix ---------------------------------------------------------------------------------
+def matrix_config(args: argparse.Namespace, setting: str, frac: float, defense: str, attack: str,
+                  seed: int) -> RunConfig:
+    dataset, algorithm = setting.split("/")
+    return RunConfig(dataset=dataset, algorithm=algorithm, rounds=args.rounds, clients_per_round=args.clients_per_round,
+                     seed=seed, defense=defense, attack=attack, malicious=frac, last_k=args.last_k)
+
+
+def matrix_configs(args: argparse.Namespace) -> list[RunConfig]:
+    # setting-major, then defense, in the order given: a partial run has every seed and attack of
+    # the first (setting, defense) pairs
+    return [matrix_config(args, st, frac, d, a, seed) for st in args.settings for d in args.defenses
+            for seed in args.seeds for frac in args.malicious for a in ["none", *args.attacks]]
+
+
+def matrix(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
     out = []
     for setting in args.settings:
         dataset, algorithm = setting.split("/")
         for frac in args.malicious:
             rows = []
             for defense in args.defenses:
-                per_attack: dict[str, list[float]] = {}
+                per_attack: dict[str, dict[int, float]] = {}
                 for attack in ["none", *args.attacks]:
-                    accs = []
                     for seed in args.seeds:
-                        cfg = RunConfig(dataset=dataset, algorithm=algorithm, rounds=args.rounds,
-                                        clients_per_round=args.clients_per_round, seed=seed, defense=defense,
-                                        attack=attack, malicious=frac if attack != "none" else 0.0)
-                        accs.append(accuracy(cfg))
-                    per_attack[attack] = accs
-                clean = per_attack.pop("none")
-                worst_per_seed = [min(per_attack[a][i] for a in per_attack) for i in range(len(args.seeds))]
+                        rec = runner.get(matrix_config(args, setting, frac, defense, attack, seed))
+                        if rec is not None:
+                            per_attack.setdefault(attack, {})[seed] = rec["last_k"]
+                clean_by_seed = per_attack.pop("none", {})
+                # a seed counts when its clean run and every attack run finished; an attack run that
+                # raised (e.g. ALIE undefined for a cohort with a Byzantine majority) is left out of
+                # that seed's worst case and listed under "raised"
+                raised = {a: [s for s in args.seeds if (rec := runner.done.get(key_of(
+                    matrix_config(args, setting, frac, defense, a, s)))) is not None and "error" in rec]
+                    for a in args.attacks}
+                raised = {a: v for a, v in raised.items() if v}
+                seeds = [s for s in args.seeds if s in clean_by_seed
+                         and all(s in per_attack.get(a, {}) or s in raised.get(a, []) for a in args.attacks)]
+                if not seeds:
+                    continue
+                ran = {s: [a for a in args.attacks if s in per_attack.get(a, {})] for s in seeds}
+                worst = [min(per_attack[a][s] for a in ran[s]) for s in seeds]
+                clean = [clean_by_seed[s] for s in seeds]
+                means = {a: statistics.fmean(v[s] for s in seeds if s in v) for a, v in per_attack.items()
+                         if any(s in v for s in seeds)}
                 rows.append({
-                    "defense": defense,
+                    "defense": defense, "seeds": seeds, "complete": len(seeds) == len(args.seeds) and not raised,
                     "clean": interval(clean),
-                    "worst_case": interval(worst_per_seed),
-                    "worst_attack": min(per_attack, key=lambda a: statistics.fmean(per_attack[a])),
-                    "drop_from_clean": interval([c - w for c, w in zip(clean, worst_per_seed)]),
-                    "per_attack": {a: interval(v) for a, v in per_attack.items()},
-                    "_clean_runs": clean,
+                    "worst_case": interval(worst),
+                    "worst_attack": min(means, key=means.__getitem__),
+                    "drop_from_clean": interval([c - w for c, w in zip(clean, worst)]),
+                    "per_attack": {a: interval([per_attack[a][s] for s in seeds if s in per_attack.get(a, {})])
+                                   for a in args.attacks if any(s in per_attack.get(a, {}) for s in seeds)},
+                    "raised": raised,
+                    "_clean": dict(zip(seeds, clean)),
                 })
-            mean_clean = next((r["_clean_runs"] for r in rows if r["defense"] == "mean"), None)
+            mean_row = next((r for r in rows if r["defense"] == "mean"), None)
             for r in rows:
-                if mean_clean is not None:
-                    r["clean_minus_mean_clean"] = interval([a - b for a, b in zip(r["_clean_runs"], mean_clean)])
-                del r["_clean_runs"]
+                if mean_row is not None:
+                    both = [s for s in r["seeds"] if s in mean_row["_clean"]]
+                    r["clean_minus_mean_clean"] = interval([r["_clean"][s] - mean_row["_clean"][s] for s in both]) \
+                        if both else None
+            for r in rows:
+                del r["_clean"]
             rows.sort(key=lambda r: r["worst_case"]["mean"], reverse=True)
-            out.append({"dataset": dataset, "algorithm": algorithm, "malicious": frac, "rows": rows})
-            print(json.dumps(out[-1]), flush=True)
-    return out
-
-
-def detection(args: argparse.Namespace) -> list[dict[str, Any]]:
-    out = []
-    for protocol in args.detection_protocols:
-        for seed in args.seeds:
-            cfg = RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=args.detection_rounds,
-                            clients_per_round=8, seed=seed, protocol=protocol, defense=args.detector,
-                            attack="signflip:scale=1", malicious=0.25)
-            started = time.perf_counter()
-            m = run_experiment(cfg).metrics
-            det = m["detection"]
-            cum = det["cumulative"]
-            out.append({
-                "protocol": protocol, "seed": seed, "defense": args.detector,
-                "final_cumulative": {"tpr": cum[-1]["tpr"], "fpr": cum[-1]["fpr"]},
-                "cumulative_every_10": [{k: c[k] for k in ("round", "tpr", "fpr")} for c in cum[9::10]],
-                "pooled_per_round": {"tpr": det["tpr"], "fpr": det["fpr"]},
-                "accuracy": m["personalized"]["accuracy"],
-                "seconds": time.perf_counter() - started,
-            })
-            print(json.dumps(out[-1]), flush=True)
+            if rows:
+                out.append({"dataset": dataset, "algorithm": algorithm, "malicious": frac, "rows": rows})
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", nargs="+", default=["detection", "matrix"], choices=["detection", "matrix"])
+    ap.add_argument("--sections", nargs="+", default=["selection", "detection", "divergence", "matrix"],
+                    choices=["selection", "detection", "divergence", "matrix"])
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--clients-per-round", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -124,17 +330,54 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=[f"{d}/{a}" for d, a in SETTINGS],
                     help="dataset/algorithm pairs, e.g. digits-fewshot/fomaml")
     ap.add_argument("--attacks", nargs="+", default=ATTACKS)
+    ap.add_argument("--last-k", type=int, default=5)
+    ap.add_argument("--selection-rounds", type=int, default=200)
+    ap.add_argument("--selections", nargs="+", help="only these selection specs (default: every one of SELECTIONS)")
     ap.add_argument("--detection-rounds", type=int, default=100)
     ap.add_argument("--detection-protocols", nargs="+", default=["plaintext", "ckks"])
     ap.add_argument("--detector", default="reputation>>mean")
+    ap.add_argument("--divergence-rounds", type=int, default=12)
+    ap.add_argument("--divergence-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=Path("results/robustness-runs.jsonl"))
+    ap.add_argument("--report-only", action="store_true", help="summarize the cache; run nothing")
+    ap.add_argument("--out", type=Path, help="also write the JSON here (e.g. benchmarks/json/robustness.json)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    result: dict[str, Any] = {"args": vars(args)}
+    runner = Runner(args.cache, args.workers)
+    before = _machine()
+    planned: list[RunConfig] = []
+    if "selection" in args.sections:
+        planned += selection_configs(args)
     if "detection" in args.sections:
-        result["detection"] = detection(args)
+        planned += [detection_config(args, p, s) for p in args.detection_protocols for s in args.seeds]
+    if "divergence" in args.sections:
+        planned += [divergence_config(args, p, s) for p in ("plaintext", "ckks") for s in args.divergence_seeds]
     if "matrix" in args.sections:
-        result["matrix"] = matrix(args)
-    print(json.dumps(result))
+        planned += matrix_configs(args)
+    if not args.report_only:
+        runner.run(planned)
+    result: dict[str, Any] = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine_before": before, "machine_after": _machine(),
+        "runs_planned": len(planned), "runs_done": sum(runner.get(c) is not None for c in planned),
+    }
+    result["errors"] = runner.errors(planned)
+    result["partial"] = result["runs_done"] < result["runs_planned"]
+    result["report_only"] = bool(args.report_only)
+    if "selection" in args.sections:
+        result["selection"] = selection(args, runner)
+    if "detection" in args.sections:
+        result["detection"] = detection(args, runner)
+    if "divergence" in args.sections:
+        result["plaintext_vs_ckks"] = divergence(args, runner)
+    if "matrix" in args.sections:
+        result["matrix"] = matrix(args, runner)
+    text = json.dumps(result, indent=1)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

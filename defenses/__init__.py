@@ -121,7 +121,7 @@ def make_defense(spec: str) -> Defense:
     >>> make_defense("nnm:f=1>>krum:1")
     NNM(f=1, chunk=65536) >> Krum(f=1, chunk=65536)
     >>> make_defense("reputation:threshold=2.5>>mean")
-    Reputation(Mean(), threshold=2.5, min_rounds=2, window=2000)
+    Reputation(Mean(), threshold=2.5, min_rounds=2, window=2000, consensus='unflagged', duplicate=0.99)
     """
     from securefml.registry import parse_spec
 

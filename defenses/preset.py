@@ -39,8 +39,9 @@ def recommended(protocol: str = "plaintext", *, f: int | None = None, threshold:
     ``f=None`` lets ARC take the Byzantine budget the federation derives from its malicious
     fraction (``budget.byzantine_budget``).
 
-    >>> recommended("ckks")
-    Reputation(ARC(f=None, chunk=65536) >> Mean(), threshold=0.5, min_rounds=2, window=2000)
+    >>> recommended("ckks")  # doctest: +NORMALIZE_WHITESPACE
+    Reputation(ARC(f=None, chunk=65536) >> Mean(), threshold=0.5, min_rounds=2, window=2000,
+               consensus='unflagged', duplicate=0.99)
     >>> recommended("secagg-buckets")
     CenteredClipping(tau=None, iterations=1, chunk=65536)
     """

@@ -9,8 +9,12 @@ of a standardised per-round score and flags a client once the evidence is signif
 flagged clients are excluded before the wrapped rule runs.
 
 Score (per round, per client ``i``): the cosine between ``u_i`` and the sum of the other
-non-flagged updates, ``c_i = <u_i, S - u_i> / (||u_i|| ||S - u_i||)``; every term is an entry
-of the Gram matrix, so the score is computed from a CKKS ``Gram`` (the key holder decrypts
+non-flagged updates' unit vectors, ``c_i = <v_i, S - v_i> / ||S - v_i||`` with ``v = u / ||u||``
+and ``S`` the sum of the consensus members' ``v``.  Normalising makes every member's weight in
+the consensus the same whatever its norm: with a raw sum, Byzantine rows scaled by 10 *are* the
+consensus, so they score as agreeing and honest clients as disagreeing (the scaled attack then
+got honest clients excluded; property-tested now: no attacker scale changes an honest score).
+Every term is an entry of the Gram matrix, so the score is computed from a CKKS ``Gram`` (the key holder decrypts
 only that matrix) exactly as from plaintext updates.  Evidence: the sum of a client's scores
 over the ``k`` rounds it took part in.  The scale ``sigma`` is pooled over every score seen
 in the last ``window`` observations (1.4826 times their median absolute deviation, robust to
@@ -20,6 +24,18 @@ agreement with the consensus (one-sided, ``Phi(threshold)``: 69 % at the default
 below zero.  Honest clients agree with the consensus *on average* (on digits-fewshot their
 cosine is about +0.12, a unit sign flipper's about -0.15, both +- 0.25 per round), so the
 evidence separates them as participations accumulate, while a single round cannot.
+
+Near-copies.  Honest clients with their own data never upload near-identical updates, but
+colluders that all send one crafted vector (ALIE, IPM and their "optimal" versions, whose
+strength is searched against this very rule) do, and a mimic copies an honest client.  A member
+whose cosine with another member of the round is at least ``duplicate`` (default 0.99) scores
+-1 that round (the strongest disagreement), does not vote on the consensus, and is excluded from
+that round's aggregate.  Measured: under ``optimal-alie`` at 20 % (digits-fewshot FOMAML, 50
+rounds, seed 0) ``recommended`` scored 0.2 (chance) without this rule and 0.694 with it, with
+TPR 1.0 / FPR 0.03.  Cost and limit: the honest client a mimic copies is a near-copy too, so it
+is excluded in the rounds it is copied (and accrues that evidence); colluders that add
+independent noise to their common vector are no longer near-copies, but noise of honest size
+dilutes the common component by the same factor after ARC's clipping.
 
 Threat model and limits: Byzantine clients that *disagree with the consensus* over the
 rounds they take part in (sign flip, IPM, large scaling) are found; an attacker that copies
@@ -55,16 +71,25 @@ from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
 
-__all__ = ["consensus_cosine", "robust_scale", "Reputation"]
+__all__ = ["consensus_cosine", "duplicates", "robust_scale", "Reputation"]
 
 
-def consensus_cosine(inner: torch.Tensor, include: torch.Tensor) -> torch.Tensor:
+def consensus_cosine(inner: torch.Tensor, include: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
     """Cosine of each row with the sum of the *other* included rows, from a Gram matrix.
 
     ``include`` is a boolean ``[n]`` mask of the rows forming the consensus (a row is never
-    compared with itself).  Rows with zero norm get cosine 0.
+    compared with itself).  Rows with zero norm get cosine 0.  With ``normalize`` (the
+    default) the consensus is the sum of the other rows' *unit* vectors, i.e. the formula runs
+    on the cosine matrix: a row's weight in everyone else's consensus does not grow with its
+    norm.  Without it, one row scaled by 10 dominates the sum, so the scaled rows agree with
+    "the consensus" and honest rows appear to disagree (measured: under 10x sign flips the raw
+    sum made reputation flag honest clients and keep the attackers).
     """
     g = inner.to(torch.float64)
+    if normalize:
+        norms = torch.diagonal(g).clamp_min(0).sqrt()
+        unit = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        g = g * unit[:, None] * unit[None, :]
     inc = include.to(g.device, torch.float64)
     rowsum = g @ inc  # <u_i, S> with S the sum of the included rows
     diag = torch.diagonal(g)
@@ -74,6 +99,21 @@ def consensus_cosine(inner: torch.Tensor, include: torch.Tensor) -> torch.Tensor
     sq_rest = (total - 2 * inc * rowsum + own).clamp_min(0)
     denom = diag.clamp_min(0).sqrt() * sq_rest.sqrt()
     return torch.where(denom > 1e-300, a / denom.clamp_min(1e-300), torch.zeros_like(a)).clamp(-1, 1)
+
+
+def duplicates(inner: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Rows whose cosine with some *other* row is at least ``threshold`` (near-copies), from a Gram.
+
+    Honest clients with their own data do not upload near-identical updates; colluding
+    attackers that send one crafted vector (ALIE, IPM and their optimal versions) or copy an
+    honest client (mimic) do.  A copied honest client is a near-copy too (see ``Reputation``).
+    """
+    g = inner.to(torch.float64)
+    norms = torch.diagonal(g).clamp_min(0).sqrt()
+    unit = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    cos = g * unit[:, None] * unit[None, :]
+    cos.fill_diagonal_(-2.0)
+    return cos.max(dim=1).values >= threshold if g.shape[0] > 1 else torch.zeros(g.shape[0], dtype=torch.bool)
 
 
 def robust_scale(values: torch.Tensor) -> float:
@@ -96,6 +136,12 @@ class Reputation(Defense):
         Observations needed before a client can be flagged.
     window:
         How many recent scores (all clients) the pooled scale ``sigma`` is estimated from.
+    consensus:
+        ``"unflagged"`` (default): the consensus is every non-flagged member; ``"trusted"``:
+        only the members whose statistic is not negative (measured on 3 seeds: TPR +0.04 on
+        average, FPR up to 0.11 on one seed; not the default).
+    duplicate:
+        Cosine at or above which two members are near-copies (None: off).
 
     Notes
     -----
@@ -107,7 +153,8 @@ class Reputation(Defense):
     name = "reputation"
 
     def __init__(
-        self, rule: Defense | None = None, *, threshold: float = 0.5, min_rounds: int = 2, window: int = 2000
+        self, rule: Defense | None = None, *, threshold: float = 0.5, min_rounds: int = 2, window: int = 2000,
+        consensus: str = "unflagged", duplicate: float | None = 0.99,
     ) -> None:
         if not (isinstance(threshold, (int, float)) and 0 < threshold < float("inf")):
             raise ConfigError(f"threshold must be positive and finite, got {threshold!r}")
@@ -115,6 +162,12 @@ class Reputation(Defense):
             raise ConfigError(f"min_rounds must be a positive integer, got {min_rounds!r}")
         if isinstance(window, bool) or not isinstance(window, int) or window < 8:
             raise ConfigError(f"window must be an integer >= 8, got {window!r}")
+        if consensus not in ("trusted", "unflagged"):
+            raise ConfigError(f"consensus must be 'trusted' or 'unflagged', got {consensus!r}")
+        self.consensus = consensus
+        if duplicate is not None and not (isinstance(duplicate, (int, float)) and 0 < duplicate <= 1):
+            raise ConfigError(f"duplicate must be a cosine in (0, 1] or None, got {duplicate!r}")
+        self.duplicate = None if duplicate is None else float(duplicate)
         self.rule = rule if rule is not None else Mean()
         if not isinstance(self.rule, Defense):
             raise ConfigError(f"rule must be a Defense, got {self.rule!r}")
@@ -153,12 +206,24 @@ class Reputation(Defense):
         prior = torch.tensor([not self.is_flagged(c) for c in ids])
         if gram.n < 3 or int(prior.sum()) < 2:
             return torch.zeros(gram.n, dtype=torch.float64), self._cap(ids, prior)
-        z = consensus_cosine(gram.inner, prior)
+        members = prior
+        if self.consensus == "trusted":
+            # the consensus is formed by the members without evidence against them (statistic >= 0
+            # or never seen): suspected attackers no longer dilute it before they are flagged
+            trusted = torch.tensor([(self.statistic(c) or 0.0) >= 0 for c in ids]) & prior
+            if int(trusted.sum()) >= 2:
+                members = trusted
+        dup = (duplicates(gram.inner, self.duplicate) if self.duplicate is not None
+               else torch.zeros(gram.n, dtype=torch.bool))
+        if int((members & ~dup).sum()) >= 2:
+            members = members & ~dup  # near-copies do not vote on the consensus either
+        z = consensus_cosine(gram.inner, members)
+        z = torch.where(dup, torch.full_like(z, -1.0), z)  # a near-copy is the strongest evidence
         for c, zi in zip(ids, z.tolist()):
             self._count[c] = self._count.get(c, 0) + 1
             self._sum[c] = self._sum.get(c, 0.0) + zi
             self._recent.append(zi)
-        return z, self._cap(ids, torch.tensor([not self.is_flagged(c) for c in ids]))
+        return z, self._cap(ids, torch.tensor([not self.is_flagged(c) for c in ids]) & ~dup)
 
     def _cap(self, ids: tuple[int, ...], keep: torch.Tensor) -> torch.Tensor:
         """Exclude at most ``(n - 1) // 2`` of ``n``: those with the strongest evidence."""
@@ -221,4 +286,4 @@ class Reputation(Defense):
 
     def __repr__(self) -> str:
         return (f"Reputation({self.rule!r}, threshold={self.threshold}, min_rounds={self.min_rounds}, "
-                f"window={self.window})")
+                f"window={self.window}, consensus={self.consensus!r}, duplicate={self.duplicate})")

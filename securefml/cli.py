@@ -70,6 +70,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, names: dict[str, list[str]]) 
     p.add_argument("--server-opt", choices=["sgd", "adam"])
     p.add_argument("--server-lr", type=float)
     p.add_argument("--finetune-steps", type=int, help="personalization steps on held-out clients")
+    p.add_argument("--last-k", type=int, default=1,
+                   help="also score after each of the last K rounds and report their mean beside the final one")
     p.add_argument("--hidden", type=_sizes, help="hidden layer widths of the MLP, e.g. 64,64 (default per dataset)")
     p.add_argument("--protocol", default="plaintext", help="plaintext | ckks[:preset=stats] | secagg[:k=v]")
     p.add_argument("--buckets", type=int, help="SecAgg bucketed mode: bucket size for robust rules")
@@ -153,7 +155,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         finetune_steps=args.finetune_steps, protocol=protocol, select=args.select, defense=args.defense,
         attack=args.attack, malicious=args.malicious, dataset_options=_dataset_options(args.dataset_option),
         privacy=_privacy_options(args), hidden=args.hidden, aggregation=args.aggregation,
-        architectures=args.architectures, engine=getattr(args, "engine", "inprocess"),
+        architectures=args.architectures, engine=getattr(args, "engine", "inprocess"), last_k=args.last_k,
     )
 
 
@@ -212,6 +214,8 @@ def summary_rows(result: RunResult) -> list[tuple[str, Any]]:
         ("rounds", m["rounds"]),
         (f"personalized {metric} ({pers['steps']} steps)", f"{pers[metric]:.4f} +- {pers['std']:.4f}"),
         (f"global {metric} (no fine-tuning)", f"{glob[metric]:.4f} +- {glob['std']:.4f}"),
+        *([(f"personalized {metric}, mean of last {m['personalized_last_k']['k']} rounds",
+            f"{m['personalized_last_k']['mean']:.4f}")] if m.get("personalized_last_k", {}).get("k", 1) > 1 else []),
         ("bytes uploaded", f"{m['bytes_uploaded']:,}"),
         ("rejected messages", m["rejected"]),
         ("detection TPR / FPR", f"{_fmt(det['tpr'])} / {_fmt(det['fpr'])}"),

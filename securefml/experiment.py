@@ -31,7 +31,7 @@ from securefml.personalize import personalize
 from securefml.privacy import PrivacyConfig, setup_privacy
 from securefml.protocols import PROTOCOLS, Transport
 from securefml.registry import parse_spec
-from securefml.selection import make_selector
+from securefml.selection import chunk_layout, make_selector
 from securefml.server import RoundRecord, Server
 
 __all__ = ["RunConfig", "RunResult", "run_experiment", "default_hyperparameters", "resolve_device",
@@ -148,6 +148,9 @@ class RunConfig:
     architectures: str | None = None
     #: "inprocess" (``run_experiment``) or "flower" (``securefml.flower.engine.run``, the ``[flower]`` extra)
     engine: str = "inprocess"
+    #: personalized score also after each of the last ``last_k`` rounds; their mean is reported
+    #: beside the final one (``metrics["personalized_last_k"]``): one final evaluation is noisy
+    last_k: int = 1
 
     def __post_init__(self) -> None:
         if self.rounds <= 0:
@@ -156,6 +159,8 @@ class RunConfig:
             raise ConfigError(f"engine must be 'inprocess' or 'flower', got {self.engine!r}")
         if self.clients_per_round <= 0:
             raise ConfigError(f"clients_per_round must be positive, got {self.clients_per_round}")
+        if self.last_k <= 0:
+            raise ConfigError(f"last_k must be a positive number of rounds, got {self.last_k}")
         resolve_device(self.device)
         if not 0 <= self.malicious < 1:
             raise ConfigError(f"malicious must be a fraction in [0, 1), got {self.malicious}")
@@ -314,6 +319,9 @@ def run_experiment(
             server_lr=hp["server_lr"], device=device, update_hook=_chain(hooks), aggregate_hook=priv.aggregate_hook,
             equal_weights=priv.equal_weights,
         )
+        chunk_size = getattr(selector, "chunk_size", None)
+        if callable(chunk_size):  # chunked selection: layers are split into chunks the protocols see as layers
+            server.layout = chunk_layout(server.layout, chunk_size(server.layout.numel))
     n_mal = int(round(config.malicious * len(train)))
     mal_ids = set(torch.randperm(len(train), generator=gen)[:n_mal].tolist())
     attacks = attacks if n_mal else []
@@ -325,6 +333,9 @@ def run_experiment(
     # rules built without f tolerate what a random cohort holds with 95% probability
     budget = byzantine_budget(n_mal / len(train), per_round, population=len(train)) if train else 0
     history: list[RoundRecord] = []
+    steps = hp["finetune_steps"]
+    last_k = min(config.last_k, config.rounds)
+    last_scores: list[tuple[int, float]] = []  # (round, personalized score) before the final round
     probe_task = root if root is not None else (data.heldout[0] if data.heldout else train[0])
     stimulus = probe_task.support_x[:32].to(device)  # fixed inputs for behavioural detectors
     if on_start is not None:
@@ -355,8 +366,11 @@ def run_experiment(
         history.append(rec)
         if on_round is not None:
             on_round(rec)
-    steps = hp["finetune_steps"]
+        if config.rounds - last_k <= rnd < config.rounds - 1:  # the final round is scored below
+            last_scores.append((rnd, personalize(learner, server.params, data.heldout, steps=steps,
+                                                 device=device).mean))
     personalized = personalize(learner, server.params, data.heldout, steps=steps, device=device)
+    last_scores.append((config.rounds - 1, personalized.mean))
     global_only = personalize(learner, server.params, data.heldout, steps=0, device=device)
     tracker = DetectionTracker(tuple(malicious_ids))
     for r in history:
@@ -366,6 +380,10 @@ def run_experiment(
     metrics = {
         "personalized": personalized.to_dict(),
         "global": global_only.to_dict(),
+        "personalized_last_k": {
+            "k": last_k, "metric": personalized.metric, "mean": sum(v for _, v in last_scores) / len(last_scores),
+            "rounds": [r for r, _ in last_scores], "values": [v for _, v in last_scores],
+        },
         "bytes_uploaded": int(sum(r.bytes_uploaded for r in history)),
         "rounds": config.rounds,
         "wall_seconds": time.perf_counter() - started,

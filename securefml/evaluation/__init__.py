@@ -3,6 +3,8 @@
 ``evaluate(attacks, defenses, ...)`` runs every cell as a real federated run and returns the
 records; ``securefml eval`` does the same from the command line (``add_eval_parser`` /
 ``run_eval``).  Attacks and defenses are spec strings or instances of users' own classes.
+Each cell records the final personalized score and the mean over its last ``last_k`` rounds
+(``personalized_last_k``; ``securefml eval --last-k``, default 5), which the resistance table uses.
 """
 
 from securefml.evaluation.api import Evaluation, evaluate

@@ -29,6 +29,7 @@ __all__ = ["is_backdoor", "backdoor_success", "cell_metrics", "METRICS", "HIGHER
 #: The per-cell numbers every record carries (None when they do not apply), in table order.
 METRICS = (
     "personalized",
+    "personalized_last_k",
     "global",
     "asr_personalized",
     "asr_global",
@@ -44,6 +45,7 @@ METRICS = (
 #: Orientation of each metric for readers and colour maps (MSE metrics are flipped at run time).
 HIGHER_IS_BETTER = {
     "personalized": True,
+    "personalized_last_k": True,
     "global": True,
     "asr_personalized": False,
     "asr_global": False,
@@ -131,6 +133,9 @@ def cell_metrics(result: RunResult) -> dict[str, Any]:
         "metric": metric,
         "personalized": pers[metric],
         "personalized_std": pers["std"],
+        # mean over the last k rounds' evaluations (k = 1: the final one); older results lack it
+        "personalized_last_k": m["personalized_last_k"]["mean"] if "personalized_last_k" in m else pers[metric],
+        "last_k": m["personalized_last_k"]["k"] if "personalized_last_k" in m else 1,
         "global": glob[metric],
         "global_std": glob["std"],
         "asr_personalized": m.get("asr_personalized"),

@@ -37,6 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "protocols": ["plaintext"],
         "malicious": [0.2],
         "seeds": [0],
+        "last_k": 5,
     },
     "quick": {
         "dataset": "digits-skew",
@@ -53,6 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "protocols": ["plaintext"],
         "malicious": [0.2],
         "seeds": [0],
+        "last_k": 5,
     },
 }
 
@@ -65,7 +67,7 @@ def evaluate_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
     """``evaluate`` keyword arguments from resolved preset/flag values."""
     kwargs: dict[str, Any] = {k: opts[k] for k in ("attacks", "defenses", "protocols", "malicious", "seeds")}
     for key in ("dataset", "algorithm", "rounds", "clients_per_round", "inner_steps", "inner_lr", "outer_lr",
-                "server_opt", "server_lr", "finetune_steps", "select", "device"):
+                "server_opt", "server_lr", "finetune_steps", "select", "device", "last_k"):
         if opts.get(key) is not None:
             kwargs[key] = opts[key]
     kwargs["dataset_options"] = dataset_options(opts.get("dataset_option") or [])

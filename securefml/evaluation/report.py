@@ -54,6 +54,7 @@ CSV_COLUMNS = (
 #: Human titles of the metrics in tables and plots.
 TITLES = {
     "personalized": "personalized {metric} (held-out clients, after fine-tuning)",
+    "personalized_last_k": "personalized {metric}, mean of the last k rounds' evaluations",
     "global": "global {metric} (held-out clients, no fine-tuning)",
     "asr_personalized": "backdoor attack success rate after fine-tuning",
     "asr_global": "backdoor attack success rate of the global model",
@@ -225,7 +226,7 @@ def _markdown(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], titl
             continue
         table = markdown_table(records, metric)
         parts += ["", f"## {TITLES.get(metric, metric).format(metric=name)}", "", table]
-    resistance = resistance_markdown(records, "personalized") if name == "accuracy" else ""
+    resistance = resistance_markdown(records, "personalized_last_k") if name == "accuracy" else ""
     if resistance:
         parts += ["", "## resistance: clean, worst case over attacks, drop (mean ± 95% t-interval over seeds)",
                   "", resistance]
@@ -276,10 +277,11 @@ def heatmap_figure(records: Sequence[Mapping[str, Any]], metric: str) -> Any:
         return None
     name = _metric_name(records)
     higher = HIGHER_IS_BETTER.get(metric, True)
-    if metric in ("personalized", "global") and name == "mse":
+    if metric in ("personalized", "personalized_last_k", "global") and name == "mse":
         higher = False
     fig, ax = plt.subplots(figsize=(2.0 + 1.1 * len(cols), 1.2 + 0.5 * len(rows)), dpi=110)
-    bounded = metric in ("personalized", "global", "asr_personalized", "asr_global", "tpr", "fpr") and name != "mse"
+    bounded = name != "mse" and metric in (
+        "personalized", "personalized_last_k", "global", "asr_personalized", "asr_global", "tpr", "fpr")
     im = ax.imshow(grid, cmap="viridis" if higher else "viridis_r", aspect="auto",
                    vmin=0.0 if bounded else None, vmax=1.0 if bounded else None)
     ax.set_xticks(range(len(cols)), labels=cols, rotation=35, ha="right", fontsize=8)

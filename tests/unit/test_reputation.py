@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from securefml.defenses import CoordinateMedian, Krum, Mean, Reputation, cumulative_detection, make_defense
 from securefml.defenses.reputation import consensus_cosine
+from securefml.errors import ConfigError
 from securefml.gram import Gram
 
 
@@ -26,10 +28,45 @@ def test_consensus_cosine_matches_a_direct_computation():
     x = torch.randn(6, 9, dtype=torch.float64)
     inc = torch.tensor([True, True, False, True, True, True])
     got = consensus_cosine(x @ x.T, inc)
+    raw = consensus_cosine(x @ x.T, inc, normalize=False)
     for i in range(6):
-        rest = sum(x[j] for j in range(6) if inc[j] and j != i)
+        rest = sum(x[j] / x[j].norm() for j in range(6) if inc[j] and j != i)
         want = float(x[i] @ rest / (x[i].norm() * rest.norm()))
         assert abs(float(got[i]) - want) < 1e-10
+        rest = sum(x[j] for j in range(6) if inc[j] and j != i)
+        assert abs(float(raw[i]) - float(x[i] @ rest / (x[i].norm() * rest.norm()))) < 1e-10
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_bad=st.integers(1, 3),
+       scales=st.lists(st.floats(1e-6, 1e8), min_size=3, max_size=3))
+def test_no_attacker_scale_changes_an_honest_score(seed, n_bad, scales):
+    """The consensus weighs every member's direction equally: scaling Byzantine rows moves nobody's score."""
+    g = torch.Generator().manual_seed(seed)
+    x = _round(g, tuple(range(8)), set(range(n_bad)))
+    scaled = x.clone()
+    for i in range(n_bad):
+        scaled[i] *= scales[i]
+    inc = torch.ones(8, dtype=torch.bool)
+    a, b = consensus_cosine(x @ x.T, inc), consensus_cosine(scaled @ scaled.T, inc)
+    assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_scaled_sign_flippers_are_the_ones_flagged():
+    """Regression: with a raw sum, 10x flippers dominated the consensus and honest clients were flagged."""
+    g = torch.Generator().manual_seed(1)
+    bad = set(range(10))
+    rep = Reputation()
+    history = []
+    for rnd in range(60):
+        ids = sorted(torch.randperm(40, generator=g)[:8].tolist())
+        x = _round(g, ids, bad)
+        for i, c in enumerate(ids):
+            if c in bad:
+                x[i] *= 10
+        history.append((rnd, ids, rep(x, client_ids=ids).flagged))
+    final = cumulative_detection(history, bad)[-1][1]
+    assert final.tpr >= 0.8 and final.fpr <= 0.1
 
 
 def test_evidence_accumulates_and_flags_sign_flippers_over_rounds():
@@ -90,3 +127,56 @@ def test_spec_state_round_trip_and_no_mean_warning():
     copy = Reputation(Mean())
     copy.load_state_dict(rep.state_dict())
     assert copy.flagged_ids() == rep.flagged_ids()
+
+
+def test_trusted_consensus_leaves_suspects_out_of_the_consensus():
+    """With ``consensus="trusted"`` a member with evidence against it no longer shapes anyone's score."""
+    g = torch.Generator().manual_seed(3)
+    ids = tuple(range(8))
+    x = _round(g, ids, {0, 1})
+    rep = Reputation(consensus="trusted", min_rounds=50)  # never flags: only the consensus differs
+    rep._count.update({0: 3, 1: 3})
+    rep._sum.update({0: -0.9, 1: -0.9})  # evidence against clients 0 and 1, not yet a flag
+    res = rep(x, client_ids=ids)
+    trusted = torch.tensor([i not in (0, 1) for i in ids])
+    assert torch.allclose(res.info["scores"], consensus_cosine(x @ x.T, trusted))
+    old = Reputation(min_rounds=50)
+    old._count.update({0: 3, 1: 3})
+    old._sum.update({0: -0.9, 1: -0.9})
+    everyone = old(x, client_ids=ids).info["scores"]
+    assert torch.allclose(everyone, consensus_cosine(x @ x.T, torch.ones(8, dtype=torch.bool)))
+    assert float(res.info["scores"][2:].mean()) > float(everyone[2:].mean())  # honest agree more with a clean consensus
+    with pytest.raises(ConfigError, match="consensus"):
+        Reputation(consensus="median")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_bad=st.integers(2, 3), scale=st.floats(1e-6, 1e8),
+       direction=st.lists(st.floats(-1, 1), min_size=60, max_size=60).filter(lambda v: any(abs(x) > 1e-3 for x in v)))
+def test_colluders_sending_one_vector_are_excluded_whatever_the_vector(seed, n_bad, scale, direction):
+    """ALIE/IPM-style collusion (every attacker uploads the same crafted row) is excluded in the round it happens."""
+    from securefml.defenses.reputation import duplicates
+
+    g = torch.Generator().manual_seed(seed)
+    ids = tuple(range(8))
+    x = _round(g, ids, set())
+    crafted = torch.tensor(direction, dtype=torch.float64) * scale
+    x[:n_bad] = crafted
+    assert duplicates(x @ x.T, 0.99).tolist() == [i < n_bad for i in ids]
+    rep = Reputation()
+    res = rep(x, client_ids=ids)
+    assert set(res.flagged) == set(range(n_bad))
+    honest_mean = x[n_bad:].mean(0)
+    assert torch.allclose(res.aggregate.to(torch.float64), honest_mean, atol=1e-6 * float(honest_mean.norm()) + 1e-9)
+    assert all(rep.statistic(c) < 0 for c in range(n_bad))
+
+
+def test_honest_heterogeneous_rows_are_never_near_copies():
+    from securefml.defenses.reputation import duplicates
+
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        x = _round(g, tuple(range(10)), set())
+        assert not duplicates(x @ x.T, 0.99).any()
+    with pytest.raises(ConfigError, match="duplicate"):
+        Reputation(duplicate=1.5)

@@ -1,0 +1,107 @@
+"""Chunked selection: layers split into chunks, a fraction of the parameters per round, none starved."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securefml.errors import ConfigError
+from securefml.experiment import RunConfig, run_experiment
+from securefml.selection import CHUNK_SEPARATOR, ChunkedLayout, ChunkRotation, chunk_layout, make_selector
+from securefml.testing import layer_layouts
+from securefml.updates import LayerLayout
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=layer_layouts(min_layers=1, max_layers=5, max_layer_size=80), max_chunk=st.integers(1, 60))
+def test_chunks_partition_the_same_flat_vector(layout, max_chunk):
+    chunked = chunk_layout(layout, max_chunk)
+    assert chunked.numel == layout.numel
+    params = {n: torch.randn(p.shape) for lay in layout.layers for p in lay.params for n in [p.name]}
+    flat = layout.flatten(params)
+    assert torch.equal(chunked.flatten(params), flat)
+    back = chunked.unflatten(flat)
+    assert set(back) == set(params) and all(torch.equal(back[n], params[n]) for n in params)
+    spans = list(chunked.slices().values())
+    assert spans[0].start == 0 and spans[-1].stop == layout.numel
+    assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))  # contiguous, in order, no overlap
+    assert all(0 < s.stop - s.start <= max_chunk for s in spans)
+    for name in layout.layer_names:  # each layer is exactly the union of its chunks
+        own = [s for n, s in chunked.slices().items() if ChunkedLayout.layer_of_chunk(n) == name]
+        whole = layout.slices([name])[name]
+        assert own[0].start == whole.start and own[-1].stop == whole.stop
+
+
+@settings(max_examples=50, deadline=None)
+@given(layout=layer_layouts(min_layers=1, max_layers=5, max_layer_size=40),
+       fraction=st.floats(0.1, 1.0), per_budget=st.integers(1, 6), staggered=st.booleans())
+def test_every_chunk_is_sent_in_every_window_of_G_plans(layout, fraction, per_budget, staggered):
+    sel = ChunkRotation(fraction, chunks_per_budget=per_budget, staggered=staggered)
+    s = sel.chunk_size(layout.numel)
+    chunked = chunk_layout(layout, s)
+    g = sel.groups
+    assert g == math.ceil(1 / fraction - 1e-9)
+    plans = [set(sel.select(chunked, torch.zeros(chunked.numel), torch.ones(chunked.numel))) for _ in range(3 * g + 1)]
+    for start in range(len(plans) - g + 1):
+        assert set().union(*plans[start:start + g]) == set(chunked.layer_names)
+    for p in plans:  # about d / G entries each, up to one chunk either way
+        assert chunked.numel_of(p) <= layout.numel / g + s + 1e-9
+        if all(len(q) for q in sel.partition(chunked)):
+            assert chunked.numel_of(p) >= layout.numel / g - s - 1e-9
+
+
+def test_shadow_chunks_follow_their_layer():
+    base = LayerLayout([("fc.weight", (8, 8)), ("fc.bias", (8,)), ("alpha.fc.weight", (8, 8)),
+                        ("alpha.fc.bias", (8,))])
+    sel = ChunkRotation(0.5, chunks_per_budget=2)
+    chunked = chunk_layout(base, sel.chunk_size(base.numel))
+    for _ in range(4):
+        plan = sel.plan(chunked)
+        model = {n for n in plan if not n.startswith("alpha.")}
+        assert {n for n in plan if n.startswith("alpha.")} == {"alpha." + n for n in model}
+
+
+def test_refusals_are_typed_and_name_the_problem():
+    base = LayerLayout([("fc.weight", (4, 4))])
+    with pytest.raises(ConfigError, match="ChunkedLayout"):
+        ChunkRotation(0.5).plan(base)
+    with pytest.raises(ConfigError, match="fraction"):
+        ChunkRotation(0.0)
+    with pytest.raises(ConfigError, match="already chunked"):
+        ChunkedLayout(chunk_layout(base, 4), 2)
+    with pytest.raises(ConfigError, match="separator"):
+        chunk_layout(LayerLayout([(f"a{CHUNK_SEPARATOR}b.w", (3,))]), 2)
+    with pytest.raises(ConfigError, match="whole vectors"):
+        chunk_layout(base, 4).unflatten(torch.zeros(4), ["fc#0"])
+
+
+def test_state_round_trips():
+    base = LayerLayout([("a.w", (10, 10)), ("b.w", (10,))])
+    sel = ChunkRotation(0.3)
+    chunked = chunk_layout(base, sel.chunk_size(base.numel))
+    sel.plan(chunked)
+    again = make_selector("chunks:0.3")
+    assert isinstance(again, ChunkRotation)
+    again.load_state_dict(sel.state_dict())
+    assert again.plan(chunked) == sel.plan(chunked)
+
+
+def test_a_federation_with_a_half_budget_alternates_disjoint_halves_at_half_the_bytes():
+    torch.set_num_threads(1)
+    cfg = dict(dataset="digits-fewshot", rounds=5, clients_per_round=4, seed=1)
+    full = run_experiment(RunConfig(**cfg))
+    half = run_experiment(RunConfig(**cfg, select="chunks:0.5", defense="cclip"))
+    per_round_full = full.metrics["bytes_uploaded"] / 5
+    sent = [set(h["uploaded_layers"]) for h in half.history]
+    chunks = set().union(*sent)
+    assert all(CHUNK_SEPARATOR in n for n in chunks)
+    # round 0 sends everything (no aggregate to plan from); then two disjoint halves alternate
+    assert sent[0] == chunks and sent[1] | sent[2] == chunks and not sent[1] & sent[2]
+    assert sent[1] == sent[3] and sent[2] == sent[4]
+    later = (half.metrics["bytes_uploaded"] - per_round_full) / 4
+    assert 0.4 < later / per_round_full < 0.6
+    assert half.metrics["personalized"]["accuracy"] > 0
