@@ -23,13 +23,14 @@ from securefml.client import Client, UploadPlan
 from securefml.cohort import train_cohort
 from securefml.context import RoundContext
 from securefml.defenses.base import Defense
-from securefml.errors import ConfigError, ProtocolAbort
+from securefml.errors import ProtocolAbort
 from securefml.meta.base import MetaLearner, Params
+from securefml.optimizer import ServerOptimizer
 from securefml.protocols.base import AggregationProtocol, finish_round
 from securefml.records import json_ready
 from securefml.rounds import ClientUpdate, RoundOutput, Transport, nothing_accepted
 from securefml.selection import AllLayers, LayerSelector, NamedLayers
-from securefml.updates import Role
+from securefml.updates import LayerLayout, Role
 
 __all__ = ["Server", "RoundRecord"]
 
@@ -100,27 +101,28 @@ class Server:
         self.selector = selector or AllLayers()
         self.device = torch.device(device)
         self.params: Params = learner.init_params(self.device)
-        self.layout = learner.layout(self.device)  # with the roles the learner declares
+        layout = learner.layout(self.device)  # with the roles the learner declares
         self.update_hook = update_hook
         self.aggregate_hook = aggregate_hook
-        self._vector = torch.nn.Parameter(self.layout.flatten(self.params).detach().clone())
-        if server_lr <= 0:
-            raise ConfigError(f"server_lr must be positive, got {server_lr}")
-        if server_optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD([self._vector], lr=server_lr)
-        elif server_optimizer == "adam":
-            self.optimizer = torch.optim.Adam([self._vector], lr=server_lr)
-        else:
-            raise ConfigError(f"unknown server optimizer {server_optimizer!r}; choose sgd or adam")
+        self.model = ServerOptimizer(layout, layout.flatten(self.params), name=server_optimizer, lr=server_lr)
         self._last_aggregate: torch.Tensor | None = None
 
     # -- state -------------------------------------------------------------------------------
     @property
+    def layout(self) -> LayerLayout:
+        """The flat layout of the model (a chunked selection may replace it with a finer one)."""
+        return self.model.layout
+
+    @layout.setter
+    def layout(self, value: LayerLayout) -> None:
+        self.model.layout = value
+
+    @property
     def global_vector(self) -> torch.Tensor:
-        return self._vector.detach()
+        return self.model.vector
 
     def _sync_params(self) -> None:
-        self.params = {n: t.clone() for n, t in self.layout.unflatten(self._vector.detach()).items()}
+        self.params = {n: t.clone() for n, t in self.layout.unflatten(self.model.vector).items()}
 
     # -- one round: plan -> (clients) -> collect -> aggregate -> step ------------------------------
     def plan(self, round_idx: int) -> UploadPlan:
@@ -248,13 +250,6 @@ class Server:
         """Server optimizer step on the layers someone uploaded; the others keep their value."""
         if not out.accepted:
             return
-        agg = out.aggregate.to(self.device, self._vector.dtype)
-        untouched = self.layout.mask([n for n, w in out.layer_weight.items() if w == 0], device=self.device)
-        before = self._vector.detach().clone()
-        self.optimizer.zero_grad(set_to_none=False)
-        self._vector.grad = -agg
-        self.optimizer.step()
-        with torch.no_grad():
-            self._vector[untouched] = before[untouched]
-        self._last_aggregate = agg
+        self.model.step(out)
+        self._last_aggregate = out.aggregate.to(self.device, torch.float32)
         self._sync_params()

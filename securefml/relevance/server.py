@@ -189,8 +189,7 @@ class RelevanceServer(Server):
             return self._record(round_idx, cohort, rejected, None, results, start)
         for i, cid in enumerate(agg.client_ids):
             self.models[cid] = agg.per_client[i].to(self.device)
-        with torch.no_grad():
-            self._vector.copy_(agg.global_aggregate.to(self.device, self._vector.dtype))
+        self.model.assign(agg.global_aggregate)
         self._sync_params()
         self.last = agg
         return self._record(round_idx, cohort, {**rejected, **agg.rejected}, agg, results, start, flagged)
