@@ -121,6 +121,8 @@ class LayerLayout:
         must share a role and belong to parameters of one layer; each ``of`` must be a parameter
         of the layout with the same shape; chains end at a weight.
 
+    Examples
+    --------
     >>> layout = LayerLayout([("fc.weight", (2, 3)), ("alpha.fc.weight", (2, 3))],
     ...                      roles={"alpha.fc.weight": ParamRole(Role.LEARNED_RATE, of="fc.weight")})
     >>> layout.layers_with_role(Role.LEARNED_RATE), layout.owner("alpha.fc")
