@@ -98,7 +98,8 @@ def test_unsupported_settings_fail_before_anything_starts() -> None:
 
 
 @pytest.mark.skip(reason="not working yet: with the CKKS halves merged, the Flower run accepts no client "
-                         "(the key holder as a service node over Flower messages is not wired through); open in issue 14")
+                         "(the key holder as a service node over Flower messages is not wired through); "
+                         "open in issue 14")
 def test_ckks_multikrum_on_the_encrypted_gram_over_flower() -> None:  # pragma: no cover
     cfg = _config("ckks:preset=stats", "multikrum")
     victim = _honest_victim(cfg)
