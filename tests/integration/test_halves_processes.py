@@ -52,6 +52,9 @@ def _secagg_half(c: int, key: bytes | None) -> ClientHalf:
 
 #: how long the server side waits for one reply from a child process
 REPLY_TIMEOUT_S = 120.0
+#: how long teardown waits for a child to exit on end-of-file before killing it (a forked child
+#: holds copies of the earlier children's pipe ends, so it may never see end-of-file)
+JOIN_TIMEOUT_S = 2.0
 
 
 def _serve(build: Callable[[int, bytes | None], ClientHalf], c: int, key: bytes | None, conn: Connection) -> None:
@@ -106,7 +109,7 @@ def _in_processes(build: Callable[[int, bytes | None], ClientHalf], keys: dict[i
         for h in handles.values():
             h.conn.close()
         for proc in procs:
-            proc.join(timeout=30)
+            proc.join(timeout=JOIN_TIMEOUT_S)
             if proc.is_alive():  # pragma: no cover - a hung child must not hang the suite
                 proc.kill()
 
@@ -249,7 +252,7 @@ def _halves_in_processes(parties: dict[int, ClientHalf], run: Callable[[dict[int
         for h in handles.values():
             h.conn.close()
         for proc in procs:
-            proc.join(timeout=30)
+            proc.join(timeout=JOIN_TIMEOUT_S)
             if proc.is_alive():  # pragma: no cover - a hung child must not hang the suite
                 proc.kill()
 
