@@ -94,16 +94,23 @@ class PipeClient(ClientHalf):
 
 def _in_processes(build: Callable[[int, bytes | None], ClientHalf], keys: dict[int, bytes | None],
                   run: Callable[[dict[int, ClientHalf]], object]) -> object:
+    """Each cohort member's half built inside its own child process from plain values."""
+    return _run_children({c: (_serve, (build, c, keys.get(c))) for c in COHORT}, run)
+
+
+def _run_children(children: dict[int, tuple[Callable[..., None], tuple[object, ...]]],
+                  run: Callable[[dict[int, ClientHalf]], object]) -> object:
+    """Fork one child per party (``target(*args, conn)``), run the round against pipe handles, tear down."""
     ctx = mp.get_context("fork")
     procs, handles = [], {}
     try:
-        for c in COHORT:
+        for party, (target, args) in children.items():
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(build, c, keys.get(c), child), daemon=True)
+            proc = ctx.Process(target=target, args=(*args, child), daemon=True)
             proc.start()
             child.close()
             procs.append(proc)
-            handles[c] = PipeClient(c, parent)
+            handles[party] = PipeClient(party, parent)
         return run(handles)
     finally:
         for h in handles.values():
@@ -237,24 +244,8 @@ def _serve_half(half: ClientHalf, conn: Connection) -> None:
 
 
 def _halves_in_processes(parties: dict[int, ClientHalf], run: Callable[[dict[int, ClientHalf]], object]) -> object:
-    ctx = mp.get_context("fork")
-    procs, handles = [], {}
-    try:
-        for party, half in parties.items():
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve_half, args=(half, child), daemon=True)
-            proc.start()
-            child.close()
-            procs.append(proc)
-            handles[party] = PipeClient(party, parent)
-        return run(handles)
-    finally:
-        for h in handles.values():
-            h.conn.close()
-        for proc in procs:
-            proc.join(timeout=JOIN_TIMEOUT_S)
-            if proc.is_alive():  # pragma: no cover - a hung child must not hang the suite
-                proc.kill()
+    """Each already-built half in its own forked child (fork: nothing is pickled)."""
+    return _run_children({party: (_serve_half, (half,)) for party, half in parties.items()}, run)
 
 
 @pytest.mark.parametrize("robust", [False, True])
