@@ -19,6 +19,7 @@ import torch
 from securefml.defenses.base import PreAggregator, effective_f
 from securefml.defenses.budget import check_optional_f
 from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -127,6 +128,7 @@ class _LinearPre(PreAggregator):
         return m, Gram(ids, inner, ref, gram.reference_sq_norm), w
 
 
+@DEFENSES.register("nnm", positional="f")
 class NNM(_LinearPre):
     """Nearest Neighbor Mixing (Allouah et al., AISTATS 2023).
 
@@ -168,6 +170,7 @@ class NNM(_LinearPre):
         return nnm_mixing(gram.sq_distances(), effective_f(self.f, context, self)), w, gram.client_ids
 
 
+@DEFENSES.register("bucketing", positional="size")
 class Bucketing(_LinearPre):
     """Bucketing (Karimireddy, He, Jaggi, ICLR 2022): average random buckets of ``size`` clients.
 
@@ -247,6 +250,7 @@ class _ScalePre(_LinearPre):
         return torch.diag(self._scales(gram.norms, context)), w, gram.client_ids
 
 
+@DEFENSES.register("clipping", positional="bound")
 class Clipping(_ScalePre):
     """Static clipping: scale every update to norm at most ``bound`` before the rule.
 
@@ -271,6 +275,7 @@ class Clipping(_ScalePre):
         return clip_scales(norms, self.bound)
 
 
+@DEFENSES.register("arc", positional="f")
 class ARC(_ScalePre):
     """Adaptive Robust Clipping (Allouah et al., NeurIPS 2024).
 
