@@ -210,11 +210,13 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
 def import_submodules(package: str, path: Iterable[str]) -> None:
     """Import every module of ``package`` so each definition's ``@REGISTRY.register`` has run.
 
-    A package ``__init__`` calls this (``import_submodules(__name__, __path__)``) after its explicit
-    re-exports: a new module dropped into ``defenses/`` (or ``attacks/``, ``protocols/``, ...) is
-    then registered by the decorator beside its class, with no second file to edit; re-exporting
-    it from ``__init__`` is only for the public API.  Modules whose name starts with ``_`` are
-    private and skipped.
+    Each package keeps its registry in a ``registry.py`` that imports nothing of the package at
+    run time, so every module can import it without a cycle, and each definition registers itself
+    with a decorator beside its class.  The package ``__init__`` calls this
+    (``import_submodules(__name__, __path__)``) after its explicit re-exports: a new module dropped
+    into ``defenses/`` (or ``attacks/``, ``protocols/``, ...) is then registered with no second file
+    to edit; re-exporting it from ``__init__`` is only for the public API.  Modules whose name
+    starts with ``_`` are private and skipped.
     """
     for info in sorted(pkgutil.iter_modules(list(path)), key=lambda m: m.name):
         if not info.name.startswith("_"):

@@ -297,3 +297,20 @@ class QueryLossLearner(MetaLearner):
         """The query loss after ``adapt`` on the support set: what the meta-gradient differentiates."""
         adapted = self.adapt(params, task.support_x, task.support_y, task.kind)
         return self.loss(adapted, task.query_x, task.query_y, task.kind)
+
+    @abstractmethod
+    def _meta_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
+                       qy: torch.Tensor, kind: str) -> tuple[Params, torch.Tensor]:
+        """The gradient of the query loss after adaptation, and that loss."""
+
+    def client_step(
+        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
+    ) -> tuple[Params, torch.Tensor]:
+        """``outer_steps`` meta-steps of size ``outer_lr``; a parameter without a gradient stays."""
+        loss = torch.zeros(())
+        for _ in range(self.config.outer_steps):
+            g, loss = self._meta_gradient(params, sx, sy, qx, qy, kind)
+            params = {n: (p - self.config.outer_lr * g[n]).detach() if n in g else p for n, p in params.items()}
+        return params, loss
+
+    meta_update = MetaLearner.meta_update_by_step

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from securefml.data.base import Task
-from securefml.meta.base import MetaLearner, Params, QueryLossLearner
+from securefml.meta.base import Params, QueryLossLearner
 from securefml.meta.registry import LEARNERS
 
 __all__ = ["MAML", "FOMAML"]
@@ -48,17 +48,6 @@ class MAML(QueryLossLearner):
             return self.loss(adapted, x, y, kind)
 
         return self.gradients.with_value(through_inner_loop, params, (qx, qy))
-
-    def client_step(
-        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
-    ) -> tuple[Params, torch.Tensor]:
-        loss = torch.zeros(())
-        for _ in range(self.config.outer_steps):
-            g, loss = self._meta_gradient(params, sx, sy, qx, qy, kind)
-            params = {n: (p - self.config.outer_lr * g[n]).detach() if n in g else p for n, p in params.items()}
-        return params, loss
-
-    meta_update = MetaLearner.meta_update_by_step
 
 
 @LEARNERS.register("fomaml")

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from securefml.meta.base import MetaConfig, MetaLearner, Params, QueryLossLearner
+from securefml.meta.base import MetaConfig, Params, QueryLossLearner
 from securefml.meta.gradients import Gradients
 from securefml.meta.registry import LEARNERS
 from securefml.updates import ParamRole, Role
@@ -97,13 +97,3 @@ class MetaSGD(QueryLossLearner):
 
         return self.gradients.with_value(query, params, (qx, qy))
 
-    def client_step(
-        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
-    ) -> tuple[Params, torch.Tensor]:
-        loss = torch.zeros(())
-        for _ in range(self.config.outer_steps):
-            g, loss = self._meta_gradient(params, sx, sy, qx, qy, kind)
-            params = {n: (p - self.config.outer_lr * g[n]).detach() for n, p in params.items()}
-        return params, loss
-
-    meta_update = MetaLearner.meta_update_by_step

@@ -1,8 +1,6 @@
 """The learner registry: the names ``--algorithm`` accepts (the meta-learners and the Bayesian ones).
 
-Each definition registers itself with a decorator beside it (``@LEARNERS.register("name")``); the package
-``__init__`` imports the modules, so importing the package fills the registry.  This module imports
-nothing from the package at run time, so any module of it can import the registry without a cycle.
+Imports nothing of the package at run time (see ``securefml.registry.import_submodules``).
 """
 
 from __future__ import annotations
