@@ -4,7 +4,9 @@
   Bayesian meta-learning with a mean-field prior over the MLP's layers, local variational
   inference from the prior on the support set, Monte Carlo predictions.
 * ``PFedBayes`` (``pfedbayes``): the pFedBayes baseline (Zhang et al., ICML 2022).
-* ``MetaSGDTemperature`` (``metasgd-ts``): Meta-SGD with temperature scaling fitted on the support set.
+* ``MetaSGDTemperature`` (``metasgd-ts``): Meta-SGD with temperature scaling fitted on the support set;
+  ``MetaSGDTemperatureCV`` (``metasgd-ts-cv``) fits it on cross-validated support predictions, and
+  ``MetaSGDFixedTemperature`` applies one temperature fitted beforehand on training clients.
 * ``mean_log_variance`` / ``precision_weighted``: the two ways to merge Gaussian priors, and why
   the federation uses the first (``securefml.bayes.aggregation``).
 
@@ -20,7 +22,9 @@ from securefml.bayes.learners import (
     BayesianLearner,
     BayesMAML,
     BayesMetaSGD,
+    MetaSGDFixedTemperature,
     MetaSGDTemperature,
+    MetaSGDTemperatureCV,
     PFedBayes,
 )
 from securefml.bayes.network import StochasticMLP
@@ -35,7 +39,9 @@ __all__ = [
     "BayesMAML",
     "BayesMetaSGD",
     "BayesianLearner",
+    "MetaSGDFixedTemperature",
     "MetaSGDTemperature",
+    "MetaSGDTemperatureCV",
     "PFedBayes",
     "StochasticMLP",
     "fit_temperature",
@@ -52,3 +58,4 @@ LEARNERS.register("bayes-metasgd")(BayesMetaSGD)
 LEARNERS.register("bayes-maml")(BayesMAML)
 LEARNERS.register("pfedbayes")(PFedBayes)
 LEARNERS.register("metasgd-ts")(MetaSGDTemperature)
+LEARNERS.register("metasgd-ts-cv")(MetaSGDTemperatureCV)

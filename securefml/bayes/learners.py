@@ -72,11 +72,12 @@ from securefml.bayes.temperature import fit_temperature
 from securefml.data.base import Task
 from securefml.errors import ConfigError
 from securefml.meta.base import MetaConfig, MetaLearner, Params
+from securefml.meta.gradients import Gradients
 from securefml.meta.metasgd import ALPHA_PREFIX, MetaSGD
 from securefml.updates import ParamRole, Role
 
-__all__ = ["BayesConfig", "BayesMAML", "BayesMetaSGD", "BayesianLearner", "MetaSGDTemperature", "PFedBayes",
-           "TEMPERATURE_KEY"]
+__all__ = ["BayesConfig", "BayesMAML", "BayesMetaSGD", "BayesianLearner", "MetaSGDFixedTemperature",
+           "MetaSGDTemperature", "MetaSGDTemperatureCV", "PFedBayes", "TEMPERATURE_KEY"]
 
 TEMPERATURE_KEY = "temperature"
 
@@ -453,3 +454,93 @@ class MetaSGDTemperature(MetaSGD):
             logits = super().forward(adapted, support_x)
         t = fit_temperature(logits, support_y)
         return {**adapted, TEMPERATURE_KEY: torch.tensor(t, dtype=logits.dtype, device=logits.device)}
+
+
+def _shot_folds(labels: torch.Tensor, folds: int) -> torch.Tensor:
+    """Fold of each support example: its rank among the examples of its class, modulo ``folds``.
+
+    Every fold then holds about one shot of every class, so a model adapted on the other folds
+    still sees every class (stratified k-fold on the support set).
+    """
+    fold = torch.empty_like(labels)
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        fold[idx] = torch.arange(idx.numel(), device=labels.device) % folds
+    return fold
+
+
+class MetaSGDTemperatureCV(MetaSGDTemperature):
+    """Meta-SGD + temperature scaling fitted on *cross-validated* support predictions.
+
+    Why: fitted on the support set the model was just adapted to, the temperature sees
+    near-perfect predictions and sharpens (T < 1), which makes the rare query mistakes
+    costly in NLL (``MetaSGDTemperature``; measured NLL 0.615 against Meta-SGD's 0.160).  A user
+    with only a support set would hold part of it out: here the support is split into ``folds``
+    stratified folds (one shot per class each for 5-shot); for each fold the model is adapted
+    from the meta-model on the others and predicts the held-out fold; the temperature minimises
+    the NLL of those out-of-fold logits; the final model is adapted on the whole support set and
+    divided by it.  Costs ``folds`` extra adaptations per client.  The out-of-fold models are
+    adapted on ``(k-1)/k`` of the data, so they are slightly less confident than the final one:
+    the fitted temperature is, if anything, a little low.
+
+    Meta-training is Meta-SGD's (``adapt`` is only called in personalization; the meta-gradient
+    uses the inner loop directly).  A support set with fewer than two examples of some class has
+    no out-of-fold prediction for it; with fewer than two folds possible the temperature is 1.
+    """
+
+    name = "metasgd-ts-cv"
+
+    def __init__(self, model: nn.Module, config: MetaConfig | None = None, *, folds: int = 5,
+                 first_order: bool = False, gradients: Gradients | None = None) -> None:
+        super().__init__(model, config, first_order=first_order, gradients=gradients)
+        if folds < 2:
+            raise ConfigError(f"cross-validated temperature scaling needs folds >= 2, got {folds}")
+        self.folds = folds
+
+    def query_loss(self, params: Params, task: Task) -> torch.Tensor:
+        adapted = MetaSGD.adapt(self, params, task.support_x, task.support_y, task.kind)
+        return self.loss(adapted, task.query_x, task.query_y, task.kind)
+
+    def adapt(self, params: Params, task_x: torch.Tensor, task_y: torch.Tensor, kind: str,
+              *, steps: int | None = None) -> Params:
+        adapted = MetaSGD.adapt(self, params, task_x, task_y, kind, steps=steps)
+        if kind != "classification":
+            return adapted
+        fold = _shot_folds(task_y, self.folds)
+        logits, labels = [], []
+        with torch.no_grad():
+            for f in range(int(fold.max()) + 1 if fold.numel() else 0):
+                out, keep = fold == f, fold != f
+                if not bool(out.any()) or not bool(keep.any()):
+                    continue
+                part = MetaSGD.adapt(self, params, task_x[keep], task_y[keep], kind, steps=steps)
+                logits.append(MetaSGD.forward(self, {**params, **part}, task_x[out]))
+                labels.append(task_y[out])
+        t = fit_temperature(torch.cat(logits), torch.cat(labels)) if len(logits) >= 2 else 1.0
+        ref = next(iter(adapted.values()))
+        return {**adapted, TEMPERATURE_KEY: torch.tensor(t, dtype=ref.dtype, device=ref.device)}
+
+    def calibrate(self, adapted: Params, support_x: torch.Tensor, support_y: torch.Tensor, kind: str) -> Params:
+        return adapted  # the temperature was fitted in ``adapt``, out of fold
+
+
+class MetaSGDFixedTemperature(MetaSGDTemperature):
+    """Meta-SGD whose personalized logits are divided by one temperature fixed in advance.
+
+    For a temperature the federation fits once on *training* clients (their query sets after
+    personalization, ``fit_temperature`` on the pooled logits) and ships with the model; the
+    held-out clients never fit anything.  Meta-training is Meta-SGD's.
+    """
+
+    name = "metasgd-ts-fixed"
+
+    def __init__(self, model: nn.Module, config: MetaConfig | None = None, *, temperature: float = 1.0,
+                 first_order: bool = False, gradients: Gradients | None = None) -> None:
+        super().__init__(model, config, first_order=first_order, gradients=gradients)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"temperature must be a positive number, got {temperature}")
+        self.temperature = float(temperature)
+
+    def calibrate(self, adapted: Params, support_x: torch.Tensor, support_y: torch.Tensor, kind: str) -> Params:
+        ref = next(iter(adapted.values()))
+        return {**adapted, TEMPERATURE_KEY: torch.tensor(self.temperature, dtype=ref.dtype, device=ref.device)}
