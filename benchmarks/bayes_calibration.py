@@ -51,6 +51,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ from securefml.models import make_model
 from securefml.personalize import personalize, personalized_probabilities
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+#: predictive variance scales tried on training-pool clients (``BayesConfig.predictive_var_scale``)
+VAR_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 KEYS = ("accuracy", "ece", "ece_floor", "ece_minus_floor", "ece_pooled", "ece_pooled_floor", "ece_adaptive",
         "l2_ce_debiased", "l2_ce_debiased_pooled", "l2_ce_plugin", "nll", "brier", "selective_accuracy",
         "ood_auroc", "mean_confidence")
@@ -186,12 +189,33 @@ def run_seed(job: tuple[int, str, int, int]) -> dict[str, Any]:
             print(f"seed {seed} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         if isinstance(learner, BayesianLearner):
             out["diagnosis"][algorithm] = diagnose(learner, params, big.heldout, steps)
+        if algorithm in ("bayes-metasgd", "bayes-maml"):  # the tempered posterior, scale chosen on training clients
+            curve = {}
+            for scale in VAR_SCALES:
+                tempered = type(learner)(learner.model, learner.config,
+                                         bayes=replace(learner.bayes, predictive_var_scale=scale))
+                rep = personalize(tempered, params, train_val, steps=steps)
+                assert rep.calibration is not None
+                curve[str(scale)] = rep.calibration.pooled["nll"]
+            best = min(VAR_SCALES, key=lambda v: curve[str(v)])
+            out["temperature"][f"{algorithm}-tempered"] = {"chosen_scale": best, "train_pool_nll": curve}
+            tempered = type(learner)(learner.model, learner.config,
+                                     bayes=replace(learner.bayes, predictive_var_scale=best))
+            name = f"{algorithm}-tempered"
+            out["big"][name] = score(tempered, params, big.heldout, steps)
+            out["small"][name] = score(tempered, params, small.heldout, steps)
+            out["small"][name].pop("per_client_sq_ce_debiased")
+            print(f"seed {seed} {name} (scale {best}): {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                  flush=True)
     out["seconds"] = time.perf_counter() - started
     return out
 
 
-def interval(values: list[float]) -> dict[str, float | None]:
-    """Mean and 95% Student-t interval over seeds."""
+def interval(values: list[float | None]) -> dict[str, Any]:
+    """Mean and 95% Student-t interval over seeds (``None`` where a value is undefined, e.g. a ratio to 0)."""
+    if any(v is None or not math.isfinite(v) for v in values):
+        return {"mean": None, "lo": None, "hi": None, "values": [v if v is not None and math.isfinite(v) else None
+                                                                 for v in values]}
     m = statistics.fmean(values)
     if len(values) < 2:
         return {"mean": m, "lo": None, "hi": None}
@@ -199,7 +223,7 @@ def interval(values: list[float]) -> dict[str, float | None]:
     return {"mean": m, "lo": m - h, "hi": m + h}
 
 
-def paired_bootstrap(a: list[list[float]], b: list[list[float]], *, draws: int = 2000, seed: int = 0) -> dict[str, float]:
+def paired_bootstrap(a: list[list[float]], b: list[list[float]], *, draws: int = 2000, seed: int = 0) -> dict[str, Any]:
     """95% interval of ``sqrt(mean sq_a) / sqrt(mean sq_b)``, resampling clients within each seed (paired)."""
     rng = np.random.default_rng(seed)
     ratios = []
@@ -212,8 +236,11 @@ def paired_bootstrap(a: list[list[float]], b: list[list[float]], *, draws: int =
             sb += float(y[idx].mean())
         ratios.append(math.sqrt(max(sa, 0.0)) / math.sqrt(sb) if sb > 0 else math.nan)
     r = np.asarray(ratios)
-    r = r[np.isfinite(r)]
-    return {"lo": float(np.quantile(r, 0.025)), "hi": float(np.quantile(r, 0.975))}
+    finite = r[np.isfinite(r)]
+    if finite.size < len(r) // 2:
+        return {"lo": None, "hi": None, "undefined_fraction": 1 - finite.size / len(r)}
+    return {"lo": float(np.quantile(finite, 0.025)), "hi": float(np.quantile(finite, 0.975)),
+            "undefined_fraction": 1 - finite.size / len(r)}
 
 
 def main() -> None:
@@ -233,7 +260,8 @@ def main() -> None:
     report: dict[str, Any] = {
         "setting": {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dataset": "digits-fewshot",
                     "n_way": 5, "k_shot": 5, "rounds": args.rounds, "seeds": args.seeds,
-                    "big": {"heldout_clients": args.heldout, "query_per_class": [r["query_per_class"] for r in per_seed]},
+                    "big": {"heldout_clients": args.heldout,
+                            "query_per_class": [r["query_per_class"] for r in per_seed]},
                     "small": {"heldout_clients": 30, "query_per_class": 10},
                     "ece_bins": 15, "debiased_bins": "15 equal-mass", "interval": "95% Student t over seeds",
                     "judged_on": "l2_ce_debiased (per client, big query sets)"},
@@ -253,9 +281,12 @@ def main() -> None:
     if "bayes-metasgd" in big and "metasgd" in big:
         b, m = big["bayes-metasgd"], big["metasgd"]
         checks["l2_ce_debiased ratio bayes-metasgd / metasgd (target <= 0.5)"] = interval(
-            [x["l2_ce_debiased"] / y["l2_ce_debiased"] for x, y in zip(b, m)])
+            [x["l2_ce_debiased"] / y["l2_ce_debiased"] if y["l2_ce_debiased"] > 0 else None
+             for x, y in zip(b, m)])
         checks["l2_ce_debiased ratio, paired bootstrap over clients"] = paired_bootstrap(
             [x["per_client_sq_ce_debiased"] for x in b], [y["per_client_sq_ce_debiased"] for y in m])
+        checks["l2_ce_debiased bayes-metasgd - metasgd"] = interval(
+            [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(b, m)])
         checks["ece ratio bayes-metasgd / metasgd (big query sets)"] = interval(
             [x["ece"] / y["ece"] for x, y in zip(b, m)])
         checks["ece-minus-floor ratio bayes-metasgd / metasgd"] = interval(
@@ -263,14 +294,24 @@ def main() -> None:
         checks["accuracy difference bayes-metasgd - metasgd (points)"] = interval(
             [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(b, m)])
         checks["nll difference bayes-metasgd - metasgd"] = interval([x["nll"] - y["nll"] for x, y in zip(b, m)])
-        for other in ("metasgd-ts", "metasgd-ts-cv", "metasgd-ts-train", "pfedbayes", "bayes-maml"):
+        for other in ("metasgd-ts", "metasgd-ts-cv", "metasgd-ts-train", "pfedbayes", "bayes-maml",
+                      "bayes-metasgd-tempered"):
             if other in big and len(big[other]) == len(b):
                 checks[f"l2_ce_debiased bayes-metasgd - {other}"] = interval(
                     [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(b, big[other])])
                 checks[f"accuracy bayes-metasgd - {other} (points)"] = interval(
                     [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(b, big[other])])
+    if "bayes-metasgd-tempered" in big and "metasgd" in big:
+        bt, m = big["bayes-metasgd-tempered"], big["metasgd"]
+        checks["l2_ce_debiased ratio bayes-metasgd-tempered / metasgd"] = interval(
+            [x["l2_ce_debiased"] / y["l2_ce_debiased"] if y["l2_ce_debiased"] > 0 else None
+             for x, y in zip(bt, m)])
+        checks["accuracy difference bayes-metasgd-tempered - metasgd (points)"] = interval(
+            [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(bt, m)])
+        checks["nll difference bayes-metasgd-tempered - metasgd"] = interval(
+            [x["nll"] - y["nll"] for x, y in zip(bt, m)])
     report["checks"] = checks
-    report["temperature_train"] = [r["temperature"].get("metasgd-ts-train") for r in per_seed]
+    report["chosen_on_training_clients"] = {r["seed"]: r["temperature"] for r in per_seed}
     report["diagnosis"] = {r["seed"]: r["diagnosis"] for r in per_seed}
     report["seconds_per_seed"] = [r["seconds"] for r in per_seed]
     report["wall_seconds"] = time.perf_counter() - started

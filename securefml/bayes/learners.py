@@ -144,6 +144,14 @@ class BayesConfig:
         Initial inner rate of the log-variances (``alpha.logvar.<name>`` for Bayesian Meta-SGD,
         the fixed rate for Bayesian MAML); ``None`` (default) = ``inner_lr``.  With the Newton
         step, 1.0 makes the KL term halve the distance to the prior per step.
+    predictive_var_scale:
+        Factor on the posterior's variances in *predictions* only (``forward``,
+        ``sample_probabilities``; local inference, the KL and meta-training never see it): the
+        pre-activation noise is multiplied by its square root.  1 (default) is the posterior as
+        inferred; 0 is the mean network.  A tempered posterior, for a scale chosen on *training*
+        clients' query sets after personalization (``benchmarks/bayes_calibration.py`` picks it
+        by their NLL): the 200-round models' Monte Carlo predictive is under-confident on
+        held-out clients (mean confidence below accuracy), and this is the Bayesian knob for it.
     """
 
     train_samples: int = 4
@@ -156,8 +164,11 @@ class BayesConfig:
     logvar_unit: float = 8.0
     newton_logvar_step: bool = False
     init_logvar_rate: float | None = None
+    predictive_var_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.predictive_var_scale) and self.predictive_var_scale >= 0):
+            raise ConfigError(f"predictive_var_scale must be a finite number >= 0, got {self.predictive_var_scale}")
         if self.train_samples < 1 or self.eval_samples < 1:
             raise ConfigError("train_samples and eval_samples must be >= 1")
         if not (math.isfinite(self.logvar_unit) and self.logvar_unit > 0):
@@ -230,15 +241,21 @@ class BayesianLearner(MetaLearner):
                              generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample predictive probabilities ``[n, S, C]`` (``S = eval_samples``; seeded noise)."""
         gen = generator or torch.Generator().manual_seed(self.bayes.seed)
-        noise = self.net.draw_noise(x.shape[0], samples or self.bayes.eval_samples, generator=gen, device=x.device,
-                                    dtype=x.dtype)
+        noise = self._prediction_noise(self.net.draw_noise(x.shape[0], samples or self.bayes.eval_samples,
+                                                           generator=gen, device=x.device, dtype=x.dtype))
         return torch.softmax(self.net.logits(self.gaussian(params), x, noise), dim=-1)
 
     def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """Log of the Monte Carlo predictive probabilities ``[n, C]`` (softmax of it = the predictive)."""
         gen = torch.Generator().manual_seed(self.bayes.seed)
-        noise = self.net.draw_noise(x.shape[0], self.bayes.eval_samples, generator=gen, device=x.device, dtype=x.dtype)
+        noise = self._prediction_noise(self.net.draw_noise(x.shape[0], self.bayes.eval_samples, generator=gen,
+                                                           device=x.device, dtype=x.dtype))
         return self.net.log_predictive(self.gaussian(params), x, noise)
+
+    def _prediction_noise(self, noise: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The noise of a prediction, for variances scaled by ``predictive_var_scale`` (see ``BayesConfig``)."""
+        scale = self.bayes.predictive_var_scale
+        return noise if scale == 1.0 else [e * math.sqrt(scale) for e in noise]
 
     # -- local inference -------------------------------------------------------------------
     def expected_nll(self, q: Params, x: torch.Tensor, y: torch.Tensor, noise: Sequence[torch.Tensor]) -> torch.Tensor:
