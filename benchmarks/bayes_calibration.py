@@ -107,7 +107,7 @@ def _build(algorithm: str, data: Any, seed: int, **kwargs: Any) -> Any:
     return LEARNERS.create(algorithm, model=net, config=cfg), hp["finetune_steps"]
 
 
-def score(learner: Any, params: Any, tasks: Any, steps: int) -> dict[str, float]:
+def score(learner: Any, params: Any, tasks: Any, steps: int) -> dict[str, Any]:
     """Every number of the report for one learner on one seed's held-out clients."""
     rep = personalize(learner, params, tasks, steps=steps)
     assert rep.calibration is not None
@@ -118,7 +118,7 @@ def score(learner: Any, params: Any, tasks: Any, steps: int) -> dict[str, float]
     p_all, y_all = torch.cat(probs), torch.cat([t.query_y for t in tasks])
     sq = [float(v) for v in cal.per_client["sq_ce_debiased"] if v is not None]
     plug = [squared_calibration_error(p, t.query_y, debiased=False) for p, t in zip(probs, tasks)]
-    out = {
+    out: dict[str, Any] = {
         "accuracy": rep.mean, "ece": cal.mean("ece"), "ece_floor": floor, "ece_adaptive": cal.mean("ece_adaptive"),
         "ece_pooled": cal.pooled["ece"], "ece_pooled_floor": calibrated_ece_floor(p_all, draws=10, generator=gen),
         "sq_ce_debiased": statistics.fmean(sq), "l2_ce_debiased": math.sqrt(max(0.0, statistics.fmean(sq))),
@@ -155,59 +155,75 @@ def diagnose(learner: BayesianLearner, params: Any, tasks: Any, steps: int) -> d
             "mc_probability_std_mean": statistics.fmean(spread)}
 
 
-def run_seed(job: tuple[int, str, int, int]) -> dict[str, Any]:
-    seed, runs_dir, n_heldout, rounds = job
+def score_algorithm(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
+                    train_val: Any) -> dict[str, Any]:
+    """One kept run scored on both settings, with its variants (temperature baselines, tempered posterior)."""
+    out: dict[str, Any] = {"big": {}, "small": {}, "diagnosis": None, "chosen": {}}
+    started = time.perf_counter()
+    learner, steps = _build(algorithm, big, seed)
+    params = learner.layout().unflatten(torch.tensor(run["vector"], dtype=torch.float32))
+    variants = [(algorithm, learner)]
+    if algorithm == "metasgd":
+        logp = [torch.log(personalized_probabilities(learner, params, t, steps=steps)) for t in train_val]
+        t_train = fit_temperature(torch.cat(logp), torch.cat([t.query_y for t in train_val]))
+        out["chosen"]["metasgd-ts-train"] = {"temperature": t_train}
+        variants += [("metasgd-ts", _build("metasgd-ts", big, seed)[0]),
+                     ("metasgd-ts-cv", _build("metasgd-ts-cv", big, seed)[0]),
+                     ("metasgd-ts-train", _build("metasgd-ts-fixed", big, seed, temperature=t_train)[0])]
+    if algorithm in ("bayes-metasgd", "bayes-maml"):  # the tempered posterior, scale chosen on training clients
+        curve = {}
+        for scale in VAR_SCALES:
+            tempered = type(learner)(learner.model, learner.config,
+                                     bayes=replace(learner.bayes, predictive_var_scale=scale))
+            rep = personalize(tempered, params, train_val, steps=steps)
+            assert rep.calibration is not None
+            curve[str(scale)] = rep.calibration.pooled["nll"]
+        best = min(VAR_SCALES, key=lambda v: curve[str(v)])
+        out["chosen"][f"{algorithm}-tempered"] = {"predictive_var_scale": best, "train_pool_nll": curve}
+        variants.append((f"{algorithm}-tempered", type(learner)(
+            learner.model, learner.config, bayes=replace(learner.bayes, predictive_var_scale=best))))
+    for name, lr in variants:
+        out["big"][name] = score(lr, params, big.heldout, steps)
+        out["small"][name] = score(lr, params, small.heldout, steps)
+        out["small"][name].pop("per_client_sq_ce_debiased")
+        if name == algorithm:
+            out["small"][name]["kept_run_ece"] = run["metrics"]["ece"]  # reproduction check
+        print(f"seed {seed} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    if isinstance(learner, BayesianLearner):
+        out["diagnosis"] = diagnose(learner, params, big.heldout, steps)
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
+    """Every kept run of one seed; each learner's block is cached in ``cache`` (a rerun scores only new runs)."""
+    seed, runs_dir, n_heldout, rounds, cache = job
     torch.set_num_threads(1)
     started = time.perf_counter()
     q = max_query(seed)
     big = make_digits_fewshot(seed=seed, n_heldout=n_heldout, query=q)
     small = load_dataset("digits-fewshot", seed=seed)  # the bayes.py setting: 30 clients x 50 queries
-    train_val = big.train[:30]  # training-pool clients (never held-out data): fits metasgd-ts-train
+    train_val = big.train[:30]  # training-pool clients (never held-out data): every choice is made on them
     out: dict[str, Any] = {"seed": seed, "query_per_class": q, "big": {}, "small": {}, "diagnosis": {},
-                           "temperature": {}}
+                           "chosen": {}, "seconds": {}}
     for algorithm in ("metasgd", "bayes-metasgd", "pfedbayes", "bayes-maml"):
         path = Path(runs_dir) / f"{algorithm}_plaintext_main_r{rounds}_s{seed}.json"
         if not path.exists():
             continue
-        run = json.loads(path.read_text())
-        learner, steps = _build(algorithm, big, seed)
-        params = learner.layout().unflatten(torch.tensor(run["vector"], dtype=torch.float32))
-        variants = [(algorithm, learner)]
-        if algorithm == "metasgd":
-            logp = [torch.log(personalized_probabilities(learner, params, t, steps=steps)) for t in train_val]
-            t_train = fit_temperature(torch.cat(logp), torch.cat([t.query_y for t in train_val]))
-            out["temperature"]["metasgd-ts-train"] = t_train
-            variants += [("metasgd-ts", _build("metasgd-ts", big, seed)[0]),
-                         ("metasgd-ts-cv", _build("metasgd-ts-cv", big, seed)[0]),
-                         ("metasgd-ts-train", _build("metasgd-ts-fixed", big, seed, temperature=t_train)[0])]
-        for name, lr in variants:
-            out["big"][name] = score(lr, params, big.heldout, steps)
-            out["small"][name] = score(lr, params, small.heldout, steps)
-            out["small"][name].pop("per_client_sq_ce_debiased")
-            if name == algorithm:
-                out["small"][name]["kept_run_ece"] = run["metrics"]["ece"]  # reproduction check
-            print(f"seed {seed} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-        if isinstance(learner, BayesianLearner):
-            out["diagnosis"][algorithm] = diagnose(learner, params, big.heldout, steps)
-        if algorithm in ("bayes-metasgd", "bayes-maml"):  # the tempered posterior, scale chosen on training clients
-            curve = {}
-            for scale in VAR_SCALES:
-                tempered = type(learner)(learner.model, learner.config,
-                                         bayes=replace(learner.bayes, predictive_var_scale=scale))
-                rep = personalize(tempered, params, train_val, steps=steps)
-                assert rep.calibration is not None
-                curve[str(scale)] = rep.calibration.pooled["nll"]
-            best = min(VAR_SCALES, key=lambda v: curve[str(v)])
-            out["temperature"][f"{algorithm}-tempered"] = {"chosen_scale": best, "train_pool_nll": curve}
-            tempered = type(learner)(learner.model, learner.config,
-                                     bayes=replace(learner.bayes, predictive_var_scale=best))
-            name = f"{algorithm}-tempered"
-            out["big"][name] = score(tempered, params, big.heldout, steps)
-            out["small"][name] = score(tempered, params, small.heldout, steps)
-            out["small"][name].pop("per_client_sq_ce_debiased")
-            print(f"seed {seed} {name} (scale {best}): {time.perf_counter() - started:.0f} s", file=sys.stderr,
-                  flush=True)
-    out["seconds"] = time.perf_counter() - started
+        kept = Path(cache) / f"{algorithm}_s{seed}_h{n_heldout}.json" if cache else None
+        if kept is not None and kept.exists():
+            block = json.loads(kept.read_text())
+        else:
+            block = score_algorithm(algorithm, json.loads(path.read_text()), seed, big, small, train_val)
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(json.dumps(block))
+        for key in ("big", "small", "chosen"):
+            out[key].update(block[key])
+        if block["diagnosis"] is not None:
+            out["diagnosis"][algorithm] = block["diagnosis"]
+        out["seconds"][algorithm] = block["seconds"]
+    out["wall_seconds"] = time.perf_counter() - started
     return out
 
 
@@ -216,10 +232,11 @@ def interval(values: list[float | None]) -> dict[str, Any]:
     if any(v is None or not math.isfinite(v) for v in values):
         return {"mean": None, "lo": None, "hi": None, "values": [v if v is not None and math.isfinite(v) else None
                                                                  for v in values]}
-    m = statistics.fmean(values)
-    if len(values) < 2:
+    vals = [float(v) for v in values if v is not None]
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
         return {"mean": m, "lo": None, "hi": None}
-    h = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    h = T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
     return {"mean": m, "lo": m - h, "hi": m + h}
 
 
@@ -251,10 +268,11 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=100, help="held-out clients per seed for the large query sets")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--cache", help="keep each learner's scores per seed here and reuse them (resume)")
     args = ap.parse_args()
     started = time.perf_counter()
     before = os.getloadavg()[0]
-    jobs = [(s, args.runs_dir, args.heldout, args.rounds) for s in args.seeds]
+    jobs = [(s, args.runs_dir, args.heldout, args.rounds, args.cache) for s in args.seeds]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         per_seed = list(pool.map(run_seed, jobs))
     report: dict[str, Any] = {
@@ -311,9 +329,9 @@ def main() -> None:
         checks["nll difference bayes-metasgd-tempered - metasgd"] = interval(
             [x["nll"] - y["nll"] for x, y in zip(bt, m)])
     report["checks"] = checks
-    report["chosen_on_training_clients"] = {r["seed"]: r["temperature"] for r in per_seed}
+    report["chosen_on_training_clients"] = {r["seed"]: r["chosen"] for r in per_seed}
     report["diagnosis"] = {r["seed"]: r["diagnosis"] for r in per_seed}
-    report["seconds_per_seed"] = [r["seconds"] for r in per_seed]
+    report["seconds_per_learner_and_seed"] = {r["seed"]: r["seconds"] for r in per_seed}
     report["wall_seconds"] = time.perf_counter() - started
     report["note"] = (f"Re-scores the global vectors kept by benchmarks/bayes.py (no retraining); timings on a shared "
                       f"2-core machine under nice (1-min load average {before:.1f} at the start, "
