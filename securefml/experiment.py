@@ -100,6 +100,8 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     # securefml.bayes: the same budget as Meta-SGD/MAML; pFedBayes' outer_lr is its step towards q
     ("classification", "metasgd-ts"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
                                            server_lr=0.005),
+    ("classification", "metasgd-ts-cv"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
+                                              server_lr=0.005),
     ("classification", "bayes-metasgd"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
                                               server_lr=0.005),
     ("classification", "bayes-maml"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
@@ -109,7 +111,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 #: learners whose learned per-parameter rates are calibrated for their trained number of inner steps
-_LEARNED_RATES = ("metasgd", "metasgd-ts", "bayes-metasgd")
+_LEARNED_RATES = ("metasgd", "metasgd-ts", "metasgd-ts-cv", "bayes-metasgd")
 
 
 def default_hyperparameters(kind: str, algorithm: str) -> dict[str, Any]:

@@ -201,7 +201,7 @@ def test_temperature_scaling_keeps_accuracy_and_fits_on_support() -> None:
 
 
 # -- registry, personalization and errors ---------------------------------------------------------
-@pytest.mark.parametrize("name", ["bayes-metasgd", "bayes-maml", "pfedbayes", "metasgd-ts"])
+@pytest.mark.parametrize("name", ["bayes-metasgd", "bayes-maml", "pfedbayes", "metasgd-ts", "metasgd-ts-cv"])
 def test_registered_and_personalize_reports_calibration(name: str) -> None:
     learner = LEARNERS.create(name, model=make_model(DATA, hidden=(16, 16)), config=CFG)
     rep = personalize(learner, learner.init_params(), DATA.heldout, steps=2)
@@ -380,3 +380,14 @@ def test_predictive_variance_scale_tempers_predictions_only() -> None:
                           learner.net.log_predictive(learner.gaussian(params), t.query_x, noise), atol=1e-6)
     with pytest.raises(ConfigError):
         replace(learner.bayes, predictive_var_scale=-1.0)
+
+
+def test_cross_validated_temperature_runs_from_the_run_config() -> None:
+    from securefml.experiment import RunConfig, run_experiment
+
+    cfg = RunConfig(dataset="digits-fewshot", algorithm="metasgd-ts-cv", rounds=1, clients_per_round=2,
+                    dataset_options={"n_train": 4, "n_heldout": 2, "k_shot": 3, "query": 4})
+    assert cfg.resolved("classification")["inner_lr"] == RunConfig(algorithm="metasgd-ts").resolved(
+        "classification")["inner_lr"]
+    res = run_experiment(cfg)
+    assert 0 <= res.metrics["personalized"]["accuracy"] <= 1 and res.metrics["personalized"]["ece"] is not None
