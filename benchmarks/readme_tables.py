@@ -243,7 +243,10 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
     diff = c.get("l2_ce_debiased bayes-metasgd - metasgd")
     if ratio is not None and diff is not None:
         acc = c["accuracy difference bayes-metasgd - metasgd (points)"]
-        lines += ["", f"bayes-metasgd / Meta-SGD, debiased L2-CE: ratio {_ci(ratio, 2)} (target <= 0.5), "
+        boot = c.get("l2_ce_debiased ratio, paired bootstrap over clients") or {}
+        paired = (f" (paired bootstrap over clients [{boot['lo']:.2f}, {boot['hi']:.2f}])"
+                  if boot.get("lo") is not None else "")
+        lines += ["", f"bayes-metasgd / Meta-SGD, debiased L2-CE: ratio {_ci(ratio, 2)}{paired} (target <= 0.5), "
                   f"difference {_ci(diff)}; accuracy {_ci(acc, 1)} points; NLL difference "
                   f"{_ci(c['nll difference bayes-metasgd - metasgd'])}."]
     lines += ["", data["note"] + "."]
