@@ -224,3 +224,25 @@ def test_personalize_reports_the_debiased_error_per_client_and_pooled() -> None:
     assert "sq_ce_debiased" in rep.calibration.pooled
     assert rep.to_dict()["sq_ce_debiased"] == pytest.approx(rep.calibration.mean("sq_ce_debiased"))
     assert set(calibration_summary(p, t.query_y)) >= {"ece", "ece_adaptive", "sq_ce_debiased", "nll", "brier"}
+
+
+def test_debiased_never_exceeds_plug_in_and_plug_in_is_a_squared_error() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from securefml.calibration import squared_calibration_error
+
+    @settings(max_examples=40, deadline=None)
+    @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 80), bins=st.integers(1, 15), adaptive=st.booleans())
+    def check(seed: int, n: int, bins: int, adaptive: bool) -> None:
+        g = torch.Generator().manual_seed(seed)
+        p = torch.softmax(3 * torch.randn(n, 4, generator=g), dim=1)
+        y = torch.randint(0, 4, (n,), generator=g)
+        plug = squared_calibration_error(p, y, n_bins=bins, adaptive=adaptive, debiased=False)
+        deb = squared_calibration_error(p, y, n_bins=bins, adaptive=adaptive)
+        b = reliability_bins(p, y, n_bins=bins, adaptive=adaptive)
+        by_hand = sum(c / n * (a - f) ** 2 for c, a, f in zip(b.counts, b.accuracy, b.confidence) if c)
+        assert plug == pytest.approx(by_hand) and 0 <= plug <= 1
+        assert deb <= plug + 1e-12
+
+    check()
