@@ -17,6 +17,11 @@ bins; also adaptive and pooled over all query predictions), NLL, Brier, selectiv
 the targets of the issue (ECE of bayes-metasgd <= 0.5x Meta-SGD's at accuracy within 1 point
 and lower NLL; lower ECE than Meta-SGD+TS and pFedBayes at equal or better accuracy).
 
+On 50 query predictions per client the per-client ECE sits at the estimator's floor for these
+learners; ``benchmarks/bayes_calibration.py`` re-scores the global vectors this script keeps in
+``--runs-dir`` on larger query sets and with the debiased estimator, which is where the ECE
+target is judged.
+
 Protocols: ``bayes-metasgd`` for ``--protocol-rounds`` rounds under plaintext, CKKS and SecAgg+
 with the first seed; reports the largest difference of the final global parameters from
 plaintext and the differences of the metrics.

@@ -201,6 +201,58 @@ def render_bayes(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci(v: dict[str, Any] | None, digits: int = 3) -> str:
+    """``mean [lo, hi]`` from a ``benchmarks/bayes_calibration.py`` interval (``-`` when undefined)."""
+    if not v or v.get("mean") is None:
+        return "-"
+    if v.get("lo") is None:
+        return f"{v['mean']:.{digits}f}"
+    return f"{v['mean']:.{digits}f} [{v['lo']:.{digits}f}, {v['hi']:.{digits}f}]"
+
+
+def render_bayes_calibration(data: dict[str, Any]) -> str:
+    st = data["setting"]
+    names = {"metasgd": "Meta-SGD", "metasgd-ts": "Meta-SGD + TS (support)",
+             "metasgd-ts-cv": "Meta-SGD + TS (cross-validated support)",
+             "metasgd-ts-train": "Meta-SGD + TS (training clients)", "bayes-metasgd": "bayes-metasgd",
+             "bayes-metasgd-tempered": "bayes-metasgd, tempered posterior", "bayes-maml": "bayes-maml",
+             "bayes-maml-tempered": "bayes-maml, tempered posterior", "pfedbayes": "pFedBayes"}
+    big = st["big"]
+    lines = [f"The same trained models (200 rounds, seeds {', '.join(str(s) for s in st['seeds'])}) re-scored on "
+             f"{big['heldout_clients']} new held-out clients per seed with {min(big['query_per_class'])}-"
+             f"{max(big['query_per_class'])} query images per class (every held-out image of the class not in the "
+             "support set); mean [95% interval over seeds]. **Judged on: debiased L2 calibration error per "
+             "client** (Kumar et al. 2019, 15 equal-mass bins; ~0 for calibrated predictions at any query size).", "",
+             "| learner | accuracy | ECE | ECE floor | debiased L2-CE | debiased L2-CE pooled | NLL "
+             "| mean confidence | out-of-task AUROC |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, label in names.items():
+        m = data["big"].get(key)
+        if m is None:
+            continue
+        lines.append(f"| {label} | {_ci(m['accuracy'])} | {_ci(m['ece'])} | {_ci(m['ece_floor'])} "
+                     f"| {_ci(m['l2_ce_debiased'])} | {_ci(m['l2_ce_debiased_pooled'])} | {_ci(m['nll'])} "
+                     f"| {_ci(m['mean_confidence'])} | {_ci(m['ood_auroc'])} |")
+    small = data["small"]
+    if "metasgd" in small and "bayes-metasgd" in small:
+        lines += ["", "On the original 30 clients x 50 queries: ECE " + ", ".join(
+            f"{names[k]} {_ci(small[k]['ece'])} (floor {_ci(small[k]['ece_floor'])}), debiased L2-CE "
+            f"{_ci(small[k]['l2_ce_debiased'])}" for k in ("metasgd", "bayes-metasgd")) + "."]
+    c = data["checks"]
+    ratio = c.get("l2_ce_debiased ratio bayes-metasgd / metasgd (target <= 0.5)")
+    diff = c.get("l2_ce_debiased bayes-metasgd - metasgd")
+    if ratio is not None and diff is not None:
+        acc = c["accuracy difference bayes-metasgd - metasgd (points)"]
+        boot = c.get("l2_ce_debiased ratio, paired bootstrap over clients") or {}
+        paired = (f" (paired bootstrap over clients [{boot['lo']:.2f}, {boot['hi']:.2f}])"
+                  if boot.get("lo") is not None else "")
+        lines += ["", f"bayes-metasgd / Meta-SGD, debiased L2-CE: ratio {_ci(ratio, 2)}{paired} (target <= 0.5), "
+                  f"difference {_ci(diff)}; accuracy {_ci(acc, 1)} points; NLL difference "
+                  f"{_ci(c['nll difference bayes-metasgd - metasgd'])}."]
+    lines += ["", data["note"] + "."]
+    return "\n".join(lines) + "\n"
+
+
 def render_ckks(data: dict[str, Any]) -> str:
     m = data.get("machine", {})
     when = m.get("utc", "date not recorded")
@@ -387,6 +439,7 @@ def render_robustness(data: dict[str, Any]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "bayes": render_bayes,
+    "bayes_calibration": render_bayes_calibration,
     "ckks": render_ckks,
     "defenses": render_defenses,
     "plaintext": render_plaintext,

@@ -102,13 +102,14 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("classification", "metasgd"): _CLASSIFICATION_META,
     # securefml.bayes: the same budget as Meta-SGD/MAML; pFedBayes' outer_lr is its step towards q
     ("classification", "metasgd-ts"): _CLASSIFICATION_META,
+    ("classification", "metasgd-ts-cv"): _CLASSIFICATION_META,
     ("classification", "bayes-metasgd"): _CLASSIFICATION_META,
     ("classification", "bayes-maml"): _CLASSIFICATION_META,
     ("classification", "pfedbayes"): {**_CLASSIFICATION_META, "outer_lr": 0.5},
 }
 
 #: learners whose learned per-parameter rates are calibrated for their trained number of inner steps
-_LEARNED_RATES = ("metasgd", "metasgd-ts", "bayes-metasgd")
+_LEARNED_RATES = ("metasgd", "metasgd-ts", "metasgd-ts-cv", "bayes-metasgd")
 
 
 def default_hyperparameters(kind: str, algorithm: str) -> dict[str, Any]:

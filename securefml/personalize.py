@@ -2,7 +2,9 @@
 
 Every classification run is also scored for calibration and useful uncertainty
 (``securefml.calibration``): per held-out client, ECE (15 equal-width bins and the adaptive
-variant), NLL, Brier score and selective accuracy (the 80% most confident predictions); the
+variant), the debiased squared calibration error (``sq_ce_debiased``, Kumar et al. 2019: an
+unbiased estimate whose mean over clients, then square-rooted, does not have ECE's floor on
+small query sets), NLL, Brier score and selective accuracy (the 80% most confident predictions); the
 distribution of each across clients; the same numbers pooled over all query predictions with
 the pooled reliability diagram's bins; and, when the tasks know their source classes
 (``Task.classes``, digits-fewshot), out-of-task detection: the AUROC of the predictive entropy
@@ -30,7 +32,10 @@ __all__ = ["CalibrationReport", "PersonalizationReport", "evaluate_task", "out_o
            "personalized_probabilities", "predictive_probabilities"]
 
 #: the per-client calibration numbers, in report order
-CALIBRATION_METRICS = ("ece", "ece_adaptive", "nll", "brier", "selective_accuracy", "ood_auroc")
+#: (``sq_ce_debiased``: the debiased squared calibration error of ``securefml.calibration``; its
+#: mean over clients is unbiased, so its root is the estimator that can resolve calibration below
+#: the ECE floor of a 50-example query set)
+CALIBRATION_METRICS = ("ece", "ece_adaptive", "sq_ce_debiased", "nll", "brier", "selective_accuracy", "ood_auroc")
 
 
 def _distribution(values: Sequence[float | None]) -> dict[str, object]:

@@ -4,7 +4,9 @@
   Bayesian meta-learning with a mean-field prior over the MLP's layers, local variational
   inference from the prior on the support set, Monte Carlo predictions.
 * ``PFedBayes`` (``pfedbayes``): the pFedBayes baseline (Zhang et al., ICML 2022).
-* ``MetaSGDTemperature`` (``metasgd-ts``): Meta-SGD with temperature scaling fitted on the support set.
+* ``MetaSGDTemperature`` (``metasgd-ts``): Meta-SGD with temperature scaling fitted on the support set;
+  ``MetaSGDTemperatureCV`` (``metasgd-ts-cv``) fits it on cross-validated support predictions, and
+  ``MetaSGDFixedTemperature`` applies one temperature fitted beforehand on training clients.
 * ``mean_log_variance`` / ``precision_weighted``: the two ways to merge Gaussian priors, and why
   the federation uses the first (``securefml.bayes.aggregation``).
 
@@ -20,7 +22,9 @@ from securefml.bayes.learners import (
     BayesianLearner,
     BayesMAML,
     BayesMetaSGD,
+    MetaSGDFixedTemperature,
     MetaSGDTemperature,
+    MetaSGDTemperatureCV,
     PFedBayes,
 )
 from securefml.bayes.network import StochasticMLP
@@ -35,7 +39,9 @@ __all__ = [
     "BayesMAML",
     "BayesMetaSGD",
     "BayesianLearner",
+    "MetaSGDFixedTemperature",
     "MetaSGDTemperature",
+    "MetaSGDTemperatureCV",
     "PFedBayes",
     "StochasticMLP",
     "fit_temperature",
@@ -46,5 +52,5 @@ __all__ = [
     "precision_weighted",
 ]
 
-# The learners join the registry the CLI reads, beside their definitions: securefml.meta
-# never imports this package.
+# The learners register in securefml.meta's LEARNERS with decorators beside their definitions
+# (securefml/bayes/learners.py): securefml.meta never imports this package.

@@ -201,7 +201,7 @@ def test_temperature_scaling_keeps_accuracy_and_fits_on_support() -> None:
 
 
 # -- registry, personalization and errors ---------------------------------------------------------
-@pytest.mark.parametrize("name", ["bayes-metasgd", "bayes-maml", "pfedbayes", "metasgd-ts"])
+@pytest.mark.parametrize("name", ["bayes-metasgd", "bayes-maml", "pfedbayes", "metasgd-ts", "metasgd-ts-cv"])
 def test_registered_and_personalize_reports_calibration(name: str) -> None:
     learner = LEARNERS.create(name, model=make_model(DATA, hidden=(16, 16)), config=CFG)
     rep = personalize(learner, learner.init_params(), DATA.heldout, steps=2)
@@ -309,3 +309,85 @@ def test_log_variance_rates_start_at_init_logvar_rate() -> None:
         BayesConfig(logvar_unit=0.0)
     with pytest.raises(ConfigError):
         BayesConfig(init_logvar_rate=-1.0)
+
+
+# -- temperature scaling baselines a user could fit ---------------------------------------------------
+def test_cross_validated_temperature_is_fitted_on_out_of_fold_support_predictions() -> None:
+    from securefml.bayes import MetaSGDTemperatureCV
+    from securefml.bayes.learners import _shot_folds
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    folds = _shot_folds(labels, 3)
+    for f in range(3):  # every fold holds one shot of every class
+        assert sorted(labels[folds == f].tolist()) == [0, 1, 2]
+    model = make_model(DATA, hidden=(16, 16))
+    cv, plain = MetaSGDTemperatureCV(model, CFG, folds=3), MetaSGD(model, CFG)
+    params = plain.init_params()
+    t = DATA.heldout[0]
+    adapted = cv.adapt(params, t.support_x, t.support_y, t.kind, steps=2)
+    # by hand: adapt on two shots per class, predict the third, fit on the nine out-of-fold logits
+    fold = _shot_folds(t.support_y, 3)
+    logits, ys = [], []
+    for f in range(3):
+        part = plain.adapt(params, t.support_x[fold != f], t.support_y[fold != f], t.kind, steps=2)
+        logits.append(plain.forward({**params, **part}, t.support_x[fold == f]).detach())
+        ys.append(t.support_y[fold == f])
+    assert float(adapted["temperature"]) == pytest.approx(fit_temperature(torch.cat(logits), torch.cat(ys)))
+    full = plain.adapt(params, t.support_x, t.support_y, t.kind, steps=2)
+    for n, w in full.items():  # the final model is adapted on the whole support set
+        assert torch.allclose(adapted[n], w)
+    rep, base = personalize(cv, params, DATA.heldout, steps=2), personalize(plain, params, DATA.heldout, steps=2)
+    assert rep.per_client == base.per_client  # a positive temperature keeps every argmax
+    with pytest.raises(ConfigError):
+        MetaSGDTemperatureCV(model, CFG, folds=1)
+    assert LEARNERS.create("metasgd-ts-cv", model=model, config=CFG).name == "metasgd-ts-cv"
+
+
+def test_fixed_temperature_divides_the_personalized_logits() -> None:
+    from securefml.bayes import MetaSGDFixedTemperature
+    from securefml.personalize import personalized_probabilities
+
+    model = make_model(DATA, hidden=(16, 16))
+    plain, fixed = MetaSGD(model, CFG), MetaSGDFixedTemperature(model, CFG, temperature=2.0)
+    params = plain.init_params()
+    t = DATA.heldout[0]
+    full = {**params, **plain.adapt(params, t.support_x, t.support_y, t.kind, steps=2)}
+    expected = torch.softmax(plain.forward(full, t.query_x).detach().double() / 2.0, dim=1)
+    assert torch.allclose(personalized_probabilities(fixed, params, t, steps=2), expected, atol=1e-6)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError):
+            MetaSGDFixedTemperature(model, CFG, temperature=bad)
+
+
+def test_predictive_variance_scale_tempers_predictions_only() -> None:
+    from dataclasses import replace
+
+    learner = _learner()
+    params = learner.init_params()
+    t = DATA.heldout[0]
+    sharp = _learner(predictive_var_scale=0.0)
+    wide = _learner(predictive_var_scale=4.0)
+    # scale 0 predicts with the mean network; local inference is the same whatever the scale
+    mean_net = torch.log_softmax(learner.net.logits(learner.gaussian(params), t.query_x, None)[:, 0], dim=-1)
+    assert torch.allclose(sharp.forward(params, t.query_x), mean_net, atol=1e-5)
+    for n, v in learner.adapt(params, t.support_x, t.support_y, t.kind).items():
+        assert torch.equal(v, wide.adapt(params, t.support_x, t.support_y, t.kind)[n])
+    # scale 4 doubles the noise's standard deviation: the same draws, twice as far from the mean
+    gen = torch.Generator().manual_seed(learner.bayes.seed)
+    noise = [2 * e for e in learner.net.draw_noise(t.query_x.shape[0], learner.bayes.eval_samples, generator=gen,
+                                                   device="cpu")]
+    assert torch.allclose(wide.forward(params, t.query_x),
+                          learner.net.log_predictive(learner.gaussian(params), t.query_x, noise), atol=1e-6)
+    with pytest.raises(ConfigError):
+        replace(learner.bayes, predictive_var_scale=-1.0)
+
+
+def test_cross_validated_temperature_runs_from_the_run_config() -> None:
+    from securefml.experiment import RunConfig, run_experiment
+
+    cfg = RunConfig(dataset="digits-fewshot", algorithm="metasgd-ts-cv", rounds=1, clients_per_round=2,
+                    dataset_options={"n_train": 4, "n_heldout": 2, "k_shot": 3, "query": 4})
+    assert cfg.resolved("classification")["inner_lr"] == RunConfig(algorithm="metasgd-ts").resolved(
+        "classification")["inner_lr"]
+    res = run_experiment(cfg)
+    assert 0 <= res.metrics["personalized"]["accuracy"] <= 1 and res.metrics["personalized"]["ece"] is not None

@@ -1,0 +1,346 @@
+"""Calibration of the trained Bayesian and deterministic meta-models, measured so a 2x difference shows; prints JSON.
+
+    python benchmarks/bayes_calibration.py --runs-dir results/bayes_runs [--seeds 0 1 2] [--heldout 100]
+
+Why this exists.  ``benchmarks/bayes.py`` scores each learner on 30 held-out clients with 50
+query predictions each.  Plain 15-bin ECE on 50 predictions has a floor (the ECE of *exactly
+calibrated* predictions with the same confidences) of about 0.054 at these learners' accuracy,
+and both Meta-SGD (0.056) and Bayesian Meta-SGD (0.053) sat on it: the comparison could not
+resolve the issue's 2x target.  This script re-scores the *same trained models* (the global
+vectors ``benchmarks/bayes.py --runs-dir`` keeps) two ways:
+
+* **larger query sets**: new held-out clients drawn from the same held-out image pool (disjoint
+  from the training pool for that seed), each with every remaining image of its 5 classes as
+  query (about 45 per class, ~225 per client instead of 50), ``--heldout`` clients per seed;
+* **a debiased estimator**: the debiased squared calibration error of Kumar, Liang & Ma
+  (NeurIPS 2019; ``securefml.calibration.squared_calibration_error``, 15 equal-mass bins),
+  averaged over clients and then square-rooted (``l2_ce_debiased``).  Its floor on calibrated
+  predictions is ~0 at any query size.
+
+The plain 15-bin ECE is reported beside it (per client and pooled, with each learner's own floor
+from ``calibrated_ece_floor`` and ``ece - floor``), and every number gets a 95% interval over
+seeds (Student t, ``n - 1`` degrees of freedom).  The bayes/Meta-SGD ratios also get a paired
+bootstrap over held-out clients (resampling the same clients for both learners within each seed).
+
+**The target is judged on ``l2_ce_debiased`` per client** (mean of the per-client debiased
+squared errors, then the root), decided before the numbers were seen: it is the only estimator
+here whose expectation does not depend on the query size, and per client (not pooled) because a
+personalized model's calibration is a property of each client's model; pooling can cancel one
+client's over-confidence against another's under-confidence.
+
+Learners scored from the kept runs (same seed, same data, same rounds as ``bayes.py``):
+``metasgd``, ``bayes-metasgd``, ``pfedbayes``, ``bayes-maml`` (where its run exists), and on the
+trained Meta-SGD model three temperature-scaling baselines: ``metasgd-ts`` (fitted on the support
+set, as in ``bayes.py``), ``metasgd-ts-cv`` (fitted on cross-validated support predictions, what a
+user with only a support set can do without fitting to data the model was adapted on) and
+``metasgd-ts-train`` (one temperature fitted by the federation on *training-pool* clients' query
+sets after personalization, then shipped).  Choices are never made on held-out query data.
+
+Also: ``diagnosis`` per Bayesian learner, how far local inference moves the posterior from the
+prior (mean |posterior - prior| of means and log-variances, over held-out clients), the prior's
+standard deviation per layer, and the spread of the Monte Carlo samples' probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from securefml.bayes import (
+    LOGVAR_PREFIX,
+    BayesianLearner,
+    MetaSGDFixedTemperature,
+    MetaSGDTemperature,
+    MetaSGDTemperatureCV,
+    fit_temperature,
+)
+from securefml.calibration import calibrated_ece_floor, squared_calibration_error
+from securefml.data import load_dataset
+from securefml.data.digits import load_digits_tensors, make_digits_fewshot
+from securefml.experiment import RunConfig
+from securefml.meta import LEARNERS
+from securefml.meta.base import MetaConfig
+from securefml.models import make_model
+from securefml.personalize import personalize, personalized_probabilities
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+#: predictive variance scales tried on training-pool clients (``BayesConfig.predictive_var_scale``)
+VAR_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+KEYS = ("accuracy", "ece", "ece_floor", "ece_minus_floor", "ece_pooled", "ece_pooled_floor", "ece_adaptive",
+        "l2_ce_debiased", "l2_ce_debiased_pooled", "l2_ce_plugin", "nll", "brier", "selective_accuracy",
+        "ood_auroc", "mean_confidence")
+
+
+def max_query(seed: int, *, k_shot: int = 5, heldout_fraction: float = 0.3) -> int:
+    """Largest per-class query size ``make_digits_fewshot`` accepts for this seed's held-out pool.
+
+    Repeats its pool split (the first draw of ``default_rng(seed)``); ``make_digits_fewshot``
+    itself raises ``ConfigError`` if this is ever too large, so a drift cannot go unnoticed.
+    """
+    _, y = load_digits_tensors()
+    labels = y.numpy()
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    held = perm[int(len(perm) * (1 - heldout_fraction)):]
+    return int(min((labels[held] == c).sum() for c in range(10))) - k_shot
+
+
+def _build(algorithm: str, data: Any, seed: int, **kwargs: Any) -> Any:
+    hp = RunConfig(dataset="digits-fewshot", algorithm="metasgd", seed=seed).resolved(data.kind)
+    cfg = MetaConfig(hp["inner_steps"], hp["inner_lr"], hp["outer_lr"], hp["outer_steps"])
+    net = make_model(data, seed=seed)
+    if algorithm in ("metasgd-ts", "metasgd-ts-cv", "metasgd-ts-fixed"):
+        cls = {"metasgd-ts": MetaSGDTemperature, "metasgd-ts-cv": MetaSGDTemperatureCV,
+               "metasgd-ts-fixed": MetaSGDFixedTemperature}[algorithm]
+        return cls(net, cfg, **kwargs), hp["finetune_steps"]
+    return LEARNERS.create(algorithm, model=net, config=cfg), hp["finetune_steps"]
+
+
+def score(learner: Any, params: Any, tasks: Any, steps: int) -> dict[str, Any]:
+    """Every number of the report for one learner on one seed's held-out clients."""
+    rep = personalize(learner, params, tasks, steps=steps)
+    assert rep.calibration is not None
+    cal = rep.calibration
+    probs = [personalized_probabilities(learner, params, t, steps=steps) for t in tasks]
+    gen = torch.Generator().manual_seed(0)
+    floor = statistics.fmean(calibrated_ece_floor(p, draws=50, generator=gen) for p in probs)
+    p_all, y_all = torch.cat(probs), torch.cat([t.query_y for t in tasks])
+    sq = [float(v) for v in cal.per_client["sq_ce_debiased"] if v is not None]
+    plug = [squared_calibration_error(p, t.query_y, debiased=False) for p, t in zip(probs, tasks)]
+    out: dict[str, Any] = {
+        "accuracy": rep.mean, "ece": cal.mean("ece"), "ece_floor": floor, "ece_adaptive": cal.mean("ece_adaptive"),
+        "ece_pooled": cal.pooled["ece"], "ece_pooled_floor": calibrated_ece_floor(p_all, draws=10, generator=gen),
+        "sq_ce_debiased": statistics.fmean(sq), "l2_ce_debiased": math.sqrt(max(0.0, statistics.fmean(sq))),
+        "l2_ce_debiased_pooled": math.sqrt(max(0.0, squared_calibration_error(p_all, y_all))),
+        "l2_ce_plugin": math.sqrt(statistics.fmean(plug)),
+        "nll": cal.mean("nll"), "brier": cal.mean("brier"), "selective_accuracy": cal.mean("selective_accuracy"),
+        "ood_auroc": cal.mean("ood_auroc"), "mean_confidence": float(p_all.max(1).values.mean()),
+        "query_per_client": int(tasks[0].query_x.shape[0]), "clients": len(tasks),
+    }
+    out["ece_minus_floor"] = out["ece"] - floor
+    out["per_client_sq_ce_debiased"] = sq
+    return out
+
+
+def diagnose(learner: BayesianLearner, params: Any, tasks: Any, steps: int) -> dict[str, Any]:
+    """How far local inference moves the posterior from the prior, and how wide the prior is."""
+    prior = learner.gaussian(params)
+    moved_mean: list[float] = []
+    moved_lv: list[float] = []
+    spread: list[float] = []
+    for t in tasks:
+        q = learner.gaussian({**params, **learner.adapt(params, t.support_x, t.support_y, t.kind, steps=steps)})
+        for n in learner.net.posterior_names():
+            d = float((q[n] - prior[n]).abs().mean())
+            (moved_lv if n.startswith(LOGVAR_PREFIX) else moved_mean).append(d)
+        samples = learner.sample_probabilities(learner.stored(q), t.query_x)
+        spread.append(float(samples.std(dim=1).mean()))
+    stds = {n[len(LOGVAR_PREFIX):]: float(torch.exp(0.5 * prior[n]).mean())
+            for n in learner.net.posterior_names() if n.startswith(LOGVAR_PREFIX)}
+    mags = {n: float(prior[n].abs().mean()) for n in learner.net.mean_names if n in stds}
+    return {"posterior_minus_prior_mean_absmean": statistics.fmean(moved_mean),
+            "posterior_minus_prior_logvar_absmean": statistics.fmean(moved_lv),
+            "prior_std_mean_per_layer": stds, "prior_mean_abs_per_layer": mags,
+            "mc_probability_std_mean": statistics.fmean(spread)}
+
+
+def score_algorithm(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
+                    train_val: Any) -> dict[str, Any]:
+    """One kept run scored on both settings, with its variants (temperature baselines, tempered posterior)."""
+    out: dict[str, Any] = {"big": {}, "small": {}, "diagnosis": None, "chosen": {}}
+    started = time.perf_counter()
+    learner, steps = _build(algorithm, big, seed)
+    params = learner.layout().unflatten(torch.tensor(run["vector"], dtype=torch.float32))
+    variants = [(algorithm, learner)]
+    if algorithm == "metasgd":
+        logp = [torch.log(personalized_probabilities(learner, params, t, steps=steps)) for t in train_val]
+        t_train = fit_temperature(torch.cat(logp), torch.cat([t.query_y for t in train_val]))
+        out["chosen"]["metasgd-ts-train"] = {"temperature": t_train}
+        variants += [("metasgd-ts", _build("metasgd-ts", big, seed)[0]),
+                     ("metasgd-ts-cv", _build("metasgd-ts-cv", big, seed)[0]),
+                     ("metasgd-ts-train", _build("metasgd-ts-fixed", big, seed, temperature=t_train)[0])]
+    if algorithm in ("bayes-metasgd", "bayes-maml"):  # the tempered posterior, scale chosen on training clients
+        curve = {}
+        for scale in VAR_SCALES:
+            tempered = type(learner)(learner.model, learner.config,
+                                     bayes=replace(learner.bayes, predictive_var_scale=scale))
+            rep = personalize(tempered, params, train_val, steps=steps)
+            assert rep.calibration is not None
+            curve[str(scale)] = rep.calibration.pooled["nll"]
+        best = min(VAR_SCALES, key=lambda v: curve[str(v)])
+        out["chosen"][f"{algorithm}-tempered"] = {"predictive_var_scale": best, "train_pool_nll": curve}
+        variants.append((f"{algorithm}-tempered", type(learner)(
+            learner.model, learner.config, bayes=replace(learner.bayes, predictive_var_scale=best))))
+    for name, lr in variants:
+        out["big"][name] = score(lr, params, big.heldout, steps)
+        out["small"][name] = score(lr, params, small.heldout, steps)
+        out["small"][name].pop("per_client_sq_ce_debiased")
+        if name == algorithm:
+            out["small"][name]["kept_run_ece"] = run["metrics"]["ece"]  # reproduction check
+        print(f"seed {seed} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    if isinstance(learner, BayesianLearner):
+        out["diagnosis"] = diagnose(learner, params, big.heldout, steps)
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
+    """Every kept run of one seed; each learner's block is cached in ``cache`` (a rerun scores only new runs)."""
+    seed, runs_dir, n_heldout, rounds, cache = job
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    q = max_query(seed)
+    big = make_digits_fewshot(seed=seed, n_heldout=n_heldout, query=q)
+    small = load_dataset("digits-fewshot", seed=seed)  # the bayes.py setting: 30 clients x 50 queries
+    train_val = big.train[:30]  # training-pool clients (never held-out data): every choice is made on them
+    out: dict[str, Any] = {"seed": seed, "query_per_class": q, "big": {}, "small": {}, "diagnosis": {},
+                           "chosen": {}, "seconds": {}}
+    for algorithm in ("metasgd", "bayes-metasgd", "pfedbayes", "bayes-maml"):
+        path = Path(runs_dir) / f"{algorithm}_plaintext_main_r{rounds}_s{seed}.json"
+        if not path.exists():
+            continue
+        kept = Path(cache) / f"{algorithm}_s{seed}_h{n_heldout}.json" if cache else None
+        if kept is not None and kept.exists():
+            block = json.loads(kept.read_text())
+        else:
+            block = score_algorithm(algorithm, json.loads(path.read_text()), seed, big, small, train_val)
+            if kept is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(json.dumps(block))
+        for key in ("big", "small", "chosen"):
+            out[key].update(block[key])
+        if block["diagnosis"] is not None:
+            out["diagnosis"][algorithm] = block["diagnosis"]
+        out["seconds"][algorithm] = block["seconds"]
+    out["wall_seconds"] = time.perf_counter() - started
+    return out
+
+
+def interval(values: list[float | None]) -> dict[str, Any]:
+    """Mean and 95% Student-t interval over seeds (``None`` where a value is undefined, e.g. a ratio to 0)."""
+    if any(v is None or not math.isfinite(v) for v in values):
+        return {"mean": None, "lo": None, "hi": None, "values": [v if v is not None and math.isfinite(v) else None
+                                                                 for v in values]}
+    vals = [float(v) for v in values if v is not None]
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
+        return {"mean": m, "lo": None, "hi": None}
+    h = T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
+    return {"mean": m, "lo": m - h, "hi": m + h}
+
+
+def paired_bootstrap(a: list[list[float]], b: list[list[float]], *, draws: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """95% interval of ``sqrt(mean sq_a) / sqrt(mean sq_b)``, resampling clients within each seed (paired)."""
+    rng = np.random.default_rng(seed)
+    ratios = []
+    arrays = [(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)]
+    for _ in range(draws):
+        sa, sb = 0.0, 0.0
+        for x, y in arrays:
+            idx = rng.integers(0, len(x), len(x))
+            sa += float(x[idx].mean())
+            sb += float(y[idx].mean())
+        ratios.append(math.sqrt(max(sa, 0.0)) / math.sqrt(sb) if sb > 0 else math.nan)
+    r = np.asarray(ratios)
+    finite = r[np.isfinite(r)]
+    if finite.size < len(r) // 2:
+        return {"lo": None, "hi": None, "undefined_fraction": 1 - finite.size / len(r)}
+    return {"lo": float(np.quantile(finite, 0.025)), "hi": float(np.quantile(finite, 0.975)),
+            "undefined_fraction": 1 - finite.size / len(r)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs-dir", required=True, help="the --runs-dir of benchmarks/bayes.py (kept global vectors)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--heldout", type=int, default=100, help="held-out clients per seed for the large query sets")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--cache", help="keep each learner's scores per seed here and reuse them (resume)")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    before = os.getloadavg()[0]
+    jobs = [(s, args.runs_dir, args.heldout, args.rounds, args.cache) for s in args.seeds]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        per_seed = list(pool.map(run_seed, jobs))
+    report: dict[str, Any] = {
+        "setting": {"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dataset": "digits-fewshot",
+                    "n_way": 5, "k_shot": 5, "rounds": args.rounds, "seeds": args.seeds,
+                    "big": {"heldout_clients": args.heldout,
+                            "query_per_class": [r["query_per_class"] for r in per_seed]},
+                    "small": {"heldout_clients": 30, "query_per_class": 10},
+                    "ece_bins": 15, "debiased_bins": "15 equal-mass", "interval": "95% Student t over seeds",
+                    "judged_on": "l2_ce_debiased (per client, big query sets)"},
+    }
+    for setting in ("big", "small"):
+        names = sorted({n for r in per_seed for n in r[setting]})
+        table: dict[str, Any] = {}
+        for name in names:
+            rows = [r[setting][name] for r in per_seed if name in r[setting]]
+            table[name] = {"seeds": [r["seed"] for r in per_seed if name in r[setting]],
+                           **{k: interval([row[k] for row in rows]) for k in KEYS}}
+            if setting == "small":
+                table[name]["kept_run_ece"] = [row.get("kept_run_ece") for row in rows]
+        report[setting] = table
+    big = {n: [r["big"][n] for r in per_seed if n in r["big"]] for n in report["big"]}
+    checks: dict[str, Any] = {}
+    if "bayes-metasgd" in big and "metasgd" in big:
+        b, m = big["bayes-metasgd"], big["metasgd"]
+        checks["l2_ce_debiased ratio bayes-metasgd / metasgd (target <= 0.5)"] = interval(
+            [x["l2_ce_debiased"] / y["l2_ce_debiased"] if y["l2_ce_debiased"] > 0 else None
+             for x, y in zip(b, m)])
+        checks["l2_ce_debiased ratio, paired bootstrap over clients"] = paired_bootstrap(
+            [x["per_client_sq_ce_debiased"] for x in b], [y["per_client_sq_ce_debiased"] for y in m])
+        checks["l2_ce_debiased bayes-metasgd - metasgd"] = interval(
+            [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(b, m)])
+        checks["ece ratio bayes-metasgd / metasgd (big query sets)"] = interval(
+            [x["ece"] / y["ece"] for x, y in zip(b, m)])
+        checks["ece-minus-floor ratio bayes-metasgd / metasgd"] = interval(
+            [x["ece_minus_floor"] / y["ece_minus_floor"] for x, y in zip(b, m)])
+        checks["accuracy difference bayes-metasgd - metasgd (points)"] = interval(
+            [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(b, m)])
+        checks["nll difference bayes-metasgd - metasgd"] = interval([x["nll"] - y["nll"] for x, y in zip(b, m)])
+        for other in ("metasgd-ts", "metasgd-ts-cv", "metasgd-ts-train", "pfedbayes", "bayes-maml",
+                      "bayes-metasgd-tempered"):
+            if other in big and len(big[other]) == len(b):
+                checks[f"l2_ce_debiased bayes-metasgd - {other}"] = interval(
+                    [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(b, big[other])])
+                checks[f"accuracy bayes-metasgd - {other} (points)"] = interval(
+                    [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(b, big[other])])
+    if "bayes-metasgd-tempered" in big and "metasgd" in big:
+        bt, m = big["bayes-metasgd-tempered"], big["metasgd"]
+        checks["l2_ce_debiased ratio bayes-metasgd-tempered / metasgd"] = interval(
+            [x["l2_ce_debiased"] / y["l2_ce_debiased"] if y["l2_ce_debiased"] > 0 else None
+             for x, y in zip(bt, m)])
+        checks["accuracy difference bayes-metasgd-tempered - metasgd (points)"] = interval(
+            [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(bt, m)])
+        checks["nll difference bayes-metasgd-tempered - metasgd"] = interval(
+            [x["nll"] - y["nll"] for x, y in zip(bt, m)])
+    report["checks"] = checks
+    report["chosen_on_training_clients"] = {r["seed"]: r["chosen"] for r in per_seed}
+    report["diagnosis"] = {r["seed"]: r["diagnosis"] for r in per_seed}
+    report["seconds_per_learner_and_seed"] = {r["seed"]: r["seconds"] for r in per_seed}
+    report["wall_seconds"] = time.perf_counter() - started
+    report["note"] = (f"Re-scores the global vectors kept by benchmarks/bayes.py (no retraining); timings on a shared "
+                      f"2-core machine under nice (1-min load average {before:.1f} at the start, "
+                      f"{os.getloadavg()[0]:.1f} at the end)")
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
