@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -52,13 +53,13 @@ from securefml.flower.records import (
     write_stage,
 )
 from securefml.flower.strategy import HELLO_ACTION, HELLO_KEY
-from securefml.protocols.base import AggregationProtocol
 from securefml.protocols.halves import ClientHalf
 from securefml.rounds import ClientUpdate, check_finite
 from securefml.selection import AllLayers, LayerSelector
 from securefml.updates import LayerLayout
 
-__all__ = ["securefml_mod", "add_hello", "UploadPolicy", "ERROR_CODE", "partition_client_id", "forget_halves"]
+__all__ = ["ClientHalves", "ServiceHost", "node_identity", "securefml_mod", "add_hello", "UploadPolicy", "ERROR_CODE",
+           "partition_client_id", "forget_halves"]
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,9 @@ def _put_half(key: tuple[int, int, int], half: ClientHalf) -> None:
     _HALVES[key] = half
 
 
-def add_hello(app: ClientApp, *, client_id: Callable[[Context], int] = partition_client_id) -> ClientApp:
+def add_hello(
+    app: ClientApp, *, client_id: Callable[[Context], int] = partition_client_id, services: ServiceHost | None = None
+) -> ClientApp:
     """Register the ``query.securefml_hello`` handler: the node tells the strategy its client id.
 
     Flower routes a message only to a registered function, so the strategy's one-time question
@@ -124,25 +127,54 @@ def add_hello(app: ClientApp, *, client_id: Callable[[Context], int] = partition
 
     @app.query(HELLO_ACTION)
     def hello(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({HELLO_KEY: ConfigRecord({"client": int(client_id(context))})}), reply_to=msg)
+        me = node_identity(context, client_id, services)
+        return Message(RecordDict({HELLO_KEY: ConfigRecord({"client": me})}), reply_to=msg)
 
     return app
 
 
+class ClientHalves(Protocol):
+    """What the client side needs of a protocol: its client half (an ``AggregationProtocol`` has it)."""
+
+    def client_half(self, round_idx: int, layout: LayerLayout, update: ClientUpdate) -> ClientHalf: ...
+
+
+class ServiceHost(Protocol):
+    """A node that may host a protocol's service party (e.g. ``CKKSDeployment``, the CKKS key holder)."""
+
+    def service_party(self, context: Context) -> int | None:
+        """The service party this node is (what it announces instead of a client id), or ``None``."""
+        ...
+
+    def service_half(self, context: Context, round_idx: int, party: int, layout: LayerLayout) -> ClientHalf | None:
+        """The half answering messages addressed to ``party`` on this node, or ``None`` if it hosts none."""
+        ...
+
+
+def node_identity(context: Context, client_id: Callable[[Context], int], services: ServiceHost | None) -> int:
+    """The party id a node announces and answers as: its service party if it hosts one, else its client id."""
+    if services is not None:
+        party = services.service_party(context)
+        if party is not None:
+            return int(party)
+    return int(client_id(context))
+
+
 def securefml_mod(
-    protocol: AggregationProtocol,
+    protocol: ClientHalves,
     layout: LayerLayout,
     *,
     client_id: Callable[[Context], int] = partition_client_id,
     policy: UploadPolicy | None = None,
-    services: Callable[[int, int], ClientHalf | None] | None = None,
+    services: ServiceHost | None = None,
 ) -> Mod:
     """A Flower mod that runs ``protocol``'s client half around the wrapped ClientApp.
 
     Parameters
     ----------
     protocol:
-        The same protocol object the strategy drives (its ``client_half`` builds this node's half).
+        The protocol the strategy drives, or anything with its ``client_half`` (e.g.
+        ``CKKSDeployment``, which loads this node's provisioned key); it builds this node's half.
     layout:
         The model's layer layout.
     client_id:
@@ -150,8 +182,9 @@ def securefml_mod(
     policy:
         Layer selection, update hook and shared metrics (``UploadPolicy``).
     services:
-        ``services(round_idx, party) -> half`` on a node that hosts a protocol service party
-        (the CKKS key holder): the half answering messages addressed to ``party``.
+        ``services.service_half(context, round_idx, party, layout)`` builds the half of a
+        protocol service party this node hosts (the CKKS key holder's, on the key-holder node
+        only); the half then answers every stage addressed to that party in the round.
 
     Returns
     -------
@@ -163,9 +196,9 @@ def securefml_mod(
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         content = msg.content if msg.has_content() else RecordDict()
-        me = client_id(context)
         if PROTOCOL_KEY not in content.config_records:
             return call_next(msg, context)
+        me = node_identity(context, client_id, services)
         try:
             return _answer(msg, context, call_next, me)
         except SecureFMLError as exc:
@@ -176,17 +209,19 @@ def securefml_mod(
         rec = read_stage(msg, sender=None)
         key = (msg.metadata.run_id, msg.metadata.dst_node_id, rec.round_idx)
         shared: dict[str, int | float | list[int] | list[float]] = {}
-        if rec.party != me:
-            half = _get_half(key)
-            if half is None and services is not None:
-                half = services(rec.round_idx, rec.party)
-                if half is not None:
-                    _put_half(key, half)
-            if half is None or half.party != rec.party:
-                raise ProtocolError(f"message addressed to party {rec.party}, this node is {me}", sender=None)
-        elif GLOBAL_KEY in msg.content.array_records:  # the first stage: train, then build the half
-            if _get_half(key) is not None:
+        half = _get_half(key)
+        if half is None and services is not None:
+            half = services.service_half(context, rec.round_idx, rec.party, layout)
+            if half is not None:
+                _put_half(key, half)
+        if half is not None:
+            if half.party != rec.party:
+                raise ProtocolError(f"message addressed to party {rec.party}, this node is {half.party}", sender=None)
+            if GLOBAL_KEY in msg.content.array_records:
                 raise ProtocolError(f"round {rec.round_idx} started twice", sender=None)
+        elif rec.party != me:
+            raise ProtocolError(f"message addressed to party {rec.party}, this node is {me}", sender=None)
+        elif GLOBAL_KEY in msg.content.array_records:  # the first stage: train, then build the half
             reply = call_next(msg, context)
             if reply.has_error():
                 return reply
@@ -196,10 +231,8 @@ def securefml_mod(
             half = protocol.client_half(rec.round_idx, layout, update)
             _put_half(key, half)
         else:
-            half = _get_half(key)
-            if half is None:
-                raise ProtocolError(f"stage {rec.stage!r} of round {rec.round_idx} without this node's half "
-                                    "(the ClientApp process did not keep it)", sender=None)
+            raise ProtocolError(f"stage {rec.stage!r} of round {rec.round_idx} without this node's half "
+                                "(the ClientApp process did not keep it)", sender=None)
         payload = half.respond(rec.stage, rec.payload)
         out = write_stage(RecordDict(), StageRecord(rec.stage, rec.round_idx, rec.party, payload))
         if shared:

@@ -97,15 +97,27 @@ def test_unsupported_settings_fail_before_anything_starts() -> None:
         run_experiment(_config("plaintext", "mean"))
 
 
-@pytest.mark.skip(reason="not working yet: with the CKKS halves merged, the Flower run accepts no client "
-                         "(the key holder as a service node over Flower messages is not wired through); "
-                         "open in issue 14")
-def test_ckks_multikrum_on_the_encrypted_gram_over_flower() -> None:  # pragma: no cover
+@pytest.mark.slow
+def test_ckks_multikrum_on_the_encrypted_gram_over_flower() -> None:
+    """CKKS + MultiKrum on the Gram, the key holder on its own node: the in-process run's accuracy."""
+    from securefml.flower.ckks_parties import PublicCKKS, forget_parties
+
+    forget_parties()
     cfg = _config("ckks:preset=stats", "multikrum")
     victim = _honest_victim(cfg)
-    flower = _on_local_grid(cfg, transport=DropEveryRound(victim, "update"))
+    prepared = prepare(cfg, transport=DropEveryRound(victim, "update"))
+    assert isinstance(prepared.strategy.protocol, PublicCKKS)
+    assert prepared.strategy.protocol.key_holder is None and not prepared.strategy.protocol.server.context.is_private()
+    assert prepared.num_supernodes == N_TRAIN + N_HELDOUT + 1  # the key holder's own SuperNode
+    forget_halves()
+    grid = LocalGrid({100 + p: prepared.client_app for p in range(prepared.num_supernodes)},
+                     {100 + p: cfg for p, cfg in prepared.node_config.items()})
+    prepared.strategy.start(grid, prepared.initial_as_arrays(), num_rounds=cfg.rounds)
+    flower = prepared.finish(1.0)
     inproc = run_experiment(dataclasses.replace(cfg, engine="inprocess"), transport=DropEveryRound(victim, "update"))
     _assert_same_run(flower, inproc, "update", victim)
+    assert all(r["stages"] == ["announce", "update", "gram", "decrypt"] for r in flower.history)
+    forget_parties()
 
 
 @pytest.mark.slow
