@@ -133,7 +133,7 @@ def render_dp_step(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_flower_peer(data: dict[str, Any]) -> str:
+def render_flower(data: dict[str, Any]) -> str:
     """securefml SecAgg+ on Flower vs Flower's SecAggPlusWorkflow, both through run_simulation (same run)."""
     before, after = data.get("machine_before", {}), data.get("machine_after", {})
     if "scenarios" not in data or not data["scenarios"]:
@@ -392,7 +392,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "plaintext": render_plaintext,
     "meta_cohorts": render_meta_cohorts,
     "dp_step": render_dp_step,
-    "flower_peer": render_flower_peer,
+    "flower": render_flower,
     "relevance": render_relevance,
     "robustness": render_robustness,
 }
