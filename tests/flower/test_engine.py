@@ -125,7 +125,10 @@ def test_run_simulation_secagg_buckets_and_plaintext_match_in_process() -> None:
     """Must show: >= 10 SuperNodes, 3 rounds, 20% malicious, one dropout per round, through run_simulation."""
     pytest.importorskip("ray", reason="run_simulation needs Flower's simulation runtime: "
                                       "pip install 'securefml[flower]'")
+    from securefml.flower.ckks_parties import _KEY_HOLDERS
+
     for spec, proto, defense, stage in (("secagg:buckets=3", SecAggHalves(buckets=3), "median", "masked"),
+                                        ("ckks:preset=stats", None, "multikrum", "update"),
                                         ("plaintext", None, "trimmedmean:f=2", "update")):
         cfg = _config(spec, defense)
         victim = _honest_victim(cfg)
@@ -134,3 +137,4 @@ def test_run_simulation_secagg_buckets_and_plaintext_match_in_process() -> None:
         inproc = run_experiment(dataclasses.replace(cfg, engine="inprocess"), transport=DropEveryRound(victim, stage))
         assert N_TRAIN + N_HELDOUT >= 10
         _assert_same_run(flower, inproc, stage, victim)
+        assert not _KEY_HOLDERS  # the CKKS secret key was loaded in the key holder's actor, never in this process
