@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 
 from securefml.errors import ConfigError
 from securefml.flower.provision import PUBLIC, REGISTRY, SECRET, Manifest, read_manifest, signing_key_path
@@ -53,7 +53,7 @@ from securefml.protocols.halves import ClientHalf
 from securefml.rounds import ClientUpdate
 from securefml.updates import LayerLayout
 
-__all__ = ["PublicCKKS", "CKKSDeployment", "ROLE_KEY", "KEY_HOLDER_ROLE", "KEYS_KEY", "node_role",
+__all__ = ["PublicCKKS", "CKKSDeployment", "ROLE_KEY", "KEY_HOLDER_ROLE", "KEYS_KEY", "LEDGER_KEY", "node_role",
            "forget_parties"]
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ ROLE_KEY = "securefml-role"
 KEY_HOLDER_ROLE = "key-holder"
 #: node_config key of the provisioned directory on that node (overrides the run's own).
 KEYS_KEY = "securefml-keys"
+#: ``Context.state`` key of the key holder's ledger (``CKKSDeployment.save_state``).
+LEDGER_KEY = "securefml.key-holder-ledger"
 
 #: per-process caches, keyed by the provisioned directory (see the module docstring)
 _PUBLIC: dict[str, PublicCKKS] = {}
@@ -217,6 +219,18 @@ class CKKSDeployment:
             return None
         return CKKSKeyHolderHalf(self.key_holder(context), layout, round_idx=round_idx)
 
+    def save_state(self, context: Context) -> None:
+        """On the key-holder node: its ledger (what it decrypted, per round) into ``context.state``.
+
+        A SuperNode may start a fresh process per message; the ledger is what stops a server
+        from getting the same chunk, or a second Gram, decrypted twice in a round, so it must
+        outlive the process.  It holds no secret (``CKKSKeyHolder.state_dict``).
+        """
+        where = self._dir(context)
+        if self.role(context) == KEY_HOLDER_ROLE and where in _KEY_HOLDERS:
+            ledger = json.dumps(_KEY_HOLDERS[where].state_dict(), sort_keys=True).encode("utf-8")
+            context.state[LEDGER_KEY] = ConfigRecord({"version": 1, "ledger": ledger})
+
     def key_holder(self, context: Context) -> CKKSKeyHolder:
         """Load the key holder (once per process) on a node whose role is ``key-holder``."""
         if self.role(context) != KEY_HOLDER_ROLE:
@@ -230,6 +244,12 @@ class CKKSDeployment:
             if holder.fingerprint.hex() != man.fingerprint:
                 raise ConfigError(f"{where}: the secret context does not match the manifest's fingerprint")
             holder.registry.load_state_dict(json.loads((Path(where) / REGISTRY).read_text()))
+            saved = context.state.config_records.get(LEDGER_KEY)
+            if saved is not None:  # this node's ledger from an earlier process
+                data = saved.get("ledger")
+                if saved.get("version") != 1 or not isinstance(data, bytes):
+                    raise ConfigError("the key holder's saved ledger is not version-1 bytes")
+                holder.load_state_dict(json.loads(data.decode("utf-8")))
             _KEY_HOLDERS[where] = holder
             log.info("key holder loaded in this process: %r", holder)
         return _KEY_HOLDERS[where]

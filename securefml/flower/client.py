@@ -17,11 +17,15 @@ What the user's training function returns (a reply ``Message``):
   weight; 1 when absent) and any metrics.
 
 State between stages: the half lives in this process's memory from one stage to the next,
-keyed by run, node and round.  Flower's simulation runtime keeps a node's ClientApp in one
-process when its backend runs one actor (``securefml.flower.engine`` sets that); a SuperNode in
-deployment starts a fresh ClientApp process per message, so there only single-stage protocols
-(plaintext) run today; a multi-stage half that finds no state answers with an error, which the
-strategy counts as a dropout (see ``docs/flower.md``).
+keyed by run, node and round, and after every stage its state is also written, as versioned
+bytes (``securefml.flower.half_state``), into the node's ``Context.state`` under
+``HALF_STATE_KEY``.  Flower's simulation runtime keeps a node's ClientApp in one process when
+its backend runs one actor (``securefml.flower.engine`` sets that), so the memory copy answers
+there; a SuperNode in deployment starts a fresh ClientApp process per message, and that process
+rebuilds the half from ``Context.state``.  ``Context.state`` stays on the SuperNode (Flower
+never sends it to the SuperLink): the half's secrets (SecAgg+'s X25519 private keys, its mask
+seed and the shares it holds) never leave the node.  A half that is in neither place answers
+with an error, which the strategy counts as a dropout (see ``docs/flower.md``).
 
 Threat model: the server may deviate arbitrarily; every check of the protocol's client half runs
 unchanged (a ``ProtocolError`` from the half stops this client for the round, answered as an
@@ -33,7 +37,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -41,6 +44,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from securefml.errors import InvalidUpdateError, MalformedMessageError, ProtocolError, SecureFMLError
+from securefml.flower.client_types import ClientHalves, ServiceHost
+from securefml.flower.half_state import can_dump, dump_half, load_half
 from securefml.flower.records import (
     GLOBAL_KEY,
     METRICS_KEY,
@@ -58,7 +63,8 @@ from securefml.rounds import ClientUpdate, check_finite
 from securefml.selection import AllLayers, LayerSelector
 from securefml.updates import LayerLayout
 
-__all__ = ["ClientHalves", "ServiceHost", "node_identity", "securefml_mod", "add_hello", "UploadPolicy", "ERROR_CODE",
+__all__ = ["ClientHalves", "ServiceHost", "HALF_STATE_KEY", "node_identity", "securefml_mod", "add_hello",
+           "UploadPolicy", "ERROR_CODE",
            "partition_client_id", "forget_halves"]
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,8 @@ ERROR_CODE = 4_242
 
 #: (run id, node id, round) -> that node's client half of the round (see the module docstring).
 _HALVES: dict[tuple[int, int, int], ClientHalf] = {}
+#: ``Context.state`` key of the node's saved client half (a ``ConfigRecord``: round, party, bytes).
+HALF_STATE_KEY = "securefml.half"
 
 
 @dataclass(frozen=True)
@@ -133,24 +141,6 @@ def add_hello(
     return app
 
 
-class ClientHalves(Protocol):
-    """What the client side needs of a protocol: its client half (an ``AggregationProtocol`` has it)."""
-
-    def client_half(self, round_idx: int, layout: LayerLayout, update: ClientUpdate) -> ClientHalf: ...
-
-
-class ServiceHost(Protocol):
-    """A node that may host a protocol's service party (e.g. ``CKKSDeployment``, the CKKS key holder)."""
-
-    def service_party(self, context: Context) -> int | None:
-        """The service party this node is (what it announces instead of a client id), or ``None``."""
-        ...
-
-    def service_half(self, context: Context, round_idx: int, party: int, layout: LayerLayout) -> ClientHalf | None:
-        """The half answering messages addressed to ``party`` on this node, or ``None`` if it hosts none."""
-        ...
-
-
 def node_identity(context: Context, client_id: Callable[[Context], int], services: ServiceHost | None) -> int:
     """The party id a node announces and answers as: its service party if it hosts one, else its client id."""
     if services is not None:
@@ -210,6 +200,10 @@ def securefml_mod(
         key = (msg.metadata.run_id, msg.metadata.dst_node_id, rec.round_idx)
         shared: dict[str, int | float | list[int] | list[float]] = {}
         half = _get_half(key)
+        if half is None and rec.party == me and GLOBAL_KEY not in msg.content.array_records:
+            half = _saved_half(context, protocol, layout, rec.round_idx, me)
+            if half is not None:
+                _put_half(key, half)
         if half is None and services is not None:
             half = services.service_half(context, rec.round_idx, rec.party, layout)
             if half is not None:
@@ -233,13 +227,37 @@ def securefml_mod(
         else:
             raise ProtocolError(f"stage {rec.stage!r} of round {rec.round_idx} without this node's half "
                                 "(the ClientApp process did not keep it)", sender=None)
-        payload = half.respond(rec.stage, rec.payload)
+        try:
+            payload = half.respond(rec.stage, rec.payload)
+        finally:  # the half's state after this stage, for the next process (also after a refusal)
+            _save_half(context, half, rec.round_idx, services)
         out = write_stage(RecordDict(), StageRecord(rec.stage, rec.round_idx, rec.party, payload))
         if shared:
             out[METRICS_KEY] = MetricRecord(shared)
         return Message(out, reply_to=msg)
 
     return mod
+
+
+def _saved_half(context: Context, protocol: ClientHalves, layout: LayerLayout, round_idx: int,
+                party: int) -> ClientHalf | None:
+    """The half saved in ``context.state`` for this round and party, or ``None`` if there is none."""
+    rec = context.state.config_records.get(HALF_STATE_KEY)
+    if rec is None or rec.get("round") != round_idx or rec.get("party") != party:
+        return None
+    data = rec.get("half")
+    if not isinstance(data, bytes):
+        raise MalformedMessageError("the node's saved half state is not bytes", sender=None)
+    log.debug("node %s: client half of round %d rebuilt from Context.state", party, round_idx)
+    return load_half(data, protocol, layout, round_idx=round_idx, party=party)
+
+
+def _save_half(context: Context, half: ClientHalf, round_idx: int, services: ServiceHost | None) -> None:
+    if can_dump(half):
+        context.state[HALF_STATE_KEY] = ConfigRecord(
+            {"round": int(round_idx), "party": int(half.party), "half": dump_half(half, round_idx=round_idx)})
+    elif services is not None:
+        services.save_state(context)
 
 
 def _update_from(
