@@ -78,8 +78,9 @@ def _identity_of(half: SecAggClientHalf) -> str | None:
 
 
 def _secagg_fields(half: SecAggClientHalf) -> dict[str, Any]:
-    out: dict[str, Any] = {"identity": _identity_of(half), "seconds": half._seconds, "stats": [half._stats.entries, half._stats.clipped_entries,
-                                                                half._stats.weight_clipped]}
+    stats = half._stats
+    out: dict[str, Any] = {"identity": _identity_of(half), "seconds": half._seconds,
+                           "stats": [stats.entries, stats.clipped_entries, stats.weight_clipped]}
     cl = half.client
     if cl is None:
         return out

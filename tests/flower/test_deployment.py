@@ -43,7 +43,9 @@ def _wait_for(path: Path, pattern: str, seconds: float) -> bool:
 
 
 @pytest.mark.slow
-def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["plaintext", "secagg"])
+def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path, protocol: str) -> None:
+    """3 SuperNodes x 2 rounds; under SecAgg+ each of its five stages meets a fresh ClientApp process."""
     if shutil.which("flower-superlink", path=str(BIN)) is None:
         pytest.skip("flower-superlink is not installed beside this Python")
     home = tmp_path / "flwr"
@@ -55,6 +57,10 @@ def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path) -> None
            "OMP_NUM_THREADS": "1"}
     app = tmp_path / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
+    if protocol == "secagg":  # the SecAgg+ ClientApp, and the ServerApp told to drive SecAgg+
+        toml = (app / "pyproject.toml").read_text()
+        toml = toml.replace('clientapp = "securefml_app:client_app"', 'clientapp = "securefml_app:secagg_client_app"')
+        (app / "pyproject.toml").write_text(toml.replace('protocol = "plaintext"', 'protocol = "secagg"'))
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, *args: str) -> Path:
@@ -77,6 +83,8 @@ def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path) -> None
         out = run.stdout.decode(errors="replace") + run.stderr.decode(errors="replace")
         rounds = re.findall(r"Aggregated MetricRecord: \{'accepted': (\d+)", out)
         assert rounds == ["3", "3"], out[-3000:]
+        if protocol == "secagg":
+            assert out.count("'advertise', 'share', 'complaints', 'masked', 'unmask'") == 2, out[-3000:]
     finally:
         for p in procs:  # each started here, in its own session: stop its group (its ClientApp children)
             with contextlib.suppress(ProcessLookupError):

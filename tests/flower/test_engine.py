@@ -121,7 +121,7 @@ def test_ckks_multikrum_on_the_encrypted_gram_over_flower() -> None:
 
 
 @pytest.mark.slow
-def test_run_simulation_secagg_buckets_and_plaintext_match_in_process() -> None:
+def test_run_simulation_secagg_buckets_ckks_and_plaintext_match_in_process() -> None:
     """Must show: >= 10 SuperNodes, 3 rounds, 20% malicious, one dropout per round, through run_simulation."""
     pytest.importorskip("ray", reason="run_simulation needs Flower's simulation runtime: "
                                       "pip install 'securefml[flower]'")

@@ -23,7 +23,8 @@ ARGS = ["--attacks", "none", "signflip", "--defenses", "mean", "median", "--mali
 
 @pytest.mark.slow
 def test_eval_engine_flower_writes_the_in_process_matrix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("ray", reason="run_simulation needs Flower's simulation runtime: pip install 'securefml[flower]'")
+    pytest.importorskip("ray", reason="run_simulation needs Flower's simulation runtime: "
+                                      "pip install 'securefml[flower]'")
     assert main(["eval", *ARGS, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
     printed = capsys.readouterr().out
     assert "4 cells (0 reused, 0 failed)" in printed and "| signflip | plaintext | f=25% |" in printed.replace("\\", "")
