@@ -1,6 +1,6 @@
 """CKKS over Flower: provisioned keys, the key holder on its own SuperNode, the in-process result.
 
-The keys are provisioned once per module in a separate process (``securefml.flower.provision``);
+The keys are provisioned once per session in a separate process (``securefml.flower.provision``);
 the ServerApp's protocol is ``PublicCKKS`` (public context only), the key-holder node loads the
 secret key, every client node its own signing key.
 """
@@ -26,34 +26,21 @@ from securefml.flower.ckks_parties import (  # noqa: E402
     ROLE_KEY,
     CKKSDeployment,
     PublicCKKS,
-    forget_parties,
 )
 from securefml.flower.client import ERROR_CODE  # noqa: E402
-from securefml.flower.provision import SECRET, provision_in_subprocess, read_manifest  # noqa: E402
+from securefml.flower.provision import SECRET, read_manifest  # noqa: E402
 from securefml.flower.records import StageRecord, write_stage  # noqa: E402
 from securefml.protocols.ckks import CKKS  # noqa: E402
 from securefml.protocols.ckks_params import KEY_HOLDER_PARTY  # noqa: E402
 from securefml.rounds import ClientUpdate  # noqa: E402
+from tests.flower.conftest import CKKS_PARTIES  # noqa: E402
 from tests.flower.helpers import LAYOUT, fixed_app, known_updates, local_grid  # noqa: E402
 
 N = 5
 KEY_NODE = 999
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    where = tmp_path_factory.mktemp("ckks-keys")
-    provision_in_subprocess(where, range(N), preset="add-only", min_contributors=2)
-    return where
-
-
-@pytest.fixture(autouse=True)
-def _fresh():  # type: ignore[no-untyped-def]
-    forget_halves()
-    forget_parties()
-    yield
-    forget_halves()
-    forget_parties()
+pytestmark = pytest.mark.usefixtures("forget_flower_memory")
 
 
 def _cohort_all(_r: int, ids):  # type: ignore[no-untyped-def]
@@ -70,8 +57,8 @@ def _grid(dep: CKKSDeployment, ups):  # type: ignore[no-untyped-def]
     return local_grid(fixed_app(dep, ups, services=dep), N, extra={KEY_NODE: {ROLE_KEY: KEY_HOLDER_ROLE}})
 
 
-def test_ckks_mean_over_flower_equals_the_in_process_round(keys: Path) -> None:
-    dep = CKKSDeployment(str(keys))
+def test_ckks_mean_over_flower_equals_the_in_process_round(ckks_keys: Path) -> None:
+    dep = CKKSDeployment(str(ckks_keys))
     ups = known_updates(N, seed=4)
     strat = _strategy(dep)
     assert isinstance(strat.protocol, PublicCKKS) and strat.protocol.key_holder is None
@@ -87,8 +74,8 @@ def test_ckks_mean_over_flower_equals_the_in_process_round(keys: Path) -> None:
     assert torch.allclose(strat.model.vector, ref.aggregate, atol=1e-4)
 
 
-def test_the_server_side_protocol_never_makes_a_key_holder_and_clients_refuse_other_keys(keys: Path) -> None:
-    dep = CKKSDeployment(str(keys))
+def test_the_server_side_protocol_never_makes_a_key_holder_and_clients_refuse_other_keys(ckks_keys: Path) -> None:
+    dep = CKKSDeployment(str(ckks_keys))
     server = dep.server_protocol()
     with pytest.raises(ConfigError, match="own SuperNode"):
         server.service_halves(0, LAYOUT, setup=server.halves_setup(make_defense("mean")))
@@ -96,19 +83,19 @@ def test_the_server_side_protocol_never_makes_a_key_holder_and_clients_refuse_ot
     with pytest.raises(ConfigError, match="key-holder"):
         dep.key_holder(ctx)  # a client node never loads the secret key
     assert dep.service_half(ctx, 0, KEY_HOLDER_PARTY, LAYOUT) is None
-    assert read_manifest(keys).parties == tuple(range(N))
-    assert (keys / SECRET).stat().st_mode & 0o077 == 0  # the secret file is private to its owner
+    assert read_manifest(ckks_keys).parties == tuple(range(CKKS_PARTIES))
+    assert (ckks_keys / SECRET).stat().st_mode & 0o077 == 0  # the secret file is private to its owner
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stage=st.sampled_from(["gram", "decrypt", "announce", "update", "x"]), payload=st.binary(max_size=300),
        party=st.sampled_from([KEY_HOLDER_PARTY, 0, 3]), round_idx=st.integers(0, 3))
 def test_whatever_the_server_sends_the_key_holder_node_it_decrypts_nothing_for_it(
-    keys: Path, stage: str, payload: bytes, party: int, round_idx: int
+    ckks_keys: Path, stage: str, payload: bytes, party: int, round_idx: int
 ) -> None:
     """A deviating server sends the key-holder node any stage, round, party and bytes: an error reply."""
     forget_halves()
-    dep = CKKSDeployment(str(keys))
+    dep = CKKSDeployment(str(ckks_keys))
     grid = _grid(dep, known_updates(N))
     content = write_stage(RecordDict(), StageRecord(stage, round_idx, party, payload))
     (reply,) = list(grid.send_and_receive([grid.create_message(content, "train", KEY_NODE, "g")]))

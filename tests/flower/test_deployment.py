@@ -60,6 +60,7 @@ def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path, protoco
     if protocol == "secagg":  # the SecAgg+ ClientApp, and the ServerApp told to drive SecAgg+
         toml = (app / "pyproject.toml").read_text()
         toml = toml.replace('clientapp = "securefml_app:client_app"', 'clientapp = "securefml_app:secagg_client_app"')
+        toml = toml.replace('defense = "median"', 'defense = "mean"')  # SecAgg+ reveals only the sum
         (app / "pyproject.toml").write_text(toml.replace('protocol = "plaintext"', 'protocol = "secagg"'))
     procs: list[subprocess.Popen[bytes]] = []
 

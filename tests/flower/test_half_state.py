@@ -25,7 +25,6 @@ from securefml.flower import LocalGrid, SecureStrategy, StrategyConfig, forget_h
 from securefml.flower.ckks_parties import KEY_HOLDER_ROLE, ROLE_KEY, CKKSDeployment, forget_parties  # noqa: E402
 from securefml.flower.client import HALF_STATE_KEY  # noqa: E402
 from securefml.flower.half_state import MAGIC, dump_half, load_half  # noqa: E402
-from securefml.flower.provision import provision_in_subprocess  # noqa: E402
 from securefml.flower.records import PROTOCOL_KEY, read_stage  # noqa: E402
 from securefml.protocols.ckks import CKKS  # noqa: E402
 from securefml.protocols.ckks_params import KEY_HOLDER_PARTY  # noqa: E402
@@ -55,13 +54,7 @@ def _drive(strat: SecureStrategy, grid: LocalGrid, rounds: int = 1) -> None:
         strat.aggregate_train(r, grid.send_and_receive(msgs))
 
 
-@pytest.fixture(autouse=True)
-def _fresh():  # type: ignore[no-untyped-def]
-    forget_halves()
-    forget_parties()
-    yield
-    forget_halves()
-    forget_parties()
+pytestmark = pytest.mark.usefixtures("forget_flower_memory")
 
 
 def test_secagg_with_a_fresh_process_per_message_equals_in_process() -> None:
@@ -82,15 +75,8 @@ def test_secagg_with_a_fresh_process_per_message_equals_in_process() -> None:
                                rtol=0)
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    where = tmp_path_factory.mktemp("ckks-keys")
-    provision_in_subprocess(where, range(N), preset="add-only", min_contributors=2)
-    return where
-
-
-def test_ckks_with_a_fresh_process_per_message_and_the_ledger_outlives_the_key_holder_process(keys: Path) -> None:
-    dep = CKKSDeployment(str(keys))
+def test_ckks_with_a_fresh_process_per_message_and_the_ledger_outlives_the_key_holder_process(ckks_keys: Path) -> None:
+    dep = CKKSDeployment(str(ckks_keys))
     ups = known_updates(N, seed=6)
     seen: list[str] = []
     app = fresh_process(fixed_app(dep, ups, services=dep), seen)
