@@ -163,6 +163,24 @@ def render_flower(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_flower_state(data: dict[str, Any]) -> str:
+    """What saving a SecAgg+ client half in Context.state costs per stage (benchmarks/flower_state.py)."""
+    before = data.get("machine_before", {})
+    lines = [
+        f"One SecAgg+ round, N={data['nodes']} clients, k={data['k']}, L={data['length']:,} float32 entries, "
+        f"medians over clients; measured {before.get('utc', '?')} on {before.get('cpus', '?')} CPUs shared with "
+        f"other work (1-min load average {before.get('load_avg', ['?'])[0]}).",
+        "",
+        "| stage | client answer ms | dump_half ms | load_half ms | saved bytes | (dump + load) / answer |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for st in data["stages"]:
+        ratio = st.get("codec_over_respond")
+        lines.append(f"| {st['stage']} | {st['respond_ms']:.3f} | {st['dump_ms']:.3f} | {st['load_ms']:.3f} | "
+                     f"{st['state_bytes']:,} | {_r(ratio) if ratio is not None else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_bayes(data: dict[str, Any]) -> str:
     st = data["setting"]
     names = {"metasgd": "Meta-SGD", "metasgd-ts": "Meta-SGD + TS (support)", "bayes-metasgd": "bayes-metasgd",
@@ -393,6 +411,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "meta_cohorts": render_meta_cohorts,
     "dp_step": render_dp_step,
     "flower": render_flower,
+    "flower_state": render_flower_state,
     "relevance": render_relevance,
     "robustness": render_robustness,
 }
