@@ -138,3 +138,18 @@ def test_run_simulation_secagg_buckets_ckks_and_plaintext_match_in_process() -> 
         assert N_TRAIN + N_HELDOUT >= 10
         _assert_same_run(flower, inproc, stage, victim)
         assert not _KEY_HOLDERS  # the CKKS secret key was loaded in the key holder's actor, never in this process
+
+
+def test_the_secagg_spec_drives_secaggplus_own_halves_and_matches_in_process() -> None:
+    """``--protocol secagg:buckets=2`` builds ``SecAggPlus`` itself (its ``layers`` stage first), no adapter."""
+    cfg = RunConfig(dataset="digits-fewshot", dataset_options={"n_train": 8, "n_heldout": 2}, rounds=2,
+                    clients_per_round=8, protocol="secagg:buckets=2", defense="median", attack="signflip",
+                    malicious=0.25, engine="flower")
+    flower = _on_local_grid(cfg)
+    inproc = run_experiment(dataclasses.replace(cfg, engine="inprocess"))
+    assert all(r["stages"] == ["layers", "advertise", "share", "complaints", "masked", "unmask"]
+               for r in flower.history)
+    for rec_f, rec_i in zip(flower.history, inproc.history):
+        assert rec_f["cohort"] == rec_i["cohort"] and rec_f["accepted"] == rec_i["accepted"]
+    for key in ("personalized", "global"):
+        assert abs(flower.metrics[key]["accuracy"] - inproc.metrics[key]["accuracy"]) <= 0.01
