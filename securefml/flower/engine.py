@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -85,6 +86,14 @@ class FlowerRun:
     node_config: dict[int, dict[str, int]]
     initial: torch.Tensor
     finish: Callable[[float], RunResult]
+    #: a key directory this run provisioned itself (a temporary one), removed by ``close``
+    owned_keys: str | None = None
+
+    def close(self) -> None:
+        """Remove the temporary CKKS key set this run provisioned (no secret key is left on disk)."""
+        if self.owned_keys is not None:
+            shutil.rmtree(self.owned_keys, ignore_errors=True)
+            self.owned_keys = None
 
     def initial_as_arrays(self) -> ArrayRecord:
         """The initial global vector as the ``ArrayRecord`` Flower's ``Strategy.start`` takes."""
@@ -186,7 +195,8 @@ def prepare(
         return _result(config, hp, strategy, heldout_ids, mal_ids, app_cfg.finetune_steps, data.kind, wall)
 
     total = nodes + len(services)  # the key holder's SuperNode comes last (partition id ``nodes``)
-    return FlowerRun(strategy, client_app, total, {p: {"partition-id": p} for p in range(total)}, initial, finish)
+    return FlowerRun(strategy, client_app, total, {p: {"partition-id": p} for p in range(total)}, initial, finish,
+                     owned_keys=ckks.directory if ckks is not None and keys is None else None)
 
 
 def provisioned_ckks(spec: str, clients: Sequence[int], *, keys: str | Path | None = None,
@@ -244,9 +254,12 @@ def run(
     started = time.perf_counter()
     prepared = prepare(config, protocol=protocol, defense=defense, attack=attack, transport=transport, timeout=timeout,
                        keys=keys)
-    run_simulation(server_app=prepared.server_app(config.rounds, timeout), client_app=prepared.client_app,
-                   num_supernodes=prepared.num_supernodes, backend_config=dict(backend or backend_config()))
-    return prepared.finish(time.perf_counter() - started)
+    try:
+        run_simulation(server_app=prepared.server_app(config.rounds, timeout), client_app=prepared.client_app,
+                       num_supernodes=prepared.num_supernodes, backend_config=dict(backend or backend_config()))
+        return prepared.finish(time.perf_counter() - started)
+    finally:
+        prepared.close()
 
 
 def _report(per_client: Mapping[int, Mapping[str, float]], ids: Sequence[int], prefix: str, metric: str,

@@ -13,6 +13,7 @@ pytest.importorskip("flwr", reason="Flower is the optional extra: pip install 's
 
 import dataclasses  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -117,6 +118,10 @@ def test_ckks_multikrum_on_the_encrypted_gram_over_flower() -> None:
     inproc = run_experiment(dataclasses.replace(cfg, engine="inprocess"), transport=DropEveryRound(victim, "update"))
     _assert_same_run(flower, inproc, "update", victim)
     assert all(r["stages"] == ["announce", "update", "gram", "decrypt"] for r in flower.history)
+    keys = prepared.owned_keys
+    assert keys is not None
+    prepared.close()  # the temporary key set, secret key included, is gone
+    assert not Path(keys).exists()
     forget_parties()
 
 
