@@ -100,3 +100,26 @@ def test_whatever_the_server_sends_the_key_holder_node_it_decrypts_nothing_for_i
     content = write_stage(RecordDict(), StageRecord(stage, round_idx, party, payload))
     (reply,) = list(grid.send_and_receive([grid.create_message(content, "train", KEY_NODE, "g")]))
     assert reply.has_error() and reply.error.code == ERROR_CODE
+
+
+def test_provisioning_refuses_to_overwrite_and_a_foreign_public_context_is_refused(ckks_keys: Path,
+                                                                                  tmp_path: Path) -> None:
+    from securefml.flower.provision import MANIFEST, PUBLIC, provision
+    from securefml.protocols.ckks_auth import UploadSigner
+    from securefml.protocols.ckks_keys import CKKSKeyHolder
+
+    with pytest.raises(ConfigError, match="already holds"):
+        provision(ckks_keys, [0, 1], preset="add-only")  # keys are never overwritten
+    other = CKKSKeyHolder.generate("add-only").public_context_bytes()
+    with pytest.raises(ConfigError, match="does not belong"):  # a public context of another key set
+        CKKSKeyHolder.from_secret_context((ckks_keys / SECRET).read_bytes(), other, "add-only")
+    holder = CKKSKeyHolder.from_secret_context((ckks_keys / SECRET).read_bytes(), (ckks_keys / PUBLIC).read_bytes(),
+                                               "add-only")
+    assert holder.fingerprint.hex() == read_manifest(ckks_keys).fingerprint
+    with pytest.raises(ConfigError, match="signing key"):
+        UploadSigner.from_private_bytes(3, b"short")
+    (tmp_path / MANIFEST).write_text('{"version": 99}')
+    with pytest.raises(ConfigError, match="version"):
+        read_manifest(tmp_path)
+    with pytest.raises(ConfigError, match="missing"):
+        read_manifest(tmp_path / "nowhere")
