@@ -133,7 +133,7 @@ def render_dp_step(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_flower_peer(data: dict[str, Any]) -> str:
+def render_flower(data: dict[str, Any]) -> str:
     """securefml SecAgg+ on Flower vs Flower's SecAggPlusWorkflow, both through run_simulation (same run)."""
     before, after = data.get("machine_before", {}), data.get("machine_after", {})
     if "scenarios" not in data or not data["scenarios"]:
@@ -160,6 +160,24 @@ def render_flower_peer(data: dict[str, Any]) -> str:
             f"| {_r(ratio) if ratio else '-'} | {ours['bytes_per_client_per_round']:,.0f} | {peer_b} "
             f"| {'yes' if ours['all_accepted'] else 'no'} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def render_flower_state(data: dict[str, Any]) -> str:
+    """What saving a SecAgg+ client half in Context.state costs per stage (benchmarks/flower_state.py)."""
+    before = data.get("machine_before", {})
+    lines = [
+        f"One SecAgg+ round, N={data['nodes']} clients, k={data['k']}, L={data['length']:,} float32 entries, "
+        f"medians over clients; measured {before.get('utc', '?')} on {before.get('cpus', '?')} CPUs shared with "
+        f"other work (1-min load average {before.get('load_avg', ['?'])[0]}).",
+        "",
+        "| stage | client answer ms | dump_half ms | load_half ms | saved bytes | (dump + load) / answer |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for st in data["stages"]:
+        ratio = st.get("codec_over_respond")
+        lines.append(f"| {st['stage']} | {st['respond_ms']:.3f} | {st['dump_ms']:.3f} | {st['load_ms']:.3f} | "
+                     f"{st['state_bytes']:,} | {_r(ratio) if ratio is not None else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -445,7 +463,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "plaintext": render_plaintext,
     "meta_cohorts": render_meta_cohorts,
     "dp_step": render_dp_step,
-    "flower_peer": render_flower_peer,
+    "flower": render_flower,
+    "flower_state": render_flower_state,
     "relevance": render_relevance,
     "robustness": render_robustness,
 }

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from securefml.errors import ConfigError, DecryptionError
 
@@ -113,7 +113,7 @@ class SignedUpload:
 
 
 class UploadSigner:
-    """A client's (or the reference party's) Ed25519 signing key; never serialized.
+    """A client's (or the reference party's) Ed25519 signing key; serialized only to provision its party.
 
     Build one with ``UploadSigner.generate(party_id)``; hand ``verify_key()`` to the key
     holder's registry out of band.
@@ -126,6 +126,18 @@ class UploadSigner:
     @classmethod
     def generate(cls, party_id: int) -> UploadSigner:
         return cls(party_id, Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, party_id: int, raw: bytes) -> UploadSigner:
+        """Load a provisioned 32-byte raw Ed25519 key (``ConfigError`` if it is not one)."""
+        try:
+            return cls(party_id, Ed25519PrivateKey.from_private_bytes(bytes(raw)))
+        except ValueError:
+            raise ConfigError(f"party {party_id}: not a 32-byte Ed25519 signing key") from None
+
+    def private_bytes(self) -> bytes:
+        """The raw 32-byte key, for writing it to its own party's machine when provisioning only."""
+        return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
     def verify_key(self) -> bytes:
         """The 32-byte raw Ed25519 public key."""

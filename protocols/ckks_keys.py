@@ -242,6 +242,41 @@ class CKKSKeyHolder:
             ctx.generate_galois_keys()
         return cls(ctx, p, policy=policy, min_contributors=min_contributors)
 
+    @classmethod
+    def from_secret_context(cls, data: bytes, public_context: bytes, preset: str | CKKSPreset, *,
+                            policy: DecryptionPolicy | None = None) -> CKKSKeyHolder:
+        """Load a provisioned key holder: ``secret_context_bytes`` and the public context handed out with it.
+
+        The key holder keeps ``public_context`` byte for byte (clients sign over its fingerprint;
+        TenSEAL does not re-serialize a loaded context identically), after checking that a value
+        encrypted under it decrypts under the secret key.  Out-of-band provisioning only.
+
+        Raises ``ConfigError`` if the bytes do not load, hold no secret key, or do not belong together.
+        """
+        p = get_preset(preset)
+        try:
+            ctx = ts.context_from(bytes(data))
+            probe = ts.ckks_vector(load_public_context(bytes(public_context)), [0.5, -0.25])
+            back = ts.ckks_vector_from(ctx, probe.serialize()).decrypt()
+        except Exception:
+            raise ConfigError("the provisioned secret or public context does not load") from None
+        if abs(back[0] - 0.5) > 1e-3 or abs(back[1] + 0.25) > 1e-3:
+            raise ConfigError("the provisioned public context does not belong to this secret key")
+        holder = cls(ctx, p, policy=policy)
+        holder._public = bytes(public_context)
+        holder.fingerprint = context_fingerprint(holder._public)
+        return holder
+
+    def secret_context_bytes(self) -> bytes:
+        """The serialized secret context, for provisioning the key holder's own machine.
+
+        Only ``securefml.flower.provision`` calls this, in its own process, to write the file
+        that is copied to the key holder (and nowhere else).
+        """
+        return bytes(self._ctx.serialize(save_public_key=True, save_secret_key=True,
+                                         save_galois_keys=self.preset.statistics,
+                                         save_relin_keys=self.preset.statistics))
+
     @property
     def min_contributors(self) -> int:
         return self.policy.min_contributors

@@ -60,6 +60,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE",
                    help="dataset option (repeatable); replaces the preset's options when given")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
+                   help="run every cell in-process or through Flower's simulation (the [flower] extra)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: fastest here)")
     p.add_argument("--out", default="results/eval", help="output folder (reused cells are read from it)")
     p.add_argument("--fresh", action="store_true", help="ignore cells already recorded in --out")
@@ -80,9 +82,10 @@ def run_eval(args: argparse.Namespace) -> int:
     opts = _resolved(args)
     for key in ("outer_lr", "finetune_steps", "select", "device"):
         opts[key] = getattr(args, key, None)
+    engine = {"engine": args.engine} if getattr(args, "engine", "inprocess") != "inprocess" else {}
     started = time.perf_counter()
     ev = evaluate(
-        **evaluate_kwargs(opts), out=args.out, resume=not args.fresh, plots=not args.no_plots,
+        **evaluate_kwargs(opts), **engine, out=args.out, resume=not args.fresh, plots=not args.no_plots,
         threads=args.threads, progress=not args.no_progress,
     )
     seconds = time.perf_counter() - started

@@ -226,14 +226,26 @@ def run_cell(
 
     record = {"key": cell.key, **cell.coordinates()}
     try:
-        result = run_experiment(cell.config, on_round=on_round, attack=attack, defense=defense,
-                                on_finish=on_finish)
+        if cell.config.engine == "flower":  # the [flower] extra; no per-round hook, no backdoor probe there
+            result = _run_on_flower(cell.config, attack=attack, defense=defense)
+        else:
+            result = run_experiment(cell.config, on_round=on_round, attack=attack, defense=defense,
+                                    on_finish=on_finish)
     except SecureFMLError as exc:
         record.update({"error": f"{type(exc).__name__}: {exc}"})
         return record
     record.update(cell_metrics(result))
     record["config"] = result.config
     return record
+
+
+def _run_on_flower(config: RunConfig, *, attack: Any, defense: Any) -> Any:
+    """A cell through ``securefml.flower.engine.run`` (``config.engine == "flower"``)."""
+    try:
+        from securefml.flower.engine import run
+    except ImportError as exc:
+        raise ConfigError(f"engine 'flower' needs Flower: pip install 'securefml[flower]' ({exc})") from None
+    return run(config, attack=attack, defense=defense)
 
 
 def _finite(value: Any) -> Any:

@@ -17,11 +17,15 @@ What the user's training function returns (a reply ``Message``):
   weight; 1 when absent) and any metrics.
 
 State between stages: the half lives in this process's memory from one stage to the next,
-keyed by run, node and round.  Flower's simulation runtime keeps a node's ClientApp in one
-process when its backend runs one actor (``securefml.flower.engine`` sets that); a SuperNode in
-deployment starts a fresh ClientApp process per message, so there only single-stage protocols
-(plaintext) run today; a multi-stage half that finds no state answers with an error, which the
-strategy counts as a dropout (see ``docs/flower.md``).
+keyed by run, node and round, and after every stage its state is also written, as versioned
+bytes (``securefml.flower.half_state``), into the node's ``Context.state`` under
+``HALF_STATE_KEY``.  Flower's simulation runtime keeps a node's ClientApp in one process when
+its backend runs one actor (``securefml.flower.engine`` sets that), so the memory copy answers
+there; a SuperNode in deployment starts a fresh ClientApp process per message, and that process
+rebuilds the half from ``Context.state``.  ``Context.state`` stays on the SuperNode (Flower
+never sends it to the SuperLink): the half's secrets (SecAgg+'s X25519 private keys, its mask
+seed and the shares it holds) never leave the node.  A half that is in neither place answers
+with an error, which the strategy counts as a dropout (see ``docs/flower.md``).
 
 Threat model: the server may deviate arbitrarily; every check of the protocol's client half runs
 unchanged (a ``ProtocolError`` from the half stops this client for the round, answered as an
@@ -40,6 +44,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from securefml.errors import InvalidUpdateError, MalformedMessageError, ProtocolError, SecureFMLError
+from securefml.flower.client_types import ClientHalves, ServiceHost
+from securefml.flower.half_state import can_dump, dump_half, load_half
 from securefml.flower.records import (
     GLOBAL_KEY,
     METRICS_KEY,
@@ -52,13 +58,14 @@ from securefml.flower.records import (
     write_stage,
 )
 from securefml.flower.strategy import HELLO_ACTION, HELLO_KEY
-from securefml.protocols.base import AggregationProtocol
 from securefml.protocols.halves import ClientHalf
 from securefml.rounds import ClientUpdate, check_finite
 from securefml.selection import AllLayers, LayerSelector
 from securefml.updates import LayerLayout
 
-__all__ = ["securefml_mod", "add_hello", "UploadPolicy", "ERROR_CODE", "partition_client_id", "forget_halves"]
+__all__ = ["ClientHalves", "ServiceHost", "HALF_STATE_KEY", "node_identity", "securefml_mod", "add_hello",
+           "UploadPolicy", "ERROR_CODE",
+           "partition_client_id", "forget_halves"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,8 @@ ERROR_CODE = 4_242
 
 #: (run id, node id, round) -> that node's client half of the round (see the module docstring).
 _HALVES: dict[tuple[int, int, int], ClientHalf] = {}
+#: ``Context.state`` key of the node's saved client half (a ``ConfigRecord``: round, party, bytes).
+HALF_STATE_KEY = "securefml.half"
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,9 @@ def _put_half(key: tuple[int, int, int], half: ClientHalf) -> None:
     _HALVES[key] = half
 
 
-def add_hello(app: ClientApp, *, client_id: Callable[[Context], int] = partition_client_id) -> ClientApp:
+def add_hello(
+    app: ClientApp, *, client_id: Callable[[Context], int] = partition_client_id, services: ServiceHost | None = None
+) -> ClientApp:
     """Register the ``query.securefml_hello`` handler: the node tells the strategy its client id.
 
     Flower routes a message only to a registered function, so the strategy's one-time question
@@ -124,25 +135,36 @@ def add_hello(app: ClientApp, *, client_id: Callable[[Context], int] = partition
 
     @app.query(HELLO_ACTION)
     def hello(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({HELLO_KEY: ConfigRecord({"client": int(client_id(context))})}), reply_to=msg)
+        me = node_identity(context, client_id, services)
+        return Message(RecordDict({HELLO_KEY: ConfigRecord({"client": me})}), reply_to=msg)
 
     return app
 
 
+def node_identity(context: Context, client_id: Callable[[Context], int], services: ServiceHost | None) -> int:
+    """The party id a node announces and answers as: its service party if it hosts one, else its client id."""
+    if services is not None:
+        party = services.service_party(context)
+        if party is not None:
+            return int(party)
+    return int(client_id(context))
+
+
 def securefml_mod(
-    protocol: AggregationProtocol,
+    protocol: ClientHalves,
     layout: LayerLayout,
     *,
     client_id: Callable[[Context], int] = partition_client_id,
     policy: UploadPolicy | None = None,
-    services: Callable[[int, int], ClientHalf | None] | None = None,
+    services: ServiceHost | None = None,
 ) -> Mod:
     """A Flower mod that runs ``protocol``'s client half around the wrapped ClientApp.
 
     Parameters
     ----------
     protocol:
-        The same protocol object the strategy drives (its ``client_half`` builds this node's half).
+        The protocol the strategy drives, or anything with its ``client_half`` (e.g.
+        ``CKKSDeployment``, which loads this node's provisioned key); it builds this node's half.
     layout:
         The model's layer layout.
     client_id:
@@ -150,8 +172,9 @@ def securefml_mod(
     policy:
         Layer selection, update hook and shared metrics (``UploadPolicy``).
     services:
-        ``services(round_idx, party) -> half`` on a node that hosts a protocol service party
-        (the CKKS key holder): the half answering messages addressed to ``party``.
+        ``services.service_half(context, round_idx, party, layout)`` builds the half of a
+        protocol service party this node hosts (the CKKS key holder's, on the key-holder node
+        only); the half then answers every stage addressed to that party in the round.
 
     Returns
     -------
@@ -163,9 +186,9 @@ def securefml_mod(
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         content = msg.content if msg.has_content() else RecordDict()
-        me = client_id(context)
         if PROTOCOL_KEY not in content.config_records:
             return call_next(msg, context)
+        me = node_identity(context, client_id, services)
         try:
             return _answer(msg, context, call_next, me)
         except SecureFMLError as exc:
@@ -176,17 +199,23 @@ def securefml_mod(
         rec = read_stage(msg, sender=None)
         key = (msg.metadata.run_id, msg.metadata.dst_node_id, rec.round_idx)
         shared: dict[str, int | float | list[int] | list[float]] = {}
-        if rec.party != me:
-            half = _get_half(key)
-            if half is None and services is not None:
-                half = services(rec.round_idx, rec.party)
-                if half is not None:
-                    _put_half(key, half)
-            if half is None or half.party != rec.party:
-                raise ProtocolError(f"message addressed to party {rec.party}, this node is {me}", sender=None)
-        elif GLOBAL_KEY in msg.content.array_records:  # the first stage: train, then build the half
-            if _get_half(key) is not None:
+        half = _get_half(key)
+        if half is None and rec.party == me and GLOBAL_KEY not in msg.content.array_records:
+            half = _saved_half(context, protocol, layout, rec.round_idx, me)
+            if half is not None:
+                _put_half(key, half)
+        if half is None and services is not None:
+            half = services.service_half(context, rec.round_idx, rec.party, layout)
+            if half is not None:
+                _put_half(key, half)
+        if half is not None:
+            if half.party != rec.party:
+                raise ProtocolError(f"message addressed to party {rec.party}, this node is {half.party}", sender=None)
+            if GLOBAL_KEY in msg.content.array_records:
                 raise ProtocolError(f"round {rec.round_idx} started twice", sender=None)
+        elif rec.party != me:
+            raise ProtocolError(f"message addressed to party {rec.party}, this node is {me}", sender=None)
+        elif GLOBAL_KEY in msg.content.array_records:  # the first stage: train, then build the half
             reply = call_next(msg, context)
             if reply.has_error():
                 return reply
@@ -196,17 +225,39 @@ def securefml_mod(
             half = protocol.client_half(rec.round_idx, layout, update)
             _put_half(key, half)
         else:
-            half = _get_half(key)
-            if half is None:
-                raise ProtocolError(f"stage {rec.stage!r} of round {rec.round_idx} without this node's half "
-                                    "(the ClientApp process did not keep it)", sender=None)
-        payload = half.respond(rec.stage, rec.payload)
+            raise ProtocolError(f"stage {rec.stage!r} of round {rec.round_idx} without this node's half "
+                                "(the ClientApp process did not keep it)", sender=None)
+        try:
+            payload = half.respond(rec.stage, rec.payload)
+        finally:  # the half's state after this stage, for the next process (also after a refusal)
+            _save_half(context, half, rec.round_idx, services)
         out = write_stage(RecordDict(), StageRecord(rec.stage, rec.round_idx, rec.party, payload))
         if shared:
             out[METRICS_KEY] = MetricRecord(shared)
         return Message(out, reply_to=msg)
 
     return mod
+
+
+def _saved_half(context: Context, protocol: ClientHalves, layout: LayerLayout, round_idx: int,
+                party: int) -> ClientHalf | None:
+    """The half saved in ``context.state`` for this round and party, or ``None`` if there is none."""
+    rec = context.state.config_records.get(HALF_STATE_KEY)
+    if rec is None or rec.get("round") != round_idx or rec.get("party") != party:
+        return None
+    data = rec.get("half")
+    if not isinstance(data, bytes):
+        raise MalformedMessageError("the node's saved half state is not bytes", sender=None)
+    log.debug("node %s: client half of round %d rebuilt from Context.state", party, round_idx)
+    return load_half(data, protocol, layout, round_idx=round_idx, party=party)
+
+
+def _save_half(context: Context, half: ClientHalf, round_idx: int, services: ServiceHost | None) -> None:
+    if can_dump(half):
+        context.state[HALF_STATE_KEY] = ConfigRecord(
+            {"round": int(round_idx), "party": int(half.party), "half": dump_half(half, round_idx=round_idx)})
+    elif services is not None:
+        services.save_state(context)
 
 
 def _update_from(

@@ -21,9 +21,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,10 +39,14 @@ from securefml.attacks import Attack
 from securefml.defenses import BYZANTINE_KEY, Defense, DetectionTracker, byzantine_budget, make_defense
 from securefml.errors import ConfigError
 from securefml.experiment import RunConfig, RunResult, _build_protocol, resolve_device
+from securefml.flower.ckks_parties import CKKSDeployment
 from securefml.flower.meta_app import MetaAppConfig, MetaNode, meta_client_app
+from securefml.flower.provision import provision_in_subprocess
 from securefml.flower.records import GLOBAL_KEY, write_vector
 from securefml.flower.strategy import SecureStrategy, StrategyConfig
 from securefml.protocols.base import AggregationProtocol
+from securefml.protocols.ckks_params import KEY_HOLDER_PARTY
+from securefml.registry import parse_spec
 from securefml.rounds import Transport
 
 __all__ = ["run", "prepare", "FlowerRun", "backend_config"]
@@ -79,6 +86,14 @@ class FlowerRun:
     node_config: dict[int, dict[str, int]]
     initial: torch.Tensor
     finish: Callable[[float], RunResult]
+    #: a key directory this run provisioned itself (a temporary one), removed by ``close``
+    owned_keys: str | None = None
+
+    def close(self) -> None:
+        """Remove the temporary CKKS key set this run provisioned (no secret key is left on disk)."""
+        if self.owned_keys is not None:
+            shutil.rmtree(self.owned_keys, ignore_errors=True)
+            self.owned_keys = None
 
     def initial_as_arrays(self) -> ArrayRecord:
         """The initial global vector as the ``ArrayRecord`` Flower's ``Strategy.start`` takes."""
@@ -103,6 +118,7 @@ def prepare(
     attack: Attack | None = None,
     transport: Transport | None = None,
     timeout: float = 600.0,
+    keys: str | Path | None = None,
 ) -> FlowerRun:
     """Build everything ``run`` runs (also driven by ``LocalGrid`` in fast tests); see ``run``."""
     resolve_device(config.device)
@@ -126,7 +142,14 @@ def prepare(
         hidden=config.hidden, attack=config.attack if n_mal else "none", malicious=mal_ids, device=config.device,
     )
     node = MetaNode(app_cfg, attack if n_mal else None)
-    proto = protocol if protocol is not None else _build_protocol(config.protocol, config.seed)
+    nodes = n_train + len(data.heldout)
+    ckks = None
+    if protocol is None and parse_spec(config.protocol)[0] == "ckks":
+        ckks = provisioned_ckks(config.protocol, [t.client_id for t in data.train], keys=keys,
+                                key_holder_partition=nodes)
+        log.info("CKKS keys provisioned in %s for %d clients", ckks.directory, len(data.train))
+    proto = ckks.server_protocol() if ckks is not None else (
+        protocol if protocol is not None else _build_protocol(config.protocol, config.seed))
     proto.check_defense(defense)
     per_round = config.clients_per_round
     train_ids = [t.client_id for t in data.train]
@@ -152,15 +175,18 @@ def prepare(
         return list(heldout_ids) if round_idx == config.rounds - 1 else []
 
     initial = layout.flatten(node.learner.init_params(node.device)).detach().cpu()
-    nodes = n_train + len(heldout_ids)
+    services = {KEY_HOLDER_PARTY: KEY_HOLDER_PARTY} if ckks is not None else {}
     strategy = SecureStrategy(
         proto, defense, layout, initial,
-        config=StrategyConfig(clients_per_round=per_round, min_nodes=nodes, server_opt=str(hp["server_opt"]),
+        config=StrategyConfig(clients_per_round=per_round, min_nodes=nodes + len(services),
+                              server_opt=str(hp["server_opt"]),
                               server_lr=float(hp["server_lr"]), timeout=timeout, max_weight=max_weight,
                               seed=config.seed),
         cohort_fn=cohort_fn, context_fn=context_fn, transport=transport, evaluate_fn=evaluate_fn,
+        service_nodes=services,
     )
-    client_app = meta_client_app(app_cfg, proto, attack=attack if n_mal else None)
+    client_app = meta_client_app(app_cfg, ckks if ckks is not None else proto, attack=attack if n_mal else None,
+                                 services=ckks)
 
     def finish(wall: float) -> RunResult:
         if len(strategy.history) != config.rounds:
@@ -168,7 +194,27 @@ def prepare(
                               "(see Flower's log for why)")
         return _result(config, hp, strategy, heldout_ids, mal_ids, app_cfg.finetune_steps, data.kind, wall)
 
-    return FlowerRun(strategy, client_app, nodes, {p: {"partition-id": p} for p in range(nodes)}, initial, finish)
+    total = nodes + len(services)  # the key holder's SuperNode comes last (partition id ``nodes``)
+    return FlowerRun(strategy, client_app, total, {p: {"partition-id": p} for p in range(total)}, initial, finish,
+                     owned_keys=ckks.directory if ckks is not None and keys is None else None)
+
+
+def provisioned_ckks(spec: str, clients: Sequence[int], *, keys: str | Path | None = None,
+                     key_holder_partition: int | None = None) -> CKKSDeployment:
+    """Provision ``spec``'s CKKS keys in a separate process and return the deployment that reads them.
+
+    ``keys`` is the directory to write (default: a fresh temporary one).  The options of
+    ``ckks:...`` the Flower engine takes are ``preset`` and ``min_contributors``; others are
+    refused by name (the key holder's policy is fixed at provisioning).
+    """
+    _, options = parse_spec(spec)
+    unknown = sorted(set(options) - {"preset", "min_contributors"})
+    if unknown:
+        raise ConfigError(f"--engine flower takes ckks options preset and min_contributors, not {unknown}")
+    where = Path(keys) if keys is not None else Path(tempfile.mkdtemp(prefix="securefml-ckks-"))
+    provision_in_subprocess(where, clients, preset=str(options.get("preset", "stats")),
+                            min_contributors=int(options.get("min_contributors", 2)))  # type: ignore[call-overload]
+    return CKKSDeployment(str(where), key_holder_partition=key_holder_partition)
 
 
 def run(
@@ -180,6 +226,7 @@ def run(
     transport: Transport | None = None,
     backend: Mapping[str, Any] | None = None,
     timeout: float = 600.0,
+    keys: str | Path | None = None,
 ) -> RunResult:
     """Run ``config`` on Flower's simulation runtime and return the same ``RunResult`` as in-process.
 
@@ -195,6 +242,8 @@ def run(
         ``run_simulation`` backend config (default: ``backend_config()``).
     timeout:
         Seconds to wait for one stage's replies.
+    keys:
+        Where to provision a CKKS run's keys (default: a fresh temporary directory).
 
     Raises
     ------
@@ -203,10 +252,14 @@ def run(
         cohort larger than the training clients; before anything starts.
     """
     started = time.perf_counter()
-    prepared = prepare(config, protocol=protocol, defense=defense, attack=attack, transport=transport, timeout=timeout)
-    run_simulation(server_app=prepared.server_app(config.rounds, timeout), client_app=prepared.client_app,
-                   num_supernodes=prepared.num_supernodes, backend_config=dict(backend or backend_config()))
-    return prepared.finish(time.perf_counter() - started)
+    prepared = prepare(config, protocol=protocol, defense=defense, attack=attack, transport=transport, timeout=timeout,
+                       keys=keys)
+    try:
+        run_simulation(server_app=prepared.server_app(config.rounds, timeout), client_app=prepared.client_app,
+                       num_supernodes=prepared.num_supernodes, backend_config=dict(backend or backend_config()))
+        return prepared.finish(time.perf_counter() - started)
+    finally:
+        prepared.close()
 
 
 def _report(per_client: Mapping[int, Mapping[str, float]], ids: Sequence[int], prefix: str, metric: str,

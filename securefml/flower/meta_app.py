@@ -34,13 +34,12 @@ from securefml.attacks.base import AttackContext
 from securefml.data import load_dataset
 from securefml.data.base import FederatedDataset, Task
 from securefml.errors import ConfigError, MalformedMessageError
-from securefml.flower.client import UploadPolicy, add_hello, securefml_mod
+from securefml.flower.client import ClientHalves, ServiceHost, UploadPolicy, add_hello, securefml_mod
 from securefml.flower.records import GLOBAL_KEY, METRICS_KEY, ROUND_KEY, UPDATE_KEY, read_vector, write_vector
 from securefml.meta import MetaConfig
 from securefml.meta.base import MetaLearner
 from securefml.models import make_model
 from securefml.personalize import CALIBRATION_METRICS, personalize
-from securefml.protocols.base import AggregationProtocol
 from securefml.rounds import check_finite
 from securefml.updates import Role
 
@@ -167,11 +166,12 @@ def _node(config: MetaAppConfig, attack: Attack | None) -> MetaNode:
 
 def meta_client_app(
     config: MetaAppConfig,
-    protocol: AggregationProtocol,
+    protocol: ClientHalves,
     *,
     attack: Attack | None = None,
     policy: UploadPolicy | None = None,
     partition: Callable[[Context], int] | None = None,
+    services: ServiceHost | None = None,
 ) -> ClientApp:
     """The meta-learning ClientApp, wrapped in ``securefml_mod`` for ``protocol``.
 
@@ -187,6 +187,9 @@ def meta_client_app(
         Layer selection, update hook and shared metrics (default: share ``train_loss``).
     partition:
         The node's partition id from its context (default: ``node_config["partition-id"]``).
+    services:
+        The protocol's service parties a node may host (``CKKSDeployment``: the key-holder node
+        answers as the key holder and never trains).
     """
     part = partition or (lambda ctx: int(ctx.node_config["partition-id"]))
     def client_id(ctx: Context) -> int:
@@ -194,7 +197,7 @@ def meta_client_app(
 
     layout = _node(config, attack).layout
     pol = policy or UploadPolicy(share_metrics=("train_loss", "loss"))
-    app = ClientApp(mods=[securefml_mod(protocol, layout, client_id=client_id, policy=pol)])
+    app = ClientApp(mods=[securefml_mod(protocol, layout, client_id=client_id, policy=pol, services=services)])
 
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
@@ -218,4 +221,4 @@ def meta_client_app(
         scores: dict[str, int | float | list[int] | list[float]] = dict(node.evaluate(part(ctx), vec))
         return Message(RecordDict({METRICS_KEY: MetricRecord(scores)}), reply_to=msg)
 
-    return add_hello(app, client_id=client_id)
+    return add_hello(app, client_id=client_id, services=services)

@@ -207,10 +207,10 @@ class SecureStrategy(Strategy):
         self._grid = grid
         self._discover(grid)
         round_idx = server_round - 1
-        cohort = sorted(int(c) for c in self.cohort_fn(round_idx, sorted(self._clients.values())))
-        unknown = [c for c in cohort if c not in self._nodes]
+        cohort = sorted(int(c) for c in self.cohort_fn(round_idx, self._announced()))
+        unknown = [c for c in cohort if c not in self._nodes or c in self.service_nodes.values()]
         if unknown:
-            raise ConfigError(f"cohort names clients no SuperNode announced: {unknown[:5]}")
+            raise ConfigError(f"cohort names clients no client SuperNode announced: {unknown[:5]}")
         ctx = self._context(round_idx)
         setup = HalvesSetup(
             defense=self.defense,
@@ -258,7 +258,7 @@ class SecureStrategy(Strategy):
         if self.evaluate_fn is None:
             return []
         self._discover(grid)
-        targets = [c for c in self.evaluate_fn(server_round - 1, sorted(self._clients.values())) if c in self._nodes]
+        targets = [c for c in self.evaluate_fn(server_round - 1, self._announced()) if c in self._nodes]
         out = []
         for cid in targets:
             content = RecordDict({EVAL_KEY: ConfigRecord({"round": server_round - 1, "party": int(cid)})})
@@ -285,6 +285,11 @@ class SecureStrategy(Strategy):
     def _random_cohort(self, round_idx: int, clients: Sequence[int]) -> list[int]:
         k = min(self.config.clients_per_round, len(clients))
         return [clients[i] for i in torch.randperm(len(clients), generator=self._gen)[:k].tolist()]
+
+    def _announced(self) -> list[int]:
+        """The client ids announced by client SuperNodes (service parties' nodes excluded)."""
+        services = set(self.service_nodes.values())
+        return sorted(c for c in self._clients.values() if c not in services)
 
     def _discover(self, grid: Grid) -> None:
         """Learn each SuperNode's client id (once per node) with a ``query`` message."""

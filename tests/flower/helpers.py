@@ -9,8 +9,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from securefml.flower import LocalGrid, add_hello, securefml_mod
+from securefml.flower.client import ClientHalves, ServiceHost
 from securefml.flower.records import METRICS_KEY, UPDATE_KEY, write_vector
-from securefml.protocols.base import AggregationProtocol
 from securefml.updates import LayerLayout
 
 LAYOUT = LayerLayout([("w", (3, 4)), ("b", (4,))])
@@ -22,13 +22,14 @@ def known_updates(n: int, seed: int = 0, scale: float = 0.1) -> dict[int, torch.
 
 
 def fixed_app(
-    protocol: AggregationProtocol,
+    protocol: ClientHalves,
     updates: Mapping[int, torch.Tensor],
     weights: Mapping[int, float] | None = None,
     layout: LayerLayout = LAYOUT,
+    services: ServiceHost | None = None,
 ) -> ClientApp:
     """A ClientApp (wrapped in ``securefml_mod``) whose training returns ``updates[client]``."""
-    app = ClientApp(mods=[securefml_mod(protocol, layout)])
+    app = ClientApp(mods=[securefml_mod(protocol, layout, services=services)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -37,10 +38,12 @@ def fixed_app(
         content[METRICS_KEY] = MetricRecord({"num_examples": float((weights or {}).get(cid, 1.0))})
         return Message(content, reply_to=msg)
 
-    return add_hello(app)
+    return add_hello(app, services=services)
 
 
-def local_grid(app: ClientApp, n: int, *, offline: Callable[[int, Message], bool] | None = None) -> LocalGrid:
-    """``n`` nodes with ids 100+c running ``app``, client c's partition id c."""
-    return LocalGrid({100 + c: app for c in range(n)}, {100 + c: {"partition-id": c} for c in range(n)},
-                     offline=offline)
+def local_grid(app: ClientApp, n: int, *, offline: Callable[[int, Message], bool] | None = None,
+               extra: Mapping[int, Mapping[str, bool | float | int | str]] | None = None) -> LocalGrid:
+    """``n`` nodes with ids 100+c running ``app``, client c's partition id c; ``extra``: node id -> config."""
+    configs: dict[int, Mapping[str, bool | float | int | str]] = {100 + c: {"partition-id": c} for c in range(n)}
+    configs.update(extra or {})
+    return LocalGrid({node: app for node in configs}, configs, offline=offline)

@@ -43,7 +43,14 @@ def _wait_for(path: Path, pattern: str, seconds: float) -> bool:
 
 
 @pytest.mark.slow
-def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["plaintext", "secagg", "ckks"])
+def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path, protocol: str) -> None:
+    """3 SuperNodes x 2 rounds; under SecAgg+ and CKKS every stage meets a fresh ClientApp process.
+
+    Under CKKS a fourth SuperNode is the key holder (``securefml-role='key-holder'``); the keys are
+    provisioned before, in a separate process, and every process finds them by
+    ``$SECUREFML_CKKS_KEYS``.
+    """
     if shutil.which("flower-superlink", path=str(BIN)) is None:
         pytest.skip("flower-superlink is not installed beside this Python")
     home = tmp_path / "flwr"
@@ -55,6 +62,20 @@ def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path) -> None
            "OMP_NUM_THREADS": "1"}
     app = tmp_path / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("__pycache__"))
+    if protocol == "secagg":  # the SecAgg+ ClientApp, and the ServerApp told to drive SecAgg+
+        toml = (app / "pyproject.toml").read_text()
+        toml = toml.replace('clientapp = "securefml_app:client_app"', 'clientapp = "securefml_app:secagg_client_app"')
+        toml = toml.replace('defense = "median"', 'defense = "mean"')  # SecAgg+ reveals only the sum
+        (app / "pyproject.toml").write_text(toml.replace('protocol = "plaintext"', 'protocol = "secagg"'))
+    if protocol == "ckks":
+        from securefml.flower.provision import provision_in_subprocess
+
+        provision_in_subprocess(tmp_path / "keys", range(3), preset="add-only", min_contributors=2)
+        env["SECUREFML_CKKS_KEYS"] = str(tmp_path / "keys")
+        toml = (app / "pyproject.toml").read_text()
+        toml = toml.replace('clientapp = "securefml_app:client_app"', 'clientapp = "securefml_app:ckks_client_app"')
+        toml = toml.replace('defense = "median"', 'defense = "mean"')
+        (app / "pyproject.toml").write_text(toml.replace('protocol = "plaintext"', 'protocol = "ckks"'))
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, *args: str) -> Path:
@@ -70,6 +91,9 @@ def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path) -> None
             pytest.skip(f"the SuperLink did not start offline: {link.read_text(errors='replace')[-500:]}")
         nodes = [start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                        "--port", str(_free_port()), "--node-config", f"partition-id={i}") for i in range(3)]
+        if protocol == "ckks":
+            nodes.append(start("keyholder", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                               "--port", str(_free_port()), "--node-config", "securefml-role='key-holder'"))
         for log in nodes:
             assert _wait_for(log, "SuperNode ID", 120), log.read_text(errors="replace")[-500:]
         run = subprocess.run([str(BIN / "flwr"), "run", ".", "loopback", "--stream"], cwd=app, env=env,
@@ -77,6 +101,10 @@ def test_loopback_deployment_three_supernodes_two_rounds(tmp_path: Path) -> None
         out = run.stdout.decode(errors="replace") + run.stderr.decode(errors="replace")
         rounds = re.findall(r"Aggregated MetricRecord: \{'accepted': (\d+)", out)
         assert rounds == ["3", "3"], out[-3000:]
+        if protocol == "secagg":
+            assert out.count("'advertise', 'share', 'complaints', 'masked', 'unmask'") == 2, out[-3000:]
+        if protocol == "ckks":
+            assert out.count("stages ['announce', 'update', 'decrypt']") == 2, out[-3000:]
     finally:
         for p in procs:  # each started here, in its own session: stop its group (its ClientApp children)
             with contextlib.suppress(ProcessLookupError):

@@ -13,6 +13,7 @@ pytest.importorskip("flwr", reason="Flower is the optional extra: pip install 's
 
 import dataclasses  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -97,23 +98,42 @@ def test_unsupported_settings_fail_before_anything_starts() -> None:
         run_experiment(_config("plaintext", "mean"))
 
 
-@pytest.mark.skip(reason="not working yet: with the CKKS halves merged, the Flower run accepts no client "
-                         "(the key holder as a service node over Flower messages is not wired through); "
-                         "open in issue 14")
-def test_ckks_multikrum_on_the_encrypted_gram_over_flower() -> None:  # pragma: no cover
+@pytest.mark.slow
+def test_ckks_multikrum_on_the_encrypted_gram_over_flower() -> None:
+    """CKKS + MultiKrum on the Gram, the key holder on its own node: the in-process run's accuracy."""
+    from securefml.flower.ckks_parties import PublicCKKS, forget_parties
+
+    forget_parties()
     cfg = _config("ckks:preset=stats", "multikrum")
     victim = _honest_victim(cfg)
-    flower = _on_local_grid(cfg, transport=DropEveryRound(victim, "update"))
+    prepared = prepare(cfg, transport=DropEveryRound(victim, "update"))
+    assert isinstance(prepared.strategy.protocol, PublicCKKS)
+    assert prepared.strategy.protocol.key_holder is None and not prepared.strategy.protocol.server.context.is_private()
+    assert prepared.num_supernodes == N_TRAIN + N_HELDOUT + 1  # the key holder's own SuperNode
+    forget_halves()
+    grid = LocalGrid({100 + p: prepared.client_app for p in range(prepared.num_supernodes)},
+                     {100 + p: cfg for p, cfg in prepared.node_config.items()})
+    prepared.strategy.start(grid, prepared.initial_as_arrays(), num_rounds=cfg.rounds)
+    flower = prepared.finish(1.0)
     inproc = run_experiment(dataclasses.replace(cfg, engine="inprocess"), transport=DropEveryRound(victim, "update"))
     _assert_same_run(flower, inproc, "update", victim)
+    assert all(r["stages"] == ["announce", "update", "gram", "decrypt"] for r in flower.history)
+    keys = prepared.owned_keys
+    assert keys is not None
+    prepared.close()  # the temporary key set, secret key included, is gone
+    assert not Path(keys).exists()
+    forget_parties()
 
 
 @pytest.mark.slow
-def test_run_simulation_secagg_buckets_and_plaintext_match_in_process() -> None:
+def test_run_simulation_secagg_buckets_ckks_and_plaintext_match_in_process() -> None:
     """Must show: >= 10 SuperNodes, 3 rounds, 20% malicious, one dropout per round, through run_simulation."""
     pytest.importorskip("ray", reason="run_simulation needs Flower's simulation runtime: "
                                       "pip install 'securefml[flower]'")
+    from securefml.flower.ckks_parties import _KEY_HOLDERS
+
     for spec, proto, defense, stage in (("secagg:buckets=3", SecAggHalves(buckets=3), "median", "masked"),
+                                        ("ckks:preset=stats", None, "multikrum", "update"),
                                         ("plaintext", None, "trimmedmean:f=2", "update")):
         cfg = _config(spec, defense)
         victim = _honest_victim(cfg)
@@ -122,3 +142,19 @@ def test_run_simulation_secagg_buckets_and_plaintext_match_in_process() -> None:
         inproc = run_experiment(dataclasses.replace(cfg, engine="inprocess"), transport=DropEveryRound(victim, stage))
         assert N_TRAIN + N_HELDOUT >= 10
         _assert_same_run(flower, inproc, stage, victim)
+        assert not _KEY_HOLDERS  # the CKKS secret key was loaded in the key holder's actor, never in this process
+
+
+def test_the_secagg_spec_drives_secaggplus_own_halves_and_matches_in_process() -> None:
+    """``--protocol secagg:buckets=2`` builds ``SecAggPlus`` itself (its ``layers`` stage first), no adapter."""
+    cfg = RunConfig(dataset="digits-fewshot", dataset_options={"n_train": 8, "n_heldout": 2}, rounds=2,
+                    clients_per_round=8, protocol="secagg:buckets=2", defense="median", attack="signflip",
+                    malicious=0.25, engine="flower")
+    flower = _on_local_grid(cfg)
+    inproc = run_experiment(dataclasses.replace(cfg, engine="inprocess"))
+    assert all(r["stages"] == ["layers", "advertise", "share", "complaints", "masked", "unmask"]
+               for r in flower.history)
+    for rec_f, rec_i in zip(flower.history, inproc.history):
+        assert rec_f["cohort"] == rec_i["cohort"] and rec_f["accepted"] == rec_i["accepted"]
+    for key in ("personalized", "global"):
+        assert abs(flower.metrics[key]["accuracy"] - inproc.metrics[key]["accuracy"]) <= 0.01

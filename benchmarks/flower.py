@@ -16,8 +16,8 @@ The securefml side drives ``SecAggPlus``'s halves; until ``SecAggPlus.server_hal
 (``tests/flower/halves_adapters.py``).  The ratio is against Flower measured in this run; when
 Flower is not installed the JSON says ``"anchor": "not measured"``.
 
-Usage: ``python benchmarks/flower_peer.py [--nodes 20 100] [--length 100000] [--rounds 3]
-[--out benchmarks/json/flower_peer.json]``.  Run under ``nice``; the machine's load is recorded.
+Usage: ``python benchmarks/flower.py [--nodes 20 100] [--length 100000] [--rounds 3]
+[--out benchmarks/json/flower.json]``.  Run under ``nice``; the machine's load is recorded.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
-    out: dict[str, Any] = {"benchmark": "flower_peer", "length": args.length, "rounds": args.rounds,
+    out: dict[str, Any] = {"benchmark": "flower", "length": args.length, "rounds": args.rounds,
                            "machine_before": machine(), "scenarios": []}
     try:
         import flwr
