@@ -212,7 +212,7 @@ def main() -> None:
     }
     if "checks_cost" in out:
         out["targets"]["checks_le_1.1x"] = out["checks_cost"]["ratio_on_over_off"] <= 1.1  # type: ignore[index]
-    # Flower's SecAgg+ is timed in the same run by benchmarks/flower_peer.py (its own engineer);
+    # Flower's SecAgg+ is timed in the same run by benchmarks/flower.py (its own engineer);
     # no ratio against it, or against a typed-in constant, is computed here
     out["flower"] = {"anchor": "not measured"}
     emit(out, args.out)
