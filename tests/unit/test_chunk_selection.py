@@ -13,7 +13,7 @@ from securefml.errors import ConfigError
 from securefml.experiment import RunConfig, run_experiment
 from securefml.selection import CHUNK_SEPARATOR, ChunkedLayout, ChunkRotation, chunk_layout, make_selector
 from securefml.testing import layer_layouts
-from securefml.updates import LayerLayout
+from securefml.updates import LayerLayout, ParamRole, Role
 
 
 @settings(max_examples=60, deadline=None)
@@ -54,15 +54,44 @@ def test_every_chunk_is_sent_in_every_window_of_G_plans(layout, fraction, per_bu
             assert chunked.numel_of(p) >= layout.numel / g - s - 1e-9
 
 
-def test_shadow_chunks_follow_their_layer():
-    base = LayerLayout([("fc.weight", (8, 8)), ("fc.bias", (8,)), ("alpha.fc.weight", (8, 8)),
-                        ("alpha.fc.bias", (8,))])
+def test_declared_rate_chunks_follow_their_layers_chunks():
+    # the rate is called `lr_fc`: only its declared role ties it to `fc`, chunk by chunk
+    base = LayerLayout([("fc.weight", (8, 8)), ("fc.bias", (8,)), ("lr_fc.weight", (8, 8)), ("lr_fc.bias", (8,))],
+                       roles={"lr_fc.weight": ParamRole(Role.LEARNED_RATE, of="fc.weight"),
+                              "lr_fc.bias": ParamRole(Role.LEARNED_RATE, of="fc.bias")})
     sel = ChunkRotation(0.5, chunks_per_budget=2)
     chunked = chunk_layout(base, sel.chunk_size(base.numel))
+    rates = chunked.layers_with_role(Role.LEARNED_RATE)
+    assert rates and all(n.startswith("lr_fc#") for n in rates)
+    assert {chunked.owner(n) for n in rates} == set(chunked.layers_with_role(Role.WEIGHT))
+    assert all(chunked.numel_of([n]) == chunked.numel_of([chunked.owner(n)]) for n in rates)
+    seen: set[str] = set()
     for _ in range(4):
-        plan = sel.plan(chunked)
-        model = {n for n in plan if not n.startswith("alpha.")}
-        assert {n for n in plan if n.startswith("alpha.")} == {"alpha." + n for n in model}
+        plan = set(sel.plan(chunked))
+        model = {n for n in plan if chunked.role_of(n) is Role.WEIGHT}
+        assert {n for n in plan if n in rates} == {n for n in rates if chunked.owner(n) in model}
+        seen |= plan
+    assert seen == set(chunked.layer_names)
+
+
+def test_a_role_less_layout_has_no_name_fallback():
+    # undeclared, `alpha.fc` is a weight layer of its own: chunked and rotated like any other
+    base = LayerLayout([("fc.weight", (8, 8)), ("alpha.fc.weight", (8, 8))])
+    sel = ChunkRotation(0.5, chunks_per_budget=1)
+    chunked = chunk_layout(base, sel.chunk_size(base.numel))
+    assert not chunked.has_roles
+    assert sel.partition(chunked) == (("fc#0",), ("alpha.fc#0",))
+
+
+def test_metasgd_rates_travel_with_their_chunks_in_a_run():
+    torch.set_num_threads(1)
+    res = run_experiment(RunConfig(dataset="digits-fewshot", algorithm="metasgd", rounds=3, clients_per_round=2,
+                                   seed=0, select="chunks:0.5", inner_steps=1,
+                                   dataset_options={"n_train": 4, "n_heldout": 2, "k_shot": 2, "query": 2}))
+    for rec in res.history[1:]:
+        sent = set(rec["uploaded_layers"])
+        rates = {n for n in sent if n.startswith("alpha.")}
+        assert rates and {n.removeprefix("alpha.") for n in rates} == sent - rates
 
 
 def test_refusals_are_typed_and_name_the_problem():
