@@ -9,9 +9,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from securefml.data import make_digits_fewshot
+from securefml.defenses import make_defense
 from securefml.errors import ConfigError
 from securefml.experiment import RunConfig, run_experiment
-from securefml.selection import CHUNK_SEPARATOR, ChunkedLayout, ChunkRotation, chunk_layout, make_selector
+from securefml.meta import LEARNERS, MetaConfig
+from securefml.models import make_model
+from securefml.protocols import PROTOCOLS
+from securefml.rounds import RoundOutput
+from securefml.selection import (
+    CHUNK_SEPARATOR,
+    ChunkedLayout,
+    ChunkRotation,
+    LayerSelector,
+    TopKImportance,
+    chunk_layout,
+    make_selector,
+)
+from securefml.server import Server
 from securefml.testing import layer_layouts
 from securefml.updates import LayerLayout, ParamRole, Role
 
@@ -85,7 +100,7 @@ def test_a_role_less_layout_has_no_name_fallback():
 
 def test_metasgd_rates_travel_with_their_chunks_in_a_run():
     torch.set_num_threads(1)
-    res = run_experiment(RunConfig(dataset="digits-fewshot", algorithm="metasgd", rounds=3, clients_per_round=2,
+    res = run_experiment(RunConfig(dataset="digits-fewshot", algorithm="metasgd", rounds=2, clients_per_round=2,
                                    seed=0, select="chunks:0.5", inner_steps=1,
                                    dataset_options={"n_train": 4, "n_heldout": 2, "k_shot": 2, "query": 2}))
     for rec in res.history[1:]:
@@ -134,3 +149,81 @@ def test_a_federation_with_a_half_budget_alternates_disjoint_halves_at_half_the_
     later = (half.metrics["bytes_uploaded"] - per_round_full) / 4
     assert 0.4 < later / per_round_full < 0.6
     assert half.metrics["personalized"]["accuracy"] > 0
+
+
+# -- the server's plans: every parameter at least every R rounds, whatever the aggregates ----------
+_DATA = make_digits_fewshot(n_train=3, n_heldout=1, k_shot=2, query=2, seed=0)
+
+
+def _server(selector: LayerSelector, algorithm: str) -> Server:
+    learner = LEARNERS.create(algorithm, model=make_model(_DATA, hidden=(8, 6), seed=0),
+                              config=MetaConfig(inner_steps=1))
+    server = Server(learner, PROTOCOLS.create("plaintext"), make_defense("mean"), selector=selector,
+                    server_optimizer="adam", server_lr=0.01)
+    if isinstance(selector, ChunkRotation):  # as run_experiment installs it
+        server.layout = chunk_layout(server.layout, selector.chunk_size(server.layout.numel))
+    return server
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=st.sampled_from(["chunks", "topk"]), fraction=st.floats(0.05, 1.0),
+       algorithm=st.sampled_from(["fomaml", "metasgd"]), data=st.data())
+def test_server_dictated_plans_cover_every_parameter_within_R_rounds(kind, fraction, algorithm, data):
+    """State R: ``chunks`` R = ceil(1 / fraction); dictated ``topk`` R = L model layers.
+
+    The aggregates the server plans from are arbitrary (an adversary may have shaped them):
+    per-layer scores of random sign and magnitudes over 12 orders, so a ranking-driven plan
+    meets arbitrary orders of layer scores.
+    """
+    selector: LayerSelector = (ChunkRotation(fraction) if kind == "chunks"
+                               else TopKImportance(fraction, server_dictated=True))
+    server = _server(selector, algorithm)
+    layout = server.layout
+    r_bound = selector.groups if isinstance(selector, ChunkRotation) else len(layout.layers_with_role(Role.WEIGHT))
+    masks = []
+    for rnd in range(3 * r_bound + 2):
+        plan = server.plan(rnd)
+        assert plan.layers is not None
+        masks.append(layout.mask(plan.layers))
+        gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1)))
+        scores = (torch.randn(len(layout.layer_names), generator=gen)
+                  * 10 ** torch.randint(-6, 7, (len(layout.layer_names),), generator=gen)).tolist()
+        agg = torch.cat([torch.full((layout.numel_of([n]),), s) for n, s in zip(layout.layer_names, scores)])
+        server._step(RoundOutput(agg * masks[-1], {n: float(n in plan.layers) for n in layout.layer_names}, (0,)))
+        # a declared rate (Meta-SGD) travels exactly when its weight does
+        assert all(layout.owner(n) in plan.layers for n in plan.layers)
+        assert all(n in plan.layers for n in layout.layer_names if layout.owner(n) in plan.layers)
+    assert bool(masks[0].all())  # round 0: everything (no aggregate to plan from)
+    for start in range(len(masks) - r_bound + 1):
+        window = torch.stack(masks[start:start + r_bound]).any(dim=0)
+        assert bool(window.all()), (kind, fraction, start)
+
+
+def test_rate_chunks_are_found_by_role_for_the_adversary():
+    server = _server(ChunkRotation(0.5), "metasgd")
+    rates = server._learned_rate_layers()
+    assert rates and all(CHUNK_SEPARATOR in n and server.layout.role_of(n) is Role.LEARNED_RATE for n in rates)
+    assert server.layout.numel_of(rates) == server.layout.numel // 2
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="target not met: chunks:0.5 stays about 4-6 points below all layers "
+                   "after the server-step fix (docs/selection.md)")
+def test_half_budget_trains_the_bundled_mlp_within_2_points_of_all_layers():
+    """Issue target (digits-fewshot FOMAML, 10 per round, 200 rounds, seed 0).
+
+    Not met (3 seeds after the server-step fix: docs/selection.md, benchmarks/json/selection.json),
+    so the test is a strict xfail: the day it holds, it fails until the marker goes.
+    """
+    torch.set_num_threads(1)
+    cfg = dict(dataset="digits-fewshot", algorithm="fomaml", rounds=200, clients_per_round=10, seed=0, last_k=5)
+    full = run_experiment(RunConfig(**cfg)).metrics["personalized_last_k"]["mean"]
+    half = run_experiment(RunConfig(**cfg, select="chunks:0.5"))
+    gaps: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for rec in half.history:
+        for n in rec["uploaded_layers"]:
+            gaps[n] = max(gaps.get(n, 0), rec["round"] - last.get(n, -1))
+            last[n] = rec["round"]
+    assert max(gaps.values()) <= 2  # every chunk at least every R = 2 rounds in the run itself
+    assert half.metrics["personalized_last_k"]["mean"] >= full - 0.02
