@@ -16,7 +16,7 @@ from securefml.experiment import RunConfig, run_experiment
 from securefml.meta import LEARNERS, MetaConfig
 from securefml.models import make_model
 from securefml.protocols import PROTOCOLS
-from securefml.rounds import RoundOutput
+from securefml.rounds import ClientUpdate, RoundOutput
 from securefml.selection import (
     CHUNK_SEPARATOR,
     ChunkedLayout,
@@ -227,3 +227,40 @@ def test_half_budget_trains_the_bundled_mlp_within_2_points_of_all_layers():
             last[n] = rec["round"]
     assert max(gaps.values()) <= 2  # every chunk at least every R = 2 rounds in the run itself
     assert half.metrics["personalized_last_k"]["mean"] >= full - 0.02
+
+
+@settings(max_examples=30, deadline=None)
+@given(sent=st.lists(st.sets(st.integers(0, 5)), min_size=1, max_size=6), seed=st.integers(0, 2**16),
+       weights=st.lists(st.floats(0.5, 20.0), min_size=6, max_size=6))
+def test_the_server_step_averages_each_chunk_over_exactly_its_senders(sent, seed, weights):
+    """Hypothesis 1 of the half-budget gap, ruled out: per chunk the round's aggregate is the
+    weighted mean over the clients that sent that chunk (any mix of chunk sets, as staggered
+    plans produce), a chunk nobody sent has weight 0, and an SGD step moves only what was sent."""
+    learner = LEARNERS.create("fedavg", model=torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2)),
+                              config=MetaConfig(inner_steps=1))
+    layout = chunk_layout(learner.layout(), 5)  # 7 chunks: 0#0..0#3, 1#0..1#2
+    names = layout.layer_names
+    gen = torch.Generator().manual_seed(seed)
+    full = [torch.randn(layout.numel, generator=gen) for _ in sent]
+    ups = [ClientUpdate(i, layout.gather(full[i], [names[k] for k in ks]), tuple(names[k] for k in sorted(ks)),
+                        weights[i]) for i, ks in enumerate(sent) if ks]
+    if not ups:
+        return
+    server = Server(learner, PROTOCOLS.create("plaintext"), make_defense("mean"), server_optimizer="sgd", server_lr=1.0)
+    server.layout = layout
+    out = server.collect(0, ups, server.context(0))
+    for name, s in layout.slices().items():
+        senders = [u for u in ups if name in u.layers]
+        total = sum(u.weight for u in senders)
+        assert out.layer_weight[name] == pytest.approx(total)
+        zero = torch.zeros(s.stop - s.start)
+        want = sum((u.weight * full[u.client_id][s] for u in senders), zero) / total if senders else zero
+        torch.testing.assert_close(out.aggregate[s], want, rtol=1e-5, atol=1e-6)
+    before = server.global_vector.clone()
+    server._step(out)
+    moved = server.global_vector - before
+    for name, s in layout.slices().items():
+        if out.layer_weight[name] == 0:
+            assert torch.equal(moved[s], torch.zeros(s.stop - s.start))
+        else:
+            torch.testing.assert_close(moved[s], out.aggregate[s])
