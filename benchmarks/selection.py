@@ -88,7 +88,7 @@ def _run(job: tuple[Row, int, int]) -> dict[str, Any]:
     start = time.perf_counter()
     res = run_experiment(_config(row, rounds, seed))
     gaps = _max_gaps(res.history)
-    return {"label": row.label, "seed": seed, "accuracy": res.metrics["personalized_last_k"]["mean"],
+    return {"section": row.section, "label": row.label, "algorithm": row.algorithm, "seed": seed, "accuracy": res.metrics["personalized_last_k"]["mean"],
             "accuracy_final": res.metrics["personalized"]["accuracy"], "bytes": res.metrics["bytes_uploaded"],
             "seconds": time.perf_counter() - start, "uploaded_names": len(gaps),
             "max_gap": max(gaps.values()) if gaps else None}
@@ -100,14 +100,14 @@ def _iv(values: list[float]) -> dict[str, float | None]:
 
 
 def summarize(rows: tuple[Row, ...], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    by = {(r["label"], r["seed"]): r for r in runs}
+    by = {(r["section"], r["label"], r["seed"]): r for r in runs}
     out: dict[str, Any] = {}
     for section in dict.fromkeys(r.section for r in rows):
-        base = next(r for r in rows if r.section == section and r.label == "all")
         table = []
         for row in (r for r in rows if r.section == section):
-            recs = sorted((v for (label, _), v in by.items() if label == row.label), key=lambda v: v["seed"])
-            pairs = [(v, by[(base.label, v["seed"])]) for v in recs if (base.label, v["seed"]) in by]
+            recs = sorted((v for (sec, label, _), v in by.items() if (sec, label) == (section, row.label)),
+                          key=lambda v: v["seed"])
+            pairs = [(v, by[(section, "all", v["seed"])]) for v in recs if (section, "all", v["seed"]) in by]
             table.append({
                 **asdict(row), "seeds": [v["seed"] for v in recs],
                 "per_seed_accuracy": [v["accuracy"] for v in recs],
@@ -139,18 +139,27 @@ def main() -> None:
     ap.add_argument("--sections", nargs="+", default=["chunks", "topk"], choices=["chunks", "topk"])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", help="also write the JSON here (e.g. benchmarks/json/selection.json)")
+    ap.add_argument("--summarize", metavar="JSON",
+                    help="run nothing: summarize again the runs recorded in this benchmark's earlier JSON")
     args = ap.parse_args()
-    rows = tuple(r for r in ROWS if r.section in args.sections)
-    jobs = [(row, args.rounds, seed) for row in rows for seed in args.seeds]
-    started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        runs = list(pool.map(_run, jobs))
+    if args.summarize:
+        earlier = json.loads(Path(args.summarize).read_text())
+        config, measured, runs = earlier["config"], earlier["measured"], earlier["runs"]
+        rows = tuple(r for r in ROWS if r.section in config["sections"])
+    else:
+        rows = tuple(r for r in ROWS if r.section in args.sections)
+        jobs = [(row, args.rounds, seed) for row in rows for seed in args.seeds]
+        started = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            runs = list(pool.map(_run, jobs))
+        config = {**vars(args), "dataset": "digits-fewshot", "last_k": 5}
+        measured = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+                    "load_average_1min": os.getloadavg()[0], "python": platform.python_version(),
+                    "torch": torch.__version__, "wall_seconds": time.perf_counter() - started}
     summary = summarize(rows, runs)
     report = {
-        "config": {**vars(args), "dataset": "digits-fewshot", "last_k": 5},
-        "measured": {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-                     "load_average_1min": os.getloadavg()[0], "python": platform.python_version(),
-                     "torch": torch.__version__, "wall_seconds": time.perf_counter() - started},
+        "config": config,
+        "measured": measured,
         "sections": summary,
         "runs": runs,
         "checks": _checks(summary),
