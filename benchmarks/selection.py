@@ -88,7 +88,8 @@ def _run(job: tuple[Row, int, int]) -> dict[str, Any]:
     start = time.perf_counter()
     res = run_experiment(_config(row, rounds, seed))
     gaps = _max_gaps(res.history)
-    return {"section": row.section, "label": row.label, "algorithm": row.algorithm, "seed": seed, "accuracy": res.metrics["personalized_last_k"]["mean"],
+    return {"section": row.section, "label": row.label, "algorithm": row.algorithm, "seed": seed,
+            "accuracy": res.metrics["personalized_last_k"]["mean"],
             "accuracy_final": res.metrics["personalized"]["accuracy"], "bytes": res.metrics["bytes_uploaded"],
             "seconds": time.perf_counter() - start, "uploaded_names": len(gaps),
             "max_gap": max(gaps.values()) if gaps else None}
