@@ -104,9 +104,13 @@ class ServerOptimizer:
         m = self._exp_avg[touched].lerp_(g, 1 - b1)
         v = self._exp_avg_sq[touched].mul_(b2).addcmul_(g, g, value=1 - b2)
         t = self._steps[touched] + 1
-        # torch.optim.Adam's update, with a per-entry step count in the bias corrections
-        denom = (v.sqrt() / (1 - b2 ** t).sqrt()).add_(self.eps)
-        self._vector[touched] -= (self.lr / (1 - b1 ** t)) * m / denom
+        # torch.optim.Adam's update, with a per-entry step count in the bias corrections (computed
+        # in double precision, as torch computes them from its Python-float step count)
+        t64 = t.to(torch.float64)
+        step_size = (self.lr / (1 - b1 ** t64)).to(m.dtype)
+        bias2_sqrt = ((1 - b2 ** t64) ** 0.5).to(m.dtype)
+        denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
+        self._vector[touched] -= m / denom * step_size
         self._exp_avg[touched] = m
         self._exp_avg_sq[touched] = v
         self._steps[touched] = t
