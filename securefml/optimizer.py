@@ -11,7 +11,7 @@ restoring their values is not a no-op for them: their first and second moments d
 ``beta1`` / ``beta2`` on every round they sit out, so an entry uploaded every other round steps
 with ``m / sqrt(v)`` about 0.74 of its all-layers size, and its momentum mixes in zeros it never
 received.  Measured on digits-fewshot FOMAML with a half budget (``chunks:0.5``, 200 rounds,
-seed 0, ``docs/selection.md``): 0.806 with that step, 0.865 with the step below.  The server
+3 seeds, ``docs/selection.md``): 0.795 with that step, 0.836 with the step below.  The server
 therefore keeps Adam's state *per entry* and updates it only on the entries of the round's
 aggregate: an idle entry keeps its value, its moments and its step count (bias correction counts
 the rounds it was updated).  These are the semantics of a lazy Adam (``torch.optim.SparseAdam``:
