@@ -455,6 +455,29 @@ def render_robustness(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_selection(data: dict[str, Any]) -> str:
+    m = data["measured"]
+    titles = {"chunks": "50 % budget (digits-fewshot FOMAML, 10 per round)",
+              "topk": "client-chosen top-k, 25 % budget (digits-fewshot MAML, 10 per round)"}
+    lines = [f"Measured {m['utc']} on {m['cpus']} CPUs shared with other work (1-min load average "
+             f"{m['load_average_1min']:.1f} at the end), one torch thread per run, {data['config']['rounds']} rounds. "
+             "Accuracy: personalized, mean of the last 5 evaluations, mean ± 95 % t-interval over seeds; "
+             "the difference is paired by seed.", ""]
+    for section, rows in data["sections"].items():
+        lines += [f"{titles.get(section, section)}:", "",
+                  "| selection | accuracy | minus all layers (points) | bytes vs all layers "
+                  "| longest gap (rounds) | seeds |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            acc, diff = r["accuracy"], r["minus_all_points"]
+            hw = "" if acc["ci95"] is None else f" ± {acc['ci95']:.3f}"
+            dw = "" if diff["ci95"] is None else f" ± {diff['ci95']:.1f}"
+            lines.append(f"| {r['label']} | {acc['mean']:.3f}{hw} | {diff['mean']:+.1f}{dw} | {r['bytes_ratio']:.2f} | "
+                         f"{r['max_gap_rounds']} | {len(r['seeds'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "bayes": render_bayes,
     "bayes_calibration": render_bayes_calibration,
@@ -467,6 +490,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "flower_state": render_flower_state,
     "relevance": render_relevance,
     "robustness": render_robustness,
+    "selection": render_selection,
 }
 
 

@@ -90,7 +90,9 @@ class Client:
 
     task: Task
     attack: Attack | None = None
-    #: withheld part of earlier updates, re-sent later when the selector uses error feedback
+    #: withheld part of earlier updates, re-sent later when the selector uses error feedback; kept
+    #: across the rounds the client is not sampled (on digits-fewshot a residual is ~10 rounds old
+    #: when it is sent, and dropping or capping old residuals cost accuracy: docs/selection.md)
     residual: torch.Tensor | None = None
 
     @property

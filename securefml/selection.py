@@ -11,6 +11,13 @@ A budget smaller than a layer needs chunks: ``ChunkRotation`` works on a ``Chunk
 about ``fraction`` of the parameters per round, every chunk once in every ``ceil(1/fraction)``
 rounds; ``run_experiment`` installs the chunked layout on the server for it.
 
+A learner's extra meta-parameters (Meta-SGD's rates, the Bayesian learners' log-variances)
+follow the layer they belong to by the roles the learner declares on the layout
+(``securefml.updates.Role``), never by their names; a layout without roles has only weights.
+The server's step on a round that uploaded part of the model is ``securefml.optimizer``'s (Adam
+state per entry: an idle chunk's moments do not decay).  Guarantees, measurements and the
+diagnosis of the half-budget gap: ``docs/selection.md``.
+
 References
 ----------
 You et al., "A framework reforming personalized IoT by federated meta-learning" (Cedar),
@@ -30,7 +37,7 @@ import torch
 
 from securefml.errors import ConfigError
 from securefml.registry import Registry
-from securefml.updates import LayerLayout, Role
+from securefml.updates import LayerLayout, ParamRole, Role
 
 __all__ = [
     "LayerSelector",
@@ -42,8 +49,6 @@ __all__ = [
     "make_selector",
     "relative_change",
     "rdm_change",
-    "SHADOW_PREFIXES",
-    "shadowed_layer",
     "ChunkedLayout",
     "chunk_layout",
     "ChunkRotation",
@@ -54,44 +59,19 @@ __all__ = [
 Probe = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
 
 
-#: the bundled learners' names for layers that shadow a model layer: Meta-SGD's rates
-#: ``alpha.<layer>``, the Bayesian learners' log-variances ``logvar.<layer>`` (and their rates
-#: ``alpha.logvar.<layer>``).  Transitional: selection reads the roles a learner declares on the
-#: layout (``MetaLearner.layout()``); these names are used only for a layout that declares no
-#: role at all (one built with ``LayerLayout.from_params(params)`` without the learner's roles).
-SHADOW_PREFIXES = ("alpha.", "logvar.")
-
-
-def shadowed_layer(name: str) -> str:
-    """The model layer a layer shadows by the bundled learners' names (``alpha.logvar.layers.0 -> layers.0``).
-
-    Transitional (see ``SHADOW_PREFIXES``): prefer ``layout.owner(name)`` on a layout with roles.
-    """
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in SHADOW_PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
-    return name
-
-
-def _owner(layout: LayerLayout, name: str) -> str:
-    """The model layer ``name`` belongs to: by the roles on the layout (by name only on a role-less layout)."""
-    return layout.owner(name) if layout.has_roles else shadowed_layer(name)
-
-
 def _tie_extras(layout: LayerLayout, chosen: Iterable[str]) -> tuple[str, ...]:
-    """Layers that belong to a model layer (their declared role's ``owner``) follow that layer's choice."""
+    """Layers that belong to a model layer (their declared role's ``owner``) follow that layer's choice.
+
+    Roles come from the layout only (``MetaLearner.layout()`` declares them); a layout built
+    without roles has every layer ``Role.WEIGHT``, so each of its layers is chosen on its own.
+    """
     chosen = set(chosen)
-    chosen |= {n for n in layout.layer_names if _owner(layout, n) != n and _owner(layout, n) in chosen}
+    chosen |= {n for n in layout.layer_names if layout.owner(n) != n and layout.owner(n) in chosen}
     return layout.canonical(chosen)
 
 
 def _model_layers(layout: LayerLayout) -> tuple[str, ...]:
-    if layout.has_roles:
-        return layout.layers_with_role(Role.WEIGHT)
-    return tuple(n for n in layout.layer_names if shadowed_layer(n) == n)
+    return layout.layers_with_role(Role.WEIGHT)
 
 
 class LayerSelector(ABC):
@@ -252,6 +232,11 @@ class TopKImportance(LayerSelector):
 CHUNK_SEPARATOR = "#"
 
 
+def _chunk_entry(layer: str, index: int) -> str:
+    """The one virtual parameter of chunk ``index`` of ``layer`` (its layer is ``layer#index``)."""
+    return f"{layer}{CHUNK_SEPARATOR}{index}.flat"
+
+
 class ChunkedLayout(LayerLayout):
     """A ``LayerLayout`` whose "layers" are contiguous chunks of the model's layers.
 
@@ -264,8 +249,10 @@ class ChunkedLayout(LayerLayout):
     change to the protocols.  ``flatten`` / ``unflatten`` go through ``base`` on the model's
     real parameter names (whole vectors only).
 
-    Chunk ``i`` of a shadow layer (``alpha.layers.0#i``) has the same size as chunk ``i`` of the
-    layer it shadows, so it follows that chunk's choice (``SHADOW_PREFIXES``).
+    Roles carry over chunk by chunk: chunk ``i`` of a layer the learner declared as belonging to
+    another (Meta-SGD's rate ``alpha.layers.0`` is the ``LEARNED_RATE`` of ``layers.0``) belongs
+    to chunk ``i`` of that layer (same size, since both layers have the same shape), so
+    selection ties them and ``layers_with_role`` finds the rates' chunks (``docs/selection.md``).
     """
 
     def __init__(self, base: LayerLayout, max_chunk: int) -> None:
@@ -274,6 +261,7 @@ class ChunkedLayout(LayerLayout):
         if isinstance(base, ChunkedLayout):
             raise ConfigError("the layout is already chunked")
         entries: list[tuple[str, tuple[int, ...]]] = []
+        roles: dict[str, ParamRole] = {}
         for layer in base.layers:
             if CHUNK_SEPARATOR in layer.name:
                 raise ConfigError(f"layer name {layer.name!r} contains the chunk separator {CHUNK_SEPARATOR!r}")
@@ -281,8 +269,11 @@ class ChunkedLayout(LayerLayout):
             pieces = max(1, -(-n // max_chunk))
             bounds = [round(i * n / pieces) for i in range(pieces + 1)]  # near-equal sizes, all <= max_chunk
             for i in range(pieces):
-                entries.append((f"{layer.name}{CHUNK_SEPARATOR}{i}.flat", (bounds[i + 1] - bounds[i],)))
-        super().__init__(entries)
+                entry = _chunk_entry(layer.name, i)
+                entries.append((entry, (bounds[i + 1] - bounds[i],)))
+                if layer.of is not None:  # same numel as its layer, so the same chunk bounds
+                    roles[entry] = ParamRole(layer.role, of=_chunk_entry(layer.of, i))
+        super().__init__(entries, roles=roles)
         self.base = base
         self.max_chunk = int(max_chunk)
 
@@ -344,8 +335,10 @@ class ChunkRotation(LayerSelector):
         set refuses the round with a ``ConfigError``).
     error_feedback:
         Each honest client keeps what it withheld and adds it to its next update (Stich et al.
-        2018; Karimireddy et al. 2019).  On by default: without it a dictated half-budget
-        trained worse than half the rounds with all layers (measured, ``docs/robustness.md``).
+        2018; Karimireddy et al. 2019).  On by default: without it a dictated half budget lost
+        about 15 more points on digits-fewshot FOMAML (3 seeds: 0.687 vs 0.836), although a client's
+        residual is on average 9.5 rounds old there (10 of 100 clients per round); dropping or
+        capping stale residuals made it worse (``docs/selection.md``).
 
     Notes
     -----
@@ -353,7 +346,8 @@ class ChunkRotation(LayerSelector):
     consecutive plans: dictated, every ``G = ceil(1/fraction)`` rounds (every 2 rounds at 50 %);
     staggered, by one client in every ``G`` consecutive uploads.  Each plan holds between
     ``d/G - s`` and ``d/G + s`` entries for chunks of at most ``s`` entries.  A layer smaller
-    than a chunk is one chunk; shadow layers (Meta-SGD's ``alpha.``) follow their layer's chunks.
+    than a chunk is one chunk; a layer declared as belonging to another (Meta-SGD's rates) follows
+    that layer's chunks.
     Property-tested over random layouts and fractions (``tests/unit/test_chunk_selection.py``).
     The first round of a run sends every layer (the server has no aggregate to plan from).
     """

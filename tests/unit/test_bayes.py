@@ -236,12 +236,12 @@ def test_bad_config_is_refused() -> None:
 
 
 def test_log_variances_and_rates_follow_their_layer_in_selection() -> None:
-    from securefml.selection import make_selector, shadowed_layer
-    from securefml.updates import LayerLayout
+    from securefml.selection import make_selector
 
-    params = _learner().init_params()
-    layout = LayerLayout.from_params(params)
-    assert shadowed_layer("alpha.logvar.layers.4") == "layers.4"
+    learner = _learner()
+    params = learner.init_params()
+    layout = learner.layout()  # the roles the learner declares, not the names, tie them
+    assert layout.owner("alpha.logvar.layers.4") == "layers.4"
     vec = layout.flatten(params)
     chosen = set(make_selector("named:layers.4").select(layout, torch.zeros_like(vec), vec))
     assert chosen == {"layers.4", "logvar.layers.4", "alpha.layers.4", "alpha.logvar.layers.4"}

@@ -16,7 +16,7 @@ _ENTRIES = [("a.w", (10,)), ("b.w", (10,)), ("c.w", (40,)), ("d.w", (40,)),
             ("alpha.a.w", (10,)), ("alpha.b.w", (10,)), ("alpha.c.w", (40,)), ("alpha.d.w", (40,))]
 #: the rates declared as roles, as Meta-SGD's ``layout()`` does
 LAYOUT = LayerLayout(_ENTRIES, roles={f"alpha.{n}.w": ParamRole(Role.LEARNED_RATE, of=f"{n}.w") for n in "abcd"})
-#: the same names without roles (a layout built from params alone): the transitional name rule ties them
+#: the same names without roles (a layout built from params alone): every layer is a weight, no name rule
 LEGACY = LayerLayout(_ENTRIES)
 
 
@@ -24,7 +24,7 @@ def test_all_and_named():
     g = torch.ones(LAYOUT.numel)
     assert AllLayers().select(LAYOUT, g, g) == LAYOUT.layer_names
     assert NamedLayers(["a", "c"]).select(LAYOUT, g, g) == ("a", "c", "alpha.a", "alpha.c")
-    assert NamedLayers(["a", "c"]).select(LEGACY, g, g) == ("a", "c", "alpha.a", "alpha.c")
+    assert NamedLayers(["a", "c"]).select(LEGACY, g, g) == ("a", "c")  # names tie nothing
     with pytest.raises(ConfigError, match="no layer matches"):
         NamedLayers("zzz").select(LAYOUT, g, g)
 
