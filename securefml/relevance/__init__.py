@@ -17,6 +17,7 @@ from securefml.relevance.colora import (
     architecture_state,
     block_keys,
     check_upload,
+    is_shared,
     load_shared,
     shared_state,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "effective_contributors",
     "parse_relevance_spec",
     "relevance_groups",
+    "is_shared",
     "relevance_weights",
     "temper",
     "temper_row",

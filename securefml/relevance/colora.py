@@ -39,6 +39,7 @@ __all__ = [
     "CoLoRALinear",
     "CoLoRAMLP",
     "block_keys",
+    "is_shared",
     "shared_state",
     "architecture_state",
     "load_shared",
@@ -173,7 +174,8 @@ class CoLoRAMLP(nn.Module):
         return h
 
 
-def _is_shared(name: str) -> bool:
+def is_shared(name: str) -> bool:
+    """Whether parameter ``name`` belongs to the shared part (a block's ``P`` or ``Q``)."""
     return name.endswith(".P") or name.endswith(".Q")
 
 
@@ -181,7 +183,7 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<block key>.P": r x r, "<block key>.Q": 1 x r}`` of a ``CoLoRAMLP`` (detached copies)."""
     out = {}
     for name, p in model.named_parameters():
-        if _is_shared(name):
+        if is_shared(name):
             key = name.removeprefix("blocks.")
             out[key] = p.detach().clone()
     return out
@@ -189,7 +191,7 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def architecture_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter that is not a shared P or Q (base weights, A, B), detached copies."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if not _is_shared(n)}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not is_shared(n)}
 
 
 def load_shared(model: nn.Module, shared: Mapping[str, torch.Tensor]) -> None:

@@ -30,6 +30,7 @@ from securefml.relevance.colora import (
     aggregate_heterogeneous,
     architecture_state,
     check_upload,
+    is_shared,
     load_shared,
     shared_state,
 )
@@ -57,6 +58,8 @@ class HeteroConfig:
         ``lr`` = 0.01, or ``"sgd"``.  Plain SGD at 0.3 (the earlier default) diverged: a
         client's adapter reached NaN around round 20 and, averaged into the shared P and Q,
         turned every architecture to NaN (accuracy 0.10, the collapse in ``docs/relevance.md``).
+    shared_lr:
+        Rate of the shared part (P, Q) when it should differ from ``lr`` (None: ``lr``).
     rank, alpha:
         Adapter rank r and LoRA scaling numerator (``s = alpha / r``; default ``alpha = r``).
     share:
@@ -82,6 +85,7 @@ class HeteroConfig:
     freeze_backbone: bool = True
     optimizer: str = "adam"
     alpha: float | None = None
+    shared_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -90,6 +94,8 @@ class HeteroConfig:
             raise ConfigError(f"need lr > 0 and rank >= 1, got {self.lr}, {self.rank}")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.shared_lr is not None and not self.shared_lr > 0:
+            raise ConfigError(f"shared_lr must be positive, got {self.shared_lr}")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
 
@@ -139,9 +145,12 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         t = task.to(dev)
         x = torch.cat([t.support_x, t.query_x]) if all_data else t.support_x
         y = torch.cat([t.support_y, t.query_y]) if all_data else t.support_y
-        trainable = [p for p in m.parameters() if p.requires_grad]
-        opt: torch.optim.Optimizer = (torch.optim.SGD(trainable, lr=config.lr) if config.optimizer == "sgd"
-                                      else torch.optim.Adam(trainable, lr=config.lr))
+        own = [p for n, p in m.named_parameters() if p.requires_grad and not is_shared(n)]
+        common = [p for n, p in m.named_parameters() if p.requires_grad and is_shared(n)]
+        groups = [{"params": own, "lr": config.lr},
+                  {"params": common, "lr": config.shared_lr if config.shared_lr is not None else config.lr}]
+        opt: torch.optim.Optimizer = (torch.optim.SGD(groups, lr=config.lr) if config.optimizer == "sgd"
+                                      else torch.optim.Adam(groups, lr=config.lr))
         for _ in range(steps):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(m(x), y).backward()

@@ -214,7 +214,9 @@ def test_server_refuses_a_concentrated_row_before_asking_the_key_holder(ckks_rel
 
 
 def test_secagg_step_groups_by_relevance_and_sums_each_group():
-    tv, models = _two_clusters()
+    _, models = _two_clusters()
+    g = torch.Generator().manual_seed(0)
+    tv = torch.stack([torch.eye(6)[i % 2] + 0.05 * torch.randn(6, generator=g) for i in range(8)])  # two tasks
     step = RelevanceAggregation(RelevanceConfig(min_effective=2.0), protocol=SecAggPlus(clip_range=4.0))
     out = step.aggregate(0, tuple(range(8)), models, [1.0] * 8, tv)
     assert out.groups is not None
@@ -224,6 +226,40 @@ def test_secagg_step_groups_by_relevance_and_sums_each_group():
         for c in g:
             assert torch.allclose(out.row(c), mean, atol=1e-4)
     assert torch.allclose(out.global_aggregate, models.mean(0), atol=1e-4)
+
+
+def _cluster_of_three_and_a_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    centres = torch.eye(6)[:2]  # orthogonal tasks: cosine 0 across, about 1 within
+    tv = torch.stack([centres[0 if i in (0, 2, 4) else 1] + 0.05 * torch.randn(6, generator=g) for i in range(5)])
+    models = torch.stack([torch.full((10,), float(i)) for i in range(5)])
+    return tv, models
+
+
+def test_secagg_fragment_is_not_summed_and_keeps_its_own_models():
+    tv, models = _cluster_of_three_and_a_pair()
+    step = RelevanceAggregation(RelevanceConfig(min_effective=2.0), protocol=SecAggPlus(clip_range=8.0))
+    out = step.aggregate(0, tuple(range(5)), models, [1.0] * 5, tv)
+    assert out.groups is not None and sorted(out.groups) == [(0, 2, 4), (1, 3)]
+    for c in (0, 2, 4):
+        assert torch.allclose(out.row(c), models[[0, 2, 4]].mean(0), atol=1e-4)
+    for c in (1, 3):  # the pair is below the minimum group size: not summed, its own model
+        assert torch.equal(out.row(c), models[c])
+        assert out.weights[out.client_ids.index(c)].tolist() == [float(j == c) for j in out.client_ids]
+    assert torch.allclose(out.global_aggregate, models[[0, 2, 4]].mean(0), atol=1e-4)  # the pair is not in it
+
+
+def test_secagg_without_a_link_threshold_forces_the_pair_into_the_other_task():
+    tv, models = _cluster_of_three_and_a_pair()
+    step = RelevanceAggregation(RelevanceConfig(min_effective=2.0, group_min_link=None),
+                                protocol=SecAggPlus(clip_range=8.0))
+    out = step.aggregate(0, tuple(range(5)), models, [1.0] * 5, tv)
+    assert out.groups == ((0, 1, 2, 3, 4),)  # fewer than 2 * 3 clients: one group (the earlier rule)
+
+
+def test_group_min_link_must_be_a_cosine():
+    with pytest.raises(ConfigError, match="group_min_link"):
+        RelevanceConfig(group_min_link=1.5)
 
 
 def test_relevance_server_rounds_and_heldout_personalization(clusters):
