@@ -265,8 +265,14 @@ def render_relevance(data: dict[str, Any]) -> str:
                   "oracle": "oracle: MAML meta-updates averaged within the true groups",
                   "relevance_fedavg": "relevance-weighted FedAvg updates",
                   "oracle_fedavg": "oracle with FedAvg updates",
-                  "fedavg+ft": "global FedAvg + fine-tuning", "maml": "global MAML (project defaults)"}
+                  "fedavg+ft": "global FedAvg + fine-tuning", "maml": "global MAML (project defaults)",
+                  "maml_server_sgd": "global MAML, the relevance runs' server step (SGD at 1.0)"}
         lines += [f"| {labels[k]} | {_ms(m[k])} |" for k in labels if k in m]
+        if "margin_over_maml_ci95" in m:
+            iv = m["margin_over_maml_ci95"]
+            lines += ["", f"Relevance minus the better MAML ({labels[m['maml_best']]}), per-seed paired, "
+                      f"{int(iv['n'])} seeds: {iv['mean'] * 100:+.1f} points, 95 % interval "
+                      f"[{iv['low'] * 100:+.1f}, {iv['high'] * 100:+.1f}]."]
         lines += ["", f"Relevance vs MAML: {c['margin_over_maml'] * 100:+.1f} points (target +5: "
                   f"{_yes(c['beats_maml_by_5pt'])}); vs FedAvg+FT: {c['margin_over_fedavg_ft'] * 100:+.1f} points "
                   f"({_yes(c['beats_fedavg_ft_by_5pt'])}); gap to the oracle {c['gap_to_oracle'] * 100:.1f} points "

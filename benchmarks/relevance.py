@@ -303,7 +303,8 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     res: dict[str, dict[str, list[float]]] = {"shared": {}, "alone": {}}
     for seed in args.seeds:
         data = make_digits_clusters(seed=seed, groups=1, n_heldout=args.hetero_heldout, k_shot=2, query=3,
-                                    architectures=shapes, architecture_shares=shares)
+                                    architectures=shapes, architecture_shares=shares,
+                                    heldout_architecture_shares=[1.0, 1.0, 1.0])
         for label, share in (("shared", True), ("alone", False)):
             cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
                                lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
@@ -371,7 +372,7 @@ def main() -> None:
     ap.add_argument("--robust", default="multikrum:f=4")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--hetero-lr", type=float, default=0.01, help="Adam rate of the Co-LoRA adapters")
-    ap.add_argument("--hetero-heldout", type=int, default=48)
+    ap.add_argument("--hetero-heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
     ap.add_argument("--learner", default="maml", choices=["maml", "fedavg"],
                     help="client step of the relevance runs (maml: relevance-weighted meta-updates)")
     ap.add_argument("--out", help="also write the JSON report to this file")

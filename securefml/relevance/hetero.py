@@ -69,6 +69,11 @@ class HeteroConfig:
         seeded backbones and ``A``, so the r-dimensional adapter spaces agree across shapes.
     freeze_backbone:
         Train only the adapters (FedMosaic adapts frozen models).
+    freeze_A:
+        Keep every adapter's ``A`` at its (family) initialisation: the r input directions
+        then stay identical across architectures where their shapes overlap, so a shared
+        ``P``, ``Q`` keeps meaning the same map in every architecture (a trained ``A`` drifts
+        apart group by group).  ``B``, ``P``, ``Q`` still train.
     seed:
         Cohort sampling and initialisation.
     """
@@ -86,6 +91,7 @@ class HeteroConfig:
     optimizer: str = "adam"
     alpha: float | None = None
     shared_lr: float | None = None
+    freeze_A: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -130,6 +136,8 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
                       family_seed=config.seed if config.family else None).to(dev)
         for name, p in m.named_parameters():
             if ".base." in name and config.freeze_backbone:  # the frozen backbone
+                p.requires_grad_(False)
+            if name.endswith(".lora_A") and config.freeze_A:
                 p.requires_grad_(False)
         models[architecture_name(s)] = m
     state = {a: (shared_state(m), architecture_state(m)) for a, m in models.items()}

@@ -412,3 +412,35 @@ def test_bad_relevance_spec_is_a_config_error():
         RunConfig(dataset="digits-clusters", aggregation="relevance:temprature=0.2")
     with pytest.raises(ConfigError, match="unknown aggregation"):
         RunConfig(dataset="digits-clusters", aggregation="fancy")
+
+
+def test_heldout_architecture_shares_are_separate_from_the_training_shares():
+    d = make_digits_clusters(n_train=8, n_heldout=6, architectures="32,64", architecture_shares=[0.25, 0.75],
+                             heldout_architecture_shares=[1.0, 1.0])
+    assert d.architectures.count((32,)) == 2 and d.heldout_architectures.count((32,)) == 3
+    same = make_digits_clusters(n_train=8, n_heldout=6, architectures="32,64", architecture_shares=[0.25, 0.75])
+    assert same.heldout_architectures.count((32,)) < 3  # default: the training shares
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_hetero_optimizer_gets_the_shared_rate_and_no_frozen_factor(monkeypatch, freeze_a):
+    from securefml.relevance import HeteroConfig, run_heterogeneous
+    from securefml.relevance import hetero as hetero_mod
+
+    seen: list[list[dict]] = []
+    real = torch.optim.Adam
+
+    def spy(groups, lr):
+        seen.append([{"n": len(g["params"]), "lr": g["lr"]} for g in groups])
+        return real(groups, lr=lr)
+
+    monkeypatch.setattr(hetero_mod.torch.optim, "Adam", spy)
+    d = make_digits_clusters(n_train=4, n_heldout=2, groups=1, k_shot=1, query=1, architectures="32")
+    cfg = HeteroConfig(rounds=1, clients_per_round=2, local_steps=1, finetune_steps=1, rank=2, lr=0.01,
+                       shared_lr=0.05, freeze_A=freeze_a)
+    res = run_heterogeneous(d, cfg)
+    assert set(res.per_architecture) == {"32"}
+    # two blocks (first, last): own = A and B per block (B only when A is frozen); shared = P and Q per block
+    assert all(g == [{"n": 2 if freeze_a else 4, "lr": 0.01}, {"n": 4, "lr": 0.05}] for g in seen) and seen
+    with pytest.raises(ConfigError, match="shared_lr"):
+        HeteroConfig(shared_lr=0.0)
