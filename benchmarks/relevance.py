@@ -308,7 +308,7 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
         for label, share in (("shared", True), ("alone", False)):
             cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
                                lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
-                               share=share, seed=seed)
+                               share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture)
             for a, v in run_heterogeneous(data, cfg).per_architecture.items():
                 res[label].setdefault(a, []).append(v)
     counts = {"32": shares[0], "64": shares[1], "64x64": shares[2]}
@@ -316,8 +316,10 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     table = {label: {a: summary(v) for a, v in rows.items()} for label, rows in res.items()}
     gain = {a: table["shared"][a]["mean"] - table["alone"][a]["mean"] for a in table["shared"]}
     return {"architectures": shapes, "client_shares": counts, "rank": args.rank, "optimizer": "adam",
-            "adapter_lr": args.hetero_lr, "heldout_clients": args.hetero_heldout, "accuracy": table,
-            "gain_from_sharing": gain,
+            "adapter_lr": args.hetero_lr, "heldout_clients": args.hetero_heldout,
+            "heldout_shares": "equal per shape", "shared_per_architecture": args.hetero_per_architecture,
+            "accuracy": table, "gain_from_sharing": gain, "per_seed": res,
+            "gain_ci95": {a: paired_interval(res["shared"][a], res["alone"][a]) for a in res["shared"]},
             "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02, "largest_no_loss": gain[largest] >= 0.0}}
 
 
@@ -372,6 +374,8 @@ def main() -> None:
     ap.add_argument("--robust", default="multikrum:f=4")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--hetero-lr", type=float, default=0.01, help="Adam rate of the Co-LoRA adapters")
+    ap.add_argument("--hetero-per-architecture", action="store_true",
+                    help="Co-LoRA: every architecture counts the same in the shared P, Q")
     ap.add_argument("--hetero-heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
     ap.add_argument("--learner", default="maml", choices=["maml", "fedavg"],
                     help="client step of the relevance runs (maml: relevance-weighted meta-updates)")

@@ -74,6 +74,9 @@ class HeteroConfig:
         then stay identical across architectures where their shapes overlap, so a shared
         ``P``, ``Q`` keeps meaning the same map in every architecture (a trained ``A`` drifts
         apart group by group).  ``B``, ``P``, ``Q`` still train.
+    shared_per_architecture:
+        Average the shared part with every architecture counting the same
+        (``aggregate_heterogeneous(per_architecture=True)``) instead of every client.
     seed:
         Cohort sampling and initialisation.
     """
@@ -92,6 +95,7 @@ class HeteroConfig:
     alpha: float | None = None
     shared_lr: float | None = None
     freeze_A: bool = False
+    shared_per_architecture: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -184,7 +188,8 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         if not ups:
             log.warning("hetero round %d: no usable upload", rnd)
             continue
-        shared, arch = aggregate_heterogeneous(ups, share=config.share)
+        shared, arch = aggregate_heterogeneous(ups, share=config.share,
+                                              per_architecture=config.shared_per_architecture)
         for a in arch:
             state[a] = (shared[a], arch[a])
         log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups), len(arch))

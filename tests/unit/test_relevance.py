@@ -339,6 +339,23 @@ def test_heterogeneous_aggregation_shares_p_q_across_and_a_b_within():
                                                       architecture_state(CoLoRAMLP(64, (8,), 10, rank=3)))])
 
 
+def test_per_architecture_sharing_counts_every_shape_the_same():
+    small, wide = CoLoRAMLP(64, (32,), 10, rank=2), CoLoRAMLP(64, (64,), 10, rank=2)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.fill_(1.0)
+        for p in wide.parameters():
+            p.fill_(0.0)
+    ups = [HeteroUpload("32", shared_state(small), architecture_state(small))] + \
+        [HeteroUpload("64", shared_state(wide), architecture_state(wide)) for _ in range(3)]
+    by_client, _ = aggregate_heterogeneous(ups, share=True)
+    by_shape, arch = aggregate_heterogeneous(ups, share=True, per_architecture=True)
+    assert torch.allclose(by_client["32"]["last.Q"], torch.full((1, 2), 0.25))  # 1 of 4 clients
+    assert torch.allclose(by_shape["32"]["last.Q"], torch.full((1, 2), 0.5))  # 1 of 2 shapes
+    assert torch.allclose(by_shape["64"]["first.P"], by_shape["32"]["first.P"])
+    assert torch.allclose(arch["32"]["blocks.first.lora_A"], torch.ones(2, 64))  # within its group only
+
+
 def test_a_non_finite_upload_is_refused_naming_its_client():
     # the 0.10 collapse: one diverged client's NaN adapter, averaged into the shared P and Q,
     # reached every architecture; now its upload is refused with its id and the others aggregate
