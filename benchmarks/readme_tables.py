@@ -292,11 +292,14 @@ def render_relevance(data: dict[str, Any]) -> str:
         acc = h["accuracy"]
         lines += [f"Co-LoRA, MLP shapes {h['architectures']} (client shares {h['client_shares']}), rank {h['rank']}, "
                   f"{h['optimizer']} {h['adapter_lr']}, {h['heldout_clients']} held-out clients:", "",
-                  "| architecture | P, Q shared across architectures | each architecture alone | gain |",
-                  "|---|---:|---:|---:|"]
+                  "| architecture | P, Q shared across architectures | each architecture alone | gain |"
+                  + (" paired 95 % interval |" if "gain_ci95" in h else ""),
+                  "|---|---:|---:|---:|" + ("---:|" if "gain_ci95" in h else "")]
         for a in acc["shared"]:
+            iv = h.get("gain_ci95", {}).get(a)
             lines.append(f"| {a} | {_ms(acc['shared'][a])} | {_ms(acc['alone'][a])} | "
-                         f"{h['gain_from_sharing'][a] * 100:+.1f} points |")
+                         f"{h['gain_from_sharing'][a] * 100:+.1f} points |"
+                         + (f" [{iv['low'] * 100:+.1f}, {iv['high'] * 100:+.1f}] |" if iv else ""))
         ch = h["checks"]
         lines += ["", f"Smallest group gains >= 2 points: {_yes(ch['smallest_gains_2pt'])}; largest loses nothing: "
                   f"{_yes(ch['largest_no_loss'])}.", ""]

@@ -11,7 +11,9 @@ shared (P, Q averaged across architectures) and alone (within each architecture 
   each group alone): how far the smallest shape gets when data, not the shape, is the limit;
 * ``rank16``: a larger shared part (r x r grows faster than the r x width factors);
 * ``shared_lr``: the shared part trained at 5 times the adapters' rate;
-* ``freeze_A``: A kept at the family initialisation, so the shared P, Q keep one meaning.
+* ``freeze_A``: A kept at the family initialisation, so the shared P, Q keep one meaning;
+* ``per_architecture``: every shape counts the same in the shared P, Q (are the smallest
+  group's P, Q drowned by the other groups' clients?).
 
 The seeds are not the report's (0 to 4): the Co-LoRA settings of the report were chosen on
 these runs, before its held-out accuracy was looked at.  Every comparison is between runs of
@@ -40,6 +42,7 @@ CASES: dict[str, tuple[str, list[float] | None, dict[str, Any]]] = {
     "rank16": (SHAPES, SHARES, {"rank": 16}),
     "shared_lr": (SHAPES, SHARES, {"shared_lr": 0.05}),
     "freeze_A": (SHAPES, SHARES, {"freeze_A": True}),
+    "per_architecture": (SHAPES, SHARES, {"shared_per_architecture": True}),
 }
 
 
