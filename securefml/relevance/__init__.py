@@ -26,7 +26,7 @@ from securefml.relevance.experiment import parse_relevance_spec
 from securefml.relevance.grouping import relevance_groups
 from securefml.relevance.hetero import HeteroConfig, HeteroResult, architecture_name, run_heterogeneous
 from securefml.relevance.policy import RelevancePolicy
-from securefml.relevance.server import ClientScores, RelevanceServer
+from securefml.relevance.server import ClientScores, RelevanceServer, RoundOptions
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
 from securefml.relevance.weights import (
     check_effective,
@@ -61,6 +61,7 @@ __all__ = [
     "RelevanceAggregation",
     "RelevanceConfig",
     "RelevanceServer",
+    "RoundOptions",
     "TaskVectorConfig",
     "TaskVectorSmoother",
     "TaskVectorizer",
