@@ -335,8 +335,14 @@ def render_relevance(data: dict[str, Any]) -> str:
                   "oracle": "oracle: MAML meta-updates averaged within the true groups",
                   "relevance_fedavg": "relevance-weighted FedAvg updates",
                   "oracle_fedavg": "oracle with FedAvg updates",
-                  "fedavg+ft": "global FedAvg + fine-tuning", "maml": "global MAML (project defaults)"}
+                  "fedavg+ft": "global FedAvg + fine-tuning", "maml": "global MAML (project defaults)",
+                  "maml_server_sgd": "global MAML, the relevance runs' server step (SGD at 1.0)"}
         lines += [f"| {labels[k]} | {_ms(m[k])} |" for k in labels if k in m]
+        if "margin_over_maml_ci95" in m:
+            iv = m["margin_over_maml_ci95"]
+            lines += ["", f"Relevance minus the better MAML ({labels[m['maml_best']]}), per-seed paired, "
+                      f"{int(iv['n'])} seeds: {iv['mean'] * 100:+.1f} points, 95 % interval "
+                      f"[{iv['low'] * 100:+.1f}, {iv['high'] * 100:+.1f}]."]
         lines += ["", f"Relevance vs MAML: {c['margin_over_maml'] * 100:+.1f} points (target +5: "
                   f"{_yes(c['beats_maml_by_5pt'])}); vs FedAvg+FT: {c['margin_over_fedavg_ft'] * 100:+.1f} points "
                   f"({_yes(c['beats_fedavg_ft_by_5pt'])}); gap to the oracle {c['gap_to_oracle'] * 100:.1f} points "
@@ -356,11 +362,14 @@ def render_relevance(data: dict[str, Any]) -> str:
         acc = h["accuracy"]
         lines += [f"Co-LoRA, MLP shapes {h['architectures']} (client shares {h['client_shares']}), rank {h['rank']}, "
                   f"{h['optimizer']} {h['adapter_lr']}, {h['heldout_clients']} held-out clients:", "",
-                  "| architecture | P, Q shared across architectures | each architecture alone | gain |",
-                  "|---|---:|---:|---:|"]
+                  "| architecture | P, Q shared across architectures | each architecture alone | gain |"
+                  + (" paired 95 % interval |" if "gain_ci95" in h else ""),
+                  "|---|---:|---:|---:|" + ("---:|" if "gain_ci95" in h else "")]
         for a in acc["shared"]:
+            iv = h.get("gain_ci95", {}).get(a)
             lines.append(f"| {a} | {_ms(acc['shared'][a])} | {_ms(acc['alone'][a])} | "
-                         f"{h['gain_from_sharing'][a] * 100:+.1f} points |")
+                         f"{h['gain_from_sharing'][a] * 100:+.1f} points |"
+                         + (f" [{iv['low'] * 100:+.1f}, {iv['high'] * 100:+.1f}] |" if iv else ""))
         ch = h["checks"]
         lines += ["", f"Smallest group gains >= 2 points: {_yes(ch['smallest_gains_2pt'])}; largest loses nothing: "
                   f"{_yes(ch['largest_no_loss'])}.", ""]

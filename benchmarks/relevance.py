@@ -141,11 +141,18 @@ def train(server: RelevanceServer, data: ClusteredDataset, budget: Budget, *, se
     return out
 
 
-def baseline(data: ClusteredDataset, budget: Budget, algorithm: str, seed: int) -> float:
+def baseline(data: ClusteredDataset, budget: Budget, algorithm: str, seed: int, *, server_sgd: bool = False) -> float:
+    """Personalized accuracy of a global baseline (``run_experiment``), same rounds, cohort, fine-tuning.
+
+    ``server_sgd``: MAML with the relevance runs' server step (the cohort's meta-updates averaged
+    and applied at rate 1.0, plain SGD) instead of the project's MAML default (Adam at 0.005),
+    so the comparison does not rest on a server optimizer the relevance runs do not use.
+    """
+    extra: dict[str, Any] = {}
     if algorithm == "fedavg":
         extra = dict(inner_steps=budget.local_steps, inner_lr=budget.local_lr, server_opt="sgd", server_lr=1.0)
-    else:
-        extra = {}
+    elif server_sgd:
+        extra = dict(server_opt="sgd", server_lr=1.0)
     cfg = RunConfig(dataset="digits-clusters", algorithm=algorithm, rounds=budget.rounds,
                     clients_per_round=budget.cohort, seed=seed, finetune_steps=budget.finetune, **extra)
     res = run_experiment(cfg, dataset=data)
@@ -156,9 +163,20 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
 
 
+def paired_interval(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean of the per-seed differences ``a - b`` with a two-sided 95 % Student-t interval."""
+    d = [x - y for x, y in zip(a, b)]
+    m = statistics.fmean(d)
+    if len(d) < 2:
+        return {"mean": m, "low": float("nan"), "high": float("nan"), "n": float(len(d))}
+    from scipy.stats import t  # scikit-learn's dependency; only the benchmark needs it
+    half = float(t.ppf(0.975, len(d) - 1)) * statistics.stdev(d) / len(d) ** 0.5
+    return {"mean": m, "low": m - half, "high": m + half, "n": float(len(d))}
+
+
 def section_main(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     rows: dict[str, list[float]] = {"relevance": [], "oracle": [], "relevance_fedavg": [], "oracle_fedavg": [],
-                                    "fedavg+ft": [], "maml": []}
+                                    "fedavg+ft": [], "maml": [], "maml_server_sgd": []}
     per_seed = []
     for seed in args.seeds:
         data = make_digits_clusters(seed=seed, n_heldout=args.heldout, k_shot=args.k_shot, query=args.query)
@@ -173,18 +191,26 @@ def section_main(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             rows[k].append(v["personalized"])
         fed = baseline(data, budget, "fedavg", seed)
         maml = baseline(data, budget, "maml", seed)
+        maml_sgd = baseline(data, budget, "maml", seed, server_sgd=True)
         rows["fedavg+ft"].append(fed)
         rows["maml"].append(maml)
+        rows["maml_server_sgd"].append(maml_sgd)
         per_seed.append({"seed": seed, **{k: {"personalized": v["personalized"], "per_group": v["per_group"]}
-                                          for k, v in got.items()}, "fedavg+ft": fed, "maml": maml})
+                                          for k, v in got.items()}, "fedavg+ft": fed, "maml": maml,
+                         "maml_server_sgd": maml_sgd})
     out: dict[str, Any] = {k: summary(v) for k, v in rows.items()}
     rel_m = out["relevance"]["mean"]
+    # MAML gets the better of its two server steps (chosen on these held-out scores: in MAML's favour)
+    best = max(("maml", "maml_server_sgd"), key=lambda k: out[k]["mean"])
+    out["maml_best"] = best
+    out["margin_over_maml_ci95"] = paired_interval(rows["relevance"], rows[best])
     out["checks"] = {
         "beats_fedavg_ft_by_5pt": rel_m - out["fedavg+ft"]["mean"] >= 0.05,
-        "beats_maml_by_5pt": rel_m - out["maml"]["mean"] >= 0.05,
+        "beats_maml_by_5pt": rel_m - out[best]["mean"] >= 0.05,
+        "maml_ci95_lower_bound_above_5pt": out["margin_over_maml_ci95"]["low"] >= 0.05,
         "within_1pt_of_oracle": out["oracle"]["mean"] - rel_m <= 0.01,
         "gap_to_oracle": out["oracle"]["mean"] - rel_m,
-        "margin_over_maml": rel_m - out["maml"]["mean"],
+        "margin_over_maml": rel_m - out[best]["mean"],
         "margin_over_fedavg_ft": rel_m - out["fedavg+ft"]["mean"],
     }
     out["per_seed"] = per_seed
@@ -277,11 +303,12 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     res: dict[str, dict[str, list[float]]] = {"shared": {}, "alone": {}}
     for seed in args.seeds:
         data = make_digits_clusters(seed=seed, groups=1, n_heldout=args.hetero_heldout, k_shot=2, query=3,
-                                    architectures=shapes, architecture_shares=shares)
+                                    architectures=shapes, architecture_shares=shares,
+                                    heldout_architecture_shares=[1.0, 1.0, 1.0])
         for label, share in (("shared", True), ("alone", False)):
             cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
                                lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
-                               share=share, seed=seed)
+                               share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture)
             for a, v in run_heterogeneous(data, cfg).per_architecture.items():
                 res[label].setdefault(a, []).append(v)
     counts = {"32": shares[0], "64": shares[1], "64x64": shares[2]}
@@ -289,8 +316,10 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     table = {label: {a: summary(v) for a, v in rows.items()} for label, rows in res.items()}
     gain = {a: table["shared"][a]["mean"] - table["alone"][a]["mean"] for a in table["shared"]}
     return {"architectures": shapes, "client_shares": counts, "rank": args.rank, "optimizer": "adam",
-            "adapter_lr": args.hetero_lr, "heldout_clients": args.hetero_heldout, "accuracy": table,
-            "gain_from_sharing": gain,
+            "adapter_lr": args.hetero_lr, "heldout_clients": args.hetero_heldout,
+            "heldout_shares": "equal per shape", "shared_per_architecture": args.hetero_per_architecture,
+            "accuracy": table, "gain_from_sharing": gain, "per_seed": res,
+            "gain_ci95": {a: paired_interval(res["shared"][a], res["alone"][a]) for a in res["shared"]},
             "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02, "largest_no_loss": gain[largest] >= 0.0}}
 
 
@@ -345,7 +374,9 @@ def main() -> None:
     ap.add_argument("--robust", default="multikrum:f=4")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--hetero-lr", type=float, default=0.01, help="Adam rate of the Co-LoRA adapters")
-    ap.add_argument("--hetero-heldout", type=int, default=48)
+    ap.add_argument("--hetero-per-architecture", action="store_true",
+                    help="Co-LoRA: every architecture counts the same in the shared P, Q")
+    ap.add_argument("--hetero-heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
     ap.add_argument("--learner", default="maml", choices=["maml", "fedavg"],
                     help="client step of the relevance runs (maml: relevance-weighted meta-updates)")
     ap.add_argument("--out", help="also write the JSON report to this file")

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from securefml.adversary import Adversary
-from securefml.client import Client, UploadPlan
+from securefml.adversary import Adversary, AdversaryReport
+from securefml.client import Client, LocalResult, UploadPlan
 from securefml.cohort import train_cohort
 from securefml.context import RoundContext
 from securefml.defenses.base import Defense
@@ -202,9 +202,7 @@ class Server:
         results, rejected = train_cohort(self.learner, self.params, self.layout, cohort, round_idx=round_idx,
                                          vectorize=self.vectorize, device=self.device)
         by_id = {c.client_id: c for c in cohort}
-        adversary = Adversary({c.client_id: c.attack for c in cohort if c.attack is not None})
-        report = adversary.act(results, context, cohort_size=len(cohort), defense=self.defense,
-                               lr_mask=self.layout.mask(self._learned_rate_layers()))
+        report = self.adversary_step(cohort, results, context)
         updates = [by_id[r.client_id].prepare_upload(r, plan, self.learner, device=self.device) for r in results]
         layer_sets = {u.layers for u in updates}
         if len(layer_sets) == 1:  # one layer set for the whole cohort: rules with per-layer state need it
@@ -241,6 +239,13 @@ class Server:
             uploaded_layers=uploaded,
             extras=json_ready(extras),
         )
+
+    def adversary_step(self, cohort: Sequence[Client], results: Sequence[LocalResult],
+                       context: RoundContext) -> AdversaryReport:
+        """The cohort's malicious clients rewrite their local results together (in place), as every round does."""
+        adversary = Adversary({c.client_id: c.attack for c in cohort if c.attack is not None})
+        return adversary.act(results, context, cohort_size=len(cohort), defense=self.defense,
+                             lr_mask=self.layout.mask(self._learned_rate_layers()))
 
     def _learned_rate_layers(self) -> tuple[str, ...]:
         """The learned per-parameter rates the learner declared (Meta-SGD), for attacks on them."""

@@ -121,6 +121,7 @@ def make_digits_clusters(
     shift_fraction: float = 0.25,
     architectures: str | Sequence[Sequence[int]] | None = None,
     architecture_shares: Sequence[float] | None = None,
+    heldout_architecture_shares: Sequence[float] | None = None,
     transform: str = "pixels",
     seed: int = 0,
 ) -> ClusteredDataset:
@@ -147,6 +148,10 @@ def make_digits_clusters(
         Heterogeneous variant: MLP shapes (``"32,64,64x64"``) and the share of clients of each
         (default: equal shares); assignment is interleaved so every group has every shape
         where the counts allow.
+    heldout_architecture_shares:
+        Shares of the shapes among held-out clients (default: ``architecture_shares``).  The
+        held-out clients only measure; equal shares give the smallest training group as many
+        held-out clients as the others, so its accuracy is not the noisiest figure.
     """
     if not 1 <= groups <= 10:
         raise ConfigError(f"groups must be in [1, 10], got {groups}")
@@ -203,7 +208,8 @@ def make_digits_clusters(
     if architectures is not None:
         shapes = parse_architectures(architectures)
         arch = _assign(shapes, architecture_shares, n_train)
-        held_arch = _assign(shapes, architecture_shares, n_heldout)
+        held_shares = architecture_shares if heldout_architecture_shares is None else heldout_architecture_shares
+        held_arch = _assign(shapes, held_shares, n_heldout)
     return ClusteredDataset(
         "digits-clusters", tuple(train), tuple(heldout), (64,), "classification", 10,
         groups=tuple(train_groups), heldout_groups=tuple(held_groups), permutations=tuple(perms),

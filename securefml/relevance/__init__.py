@@ -17,6 +17,7 @@ from securefml.relevance.colora import (
     architecture_state,
     block_keys,
     check_upload,
+    is_shared,
     load_shared,
     shared_state,
 )
@@ -25,7 +26,7 @@ from securefml.relevance.experiment import parse_relevance_spec
 from securefml.relevance.grouping import relevance_groups
 from securefml.relevance.hetero import HeteroConfig, HeteroResult, architecture_name, run_heterogeneous
 from securefml.relevance.policy import RelevancePolicy
-from securefml.relevance.server import ClientScores, RelevanceServer
+from securefml.relevance.server import ClientScores, RelevanceServer, RoundOptions
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
 from securefml.relevance.weights import (
     check_effective,
@@ -60,6 +61,7 @@ __all__ = [
     "RelevanceAggregation",
     "RelevanceConfig",
     "RelevanceServer",
+    "RoundOptions",
     "TaskVectorConfig",
     "TaskVectorSmoother",
     "TaskVectorizer",
@@ -69,6 +71,7 @@ __all__ = [
     "effective_contributors",
     "parse_relevance_spec",
     "relevance_groups",
+    "is_shared",
     "relevance_weights",
     "temper",
     "temper_row",

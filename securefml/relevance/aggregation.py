@@ -23,7 +23,8 @@ Under each protocol
 * ``SecAggPlus``: the cohort is partitioned into relevance groups of at least
   ``min_group_size`` clients (``grouping``), each group is one SecAgg+ secure sum, and every
   member's aggregate is its group's mean.  Declared leakage: the task vectors' Gram (needed to
-  group), group membership, group sums.
+  group), group membership, group sums.  An undersized group that no group is relevant enough
+  to join (``group_min_link``) is a fragment: not summed, its members keep their own models.
 
 Threat model and declared leakage
 ---------------------------------
@@ -95,6 +96,14 @@ class RelevanceConfig:
     min_group_size:
         SecAgg+ grouping: smallest group (a member learns the sum of >= this - 1 others);
         None = ``ceil(min_effective) + 1``.
+    group_min_link:
+        SecAgg+ grouping: an undersized group joins another only if their average task-vector
+        cosine is at least this (``relevance_groups(min_link=...)``); a group left undersized
+        (a *fragment*) is not summed and its members keep their own models for the round.
+        None forces every client into a group of ``group_size`` (the earlier rule, which mixed
+        unrelated tasks whenever a task had fewer than ``group_size`` members in the cohort).
+        Default 0.25: on ``digits-clusters`` (seeds 10 and 11, task vectors only, no accuracy
+        looked at) same-group pairs have mean cosine 0.47-0.51 and other-group pairs 0.09-0.16.
     blind:
         Temper rows to the recipient-blind bound (``worst_case_effective``: ``n_eff`` after
         leaving out any one client) instead of leaving out the row's own client.  Always on
@@ -107,6 +116,7 @@ class RelevanceConfig:
     standardize: bool = True
     min_effective: float = 2.0
     min_group_size: int | None = None
+    group_min_link: float | None = 0.25
     blind: bool = False
 
     def __post_init__(self) -> None:
@@ -116,6 +126,8 @@ class RelevanceConfig:
             raise ConfigError(f"min_effective must be >= 1, got {self.min_effective}")
         if self.min_group_size is not None and self.min_group_size < 2:
             raise ConfigError(f"min_group_size must be >= 2 (a secure sum needs 2 clients), got {self.min_group_size}")
+        if self.group_min_link is not None and not -1.0 <= self.group_min_link <= 1.0:
+            raise ConfigError(f"group_min_link is a cosine in [-1, 1], got {self.group_min_link}")
 
     @property
     def group_size(self) -> int:
@@ -428,7 +440,7 @@ class RelevanceAggregation:
         assert isinstance(self.protocol, SecAggPlus)
         proto = self.protocol
         gram = Gram.from_updates(tv, ids)  # declared leakage of the grouping mode
-        groups = relevance_groups(gram.cosine(), self.config.group_size)
+        groups = relevance_groups(gram.cosine(), self.config.group_size, min_link=self.config.group_min_link)
         d = models.shape[1]
         max_w = float(2.0 ** math.ceil(math.log2(float(p.max())))) if float(p.max()) > 0 else 1.0
         n = len(ids)
@@ -442,6 +454,13 @@ class RelevanceAggregation:
         t0 = time.perf_counter()
         for g in groups:
             members = tuple(ids[i] for i in g)
+            if len(g) < self.config.group_size and len(groups) > 1:
+                # a fragment (group_min_link): not summed; each member keeps its own model
+                for i in g:
+                    per[i] = models[i]
+                    w[i, i] = 1.0
+                    done.append(i)
+                continue
             plan = proto.plan(round_idx, members, d, max_weight=max_w)
             inputs = {ids[i]: (models[i], float(p[i])) for i in g}
             res = proto.secure_sum(plan, inputs, transport=transport)
@@ -459,7 +478,7 @@ class RelevanceAggregation:
                 done.append(i)
             total += torch.from_numpy(res.weighted_sum)
             total_w += res.total_weight
-        if not done:
+        if not done or total_w <= 0:
             raise ProtocolError(f"round {round_idx}: no relevance group's secure sum survived")
         keep = sorted(done)
         kept_ids = tuple(ids[i] for i in keep)

@@ -39,6 +39,7 @@ __all__ = [
     "CoLoRALinear",
     "CoLoRAMLP",
     "block_keys",
+    "is_shared",
     "shared_state",
     "architecture_state",
     "load_shared",
@@ -173,7 +174,8 @@ class CoLoRAMLP(nn.Module):
         return h
 
 
-def _is_shared(name: str) -> bool:
+def is_shared(name: str) -> bool:
+    """Whether parameter ``name`` belongs to the shared part (a block's ``P`` or ``Q``)."""
     return name.endswith(".P") or name.endswith(".Q")
 
 
@@ -181,7 +183,7 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{"<block key>.P": r x r, "<block key>.Q": 1 x r}`` of a ``CoLoRAMLP`` (detached copies)."""
     out = {}
     for name, p in model.named_parameters():
-        if _is_shared(name):
+        if is_shared(name):
             key = name.removeprefix("blocks.")
             out[key] = p.detach().clone()
     return out
@@ -189,7 +191,7 @@ def shared_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def architecture_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter that is not a shared P or Q (base weights, A, B), detached copies."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if not _is_shared(n)}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not is_shared(n)}
 
 
 def load_shared(model: nn.Module, shared: Mapping[str, torch.Tensor]) -> None:
@@ -235,13 +237,17 @@ def check_upload(upload: HeteroUpload) -> None:
 
 
 def aggregate_heterogeneous(
-    uploads: Sequence[HeteroUpload], *, share: bool = True
+    uploads: Sequence[HeteroUpload], *, share: bool = True, per_architecture: bool = False
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
     """Weighted means: architecture part within each architecture; shared part across all.
 
     With ``share=False`` the shared part is also averaged within each architecture only (the
-    "each architecture group alone" baseline).  Returns ``(shared per architecture, architecture
-    part per architecture)``: with sharing every architecture gets the same value for a key.
+    "each architecture group alone" baseline).  ``per_architecture``: the shared part is the
+    plain mean over architectures of each architecture's weighted mean, so every shape counts
+    the same however many clients it has (default: every client counts by its weight, and a
+    small group's P, Q are mostly the other groups').  Returns ``(shared per architecture,
+    architecture part per architecture)``: with sharing every architecture gets the same value
+    for a key.
     """
     if not uploads:
         raise ConfigError("no uploads to aggregate")
@@ -262,7 +268,13 @@ def aggregate_heterogeneous(
             shapes = {tuple(u.shared[key].shape) for u in having}
             if len(shapes) != 1:
                 raise ConfigError(f"shared {key} has shapes {sorted(shapes)} across clients: ranks differ")
-            shared_out[a][key] = _mean([{key: u.shared[key]} for u in having], [u.weight for u in having])[key]
+            if per_architecture and share:
+                means = [_mean([{key: u.shared[key]} for u in having if u.architecture == b],
+                               [u.weight for u in having if u.architecture == b])
+                         for b in sorted({u.architecture for u in having})]
+                shared_out[a][key] = _mean(means, [1.0] * len(means))[key]
+            else:
+                shared_out[a][key] = _mean([{key: u.shared[key]} for u in having], [u.weight for u in having])[key]
     return shared_out, arch_out
 
 

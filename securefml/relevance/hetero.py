@@ -30,6 +30,7 @@ from securefml.relevance.colora import (
     aggregate_heterogeneous,
     architecture_state,
     check_upload,
+    is_shared,
     load_shared,
     shared_state,
 )
@@ -57,6 +58,8 @@ class HeteroConfig:
         ``lr`` = 0.01, or ``"sgd"``.  Plain SGD at 0.3 (the earlier default) diverged: a
         client's adapter reached NaN around round 20 and, averaged into the shared P and Q,
         turned every architecture to NaN (accuracy 0.10, the collapse in ``docs/relevance.md``).
+    shared_lr:
+        Rate of the shared part (P, Q) when it should differ from ``lr`` (None: ``lr``).
     rank, alpha:
         Adapter rank r and LoRA scaling numerator (``s = alpha / r``; default ``alpha = r``).
     share:
@@ -66,6 +69,14 @@ class HeteroConfig:
         seeded backbones and ``A``, so the r-dimensional adapter spaces agree across shapes.
     freeze_backbone:
         Train only the adapters (FedMosaic adapts frozen models).
+    freeze_A:
+        Keep every adapter's ``A`` at its (family) initialisation: the r input directions
+        then stay identical across architectures where their shapes overlap, so a shared
+        ``P``, ``Q`` keeps meaning the same map in every architecture (a trained ``A`` drifts
+        apart group by group).  ``B``, ``P``, ``Q`` still train.
+    shared_per_architecture:
+        Average the shared part with every architecture counting the same
+        (``aggregate_heterogeneous(per_architecture=True)``) instead of every client.
     seed:
         Cohort sampling and initialisation.
     """
@@ -82,6 +93,9 @@ class HeteroConfig:
     freeze_backbone: bool = True
     optimizer: str = "adam"
     alpha: float | None = None
+    shared_lr: float | None = None
+    freeze_A: bool = False
+    shared_per_architecture: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -90,6 +104,8 @@ class HeteroConfig:
             raise ConfigError(f"need lr > 0 and rank >= 1, got {self.lr}, {self.rank}")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.shared_lr is not None and not self.shared_lr > 0:
+            raise ConfigError(f"shared_lr must be positive, got {self.shared_lr}")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
 
@@ -125,6 +141,8 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         for name, p in m.named_parameters():
             if ".base." in name and config.freeze_backbone:  # the frozen backbone
                 p.requires_grad_(False)
+            if name.endswith(".lora_A") and config.freeze_A:
+                p.requires_grad_(False)
         models[architecture_name(s)] = m
     state = {a: (shared_state(m), architecture_state(m)) for a, m in models.items()}
     arch_of = {t.client_id: architecture_name(s) for t, s in zip(data.train, data.architectures)}
@@ -139,9 +157,12 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         t = task.to(dev)
         x = torch.cat([t.support_x, t.query_x]) if all_data else t.support_x
         y = torch.cat([t.support_y, t.query_y]) if all_data else t.support_y
-        trainable = [p for p in m.parameters() if p.requires_grad]
-        opt: torch.optim.Optimizer = (torch.optim.SGD(trainable, lr=config.lr) if config.optimizer == "sgd"
-                                      else torch.optim.Adam(trainable, lr=config.lr))
+        own = [p for n, p in m.named_parameters() if p.requires_grad and not is_shared(n)]
+        common = [p for n, p in m.named_parameters() if p.requires_grad and is_shared(n)]
+        groups = [{"params": own, "lr": config.lr},
+                  {"params": common, "lr": config.shared_lr if config.shared_lr is not None else config.lr}]
+        opt: torch.optim.Optimizer = (torch.optim.SGD(groups, lr=config.lr) if config.optimizer == "sgd"
+                                      else torch.optim.Adam(groups, lr=config.lr))
         for _ in range(steps):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(m(x), y).backward()
@@ -167,7 +188,8 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         if not ups:
             log.warning("hetero round %d: no usable upload", rnd)
             continue
-        shared, arch = aggregate_heterogeneous(ups, share=config.share)
+        shared, arch = aggregate_heterogeneous(ups, share=config.share,
+                                              per_architecture=config.shared_per_architecture)
         for a in arch:
             state[a] = (shared[a], arch[a])
         log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups), len(arch))

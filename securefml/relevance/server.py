@@ -28,11 +28,10 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 
-from securefml.adversary import Adversary
 from securefml.client import Client, LocalResult
 from securefml.data.base import Task
 from securefml.defenses.base import Defense
@@ -47,12 +46,21 @@ from securefml.relevance.grouping import relevance_groups
 from securefml.relevance.task_vectors import TaskVectorizer, TaskVectorSmoother
 from securefml.server import RoundRecord, Server
 
-__all__ = ["RelevanceServer", "ClientScores", "ENROL_ROUND"]
+__all__ = ["RelevanceServer", "ClientScores", "RoundOptions", "ENROL_ROUND"]
 
 log = logging.getLogger(__name__)
 
 #: the federation round index of the CKKS enrolment Gram (outside the training rounds)
 ENROL_ROUND = 1 << 21
+
+
+class RoundOptions(TypedDict, total=False):
+    """The keyword options of ``Server.run_round``, forwarded unchanged (same names and types)."""
+
+    transport: Transport | None
+    generator: torch.Generator | None
+    reference: torch.Tensor | None
+    defense_context: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -130,17 +138,12 @@ class RelevanceServer(Server):
         """Client ``client_id``'s personalized flat model (the global one before it took part)."""
         return self.models.get(client_id, self.global_vector)
 
-    def run_round(
-        self,
-        round_idx: int,
-        cohort: Sequence[Client],
-        *,
-        transport: Transport | None = None,
-        generator: torch.Generator | None = None,
-        reference: torch.Tensor | None = None,
-        defense_context: Mapping[str, Any] | None = None,
-    ) -> RoundRecord:
+    def run_round(self, round_idx: int, cohort: Sequence[Client], **options: Unpack[RoundOptions]) -> RoundRecord:
+        """One personalized round (the module docstring's steps); ``options`` as for ``Server.run_round``."""
         start = time.perf_counter()
+        transport = options.get("transport")
+        generator = options.get("generator")
+        defense_context = options.get("defense_context")
         results: list[LocalResult] = []
         starts: dict[int, torch.Tensor] = {}
         rejected: dict[int, str] = {}
@@ -155,9 +158,9 @@ class RelevanceServer(Server):
             results.append(r)
             starts[r.client_id] = base
         by_id = {c.client_id: c for c in cohort}
-        context = self.context(round_idx, generator=generator, reference=reference, defense_context=defense_context)
-        Adversary({c.client_id: c.attack for c in cohort if c.attack is not None}).act(
-            results, context, cohort_size=len(cohort), defense=self.defense)
+        context = self.context(round_idx, generator=generator, reference=options.get("reference"),
+                               defense_context=defense_context)
+        self.adversary_step(cohort, results, context)
         if not results:
             return self._record(round_idx, cohort, rejected, None, [], start)
         ids = tuple(r.client_id for r in results)
@@ -280,7 +283,11 @@ class RelevanceServer(Server):
                     train_models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         proto = self.relevance.protocol
         assert isinstance(proto, SecAggPlus)
-        groups = relevance_groups(self._cos(train_tv, train_tv), self.relevance.config.group_size)
+        size = self.relevance.config.group_size
+        found = relevance_groups(self._cos(train_tv, train_tv), size, min_link=self.relevance.config.group_min_link)
+        groups = [g for g in found if len(g) >= size]  # a fragment's sum is never computed
+        if not groups:
+            raise ProtocolError(f"no relevance group of at least {size} training clients to join")
         cross = self._cos(new_tv, train_tv)
         means = []
         for g in groups:

@@ -133,6 +133,19 @@ def test_relevance_groups_partition_with_minimum_size(tv, min_size):
 
 
 @SETTINGS
+@given(tv=task_vectors(min_n=1, max_n=14), min_size=st.integers(2, 5), min_link=st.floats(-0.5, 0.9))
+def test_threshold_groups_are_a_partition_no_two_of_which_are_linked_enough_to_merge(tv, min_size, min_link):
+    n = tv.shape[0]
+    sim = tv @ tv.T / (tv.norm(dim=1)[:, None] * tv.norm(dim=1)[None, :])
+    groups = relevance_groups(sim, min_size, min_link=min_link)
+    assert sorted(i for g in groups for i in g) == list(range(n))
+    for a in range(len(groups)):
+        for b in range(a + 1, len(groups)):
+            link = float(sim[list(groups[a])][:, list(groups[b])].double().mean())
+            assert link < min_link  # clustering stopped: every remaining pair is below the threshold
+
+
+@SETTINGS
 @given(raw=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=9))
 def test_worst_case_effective_is_the_minimum_over_every_left_out_client(raw):
     w = torch.tensor(raw, dtype=torch.float64)

@@ -214,7 +214,9 @@ def test_server_refuses_a_concentrated_row_before_asking_the_key_holder(ckks_rel
 
 
 def test_secagg_step_groups_by_relevance_and_sums_each_group():
-    tv, models = _two_clusters()
+    _, models = _two_clusters()
+    g = torch.Generator().manual_seed(0)
+    tv = torch.stack([torch.eye(6)[i % 2] + 0.05 * torch.randn(6, generator=g) for i in range(8)])  # two tasks
     step = RelevanceAggregation(RelevanceConfig(min_effective=2.0), protocol=SecAggPlus(clip_range=4.0))
     out = step.aggregate(0, tuple(range(8)), models, [1.0] * 8, tv)
     assert out.groups is not None
@@ -224,6 +226,40 @@ def test_secagg_step_groups_by_relevance_and_sums_each_group():
         for c in g:
             assert torch.allclose(out.row(c), mean, atol=1e-4)
     assert torch.allclose(out.global_aggregate, models.mean(0), atol=1e-4)
+
+
+def _cluster_of_three_and_a_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    centres = torch.eye(6)[:2]  # orthogonal tasks: cosine 0 across, about 1 within
+    tv = torch.stack([centres[0 if i in (0, 2, 4) else 1] + 0.05 * torch.randn(6, generator=g) for i in range(5)])
+    models = torch.stack([torch.full((10,), float(i)) for i in range(5)])
+    return tv, models
+
+
+def test_secagg_fragment_is_not_summed_and_keeps_its_own_models():
+    tv, models = _cluster_of_three_and_a_pair()
+    step = RelevanceAggregation(RelevanceConfig(min_effective=2.0), protocol=SecAggPlus(clip_range=8.0))
+    out = step.aggregate(0, tuple(range(5)), models, [1.0] * 5, tv)
+    assert out.groups is not None and sorted(out.groups) == [(0, 2, 4), (1, 3)]
+    for c in (0, 2, 4):
+        assert torch.allclose(out.row(c), models[[0, 2, 4]].mean(0), atol=1e-4)
+    for c in (1, 3):  # the pair is below the minimum group size: not summed, its own model
+        assert torch.equal(out.row(c), models[c])
+        assert out.weights[out.client_ids.index(c)].tolist() == [float(j == c) for j in out.client_ids]
+    assert torch.allclose(out.global_aggregate, models[[0, 2, 4]].mean(0), atol=1e-4)  # the pair is not in it
+
+
+def test_secagg_without_a_link_threshold_forces_the_pair_into_the_other_task():
+    tv, models = _cluster_of_three_and_a_pair()
+    step = RelevanceAggregation(RelevanceConfig(min_effective=2.0, group_min_link=None),
+                                protocol=SecAggPlus(clip_range=8.0))
+    out = step.aggregate(0, tuple(range(5)), models, [1.0] * 5, tv)
+    assert out.groups == ((0, 1, 2, 3, 4),)  # fewer than 2 * 3 clients: one group (the earlier rule)
+
+
+def test_group_min_link_must_be_a_cosine():
+    with pytest.raises(ConfigError, match="group_min_link"):
+        RelevanceConfig(group_min_link=1.5)
 
 
 def test_relevance_server_rounds_and_heldout_personalization(clusters):
@@ -303,6 +339,23 @@ def test_heterogeneous_aggregation_shares_p_q_across_and_a_b_within():
                                                       architecture_state(CoLoRAMLP(64, (8,), 10, rank=3)))])
 
 
+def test_per_architecture_sharing_counts_every_shape_the_same():
+    small, wide = CoLoRAMLP(64, (32,), 10, rank=2), CoLoRAMLP(64, (64,), 10, rank=2)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.fill_(1.0)
+        for p in wide.parameters():
+            p.fill_(0.0)
+    ups = [HeteroUpload("32", shared_state(small), architecture_state(small))] + \
+        [HeteroUpload("64", shared_state(wide), architecture_state(wide)) for _ in range(3)]
+    by_client, _ = aggregate_heterogeneous(ups, share=True)
+    by_shape, arch = aggregate_heterogeneous(ups, share=True, per_architecture=True)
+    assert torch.allclose(by_client["32"]["last.Q"], torch.full((1, 2), 0.25))  # 1 of 4 clients
+    assert torch.allclose(by_shape["32"]["last.Q"], torch.full((1, 2), 0.5))  # 1 of 2 shapes
+    assert torch.allclose(by_shape["64"]["first.P"], by_shape["32"]["first.P"])
+    assert torch.allclose(arch["32"]["blocks.first.lora_A"], torch.ones(2, 64))  # within its group only
+
+
 def test_a_non_finite_upload_is_refused_naming_its_client():
     # the 0.10 collapse: one diverged client's NaN adapter, averaged into the shared P and Q,
     # reached every architecture; now its upload is refused with its id and the others aggregate
@@ -376,3 +429,35 @@ def test_bad_relevance_spec_is_a_config_error():
         RunConfig(dataset="digits-clusters", aggregation="relevance:temprature=0.2")
     with pytest.raises(ConfigError, match="unknown aggregation"):
         RunConfig(dataset="digits-clusters", aggregation="fancy")
+
+
+def test_heldout_architecture_shares_are_separate_from_the_training_shares():
+    d = make_digits_clusters(n_train=8, n_heldout=6, architectures="32,64", architecture_shares=[0.25, 0.75],
+                             heldout_architecture_shares=[1.0, 1.0])
+    assert d.architectures.count((32,)) == 2 and d.heldout_architectures.count((32,)) == 3
+    same = make_digits_clusters(n_train=8, n_heldout=6, architectures="32,64", architecture_shares=[0.25, 0.75])
+    assert same.heldout_architectures.count((32,)) < 3  # default: the training shares
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_hetero_optimizer_gets_the_shared_rate_and_no_frozen_factor(monkeypatch, freeze_a):
+    from securefml.relevance import HeteroConfig, run_heterogeneous
+    from securefml.relevance import hetero as hetero_mod
+
+    seen: list[list[dict]] = []
+    real = torch.optim.Adam
+
+    def spy(groups, lr):
+        seen.append([{"n": len(g["params"]), "lr": g["lr"]} for g in groups])
+        return real(groups, lr=lr)
+
+    monkeypatch.setattr(hetero_mod.torch.optim, "Adam", spy)
+    d = make_digits_clusters(n_train=4, n_heldout=2, groups=1, k_shot=1, query=1, architectures="32")
+    cfg = HeteroConfig(rounds=1, clients_per_round=2, local_steps=1, finetune_steps=1, rank=2, lr=0.01,
+                       shared_lr=0.05, freeze_A=freeze_a)
+    res = run_heterogeneous(d, cfg)
+    assert set(res.per_architecture) == {"32"}
+    # two blocks (first, last): own = A and B per block (B only when A is frozen); shared = P and Q per block
+    assert all(g == [{"n": 2 if freeze_a else 4, "lr": 0.01}, {"n": 4, "lr": 0.05}] for g in seen) and seen
+    with pytest.raises(ConfigError, match="shared_lr"):
+        HeteroConfig(shared_lr=0.0)
