@@ -30,7 +30,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import cast
@@ -75,6 +75,16 @@ def mask_workers(entries: int, streams: int, *, cpus: int | None = None) -> int:
     cpus = available_cpus() if cpus is None else cpus
     words = entries * (streams + 1)
     return max(1, min(cpus, -(-entries // CHUNK), words // MIN_WORDS_PER_WORKER))
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the parent's threads: its first masked input makes a new pool."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _executor(size: int) -> ThreadPoolExecutor:
@@ -139,7 +149,8 @@ def _quantize_and_mask(job: MaskJob, rounding_seed: bytes, part: _Range, out: np
     factor = w * fp.scale
     hi = fp.clip * factor  # clip(x, -c, c) * f == clip(x * f, -c * f, c * f) bit for bit (x is exact in float64)
     rnd_enc = _ctr(rounding_seed, part.start, 4)  # 32 random bits per entry, as FixedPoint.encode
-    streams = [(_ctr(s, part.start, item).update_into, np.add) for s in job.plus]
+    streams: list[tuple[Callable[..., object], np.ufunc]] = [(_ctr(s, part.start, item).update_into, np.add)
+                                                             for s in job.plus]
     streams += [(_ctr(s, part.start, item).update_into, np.subtract) for s in job.minus]
     rnd = _scratch("rnd", CHUNK + 4, np.uint32)
     rview = rnd.view(np.uint8)
@@ -258,7 +269,7 @@ def run_mask_job_threaded(
         out.byteswap(inplace=True)
     fields = dict(job.fields)
     # a zero-copy view, which ``encode`` writes as is; numpy declares the buffer protocol only for 3.12+
-    fields["vector"] = cast(bytes, memoryview(raw)[2:])
+    fields["vector"] = cast(bytes, memoryview(raw)[2:])  # type: ignore[arg-type]
     return encode(Envelope(KIND[Stage.MASKED], job.round_idx, job.client_id, fields))
 
 
@@ -267,7 +278,8 @@ def _sum_range(vectors: Sequence[np.ndarray], plus: Sequence[bytes], minus: Sequ
     c0 = time.thread_time()
     dt = total.dtype
     item = dt.itemsize
-    streams = [(_ctr(s, start, item).update_into, np.add) for s in plus]
+    streams: list[tuple[Callable[..., object], np.ufunc]] = [(_ctr(s, start, item).update_into, np.add)
+                                                             for s in plus]
     streams += [(_ctr(s, start, item).update_into, np.subtract) for s in minus]
     zeros = memoryview(bytes(CHUNK * item))
     ks = _scratch("ks", CHUNK * item + 16, np.uint8)

@@ -126,3 +126,31 @@ def test_worker_count_follows_the_work() -> None:
     for cpus in (1, 2, 4):  # more work never gets fewer workers
         counts = [mask_workers(n, 15, cpus=cpus) for n in (10**3, 10**4, 10**5, 10**6, 10**7)]
         assert counts == sorted(counts)
+
+
+def test_forked_child_gets_its_own_pool() -> None:
+    """A child forked after the pool started (the pipes test forks clients) must not wait on dead threads."""
+    import os
+
+    job = MaskJob(np.zeros(2 * CHUNK, np.float32), 1.0, FixedPoint(1.0, 4), [new_seed()], [], 1, 1, {})
+    run_mask_job_threaded(job, 2)  # the pool exists in this process now
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            run_mask_job_threaded(job, 2)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    import signal
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child hung on the parent's thread pool")
