@@ -88,6 +88,7 @@ class CKKSServer:
         self.replay_window = int(replay_window)
         self.verify_keys = verify_keys
         self._seen: dict[bytes, tuple[int, int]] = {}
+        self._max_ct = self.preset.max_ciphertext_bytes
 
     def is_private(self) -> bool:
         """False by construction: the server's context never holds the secret key."""
@@ -170,16 +171,39 @@ class CKKSServer:
             raise MalformedMessageError("unexpected or missing ciphertext fields", sender=sender)
         chunks: dict[int, ts.CKKSVector] = {}
         blobs: dict[int, bytes | memoryview] = {}
+        added: list[int] = []  # chunks already added into the running sums
+        seeded: set[int] = set()  # ... of which this message started the sum
         digests = []
+        fields = env.fields
+        max_ct = self._max_ct
+        load = self._load
+        digest = self._digest
         try:
             for k in got:
-                blob = env.fields[ct_field(k)]  # a view into ``data``: copied only to load it
-                vec = self._load(blob, frame.slots, sender, strict=strict)
-                digests.append(self._digest(blob))
+                blob = fields[ct_field(k)]  # a view into ``data``: copied only to load it (TenSEAL takes bytes)
+                if len(blob) > max_ct:
+                    raise MalformedMessageError(f"ciphertext of {len(blob)} bytes is oversized", sender=sender)
+                vec = load(blob, frame.slots, sender, strict=strict)
+                digests.append(digest(blob))
                 blobs[k] = blob
-                if into is not None:
+                if into is None:
+                    chunks[k] = vec
+                    continue
+                # not kept: holding every loaded ciphertext (4x its wire size) until the message is
+                # accepted costs fresh memory; an undo loads the few it needs again
+                slot = into.get(k)
+                if slot is None:
                     self._add(into, k, vec, sender)
-                chunks[k] = vec
+                    seeded.add(k)
+                else:
+                    try:
+                        slot[0].add_(vec)  # SEAL refuses a size / scale / form mismatch before writing
+                    except Exception:
+                        raise MalformedMessageError(
+                            "a ciphertext cannot be added to the others (size, scale or form mismatch)", sender=sender
+                        ) from None
+                    slot[1] += 1
+                added.append(k)
             upload = SignedUpload(sender, round_idx, frame.fingerprint(), layers, float(weight), float(prescale),
                                   blobs, bytes(sig))
             if self.verify_keys is not None:
@@ -187,17 +211,18 @@ class CKKSServer:
             self._check_replay(round_idx, sender, digests)
         except Exception:
             if into is not None:
-                self._undo(into, chunks)
+                self._undo(into, added, seeded, blobs, frame.slots, sender)
             raise
         kept = {} if into is not None else chunks
         return ReceivedCiphertexts(sender, float(weight), layers, kept, len(data), tuple(digests), upload)
 
-    def _add(self, sums: dict[int, list], k: int, vec: ts.CKKSVector, sender: int) -> None:
+    def _add(self, sums: dict[int, list], k: int, vec: ts.CKKSVector, sender: int) -> bool:
+        """Add ``vec`` into chunk ``k``'s running sum; True if it started that sum."""
         slot = sums.get(k)
         if slot is None:  # this ciphertext seeds the sum: every later one is added to it
             self.check_fresh(vec, self.preset.slots, sender)
             sums[k] = [vec, 1]
-            return
+            return True
         try:
             slot[0].add_(vec)  # SEAL refuses a size / scale / form mismatch before writing
         except Exception:
@@ -205,19 +230,25 @@ class CKKSServer:
                 "a ciphertext cannot be added to the others (size, scale or form mismatch)", sender=sender
             ) from None
         slot[1] += 1
+        return False
 
-    @staticmethod
-    def _undo(sums: dict[int, list], added: Mapping[int, ts.CKKSVector]) -> None:
-        for k, vec in added.items():
+    def _undo(self, sums: dict[int, list], added: Sequence[int], seeded: set[int],
+              blobs: Mapping[int, bytes | memoryview], slots: int, sender: int) -> None:
+        """Take a rejected message's additions out again, exactly (CKKS addition is modular).
+
+        Loading the same bytes again gives the same ciphertext, so subtracting the reloaded one
+        restores the sum word for word.
+        """
+        for k in added:
             slot = sums[k]
-            if slot[1] == 1 and slot[0] is vec:
+            if k in seeded:
                 del sums[k]
             else:
-                slot[0].sub_(vec)
+                slot[0].sub_(self._load(blobs[k], slots, sender, strict=False))
                 slot[1] -= 1
 
     def _load(self, blob: bytes | memoryview, size: int, sender: int, *, strict: bool = True) -> ts.CKKSVector:
-        if len(blob) > self.preset.max_ciphertext_bytes:
+        if len(blob) > self._max_ct:
             raise MalformedMessageError(f"ciphertext of {len(blob)} bytes is oversized", sender=sender)
         try:
             vec = ts.ckks_vector_from(self.context, blob if isinstance(blob, bytes) else bytes(blob))

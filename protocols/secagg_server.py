@@ -46,7 +46,6 @@ import numpy as np
 
 from securefml.errors import DecryptionError, MalformedMessageError, ProtocolAbort, ProtocolError, ReplayError
 from securefml.protocols import shamir
-from securefml.protocols.prg import apply_masks
 from securefml.protocols.secagg_client import B_SHARE, KEY_RECORD_BYTES, S_SHARE, UNMASK_RECORD_BYTES
 from securefml.protocols.secagg_crypto import (
     SEALED_BYTES,
@@ -58,6 +57,7 @@ from securefml.protocols.secagg_crypto import (
     public_of,
     verify,
 )
+from securefml.protocols.secagg_masking import unmask_sum
 from securefml.protocols.secagg_messages import (
     KIND,
     SERVER_ID,
@@ -390,10 +390,9 @@ class SecAggServer:
                     seed = pair_key(key, st.adverts[c][1], purpose=b"mask", round_idx=plan.round_idx, a=c, b=d)
                     (minus if c < d else plus).append(seed)
         fp = plan.fixed_point
-        total = np.zeros(plan.length + 1, dtype=fp.dtype)
-        for c in st.contributors:
-            np.add(total, st.masked[c].vector, out=total)
-        apply_masks(total, plus, minus + seeds)
+        # sum and unmask chunk by chunk on threads sized from the work (secagg_masking; equal to the
+        # plain np.add loop followed by prg.apply_masks, word for word)
+        total = unmask_sum([st.masked[c].vector for c in st.contributors], plus, minus + seeds)
         if fp.bits != 8 * fp.dtype.itemsize:
             total &= fp.dtype.type(fp.mask)
         return total

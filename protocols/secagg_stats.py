@@ -6,7 +6,8 @@ Two sides, kept apart on purpose:
   bucket partition and which buckets aborted (and why), the error bound of the revealed sums
   and the server's own time.  All of it is public to the server.
 - ``SecAggClientStats`` is one client half's own count (entries clipped to ``clip_range``,
-  whether its weight exceeded the public bound, its own compute time).  A client never sends
+  whether its weight exceeded the public bound, its own compute time, and the CPU time of its
+  masked input: in total and on its longest thread, ``secagg_masking``).  A client never sends
   it: in a deployment it stays on the device (a log line there).  The in-process driver adds the
   clients' counts into the round's record (``SecAggPlus.round_stats``), so a simulation reports
   how much clipping the chosen ``clip_range`` causes; the server half never sees them.
@@ -40,6 +41,9 @@ class SecAggClientStats:
     clipped_entries: int = 0
     weight_clipped: bool = False
     seconds: float = 0.0
+    mask_cpu_s: float = 0.0  # CPU time of the masked input, all its threads together
+    mask_critical_cpu_s: float = 0.0  # CPU time of its busiest thread (the critical path on idle cores)
+    mask_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,11 @@ class SecAggRoundStats:
     clients_s, clipped_fraction, weights_clipped:
         Filled by ``SecAggPlus.round_stats`` from the client halves of an in-process round (None
         when only the server half is known, e.g. over a real transport).
+    mask_cpu_s, mask_critical_cpu_s, mask_threads:
+        The clients' masked inputs: CPU seconds in total, CPU seconds of the busiest thread of
+        each (summed), and the largest thread count one used (in-process rounds only).  On a
+        loaded machine ``process CPU - mask_cpu_s + mask_critical_cpu_s`` is what the round
+        would take on idle cores.
     """
 
     params: tuple[tuple[int, int], ...] = ()
@@ -74,6 +83,9 @@ class SecAggRoundStats:
     clients_s: float | None = None
     clipped_fraction: float | None = None
     weights_clipped: int | None = None
+    mask_cpu_s: float | None = None
+    mask_critical_cpu_s: float | None = None
+    mask_threads: int | None = None
 
     def with_clients(self, clients: Sequence[SecAggClientStats]) -> SecAggRoundStats:
         """These stats with the clients' own tallies added (in-process rounds only)."""
@@ -84,6 +96,9 @@ class SecAggRoundStats:
             clients_s=sum(c.seconds for c in clients),
             clipped_fraction=clipped / entries if entries else 0.0,
             weights_clipped=sum(1 for c in clients if c.weight_clipped),
+            mask_cpu_s=sum(c.mask_cpu_s for c in clients),
+            mask_critical_cpu_s=sum(c.mask_critical_cpu_s for c in clients),
+            mask_threads=max((c.mask_threads for c in clients), default=0),
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -92,7 +107,9 @@ class SecAggRoundStats:
             "params": [[k, t] for k, t in self.params],
             "error_bound": self.error_bound,
             "timings": {"server_s": self.server_s,
-                        **({"clients_s": self.clients_s} if self.clients_s is not None else {})},
+                        **({"clients_s": self.clients_s} if self.clients_s is not None else {}),
+                        **({"mask_cpu_s": self.mask_cpu_s, "mask_critical_cpu_s": self.mask_critical_cpu_s}
+                           if self.mask_cpu_s is not None else {})},
         }
         if self.buckets:
             out["buckets"] = {i: list(members) for i, members in self.buckets.items()}
@@ -102,6 +119,8 @@ class SecAggRoundStats:
             out["clipped_fraction"] = self.clipped_fraction
         if self.weights_clipped is not None:
             out["weights_clipped"] = self.weights_clipped
+        if self.mask_threads is not None:
+            out["mask_threads"] = self.mask_threads
         return out
 
 
