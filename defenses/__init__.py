@@ -26,7 +26,7 @@ from securefml.defenses.distance import Bulyan, Krum, MultiKrum, NormBound
 from securefml.defenses.geometric import CenteredClipping, GeometricMedian
 from securefml.defenses.mean import Mean
 from securefml.defenses.metrics import DetectionRates, DetectionTracker, cumulative_detection, detection_rates
-from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping
+from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping, MedianClipping
 from securefml.defenses.preset import recommended
 from securefml.defenses.reputation import Reputation
 from securefml.defenses.subsets import CAF, MDA, SMEA
@@ -56,6 +56,7 @@ __all__ = [
     "Bucketing",
     "ARC",
     "Clipping",
+    "MedianClipping",
     "FLTrust",
     "FLAME",
     "FoolsGold",
@@ -97,6 +98,7 @@ DEFENSES.register("nnm", positional="f")(NNM)
 DEFENSES.register("bucketing", positional="size")(Bucketing)
 DEFENSES.register("arc", positional="f")(ARC)
 DEFENSES.register("clipping", positional="bound")(Clipping)
+DEFENSES.register("medclip")(MedianClipping)
 DEFENSES.register("fltrust")(FLTrust)
 DEFENSES.register("flame")(FLAME)
 DEFENSES.register("foolsgold")(FoolsGold)

@@ -32,6 +32,8 @@ __all__ = [
     "Bucketing",
     "ARC",
     "Clipping",
+    "MedianClipping",
+    "median_clip_scales",
 ]
 
 _ALL = frozenset({Reveals.UPDATES, Reveals.GRAM, Reveals.BUCKETS})
@@ -82,6 +84,15 @@ def arc_scales(norms: torch.Tensor, f: int) -> torch.Tensor:
     if k <= 0:
         return torch.ones(n, dtype=torch.float64, device=norms.device)
     bound = float(norms.to(torch.float64).sort(descending=True).values[k])
+    return clip_scales(norms, bound)
+
+
+def median_clip_scales(norms: torch.Tensor) -> torch.Tensor:
+    """Clip every row to the lower median norm: the ``ceil(n/2)``-th smallest (``k = floor(n/2)``)."""
+    n = norms.numel()
+    if n == 0:
+        return torch.ones(0, dtype=torch.float64, device=norms.device)
+    bound = float(norms.to(torch.float64).sort().values[(n + 1) // 2 - 1])
     return clip_scales(norms, bound)
 
 
@@ -300,3 +311,45 @@ class ARC(_ScalePre):
 
     def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
         return arc_scales(norms, effective_f(self.f, context, self))
+
+
+class MedianClipping(_ScalePre):
+    """Clip every update to the round's median norm (the ``ceil(n/2)``-th smallest).
+
+    Why not ARC alone: ARC clips the ``floor(2 (f/n)(n - f))`` largest norms, so its bound is
+    an honest norm only while a cohort holds at most ``f`` attackers.  Cohorts are drawn at
+    random: with ``f`` set to cover 95 % of cohorts, one round in twenty holds more, and then
+    the bound *is* an attacker's norm.  Measured on digits-fewshot FOMAML (20 % sign flippers
+    at scale 10, cohorts of 10, ``f = 4``): in the one round with 5 attackers an unclipped row
+    made the aggregate ten times its usual norm, and the server's Adam state (second moments
+    remembered over ~1,000 steps) shrank every later step: the run lost 10-17 points against
+    the unit-scale attack.  The median needs no ``f`` and no luck with the cohort.
+
+    Guarantee (property-tested): whenever at most ``floor(n/2)`` rows are Byzantine, every
+    output row has norm at most the ``ceil(n/2)``-th smallest *honest* norm, and the output
+    does not depend on how far the Byzantine rows are scaled beyond that bound: a 10x sign
+    flipper is exactly a unit vector of the same direction clipped to the bound.  Since
+    ``floor(2 (f/n)(n - f)) <= n/2``, this bound is never above ARC's, so
+    ``ARC >> MedianClipping`` is ``MedianClipping``.
+
+    Cost: the larger half of the honest updates is shortened to the median (a direction-
+    preserving reweighting of the mean); the no-attack accuracy this costs is measured in
+    ``docs/robustness.md``.  Needs only norms: runs on a CKKS Gram and on bucket means.
+
+    References
+    ----------
+    Clipping to a data-driven norm quantile: Andrew, Thakkar, McMahan, Ramaswamy, Differentially
+    Private Learning with Adaptive Clipping, NeurIPS 2021 (median of update norms as the clip
+    bound); Allouah et al., NeurIPS 2024 (ARC, the ``f``-based adaptive bound it replaces here).
+    """
+
+    name = "medclip"
+
+    def __init__(self, *, chunk: int = DEFAULT_CHUNK) -> None:
+        self.chunk = int(chunk)
+
+    def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
+        return median_clip_scales(norms)
+
+    def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
+        return "n=1: one update is its own median" if n <= 1 else None

@@ -24,7 +24,7 @@ from __future__ import annotations
 from securefml.defenses.base import Defense
 from securefml.defenses.geometric import CenteredClipping
 from securefml.defenses.mean import Mean
-from securefml.defenses.preaggregators import ARC
+from securefml.defenses.preaggregators import MedianClipping
 from securefml.defenses.reputation import Reputation
 from securefml.errors import ConfigError
 
@@ -33,7 +33,7 @@ __all__ = ["recommended", "PROTOCOL_KINDS"]
 PROTOCOL_KINDS = ("plaintext", "ckks", "secagg-buckets", "secagg")
 
 
-def recommended(protocol: str = "plaintext", *, f: int | None = None, threshold: float = 0.5) -> Defense:
+def recommended(protocol: str = "plaintext", *, threshold: float = 0.0) -> Defense:
     """The recommended defense for ``protocol`` (one of ``PROTOCOL_KINDS``).
 
     ``f=None`` lets ARC take the Byzantine budget the federation derives from its malicious
@@ -46,7 +46,7 @@ def recommended(protocol: str = "plaintext", *, f: int | None = None, threshold:
     CenteredClipping(tau=None, iterations=1, chunk=65536)
     """
     if protocol in ("plaintext", "ckks"):
-        return Reputation(ARC(f) >> Mean(), threshold=threshold)
+        return Reputation(MedianClipping() >> Mean(), threshold=threshold)
     if protocol == "secagg-buckets":
         return CenteredClipping()
     if protocol == "secagg":

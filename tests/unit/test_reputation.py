@@ -134,13 +134,13 @@ def test_trusted_consensus_leaves_suspects_out_of_the_consensus():
     g = torch.Generator().manual_seed(3)
     ids = tuple(range(8))
     x = _round(g, ids, {0, 1})
-    rep = Reputation(consensus="trusted", min_rounds=50)  # never flags: only the consensus differs
+    rep = Reputation(consensus="trusted", min_rounds=50, rescore=0)  # never flags: only the consensus differs
     rep._count.update({0: 3, 1: 3})
     rep._sum.update({0: -0.9, 1: -0.9})  # evidence against clients 0 and 1, not yet a flag
     res = rep(x, client_ids=ids)
     trusted = torch.tensor([i not in (0, 1) for i in ids])
     assert torch.allclose(res.info["scores"], consensus_cosine(x @ x.T, trusted))
-    old = Reputation(min_rounds=50)
+    old = Reputation(min_rounds=50, rescore=0)
     old._count.update({0: 3, 1: 3})
     old._sum.update({0: -0.9, 1: -0.9})
     everyone = old(x, client_ids=ids).info["scores"]
