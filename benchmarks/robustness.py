@@ -21,6 +21,10 @@ feedback, dictated and staggered.
 the reputation detector's cumulative TPR/FPR (every client seen so far, flagged at its latest
 participation) every 10 rounds, and the pooled per-round rates, per protocol and seed.
 
+``protocols``: the recommended default under CKKS (on the decrypted Gram) and bucketed SecAgg
+(centered clipping on bucket means) against the same plaintext runs (matrix's first setting and
+fraction; ``--protocol-attacks``), per-seed differences.
+
 ``matrix``: for each setting (digits-fewshot with FOMAML and MAML, digits-skew with FedAvg),
 each defense and each malicious fraction, accuracy with no attack ("clean") and under every
 attack; per defense the worst case over the attacks (per seed, then averaged), the drop from
@@ -248,6 +252,52 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
     return out
 
 
+# -- protocols ------------------------------------------------------------------------------
+PROTOCOLS = [("ckks", "recommended:ckks"), ("secagg:buckets=2", "recommended:secagg-buckets")]
+
+
+def protocol_config(args: argparse.Namespace, protocol: str, defense: str, attack: str, seed: int) -> RunConfig:
+    """The matrix's first setting and first malicious fraction, under another protocol."""
+    base = matrix_config(args, args.settings[0], args.malicious[0], "recommended", attack, seed)
+    return replace(base, protocol=protocol, defense=defense, rounds=args.protocol_rounds or args.rounds)
+
+
+def protocol_configs(args: argparse.Namespace) -> list[RunConfig]:
+    return [protocol_config(args, p, d, a, s) for p, d in PROTOCOLS for a in args.protocol_attacks for s in args.seeds]
+
+
+def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
+    """The recommended default under CKKS and bucketed SecAgg against the same runs in plaintext.
+
+    Same dataset, algorithm, cohorts, attack and seed; ``minus_plaintext`` is the per-seed
+    difference of the last-k accuracy (mean and 95 % interval over seeds), ``within_1_point``
+    whether its mean is within 0.01.
+    """
+    out = []
+    for protocol, defense in PROTOCOLS:
+        for attack in args.protocol_attacks:
+            pairs = []
+            for seed in args.seeds:
+                a = runner.get(protocol_config(args, protocol, defense, attack, seed))
+                b = runner.get(protocol_config(args, "plaintext", "recommended", attack, seed))
+                if a is not None and b is not None:
+                    pairs.append((seed, a, b))
+            if not pairs:
+                continue
+            diff = interval([a["last_k"] - b["last_k"] for _, a, b in pairs])
+            out.append({
+                "protocol": protocol, "defense": defense, "attack": attack, "setting": args.settings[0],
+                "rounds": args.protocol_rounds or args.rounds,
+                "malicious": args.malicious[0], "seeds": [s for s, _, _ in pairs],
+                "last_k": interval([a["last_k"] for _, a, _ in pairs]),
+                "plaintext_last_k": interval([b["last_k"] for _, _, b in pairs]),
+                "minus_plaintext": diff, "within_1_point": abs(diff["mean"]) <= 0.01,
+                "seconds": statistics.fmean(a["seconds"] for _, a, _ in pairs),
+                "plaintext_seconds": statistics.fmean(b["seconds"] for _, _, b in pairs),
+            })
+    return out
+
+
 # -- matrix ---------------------------------------------------------------------------------
 def matrix_config(args: argparse.Namespace, setting: str, frac: float, defense: str, attack: str,
                   seed: int) -> RunConfig:
@@ -320,8 +370,8 @@ def matrix(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", nargs="+", default=["selection", "detection", "divergence", "matrix"],
-                    choices=["selection", "detection", "divergence", "matrix"])
+    ap.add_argument("--sections", nargs="+", default=["selection", "detection", "divergence", "protocols", "matrix"],
+                    choices=["selection", "detection", "divergence", "protocols", "matrix"])
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--clients-per-round", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -335,9 +385,12 @@ def main() -> None:
     ap.add_argument("--selections", nargs="+", help="only these selection specs (default: every one of SELECTIONS)")
     ap.add_argument("--detection-rounds", type=int, default=100)
     ap.add_argument("--detection-protocols", nargs="+", default=["plaintext", "ckks"])
-    ap.add_argument("--detector", default="reputation>>mean")
+    ap.add_argument("--detector", default="recommended")
     ap.add_argument("--divergence-rounds", type=int, default=12)
     ap.add_argument("--divergence-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--protocol-attacks", nargs="+", default=["none", "signflip:scale=10"],
+                    help="attacks of the protocols section (the matrix's first setting and fraction)")
+    ap.add_argument("--protocol-rounds", type=int, help="rounds of the protocols section (default: --rounds)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path("results/robustness-runs.jsonl"))
     ap.add_argument("--report-only", action="store_true", help="summarize the cache; run nothing")
@@ -353,6 +406,10 @@ def main() -> None:
         planned += [detection_config(args, p, s) for p in args.detection_protocols for s in args.seeds]
     if "divergence" in args.sections:
         planned += [divergence_config(args, p, s) for p in ("plaintext", "ckks") for s in args.divergence_seeds]
+    if "protocols" in args.sections:
+        planned += protocol_configs(args)
+        planned += [protocol_config(args, "plaintext", "recommended", a, s) for a in args.protocol_attacks
+                    for s in args.seeds]
     if "matrix" in args.sections:
         planned += matrix_configs(args)
     if not args.report_only:
@@ -371,6 +428,8 @@ def main() -> None:
         result["detection"] = detection(args, runner)
     if "divergence" in args.sections:
         result["plaintext_vs_ckks"] = divergence(args, runner)
+    if "protocols" in args.sections:
+        result["protocols"] = protocols(args, runner)
     if "matrix" in args.sections:
         result["matrix"] = matrix(args, runner)
     text = json.dumps(result, indent=1)

@@ -122,8 +122,9 @@ def make_defense(spec: str) -> Defense:
 
     >>> make_defense("nnm:f=1>>krum:1")
     NNM(f=1, chunk=65536) >> Krum(f=1, chunk=65536)
-    >>> make_defense("reputation:threshold=2.5>>mean")
-    Reputation(Mean(), threshold=2.5, min_rounds=2, window=2000, consensus='unflagged', duplicate=0.99)
+    >>> make_defense("reputation:threshold=2.5>>mean")  # doctest: +NORMALIZE_WHITESPACE
+    Reputation(Mean(), threshold=2.5, min_rounds=3, window=2000, consensus='unflagged', duplicate=0.99,
+               rescore=6, history=250)
     """
     from securefml.registry import parse_spec
 
