@@ -36,7 +36,9 @@ test: $(LINKS)
 
 lint: $(LINKS)
 	$(BIN)/ruff check securefml protocols defenses attacks tests benchmarks examples setup.py
-	$(BIN)/mypy securefml protocols defenses attacks
+	# Checked as the installed package: each file once, under its one module name (securefml.attacks.*,
+	# not also attacks.*), through the strict editable install's folder of links.
+	MYPYPATH=$$(ls -d build/__editable__.securefml-*) $(BIN)/mypy -p securefml
 
 # The API reference (mkdocs + mkdocstrings, warnings are errors), from a plain install of the package.
 docs: $(LINKS)

@@ -40,7 +40,8 @@ from securefml.attacks.protocol_attacks import (
     WrongRound,
     WrongSender,
 )
-from securefml.registry import Registry
+from securefml.attacks.registry import ATTACKS, PROTOCOL_ATTACKS
+from securefml.registry import import_submodules
 
 __all__ = [
     "Attack",
@@ -84,37 +85,10 @@ __all__ = [
     "make_protocol_attack",
 ]
 
-ATTACKS: Registry[Attack] = Registry("attack")
-ATTACKS.register("none")(Attack)
-ATTACKS.register("signflip", positional="scale")(SignFlip)
-ATTACKS.register("gaussian", positional="std")(Gaussian)
-ATTACKS.register("scaling", positional="scale")(Scaling)
-ATTACKS.register("model-replacement")(ModelReplacement)
-ATTACKS.register("alie", positional="z")(ALIE)
-ATTACKS.register("ipm", positional="epsilon")(IPM)
-ATTACKS.register("minmax", positional="perturbation")(MinMax)
-ATTACKS.register("minsum", positional="perturbation")(MinSum)
-ATTACKS.register("fang-krum")(FangKrum)
-ATTACKS.register("fang-trmean", positional="b")(FangTrimmedMean)
-ATTACKS.register("mimic", positional="target")(Mimic)
-ATTACKS.register("labelflip", positional="fraction")(LabelFlip)
-ATTACKS.register("backdoor", positional="target")(Backdoor)
-ATTACKS.register("adaptive", positional="direction")(Adaptive)
-ATTACKS.register("meta-backdoor", positional="target")(MetaBackdoor)
-ATTACKS.register("metasgd-lr", positional="mode")(MetaSGDLearningRate)
-ATTACKS.register("optimal-alie")(OptimalALIE)
-ATTACKS.register("optimal-ipm")(OptimalIPM)
+# Every module registers its own definitions (decorators beside them); import them all.
+import_submodules(__name__, __path__)
 
-PROTOCOL_ATTACKS: Registry[TamperingTransport] = Registry("protocol attack")
-PROTOCOL_ATTACKS.register("truncate")(Truncate)
-PROTOCOL_ATTACKS.register("oversize")(Oversize)
-PROTOCOL_ATTACKS.register("malformed")(Malformed)
-PROTOCOL_ATTACKS.register("tamper")(Tamper)
-PROTOCOL_ATTACKS.register("replay")(Replay)
-PROTOCOL_ATTACKS.register("wrong-sender")(WrongSender)
-PROTOCOL_ATTACKS.register("wrong-round")(WrongRound)
-PROTOCOL_ATTACKS.register("duplicate")(Duplicate)
-PROTOCOL_ATTACKS.register("drop")(Drop)
+
 
 
 def make_attack(spec: str) -> Attack:

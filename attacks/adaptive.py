@@ -18,6 +18,7 @@ import torch
 
 from securefml.attacks.base import Attack, AttackContext
 from securefml.attacks.model_poisoning import benign_reference, perturbation_direction
+from securefml.attacks.registry import ATTACKS
 from securefml.errors import ConfigError
 
 __all__ = ["Adaptive", "defense_deviation"]
@@ -44,6 +45,7 @@ def defense_deviation(
     return float(dev) if torch.isfinite(dev) else 0.0
 
 
+@ATTACKS.register("adaptive", positional="direction")
 class Adaptive(Attack):
     """Line search on the attack strength against the server's own defense.
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from securefml.attacks.registry import ATTACKS
+
 __all__ = ["Attack", "AttackContext"]
 
 
@@ -62,6 +64,7 @@ class AttackContext:
     attack_info: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@ATTACKS.register("none")
 class Attack:
     """Base class of every attack; by default it changes nothing (an honest client).
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from securefml.attacks.base import Attack
+from securefml.attacks.registry import ATTACKS
 from securefml.data.base import Task
 from securefml.errors import ConfigError, DataError
 
@@ -47,6 +48,7 @@ def _pick(n: int, fraction: float, generator: torch.Generator | None, device: to
     return mask.to(device)
 
 
+@ATTACKS.register("labelflip", positional="fraction")
 class LabelFlip(Attack):
     """Flip labels ``y -> C - 1 - y`` on a fraction of the malicious client's data.
 
@@ -92,6 +94,7 @@ class LabelFlip(Attack):
         return task.with_data(**changes)
 
 
+@ATTACKS.register("backdoor", positional="target")
 class Backdoor(Attack):
     """Insert a trigger into a fraction of the inputs and relabel them as ``target``.
 

@@ -16,12 +16,14 @@ import torch
 from securefml.attacks.base import Attack, AttackContext
 from securefml.attacks.data_poisoning import SPLITS, Backdoor
 from securefml.attacks.model_poisoning import benign_reference
+from securefml.attacks.registry import ATTACKS
 from securefml.data.base import Task
 from securefml.errors import ConfigError
 
 __all__ = ["MetaBackdoor", "MetaSGDLearningRate"]
 
 
+@ATTACKS.register("meta-backdoor", positional="target")
 class MetaBackdoor(Attack):
     """A backdoor aimed at the meta-initialisation, meant to survive personalization.
 
@@ -116,6 +118,7 @@ class MetaBackdoor(Attack):
         return rows.to(own.dtype)
 
 
+@ATTACKS.register("metasgd-lr", positional="mode")
 class MetaSGDLearningRate(Attack):
     """Poison Meta-SGD's meta-learned inner learning rates.
 

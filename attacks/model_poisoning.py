@@ -21,6 +21,7 @@ from statistics import NormalDist
 import torch
 
 from securefml.attacks.base import Attack, AttackContext
+from securefml.attacks.registry import ATTACKS
 from securefml.defenses.distance import krum_scores, nearest_sums
 from securefml.defenses.linalg import sq_distances_from_gram, stable_gram
 from securefml.errors import ConfigError
@@ -107,6 +108,7 @@ def perturbation_direction(benign: torch.Tensor, kind: str) -> torch.Tensor:
 # -- simple attacks --------------------------------------------------------------------------
 
 
+@ATTACKS.register("signflip", positional="scale")
 class SignFlip(Attack):
     """Send ``-scale`` times the honest update one would have sent (bit/sign flipping).
 
@@ -125,6 +127,7 @@ class SignFlip(Attack):
         return -self.scale * own
 
 
+@ATTACKS.register("gaussian", positional="std")
 class Gaussian(Attack):
     """Send i.i.d. Gaussian noise ``N(mean, std^2 I)`` instead of an update.
 
@@ -161,6 +164,7 @@ class Gaussian(Attack):
         return (centre + self.std * noise).to(own.dtype)
 
 
+@ATTACKS.register("scaling", positional="scale")
 class Scaling(Attack):
     """Boost the malicious update by a factor (Bagdasaryan et al.'s model replacement).
 
@@ -200,6 +204,7 @@ class Scaling(Attack):
         return self.factor(context) * own
 
 
+@ATTACKS.register("model-replacement")
 class ModelReplacement(Scaling):
     """``Scaling`` with Bagdasaryan et al.'s replacement factor ``n / (eta * m)`` (no fixed scale)."""
 
@@ -231,6 +236,7 @@ def alie_z(n: int, f: int) -> float:
     return NormalDist().inv_cdf(p)
 
 
+@ATTACKS.register("alie", positional="z")
 class ALIE(Attack):
     """A Little Is Enough: every malicious client sends ``mean - z * std`` of the benign updates.
 
@@ -275,6 +281,7 @@ class ALIE(Attack):
         return _rows(mu - self.z_for(context) * std, own.shape[0], own.dtype)
 
 
+@ATTACKS.register("ipm", positional="epsilon")
 class IPM(Attack):
     """Inner Product Manipulation: every malicious client sends ``-epsilon * mean(benign)``.
 
@@ -371,6 +378,7 @@ def minmax_gamma(
     return lo
 
 
+@ATTACKS.register("minmax", positional="perturbation")
 class MinMax(Attack):
     """Min-Max: ``mean + gamma * p`` with the largest ``gamma`` whose farthest benign update is
     no farther than the two farthest benign updates are from each other.
@@ -412,6 +420,7 @@ class MinMax(Attack):
         return _rows(benign.mean(0) + gamma * p, own.shape[0], own.dtype)
 
 
+@ATTACKS.register("minsum", positional="perturbation")
 class MinSum(MinMax):
     """Min-Sum: like Min-Max but bounds the *sum* of squared distances to the benign updates by
     the largest such sum of any benign update (Shejwalkar & Houmansadr, NDSS 2021)."""
@@ -423,6 +432,7 @@ class MinSum(MinMax):
 # -- Fang et al. ----------------------------------------------------------------------------
 
 
+@ATTACKS.register("fang-krum")
 class FangKrum(Attack):
     """Fang et al.'s full-knowledge attack on Krum.
 
@@ -477,6 +487,7 @@ class FangKrum(Attack):
         return _rows(-chosen * s, m, own.dtype)
 
 
+@ATTACKS.register("fang-trmean", positional="b")
 class FangTrimmedMean(Attack):
     """Fang et al.'s full-knowledge attack on trimmed mean (and median).
 
@@ -519,6 +530,7 @@ class FangTrimmedMean(Attack):
 # -- Mimic ----------------------------------------------------------------------------------
 
 
+@ATTACKS.register("mimic", positional="target")
 class Mimic(Attack):
     """Every malicious client copies one honest client's update.
 

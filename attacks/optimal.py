@@ -20,10 +20,12 @@ I. Gupta. Fall of Empires. UAI 2020.  ByzFL (LPD-EPFL): optimal attacks by stren
 from __future__ import annotations
 
 from securefml.attacks.adaptive import Adaptive
+from securefml.attacks.registry import ATTACKS
 
 __all__ = ["OptimalALIE", "OptimalIPM"]
 
 
+@ATTACKS.register("optimal-alie")
 class OptimalALIE(Adaptive):
     """ALIE rows ``mean - gamma * std`` with ``gamma`` searched against the defense in use."""
 
@@ -37,6 +39,7 @@ class OptimalALIE(Adaptive):
                          omniscient=omniscient)
 
 
+@ATTACKS.register("optimal-ipm")
 class OptimalIPM(Adaptive):
     """IPM rows ``-gamma * mean`` with ``gamma`` searched against the defense in use."""
 

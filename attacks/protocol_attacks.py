@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from securefml.attacks.registry import PROTOCOL_ATTACKS
 from securefml.errors import ConfigError, SecureFMLError
 from securefml.protocols.base import Transport
 from securefml.protocols.wire import Envelope, decode, encode, pack_array, unpack_array
@@ -144,6 +145,7 @@ class TamperingTransport(Transport):
         return f"{type(self).__name__}(senders={senders}, stage={self.stage!r})"
 
 
+@PROTOCOL_ATTACKS.register("truncate")
 class Truncate(TamperingTransport):
     """Deliver only the first ``keep`` fraction of the message (at least one byte is cut)."""
 
@@ -159,6 +161,7 @@ class Truncate(TamperingTransport):
         return bytes(data[: min(len(data) - 1, int(len(data) * self.keep))])
 
 
+@PROTOCOL_ATTACKS.register("oversize")
 class Oversize(TamperingTransport):
     """Append ``extra`` random bytes (a padded or oversized message)."""
 
@@ -175,6 +178,7 @@ class Oversize(TamperingTransport):
         return bytes(data) + pad.numpy().tobytes()
 
 
+@PROTOCOL_ATTACKS.register("malformed")
 class Malformed(TamperingTransport):
     """Replace the message by random bytes (``"garbage"``), or break its magic or version."""
 
@@ -201,6 +205,7 @@ class Malformed(TamperingTransport):
         return bytes(raw)
 
 
+@PROTOCOL_ATTACKS.register("tamper")
 class Tamper(TamperingTransport):
     """Flip ``n_bytes`` random bytes, anywhere or inside one named envelope ``field``.
 
@@ -240,6 +245,7 @@ class Tamper(TamperingTransport):
         return encode(replace(env, fields=fields))
 
 
+@PROTOCOL_ATTACKS.register("replay")
 class Replay(TamperingTransport):
     """Record each target's first message and resend it in every later round.
 
@@ -265,6 +271,7 @@ class Replay(TamperingTransport):
         return old if env.round != rnd else data
 
 
+@PROTOCOL_ATTACKS.register("wrong-sender")
 class WrongSender(TamperingTransport):
     """Relabel the message's sender field as ``claim`` (default: the sender's id + 1)."""
 
@@ -282,6 +289,7 @@ class WrongSender(TamperingTransport):
         return encode(replace(env, sender=claim))
 
 
+@PROTOCOL_ATTACKS.register("wrong-round")
 class WrongRound(TamperingTransport):
     """Relabel the message's round field as ``round + offset``."""
 
@@ -300,6 +308,7 @@ class WrongRound(TamperingTransport):
         return encode(replace(env, round=(env.round + self.offset) % (1 << 32)))
 
 
+@PROTOCOL_ATTACKS.register("duplicate")
 class Duplicate(TamperingTransport):
     """Send a copy of ``source``'s latest message at this stage, or (no ``source``) one's own
     message framed twice in one delivery.
@@ -325,6 +334,7 @@ class Duplicate(TamperingTransport):
         return self._latest.get((self.source, stage), data)
 
 
+@PROTOCOL_ATTACKS.register("drop")
 class Drop(TamperingTransport):
     """The targets drop out: their messages at ``stage`` never arrive."""
 

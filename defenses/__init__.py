@@ -6,7 +6,6 @@ Every rule is a ``Defense``: call it on ``[n, d]`` updates (optional weights) to
 Pre-aggregators compose with ``>>`` (``NNM(f=2) >> TrimmedMean(f=2)``).
 """
 
-from collections.abc import Mapping
 from typing import Any
 
 from securefml.defenses.base import (
@@ -28,10 +27,11 @@ from securefml.defenses.mean import Mean
 from securefml.defenses.metrics import DetectionRates, DetectionTracker, cumulative_detection, detection_rates
 from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping, MedianClipping
 from securefml.defenses.preset import recommended
+from securefml.defenses.registry import DEFENSES
 from securefml.defenses.reputation import Reputation
 from securefml.defenses.subsets import CAF, MDA, SMEA
 from securefml.defenses.trust import FLTrust
-from securefml.registry import Registry
+from securefml.registry import import_submodules
 
 __all__ = [
     "AggregationResult",
@@ -39,6 +39,8 @@ __all__ = [
     "Defense",
     "PreAggregator",
     "MeanEquivalenceWarning",
+    "effective_f",
+    "register_mean_condition",
     "BYZANTINE_KEY",
     "byzantine_budget",
     "cohort_tail",
@@ -75,39 +77,10 @@ __all__ = [
     "make_defense",
 ]
 
-def _trimmed_to_mean(rule: TrimmedMean | Meamed, n: int, context: Mapping[str, Any]) -> str | None:
-    f = effective_f(rule.f, context, rule)
-    return "f=0 trims nothing" if f == 0 else None
+# Every module registers its own definitions (decorators beside them); import them all.
+import_submodules(__name__, __path__)
 
 
-register_mean_condition(TrimmedMean, _trimmed_to_mean)
-register_mean_condition(Meamed, _trimmed_to_mean)
-
-DEFENSES: Registry[Defense] = Registry("defense")
-DEFENSES.register("mean")(Mean)
-DEFENSES.register("median")(CoordinateMedian)
-DEFENSES.register("trimmedmean", positional="f")(TrimmedMean)
-DEFENSES.register("meamed", positional="f")(Meamed)
-DEFENSES.register("krum", positional="f")(Krum)
-DEFENSES.register("multikrum", positional="f")(MultiKrum)
-DEFENSES.register("bulyan", positional="f")(Bulyan)
-DEFENSES.register("normbound", positional="bound")(NormBound)
-DEFENSES.register("geomed")(GeometricMedian)
-DEFENSES.register("cclip", positional="tau")(CenteredClipping)
-DEFENSES.register("nnm", positional="f")(NNM)
-DEFENSES.register("bucketing", positional="size")(Bucketing)
-DEFENSES.register("arc", positional="f")(ARC)
-DEFENSES.register("clipping", positional="bound")(Clipping)
-DEFENSES.register("medclip")(MedianClipping)
-DEFENSES.register("fltrust")(FLTrust)
-DEFENSES.register("flame")(FLAME)
-DEFENSES.register("foolsgold")(FoolsGold)
-DEFENSES.register("dnc", positional="f")(DnC)
-DEFENSES.register("cedar")(CedarDetector)
-DEFENSES.register("reputation")(Reputation)
-DEFENSES.register("mda")(MDA)
-DEFENSES.register("smea")(SMEA)
-DEFENSES.register("caf")(CAF)
 
 
 def make_defense(spec: str) -> Defense:

@@ -58,6 +58,12 @@ class AggregationResult:
         Client ids the rule considers Byzantine (excluded or down-weighted).
     client_ids:
         The ids the rows referred to, in order.
+    flagged_buckets:
+        Positions (among the revealed bucket sums) of the buckets the rule flagged, when it ran on
+        bucketed SecAgg+ sums: a flag there can never name a client.
+    info:
+        Diagnostics only (``f`` used, ``tau``, row-level weights under a pre-aggregator...): kept
+        in the round's record for people to read; no part of the library decides on them.
     noise_std:
         Standard deviation of the Gaussian noise the rule's output carries (post-processing,
         e.g. FLAME's).  A rule that returns coordinates has added it to ``aggregate`` itself;
@@ -73,6 +79,7 @@ class AggregationResult:
     flagged: tuple[int, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
     noise_std: float = 0.0
+    flagged_buckets: tuple[int, ...] = ()
 
 
 def prepare_inputs(

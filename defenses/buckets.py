@@ -48,7 +48,7 @@ def aggregate_buckets(
     AggregationResult
         ``client_ids`` are the clients (bucket order).  The rule's row weights, if any, are in
         ``info["bucket_weights"]``; its flags name buckets, so they are reported in
-        ``info["flagged_buckets"]`` (bucket indices) and ``flagged`` is empty: a bucket flag
+        ``flagged_buckets`` (bucket indices) and ``flagged`` is empty: a bucket flag
         does not say which of its members misbehaved.
     """
     if Reveals.BUCKETS not in defense.runs_on:
@@ -64,8 +64,8 @@ def aggregate_buckets(
     res = defense(means, t, client_ids=bucket_ids, context=context)
     clients = tuple(int(c) for mem in members for c in mem)
     info = dict(res.info)
-    info["flagged_buckets"] = tuple(-c - 1 for c in res.flagged)
     info["buckets"] = tuple(tuple(int(c) for c in mem) for mem in members)
     if res.weights is not None:
         info["bucket_weights"] = res.weights
-    return AggregationResult(res.aggregate, clients, weights=None, scores=None, flagged=(), info=info)
+    return AggregationResult(res.aggregate, clients, weights=None, scores=None, flagged=(), info=info,
+                             flagged_buckets=tuple(-c - 1 for c in res.flagged))

@@ -9,6 +9,7 @@ import torch
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.distance import combine
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.reveals import Reveals
 
@@ -79,6 +80,7 @@ def representational_scores(
         )
 
 
+@DEFENSES.register("cedar")
 class CedarDetector(Defense):
     """Cedar's server-side detector (You et al., Nat. Commun. 2025).
 

@@ -17,6 +17,7 @@ from securefml.defenses.base import AggregationResult, Defense, effective_f
 from securefml.defenses.budget import check_optional_f
 from securefml.defenses.distance import combine
 from securefml.defenses.linalg import DEFAULT_CHUNK, gram_matrix
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -143,6 +144,7 @@ def dnc_good_set(
     return good, scores
 
 
+@DEFENSES.register("flame")
 class FLAME(Defense):
     """FLAME (Nguyen et al., USENIX Security 2022): clustering, adaptive clipping, noise.
 
@@ -199,6 +201,7 @@ class FLAME(Defense):
                                  noise_std=float(info["noise_std"]))
 
 
+@DEFENSES.register("foolsgold")
 class FoolsGold(Defense):
     """FoolsGold (Fung, Yoon, Beschastnikh, RAID 2020): down-weight clients that look alike.
 
@@ -258,6 +261,7 @@ class FoolsGold(Defense):
         self._history = {int(cid): h.to(torch.float64).clone() for cid, h in hist.items()}
 
 
+@DEFENSES.register("dnc", positional="f")
 class DnC(Defense):
     """Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021): spectral outlier removal.
 

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from securefml.defenses.base import AggregationResult, Defense, effective_f
+from securefml.defenses.base import AggregationResult, Defense, effective_f, register_mean_condition
 from securefml.defenses.linalg import SORT_CHUNK, coordinatewise, sorted_columns
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.reveals import Reveals
 
@@ -125,6 +126,7 @@ def meamed(x: torch.Tensor, f: int, *, chunk: int = SORT_CHUNK) -> torch.Tensor:
     return mean_around_median(x, n - f, chunk=chunk)
 
 
+@DEFENSES.register("median")
 class CoordinateMedian(Defense):
     """Coordinate-wise median (Yin et al., ICML 2018).
 
@@ -171,6 +173,7 @@ class _TrimmingRule(Defense):
         return AggregationResult(self._combine(updates, f), client_ids, info={"f": f})
 
 
+@DEFENSES.register("trimmedmean", positional="f")
 class TrimmedMean(_TrimmingRule):
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018).
 
@@ -194,6 +197,7 @@ class TrimmedMean(_TrimmingRule):
         return trimmed_mean(updates, f, chunk=self.chunk)
 
 
+@DEFENSES.register("meamed", positional="f")
 class Meamed(_TrimmingRule):
     """Mean around the median (Xie et al., 2018).
 
@@ -213,3 +217,13 @@ class Meamed(_TrimmingRule):
 
     def _combine(self, updates: torch.Tensor, f: int) -> torch.Tensor:
         return meamed(updates, f, chunk=self.chunk)
+
+
+def _trimmed_to_mean(rule: TrimmedMean | Meamed, n: int, context: Mapping[str, Any]) -> str | None:
+    """Trimmed rules reduce to the mean when their effective ``f`` trims nothing."""
+    f = effective_f(rule.f, context, rule)
+    return "f=0 trims nothing" if f == 0 else None
+
+
+register_mean_condition(TrimmedMean, _trimmed_to_mean)
+register_mean_condition(Meamed, _trimmed_to_mean)

@@ -35,6 +35,7 @@ from securefml.defenses.linalg import (
     stable_gram,
 )
 from securefml.defenses.mean import weighted_mean
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -312,6 +313,7 @@ class _GeometryRule(Defense):
         return AggregationResult(None, gram.client_ids, weights=coeffs, scores=scores, flagged=flagged, info=info)
 
 
+@DEFENSES.register("krum", positional="f")
 class Krum(_GeometryRule):
     """Krum (Blanchard et al., NeurIPS 2017): output the update closest to its neighbours.
 
@@ -351,6 +353,7 @@ class Krum(_GeometryRule):
         return coeffs, scores, flagged, {"selected": (client_ids[int(sel[0])],), "f": f}
 
 
+@DEFENSES.register("multikrum", positional="f")
 class MultiKrum(_GeometryRule):
     """Multi-Krum (Blanchard et al., NeurIPS 2017): average the ``m`` best Krum-scored updates.
 
@@ -402,6 +405,7 @@ class MultiKrum(_GeometryRule):
         return coeffs, scores, flagged, {"selected": selected, "f": f, "m": m}
 
 
+@DEFENSES.register("bulyan", positional="f")
 class Bulyan(Defense):
     """Bulyan (El Mhamdi et al., ICML 2018): Krum selection, then a coordinate-wise trim.
 
@@ -440,6 +444,7 @@ class Bulyan(Defense):
         return AggregationResult(agg, client_ids, flagged=flagged, info={"selected": selected, "f": f})
 
 
+@DEFENSES.register("normbound", positional="bound")
 class NormBound(Defense):
     """Norm bounding (Sun et al., 2019): clip every update to norm ``bound``, then average.
 

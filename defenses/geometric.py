@@ -17,6 +17,7 @@ import torch
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.distance import combine
 from securefml.defenses.linalg import DEFAULT_CHUNK, column_blocks, map_blocks, stable_gram
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -189,6 +190,7 @@ def _float64_step(x: torch.Tensor, center: torch.Tensor, c: torch.Tensor, chunk:
     return c64 * (1 - c.sum()) + combine(c, x, dtype=torch.float64)
 
 
+@DEFENSES.register("geomed")
 class GeometricMedian(Defense):
     """Geometric median by the smoothed Weiszfeld algorithm (RFA, Pillutla et al. 2022).
 
@@ -240,6 +242,7 @@ class GeometricMedian(Defense):
         return AggregationResult(None, gram.client_ids, weights=alpha, scores=d, info=info)
 
 
+@DEFENSES.register("cclip", positional="tau")
 class CenteredClipping(Defense):
     """Centered clipping (Karimireddy et al., ICML 2021), with its center kept across rounds.
 

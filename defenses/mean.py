@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from securefml.defenses.base import AggregationResult, Defense, prepare_inputs
+from securefml.defenses.registry import DEFENSES
 from securefml.gram import Gram
 from securefml.reveals import Reveals
 
@@ -45,6 +46,7 @@ def weighted_mean(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor,
     return (w[:, None] * x.to(torch.float64)).sum(0).to(x.dtype), w
 
 
+@DEFENSES.register("mean")
 class Mean(Defense):
     """Weighted arithmetic mean (FedAvg, McMahan et al. 2017).
 

@@ -19,6 +19,7 @@ import torch
 from securefml.defenses.base import PreAggregator, effective_f
 from securefml.defenses.budget import check_optional_f
 from securefml.defenses.linalg import DEFAULT_CHUNK, mix, row_norms, sq_distances_from_gram, stable_gram
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -138,6 +139,7 @@ class _LinearPre(PreAggregator):
         return m, Gram(ids, inner, ref, gram.reference_sq_norm), w
 
 
+@DEFENSES.register("nnm", positional="f")
 class NNM(_LinearPre):
     """Nearest Neighbor Mixing (Allouah et al., AISTATS 2023).
 
@@ -179,6 +181,7 @@ class NNM(_LinearPre):
         return nnm_mixing(gram.sq_distances(), effective_f(self.f, context, self)), w, gram.client_ids
 
 
+@DEFENSES.register("bucketing", positional="size")
 class Bucketing(_LinearPre):
     """Bucketing (Karimireddy, He, Jaggi, ICLR 2022): average random buckets of ``size`` clients.
 
@@ -258,6 +261,7 @@ class _ScalePre(_LinearPre):
         return torch.diag(self._scales(gram.norms, context)), w, gram.client_ids
 
 
+@DEFENSES.register("clipping", positional="bound")
 class Clipping(_ScalePre):
     """Static clipping: scale every update to norm at most ``bound`` before the rule.
 
@@ -282,6 +286,7 @@ class Clipping(_ScalePre):
         return clip_scales(norms, self.bound)
 
 
+@DEFENSES.register("arc", positional="f")
 class ARC(_ScalePre):
     """Adaptive Robust Clipping (Allouah et al., NeurIPS 2024).
 
@@ -313,6 +318,7 @@ class ARC(_ScalePre):
         return arc_scales(norms, effective_f(self.f, context, self))
 
 
+@DEFENSES.register("medclip")
 class MedianClipping(_ScalePre):
     """Clip every update to the round's median norm (the ``ceil(n/2)``-th smallest).
 

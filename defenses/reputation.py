@@ -83,6 +83,7 @@ import torch
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.mean import Mean
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -164,6 +165,7 @@ def robust_scale(values: torch.Tensor) -> float:
     return float((values - med).abs().median() * 1.4826)
 
 
+@DEFENSES.register("reputation")
 class Reputation(Defense):
     """Accumulate per-client evidence over rounds; exclude flagged clients before ``rule``.
 

@@ -33,6 +33,7 @@ from securefml.defenses.base import AggregationResult, Defense, effective_f
 from securefml.defenses.budget import check_optional_f
 from securefml.defenses.distance import combine
 from securefml.defenses.linalg import DEFAULT_CHUNK, sq_distances_from_gram, stable_gram
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -163,6 +164,7 @@ def _uniform(n: int, subset: tuple[int, ...]) -> torch.Tensor:
     return w
 
 
+@DEFENSES.register("mda")
 class MDA(_SubsetRule):
     """Minimum Diameter Averaging: the mean of the ``n - f`` updates with the smallest diameter.
 
@@ -179,6 +181,7 @@ class MDA(_SubsetRule):
         return _uniform(inner.shape[0], mda_subset(sq, f))
 
 
+@DEFENSES.register("smea")
 class SMEA(_SubsetRule):
     """Smallest Maximum Eigenvalue Averaging: the mean of the ``n - f`` updates whose covariance
     has the smallest largest eigenvalue (Allouah et al. 2023, optimal error under
@@ -190,6 +193,7 @@ class SMEA(_SubsetRule):
         return _uniform(inner.shape[0], smea_subset(inner, f))
 
 
+@DEFENSES.register("caf")
 class CAF(_SubsetRule):
     """Covariance-bound Agnostic Filter: iterative down-weighting along the top eigenvector of
     the weighted covariance (polynomial time, unlike SMEA), returning the weighted mean with

@@ -10,6 +10,7 @@ import torch
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.distance import combine
 from securefml.defenses.linalg import DEFAULT_CHUNK, column_blocks, row_norms
+from securefml.defenses.registry import DEFENSES
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
@@ -43,6 +44,7 @@ def fltrust_coefficients(
     return ts * (ref_norm / nrm) / total, ts
 
 
+@DEFENSES.register("fltrust")
 class FLTrust(Defense):
     """FLTrust (Cao et al., NDSS 2021): trust scores from a server reference update.
 

@@ -15,12 +15,13 @@ from securefml.protocols.ckks_policy import REFERENCE_PARTY, AggregateRequest, D
 from securefml.protocols.ckks_stats import PackingFrame, inner_product_error_bound, sum_error_bound
 from securefml.protocols.plaintext import Plaintext
 from securefml.protocols.quantize import FixedPoint
+from securefml.protocols.registry import PROTOCOLS
 from securefml.protocols.secagg import SecAggPlus
 from securefml.protocols.secagg_client import SecAggClient
 from securefml.protocols.secagg_graph import derive_parameters
 from securefml.protocols.secagg_plan import RoundPlan
 from securefml.protocols.secagg_server import SecAggServer
-from securefml.registry import Registry
+from securefml.registry import import_submodules
 
 __all__ = [
     "AggregateRequest",
@@ -56,7 +57,6 @@ __all__ = [
     "weighted_layer_mean",
 ]
 
-PROTOCOLS: Registry[AggregationProtocol] = Registry("protocol")
-PROTOCOLS.register("plaintext")(Plaintext)
-PROTOCOLS.register("ckks")(CKKS)
-PROTOCOLS.register("secagg")(SecAggPlus)
+# Every module registers its own definitions (decorators beside them); import them all.
+import_submodules(__name__, __path__)
+

@@ -58,6 +58,7 @@ from securefml.protocols.ckks_server import CKKSServer, ReceivedCiphertexts
 from securefml.protocols.ckks_server_half import CKKSRoundStats, CKKSServerHalf
 from securefml.protocols.ckks_stats import PackingFrame
 from securefml.protocols.halves import ClientHalf
+from securefml.protocols.registry import PROTOCOLS
 from securefml.updates import LayerLayout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,6 +83,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+@PROTOCOLS.register("ckks")
 class CKKS(AggregationProtocol):
     """Clients upload signed CKKS-encrypted selected layers; the server never holds the secret key.
 

@@ -31,10 +31,9 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 from securefml.errors import InvalidUpdateError, ProtocolError
-from securefml.reveals import Revealed
+from securefml.reveals import Revealed, RoundStats
 from securefml.rounds import Transport
 
 __all__ = ["ClientHalf", "RoundStats", "ServerHalf", "StageMessages", "Transcript", "simulate"]
@@ -59,17 +58,6 @@ class Transcript:
     dropped: dict[int, str] = field(default_factory=dict)  # party -> stage it stopped answering at
     client_errors: dict[int, str] = field(default_factory=dict)  # party -> why the client itself stopped
     rejected: dict[int, str] = field(default_factory=dict)  # party -> why the server refused its message
-
-
-@runtime_checkable
-class RoundStats(Protocol):
-    """A protocol's typed per-round statistics (a frozen dataclass in practice).
-
-    ``to_dict()`` returns plain values (``int``, ``float``, ``str``, ``list``, ``dict``) so every
-    field reaches ``RoundOutput.extras`` and the round record.
-    """
-
-    def to_dict(self) -> dict[str, object]: ...
 
 
 class ClientHalf(ABC):

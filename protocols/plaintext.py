@@ -15,11 +15,13 @@ from securefml.aggregation import streaming_weighted_mean
 from securefml.protocols.base import AggregationProtocol, ClientUpdate, HalvesSetup, Reveals
 from securefml.protocols.plaintext_codec import PlaintextCodec, decode_manifest, encode_manifest
 from securefml.protocols.plaintext_halves import PlaintextClientHalf, PlaintextServerHalf
+from securefml.protocols.registry import PROTOCOLS
 from securefml.updates import LayerLayout
 
 __all__ = ["Plaintext", "encode_manifest", "decode_manifest", "streaming_weighted_mean"]
 
 
+@PROTOCOLS.register("plaintext")
 class Plaintext(PlaintextCodec, AggregationProtocol):
     """Clients send float32 updates in the clear; the server sees every coordinate.
 

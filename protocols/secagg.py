@@ -160,6 +160,7 @@ from securefml.errors import ConfigError, ProtocolAbort
 from securefml.protocols.base import AggregationProtocol, ClientUpdate, HalvesSetup, Reveals, RoundHalves, Transport
 from securefml.protocols.halves import Transcript, simulate
 from securefml.protocols.quantize import FixedPoint
+from securefml.protocols.registry import PROTOCOLS
 from securefml.protocols.secagg_client import MaskJob
 from securefml.protocols.secagg_graph import GraphParams, bucket_partition, round_seed
 from securefml.protocols.secagg_halves import SecAggClientHalf, SecAggPlanningHalf, SecAggServerHalf
@@ -193,6 +194,7 @@ class _PKI(Mapping[int, bytes]):
         return len(self._proto._identities)
 
 
+@PROTOCOLS.register("secagg")
 class SecAggPlus(AggregationProtocol):
     """SecAgg+ secure aggregation: the server learns only (bucket) sums.
 

@@ -194,7 +194,7 @@ def _aggregate_sums(
     accepted = tuple(sorted(c for group in members for c in group))
     extras: dict[str, object] = {"error_bound": revealed.error_bound}
     if revealed.kind is Reveals.BUCKETS:  # positions among the revealed sums; a flag never names a client
-        extras["flagged_buckets"] = list(result.info.get("flagged_buckets", ()))
+        extras["flagged_buckets"] = list(result.flagged_buckets)
     return RoundOutput(full, totals, accepted, rejected, flagged=tuple(result.flagged),
                        bytes_uploaded=bytes_uploaded, defense=result, extras=extras)
 

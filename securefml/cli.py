@@ -17,6 +17,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from securefml.cli_options import add_learning_options
 from securefml.errors import SecureFMLError
 
 if TYPE_CHECKING:
@@ -63,13 +64,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, names: dict[str, list[str]]) 
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (the bundled models are small: one thread avoids contention)")
-    p.add_argument("--inner-steps", type=int)
-    p.add_argument("--inner-lr", type=float)
-    p.add_argument("--outer-lr", type=float)
+    add_learning_options(p)
     p.add_argument("--outer-steps", type=int)
-    p.add_argument("--server-opt", choices=["sgd", "adam"])
-    p.add_argument("--server-lr", type=float)
-    p.add_argument("--finetune-steps", type=int, help="personalization steps on held-out clients")
     p.add_argument("--last-k", type=int, default=1,
                    help="also score after each of the last K rounds and report their mean beside the final one")
     p.add_argument("--hidden", type=_sizes, help="hidden layer widths of the MLP, e.g. 64,64 (default per dataset)")

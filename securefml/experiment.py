@@ -82,6 +82,10 @@ def _first_line(exc: BaseException) -> str:
 
 # (dataset kind, algorithm) -> inner_steps, inner_lr, outer_lr, server_opt, server_lr.
 # Chosen on these machines with benchmarks/meta.py (same seed, same budget for every learner).
+#: one budget for every second-order-style classification learner, so they compare at equal cost
+_CLASSIFICATION_META: dict[str, Any] = dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
+                                            server_lr=0.005)
+
 _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("regression", "fedavg"): dict(inner_steps=5, inner_lr=0.02, server_opt="adam", server_lr=0.005),
     ("regression", "reptile"): dict(inner_steps=10, inner_lr=0.02, server_opt="adam", server_lr=0.005),
@@ -92,20 +96,15 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("regression", "metasgd"): dict(inner_steps=1, inner_lr=0.01, outer_lr=1.0, server_opt="adam", server_lr=0.005),
     ("classification", "fedavg"): dict(inner_steps=5, inner_lr=0.1, server_opt="adam", server_lr=0.005),
     ("classification", "reptile"): dict(inner_steps=10, inner_lr=0.1, server_opt="adam", server_lr=0.005),
-    ("classification", "maml"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam", server_lr=0.005),
+    ("classification", "maml"): _CLASSIFICATION_META,
     ("classification", "fomaml"): dict(inner_steps=2, inner_lr=0.2, outer_lr=1.0, server_opt="adam",
                                        server_lr=0.005),
-    ("classification", "metasgd"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
-                                        server_lr=0.005),
+    ("classification", "metasgd"): _CLASSIFICATION_META,
     # securefml.bayes: the same budget as Meta-SGD/MAML; pFedBayes' outer_lr is its step towards q
-    ("classification", "metasgd-ts"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
-                                           server_lr=0.005),
-    ("classification", "bayes-metasgd"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
-                                              server_lr=0.005),
-    ("classification", "bayes-maml"): dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, server_opt="adam",
-                                           server_lr=0.005),
-    ("classification", "pfedbayes"): dict(inner_steps=5, inner_lr=0.1, outer_lr=0.5, server_opt="adam",
-                                          server_lr=0.005),
+    ("classification", "metasgd-ts"): _CLASSIFICATION_META,
+    ("classification", "bayes-metasgd"): _CLASSIFICATION_META,
+    ("classification", "bayes-maml"): _CLASSIFICATION_META,
+    ("classification", "pfedbayes"): {**_CLASSIFICATION_META, "outer_lr": 0.5},
 }
 
 #: learners whose learned per-parameter rates are calibrated for their trained number of inner steps

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable, Iterator, Mapping
+import pkgutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -11,7 +13,7 @@ from securefml.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "Entry", "parse_spec"]
+__all__ = ["Registry", "Entry", "parse_spec", "import_submodules"]
 
 
 @dataclass(frozen=True)
@@ -203,3 +205,19 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
     if not name:
         raise ConfigError(f"empty name in spec {spec!r}")
     return name.strip().lower(), kwargs
+
+
+def import_submodules(package: str, path: Iterable[str]) -> None:
+    """Import every module of ``package`` so each definition's ``@REGISTRY.register`` has run.
+
+    Each package keeps its registry in a ``registry.py`` that imports nothing of the package at
+    run time, so every module can import it without a cycle, and each definition registers itself
+    with a decorator beside its class.  The package ``__init__`` calls this
+    (``import_submodules(__name__, __path__)``) after its explicit re-exports: a new module dropped
+    into ``defenses/`` (or ``attacks/``, ``protocols/``, ...) is then registered with no second file
+    to edit; re-exporting it from ``__init__`` is only for the public API.  Modules whose name
+    starts with ``_`` are private and skipped.
+    """
+    for info in sorted(pkgutil.iter_modules(list(path)), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 import torch
 
@@ -94,6 +94,7 @@ class RevealedSums:
             raise ValueError("one total weight and one contributor set per sum")
 
 
+@runtime_checkable
 class RoundStats(Protocol):
     """What a protocol measured in one round (bytes, ciphertexts, timings), as a typed value.
 

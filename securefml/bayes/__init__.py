@@ -48,7 +48,3 @@ __all__ = [
 
 # The learners join the registry the CLI reads, beside their definitions: securefml.meta
 # never imports this package.
-LEARNERS.register("bayes-metasgd")(BayesMetaSGD)
-LEARNERS.register("bayes-maml")(BayesMAML)
-LEARNERS.register("pfedbayes")(PFedBayes)
-LEARNERS.register("metasgd-ts")(MetaSGDTemperature)

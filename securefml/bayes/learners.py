@@ -73,6 +73,7 @@ from securefml.data.base import Task
 from securefml.errors import ConfigError
 from securefml.meta.base import MetaConfig, MetaLearner, Params
 from securefml.meta.metasgd import ALPHA_PREFIX, MetaSGD
+from securefml.meta.registry import LEARNERS
 from securefml.updates import ParamRole, Role
 
 __all__ = ["BayesConfig", "BayesMAML", "BayesMetaSGD", "BayesianLearner", "MetaSGDTemperature", "PFedBayes",
@@ -333,12 +334,14 @@ def _value_and_grad(fn, params: Params, *args):  # type: ignore[no-untyped-def]
     return g, float(value.detach())
 
 
+@LEARNERS.register("bayes-maml")
 class BayesMAML(BayesianLearner):
     """Bayesian MAML (VAMPIRE-style): local VI at the fixed rate ``inner_lr``; meta-learns the prior only."""
 
     name = "bayes-maml"
 
 
+@LEARNERS.register("bayes-metasgd")
 class BayesMetaSGD(BayesianLearner):
     """Bayesian Meta-SGD: meta-learns the prior *and* one inner rate per mean and per log-variance.
 
@@ -363,6 +366,7 @@ class BayesMetaSGD(BayesianLearner):
         return {**super().layer_roles(), **rates}
 
 
+@LEARNERS.register("pfedbayes")
 class PFedBayes(BayesianLearner):
     """pFedBayes (Zhang et al., ICML 2022): personalized Gaussian posteriors tied to a global one by a KL term.
 
@@ -427,6 +431,7 @@ class PFedBayes(BayesianLearner):
         return {**params, **self.stored(w)}, {"train_loss": loss}
 
 
+@LEARNERS.register("metasgd-ts")
 class MetaSGDTemperature(MetaSGD):
     """Meta-SGD, then post-hoc temperature scaling fitted on the client's support set.
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from securefml.data.base import FederatedDataset, Task
 from securefml.data.clusters import ClusteredDataset, make_digits_clusters, parse_architectures
 from securefml.data.digits import load_digits_tensors, make_digits_fewshot, make_digits_skew
+from securefml.data.registry import DATASETS
 from securefml.data.sine import make_sine
 from securefml.data.synthetic import make_synthetic
-from securefml.registry import Registry
+from securefml.registry import import_submodules
 
 __all__ = [
     "ClusteredDataset",
@@ -24,12 +25,9 @@ __all__ = [
     "parse_architectures",
 ]
 
-DATASETS: Registry[FederatedDataset] = Registry("dataset")
-DATASETS.register("sine")(make_sine)
-DATASETS.register("digits-fewshot")(make_digits_fewshot)
-DATASETS.register("digits-skew")(make_digits_skew)
-DATASETS.register("digits-clusters")(make_digits_clusters)
-DATASETS.register("synthetic")(make_synthetic)
+# Every module registers its own definitions (decorators beside them); import them all.
+import_submodules(__name__, __path__)
+
 
 
 def load_dataset(name: str, *, seed: int = 0, **options: object) -> FederatedDataset:

@@ -33,6 +33,7 @@ import torch
 
 from securefml.data.base import FederatedDataset, Task
 from securefml.data.digits import load_digits_tensors
+from securefml.data.registry import DATASETS
 from securefml.errors import ConfigError
 
 __all__ = ["ClusteredDataset", "make_digits_clusters", "parse_architectures"]
@@ -107,6 +108,7 @@ def _relabel(client_id: int, x: torch.Tensor, y: torch.Tensor, s: np.ndarray, q:
     return Task(client_id, x[s], p[y[s]], x[q], p[y[q]], kind="classification", n_classes=10)
 
 
+@DATASETS.register("digits-clusters")
 def make_digits_clusters(
     *,
     n_train: int = 32,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from securefml.data.base import FederatedDataset, Task
+from securefml.data.registry import DATASETS
 from securefml.errors import ConfigError
 
 __all__ = ["load_digits_tensors", "make_digits_fewshot", "make_digits_skew"]
@@ -57,6 +58,7 @@ def _fewshot_task(
     )
 
 
+@DATASETS.register("digits-fewshot")
 def make_digits_fewshot(
     *,
     n_train: int = 100,
@@ -94,6 +96,7 @@ def _split_task(client_id: int, idx: np.ndarray, x: torch.Tensor, y: torch.Tenso
     return Task(client_id, x[s], y[s], x[q], y[q], kind="classification", n_classes=10)
 
 
+@DATASETS.register("digits-skew")
 def make_digits_skew(
     *,
     n_clients: int = 30,

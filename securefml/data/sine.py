@@ -7,6 +7,7 @@ import math
 import torch
 
 from securefml.data.base import FederatedDataset, Task
+from securefml.data.registry import DATASETS
 
 __all__ = ["make_sine"]
 
@@ -19,6 +20,7 @@ def _sine_task(client_id: int, k_shot: int, query: int, gen: torch.Generator) ->
     return Task(client_id, x[:k_shot], y[:k_shot], x[k_shot:], y[k_shot:], kind="regression")
 
 
+@DATASETS.register("sine")
 def make_sine(
     *,
     n_train: int = 200,

@@ -6,11 +6,13 @@ import numpy as np
 import torch
 
 from securefml.data.base import FederatedDataset, Task
+from securefml.data.registry import DATASETS
 from securefml.errors import ConfigError
 
 __all__ = ["make_synthetic"]
 
 
+@DATASETS.register("synthetic")
 def make_synthetic(
     *,
     alpha: float = 1.0,

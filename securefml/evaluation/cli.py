@@ -14,6 +14,7 @@ import argparse
 import time
 from typing import Any
 
+from securefml.cli_options import add_learning_options
 from securefml.evaluation.api import evaluate
 from securefml.evaluation.presets import PRESETS, evaluate_kwargs, preset
 from securefml.evaluation.progress import ProgressBars
@@ -52,12 +53,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--algorithm")
     p.add_argument("--rounds", type=int)
     p.add_argument("--clients-per-round", type=int)
-    p.add_argument("--inner-steps", type=int)
-    p.add_argument("--inner-lr", type=float)
-    p.add_argument("--outer-lr", type=float)
-    p.add_argument("--server-opt", choices=["sgd", "adam"])
-    p.add_argument("--server-lr", type=float)
-    p.add_argument("--finetune-steps", type=int)
+    add_learning_options(p)
     p.add_argument("--last-k", type=int,
                    help="also score each cell after each of its last K rounds and report their mean (default 5)")
     p.add_argument("--select", help="layer selection, as for `securefml run`")

@@ -12,12 +12,13 @@ their extra meta-parameters (``layer_roles``, ``layout``) on the ``LayerLayout``
 
 from __future__ import annotations
 
-from securefml.meta.base import MetaConfig, MetaLearner, Params, task_loss
+from securefml.meta.base import MetaConfig, MetaLearner, Params, QueryLossLearner, task_loss
 from securefml.meta.gradients import Batch, Gradients, LossFn, PlainGradients
 from securefml.meta.local import FedAvg, Reptile
 from securefml.meta.maml import FOMAML, MAML
 from securefml.meta.metasgd import ALPHA_PREFIX, MetaSGD
-from securefml.registry import Registry
+from securefml.meta.registry import LEARNERS
+from securefml.registry import import_submodules
 
 __all__ = [
     "ALPHA_PREFIX",
@@ -30,6 +31,7 @@ __all__ = [
     "FedAvg",
     "MetaConfig",
     "MetaLearner",
+    "QueryLossLearner",
     "MetaSGD",
     "Params",
     "PlainGradients",
@@ -37,9 +39,6 @@ __all__ = [
     "task_loss",
 ]
 
-LEARNERS: Registry[MetaLearner] = Registry("algorithm")
-LEARNERS.register("fedavg")(FedAvg)
-LEARNERS.register("maml")(MAML)
-LEARNERS.register("fomaml")(FOMAML)
-LEARNERS.register("metasgd")(MetaSGD)
-LEARNERS.register("reptile")(Reptile)
+# Every module registers its own definitions (decorators beside them); import them all.
+import_submodules(__name__, __path__)
+

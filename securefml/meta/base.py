@@ -42,7 +42,7 @@ from securefml.meta.gradients import Gradients, LossFn, Params, PlainGradients
 from securefml.models import batchnorm_on_batch_statistics
 from securefml.updates import LayerLayout, ParamRole
 
-__all__ = ["MetaConfig", "MetaLearner", "Params", "task_loss"]
+__all__ = ["MetaConfig", "MetaLearner", "QueryLossLearner", "Params", "task_loss"]
 
 _L = TypeVar("_L", bound="MetaLearner")
 
@@ -273,3 +273,44 @@ class MetaLearner(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+class QueryLossLearner(MetaLearner):
+    """A learner whose round adapts on the support set and differentiates the query loss (MAML, Meta-SGD).
+
+    ``first_order`` decides what record-level DP must account for: second order differentiates
+    through the inner gradients (one released gradient per outer step; the support set is traced),
+    first order releases every inner gradient as a constant (``inner_steps + 1`` per outer step).
+    """
+
+    first_order = False
+
+    def released_gradients(self) -> int:
+        cfg = self.config
+        return cfg.outer_steps * (cfg.inner_steps + 1) if self.first_order else cfg.outer_steps
+
+    @property
+    def traces_local_gradients(self) -> bool:
+        return not self.first_order
+
+    def query_loss(self, params: Params, task: Task) -> torch.Tensor:
+        """The query loss after ``adapt`` on the support set: what the meta-gradient differentiates."""
+        adapted = self.adapt(params, task.support_x, task.support_y, task.kind)
+        return self.loss(adapted, task.query_x, task.query_y, task.kind)
+
+    @abstractmethod
+    def _meta_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
+                       qy: torch.Tensor, kind: str) -> tuple[Params, torch.Tensor]:
+        """The gradient of the query loss after adaptation, and that loss."""
+
+    def client_step(
+        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
+    ) -> tuple[Params, torch.Tensor]:
+        """``outer_steps`` meta-steps of size ``outer_lr``; a parameter without a gradient stays."""
+        loss = torch.zeros(())
+        for _ in range(self.config.outer_steps):
+            g, loss = self._meta_gradient(params, sx, sy, qx, qy, kind)
+            params = {n: (p - self.config.outer_lr * g[n]).detach() if n in g else p for n, p in params.items()}
+        return params, loss
+
+    meta_update = MetaLearner.meta_update_by_step

@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 from securefml.meta.base import MetaLearner, Params
+from securefml.meta.registry import LEARNERS
 
 __all__ = ["FedAvg", "Reptile"]
 
 
+@LEARNERS.register("fedavg")
 class FedAvg(MetaLearner):
     """FedAvg (McMahan et al., 2017): ``inner_steps`` full-batch SGD steps on all local data.
 
@@ -36,6 +38,7 @@ class FedAvg(MetaLearner):
     meta_update = MetaLearner.meta_update_by_step
 
 
+@LEARNERS.register("reptile")
 class Reptile(MetaLearner):
     """Reptile (Nichol et al., 2018): adapt on the task, move towards the adapted weights.
 

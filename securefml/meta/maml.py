@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 
 from securefml.data.base import Task
-from securefml.meta.base import MetaLearner, Params
+from securefml.meta.base import Params, QueryLossLearner
+from securefml.meta.registry import LEARNERS
 
 __all__ = ["MAML", "FOMAML"]
 
 
-class MAML(MetaLearner):
+@LEARNERS.register("maml")
+class MAML(QueryLossLearner):
     """Second-order MAML: differentiate the query loss through the inner SGD steps.
 
     Each client (FedMeta, Chen et al. 2018) adapts on its support set, computes the
@@ -29,18 +31,6 @@ class MAML(MetaLearner):
 
     name = "maml"
     first_order = False
-
-    def released_gradients(self) -> int:
-        cfg = self.config
-        return cfg.outer_steps * (cfg.inner_steps + 1) if self.first_order else cfg.outer_steps
-
-    @property
-    def traces_local_gradients(self) -> bool:
-        return not self.first_order
-
-    def query_loss(self, params: Params, task: Task) -> torch.Tensor:
-        adapted = self.adapt(params, task.support_x, task.support_y, task.kind)
-        return self.loss(adapted, task.query_x, task.query_y, task.kind)
 
     def meta_gradient(self, params: Params, task: Task) -> tuple[Params, float]:
         g, loss = self._meta_gradient(params, task.support_x, task.support_y, task.query_x, task.query_y, task.kind)
@@ -59,18 +49,8 @@ class MAML(MetaLearner):
 
         return self.gradients.with_value(through_inner_loop, params, (qx, qy))
 
-    def client_step(
-        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
-    ) -> tuple[Params, torch.Tensor]:
-        loss = torch.zeros(())
-        for _ in range(self.config.outer_steps):
-            g, loss = self._meta_gradient(params, sx, sy, qx, qy, kind)
-            params = {n: (p - self.config.outer_lr * g[n]).detach() if n in g else p for n, p in params.items()}
-        return params, loss
 
-    meta_update = MetaLearner.meta_update_by_step
-
-
+@LEARNERS.register("fomaml")
 class FOMAML(MAML):
     """First-order MAML: the query gradient at the adapted weights, no second derivatives."""
 

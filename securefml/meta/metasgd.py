@@ -20,9 +20,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from securefml.data.base import Task
-from securefml.meta.base import MetaConfig, MetaLearner, Params
+from securefml.meta.base import MetaConfig, Params, QueryLossLearner
 from securefml.meta.gradients import Gradients
+from securefml.meta.registry import LEARNERS
 from securefml.updates import ParamRole, Role
 
 __all__ = ["MetaSGD", "ALPHA_PREFIX"]
@@ -31,7 +31,8 @@ __all__ = ["MetaSGD", "ALPHA_PREFIX"]
 ALPHA_PREFIX = "alpha."
 
 
-class MetaSGD(MetaLearner):
+@LEARNERS.register("metasgd")
+class MetaSGD(QueryLossLearner):
     """Inner step ``theta - alpha * grad`` with ``alpha`` learned, shipped and aggregated.
 
     The rates live in the meta-parameters under ``alpha.<param name>``, so they form layers
@@ -49,14 +50,6 @@ class MetaSGD(MetaLearner):
         super().__init__(model, config, gradients=gradients)
         self.first_order = first_order
         self._rates = {n: ALPHA_PREFIX + n for n, _ in self.model.named_parameters()}
-
-    def released_gradients(self) -> int:
-        cfg = self.config
-        return cfg.outer_steps * (cfg.inner_steps + 1) if self.first_order else cfg.outer_steps
-
-    @property
-    def traces_local_gradients(self) -> bool:
-        return not self.first_order
 
     def init_params(self, device: torch.device | str | None = None) -> Params:
         params = super().init_params(device)
@@ -88,10 +81,6 @@ class MetaSGD(MetaLearner):
         steps = self.config.inner_steps if steps is None else steps
         return self._adapt(params, task_x, task_y, kind, steps=steps, traced=False)[0]
 
-    def query_loss(self, params: Params, task: Task) -> torch.Tensor:
-        adapted = self.adapt(params, task.support_x, task.support_y, task.kind)
-        return self.loss(adapted, task.query_x, task.query_y, task.kind)
-
     def _meta_gradient(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor,
                        kind: str) -> tuple[Params, torch.Tensor]:
         steps = self.config.inner_steps
@@ -108,13 +97,3 @@ class MetaSGD(MetaLearner):
 
         return self.gradients.with_value(query, params, (qx, qy))
 
-    def client_step(
-        self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor, kind: str
-    ) -> tuple[Params, torch.Tensor]:
-        loss = torch.zeros(())
-        for _ in range(self.config.outer_steps):
-            g, loss = self._meta_gradient(params, sx, sy, qx, qy, kind)
-            params = {n: (p - self.config.outer_lr * g[n]).detach() for n, p in params.items()}
-        return params, loss
-
-    meta_update = MetaLearner.meta_update_by_step

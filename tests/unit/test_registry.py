@@ -71,3 +71,57 @@ def test_a_users_own_defense_registers_from_outside_the_package() -> None:
     finally:  # the support page lists what is registered: leave nothing behind
         DEFENSES.unregister("halve-test")
     assert "halve-test" not in DEFENSES
+
+
+_REGISTRIES = {
+    "securefml.defenses": "DEFENSES",
+    "securefml.attacks": "ATTACKS",
+    "securefml.protocols": "PROTOCOLS",
+    "securefml.meta": "LEARNERS",
+    "securefml.data": "DATASETS",
+}
+
+
+@pytest.mark.parametrize("package", sorted(_REGISTRIES))
+def test_each_definition_registers_itself_in_its_own_module(package: str) -> None:
+    """Registration sits beside the definition: no package ``__init__`` registers anything, and every
+    registered factory lives in a module of the package (not in ``__init__``)."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(package)
+    init_source = inspect.getsource(module)
+    assert ".register(" not in init_source, f"{package}/__init__.py registers definitions itself"
+    registry = getattr(module, _REGISTRIES[package])
+    for name in registry.names():
+        factory = registry.get(name)
+        if factory.__module__.startswith(package):  # securefml.bayes adds learners from its own package
+            assert factory.__module__ != package, f"{name!r} is defined in {package}/__init__.py"
+            source = inspect.getsource(importlib.import_module(factory.__module__))
+            assert f'.register("{name}"' in source, f"{name!r} is not registered beside its definition"
+
+
+def test_a_new_module_in_a_package_registers_itself_without_editing_init(tmp_path, monkeypatch) -> None:
+    """``import_submodules`` is what makes a new defense/attack/protocol one file: drop a module in
+    the package folder and its decorator runs when the package is imported."""
+    import importlib
+    import sys
+
+    package = tmp_path / "toyplugins"
+    package.mkdir()
+    (package / "registry.py").write_text("from securefml.registry import Registry\nTOYS = Registry('toy')\n")
+    (package / "__init__.py").write_text(
+        "from toyplugins.registry import TOYS\nfrom securefml.registry import import_submodules\n"
+        "import_submodules(__name__, __path__)\n"
+    )
+    (package / "first.py").write_text("from toyplugins.registry import TOYS\n@TOYS.register('one')\nclass One: ...\n")
+    (package / "second.py").write_text("from toyplugins.registry import TOYS\n@TOYS.register('two')\nclass Two: ...\n")
+    (package / "_private.py").write_text("raise RuntimeError('private modules are not imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        toys = importlib.import_module("toyplugins").TOYS
+        assert toys.names() == ["one", "two"]
+        assert type(toys.create("two")).__name__ == "Two"
+    finally:
+        for name in [m for m in sys.modules if m == "toyplugins" or m.startswith("toyplugins.")]:
+            del sys.modules[name]
