@@ -253,7 +253,10 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 
 
 # -- protocols ------------------------------------------------------------------------------
-PROTOCOLS = [("ckks", "recommended:ckks"), ("secagg:buckets=2", "recommended:secagg-buckets")]
+# CKKS runs the plaintext default on the decrypted Gram; bucketed SecAgg reveals bucket sums only (no
+# per-client geometry, no reputation): the candidates for its default, measured side by side
+PROTOCOLS = [("ckks", "recommended:ckks"), ("secagg:buckets=2", "cclip"), ("secagg:buckets=2", "medclip>>mean"),
+             ("secagg:buckets=2", "medclip>>cclip")]
 
 
 def protocol_config(args: argparse.Namespace, protocol: str, defense: str, attack: str, seed: int) -> RunConfig:
