@@ -106,6 +106,7 @@ def summarize(cfg: RunConfig) -> dict[str, Any]:
         "last_k": m["personalized_last_k"]["mean"],
         "bytes": m["bytes_uploaded"],
         "cumulative": [{k: c[k] for k in ("round", "tpr", "fpr")} for c in cum],
+        "malicious_ids": list(det["malicious_ids"]),
         "pooled_per_round": {"tpr": det["tpr"], "fpr": det["fpr"]},
         "seconds": time.perf_counter() - started,
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -232,6 +233,36 @@ def divergence(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]
     return out
 
 
+def per_round_rates(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each round's TPR / FPR over that round's cohort (None where the cohort had no such client)."""
+    bad = set(rec["malicious_ids"])
+    out = []
+    for i, r in enumerate(rec["rounds"]):
+        flagged = set(r["flagged"])
+        pos = [c for c in r["cohort"] if c in bad]
+        neg = [c for c in r["cohort"] if c not in bad]
+        out.append({"round": i, "malicious": len(pos), "flagged": len(flagged & set(r["cohort"])),
+                    "tpr": sum(c in flagged for c in pos) / len(pos) if pos else None,
+                    "fpr": sum(c in flagged for c in neg) / len(neg) if neg else None})
+    return out
+
+
+def _pooled(rows: list[dict[str, Any]], rec: dict[str, Any]) -> dict[str, float | None]:
+    bad = set(rec["malicious_ids"])
+    tp = fp = pos = neg = 0
+    for row in rows:
+        r = rec["rounds"][row["round"]]
+        flagged = set(r["flagged"])
+        for c in r["cohort"]:
+            if c in bad:
+                pos += 1
+                tp += c in flagged
+            else:
+                neg += 1
+                fp += c in flagged
+    return {"tpr": tp / pos if pos else None, "fpr": fp / neg if neg else None}
+
+
 def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
     out = []
     for protocol in args.detection_protocols:
@@ -245,6 +276,8 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
                 "final_cumulative": {"tpr": cum[-1]["tpr"], "fpr": cum[-1]["fpr"]},
                 "cumulative_every_10": cum[9::10],
                 "pooled_per_round": rec["pooled_per_round"],
+                **({"per_round": (per := per_round_rates(rec)), "pooled_last_10_rounds": _pooled(per[-10:], rec)}
+                   if "malicious_ids" in rec else {}),
                 "accuracy_last_k": rec["last_k"], "accuracy_final": rec["final"],
                 "target_met": cum[-1]["tpr"] >= 0.8 and cum[-1]["fpr"] <= 0.1,
                 "seconds": rec["seconds"],
