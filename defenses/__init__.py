@@ -111,6 +111,13 @@ def make_defense(spec: str) -> Defense:
     if head == "reputation":  # "reputation:threshold=2>>rule": reputation wraps the rest
         inner = make_defense(">>".join(parts[1:])) if len(parts) > 1 else None
         return Reputation(inner, **head_kwargs)
+    names = [parse_spec(part)[0] for part in parts]
+    if "reputation" in names[1:]:  # "medclip>>reputation>>mean": pre-aggregators before the reputation
+        i = names.index("reputation")
+        rule = make_defense(">>".join(parts[i:]))
+        for pre in reversed([DEFENSES.build(part) for part in parts[:i]]):
+            rule = pre >> rule
+        return rule
     built = [DEFENSES.build(part) for part in parts]
     rule = built[-1]
     for pre in reversed(built[:-1]):

@@ -24,7 +24,8 @@ the default is centered clipping with its data-driven radius on the bucket means
 et al.'s bucketing + CClip pairing).  Measured against the plaintext default (digits-fewshot
 FOMAML, 20 % 10x sign flippers, 20 rounds, 3 seeds): CKKS -0.2 points, bucketed SecAgg with
 CClip -8.6 (median clipping on the bucket means was no better, -8.9 and -9.5): without a
-per-client reputation the buckets cannot match plaintext (``docs/robustness.md``).  Plain SecAgg (one sum) admits no robust rule: refused.
+per-client reputation the buckets cannot match plaintext (``docs/robustness.md``).
+Plain SecAgg (one sum) admits no robust rule: refused.
 """
 
 from __future__ import annotations

@@ -101,3 +101,38 @@ def test_the_recommended_default_is_blind_to_the_attackers_scale(seed, scales):
     for (agg_a, fl_a), (agg_b, fl_b) in zip(a, b):
         assert fl_a == fl_b
         assert torch.allclose(agg_a, agg_b, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 12), rounds=st.integers(2, 8),
+       scale=st.floats(1.0, 1e8), growth=st.floats(1.0, 4.0))
+def test_a_byzantine_majority_round_cannot_raise_the_capped_bound_more_than_growth_fold(seed, n, rounds, scale, growth):
+    """With ``history``, even a round the attackers own entirely is clipped near past honest bounds."""
+    g = torch.Generator().manual_seed(seed)
+    rule = MedianClipping(history=5, growth=growth)
+    w = torch.ones(n, dtype=torch.float64)
+    bounds = []
+    for _ in range(rounds):  # honest rounds
+        x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+        rule.transform(x, w, tuple(range(n)), context={})
+        bounds.append(rule._bounds[-1])
+    past = sorted(bounds[-5:])[(len(bounds[-5:]) - 1) // 2]
+    evil = torch.randn(n, 6, generator=g, dtype=torch.float64) * scale  # every row Byzantine
+    out, _, _ = rule.transform(evil, w, tuple(range(n)), context={})
+    assert float(out.norm(dim=1).max()) <= growth * past * (1 + 1e-12)
+
+
+def test_history_zero_is_the_per_round_median_and_the_spec_clips_before_the_reputation():
+    from securefml.defenses import Reputation, make_defense
+
+    x = torch.randn(9, 4, dtype=torch.float64)
+    ids = tuple(range(9))
+    w = torch.ones(9, dtype=torch.float64)
+    a, _, _ = MedianClipping().transform(x, w, ids, context={})
+    b, _, _ = MedianClipping(history=0).transform(x, w, ids, context={})
+    assert torch.equal(a, b)
+    rule = make_defense("medclip:history=10>>reputation>>mean")
+    assert isinstance(rule.pre, MedianClipping) and rule.pre.history == 10 and isinstance(rule.rule, Reputation)
+    state = rule.state_dict()
+    rule(x, client_ids=ids)
+    assert rule.state_dict() != state and len(rule.pre.state_dict()["bounds"]) == 1
