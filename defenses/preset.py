@@ -49,8 +49,8 @@ def recommended(protocol: str = "plaintext", *, threshold: float = 0.0) -> Defen
     threshold is on each client's own evidence.  ``threshold`` is ``Reputation``'s.
 
     >>> recommended("ckks")  # doctest: +NORMALIZE_WHITESPACE
-    Reputation(MedianClipping(chunk=65536) >> Mean(), threshold=0.0, min_rounds=3, window=2000,
-               consensus='unflagged', duplicate=0.99, rescore=6, history=250)
+    Reputation(MedianClipping(history=0, growth=2.0, chunk=65536) >> Mean(), threshold=0.0, min_rounds=3,
+               window=2000, consensus='unflagged', duplicate=0.99, rescore=6, history=250)
     >>> recommended("secagg-buckets")
     CenteredClipping(tau=None, iterations=1, chunk=65536)
     """
