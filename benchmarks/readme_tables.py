@@ -516,6 +516,17 @@ def render_robustness(data: dict[str, Any]) -> str:
                          f"{fin['tpr']:.2f} / {fin['fpr']:.2f} | "
                          f"{'yes' if r['target_met'] else 'no'} | {pooled['tpr']:.2f} / {pooled['fpr']:.2f} | "
                          f"{r['accuracy_last_k']:.3f} |")
+    if data.get("protocols"):
+        lines += ["", "The recommended default under other protocols, against the same runs in plaintext "
+                      "(same cohorts, attack and seeds; last-k accuracy):", "",
+                  "| protocol | defense | setting | malicious | attack | rounds | accuracy | plaintext | "
+                  "minus plaintext | within 1 point | seeds |",
+                  "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
+        for r in data["protocols"]:
+            lines.append(f"| {r['protocol']} | `{r['defense']}` | {r['setting']} | {r['malicious']:.0%} | "
+                         f"{r['attack']} | {r['rounds']} | {_iv(r['last_k'])} | {_iv(r['plaintext_last_k'])} | "
+                         f"{_iv(r['minus_plaintext'])} | {'yes' if r['within_1_point'] else 'no'} | "
+                         f"{len(r['seeds'])} |")
     if data.get("matrix"):
         lines += ["", f"Worst case over {', '.join(args['attacks'])} ({args['rounds']} rounds, "
                       f"{args['clients_per_round']} per round; sorted by worst case):", "",
@@ -528,6 +539,41 @@ def render_robustness(data: dict[str, Any]) -> str:
                              f"`{r['defense']}` | {_iv(r['clean'])} | {_iv(r['worst_case'])} | {r['worst_attack']} | "
                              f"{_iv(r['drop_from_clean'])} | {_iv(r.get('clean_minus_mean_clean'))} | "
                              f"{len(r['seeds'])} |")
+        lines += ["", "Per attack (mean over the seeds of the row):", "",
+                  "| setting | malicious | defense | " + " | ".join(args["attacks"]) + " |",
+                  "|---|---:|---|" + "---:|" * len(args["attacks"])]
+        for block in data["matrix"]:
+            for r in block["rows"]:
+                per = r.get("per_attack", {})
+                cells = [f"{per[a]['mean']:.3f}" if a in per else "-" for a in args["attacks"]]
+                lines.append(f"| {block['dataset']} {block['algorithm']} | {block['malicious']:.0%} | "
+                             f"`{r['defense']}` | " + " | ".join(cells) + " |")
+        lines += ["", "Targets for `recommended` (clean within 2 points of the mean's; worst case within 5 points "
+                      "of clean; worst case above every other rule's or within 1 point of the best):", ""]
+        for block in data["matrix"]:
+            rec = next((r for r in block["rows"] if r["defense"] == "recommended"), None)
+            if rec is None:
+                continue
+            gap = rec.get("clean_minus_mean_clean")
+            drop = rec["drop_from_clean"]["mean"]
+            others = [r for r in block["rows"] if r["defense"] != "recommended"]
+            best = max((r["worst_case"]["mean"] for r in others), default=None)
+            vs = ("no other rule measured" if best is None else
+                  f"best other rule's worst case {best:.3f}: "
+                  f"{'met' if rec['worst_case']['mean'] >= best - 0.01 else 'missed'}")
+            lines.append(f"* {block['dataset']} {block['algorithm']} {block['malicious']:.0%} "
+                         f"({len(rec['seeds'])} seeds{'' if rec.get('complete', True) else ', incomplete'}): clean "
+                         f"{rec['clean']['mean']:.3f}, "
+                         + (f"{100 * gap['mean']:+.1f} points against the mean's "
+                            f"({'met' if gap['mean'] >= -0.02 else 'missed'}); " if gap else "")
+                         + f"worst case {rec['worst_case']['mean']:.3f} ({rec['worst_attack']}), drop "
+                         f"{100 * drop:.1f} points ({'met' if drop <= 0.05 else 'missed'}); {vs}.")
+    if data.get("detection"):
+        met = [r for r in data["detection"] if r["target_met"]]
+        by = sorted({r["protocol"] for r in data["detection"]})
+        lines += ["", "Detection target (cumulative TPR >= 0.8 at FPR <= 0.1 by the last round): "
+                  + "; ".join(f"{p}: met in {sum(r['protocol'] == p for r in met)} of "
+                              f"{sum(r['protocol'] == p for r in data['detection'])} seeds" for p in by) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,10 @@ feedback, dictated and staggered.
 the reputation detector's cumulative TPR/FPR (every client seen so far, flagged at its latest
 participation) every 10 rounds, and the pooled per-round rates, per protocol and seed.
 
+``protocols``: the recommended default under CKKS (on the decrypted Gram) and bucketed SecAgg
+(centered clipping on bucket means) against the same plaintext runs (matrix's first setting and
+fraction; ``--protocol-attacks``), per-seed differences.
+
 ``matrix``: for each setting (digits-fewshot with FOMAML and MAML, digits-skew with FedAvg),
 each defense and each malicious fraction, accuracy with no attack ("clean") and under every
 attack; per defense the worst case over the attacks (per seed, then averaged), the drop from
@@ -102,6 +106,7 @@ def summarize(cfg: RunConfig) -> dict[str, Any]:
         "last_k": m["personalized_last_k"]["mean"],
         "bytes": m["bytes_uploaded"],
         "cumulative": [{k: c[k] for k in ("round", "tpr", "fpr")} for c in cum],
+        "malicious_ids": list(det["malicious_ids"]),
         "pooled_per_round": {"tpr": det["tpr"], "fpr": det["fpr"]},
         "seconds": time.perf_counter() - started,
         "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -228,6 +233,36 @@ def divergence(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]
     return out
 
 
+def per_round_rates(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each round's TPR / FPR over that round's cohort (None where the cohort had no such client)."""
+    bad = set(rec["malicious_ids"])
+    out = []
+    for i, r in enumerate(rec["rounds"]):
+        flagged = set(r["flagged"])
+        pos = [c for c in r["cohort"] if c in bad]
+        neg = [c for c in r["cohort"] if c not in bad]
+        out.append({"round": i, "malicious": len(pos), "flagged": len(flagged & set(r["cohort"])),
+                    "tpr": sum(c in flagged for c in pos) / len(pos) if pos else None,
+                    "fpr": sum(c in flagged for c in neg) / len(neg) if neg else None})
+    return out
+
+
+def _pooled(rows: list[dict[str, Any]], rec: dict[str, Any]) -> dict[str, float | None]:
+    bad = set(rec["malicious_ids"])
+    tp = fp = pos = neg = 0
+    for row in rows:
+        r = rec["rounds"][row["round"]]
+        flagged = set(r["flagged"])
+        for c in r["cohort"]:
+            if c in bad:
+                pos += 1
+                tp += c in flagged
+            else:
+                neg += 1
+                fp += c in flagged
+    return {"tpr": tp / pos if pos else None, "fpr": fp / neg if neg else None}
+
+
 def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
     out = []
     for protocol in args.detection_protocols:
@@ -241,9 +276,60 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
                 "final_cumulative": {"tpr": cum[-1]["tpr"], "fpr": cum[-1]["fpr"]},
                 "cumulative_every_10": cum[9::10],
                 "pooled_per_round": rec["pooled_per_round"],
+                **({"per_round": (per := per_round_rates(rec)), "pooled_last_10_rounds": _pooled(per[-10:], rec)}
+                   if "malicious_ids" in rec else {}),
                 "accuracy_last_k": rec["last_k"], "accuracy_final": rec["final"],
                 "target_met": cum[-1]["tpr"] >= 0.8 and cum[-1]["fpr"] <= 0.1,
                 "seconds": rec["seconds"],
+            })
+    return out
+
+
+# -- protocols ------------------------------------------------------------------------------
+# CKKS runs the plaintext default on the decrypted Gram; bucketed SecAgg reveals bucket sums only (no
+# per-client geometry, no reputation): the candidates for its default, measured side by side
+PROTOCOLS = [("ckks", "recommended:ckks"), ("secagg:buckets=2", "cclip"), ("secagg:buckets=2", "medclip>>mean"),
+             ("secagg:buckets=2", "medclip>>cclip")]
+
+
+def protocol_config(args: argparse.Namespace, protocol: str, defense: str, attack: str, seed: int) -> RunConfig:
+    """The matrix's first setting and first malicious fraction, under another protocol."""
+    base = matrix_config(args, args.settings[0], args.malicious[0], "recommended", attack, seed)
+    return replace(base, protocol=protocol, defense=defense, rounds=args.protocol_rounds or args.rounds)
+
+
+def protocol_configs(args: argparse.Namespace) -> list[RunConfig]:
+    return [protocol_config(args, p, d, a, s) for p, d in PROTOCOLS for a in args.protocol_attacks for s in args.seeds]
+
+
+def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
+    """The recommended default under CKKS and bucketed SecAgg against the same runs in plaintext.
+
+    Same dataset, algorithm, cohorts, attack and seed; ``minus_plaintext`` is the per-seed
+    difference of the last-k accuracy (mean and 95 % interval over seeds), ``within_1_point``
+    whether its mean is within 0.01.
+    """
+    out = []
+    for protocol, defense in PROTOCOLS:
+        for attack in args.protocol_attacks:
+            pairs = []
+            for seed in args.seeds:
+                a = runner.get(protocol_config(args, protocol, defense, attack, seed))
+                b = runner.get(protocol_config(args, "plaintext", "recommended", attack, seed))
+                if a is not None and b is not None:
+                    pairs.append((seed, a, b))
+            if not pairs:
+                continue
+            diff = interval([a["last_k"] - b["last_k"] for _, a, b in pairs])
+            out.append({
+                "protocol": protocol, "defense": defense, "attack": attack, "setting": args.settings[0],
+                "rounds": args.protocol_rounds or args.rounds,
+                "malicious": args.malicious[0], "seeds": [s for s, _, _ in pairs],
+                "last_k": interval([a["last_k"] for _, a, _ in pairs]),
+                "plaintext_last_k": interval([b["last_k"] for _, _, b in pairs]),
+                "minus_plaintext": diff, "within_1_point": abs(diff["mean"]) <= 0.01,
+                "seconds": statistics.fmean(a["seconds"] for _, a, _ in pairs),
+                "plaintext_seconds": statistics.fmean(b["seconds"] for _, _, b in pairs),
             })
     return out
 
@@ -320,8 +406,8 @@ def matrix(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", nargs="+", default=["selection", "detection", "divergence", "matrix"],
-                    choices=["selection", "detection", "divergence", "matrix"])
+    ap.add_argument("--sections", nargs="+", default=["selection", "detection", "divergence", "protocols", "matrix"],
+                    choices=["selection", "detection", "divergence", "protocols", "matrix"])
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--clients-per-round", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -335,9 +421,12 @@ def main() -> None:
     ap.add_argument("--selections", nargs="+", help="only these selection specs (default: every one of SELECTIONS)")
     ap.add_argument("--detection-rounds", type=int, default=100)
     ap.add_argument("--detection-protocols", nargs="+", default=["plaintext", "ckks"])
-    ap.add_argument("--detector", default="reputation>>mean")
+    ap.add_argument("--detector", default="recommended")
     ap.add_argument("--divergence-rounds", type=int, default=12)
     ap.add_argument("--divergence-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--protocol-attacks", nargs="+", default=["none", "signflip:scale=10"],
+                    help="attacks of the protocols section (the matrix's first setting and fraction)")
+    ap.add_argument("--protocol-rounds", type=int, help="rounds of the protocols section (default: --rounds)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path("results/robustness-runs.jsonl"))
     ap.add_argument("--report-only", action="store_true", help="summarize the cache; run nothing")
@@ -353,6 +442,10 @@ def main() -> None:
         planned += [detection_config(args, p, s) for p in args.detection_protocols for s in args.seeds]
     if "divergence" in args.sections:
         planned += [divergence_config(args, p, s) for p in ("plaintext", "ckks") for s in args.divergence_seeds]
+    if "protocols" in args.sections:
+        planned += protocol_configs(args)
+        planned += [protocol_config(args, "plaintext", "recommended", a, s) for a in args.protocol_attacks
+                    for s in args.seeds]
     if "matrix" in args.sections:
         planned += matrix_configs(args)
     if not args.report_only:
@@ -371,6 +464,8 @@ def main() -> None:
         result["detection"] = detection(args, runner)
     if "divergence" in args.sections:
         result["plaintext_vs_ckks"] = divergence(args, runner)
+    if "protocols" in args.sections:
+        result["protocols"] = protocols(args, runner)
     if "matrix" in args.sections:
         result["matrix"] = matrix(args, runner)
     text = json.dumps(result, indent=1)

@@ -25,7 +25,7 @@ from securefml.defenses.distance import Bulyan, Krum, MultiKrum, NormBound
 from securefml.defenses.geometric import CenteredClipping, GeometricMedian
 from securefml.defenses.mean import Mean
 from securefml.defenses.metrics import DetectionRates, DetectionTracker, cumulative_detection, detection_rates
-from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping
+from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping, MedianClipping
 from securefml.defenses.preset import recommended
 from securefml.defenses.registry import DEFENSES
 from securefml.defenses.reputation import Reputation
@@ -58,6 +58,7 @@ __all__ = [
     "Bucketing",
     "ARC",
     "Clipping",
+    "MedianClipping",
     "FLTrust",
     "FLAME",
     "FoolsGold",
@@ -94,8 +95,9 @@ def make_defense(spec: str) -> Defense:
 
     >>> make_defense("nnm:f=1>>krum:1")
     NNM(f=1, chunk=65536) >> Krum(f=1, chunk=65536)
-    >>> make_defense("reputation:threshold=2.5>>mean")
-    Reputation(Mean(), threshold=2.5, min_rounds=2, window=2000, consensus='unflagged', duplicate=0.99)
+    >>> make_defense("reputation:threshold=2.5>>mean")  # doctest: +NORMALIZE_WHITESPACE
+    Reputation(Mean(), threshold=2.5, min_rounds=3, window=2000, consensus='unflagged', duplicate=0.99,
+               rescore=6, history=250)
     """
     from securefml.registry import parse_spec
 
@@ -109,6 +111,13 @@ def make_defense(spec: str) -> Defense:
     if head == "reputation":  # "reputation:threshold=2>>rule": reputation wraps the rest
         inner = make_defense(">>".join(parts[1:])) if len(parts) > 1 else None
         return Reputation(inner, **head_kwargs)
+    names = [parse_spec(part)[0] for part in parts]
+    if "reputation" in names[1:]:  # "medclip>>reputation>>mean": pre-aggregators before the reputation
+        i = names.index("reputation")
+        rule = make_defense(">>".join(parts[i:]))
+        for pre in reversed([DEFENSES.build(part) for part in parts[:i]]):
+            rule = pre >> rule
+        return rule
     built = [DEFENSES.build(part) for part in parts]
     rule = built[-1]
     for pre in reversed(built[:-1]):

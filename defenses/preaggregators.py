@@ -33,6 +33,8 @@ __all__ = [
     "Bucketing",
     "ARC",
     "Clipping",
+    "MedianClipping",
+    "median_clip_scales",
 ]
 
 _ALL = frozenset({Reveals.UPDATES, Reveals.GRAM, Reveals.BUCKETS})
@@ -83,6 +85,15 @@ def arc_scales(norms: torch.Tensor, f: int) -> torch.Tensor:
     if k <= 0:
         return torch.ones(n, dtype=torch.float64, device=norms.device)
     bound = float(norms.to(torch.float64).sort(descending=True).values[k])
+    return clip_scales(norms, bound)
+
+
+def median_clip_scales(norms: torch.Tensor) -> torch.Tensor:
+    """Clip every row to the lower median norm: the ``ceil(n/2)``-th smallest (``k = floor(n/2)``)."""
+    n = norms.numel()
+    if n == 0:
+        return torch.ones(0, dtype=torch.float64, device=norms.device)
+    bound = float(norms.to(torch.float64).sort().values[(n + 1) // 2 - 1])
     return clip_scales(norms, bound)
 
 
@@ -305,3 +316,79 @@ class ARC(_ScalePre):
 
     def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
         return arc_scales(norms, effective_f(self.f, context, self))
+
+
+@DEFENSES.register("medclip")
+class MedianClipping(_ScalePre):
+    """Clip every update to the round's median norm (the ``ceil(n/2)``-th smallest).
+
+    Why not ARC alone: ARC clips the ``floor(2 (f/n)(n - f))`` largest norms, so its bound is
+    an honest norm only while a cohort holds at most ``f`` attackers.  Cohorts are drawn at
+    random: with ``f`` set to cover 95 % of cohorts, one round in twenty holds more, and then
+    the bound *is* an attacker's norm.  Measured on digits-fewshot FOMAML (20 % sign flippers
+    at scale 10, cohorts of 10, ``f = 4``): in the one round with 5 attackers an unclipped row
+    made the aggregate ten times its usual norm, and the server's Adam state (second moments
+    remembered over ~1,000 steps) shrank every later step: the run lost 10-17 points against
+    the unit-scale attack.  The median needs no ``f`` and no luck with the cohort.
+
+    Guarantee (property-tested): whenever at most ``floor(n/2)`` rows are Byzantine, every
+    output row has norm at most the ``ceil(n/2)``-th smallest *honest* norm, and the output
+    does not depend on how far the Byzantine rows are scaled beyond that bound: a 10x sign
+    flipper is exactly a unit vector of the same direction clipped to the bound.  Since
+    ``floor(2 (f/n)(n - f)) <= n/2``, this bound is never above ARC's, so
+    ``ARC >> MedianClipping`` is ``MedianClipping``.
+
+    Rounds whose cohort holds a Byzantine *majority* (random cohorts do, rarely: 2 of 50 rounds
+    in some digits-fewshot runs at 25 %) put an attacker's norm at the median.  With
+    ``history = W > 0`` the bound is also capped at ``growth`` times the median of the last ``W``
+    rounds' bounds, so such a round cannot raise it more than ``growth``-fold (honest norms grow
+    a few percent per round in these runs).  The same cap applies in every round; ``history=0``
+    (the default) is the per-round rule above.
+
+    Cost: the larger half of the honest updates is shortened to the median (a direction-
+    preserving reweighting of the mean); the no-attack accuracy this costs is measured in
+    ``docs/robustness.md``.  Needs only norms: runs on a CKKS Gram and on bucket means.
+
+    References
+    ----------
+    Clipping to a data-driven norm quantile: Andrew, Thakkar, McMahan, Ramaswamy, Differentially
+    Private Learning with Adaptive Clipping, NeurIPS 2021 (median of update norms as the clip
+    bound); Allouah et al., NeurIPS 2024 (ARC, the ``f``-based adaptive bound it replaces here).
+    """
+
+    name = "medclip"
+
+    def __init__(self, *, history: int = 0, growth: float = 2.0, chunk: int = DEFAULT_CHUNK) -> None:
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise ConfigError(f"history must be a number of rounds >= 0, got {history!r}")
+        if not (isinstance(growth, (int, float)) and 1 <= growth < float("inf")):
+            raise ConfigError(f"growth must be a finite factor >= 1, got {growth!r}")
+        self.history = history
+        self.growth = float(growth)
+        self.chunk = int(chunk)
+        self._bounds: list[float] = []
+
+    def bound(self, norms: torch.Tensor) -> float:
+        """This round's bound: the lower median, capped at ``growth`` x the median of past bounds."""
+        n = norms.numel()
+        b = float(norms.to(torch.float64).sort().values[(n + 1) // 2 - 1])
+        if self.history and self._bounds:
+            past = sorted(self._bounds)
+            b = min(b, self.growth * past[(len(past) - 1) // 2])
+        if self.history:
+            self._bounds = [*self._bounds, b][-self.history:]
+        return b
+
+    def _scales(self, norms: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
+        if not self.history:
+            return median_clip_scales(norms)
+        return clip_scales(norms, self.bound(norms)) if norms.numel() else torch.ones(0, dtype=torch.float64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bounds": list(self._bounds)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._bounds = [float(b) for b in state.get("bounds", [])][-self.history:] if self.history else []
+
+    def reduces_to_mean(self, n: int, context: Mapping[str, Any]) -> str | None:
+        return "n=1: one update is its own median" if n <= 1 else None

@@ -43,3 +43,15 @@ def test_recommended_under_ckks_makes_the_plaintext_decisions_over_rounds():
         bound = 10 * sum_error_bound(8, float(x.abs().max()))
         assert torch.allclose(enc.aggregate, plain.aggregate, atol=bound)
     assert enc_rule.flagged_ids() == plain_rule.flagged_ids() == (0, 1)
+
+
+def test_median_clipping_has_a_spec_and_needs_no_budget():
+    from securefml.defenses import MedianClipping
+
+    rule = make_defense("reputation>>medclip>>mean")
+    assert isinstance(rule, Reputation) and isinstance(rule.rule.pre, MedianClipping)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    x[0] *= 1e6
+    out = make_defense("medclip>>mean")(x)  # no f, no federation context: nothing to derive
+    norms = x.norm(dim=1).sort().values
+    assert float(out.aggregate.norm()) <= float(norms[3]) * (1 + 1e-12)

@@ -134,13 +134,13 @@ def test_trusted_consensus_leaves_suspects_out_of_the_consensus():
     g = torch.Generator().manual_seed(3)
     ids = tuple(range(8))
     x = _round(g, ids, {0, 1})
-    rep = Reputation(consensus="trusted", min_rounds=50)  # never flags: only the consensus differs
+    rep = Reputation(consensus="trusted", min_rounds=50, rescore=0)  # never flags: only the consensus differs
     rep._count.update({0: 3, 1: 3})
     rep._sum.update({0: -0.9, 1: -0.9})  # evidence against clients 0 and 1, not yet a flag
     res = rep(x, client_ids=ids)
     trusted = torch.tensor([i not in (0, 1) for i in ids])
     assert torch.allclose(res.info["scores"], consensus_cosine(x @ x.T, trusted))
-    old = Reputation(min_rounds=50)
+    old = Reputation(min_rounds=50, rescore=0)
     old._count.update({0: 3, 1: 3})
     old._sum.update({0: -0.9, 1: -0.9})
     everyone = old(x, client_ids=ids).info["scores"]
@@ -180,3 +180,86 @@ def test_honest_heterogeneous_rows_are_never_near_copies():
         assert not duplicates(x @ x.T, 0.99).any()
     with pytest.raises(ConfigError, match="duplicate"):
         Reputation(duplicate=1.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), sizes=st.lists(st.integers(1, 9), min_size=1, max_size=6))
+def test_batched_consensus_matches_the_per_round_formula_with_padding(seed, sizes):
+    from securefml.defenses.reputation import batched_consensus_cosine, cosine_matrix
+
+    g = torch.Generator().manual_seed(seed)
+    width = max(sizes)
+    cos = torch.zeros(len(sizes), width, width, dtype=torch.float64)
+    inc = torch.zeros(len(sizes), width, dtype=torch.bool)
+    singles = []
+    for k, n in enumerate(sizes):
+        x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+        m = torch.rand(n, generator=g) < 0.7
+        cos[k, :n, :n] = cosine_matrix(x @ x.T)
+        inc[k, :n] = m
+        singles.append(consensus_cosine(x @ x.T, m))
+    got = batched_consensus_cosine(cos, inc)
+    for k, n in enumerate(sizes):
+        assert torch.allclose(got[k, :n], singles[k], atol=1e-12)
+
+
+def _reference_statistics(rounds, passes):
+    """The re-scoring rule written out directly: per pass, per stored round, per member."""
+    import math
+
+    from securefml.defenses.reputation import robust_scale
+
+    stat: dict[int, float] = {}
+    for p in range(passes + 1):
+        total: dict[int, float] = {}
+        count: dict[int, int] = {}
+        scores = []
+        for ids, x in rounds:
+            members = torch.tensor([p == 0 or stat[c] >= 0 for c in ids])
+            if int(members.sum()) < 2:
+                members = torch.ones(len(ids), dtype=torch.bool)
+            z = consensus_cosine(x @ x.T, members)
+            for c, zi in zip(ids, z.tolist()):
+                total[c] = total.get(c, 0.0) + zi
+                count[c] = count.get(c, 0) + 1
+                scores.append(zi)
+        sigma = max(robust_scale(torch.tensor(scores, dtype=torch.float64)), 1e-6) if len(scores) >= 8 else 1.0
+        stat = {c: total[c] / (sigma * math.sqrt(count[c])) for c in total}
+    return stat
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), passes=st.integers(0, 4))
+def test_rescored_evidence_is_the_rule_written_out(seed, passes):
+    g = torch.Generator().manual_seed(seed)
+    rep = Reputation(rescore=passes, duplicate=None) if passes else Reputation(rescore=1, duplicate=None)
+    rep.rescore = passes  # 0 passes of re-scoring after pass 0: every round against its own members
+    rounds = []
+    for _ in range(6):
+        ids = tuple(sorted(torch.randperm(12, generator=g)[:6].tolist()))
+        x = _round(g, ids, {0, 1, 2})
+        rounds.append((ids, x))
+        rep._observe_rescored(Gram.from_updates(x, ids))
+    want = _reference_statistics(rounds, passes)
+    for c, v in want.items():
+        assert abs(rep.statistic(c) - v) < 1e-9
+
+
+def test_state_round_trip_keeps_the_stored_rounds_and_the_decisions():
+    g = torch.Generator().manual_seed(5)
+    bad = set(range(6))
+    a = Reputation()
+    data = []
+    for _ in range(30):
+        ids = sorted(torch.randperm(24, generator=g)[:8].tolist())
+        data.append((ids, _round(g, ids, bad)))
+    for ids, x in data[:15]:
+        a(x, client_ids=ids)
+    b = Reputation()
+    b.load_state_dict(a.state_dict())
+    for ids, x in data[15:]:
+        ra, rb = a(x, client_ids=ids), b(x, client_ids=ids)
+        assert ra.flagged == rb.flagged and torch.equal(ra.aggregate, rb.aggregate)
+    with pytest.raises(ConfigError, match="matrix"):
+        bad_round = {"ids": [1, 2], "cos": [[1.0]], "dup": [0, 0]}
+        Reputation().load_state_dict({"count": {}, "sum": {}, "rounds": [bad_round]})
