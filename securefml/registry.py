@@ -54,6 +54,8 @@ class Registry(Generic[T]):
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             key = name.lower()
             if key in self._items:
+                if _same_definition(self._items[key].factory, factory):
+                    return factory  # one source file imported under a second module name: keep the first
                 raise ConfigError(f"{self.kind} {name!r} is registered twice")
             if positional is not None and positional not in _option_names(factory):
                 raise ConfigError(f"{self.kind} {name!r}: positional option {positional!r} is not a parameter")
@@ -205,6 +207,23 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
     if not name:
         raise ConfigError(f"empty name in spec {spec!r}")
     return name.strip().lower(), kwargs
+
+
+def _same_definition(first: Callable[..., object], second: Callable[..., object]) -> bool:
+    """Whether ``second`` is ``first``'s source imported again under another package path.
+
+    ``defenses/mean.py`` is ``securefml.defenses.mean`` once installed, but a tool that loads
+    source files by path (``pytest --doctest-modules defenses/``) imports it a second time as
+    ``defenses.mean``; its decorator then runs again for the same definition, which is not a
+    conflict.  Two different definitions under one name still are.
+    """
+    first_module = getattr(first, "__module__", "") or ""
+    second_module = getattr(second, "__module__", "") or ""
+    return (
+        getattr(first, "__qualname__", None) == getattr(second, "__qualname__", None)
+        and first_module != second_module
+        and (first_module.endswith("." + second_module) or second_module.endswith("." + first_module))
+    )
 
 
 def import_submodules(package: str, path: Iterable[str]) -> None:

@@ -125,3 +125,22 @@ def test_a_new_module_in_a_package_registers_itself_without_editing_init(tmp_pat
     finally:
         for name in [m for m in sys.modules if m == "toyplugins" or m.startswith("toyplugins.")]:
             del sys.modules[name]
+
+
+def test_one_source_imported_under_two_module_names_is_not_a_conflict() -> None:
+    """``pytest --doctest-modules defenses/`` imports ``defenses/mean.py`` as ``defenses.mean`` beside
+    ``securefml.defenses.mean``: the decorator runs twice for one definition, which must not fail,
+    while two different definitions under one name still do."""
+    registry: Registry[object] = Registry("thing")
+
+    def make(module: str, qualname: str = "Rule") -> type:
+        return type(qualname, (), {"__module__": module})
+
+    first = make("securefml.defenses.mean")
+    registry.register("rule")(first)
+    registry.register("rule")(make("defenses.mean"))
+    assert registry.get("rule") is first
+    with pytest.raises(ConfigError, match="registered twice"):
+        registry.register("rule")(make("securefml.defenses.other"))
+    with pytest.raises(ConfigError, match="registered twice"):
+        registry.register("rule")(make("defenses.mean", "OtherRule"))
