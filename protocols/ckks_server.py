@@ -191,18 +191,8 @@ class CKKSServer:
                     continue
                 # not kept: holding every loaded ciphertext (4x its wire size) until the message is
                 # accepted costs fresh memory; an undo loads the few it needs again
-                slot = into.get(k)
-                if slot is None:
-                    self._add(into, k, vec, sender)
+                if self._add(into, k, vec, sender):
                     seeded.add(k)
-                else:
-                    try:
-                        slot[0].add_(vec)  # SEAL refuses a size / scale / form mismatch before writing
-                    except Exception:
-                        raise MalformedMessageError(
-                            "a ciphertext cannot be added to the others (size, scale or form mismatch)", sender=sender
-                        ) from None
-                    slot[1] += 1
                 added.append(k)
             upload = SignedUpload(sender, round_idx, frame.fingerprint(), layers, float(weight), float(prescale),
                                   blobs, bytes(sig))
