@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peers import write_report
 
 from securefml.bayes import MetaSGDTemperature
 from securefml.calibration import calibrated_ece_floor, expected_calibration_error
@@ -233,10 +234,7 @@ def main() -> None:
         report["wall_seconds"] = time.perf_counter() - started
         report["note"] = (f"Timings on a shared 2-core machine under nice (1-min load average {before:.1f} at the "
                           f"start, {os.getloadavg()[0]:.1f} at the end); per-run seconds include personalization")
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from peers import write_report
 
 from securefml.bayes import (
     LOGVAR_PREFIX,
@@ -336,10 +337,7 @@ def main() -> None:
     report["note"] = (f"Re-scores the global vectors kept by benchmarks/bayes.py (no retraining); timings on a shared "
                       f"2-core machine under nice (1-min load average {before:.1f} at the start, "
                       f"{os.getloadavg()[0]:.1f} at the end)")
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from securefml.personalize import personalized_probabilities
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bayes_calibration import max_query  # noqa: E402
+from peers import write_report
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:
@@ -76,10 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     report = {"setting": {"heldout_clients": args.heldout, "rounds": 200, "query": "bayes_calibration.py's large sets"},
               "seeds": [one_seed(s, args.runs_dir, args.heldout) for s in args.seeds]}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

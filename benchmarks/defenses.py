@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peers import NOT_MEASURED, interleaved, load_byzfl, machine
+from peers import NOT_MEASURED, interleaved, load_byzfl, machine, write_report
 
 from securefml.defenses import detection_rates, make_defense
 from securefml.defenses.distance import certified_order
@@ -216,11 +216,7 @@ def main() -> None:
     out["stable_gram_s"] = grams["stable_gram"]["median_s"]
     out["float32_sq_distances_s"] = grams["float32_sq_distances"]["median_s"]
     out["machine_after"] = machine()
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -30,19 +30,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from opacus.grad_sample import wrap_model
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from peers import machine, sync
+from peers import machine, sync, write_report
 
 from securefml.data import load_dataset
 from securefml.meta import LEARNERS, MetaConfig, PlainGradients
@@ -219,11 +217,7 @@ def main() -> None:
     summary["steps"] = time_steps(args.batches, args.reps, args.device)
     summary["rounds"] = time_rounds(args.round_reps, args.device)
     summary["machine_after"] = machine()
-    text = json.dumps(summary, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(summary, args.out)
 
 
 if __name__ == "__main__":

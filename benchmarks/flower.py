@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests.flower.halves_adapters
 
-from peers import NOT_MEASURED, machine  # noqa: E402
+from peers import NOT_MEASURED, machine, write_report  # noqa: E402
 
 
 def _record_bytes(content: Any) -> int:
@@ -252,10 +252,7 @@ def main() -> None:
     out.pop("partial")
     out["machine_after"] = machine()
     out["cpus"] = os.cpu_count()
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Usage: ``python benchmarks/flower_state.py [--nodes 20] [--length 100000]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from peers import write_report
 
 from securefml.defenses import make_defense  # noqa: E402
 from securefml.flower.half_state import dump_half, load_half  # noqa: E402
@@ -87,10 +88,7 @@ def main() -> None:
     out: dict[str, Any] = {"benchmark": "flower_state", "machine_before": _machine()}
     out.update(measure(args.nodes, args.length, args.k))
     out["machine_after"] = _machine()
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_report(out, args.out)
 
 
 if __name__ == "__main__":

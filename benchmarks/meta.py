@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from peers import interleaved, machine
+from peers import interleaved, machine, write_report
 
 from securefml.client import Client
 from securefml.data import load_dataset
@@ -108,11 +108,7 @@ def main() -> None:
     if args.cohort_speed:
         rep = cohort_speed(args.speed_rounds, args.reps, args.clients_per_round, args.device,
                            args.learners.split(","), args.out)
-        text = json.dumps(rep, indent=2)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
-        print(text)
+        write_report(rep, args.out)
         return
     torch.set_num_threads(1)
     setups = {

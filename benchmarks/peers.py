@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import statistics
 import sys
@@ -24,6 +25,7 @@ import time
 import types
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,3 +88,18 @@ def machine() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def write_report(report: Mapping[str, Any], out: str | os.PathLike[str] | None, *, indent: int = 2,
+                 default: Callable[[Any], Any] | None = None) -> None:
+    """Print a benchmark's JSON report and, when ``out`` is given, write it there (folders created).
+
+    The README tables are regenerated from these files (``readme_tables.py``), so every benchmark
+    writes them the same way: one JSON document and a trailing newline.
+    """
+    text = json.dumps(report, indent=indent, default=default)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    print(text)

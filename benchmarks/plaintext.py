@@ -22,13 +22,11 @@ Usage: ``python benchmarks/plaintext.py [--n 100] [--length 1000000] [--reps 3]
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from peers import interleaved, machine
+from peers import interleaved, machine, write_report
 
 from securefml.aggregation import aggregate_plain
 from securefml.defenses import Mean
@@ -97,11 +95,7 @@ def main() -> None:
         "server_le_2x_floor_sum_plus_decode": med["plaintext_server_s"] <= 2 * floor,
     }
     out["machine_after"] = machine()
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(out, args.out)
 
 
 if __name__ == "__main__":

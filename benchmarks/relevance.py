@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peers import write_report
 
 from securefml.attacks import make_attack
 from securefml.client import Client
@@ -384,11 +385,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=["main", "shift", "secagg", "hetero", "malicious"])
     args = ap.parse_args()
     if args.combine:
-        text = json.dumps(combine(args.combine), indent=2, default=float)
-        if args.out:
-            with open(args.out, "w") as fh:
-                fh.write(text + "\n")
-        print(text)
+        write_report(combine(args.combine), args.out, default=float)
         return
     torch.set_num_threads(1)
     budget = Budget(args.rounds, args.cohort, args.local_steps, args.local_lr, args.finetune, args.temperature,
@@ -410,11 +407,7 @@ def main() -> None:
             report[name] = section_hetero(args, budget)
         report[name]["seconds"] = time.perf_counter() - t0
     report["seconds"] = time.perf_counter() - started
-    text = json.dumps(report, indent=2, default=float)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+    write_report(report, args.out, default=float)
 
 
 if __name__ == "__main__":

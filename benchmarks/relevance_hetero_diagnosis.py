@@ -23,12 +23,12 @@ this script on the same seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Any
 
 import torch
+from peers import write_report
 
 from securefml.data import make_digits_clusters
 from securefml.relevance import HeteroConfig, run_heterogeneous
@@ -81,11 +81,7 @@ def main() -> None:
     for name in args.only:
         report[name] = run_case(name, args.seeds, args.heldout)
     report["seconds"] = time.perf_counter() - t0
-    text = json.dumps(report, indent=2)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peers import write_report
 
 from securefml.errors import SecureFMLError
 from securefml.experiment import RunConfig, run_experiment
@@ -468,11 +469,7 @@ def main() -> None:
         result["protocols"] = protocols(args, runner)
     if "matrix" in args.sections:
         result["matrix"] = matrix(args, runner)
-    text = json.dumps(result, indent=1)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(result, args.out, indent=1)
 
 
 if __name__ == "__main__":

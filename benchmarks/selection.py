@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peers import write_report
 
 from securefml.evaluation import t_interval
 from securefml.experiment import RunConfig, run_experiment
@@ -165,10 +166,7 @@ def main() -> None:
         "runs": runs,
         "checks": _checks(summary),
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
