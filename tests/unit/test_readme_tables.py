@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
 
 
 MACHINE = {"utc": "2026-12-01T22:00:00+00:00", "cpus": 2, "load_avg": [3.5, 3, 3], "torch": "2.13.0",
            "torch_threads": 2}
 
 
-def test_regions_are_rewritten_from_json_and_nothing_else_changes(tmp_path):
-    mod = _module()
+def test_regions_are_rewritten_from_json_and_nothing_else_changes(tmp_path, readme_tables):
+    mod = readme_tables
     data = {
         "setup": {"n": 4, "d": 1000, "f": 1, "reps": 3}, "byzfl": "0.0.11", "machine_before": MACHINE,
         "machine_after": MACHINE, "floor": {"sum_float32_s": 0.5},
@@ -41,8 +33,8 @@ def test_regions_are_rewritten_from_json_and_nothing_else_changes(tmp_path):
     assert again == new and updated == []
 
 
-def test_readme_tables_match_the_committed_benchmark_json():
-    mod = _module()
+def test_readme_tables_match_the_committed_benchmark_json(readme_tables):
+    mod = readme_tables
     readme = (ROOT / "README.md").read_text()
     _, updated, _ = mod.regenerate(readme, ROOT / "benchmarks" / "json")
     assert updated == [], f"README regions {updated} differ from benchmarks/json: run benchmarks/readme_tables.py"

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _iv(m, h=None):
@@ -48,8 +40,8 @@ DATA = {
 }
 
 
-def test_every_section_renders_from_its_json(tmp_path):
-    mod = _module()
+def test_every_section_renders_from_its_json(tmp_path, readme_tables):
+    mod = readme_tables
     (tmp_path / "robustness.json").write_text(json.dumps(DATA))
     text = "a\n<!-- bench:robustness -->\nold\n<!-- /bench:robustness -->\nb\n"
     new, updated, _ = mod.regenerate(text, tmp_path)
