@@ -260,10 +260,43 @@ class CKKSServerHalf(ServerHalf):
         self._client_bytes += len(data)
 
     def _close_announce(self) -> None:
+        if not self.gram_mode:
+            self._reject_dominating_weights()
         sets = [layers for layers, _ in self._announced.values()]
         check_same_layers(self.defense, sets)
         self.frame = packing_frame(self.layout, sets, self.preset.slots, self.policy.min_contributors)
         self.normalizer = sum(w for _, w in self._announced.values()) if not self.gram_mode else 0.0
+
+    def _reject_dominating_weights(self) -> None:
+        """Reject, by name, announcements whose weight would make every other contribution negligible.
+
+        Under the weighted mean each client encrypts its update scaled by ``w_i / sum(w)``, and
+        that scale is fixed when this stage closes.  One announcement whose weight is orders of
+        magnitude above the others (a client that lies, or a flipped byte in transit) shrinks every
+        other contribution below the key holder's ``negligible_share``: the key holder must then
+        refuse the whole round, even when the liar is caught at the update stage, so one client
+        could deny every round.  The same holds for a share above the policy's ``max_share``:
+        every layer it is in would be refused.  So while more than ``min_contributors`` clients
+        announced, the largest announcement is rejected as long as either would happen, and the
+        others' round goes ahead (what the policy protects, that no decrypted layer is mostly one
+        client, holds: the rejected client's update is never asked for).  A round of exactly
+        ``min_contributors`` clients is left to the key holder, which refuses it as before.
+        """
+        while len(self._announced) > self.policy.min_contributors:
+            weights = {c: w for c, (_, w) in self._announced.items()}
+            total = sum(weights.values())
+            counted = sum(w / total >= self.policy.negligible_share for w in weights.values())
+            top = max(weights, key=weights.__getitem__)
+            share = weights[top] / total
+            if counted >= self.policy.min_contributors and share <= self.policy.max_share_bound + 1e-12:
+                return
+            log.warning("round %d: client %s announced weight %g, %.3f of the round's", self.round_idx, top,
+                        weights[top], share)
+            self.reject(top, MalformedMessageError(
+                f"announced weight {weights[top]:g} is {share:.3f} of the round's: the key holder's policy "
+                f"refuses a share above {self.policy.max_share_bound:.3f} or fewer than "
+                f"{self.policy.min_contributors} clients above {self.policy.negligible_share:g}",
+                sender=top))
 
     # -- update ------------------------------------------------------------------------------------
     def _open_update(self) -> StageMessages | None:
@@ -444,6 +477,7 @@ class CKKSServerHalf(ServerHalf):
         full = torch.zeros(self.layout.numel, dtype=torch.float64)
         layer_weight = dict.fromkeys(self.layout.layer_names, 0.0)
         withheld = []
+        amplification = 1.0  # decoding divides by the layer's received total: CKKS error grows with it
         slices = self.layout.slices()
         for name, (a, b) in frame.spans.items():
             chunks = range(a // frame.slots, (b - 1) // frame.slots + 1) if b > a else range(0)
@@ -453,13 +487,14 @@ class CKKSServerHalf(ServerHalf):
                 continue
             full[slices[name]] = torch.from_numpy(packed[a:b] * (self.normalizer / totals[name]))
             layer_weight[name] = float(totals[name])
+            amplification = max(amplification, self.normalizer / totals[name])
         return RevealedLayerMeans(
             mean=full.to(torch.float32),
             layer_weight=layer_weight,
             client_ids=tuple(sorted(self._received)),
             withheld_layers=tuple(withheld),
             layer_counts=counts,
-            error_bound=sum_error_bound(max(1, len(self._received)), 1.0),
+            error_bound=sum_error_bound(max(1, len(self._received)), 1.0) * amplification,
             rejected=dict(self._rejected),
             stats=self._stats(),
         )

@@ -13,7 +13,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from securefml.defenses.base import AggregationResult, Defense
@@ -132,6 +132,7 @@ class Mutate(Transport):
     st.floats(0, 1, exclude_max=True),
     st.integers(1, 255),
 )
+@example(how="flip", where=0.875, xor=65)  # the announced weight becomes ~1e303 (found by hypothesis)
 def test_tampered_message_is_rejected_by_name_or_harmless(add_proto, how, where, xor):
     layout = LayerLayout([("l0.w", (40, 50)), ("l1.w", (30,))])
     g = torch.Generator().manual_seed(0)
@@ -154,3 +155,44 @@ def test_tampered_message_is_rejected_by_name_or_harmless(add_proto, how, where,
     honest = weighted_layer_mean(layout, [ups[0].vector, ups[2].vector], [layout.layer_names] * 2, [1.0, 1.0])[0]
     if 1 in out.rejected:
         assert torch.allclose(out.aggregate, honest, atol=1e-4)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.floats(1e-300, 1e300), st.booleans())
+@example(weight=2.7e303 / 10, drops_at_update=True)
+@example(weight=600.0, drops_at_update=False)  # share 0.997: above max_share, every other share non-negligible
+@example(weight=1.9, drops_at_update=True)  # accepted at announce (share 0.49), then silent
+def test_a_client_announcing_any_weight_cannot_withhold_the_honest_round(add_proto, weight, drops_at_update):
+    """Client 1 announces any weight, then uploads or goes silent: clients 0 and 2 still get their mean.
+
+    A weight that dwarfs the others would leave every honest share below the key holder's
+    ``negligible_share`` or put client 1 above ``max_share``, and the key holder would refuse the
+    round: the server rejects such an announcement by name before anyone encrypts.  A client
+    accepted at the announcement that then drops leaves the honest prescales smaller than they
+    would be without it; the round's declared error bound grows by that factor.
+    """
+    layout = LayerLayout([("l0.w", (40, 50)), ("l1.w", (30,))])
+    g = torch.Generator().manual_seed(1)
+    ups = [ClientUpdate(i, torch.randn(layout.numel, generator=g), layout.layer_names, w)
+           for i, w in enumerate([1.0, weight, 1.0])]
+    out = add_proto.run_round(next(ROUNDS), ups, layout, defense=Mean(),
+                              transport=SilentAt(1, "update") if drops_at_update else Transport())
+    assert {0, 2} <= set(out.accepted)
+    assert out.extras["withheld_layers"] == ()
+    kept = [u for u in ups if u.client_id in out.accepted]
+    expected = weighted_layer_mean(layout, [u.vector for u in kept], [layout.layer_names] * len(kept),
+                                   [u.weight for u in kept])[0]
+    max_abs = float(torch.stack([u.vector for u in ups]).abs().max())
+    assert float((out.aggregate - expected).abs().max()) <= out.extras["error_bound"] * (1 + max_abs) + 1e-5
+    for sender, reason in out.rejected.items():
+        assert sender == 1 and f"sender {sender}" in reason
+
+
+class SilentAt(Transport):
+    """One client's message of one stage never arrives."""
+
+    def __init__(self, sender, stage):
+        self.sender, self.stage = sender, stage
+
+    def deliver(self, sender, stage, data):
+        return None if (sender, stage) == (self.sender, self.stage) else data
