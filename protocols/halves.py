@@ -54,8 +54,8 @@ from securefml.reveals import Revealed, RoundStats
 from securefml.rounds import Transport
 
 __all__ = [
-    "ClientHalf", "RoundStats", "ServerHalf", "StageMessages", "StageTimes", "Transcript", "available_cpus", "reply_cpus",
-    "simulate",
+    "ClientHalf", "RoundStats", "ServerHalf", "StageMessages", "StageTimes", "Transcript", "available_cpus",
+    "reply_cpus", "simulate",
 ]
 
 log = logging.getLogger(__name__)
