@@ -162,8 +162,7 @@ def _quantize_and_mask(job: MaskJob, rounding_seed: bytes, part: _Range, out: np
         if not math.isfinite(np.add.reduce(t)):  # a NaN or an infinity survives the sum (float64 cannot overflow here)
             raise InvalidUpdateError("update contains NaN or Inf", sender=job.client_id)
         rnd_enc.update_into(zeros[: m * 4], rview)
-        np.maximum(t, -hi, out=t)
-        np.minimum(t, hi, out=t)
+        np.clip(t, -hi, hi, out=t)  # one pass (no NaN is left: the sum above was finite)
         u = uni[:m]
         np.multiply(rnd[:m], 2.0**-32, out=u)
         t += u
