@@ -41,7 +41,6 @@ Usage: ``python benchmarks/secagg.py [--quick] [--no-checks] [--only-checks-cost
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import threading
@@ -49,7 +48,6 @@ import time
 
 import numpy as np
 import torch
-
 from peers import write_report
 
 from securefml.defenses import Mean
