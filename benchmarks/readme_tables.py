@@ -619,6 +619,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "defenses": render_defenses,
     "plaintext": render_plaintext,
     "meta_cohorts": render_meta_cohorts,
+    "meta_cohorts_dp": render_meta_cohorts,
     "dp_step": render_dp_step,
     "flower": render_flower,
     "flower_state": render_flower_state,
