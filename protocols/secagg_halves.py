@@ -484,9 +484,14 @@ class SecAggClientHalf(ClientHalf):
         ``MIN_WORDS_PER_WORKER`` keystream words the hand-off costs more than it saves), not
         when this half was told to use one thread (``workers=1``), and no other stage: the
         X25519 exchanges and HKDF of ``share`` and ``complaints`` hold the GIL (measured in
-        ``benchmarks/secagg.py``, ``gil``).
+        ``benchmarks/secagg.py``, ``gil``).  Not with a distributed-DP hook (``noise_fn``,
+        ``ring_noise``) either: a hook may draw from a noise source shared by every client (the
+        Skellam mechanism forks one master stream per client), and concurrent draws would make
+        the forks' order, hence each client's noise, depend on thread timing.
         """
         if stage != Stage.MASKED.value or self.client is None or self.workers == 1:
+            return False
+        if self.noise_fn is not None or self.ring_noise is not None:
             return False
         plan = self.client.plan
         return plan.length * (plan.params.k + 2) >= MIN_WORDS_PER_WORKER

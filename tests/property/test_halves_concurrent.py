@@ -246,3 +246,19 @@ def test_secagg_masked_stage_runs_on_the_pool_for_large_vectors() -> None:
         masked = [s for s in transcript.stages if s.stage == "masked"]
         assert len(masked) == 1
         assert (masked[0].pool_threads > 0) == (pooled and halves.available_cpus() > 1)
+
+
+def test_secagg_halves_with_a_noise_hook_answer_on_the_drivers_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A distributed-DP hook may share one noise source among clients: never run it concurrently."""
+    monkeypatch.setattr(secagg_halves, "MIN_WORDS_PER_WORKER", 0)
+    rng = np.random.default_rng(1)
+    layout = LayerLayout([("w.weight", (64,))])
+    ups = [ClientUpdate(c, torch.from_numpy(rng.normal(0, 0.05, 64).astype(np.float32)), ("w",), 1.0)
+           for c in range(4)]
+    for hooked in (False, True):
+        proto = SecAggPlus(neighbours=3, threshold=2)
+        if hooked:
+            proto.ring_noise = lambda job: np.zeros(job.vector.size + 1, dtype=np.int64)
+        _, transcript, _ = proto.collect(0, ups, layout, setup=proto.halves_setup(Mean()))
+        masked = next(s for s in transcript.stages if s.stage == "masked")
+        assert (masked.pool_threads == 0) == (hooked or halves.available_cpus() == 1)
