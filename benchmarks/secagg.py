@@ -35,7 +35,7 @@ ratio of the median round times is printed (target <= 1.1).  ``--no-checks`` run
 scenarios without the checks; ``--only-checks-cost`` runs just the interleaved comparison.
 
 Usage: ``python benchmarks/secagg.py [--quick] [--no-checks] [--only-checks-cost] [--repeats 5]
-[--out benchmarks/json/secagg.json]``.
+[--comparison-rounds 5] [--out benchmarks/json/secagg.json]``.
 """
 
 from __future__ import annotations
