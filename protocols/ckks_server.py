@@ -9,7 +9,12 @@ mean each ciphertext is added to the running per-chunk sum as soon as it is load
 server knows it adds to the others), and a rejected message's additions are undone exactly.
 
 Speed (issue 15): ciphertext fields stay views into the message until they are loaded, and
-each one is loaded once.
+each one is loaded once.  On the running-sum path every ciphertext after a chunk's first is
+loaded and added through TenSEAL's native vector type (``tenseal._ts_cpp.CKKSVector``, the
+object TenSEAL's own ``CKKSVector`` wraps): the same SEAL deserialization and addition, without
+the Python wrapper's type dispatch on each of the ~5,000 ciphertexts of a 20-client round.  The
+wrapper is used when the native type is not there (another TenSEAL build).  The checks stay as
+they were: SEAL refuses to add a ciphertext of another size, scale or form to the sum.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from securefml.protocols.wire import decode, unpack_array
 
 __all__ = ["CKKSServer", "ReceivedCiphertexts"]
 
+# TenSEAL's native vector type (what ``ts.CKKSVector`` wraps): loading and adding through it skips
+# the wrapper's per-call type dispatch; None on a TenSEAL without it (the wrapper is used then)
+_NATIVE_VECTOR = getattr(getattr(ts, "_ts_cpp", None), "CKKSVector", None)
+
 
 @dataclass
 class ReceivedCiphertexts:
@@ -44,6 +53,16 @@ class ReceivedCiphertexts:
     nbytes: int
     digests: tuple[bytes, ...] = field(default=(), repr=False)
     upload: SignedUpload | None = field(default=None, repr=False)
+
+
+def _load_native(native: object, ctx: object, blob: bytes | memoryview, sender: int) -> object:
+    """One ciphertext as TenSEAL's native vector (the bytes copy TenSEAL needs made here)."""
+    try:
+        return native(ctx, blob if type(blob) is bytes else bytes(blob))  # type: ignore[operator]
+    except Exception:
+        raise MalformedMessageError(
+            "ciphertext does not load under this context (truncated, corrupt or other parameters)", sender=sender
+        ) from None
 
 
 class CKKSServer:
@@ -88,6 +107,7 @@ class CKKSServer:
         self.replay_window = int(replay_window)
         self.verify_keys = verify_keys
         self._seen: dict[bytes, tuple[int, int]] = {}
+        self._pruned_below: int | None = None  # every digest of a round below this is forgotten
         self._max_ct = self.preset.max_ciphertext_bytes
 
     def is_private(self) -> bool:
@@ -164,7 +184,7 @@ class CKKSServer:
                 f"scale {prescale} is not the round's weight / W = {expected_scale}", sender=sender
             )
         expected = frame.chunks_for(layers)
-        got = tuple(int(k) for k in unpack_array(env.field("chunks"), expected_len=len(expected), sender=sender))
+        got = tuple(map(int, unpack_array(env.field("chunks"), expected_len=len(expected), sender=sender).tolist()))
         if got != expected:
             raise MalformedMessageError(f"chunk list {got} does not match the layers' chunks {expected}", sender=sender)
         if set(env.fields) != HEADER_FIELDS | {ct_field(k) for k in got}:
@@ -178,20 +198,23 @@ class CKKSServer:
         max_ct = self._max_ct
         load = self._load
         digest = self._digest
+        native, native_ctx, add_native, load_native = _NATIVE_VECTOR, self.context.data, self._add_native, _load_native
         try:
             for k in got:
                 blob = fields[ct_field(k)]  # a view into ``data``: copied only to load it (TenSEAL takes bytes)
                 if len(blob) > max_ct:
                     raise MalformedMessageError(f"ciphertext of {len(blob)} bytes is oversized", sender=sender)
-                vec = load(blob, frame.slots, sender, strict=strict)
                 digests.append(digest(blob))
                 blobs[k] = blob
                 if into is None:
-                    chunks[k] = vec
+                    chunks[k] = load(blob, frame.slots, sender, strict=strict)
                     continue
                 # not kept: holding every loaded ciphertext (4x its wire size) until the message is
                 # accepted costs fresh memory; an undo loads the few it needs again
-                if self._add(into, k, vec, sender):
+                slot = into.get(k)
+                if slot is not None and native is not None:
+                    add_native(slot, load_native(native, native_ctx, blob, sender), sender)
+                elif self._add(into, k, load(blob, frame.slots, sender, strict=strict), sender):
                     seeded.add(k)
                 added.append(k)
             upload = SignedUpload(sender, round_idx, frame.fingerprint(), layers, float(weight), float(prescale),
@@ -221,6 +244,17 @@ class CKKSServer:
             ) from None
         slot[1] += 1
         return False
+
+    @staticmethod
+    def _add_native(slot: list, vec: object, sender: int) -> None:
+        """``_add`` for a loaded native ciphertext and a chunk whose sum is already seeded."""
+        try:
+            slot[0].data += vec  # SEAL refuses a size / scale / form mismatch before writing
+        except Exception:
+            raise MalformedMessageError(
+                "a ciphertext cannot be added to the others (size, scale or form mismatch)", sender=sender
+            ) from None
+        slot[1] += 1
 
     def _undo(self, sums: dict[int, list], added: Sequence[int], seeded: set[int],
               blobs: Mapping[int, bytes | memoryview], slots: int, sender: int) -> None:
@@ -268,7 +302,9 @@ class CKKSServer:
 
     def _check_replay(self, round_idx: int, sender: int, digests: Sequence[bytes]) -> None:
         horizon = round_idx - self.replay_window
-        self._seen = {d: rs for d, rs in self._seen.items() if rs[0] >= horizon}
+        if self._pruned_below is None or horizon > self._pruned_below:  # once per round, not once per message
+            self._seen = {d: rs for d, rs in self._seen.items() if rs[0] >= horizon}
+            self._pruned_below = horizon
         if len(set(digests)) != len(digests):
             raise ReplayError("the message repeats one of its own ciphertexts", sender=sender)
         for d in digests:
@@ -285,3 +321,4 @@ class CKKSServer:
         seen = state.get("seen", {})
         assert isinstance(seen, Mapping)
         self._seen = {bytes.fromhex(d): (int(rs[0]), int(rs[1])) for d, rs in seen.items()}
+        self._pruned_below = None

@@ -44,7 +44,7 @@ from securefml.errors import (
 )
 from securefml.protocols.halves import ClientHalf, ServerHalf, StageMessages
 from securefml.protocols.secagg_client import MaskJob, SecAggClient
-from securefml.protocols.secagg_masking import MaskTimes, run_mask_job_threaded
+from securefml.protocols.secagg_masking import MIN_WORDS_PER_WORKER, MaskTimes, run_mask_job_threaded
 from securefml.protocols.secagg_messages import KIND, LAYERS_STAGE, SERVER_ID, Stage
 from securefml.protocols.secagg_plan import RoundPlan
 from securefml.protocols.secagg_server import SecAggServer
@@ -475,6 +475,26 @@ class SecAggClientHalf(ClientHalf):
     def stats(self) -> SecAggClientStats:
         """This client's own counts (kept on the device; never sent)."""
         return replace(self._stats, seconds=self._seconds)
+
+    def concurrent(self, stage: str) -> bool:
+        """The masked input of a large vector may run beside other clients' (``halves.simulate``).
+
+        Its cost is the ``k + 1`` AES-CTR mask streams and the numpy rounding, which release the
+        GIL; it reads and writes only this half's own state.  Not for a small vector (below
+        ``MIN_WORDS_PER_WORKER`` keystream words the hand-off costs more than it saves), not
+        when this half was told to use one thread (``workers=1``), and no other stage: the
+        X25519 exchanges and HKDF of ``share`` and ``complaints`` hold the GIL (measured in
+        ``benchmarks/secagg.py``, ``gil``).  Not with a distributed-DP hook (``noise_fn``,
+        ``ring_noise``) either: a hook may draw from a noise source shared by every client (the
+        Skellam mechanism forks one master stream per client), and concurrent draws would make
+        the forks' order, hence each client's noise, depend on thread timing.
+        """
+        if stage != Stage.MASKED.value or self.client is None or self.workers == 1:
+            return False
+        if self.noise_fn is not None or self.ring_noise is not None:
+            return False
+        plan = self.client.plan
+        return plan.length * (plan.params.k + 2) >= MIN_WORDS_PER_WORKER
 
     def respond(self, stage: str, message: bytes) -> bytes:
         t0 = time.perf_counter()

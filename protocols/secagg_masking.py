@@ -39,6 +39,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from securefml.errors import ConfigError, InvalidUpdateError
+from securefml.protocols.halves import available_cpus, reply_cpus
 from securefml.protocols.prg import SEED_BYTES, new_seed
 from securefml.protocols.quantize import FixedPoint
 from securefml.protocols.secagg_client import MaskJob
@@ -57,22 +58,15 @@ _pool_size = 0
 _local = threading.local()  # per-thread scratch buffers (fresh 4 MB buffers cost page faults)
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - no sched_getaffinity (macOS, Windows)
-        return max(1, os.cpu_count() or 1)
-
-
 def mask_workers(entries: int, streams: int, *, cpus: int | None = None) -> int:
     """Threads for one masked input of ``entries`` words and ``streams`` keystreams (1 = none).
 
-    At most one per CPU, one per ``CHUNK`` of entries, and one per ``MIN_WORDS_PER_WORKER``
+    At most one per CPU (``halves.reply_cpus``: this reply's share when the driver already runs
+    several replies at once), one per ``CHUNK`` of entries, and one per ``MIN_WORDS_PER_WORKER``
     keystream words (the rounding stream counts as one more), so more workers are only used
     when each has enough work to cover its hand-off.
     """
-    cpus = available_cpus() if cpus is None else cpus
+    cpus = reply_cpus() if cpus is None else cpus
     words = entries * (streams + 1)
     return max(1, min(cpus, -(-entries // CHUNK), words // MIN_WORDS_PER_WORKER))
 
@@ -168,8 +162,7 @@ def _quantize_and_mask(job: MaskJob, rounding_seed: bytes, part: _Range, out: np
         if not math.isfinite(np.add.reduce(t)):  # a NaN or an infinity survives the sum (float64 cannot overflow here)
             raise InvalidUpdateError("update contains NaN or Inf", sender=job.client_id)
         rnd_enc.update_into(zeros[: m * 4], rview)
-        np.maximum(t, -hi, out=t)
-        np.minimum(t, hi, out=t)
+        np.clip(t, -hi, hi, out=t)  # one pass (no NaN is left: the sum above was finite)
         u = uni[:m]
         np.multiply(rnd[:m], 2.0**-32, out=u)
         t += u

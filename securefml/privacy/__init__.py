@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from securefml.privacy.record import RecordLevelDP, steps_per_participation
     from securefml.privacy.skellam import rounded_sensitivity, skellam_epsilon, skellam_rdp
     from securefml.privacy.user import UserLevelDP, clip_update, gaussian_noise
+    from securefml.privacy.vectorized import CohortDPGradients, run_cohort
 
 # The mechanisms import Opacus (seconds of start-up): they load on first use, so a run or a
 # ``securefml --help`` without DP never imports it.
@@ -74,7 +75,7 @@ _LAZY = {
     "clip_and_sum": "dp_gradients", "steps_per_participation": "record", "UserLevelDP": "user",
     "clip_update": "user", "gaussian_noise": "user", "DistributedSkellam": "distributed",
     "secagg_clip_range": "distributed", "rounded_sensitivity": "skellam", "skellam_epsilon": "skellam",
-    "skellam_rdp": "skellam",
+    "skellam_rdp": "skellam", "CohortDPGradients": "vectorized", "run_cohort": "vectorized",
 }
 
 
@@ -92,6 +93,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ACCOUNTANTS",
+    "CohortDPGradients",
     "DPGradients",
     "MODES",
     "PLACEMENTS",
@@ -111,6 +113,7 @@ __all__ = [
     "max_compositions",
     "noise_for_target",
     "rounded_sensitivity",
+    "run_cohort",
     "secagg_clip_range",
     "setup_privacy",
     "skellam_epsilon",

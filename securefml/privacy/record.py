@@ -51,7 +51,7 @@ Differentially Private Meta-Learning, ICLR 2020; Yousefpour et al., Opacus, 2021
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +62,7 @@ from securefml.meta.base import MetaLearner, Params
 from securefml.privacy.accounting import Ledger
 from securefml.privacy.dp_gradients import DPGradients
 from securefml.privacy.randomness import NoiseSource
+from securefml.privacy.vectorized import run_cohort
 from securefml.updates import ParamRole
 
 __all__ = ["RecordLevelDP", "steps_per_participation"]
@@ -238,6 +239,54 @@ class RecordLevelDP(MetaLearner):
                 "the noise was calibrated for the declared count; fix released_gradients() (the update is not released)"
             )
         return {n: p.detach() for n, p in new.items()}, metrics
+
+    # -- a cohort as one vmap (simulation) -----------------------------------------------------------
+    def vectorizes(self, tasks: Sequence[Task]) -> bool:
+        """Whether ``update_many`` runs ``tasks`` as one vmap (``securefml.privacy.vectorized``).
+
+        True when the wrapped learner's round is its ``client_step`` and the tasks stack (as for
+        the non-private learner), the clients are distinct, and per-example gradients may be
+        taken by ``vmap`` (not ``per_sample="expanded-weights"``, which cannot run under a vmap).
+        """
+        if self.per_sample == "expanded-weights" or len({t.client_id for t in tasks}) != len(tasks):
+            return False
+        return self.inner.vectorizes(tasks)
+
+    def update_many(self, params: Params, tasks: Sequence[Task]) -> list[tuple[Params, dict[str, float]]]:
+        """``[self.update(params, t) for t in tasks]``: one vmap over the clients when ``vectorizes(tasks)``.
+
+        The mechanism, each client's noise stream and the ledger steps are the loop's (see
+        ``securefml.privacy.vectorized``).  Raises ``PrivacyBudgetExceeded`` before any work if
+        one client's budget is spent (the caller then runs the clients one at a time, where that
+        client alone sits out), and ``ConfigError`` (nothing booked) if the learner took another
+        number of released gradients than it declared.
+        """
+        if not self.vectorizes(tasks):
+            return [self.update(params, t) for t in tasks]
+        states = [self._state(t.client_id) for t in tasks]
+        for t, st in zip(tasks, states):
+            if self.max_participations is not None and st.participations >= self.max_participations:
+                raise PrivacyBudgetExceeded(
+                    f"client {t.client_id}: its record-level budget is spent after {st.participations} rounds "
+                    f"(epsilon {st.ledger.epsilon():.3g}); it sits out"
+                )
+        new, losses, taken, traced = run_cohort(self.inner, [st.gradients for st in states], params, tasks)
+        if taken != self._steps:
+            raise ConfigError(
+                f"{type(self.inner).__name__} declared {self._steps} released gradients per round but took {taken}: "
+                "the noise was calibrated for the declared count; fix released_gradients() (the update is not released)"
+            )
+        for t, st in zip(tasks, states):  # the loop's bookkeeping: one ledger step per released gradient
+            st.participations += 1
+            self.touched.add(t.client_id)
+            for _ in range(taken):
+                st.ledger.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            st.gradients.steps += taken
+            st.gradients.traced_calls += traced
+            st.gradients.engine_calls["vmap"] += taken
+        name = self.inner.step_loss_name
+        return [({n: (upd[n] - params[n]).detach() for n in params}, {name: loss})
+                for upd, loss in zip(new, losses)]
 
     # -- reporting -------------------------------------------------------------------------------
     def epsilons(self, client_ids: set[int] | None = None) -> dict[int, float]:

@@ -72,3 +72,47 @@ def test_message_rejected_on_its_first_chunk_seeds_nothing(proto: CKKS) -> None:
     assert sums == {}
     server.decode(6, 0, msgs[0], frame, strict=False, into=sums)  # the genuine message still adds
     assert sorted(sums) == list(range(frame.n_chunks))
+
+
+def test_native_running_sums_equal_the_wrapper_path(proto: CKKS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native load-and-add (issue 15) gives the sums TenSEAL's public API gives, byte for byte."""
+    import securefml.protocols.ckks_server as ckks_server
+
+    assert ckks_server._NATIVE_VECTOR is not None  # this TenSEAL has it: the fast path is what runs
+    frame, msgs = _messages(proto, 4, 7)
+    public = proto.key_holder.public_context_bytes()
+
+    def sums_of(native: object) -> dict[int, tuple[bytes, int]]:
+        monkeypatch.setattr(ckks_server, "_NATIVE_VECTOR", native)
+        server = CKKSServer(public, proto.preset)
+        sums: dict[int, list] = {}
+        for i, m in enumerate(msgs):
+            server.decode(7, i, m, frame, strict=False, into=sums)
+        return _snapshot(sums)
+
+    assert sums_of(ckks_server._NATIVE_VECTOR) == sums_of(None)
+
+
+@pytest.mark.parametrize("bad", ["garbage", "truncated", "other_preset"])
+def test_a_bad_later_ciphertext_is_refused_by_name_and_undone(proto: CKKS, bad: str) -> None:
+    frame, msgs = _messages(proto, 2, 8)
+    server = CKKSServer(proto.key_holder.public_context_bytes(), proto.preset)
+    sums: dict[int, list] = {}
+    server.decode(8, 0, msgs[0], frame, strict=False, into=sums)  # seeds every chunk: the rest go the native way
+    before = _snapshot(sums)
+    env = decode(msgs[1])
+    fields = dict(env.fields)
+    if bad == "garbage":
+        fields["ct.1"] = bytes(range(256)) * 8
+    elif bad == "truncated":
+        fields["ct.1"] = bytes(fields["ct.1"])[:-100]
+    else:  # a ciphertext made under other parameters (the stats preset)
+        other = CKKS(CKKSKeyHolder.generate("stats"))
+        oframe = PackingFrame(LAYOUT, LAYOUT.layer_names, other.preset.slots)
+        omsg = other.client.encode(8, ClientUpdate(1, torch.zeros(LAYOUT.numel), LAYOUT.layer_names, 1.0), oframe,
+                                   signer=other.enroll(1), prescale=1.0)
+        fields["ct.1"] = decode(omsg).fields["ct.0"]
+    with pytest.raises(MalformedMessageError) as err:
+        server.decode(8, 1, encode(Envelope(env.kind, env.round, env.sender, fields)), frame, strict=False, into=sums)
+    assert err.value.sender == 1
+    assert _snapshot(sums) == before  # chunk 0 was added, then taken out again

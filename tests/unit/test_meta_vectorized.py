@@ -63,7 +63,12 @@ def test_what_does_not_vectorize_keeps_the_loop():
 
     assert not Custom(MLP(5, [7], 3)).vectorizes(tasks(3))
     dp = RecordLevelDP(learner("fomaml"), noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5)
-    assert not dp.vectorizes(tasks(3))  # record-level DP keeps per-client accountants: loop
+    # record-level DP cohorts vectorize too (each client's stream and ledger kept: test_dp_vectorized.py),
+    # except with the expanded-weights engine, which cannot run under a vmap
+    assert dp.vectorizes(tasks(3))
+    ew = RecordLevelDP(learner("fomaml"), noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5,
+                       per_sample="expanded-weights")
+    assert not ew.vectorizes(tasks(3))
     params = lrn.init_params()
     out = lrn.update_many(params, mixed)  # falls back to the loop, same results
     for (u1, _), t in zip(out, mixed):
