@@ -34,7 +34,11 @@ from securefml.meta import LEARNERS
 from securefml.meta.base import MetaConfig
 
 #: variant name -> its BayesConfig (everything else as bayes-metasgd)
-VARIANTS: dict[str, BayesConfig] = {"lograte": BayesConfig(log_logvar_rates=True)}
+VARIANTS: dict[str, BayesConfig] = {
+    "lograte": BayesConfig(log_logvar_rates=True),
+    "kl1e-3": BayesConfig(kl_weight=0.001),
+    "kl0": BayesConfig(kl_weight=0.0),
+}
 #: bayes-metasgd's resolved hyper-parameters (securefml.experiment), given explicitly for the variant's name
 HP: dict[str, Any] = dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, outer_steps=1, server_opt="adam",
                           server_lr=0.005, finetune_steps=5)
