@@ -235,6 +235,12 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
              "metasgd-ts-train": "Meta-SGD + TS (training clients)", "bayes-metasgd": "bayes-metasgd",
              "bayes-metasgd-tempered": "bayes-metasgd, tempered posterior", "bayes-maml": "bayes-maml",
              "bayes-maml-tempered": "bayes-maml, tempered posterior", "pfedbayes": "pFedBayes"}
+    names = {**names, "bayes-metasgd-ts-train": "bayes-metasgd + TS (training clients)",
+             "bayes-maml-ts-train": "bayes-maml + TS (training clients)"}
+    for key, label in (("kl1e-3", "KL weight 0.001"), ("kl0", "KL weight 0"), ("lograte", "log-scale variance rates")):
+        v = f"bayes-metasgd-{key}"  # a retrained variant (benchmarks/bayes_variant.py)
+        names.update({v: f"bayes-metasgd, {label}", f"{v}-tempered": f"bayes-metasgd, {label}, tempered posterior",
+                      f"{v}-ts-train": f"bayes-metasgd, {label}, + TS (training clients)"})
     big = st["big"]
     lines = [f"The same trained models (200 rounds, seeds {', '.join(str(s) for s in st['seeds'])}) re-scored on "
              f"{big['heldout_clients']} new held-out clients per seed with {min(big['query_per_class'])}-"
