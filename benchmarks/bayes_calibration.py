@@ -36,6 +36,12 @@ user with only a support set can do without fitting to data the model was adapte
 ``metasgd-ts-train`` (one temperature fitted by the federation on *training-pool* clients' query
 sets after personalization, then shipped).  Choices are never made on held-out query data.
 
+For the Bayesian learners also ``<learner>-tempered`` (the predictive variance scale chosen on
+training-pool clients) and ``<learner>-ts-train`` (one temperature on the log of the Monte Carlo
+predictive fitted on training-pool clients, ``BayesConfig.temperature``); and every retrained
+variant of ``benchmarks/bayes_variant.py`` whose kept runs are in ``--runs-dir``
+(``bayes-metasgd-<variant>``), with its ratios to Meta-SGD and to bayes-metasgd in ``checks``.
+
 Also: ``diagnosis`` per Bayesian learner, how far local inference moves the posterior from the
 prior (mean |posterior - prior| of means and log-variances, over held-out clients), the prior's
 standard deviation per layer, and the spread of the Monte Carlo samples' probabilities.
