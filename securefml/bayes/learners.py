@@ -164,15 +164,17 @@ class BayesConfig:
         by their NLL): the 200-round models' Monte Carlo predictive is under-confident on
         held-out clients (mean confidence below accuracy), and this is the Bayesian knob for it.
     log_logvar_rates:
-        Bayesian Meta-SGD only: ``alpha.logvar.<name>`` stores the *logarithm* of the
+        Bayesian Meta-SGD only (the learners without learned rates refuse it with a
+        ``ConfigError``): ``alpha.logvar.<name>`` stores the *logarithm* of the
         log-variance's inner rate, divided by ``logvar_unit`` (rate ``exp(logvar_unit * s)``,
         clamped to ``[LOGRATE_MIN, LOGRATE_MAX]`` in natural log), instead of the rate itself.
         Why: local inference left the posterior's log-variances at the prior (moved by 6e-5 to
         9e-5 after 200 rounds) because their gradient is 1e-5 to 2e-4 per step and the learned
         rate could not grow to match it: the server's Adam moves a coordinate by about
         ``server_lr`` (0.005) per round, so a rate stored as itself can go from 0.1 to at most
-        about 1.1 in 200 rounds (measured on the kept 200-round models: mean learned rates 0.10
-        to 0.24, largest 0.59, i.e. pinned near that bound where the meta-gradient pushed).  A
+        about 1.1 in 200 rounds (measured on the three kept 200-round models: mean learned rates
+        0.10 to 0.12 in the hidden layers, 0.24 to 0.27 for the output weights, largest 0.58 to
+        0.61, all from 0.1).  A
         log-variance moved by O(0.1) in five steps needs a rate of 1e2 to 1e4.  Stored as
         ``log(rate) / 8``, the same Adam step multiplies the rate by up to ``exp(0.04)`` per round
         (a factor of 3,000 in 200 rounds either way), rates stay positive, and meta-training, not
@@ -234,11 +236,16 @@ class BayesianLearner(MetaLearner):
     """
 
     name = "bayes"
+    #: whether the log-variances' inner rates are meta-parameters (``BayesConfig.log_logvar_rates``)
+    learns_logvar_rates = False
     adapts_with_learned_rates = True  # personalization keeps the full posterior (means + log-variances)
 
     def __init__(self, model: nn.Module, config: MetaConfig | None = None, *, bayes: BayesConfig | None = None) -> None:
         super().__init__(model, config)
         self.bayes = bayes or BayesConfig()
+        if self.bayes.log_logvar_rates and not self.learns_logvar_rates:
+            raise ConfigError(f"log_logvar_rates needs learned log-variance rates (bayes-metasgd); "
+                              f"{self.name} has none")
         self.net = StochasticMLP(model, self.bayes.layers)
         self._train_generator = torch.Generator().manual_seed(self.bayes.seed + 1)
 
@@ -406,6 +413,7 @@ class BayesMetaSGD(BayesianLearner):
     """
 
     name = "bayes-metasgd"
+    learns_logvar_rates = True
 
     def init_params(self, device: torch.device | str | None = None) -> Params:
         prior = super().init_params(device)

@@ -416,6 +416,9 @@ def test_log_scale_logvar_rates_start_at_the_same_rate_and_travel_as_their_layer
     # the means' rates are Meta-SGD's, stored as themselves
     assert torch.equal(logr.rates(p_log)["layers.0.weight"], p_log[ALPHA_PREFIX + "layers.0.weight"])
     assert math.exp(LOGRATE_MIN) < 1e-5 and math.exp(LOGRATE_MAX) > 1e4
+    for cls in (BayesMAML, PFedBayes):  # no learned rates to put on a log scale: refused, naming the learner
+        with pytest.raises(ConfigError, match=cls.name):
+            _learner(cls, log_logvar_rates=True)
 
 
 @settings(max_examples=25, deadline=None)
