@@ -36,6 +36,12 @@ user with only a support set can do without fitting to data the model was adapte
 ``metasgd-ts-train`` (one temperature fitted by the federation on *training-pool* clients' query
 sets after personalization, then shipped).  Choices are never made on held-out query data.
 
+For the Bayesian learners also ``<learner>-tempered`` (the predictive variance scale chosen on
+training-pool clients) and ``<learner>-ts-train`` (one temperature on the log of the Monte Carlo
+predictive fitted on training-pool clients, ``BayesConfig.temperature``); and every retrained
+variant of ``benchmarks/bayes_variant.py`` whose kept runs are in ``--runs-dir``
+(``bayes-metasgd-<variant>``), with its ratios to Meta-SGD and to bayes-metasgd in ``checks``.
+
 Also: ``diagnosis`` per Bayesian learner, how far local inference moves the posterior from the
 prior (mean |posterior - prior| of means and log-variances, over held-out clients), the prior's
 standard deviation per layer, and the spread of the Monte Carlo samples' probabilities.
@@ -55,6 +61,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import bayes_variant
 import numpy as np
 import torch
 from peers import write_report
@@ -101,6 +108,8 @@ def _build(algorithm: str, data: Any, seed: int, **kwargs: Any) -> Any:
     hp = RunConfig(dataset="digits-fewshot", algorithm="metasgd", seed=seed).resolved(data.kind)
     cfg = MetaConfig(hp["inner_steps"], hp["inner_lr"], hp["outer_lr"], hp["outer_steps"])
     net = make_model(data, seed=seed)
+    if algorithm.startswith("bayes-metasgd-"):  # a variant trained by benchmarks/bayes_variant.py
+        return bayes_variant.build(algorithm[len("bayes-metasgd-"):], net, cfg), hp["finetune_steps"]
     if algorithm in ("metasgd-ts", "metasgd-ts-cv", "metasgd-ts-fixed"):
         cls = {"metasgd-ts": MetaSGDTemperature, "metasgd-ts-cv": MetaSGDTemperatureCV,
                "metasgd-ts-fixed": MetaSGDFixedTemperature}[algorithm]
@@ -171,7 +180,7 @@ def score_algorithm(algorithm: str, run: dict[str, Any], seed: int, big: Any, sm
         variants += [("metasgd-ts", _build("metasgd-ts", big, seed)[0]),
                      ("metasgd-ts-cv", _build("metasgd-ts-cv", big, seed)[0]),
                      ("metasgd-ts-train", _build("metasgd-ts-fixed", big, seed, temperature=t_train)[0])]
-    if algorithm in ("bayes-metasgd", "bayes-maml"):  # the tempered posterior, scale chosen on training clients
+    if algorithm.startswith("bayes-"):  # the tempered posterior, scale chosen on training clients
         curve = {}
         for scale in VAR_SCALES:
             tempered = type(learner)(learner.model, learner.config,
@@ -196,6 +205,31 @@ def score_algorithm(algorithm: str, run: dict[str, Any], seed: int, big: Any, sm
     return out
 
 
+def score_ts_train(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
+                   train_val: Any) -> dict[str, Any]:
+    """A Bayesian learner's predictive with one temperature fitted on *training-pool* clients.
+
+    The Bayesian analogue of ``metasgd-ts-train``: the federation personalizes its own training
+    clients, fits one temperature to their pooled query predictions (the log of the Monte Carlo
+    predictive, ``fit_temperature``) and ships it in ``BayesConfig.temperature``; held-out
+    clients fit nothing.
+    """
+    started = time.perf_counter()
+    learner, steps = _build(algorithm, big, seed)
+    params = learner.layout().unflatten(torch.tensor(run["vector"], dtype=torch.float32))
+    logp = [torch.log(personalized_probabilities(learner, params, t, steps=steps)) for t in train_val]
+    t_train = fit_temperature(torch.cat(logp), torch.cat([t.query_y for t in train_val]))
+    tempered = type(learner)(learner.model, learner.config, bayes=replace(learner.bayes, temperature=t_train))
+    name = f"{algorithm}-ts-train"
+    out: dict[str, Any] = {"big": {name: score(tempered, params, big.heldout, steps)},
+                           "small": {name: score(tempered, params, small.heldout, steps)},
+                           "diagnosis": None, "chosen": {name: {"temperature": t_train}}}
+    out["small"][name].pop("per_client_sq_ce_debiased")
+    out["seconds"] = time.perf_counter() - started
+    print(f"seed {seed} {name}: {out['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
 def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
     """Every kept run of one seed; each learner's block is cached in ``cache`` (a rerun scores only new runs)."""
     seed, runs_dir, n_heldout, rounds, cache = job
@@ -207,15 +241,20 @@ def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
     train_val = big.train[:30]  # training-pool clients (never held-out data): every choice is made on them
     out: dict[str, Any] = {"seed": seed, "query_per_class": q, "big": {}, "small": {}, "diagnosis": {},
                            "chosen": {}, "seconds": {}}
-    for algorithm in ("metasgd", "bayes-metasgd", "pfedbayes", "bayes-maml"):
+    variants = [bayes_variant.algorithm_name(v) for v in sorted(bayes_variant.VARIANTS)]
+    parts = [(a, "main") for a in ("metasgd", "bayes-metasgd", "pfedbayes", "bayes-maml", *variants)]
+    parts += [(a, "ts-train") for a in ("bayes-metasgd", "bayes-maml", *variants)]
+    for algorithm, part in parts:
         path = Path(runs_dir) / f"{algorithm}_plaintext_main_r{rounds}_s{seed}.json"
         if not path.exists():
             continue
-        kept = Path(cache) / f"{algorithm}_s{seed}_h{n_heldout}.json" if cache else None
+        label = algorithm if part == "main" else f"{algorithm}-{part}"
+        kept = Path(cache) / f"{label}_s{seed}_h{n_heldout}.json" if cache else None
         if kept is not None and kept.exists():
             block = json.loads(kept.read_text())
         else:
-            block = score_algorithm(algorithm, json.loads(path.read_text()), seed, big, small, train_val)
+            scorer = score_algorithm if part == "main" else score_ts_train
+            block = scorer(algorithm, json.loads(path.read_text()), seed, big, small, train_val)
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 kept.write_text(json.dumps(block))
@@ -223,7 +262,7 @@ def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
             out[key].update(block[key])
         if block["diagnosis"] is not None:
             out["diagnosis"][algorithm] = block["diagnosis"]
-        out["seconds"][algorithm] = block["seconds"]
+        out["seconds"][label] = block["seconds"]
     out["wall_seconds"] = time.perf_counter() - started
     return out
 
@@ -320,23 +359,49 @@ def main() -> None:
                     [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(b, big[other])])
                 checks[f"accuracy bayes-metasgd - {other} (points)"] = interval(
                     [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(b, big[other])])
-    if "bayes-metasgd-tempered" in big and "metasgd" in big:
-        bt, m = big["bayes-metasgd-tempered"], big["metasgd"]
-        checks["l2_ce_debiased ratio bayes-metasgd-tempered / metasgd"] = interval(
+    others = ["bayes-metasgd-tempered", "bayes-metasgd-ts-train"]
+    for v in sorted(bayes_variant.VARIANTS):
+        name = bayes_variant.algorithm_name(v)
+        others += [name, f"{name}-tempered", f"{name}-ts-train"]
+    for other in others:
+        if other not in big or "metasgd" not in big or len(big[other]) != len(big["metasgd"]):
+            continue
+        bt, m = big[other], big["metasgd"]
+        checks[f"l2_ce_debiased ratio {other} / metasgd"] = interval(
             [x["l2_ce_debiased"] / y["l2_ce_debiased"] if y["l2_ce_debiased"] > 0 else None
              for x, y in zip(bt, m)])
-        checks["accuracy difference bayes-metasgd-tempered - metasgd (points)"] = interval(
+        checks[f"l2_ce_debiased ratio {other} / metasgd, paired bootstrap over clients"] = paired_bootstrap(
+            [x["per_client_sq_ce_debiased"] for x in bt], [y["per_client_sq_ce_debiased"] for y in m])
+        checks[f"accuracy difference {other} - metasgd (points)"] = interval(
             [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(bt, m)])
-        checks["nll difference bayes-metasgd-tempered - metasgd"] = interval(
+        checks[f"nll difference {other} - metasgd"] = interval(
             [x["nll"] - y["nll"] for x, y in zip(bt, m)])
+        if "metasgd-ts-train" in big and len(big["metasgd-ts-train"]) == len(bt):
+            checks[f"l2_ce_debiased {other} - metasgd-ts-train"] = interval(
+                [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(bt, big["metasgd-ts-train"])])
+    for v in sorted(bayes_variant.VARIANTS):  # did the retrained variant improve on the learner it changes?
+        name = bayes_variant.algorithm_name(v)
+        if name in big and "bayes-metasgd" in big and len(big[name]) == len(big["bayes-metasgd"]):
+            bv, b = big[name], big["bayes-metasgd"]
+            checks[f"l2_ce_debiased ratio {name} / bayes-metasgd"] = interval(
+                [x["l2_ce_debiased"] / y["l2_ce_debiased"] if y["l2_ce_debiased"] > 0 else None
+                 for x, y in zip(bv, b)])
+            checks[f"l2_ce_debiased ratio {name} / bayes-metasgd, paired bootstrap over clients"] = paired_bootstrap(
+                [x["per_client_sq_ce_debiased"] for x in bv], [y["per_client_sq_ce_debiased"] for y in b])
+            checks[f"accuracy difference {name} - bayes-metasgd (points)"] = interval(
+                [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(bv, b)])
+            checks[f"nll difference {name} - bayes-metasgd"] = interval([x["nll"] - y["nll"] for x, y in zip(bv, b)])
     report["checks"] = checks
     report["chosen_on_training_clients"] = {r["seed"]: r["chosen"] for r in per_seed}
     report["diagnosis"] = {r["seed"]: r["diagnosis"] for r in per_seed}
     report["seconds_per_learner_and_seed"] = {r["seed"]: r["seconds"] for r in per_seed}
     report["wall_seconds"] = time.perf_counter() - started
-    report["note"] = (f"Re-scores the global vectors kept by benchmarks/bayes.py (no retraining); timings on a shared "
-                      f"2-core machine under nice (1-min load average {before:.1f} at the start, "
-                      f"{os.getloadavg()[0]:.1f} at the end)")
+    report["note"] = (f"Re-scores the global vectors kept by benchmarks/bayes.py and benchmarks/bayes_variant.py "
+                      f"(no retraining here); timings on a shared 2-core machine under nice (1-min load average "
+                      f"{before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)"
+                      + ("; scores reused from --cache where present, so wall_seconds is the assembly time and "
+                         "seconds_per_learner_and_seed the time of each block when it was computed"
+                         if args.cache else ""))
     write_report(report, args.out)
 
 

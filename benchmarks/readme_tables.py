@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -235,6 +236,12 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
              "metasgd-ts-train": "Meta-SGD + TS (training clients)", "bayes-metasgd": "bayes-metasgd",
              "bayes-metasgd-tempered": "bayes-metasgd, tempered posterior", "bayes-maml": "bayes-maml",
              "bayes-maml-tempered": "bayes-maml, tempered posterior", "pfedbayes": "pFedBayes"}
+    names = {**names, "bayes-metasgd-ts-train": "bayes-metasgd + TS (training clients)",
+             "bayes-maml-ts-train": "bayes-maml + TS (training clients)"}
+    for key, label in (("kl1e-3", "KL weight 0.001"), ("kl0", "KL weight 0"), ("lograte", "log-scale variance rates")):
+        v = f"bayes-metasgd-{key}"  # a retrained variant (benchmarks/bayes_variant.py)
+        names.update({v: f"bayes-metasgd, {label}", f"{v}-tempered": f"bayes-metasgd, {label}, tempered posterior",
+                      f"{v}-ts-train": f"bayes-metasgd, {label}, + TS (training clients)"})
     big = st["big"]
     lines = [f"The same trained models (200 rounds, seeds {', '.join(str(s) for s in st['seeds'])}) re-scored on "
              f"{big['heldout_clients']} new held-out clients per seed with {min(big['query_per_class'])}-"
@@ -267,6 +274,18 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
         lines += ["", f"bayes-metasgd / Meta-SGD, debiased L2-CE: ratio {_ci(ratio, 2)}{paired} (target <= 0.5), "
                   f"difference {_ci(diff)}; accuracy {_ci(acc, 1)} points; NLL difference "
                   f"{_ci(c['nll difference bayes-metasgd - metasgd'])}."]
+    for key in ("bayes-metasgd-kl1e-3", "bayes-metasgd-kl0", "bayes-metasgd-lograte"):  # retrained variants
+        vs_m = c.get(f"l2_ce_debiased ratio {key} / metasgd")
+        vs_b = c.get(f"l2_ce_debiased ratio {key} / bayes-metasgd")
+        if vs_m is None or vs_b is None:
+            continue
+        bm = c.get(f"l2_ce_debiased ratio {key} / metasgd, paired bootstrap over clients") or {}
+        bb = c.get(f"l2_ce_debiased ratio {key} / bayes-metasgd, paired bootstrap over clients") or {}
+        lines += ["", f"{names[key]} (retrained), debiased L2-CE: ratio to Meta-SGD {_ci(vs_m, 2)} (paired bootstrap "
+                  f"[{bm.get('lo', math.nan):.2f}, {bm.get('hi', math.nan):.2f}]), to bayes-metasgd {_ci(vs_b, 2)} "
+                  f"(paired bootstrap [{bb.get('lo', math.nan):.2f}, {bb.get('hi', math.nan):.2f}]); accuracy "
+                  f"{_ci(c[f'accuracy difference {key} - metasgd (points)'], 1)} points and NLL difference "
+                  f"{_ci(c[f'nll difference {key} - metasgd'])} against Meta-SGD."]
     lines += ["", data["note"] + "."]
     return "\n".join(lines) + "\n"
 

@@ -17,6 +17,8 @@ selector, defense and user-level DP like the deterministic ones.  See ``docs/bay
 from securefml.bayes.aggregation import mean_log_variance, precision_weighted
 from securefml.bayes.gaussian import LOGVAR_PREFIX, kl_diagonal, kl_params, logvar_name
 from securefml.bayes.learners import (
+    LOGRATE_MAX,
+    LOGRATE_MIN,
     TEMPERATURE_KEY,
     BayesConfig,
     BayesianLearner,
@@ -33,6 +35,8 @@ from securefml.meta import LEARNERS
 
 __all__ = [
     "LEARNERS",
+    "LOGRATE_MAX",
+    "LOGRATE_MIN",
     "LOGVAR_PREFIX",
     "TEMPERATURE_KEY",
     "BayesConfig",

@@ -77,10 +77,14 @@ from securefml.meta.metasgd import ALPHA_PREFIX, MetaSGD
 from securefml.meta.registry import LEARNERS
 from securefml.updates import ParamRole, Role
 
-__all__ = ["BayesConfig", "BayesMAML", "BayesMetaSGD", "BayesianLearner", "MetaSGDFixedTemperature",
-           "MetaSGDTemperature", "MetaSGDTemperatureCV", "PFedBayes", "TEMPERATURE_KEY"]
+__all__ = ["LOGRATE_MAX", "LOGRATE_MIN", "BayesConfig", "BayesMAML", "BayesMetaSGD", "BayesianLearner",
+           "MetaSGDFixedTemperature", "MetaSGDTemperature", "MetaSGDTemperatureCV", "PFedBayes", "TEMPERATURE_KEY"]
 
 TEMPERATURE_KEY = "temperature"
+#: range of the natural log of a log-variance's inner rate with ``BayesConfig.log_logvar_rates``
+#: (1e-6 to 2.2e4): a diverged or Byzantine stored value gives a very small or large rate, never inf
+LOGRATE_MIN = -13.8
+LOGRATE_MAX = 10.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,13 @@ class BayesConfig:
         strong KL pins the posterior to the prior: after 30 rounds (seed 0) weight 0.1 reached
         65% personalized accuracy, 0.01 reached 77% (Meta-SGD 84%).  The default tempers the KL
         to 0.01 (VAMPIRE also weights its KL term); the learned rates and prior variances are
-        meta-trained under that weight.
+        meta-trained under that weight.  It has a side effect: the prior's variance is also the
+        inverse strength of the KL's pull on the adapted means, and meta-training widens the prior
+        to loosen it, more than the predictive wants (``benchmarks/bayes_gradient_channels.py``).
+        Retrained with 0.001 (200 rounds x 3 seeds): the output layer's prior narrowed (std 0.061
+        -> 0.036), the per-client debiased calibration error fell from 0.047 to 0.038 (Meta-SGD
+        0.033), but NLL rose from 0.146 to 0.166 and out-of-task AUROC fell from 0.818 to 0.763, so
+        the default stays 0.01 (``docs/bayes.md``).
     layers:
         Gaussian ``Linear`` layers (``"layers.0"``...); ``None`` = all of them.
     seed:
@@ -153,6 +163,31 @@ class BayesConfig:
         clients' query sets after personalization (``benchmarks/bayes_calibration.py`` picks it
         by their NLL): the 200-round models' Monte Carlo predictive is under-confident on
         held-out clients (mean confidence below accuracy), and this is the Bayesian knob for it.
+    log_logvar_rates:
+        Bayesian Meta-SGD only (the learners without learned rates refuse it with a
+        ``ConfigError``): ``alpha.logvar.<name>`` stores the *logarithm* of the
+        log-variance's inner rate, divided by ``logvar_unit`` (rate ``exp(logvar_unit * s)``,
+        clamped to ``[LOGRATE_MIN, LOGRATE_MAX]`` in natural log), instead of the rate itself.
+        Why: local inference left the posterior's log-variances at the prior (moved by 6e-5 to
+        9e-5 after 200 rounds) because their gradient is 1e-5 to 2e-4 per step and the learned
+        rate could not grow to match it: the server's Adam moves a coordinate by about
+        ``server_lr`` (0.005) per round, so a rate stored as itself can go from 0.1 to at most
+        about 1.1 in 200 rounds (measured on the three kept 200-round models: mean learned rates
+        0.10 to 0.12 in the hidden layers, 0.24 to 0.27 for the output weights, largest 0.58 to
+        0.61, all from 0.1).  A
+        log-variance moved by O(0.1) in five steps needs a rate of 1e2 to 1e4.  Stored as
+        ``log(rate) / 8``, the same Adam step multiplies the rate by up to ``exp(0.04)`` per round
+        (a factor of 3,000 in 200 rounds either way), rates stay positive, and meta-training, not
+        a fixed factor (``newton_logvar_step``), decides how far the variances move.  Initial rate
+        as before (``init_logvar_rate`` or ``inner_lr``).  Measured (60 rounds, seed 0): given the
+        freedom, meta-training did not take it (output weights' rate 0.10 -> 0.18, plain 0.17;
+        posterior log-variances still moved by 4e-5), so it stays off by default.
+    temperature:
+        Predictions divide the log of the Monte Carlo predictive by this temperature
+        (``forward`` only; softmax of the result is the predictive raised to ``1 / T`` and
+        renormalized).  1 (default) leaves it unchanged.  For one temperature fitted by the
+        federation on *training* clients' personalized query predictions and shipped with the
+        model, the Bayesian analogue of ``MetaSGDFixedTemperature``.
     """
 
     train_samples: int = 4
@@ -166,8 +201,12 @@ class BayesConfig:
     newton_logvar_step: bool = False
     init_logvar_rate: float | None = None
     predictive_var_scale: float = 1.0
+    log_logvar_rates: bool = False
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"temperature must be a positive number, got {self.temperature}")
         if not (math.isfinite(self.predictive_var_scale) and self.predictive_var_scale >= 0):
             raise ConfigError(f"predictive_var_scale must be a finite number >= 0, got {self.predictive_var_scale}")
         if self.train_samples < 1 or self.eval_samples < 1:
@@ -197,11 +236,16 @@ class BayesianLearner(MetaLearner):
     """
 
     name = "bayes"
+    #: whether the log-variances' inner rates are meta-parameters (``BayesConfig.log_logvar_rates``)
+    learns_logvar_rates = False
     adapts_with_learned_rates = True  # personalization keeps the full posterior (means + log-variances)
 
     def __init__(self, model: nn.Module, config: MetaConfig | None = None, *, bayes: BayesConfig | None = None) -> None:
         super().__init__(model, config)
         self.bayes = bayes or BayesConfig()
+        if self.bayes.log_logvar_rates and not self.learns_logvar_rates:
+            raise ConfigError(f"log_logvar_rates needs learned log-variance rates (bayes-metasgd); "
+                              f"{self.name} has none")
         self.net = StochasticMLP(model, self.bayes.layers)
         self._train_generator = torch.Generator().manual_seed(self.bayes.seed + 1)
 
@@ -251,7 +295,8 @@ class BayesianLearner(MetaLearner):
         gen = torch.Generator().manual_seed(self.bayes.seed)
         noise = self._prediction_noise(self.net.draw_noise(x.shape[0], self.bayes.eval_samples, generator=gen,
                                                            device=x.device, dtype=x.dtype))
-        return self.net.log_predictive(self.gaussian(params), x, noise)
+        logp = self.net.log_predictive(self.gaussian(params), x, noise)
+        return logp if self.bayes.temperature == 1.0 else logp / self.bayes.temperature
 
     def _prediction_noise(self, noise: list[torch.Tensor]) -> list[torch.Tensor]:
         """The noise of a prediction, for variances scaled by ``predictive_var_scale`` (see ``BayesConfig``)."""
@@ -368,16 +413,25 @@ class BayesMetaSGD(BayesianLearner):
     """
 
     name = "bayes-metasgd"
+    learns_logvar_rates = True
 
     def init_params(self, device: torch.device | str | None = None) -> Params:
         prior = super().init_params(device)
         lv = self._logvar_rate()
+        if self.bayes.log_logvar_rates:
+            lv = math.log(lv) / self.bayes.logvar_unit
         rates = {ALPHA_PREFIX + n: torch.full_like(p, lv if n.startswith(LOGVAR_PREFIX) else self.config.inner_lr)
                  for n, p in prior.items()}
         return {**prior, **rates}
 
     def rates(self, params: Params) -> Params:
-        return {n: params[ALPHA_PREFIX + n] for n in self.net.posterior_names()}
+        """The inner rates in natural units (``exp`` of the stored log-rates for log-variances, if so configured)."""
+        out = {n: params[ALPHA_PREFIX + n] for n in self.net.posterior_names()}
+        if self.bayes.log_logvar_rates:
+            c = self.bayes.logvar_unit
+            out = {n: (torch.exp((r * c).clamp(LOGRATE_MIN, LOGRATE_MAX)) if n.startswith(LOGVAR_PREFIX) else r)
+                   for n, r in out.items()}
+        return out
 
     def layer_roles(self) -> Mapping[str, ParamRole]:
         rates = {ALPHA_PREFIX + n: ParamRole(Role.LEARNED_RATE, of=n) for n in self.net.posterior_names()}

@@ -391,3 +391,82 @@ def test_cross_validated_temperature_runs_from_the_run_config() -> None:
         "classification")["inner_lr"]
     res = run_experiment(cfg)
     assert 0 <= res.metrics["personalized"]["accuracy"] <= 1 and res.metrics["personalized"]["ece"] is not None
+
+
+# -- log-scale rates of the log-variances; a shipped temperature ------------------------------------
+def test_log_scale_logvar_rates_start_at_the_same_rate_and_travel_as_their_layer() -> None:
+    from securefml.bayes import LOGRATE_MAX, LOGRATE_MIN
+
+    plain, logr = _learner(), _learner(log_logvar_rates=True)
+    p_plain, p_log = plain.init_params(), logr.init_params()
+    # same names and shapes (what travels through LayerLayout is unchanged), same initial rates in natural units
+    assert {n: v.shape for n, v in p_plain.items()} == {n: v.shape for n, v in p_log.items()}
+    assert plain.layout().numel == logr.layout().numel and plain.layout().layer_names == logr.layout().layer_names
+    for n, r in logr.rates(p_log).items():
+        assert torch.allclose(r, plain.rates(p_plain)[n], rtol=1e-6)
+    lv = logvar_name("layers.0.weight")
+    assert torch.allclose(p_log[ALPHA_PREFIX + lv], torch.full_like(p_log[ALPHA_PREFIX + lv], math.log(0.1) / 8.0))
+    # the same initial rates: the first local inference is the same posterior
+    t = DATA.train[0]
+    a, b = plain.adapt(p_plain, t.support_x, t.support_y, t.kind), logr.adapt(p_log, t.support_x, t.support_y, t.kind)
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    # one server-sized step on the stored log-rate multiplies the rate, it does not add to it
+    bumped = {**p_log, ALPHA_PREFIX + lv: p_log[ALPHA_PREFIX + lv] + 0.005}
+    assert torch.allclose(logr.rates(bumped)[lv], 0.1 * torch.exp(torch.tensor(0.04)).expand_as(bumped[lv]), rtol=1e-5)
+    # the means' rates are Meta-SGD's, stored as themselves
+    assert torch.equal(logr.rates(p_log)["layers.0.weight"], p_log[ALPHA_PREFIX + "layers.0.weight"])
+    assert math.exp(LOGRATE_MIN) < 1e-5 and math.exp(LOGRATE_MAX) > 1e4
+    for cls in (BayesMAML, PFedBayes):  # no learned rates to put on a log scale: refused, naming the learner
+        with pytest.raises(ConfigError, match=cls.name):
+            _learner(cls, log_logvar_rates=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(min_value=-1e30, max_value=1e30, allow_nan=False))
+def test_no_finite_stored_log_rate_gives_a_non_finite_rate_or_posterior(value: float) -> None:
+    # an adversary (a Byzantine upload, a diverged server step) sets every stored log-rate to any finite value
+    learner = _learner(log_logvar_rates=True)
+    params = learner.init_params()
+    params = {n: (torch.full_like(v, value) if n.startswith(ALPHA_PREFIX + "logvar.") else v)
+              for n, v in params.items()}
+    for n, r in learner.rates(params).items():
+        assert bool(torch.isfinite(r).all())
+        if n.startswith("logvar."):
+            assert bool((r > 0).all())
+    t = DATA.train[0]
+    q = learner.adapt(params, t.support_x, t.support_y, t.kind)
+    assert all(bool(torch.isfinite(v).all()) for v in q.values())
+    probs = torch.softmax(learner.forward({**params, **q}, t.query_x), dim=-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[0]), atol=1e-5)
+
+
+def test_log_scale_rates_let_the_meta_gradient_grow_the_logvar_rate_multiplicatively() -> None:
+    # meta-gradient on the stored log-rate is rate * d/d(rate) * unit: the same sign as the plain
+    # rate's, so a meta-step moves the rate the way the plain parameterization would, by a factor
+    plain, logr = _learner(), _learner(log_logvar_rates=True)
+    task = DATA.train[0]
+    lv = ALPHA_PREFIX + logvar_name("layers.4.weight")
+    from torch.func import grad
+
+    g_plain = grad(lambda p: plain.query_nll(p, task, seed=3))(plain.init_params())[lv]
+    g_log = grad(lambda p: logr.query_nll(p, task, seed=3))(logr.init_params())[lv]
+    assert torch.allclose(g_log, g_plain * 0.1 * 8.0, rtol=1e-3, atol=1e-9)
+    assert float(g_plain.abs().max()) > 0
+
+
+def test_shipped_temperature_divides_the_log_predictive_and_keeps_the_argmax() -> None:
+    learner, hot = _learner(), _learner(temperature=2.0)
+    params = learner.init_params()
+    t = DATA.heldout[0]
+    q = {**params, **learner.adapt(params, t.support_x, t.support_y, t.kind)}
+    base = learner.forward(q, t.query_x)
+    assert torch.allclose(hot.forward(q, t.query_x), base / 2.0)
+    probs = torch.softmax(hot.forward(q, t.query_x), dim=-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[0]), atol=1e-6)
+    assert torch.equal(probs.argmax(-1), base.argmax(-1))
+    # local inference never sees it
+    assert all(torch.equal(v, hot.adapt(params, t.support_x, t.support_y, t.kind)[n])
+               for n, v in learner.adapt(params, t.support_x, t.support_y, t.kind).items())
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ConfigError, match="temperature"):
+            BayesConfig(temperature=bad)
