@@ -25,6 +25,7 @@ from securefml.data.base import Task
 from securefml.data.clusters import ClusteredDataset
 from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.relevance.colora import (
+    MATCH_RULES,
     CoLoRAMLP,
     HeteroUpload,
     aggregate_heterogeneous,
@@ -60,6 +61,12 @@ class HeteroConfig:
         turned every architecture to NaN (accuracy 0.10, the collapse in ``docs/relevance.md``).
     shared_lr:
         Rate of the shared part (P, Q) when it should differ from ``lr`` (None: ``lr``).
+    a_lr:
+        Rate of every adapter's ``A`` when it should differ from ``lr`` (None: ``lr``).  Adam's
+        steps do not scale with a parameter: at 0.01 an entry of ``A`` (initial scale
+        ``1/sqrt(fan_in)``, 0.125 for 64 inputs) moves by up to 8 % of its scale per step, an
+        entry of ``P`` (scale 1) by 1 %, so ``A``'s directions, and with them what the shared
+        ``P``, ``Q`` mean, drift apart group by group much faster than ``P``, ``Q`` learn.
     rank, alpha:
         Adapter rank r and LoRA scaling numerator (``s = alpha / r``; default ``alpha = r``).
     share:
@@ -77,6 +84,10 @@ class HeteroConfig:
     shared_per_architecture:
         Average the shared part with every architecture counting the same
         (``aggregate_heterogeneous(per_architecture=True)``) instead of every client.
+    match:
+        Depth-matching rule of the blocks (``block_keys``): ``"ends"`` (output blocks of every
+        depth share one ``P``, ``Q``) or ``"depth"`` (output blocks share only with networks of
+        the same depth).
     seed:
         Cohort sampling and initialisation.
     """
@@ -94,8 +105,10 @@ class HeteroConfig:
     optimizer: str = "adam"
     alpha: float | None = None
     shared_lr: float | None = None
+    a_lr: float | None = None
     freeze_A: bool = False
     shared_per_architecture: bool = False
+    match: str = "ends"
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -106,8 +119,12 @@ class HeteroConfig:
             raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.shared_lr is not None and not self.shared_lr > 0:
             raise ConfigError(f"shared_lr must be positive, got {self.shared_lr}")
+        if self.a_lr is not None and not self.a_lr > 0:
+            raise ConfigError(f"a_lr must be positive, got {self.a_lr}")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
+        if self.match not in MATCH_RULES:
+            raise ConfigError(f"match must be one of {MATCH_RULES}, got {self.match!r}")
 
 
 @dataclass(frozen=True)
@@ -137,7 +154,7 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         torch.manual_seed(config.seed)
         m = CoLoRAMLP(in_features, s, classes, rank=config.rank, alpha=config.alpha,
                       generator=torch.Generator().manual_seed(config.seed),
-                      family_seed=config.seed if config.family else None).to(dev)
+                      family_seed=config.seed if config.family else None, match=config.match).to(dev)
         for name, p in m.named_parameters():
             if ".base." in name and config.freeze_backbone:  # the frozen backbone
                 p.requires_grad_(False)
@@ -157,10 +174,14 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         t = task.to(dev)
         x = torch.cat([t.support_x, t.query_x]) if all_data else t.support_x
         y = torch.cat([t.support_y, t.query_y]) if all_data else t.support_y
-        own = [p for n, p in m.named_parameters() if p.requires_grad and not is_shared(n)]
-        common = [p for n, p in m.named_parameters() if p.requires_grad and is_shared(n)]
+        trained = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        split_a = config.a_lr is not None
+        own = [p for n, p in trained if not is_shared(n) and not (split_a and n.endswith(".lora_A"))]
+        common = [p for n, p in trained if is_shared(n)]
         groups = [{"params": own, "lr": config.lr},
                   {"params": common, "lr": config.shared_lr if config.shared_lr is not None else config.lr}]
+        if split_a:
+            groups.append({"params": [p for n, p in trained if n.endswith(".lora_A")], "lr": config.a_lr})
         opt: torch.optim.Optimizer = (torch.optim.SGD(groups, lr=config.lr) if config.optimizer == "sgd"
                                       else torch.optim.Adam(groups, lr=config.lr))
         for _ in range(steps):
