@@ -359,6 +359,27 @@ def combine(paths: list[str]) -> dict[str, Any]:
 SECTIONS = ("main", "shift", "ckks", "secagg", "hetero", "malicious")
 
 
+def update(base_path: str, paths: list[str]) -> dict[str, Any]:
+    """``base_path`` (a combined report) with the sections of ``paths`` replacing its own.
+
+    A section rerun alone (e.g. ``hetero`` on more seeds) replaces the old one, and its entry in
+    ``runs`` replaces the old section's; every other section and its ``runs`` entry is kept.
+    """
+    with open(base_path) as fh:
+        out: dict[str, Any] = json.load(fh)
+    new = combine(paths)
+    replaced = {name for name in SECTIONS if name in new}
+    kept = []
+    for run in out.get("runs", []):
+        left = [name for name in run["sections"] if name not in replaced]
+        if left:
+            kept.append({**run, "sections": left})
+    out["runs"] = kept + new["runs"]
+    for name in replaced:
+        out[name] = new[name]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -382,10 +403,12 @@ def main() -> None:
                     help="client step of the relevance runs (maml: relevance-weighted meta-updates)")
     ap.add_argument("--out", help="also write the JSON report to this file")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge earlier reports (see combine) and exit")
+    ap.add_argument("--update", metavar="JSON", help="with --combine: replace these sections of this combined report")
     ap.add_argument("--only", nargs="+", default=["main", "shift", "secagg", "hetero", "malicious"])
     args = ap.parse_args()
     if args.combine:
-        write_report(combine(args.combine), args.out, default=float)
+        merged = update(args.update, args.combine) if args.update else combine(args.combine)
+        write_report(merged, args.out, default=float)
         return
     torch.set_num_threads(1)
     budget = Budget(args.rounds, args.cohort, args.local_steps, args.local_lr, args.finetune, args.temperature,
