@@ -51,7 +51,7 @@ from securefml.relevance import (
     RelevanceServer,
     TaskVectorConfig,
     TaskVectorizer,
-    run_heterogeneous,
+    run_heterogeneous_budgets,
 )
 
 
@@ -302,6 +302,8 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     shares = [0.125, 0.3125, 0.5625]
     shapes = "32,64,64x64"
     res: dict[str, dict[str, list[float]]] = {"shared": {}, "alone": {}}
+    budgets = sorted({budget.finetune, *args.hetero_budgets})
+    by_budget: dict[int, dict[str, dict[str, list[float]]]] = {k: {"shared": {}, "alone": {}} for k in budgets}
     for seed in args.seeds:
         data = make_digits_clusters(seed=seed, groups=1, n_heldout=args.hetero_heldout, k_shot=2, query=3,
                                     architectures=shapes, architecture_shares=shares,
@@ -310,8 +312,12 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
                                lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
                                share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture)
-            for a, v in run_heterogeneous(data, cfg).per_architecture.items():
+            scored = run_heterogeneous_budgets(data, cfg, budgets)
+            for a, v in scored[budget.finetune].per_architecture.items():
                 res[label].setdefault(a, []).append(v)
+            for k in budgets:
+                for a, v in scored[k].per_architecture.items():
+                    by_budget[k][label].setdefault(a, []).append(v)
     counts = {"32": shares[0], "64": shares[1], "64x64": shares[2]}
     smallest, largest = min(counts, key=lambda k: counts[k]), max(counts, key=lambda k: counts[k])
     table = {label: {a: summary(v) for a, v in rows.items()} for label, rows in res.items()}
@@ -321,6 +327,12 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             "heldout_shares": "equal per shape", "shared_per_architecture": args.hetero_per_architecture,
             "accuracy": table, "gain_from_sharing": gain, "per_seed": res,
             "gain_ci95": {a: paired_interval(res["shared"][a], res["alone"][a]) for a in res["shared"]},
+            "finetune_steps": budget.finetune,
+            "by_finetune_budget": {str(k): {"gain_ci95": {a: paired_interval(r["shared"][a], r["alone"][a])
+                                                          for a in r["shared"]},
+                                            "shared": {a: statistics.fmean(v) for a, v in r["shared"].items()},
+                                            "alone": {a: statistics.fmean(v) for a, v in r["alone"].items()}}
+                                   for k, r in by_budget.items()},
             "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02, "largest_no_loss": gain[largest] >= 0.0}}
 
 
@@ -399,6 +411,8 @@ def main() -> None:
     ap.add_argument("--hetero-per-architecture", action="store_true",
                     help="Co-LoRA: every architecture counts the same in the shared P, Q")
     ap.add_argument("--hetero-heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
+    ap.add_argument("--hetero-budgets", type=int, nargs="*", default=[0, 10, 20],
+                    help="further held-out fine-tuning budgets scored after the same training (a sensitivity table)")
     ap.add_argument("--learner", default="maml", choices=["maml", "fedavg"],
                     help="client step of the relevance runs (maml: relevance-weighted meta-updates)")
     ap.add_argument("--out", help="also write the JSON report to this file")

@@ -28,7 +28,7 @@ import torch
 from peers import write_report
 
 from securefml.data import make_digits_clusters
-from securefml.relevance import HeteroConfig, run_heterogeneous
+from securefml.relevance import HeteroConfig, run_heterogeneous_budgets
 
 SHAPES = "32,64,64x64"
 SHARES = [0.125, 0.3125, 0.5625]
@@ -40,21 +40,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "match_depth": {"match": "depth"},
     "shared_lr_2x": {"shared_lr": 0.02},
     "lr_half": {"lr": 0.005},
-    "finetune_20": {"finetune_steps": 20},
-    "finetune_0": {"finetune_steps": 0},
     "a_lr_0.001": {"a_lr": 0.001},
     "a_lr_0.003": {"a_lr": 0.003},
 }
 
 
+#: held-out fine-tuning budgets scored after every training (one training per setting)
+BUDGETS = (0, 5, 10, 20)
+
+
 def run_seed(variant: str, seed: int, heldout: int) -> dict[str, Any]:
+    """One seed of ``variant``: shared and alone, scored after the configured and every ``BUDGETS`` budget."""
     t0 = time.perf_counter()
     data = make_digits_clusters(seed=seed, groups=1, n_heldout=heldout, k_shot=2, query=3, architectures=SHAPES,
                                 architecture_shares=SHARES, heldout_architecture_shares=[1.0] * len(SHARES))
-    row: dict[str, Any] = {"name": variant, "seed": seed}
+    row: dict[str, Any] = {"name": variant, "seed": seed, "by_budget": {}}
     for label, share in (("shared", True), ("alone", False)):
         cfg = HeteroConfig(**{**BASE, "seed": seed, "share": share, **VARIANTS[variant]})
-        row[label] = run_heterogeneous(data, cfg).per_architecture
+        res = run_heterogeneous_budgets(data, cfg, (*BUDGETS, cfg.finetune_steps))
+        row[label] = res[cfg.finetune_steps].per_architecture
+        for k in BUDGETS:
+            row["by_budget"].setdefault(str(k), {})[label] = res[k].per_architecture
     row["gain"] = {a: round(row["shared"][a] - row["alone"][a], 4) for a in row["shared"]}
     row["s"] = round(time.perf_counter() - t0, 1)
     return row
@@ -69,6 +75,18 @@ def paired(gains: list[float]) -> dict[str, float]:
         return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": float(n)}
     half = float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(gains) / n**0.5
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": float(n)}
+
+
+def _by_budget(rows: list[dict[str, Any]], archs: list[str]) -> dict[str, Any]:
+    """Per held-out fine-tuning budget: mean shared and alone accuracy and the paired gain (rows that have it)."""
+    have = [r for r in rows if r.get("by_budget")]
+    out: dict[str, Any] = {}
+    for k in sorted({k for r in have for k in r["by_budget"]}, key=int):
+        rs = [r["by_budget"][k] for r in have if k in r["by_budget"]]
+        out[k] = {"shared": {a: statistics.fmean(r["shared"][a] for r in rs) for a in archs},
+                  "alone": {a: statistics.fmean(r["alone"][a] for r in rs) for a in archs},
+                  "gain_ci95": {a: paired([r["shared"][a] - r["alone"][a] for r in rs]) for a in archs}}
+    return out
 
 
 def summarize(paths: list[str]) -> dict[str, Any]:
@@ -89,6 +107,7 @@ def summarize(paths: list[str]) -> dict[str, Any]:
             "shared": {a: statistics.fmean(by_seed[s]["shared"][a] for s in seeds) for a in archs},
             "gain_ci95": {a: paired([by_seed[s]["gain"][a] for s in seeds]) for a in archs},
             "per_seed_gain": {a: [by_seed[s]["gain"][a] for s in seeds] for a in archs},
+            "by_finetune_budget": _by_budget([by_seed[s] for s in seeds], archs),
             "seconds_per_seed": statistics.fmean(by_seed[s]["s"] for s in seeds),
         }
     return out

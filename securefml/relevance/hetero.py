@@ -36,7 +36,7 @@ from securefml.relevance.colora import (
     shared_state,
 )
 
-__all__ = ["HeteroConfig", "HeteroResult", "run_heterogeneous", "architecture_name"]
+__all__ = ["HeteroConfig", "HeteroResult", "run_heterogeneous", "run_heterogeneous_budgets", "architecture_name"]
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,21 @@ class HeteroResult:
 def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: torch.device | str = "cpu"
                       ) -> HeteroResult:
     """Train the Co-LoRA federation of ``data.architectures`` and score the held-out clients."""
+    return run_heterogeneous_budgets(data, config, (config.finetune_steps,), device=device)[config.finetune_steps]
+
+
+def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, finetune_steps: Sequence[int], *,
+                              device: torch.device | str = "cpu") -> dict[int, HeteroResult]:
+    """Train once, then score the held-out clients after each fine-tuning budget in ``finetune_steps``.
+
+    Every budget starts from the same trained federation (each held-out client reloads its
+    architecture's aggregate and a fresh optimizer), so ``result[k]`` equals what
+    ``run_heterogeneous`` returns with ``finetune_steps=k``; the comparison of budgets costs
+    one training instead of one per budget.
+    """
+    budgets = sorted({int(k) for k in finetune_steps})
+    if not budgets or budgets[0] < 0:
+        raise ConfigError(f"finetune_steps must be non-negative step counts, got {list(finetune_steps)}")
     if not data.architectures or len(data.heldout_architectures) != len(data.heldout):
         raise ConfigError("the dataset has no per-client architectures (use its heterogeneous variant)")
     dev = torch.device(device)
@@ -214,15 +229,19 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         for a in arch:
             state[a] = (shared[a], arch[a])
         log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups), len(arch))
-    per_client: dict[int, float] = {}
-    held_arch: dict[int, str] = {}
-    for t, s in zip(data.heldout, data.heldout_architectures):
-        a = architecture_name(s)
-        m = local(a, t, config.finetune_steps, all_data=False)
-        with torch.no_grad():
-            per_client[t.client_id] = float((m(t.query_x.to(dev)).argmax(1) == t.query_y.to(dev)).float().mean())
-        held_arch[t.client_id] = a
-    by_arch: dict[str, list[float]] = {}
-    for cid, acc in per_client.items():
-        by_arch.setdefault(held_arch[cid], []).append(acc)
-    return HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())}, held_arch)
+    results: dict[int, HeteroResult] = {}
+    for steps in budgets:
+        per_client: dict[int, float] = {}
+        held_arch: dict[int, str] = {}
+        for t, s in zip(data.heldout, data.heldout_architectures):
+            a = architecture_name(s)
+            m = local(a, t, steps, all_data=False)
+            with torch.no_grad():
+                per_client[t.client_id] = float((m(t.query_x.to(dev)).argmax(1) == t.query_y.to(dev)).float().mean())
+            held_arch[t.client_id] = a
+        by_arch: dict[str, list[float]] = {}
+        for cid, acc in per_client.items():
+            by_arch.setdefault(held_arch[cid], []).append(acc)
+        results[steps] = HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())},
+                                      held_arch)
+    return results

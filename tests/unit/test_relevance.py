@@ -432,6 +432,21 @@ def test_hetero_optimizer_gives_a_its_own_rate():
         HeteroConfig(a_lr=-1.0)
 
 
+def test_scoring_several_finetuning_budgets_equals_one_run_per_budget():
+    from securefml.relevance import HeteroConfig, run_heterogeneous, run_heterogeneous_budgets
+
+    d = make_digits_clusters(n_train=8, n_heldout=6, groups=1, k_shot=1, query=2, architectures="32,64", seed=3)
+    cfg = HeteroConfig(rounds=2, clients_per_round=4, local_steps=2, finetune_steps=3, rank=2)
+    scored = run_heterogeneous_budgets(d, cfg, [6, 0, 3])
+    assert sorted(scored) == [0, 3, 6]
+    for k in (0, 6):
+        assert scored[k].per_client == run_heterogeneous(d, HeteroConfig(**{**cfg.__dict__, "finetune_steps": k})
+                                                         ).per_client
+    assert scored[3].per_client == run_heterogeneous(d, cfg).per_client
+    with pytest.raises(ConfigError, match="finetune_steps"):
+        run_heterogeneous_budgets(d, cfg, [-1])
+
+
 # -- command line -----------------------------------------------------------------------------------
 def test_cli_relevance_aggregation_writes_per_client_and_per_group_results(tmp_path):
     import json
