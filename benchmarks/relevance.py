@@ -298,12 +298,20 @@ def section_malicious(args: argparse.Namespace, budget: Budget) -> dict[str, Any
     return out
 
 
+def parse_budget(text: str, lr: float) -> tuple[int, float]:
+    """``"20"`` -> (20, lr); ``"20@0.001"`` -> (20, 0.001): held-out fine-tuning steps and Adam rate."""
+    steps, _, rate = text.partition("@")
+    return int(steps), float(rate) if rate else lr
+
+
 def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
+    """Co-LoRA shared vs each architecture alone; every fine-tuning budget scored after one training."""
     shares = [0.125, 0.3125, 0.5625]
     shapes = "32,64,64x64"
-    res: dict[str, dict[str, list[float]]] = {"shared": {}, "alone": {}}
-    budgets = sorted({budget.finetune, *args.hetero_budgets})
-    by_budget: dict[int, dict[str, dict[str, list[float]]]] = {k: {"shared": {}, "alone": {}} for k in budgets}
+    budgets = sorted({(budget.finetune, args.hetero_lr),
+                      *(parse_budget(b, args.hetero_lr) for b in args.hetero_budgets)})
+    per_budget: dict[str, dict[str, dict[str, list[float]]]] = {
+        budget_key(k): {"shared": {}, "alone": {}} for k in budgets}
     for seed in args.seeds:
         data = make_digits_clusters(seed=seed, groups=1, n_heldout=args.hetero_heldout, k_shot=2, query=3,
                                     architectures=shapes, architecture_shares=shares,
@@ -313,27 +321,44 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
                                lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
                                share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture)
             scored = run_heterogeneous_budgets(data, cfg, budgets)
-            for a, v in scored[budget.finetune].per_architecture.items():
-                res[label].setdefault(a, []).append(v)
             for k in budgets:
                 for a, v in scored[k].per_architecture.items():
-                    by_budget[k][label].setdefault(a, []).append(v)
-    counts = {"32": shares[0], "64": shares[1], "64x64": shares[2]}
+                    per_budget[budget_key(k)][label].setdefault(a, []).append(v)
+    out = {"architectures": shapes, "client_shares": {"32": shares[0], "64": shares[1], "64x64": shares[2]},
+           "rank": args.rank, "optimizer": "adam", "adapter_lr": args.hetero_lr,
+           "heldout_clients": args.hetero_heldout, "heldout_shares": "equal per shape",
+           "shared_per_architecture": args.hetero_per_architecture, "per_seed_by_finetune_budget": per_budget,
+           "by_finetune_budget": {k: {"gain_ci95": {a: paired_interval(r["shared"][a], r["alone"][a])
+                                                    for a in r["shared"]},
+                                      "shared": {a: statistics.fmean(v) for a, v in r["shared"].items()},
+                                      "alone": {a: statistics.fmean(v) for a, v in r["alone"].items()}}
+                                  for k, r in per_budget.items()}}
+    return hetero_primary(out, args.hetero_primary or budget_key((budget.finetune, args.hetero_lr)))
+
+
+def budget_key(k: tuple[int, float]) -> str:
+    return f"{k[0]}@{k[1]:g}"
+
+
+def hetero_primary(section: dict[str, Any], key: str) -> dict[str, Any]:
+    """The hetero section's headline figures (``accuracy``, ``gain_ci95``, ``checks``) at budget ``key``.
+
+    Every budget's per-seed values are kept, so the headline budget can be (re)selected without
+    training again (``--combine ... --hetero-primary KEY``); the choice is made on development
+    seeds (``relevance_hetero_variants.py``), never on these.
+    """
+    res = section["per_seed_by_finetune_budget"][key]
+    counts = section["client_shares"]
     smallest, largest = min(counts, key=lambda k: counts[k]), max(counts, key=lambda k: counts[k])
     table = {label: {a: summary(v) for a, v in rows.items()} for label, rows in res.items()}
     gain = {a: table["shared"][a]["mean"] - table["alone"][a]["mean"] for a in table["shared"]}
-    return {"architectures": shapes, "client_shares": counts, "rank": args.rank, "optimizer": "adam",
-            "adapter_lr": args.hetero_lr, "heldout_clients": args.hetero_heldout,
-            "heldout_shares": "equal per shape", "shared_per_architecture": args.hetero_per_architecture,
-            "accuracy": table, "gain_from_sharing": gain, "per_seed": res,
-            "gain_ci95": {a: paired_interval(res["shared"][a], res["alone"][a]) for a in res["shared"]},
-            "finetune_steps": budget.finetune,
-            "by_finetune_budget": {str(k): {"gain_ci95": {a: paired_interval(r["shared"][a], r["alone"][a])
-                                                          for a in r["shared"]},
-                                            "shared": {a: statistics.fmean(v) for a, v in r["shared"].items()},
-                                            "alone": {a: statistics.fmean(v) for a, v in r["alone"].items()}}
-                                   for k, r in by_budget.items()},
-            "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02, "largest_no_loss": gain[largest] >= 0.0}}
+    ci = {a: paired_interval(res["shared"][a], res["alone"][a]) for a in res["shared"]}
+    steps, _, rate = key.partition("@")
+    return {**section, "finetune_steps": int(steps), "finetune_lr": float(rate), "primary_budget": key,
+            "accuracy": table, "gain_from_sharing": gain, "per_seed": res, "gain_ci95": ci,
+            "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02,
+                       "smallest_interval_above_0": ci[smallest]["low"] > 0.0,
+                       "largest_no_loss": gain[largest] >= 0.0}}
 
 
 def combine(paths: list[str]) -> dict[str, Any]:
@@ -411,17 +436,21 @@ def main() -> None:
     ap.add_argument("--hetero-per-architecture", action="store_true",
                     help="Co-LoRA: every architecture counts the same in the shared P, Q")
     ap.add_argument("--hetero-heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
-    ap.add_argument("--hetero-budgets", type=int, nargs="*", default=[0, 10, 20],
-                    help="further held-out fine-tuning budgets scored after the same training (a sensitivity table)")
+    ap.add_argument("--hetero-budgets", nargs="*", default=["0", "20", "5@0.001", "20@0.001", "20@0.003"],
+                    help="further held-out fine-tuning budgets STEPS[@ADAM_RATE] scored after the same training")
     ap.add_argument("--learner", default="maml", choices=["maml", "fedavg"],
                     help="client step of the relevance runs (maml: relevance-weighted meta-updates)")
     ap.add_argument("--out", help="also write the JSON report to this file")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge earlier reports (see combine) and exit")
+    ap.add_argument("--hetero-primary", metavar="STEPS@RATE",
+                    help="the hetero section's headline fine-tuning budget (default: --finetune at --hetero-lr)")
     ap.add_argument("--update", metavar="JSON", help="with --combine: replace these sections of this combined report")
     ap.add_argument("--only", nargs="+", default=["main", "shift", "secagg", "hetero", "malicious"])
     args = ap.parse_args()
     if args.combine:
         merged = update(args.update, args.combine) if args.update else combine(args.combine)
+        if args.hetero_primary and "hetero" in merged:
+            merged["hetero"] = hetero_primary(merged["hetero"], args.hetero_primary)
         write_report(merged, args.out, default=float)
         return
     torch.set_num_threads(1)

@@ -45,11 +45,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-#: held-out fine-tuning budgets scored after every training (one training per setting)
-BUDGETS = (0, 5, 10, 20)
+#: held-out fine-tuning budgets (steps, Adam rate) scored after every training (one training per setting)
+BUDGETS: tuple[tuple[int, float], ...] = ((0, 0.01), (5, 0.01), (10, 0.01), (20, 0.01), (5, 0.001), (20, 0.001),
+                                         (20, 0.003))
 
 
-def run_seed(variant: str, seed: int, heldout: int) -> dict[str, Any]:
+def run_seed(variant: str, seed: int, heldout: int,
+             args_budgets: tuple[tuple[int, float], ...] | None = None) -> dict[str, Any]:
     """One seed of ``variant``: shared and alone, scored after the configured and every ``BUDGETS`` budget."""
     t0 = time.perf_counter()
     data = make_digits_clusters(seed=seed, groups=1, n_heldout=heldout, k_shot=2, query=3, architectures=SHAPES,
@@ -57,10 +59,12 @@ def run_seed(variant: str, seed: int, heldout: int) -> dict[str, Any]:
     row: dict[str, Any] = {"name": variant, "seed": seed, "by_budget": {}}
     for label, share in (("shared", True), ("alone", False)):
         cfg = HeteroConfig(**{**BASE, "seed": seed, "share": share, **VARIANTS[variant]})
-        res = run_heterogeneous_budgets(data, cfg, (*BUDGETS, cfg.finetune_steps))
-        row[label] = res[cfg.finetune_steps].per_architecture
-        for k in BUDGETS:
-            row["by_budget"].setdefault(str(k), {})[label] = res[k].per_architecture
+        default = (cfg.finetune_steps, cfg.finetune_lr if cfg.finetune_lr is not None else cfg.lr)
+        budgets = BUDGETS if args_budgets is None else args_budgets
+        res = run_heterogeneous_budgets(data, cfg, (*budgets, default))
+        row[label] = res[default].per_architecture
+        for k in budgets:
+            row["by_budget"].setdefault(f"{k[0]}@{k[1]:g}", {})[label] = res[k].per_architecture
     row["gain"] = {a: round(row["shared"][a] - row["alone"][a], 4) for a in row["shared"]}
     row["s"] = round(time.perf_counter() - t0, 1)
     return row
@@ -77,11 +81,16 @@ def paired(gains: list[float]) -> dict[str, float]:
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": float(n)}
 
 
+def _budget_order(key: str) -> tuple[float, int]:
+    steps, _, rate = key.partition("@")
+    return (-float(rate), int(steps))
+
+
 def _by_budget(rows: list[dict[str, Any]], archs: list[str]) -> dict[str, Any]:
     """Per held-out fine-tuning budget: mean shared and alone accuracy and the paired gain (rows that have it)."""
     have = [r for r in rows if r.get("by_budget")]
     out: dict[str, Any] = {}
-    for k in sorted({k for r in have for k in r["by_budget"]}, key=int):
+    for k in sorted({k for r in have for k in r["by_budget"]}, key=_budget_order):
         rs = [r["by_budget"][k] for r in have if k in r["by_budget"]]
         out[k] = {"shared": {a: statistics.fmean(r["shared"][a] for r in rs) for a in archs},
                   "alone": {a: statistics.fmean(r["alone"][a] for r in rs) for a in archs},

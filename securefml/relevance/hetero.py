@@ -67,6 +67,12 @@ class HeteroConfig:
         ``1/sqrt(fan_in)``, 0.125 for 64 inputs) moves by up to 8 % of its scale per step, an
         entry of ``P`` (scale 1) by 1 %, so ``A``'s directions, and with them what the shared
         ``P``, ``Q`` mean, drift apart group by group much faster than ``P``, ``Q`` learn.
+    finetune_lr:
+        Rate of every adapter parameter while a held-out client fine-tunes on its support set
+        (None: the training rates).  A held-out client has 2 images per class, a training client
+        uses 5; Adam's first steps move every entry by about the rate whatever the gradient, so
+        at the training rate 0.01 five steps move each entry of ``A`` (scale 0.125) by up to 40 %
+        of its scale on 20 images, and the model the federation built is partly overwritten.
     rank, alpha:
         Adapter rank r and LoRA scaling numerator (``s = alpha / r``; default ``alpha = r``).
     share:
@@ -106,6 +112,7 @@ class HeteroConfig:
     alpha: float | None = None
     shared_lr: float | None = None
     a_lr: float | None = None
+    finetune_lr: float | None = None
     freeze_A: bool = False
     shared_per_architecture: bool = False
     match: str = "ends"
@@ -119,6 +126,8 @@ class HeteroConfig:
             raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.shared_lr is not None and not self.shared_lr > 0:
             raise ConfigError(f"shared_lr must be positive, got {self.shared_lr}")
+        if self.finetune_lr is not None and not self.finetune_lr > 0:
+            raise ConfigError(f"finetune_lr must be positive, got {self.finetune_lr}")
         if self.a_lr is not None and not self.a_lr > 0:
             raise ConfigError(f"a_lr must be positive, got {self.a_lr}")
         if self.alpha is not None and not self.alpha > 0:
@@ -143,21 +152,28 @@ class HeteroResult:
 def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: torch.device | str = "cpu"
                       ) -> HeteroResult:
     """Train the Co-LoRA federation of ``data.architectures`` and score the held-out clients."""
-    return run_heterogeneous_budgets(data, config, (config.finetune_steps,), device=device)[config.finetune_steps]
+    res = run_heterogeneous_budgets(data, config, (config.finetune_steps,), device=device)
+    return next(iter(res.values()))
 
 
-def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, finetune_steps: Sequence[int], *,
-                              device: torch.device | str = "cpu") -> dict[int, HeteroResult]:
-    """Train once, then score the held-out clients after each fine-tuning budget in ``finetune_steps``.
+#: a held-out fine-tuning budget: steps, or (steps, rate)
+Budget = int | tuple[int, float]
 
-    Every budget starts from the same trained federation (each held-out client reloads its
-    architecture's aggregate and a fresh optimizer), so ``result[k]`` equals what
-    ``run_heterogeneous`` returns with ``finetune_steps=k``; the comparison of budgets costs
-    one training instead of one per budget.
+
+def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budgets: Sequence[Budget], *,
+                              device: torch.device | str = "cpu") -> dict[tuple[int, float], HeteroResult]:
+    """Train once, then score the held-out clients after each fine-tuning budget.
+
+    A budget is ``steps`` (at the config's fine-tuning rate) or ``(steps, rate)``; the result
+    is keyed by ``(steps, rate)``.  Every budget starts from the same trained federation (each
+    held-out client reloads its architecture's aggregate and a fresh optimizer), so
+    ``result[(k, r)]`` equals what ``run_heterogeneous`` returns with ``finetune_steps=k,
+    finetune_lr=r``; comparing budgets costs one training instead of one per budget.
     """
-    budgets = sorted({int(k) for k in finetune_steps})
-    if not budgets or budgets[0] < 0:
-        raise ConfigError(f"finetune_steps must be non-negative step counts, got {list(finetune_steps)}")
+    default_lr = config.finetune_lr if config.finetune_lr is not None else config.lr
+    keys = sorted({(int(b), default_lr) if isinstance(b, int) else (int(b[0]), float(b[1])) for b in budgets})
+    if not keys or any(k < 0 or not r > 0 for k, r in keys):
+        raise ConfigError(f"finetune_steps must be non-negative step counts and rates positive, got {list(budgets)}")
     if not data.architectures or len(data.heldout_architectures) != len(data.heldout):
         raise ConfigError("the dataset has no per-client architectures (use its heterogeneous variant)")
     dev = torch.device(device)
@@ -179,7 +195,7 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, fine
     state = {a: (shared_state(m), architecture_state(m)) for a, m in models.items()}
     arch_of = {t.client_id: architecture_name(s) for t, s in zip(data.train, data.architectures)}
 
-    def local(a: str, task: Task, steps: int, *, all_data: bool) -> CoLoRAMLP:
+    def local(a: str, task: Task, steps: int, *, all_data: bool, rate: float | None = None) -> CoLoRAMLP:
         m = models[a]
         with torch.no_grad():
             params = dict(m.named_parameters())
@@ -197,6 +213,8 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, fine
                   {"params": common, "lr": config.shared_lr if config.shared_lr is not None else config.lr}]
         if split_a:
             groups.append({"params": [p for n, p in trained if n.endswith(".lora_A")], "lr": config.a_lr})
+        if rate is not None:  # held-out fine-tuning: one rate for every adapter parameter
+            groups = [{"params": [p for g in groups for p in g["params"]], "lr": rate}]
         opt: torch.optim.Optimizer = (torch.optim.SGD(groups, lr=config.lr) if config.optimizer == "sgd"
                                       else torch.optim.Adam(groups, lr=config.lr))
         for _ in range(steps):
@@ -229,19 +247,20 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, fine
         for a in arch:
             state[a] = (shared[a], arch[a])
         log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups), len(arch))
-    results: dict[int, HeteroResult] = {}
-    for steps in budgets:
+    results: dict[tuple[int, float], HeteroResult] = {}
+    for steps, rate in keys:
         per_client: dict[int, float] = {}
         held_arch: dict[int, str] = {}
         for t, s in zip(data.heldout, data.heldout_architectures):
             a = architecture_name(s)
-            m = local(a, t, steps, all_data=False)
+            m = local(a, t, steps, all_data=False, rate=None if config.finetune_lr is None and rate == config.lr
+                      else rate)
             with torch.no_grad():
                 per_client[t.client_id] = float((m(t.query_x.to(dev)).argmax(1) == t.query_y.to(dev)).float().mean())
             held_arch[t.client_id] = a
         by_arch: dict[str, list[float]] = {}
         for cid, acc in per_client.items():
             by_arch.setdefault(held_arch[cid], []).append(acc)
-        results[steps] = HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())},
+        results[(steps, rate)] = HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())},
                                       held_arch)
     return results

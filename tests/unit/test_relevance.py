@@ -437,14 +437,18 @@ def test_scoring_several_finetuning_budgets_equals_one_run_per_budget():
 
     d = make_digits_clusters(n_train=8, n_heldout=6, groups=1, k_shot=1, query=2, architectures="32,64", seed=3)
     cfg = HeteroConfig(rounds=2, clients_per_round=4, local_steps=2, finetune_steps=3, rank=2)
-    scored = run_heterogeneous_budgets(d, cfg, [6, 0, 3])
-    assert sorted(scored) == [0, 3, 6]
+    scored = run_heterogeneous_budgets(d, cfg, [6, 0, 3, (3, 0.001)])
+    assert sorted(scored) == [(0, 0.01), (3, 0.001), (3, 0.01), (6, 0.01)]
     for k in (0, 6):
-        assert scored[k].per_client == run_heterogeneous(d, HeteroConfig(**{**cfg.__dict__, "finetune_steps": k})
-                                                         ).per_client
-    assert scored[3].per_client == run_heterogeneous(d, cfg).per_client
+        assert scored[(k, 0.01)].per_client == run_heterogeneous(
+            d, HeteroConfig(**{**cfg.__dict__, "finetune_steps": k})).per_client
+    assert scored[(3, 0.01)].per_client == run_heterogeneous(d, cfg).per_client
+    slow = run_heterogeneous(d, HeteroConfig(**{**cfg.__dict__, "finetune_lr": 0.001}))
+    assert scored[(3, 0.001)].per_client == slow.per_client
     with pytest.raises(ConfigError, match="finetune_steps"):
         run_heterogeneous_budgets(d, cfg, [-1])
+    with pytest.raises(ConfigError, match="finetune_lr"):
+        HeteroConfig(finetune_lr=0.0)
 
 
 # -- command line -----------------------------------------------------------------------------------
