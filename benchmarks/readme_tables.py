@@ -440,6 +440,19 @@ def render_relevance(data: dict[str, Any]) -> str:
         ch = h["checks"]
         lines += ["", f"Smallest group gains >= 2 points: {_yes(ch['smallest_gains_2pt'])}; largest loses nothing: "
                   f"{_yes(ch['largest_no_loss'])}.", ""]
+        if "by_finetune_budget" in h:
+            small = min(h["client_shares"], key=lambda k: h["client_shares"][k])
+            lines += [f"Held-out fine-tuning budget (steps @ Adam rate; headline: {h['primary_budget']}, chosen on "
+                      "development seeds), seeds " + ", ".join(str(s) for s in h.get("seeds", [])) + ":", "",
+                      f"| budget | {small} shared | {small} alone | {small} gain [95 % interval] | "
+                      "largest shape's gain |", "|---|---:|---:|---:|---:|"]
+            big = max(h["client_shares"], key=lambda k: h["client_shares"][k])
+            for key, b in h["by_finetune_budget"].items():
+                iv, ivb = b["gain_ci95"][small], b["gain_ci95"][big]
+                lines.append(f"| {key} | {b['shared'][small]:.3f} | {b['alone'][small]:.3f} | "
+                             f"{iv['mean'] * 100:+.1f} [{iv['low'] * 100:+.1f}, {iv['high'] * 100:+.1f}] | "
+                             f"{ivb['mean'] * 100:+.1f} |")
+            lines.append("")
     if "shift" in data:
         sh = data["shift"]
         lines += [f"Shift at round {sh['shift_round']}: rounds until within 2 points of the oracle, per seed: "

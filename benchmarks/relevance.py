@@ -324,7 +324,8 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             for k in budgets:
                 for a, v in scored[k].per_architecture.items():
                     per_budget[budget_key(k)][label].setdefault(a, []).append(v)
-    out = {"architectures": shapes, "client_shares": {"32": shares[0], "64": shares[1], "64x64": shares[2]},
+    out = {"seeds": list(args.seeds), "architectures": shapes,
+           "client_shares": {"32": shares[0], "64": shares[1], "64x64": shares[2]},
            "rank": args.rank, "optimizer": "adam", "adapter_lr": args.hetero_lr,
            "heldout_clients": args.hetero_heldout, "heldout_shares": "equal per shape",
            "shared_per_architecture": args.hetero_per_architecture, "per_seed_by_finetune_budget": per_budget,
@@ -389,7 +390,7 @@ def combine(paths: list[str]) -> dict[str, Any]:
             elif name in out:
                 raise SystemExit(f"section {name} appears in two inputs")
             else:
-                out[name] = sec
+                out[name] = {"seeds": rep["seeds"], **sec} if name == "hetero" else sec
     return out
 
 
