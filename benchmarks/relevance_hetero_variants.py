@@ -41,7 +41,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shared_lr_2x": {"shared_lr": 0.02},
     "lr_half": {"lr": 0.005},
     "a_lr_0.001": {"a_lr": 0.001},
-    "a_lr_0.003": {"a_lr": 0.003},
 }
 
 
