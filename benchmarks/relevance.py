@@ -328,13 +328,25 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
            "client_shares": {"32": shares[0], "64": shares[1], "64x64": shares[2]},
            "rank": args.rank, "optimizer": "adam", "adapter_lr": args.hetero_lr,
            "heldout_clients": args.hetero_heldout, "heldout_shares": "equal per shape",
-           "shared_per_architecture": args.hetero_per_architecture, "per_seed_by_finetune_budget": per_budget,
-           "by_finetune_budget": {k: {"gain_ci95": {a: paired_interval(r["shared"][a], r["alone"][a])
-                                                    for a in r["shared"]},
-                                      "shared": {a: statistics.fmean(v) for a, v in r["shared"].items()},
-                                      "alone": {a: statistics.fmean(v) for a, v in r["alone"].items()}}
-                                  for k, r in per_budget.items()}}
+           "shared_per_architecture": args.hetero_per_architecture, "per_seed_by_finetune_budget": per_budget}
     return hetero_primary(out, args.hetero_primary or budget_key((budget.finetune, args.hetero_lr)))
+
+
+def pool_hetero(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two hetero sections of the same settings on different seeds, as one (headline budget: ``a``'s)."""
+    for key in ("architectures", "client_shares", "rank", "adapter_lr", "heldout_clients", "shared_per_architecture"):
+        if a[key] != b[key]:
+            raise SystemExit(f"hetero sections differ in {key}: {a[key]} vs {b[key]}")
+    if set(a["seeds"]) & set(b["seeds"]):
+        raise SystemExit(f"hetero sections share seeds {sorted(set(a['seeds']) & set(b['seeds']))}")
+    keys = set(a["per_seed_by_finetune_budget"]) & set(b["per_seed_by_finetune_budget"])
+    pooled = {k: {label: {arch: a["per_seed_by_finetune_budget"][k][label][arch]
+                          + b["per_seed_by_finetune_budget"][k][label][arch]
+                          for arch in a["per_seed_by_finetune_budget"][k][label]}
+                  for label in ("shared", "alone")} for k in sorted(keys)}
+    out = {**a, "seeds": a["seeds"] + b["seeds"], "per_seed_by_finetune_budget": pooled,
+           "seconds": a.get("seconds", 0.0) + b.get("seconds", 0.0)}
+    return hetero_primary(out, a["primary_budget"])
 
 
 def budget_key(k: tuple[int, float]) -> str:
@@ -348,7 +360,12 @@ def hetero_primary(section: dict[str, Any], key: str) -> dict[str, Any]:
     training again (``--combine ... --hetero-primary KEY``); the choice is made on development
     seeds (``relevance_hetero_variants.py``), never on these.
     """
-    res = section["per_seed_by_finetune_budget"][key]
+    per_budget = section["per_seed_by_finetune_budget"]
+    res = per_budget[key]
+    by_budget = {k: {"gain_ci95": {a: paired_interval(r["shared"][a], r["alone"][a]) for a in r["shared"]},
+                     "shared": {a: statistics.fmean(v) for a, v in r["shared"].items()},
+                     "alone": {a: statistics.fmean(v) for a, v in r["alone"].items()}}
+                 for k, r in per_budget.items()}
     counts = section["client_shares"]
     smallest, largest = min(counts, key=lambda k: counts[k]), max(counts, key=lambda k: counts[k])
     table = {label: {a: summary(v) for a, v in rows.items()} for label, rows in res.items()}
@@ -356,6 +373,7 @@ def hetero_primary(section: dict[str, Any], key: str) -> dict[str, Any]:
     ci = {a: paired_interval(res["shared"][a], res["alone"][a]) for a in res["shared"]}
     steps, _, rate = key.partition("@")
     return {**section, "finetune_steps": int(steps), "finetune_lr": float(rate), "primary_budget": key,
+            "by_finetune_budget": by_budget,
             "accuracy": table, "gain_from_sharing": gain, "per_seed": res, "gain_ci95": ci,
             "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02,
                        "smallest_interval_above_0": ci[smallest]["low"] > 0.0,
@@ -387,6 +405,8 @@ def combine(paths: list[str]) -> dict[str, Any]:
                     [sec["train_seconds_ratio_vs_plaintext"]] * len(sec["per_seed"]["plaintext"])
                 out[name] = protocol_summary(name, pooled["plaintext"], pooled[name], statistics.fmean(ratio), lists)
                 out[name]["seconds"] = prev["seconds"] + sec["seconds"]
+            elif name == "hetero" and name in out:
+                out[name] = pool_hetero(out[name], {"seeds": rep["seeds"], **sec})
             elif name in out:
                 raise SystemExit(f"section {name} appears in two inputs")
             else:
