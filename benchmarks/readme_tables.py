@@ -469,8 +469,26 @@ def render_relevance(data: dict[str, Any]) -> str:
                          f"{h['gain_from_sharing'][a] * 100:+.1f} points |"
                          + (f" [{iv['low'] * 100:+.1f}, {iv['high'] * 100:+.1f}] |" if iv else ""))
         ch = h["checks"]
-        lines += ["", f"Smallest group gains >= 2 points: {_yes(ch['smallest_gains_2pt'])}; largest loses nothing: "
-                  f"{_yes(ch['largest_no_loss'])}.", ""]
+        shares = h["client_shares"]
+        g_small = h["gain_from_sharing"][min(shares, key=lambda k: shares[k])]
+        g_big = h["gain_from_sharing"][max(shares, key=lambda k: shares[k])]
+        lines += ["", f"Smallest group gains >= 2 points ({g_small * 100:+.2f}): {_yes(ch['smallest_gains_2pt'])}; "
+                  f"largest loses nothing ({g_big * 100:+.2f}): {_yes(ch['largest_no_loss'])}.", ""]
+        if "by_finetune_budget" in h:
+            small = min(h["client_shares"], key=lambda k: h["client_shares"][k])
+            head = "0 steps" if h["primary_budget"].startswith("0@") else h["primary_budget"]
+            lines += [f"Held-out fine-tuning budget (steps @ Adam rate; headline: {head}, chosen on "
+                      "development seeds), seeds " + ", ".join(str(s) for s in h.get("seeds", [])) + ":", "",
+                      f"| budget | {small} shared | {small} alone | {small} gain [95 % interval] | "
+                      "largest shape's gain |", "|---|---:|---:|---:|---:|"]
+            big = max(h["client_shares"], key=lambda k: h["client_shares"][k])
+            for key, b in h["by_finetune_budget"].items():
+                iv, ivb = b["gain_ci95"][small], b["gain_ci95"][big]
+                label = "0 steps" if key.startswith("0@") else key
+                lines.append(f"| {label} | {b['shared'][small]:.3f} | {b['alone'][small]:.3f} | "
+                             f"{iv['mean'] * 100:+.1f} [{iv['low'] * 100:+.1f}, {iv['high'] * 100:+.1f}] | "
+                             f"{ivb['mean'] * 100:+.1f} |")
+            lines.append("")
     if "shift" in data:
         sh = data["shift"]
         lines += [f"Shift at round {sh['shift_round']}: rounds until within 2 points of the oracle, per seed: "

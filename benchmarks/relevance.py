@@ -51,7 +51,7 @@ from securefml.relevance import (
     RelevanceServer,
     TaskVectorConfig,
     TaskVectorizer,
-    run_heterogeneous,
+    run_heterogeneous_budgets,
 )
 
 
@@ -298,10 +298,20 @@ def section_malicious(args: argparse.Namespace, budget: Budget) -> dict[str, Any
     return out
 
 
+def parse_budget(text: str, lr: float) -> tuple[int, float]:
+    """``"20"`` -> (20, lr); ``"20@0.001"`` -> (20, 0.001): held-out fine-tuning steps and Adam rate."""
+    steps, _, rate = text.partition("@")
+    return int(steps), float(rate) if rate else lr
+
+
 def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
+    """Co-LoRA shared vs each architecture alone; every fine-tuning budget scored after one training."""
     shares = [0.125, 0.3125, 0.5625]
     shapes = "32,64,64x64"
-    res: dict[str, dict[str, list[float]]] = {"shared": {}, "alone": {}}
+    budgets = sorted({(budget.finetune, args.hetero_lr),
+                      *(parse_budget(b, args.hetero_lr) for b in args.hetero_budgets)})
+    per_budget: dict[str, dict[str, dict[str, list[float]]]] = {
+        budget_key(k): {"shared": {}, "alone": {}} for k in budgets}
     for seed in args.seeds:
         data = make_digits_clusters(seed=seed, groups=1, n_heldout=args.hetero_heldout, k_shot=2, query=3,
                                     architectures=shapes, architecture_shares=shares,
@@ -310,18 +320,64 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
                                lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
                                share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture)
-            for a, v in run_heterogeneous(data, cfg).per_architecture.items():
-                res[label].setdefault(a, []).append(v)
-    counts = {"32": shares[0], "64": shares[1], "64x64": shares[2]}
+            scored = run_heterogeneous_budgets(data, cfg, budgets)
+            for k in budgets:
+                for a, v in scored[k].per_architecture.items():
+                    per_budget[budget_key(k)][label].setdefault(a, []).append(v)
+    out = {"seeds": list(args.seeds), "architectures": shapes,
+           "client_shares": {"32": shares[0], "64": shares[1], "64x64": shares[2]},
+           "rank": args.rank, "optimizer": "adam", "adapter_lr": args.hetero_lr,
+           "heldout_clients": args.hetero_heldout, "heldout_shares": "equal per shape",
+           "shared_per_architecture": args.hetero_per_architecture, "per_seed_by_finetune_budget": per_budget}
+    return hetero_primary(out, args.hetero_primary or budget_key((budget.finetune, args.hetero_lr)))
+
+
+def pool_hetero(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two hetero sections of the same settings on different seeds, as one (headline budget: ``a``'s)."""
+    for key in ("architectures", "client_shares", "rank", "adapter_lr", "heldout_clients", "shared_per_architecture"):
+        if a[key] != b[key]:
+            raise SystemExit(f"hetero sections differ in {key}: {a[key]} vs {b[key]}")
+    if set(a["seeds"]) & set(b["seeds"]):
+        raise SystemExit(f"hetero sections share seeds {sorted(set(a['seeds']) & set(b['seeds']))}")
+    keys = set(a["per_seed_by_finetune_budget"]) & set(b["per_seed_by_finetune_budget"])
+    pooled = {k: {label: {arch: a["per_seed_by_finetune_budget"][k][label][arch]
+                          + b["per_seed_by_finetune_budget"][k][label][arch]
+                          for arch in a["per_seed_by_finetune_budget"][k][label]}
+                  for label in ("shared", "alone")} for k in sorted(keys)}
+    out = {**a, "seeds": a["seeds"] + b["seeds"], "per_seed_by_finetune_budget": pooled,
+           "seconds": a.get("seconds", 0.0) + b.get("seconds", 0.0)}
+    return hetero_primary(out, a["primary_budget"])
+
+
+def budget_key(k: tuple[int, float]) -> str:
+    return f"{k[0]}@{k[1]:g}"
+
+
+def hetero_primary(section: dict[str, Any], key: str) -> dict[str, Any]:
+    """The hetero section's headline figures (``accuracy``, ``gain_ci95``, ``checks``) at budget ``key``.
+
+    Every budget's per-seed values are kept, so the headline budget can be (re)selected without
+    training again (``--combine ... --hetero-primary KEY``); the choice is made on development
+    seeds (``relevance_hetero_variants.py``), never on these.
+    """
+    per_budget = section["per_seed_by_finetune_budget"]
+    res = per_budget[key]
+    by_budget = {k: {"gain_ci95": {a: paired_interval(r["shared"][a], r["alone"][a]) for a in r["shared"]},
+                     "shared": {a: statistics.fmean(v) for a, v in r["shared"].items()},
+                     "alone": {a: statistics.fmean(v) for a, v in r["alone"].items()}}
+                 for k, r in per_budget.items()}
+    counts = section["client_shares"]
     smallest, largest = min(counts, key=lambda k: counts[k]), max(counts, key=lambda k: counts[k])
     table = {label: {a: summary(v) for a, v in rows.items()} for label, rows in res.items()}
     gain = {a: table["shared"][a]["mean"] - table["alone"][a]["mean"] for a in table["shared"]}
-    return {"architectures": shapes, "client_shares": counts, "rank": args.rank, "optimizer": "adam",
-            "adapter_lr": args.hetero_lr, "heldout_clients": args.hetero_heldout,
-            "heldout_shares": "equal per shape", "shared_per_architecture": args.hetero_per_architecture,
-            "accuracy": table, "gain_from_sharing": gain, "per_seed": res,
-            "gain_ci95": {a: paired_interval(res["shared"][a], res["alone"][a]) for a in res["shared"]},
-            "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02, "largest_no_loss": gain[largest] >= 0.0}}
+    ci = {a: paired_interval(res["shared"][a], res["alone"][a]) for a in res["shared"]}
+    steps, _, rate = key.partition("@")
+    return {**section, "finetune_steps": int(steps), "finetune_lr": float(rate), "primary_budget": key,
+            "by_finetune_budget": by_budget,
+            "accuracy": table, "gain_from_sharing": gain, "per_seed": res, "gain_ci95": ci,
+            "checks": {"smallest_gains_2pt": gain[smallest] >= 0.02,
+                       "smallest_interval_above_0": ci[smallest]["low"] > 0.0,
+                       "largest_no_loss": gain[largest] >= 0.0}}
 
 
 def combine(paths: list[str]) -> dict[str, Any]:
@@ -349,14 +405,37 @@ def combine(paths: list[str]) -> dict[str, Any]:
                     [sec["train_seconds_ratio_vs_plaintext"]] * len(sec["per_seed"]["plaintext"])
                 out[name] = protocol_summary(name, pooled["plaintext"], pooled[name], statistics.fmean(ratio), lists)
                 out[name]["seconds"] = prev["seconds"] + sec["seconds"]
+            elif name == "hetero" and name in out:
+                out[name] = pool_hetero(out[name], {"seeds": rep["seeds"], **sec})
             elif name in out:
                 raise SystemExit(f"section {name} appears in two inputs")
             else:
-                out[name] = sec
+                out[name] = {"seeds": rep["seeds"], **sec} if name == "hetero" else sec
     return out
 
 
 SECTIONS = ("main", "shift", "ckks", "secagg", "hetero", "malicious")
+
+
+def update(base_path: str, paths: list[str]) -> dict[str, Any]:
+    """``base_path`` (a combined report) with the sections of ``paths`` replacing its own.
+
+    A section rerun alone (e.g. ``hetero`` on more seeds) replaces the old one, and its entry in
+    ``runs`` replaces the old section's; every other section and its ``runs`` entry is kept.
+    """
+    with open(base_path) as fh:
+        out: dict[str, Any] = json.load(fh)
+    new = combine(paths)
+    replaced = {name for name in SECTIONS if name in new}
+    kept = []
+    for run in out.get("runs", []):
+        left = [name for name in run["sections"] if name not in replaced]
+        if left:
+            kept.append({**run, "sections": left})
+    out["runs"] = kept + new["runs"]
+    for name in replaced:
+        out[name] = new[name]
+    return out
 
 
 def main() -> None:
@@ -378,14 +457,22 @@ def main() -> None:
     ap.add_argument("--hetero-per-architecture", action="store_true",
                     help="Co-LoRA: every architecture counts the same in the shared P, Q")
     ap.add_argument("--hetero-heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
+    ap.add_argument("--hetero-budgets", nargs="*", default=["0", "20", "5@0.001", "20@0.001", "20@0.003"],
+                    help="further held-out fine-tuning budgets STEPS[@ADAM_RATE] scored after the same training")
     ap.add_argument("--learner", default="maml", choices=["maml", "fedavg"],
                     help="client step of the relevance runs (maml: relevance-weighted meta-updates)")
     ap.add_argument("--out", help="also write the JSON report to this file")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge earlier reports (see combine) and exit")
+    ap.add_argument("--hetero-primary", metavar="STEPS@RATE",
+                    help="the hetero section's headline fine-tuning budget (default: --finetune at --hetero-lr)")
+    ap.add_argument("--update", metavar="JSON", help="with --combine: replace these sections of this combined report")
     ap.add_argument("--only", nargs="+", default=["main", "shift", "secagg", "hetero", "malicious"])
     args = ap.parse_args()
     if args.combine:
-        write_report(combine(args.combine), args.out, default=float)
+        merged = update(args.update, args.combine) if args.update else combine(args.combine)
+        if args.hetero_primary and "hetero" in merged:
+            merged["hetero"] = hetero_primary(merged["hetero"], args.hetero_primary)
+        write_report(merged, args.out, default=float)
         return
     torch.set_num_threads(1)
     budget = Budget(args.rounds, args.cohort, args.local_steps, args.local_lr, args.finetune, args.temperature,

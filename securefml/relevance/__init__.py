@@ -24,7 +24,13 @@ from securefml.relevance.colora import (
 from securefml.relevance.encrypted import EncryptedRelevance, EncryptedRows
 from securefml.relevance.experiment import parse_relevance_spec
 from securefml.relevance.grouping import relevance_groups
-from securefml.relevance.hetero import HeteroConfig, HeteroResult, architecture_name, run_heterogeneous
+from securefml.relevance.hetero import (
+    HeteroConfig,
+    HeteroResult,
+    architecture_name,
+    run_heterogeneous,
+    run_heterogeneous_budgets,
+)
 from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.server import ClientScores, RelevanceServer, RoundOptions
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
@@ -51,6 +57,7 @@ __all__ = [
     "HeteroUpload",
     "architecture_name",
     "run_heterogeneous",
+    "run_heterogeneous_budgets",
     "aggregate_heterogeneous",
     "architecture_state",
     "check_upload",

@@ -39,6 +39,7 @@ __all__ = [
     "CoLoRALinear",
     "CoLoRAMLP",
     "block_keys",
+    "MATCH_RULES",
     "is_shared",
     "shared_state",
     "architecture_state",
@@ -95,13 +96,33 @@ class CoLoRALinear(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling}"
 
 
-def block_keys(depth: int) -> tuple[str, ...]:
-    """Block keys of a network with ``depth`` adapted blocks (the depth-matching rule)."""
+#: depth-matching rules of ``block_keys``
+MATCH_RULES = ("ends", "depth")
+
+
+def block_keys(depth: int, *, match: str = "ends") -> tuple[str, ...]:
+    """Block keys of a network with ``depth`` adapted blocks (the depth-matching rule).
+
+    ``match="ends"``: the output block is ``"last"`` in every network, so output blocks match
+    whatever they read.  ``match="depth"``: the output block is ``"last<h>"`` with ``h =
+    depth - 1`` hidden layers, so it matches only output blocks that read the same hidden depth
+    (a 64x64 network's output block reads its second hidden layer, a 32- or 64-wide one's its
+    first; their ``A`` project different features, so one shared ``P``, ``Q`` would have to
+    serve two meanings).  Input and intermediate blocks are keyed the same way by both rules.
+    """
     if depth < 1:
         raise ConfigError(f"depth must be >= 1, got {depth}")
+    if match not in MATCH_RULES:
+        raise ConfigError(f"match must be one of {MATCH_RULES}, got {match!r}")
+    last = "last" if match == "ends" else f"last{depth - 1}"
     if depth == 1:
-        return ("last",)
-    return ("first", *[f"mid{k}" for k in range(1, depth - 1)], "last")
+        return (last,)
+    return ("first", *[f"mid{k}" for k in range(1, depth - 1)], last)
+
+
+def _family_key(key: str) -> str:
+    """The key a block's family matrices are drawn under (``last<h>`` draws as ``last``)."""
+    return "last" if key.startswith("last") else key
 
 
 #: largest layer width a family-initialised ``CoLoRAMLP`` may have (its seeded matrices are this big)
@@ -125,7 +146,8 @@ class CoLoRAMLP(nn.Module):
     """A ReLU MLP whose every linear layer is a ``CoLoRALinear`` (one block per layer).
 
     ``hidden`` are the widths (``(64,)``, ``(64, 64)``...); blocks are named by their
-    depth-matching key (``blocks.first``, ``blocks.mid1``, ``blocks.last``).
+    depth-matching key (``blocks.first``, ``blocks.mid1``, ``blocks.last``; ``match`` picks the
+    rule, see ``block_keys``).
 
     ``family_seed``: initialise as one member of a *family* of architectures.  Every block's
     base weight, base bias and ``A`` are the leading rows and columns of seeded matrices that
@@ -142,12 +164,12 @@ class CoLoRAMLP(nn.Module):
 
     def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, *, rank: int = 4,
                  alpha: float | None = None, generator: torch.Generator | None = None,
-                 family_seed: int | None = None) -> None:
+                 family_seed: int | None = None, match: str = "ends") -> None:
         super().__init__()
         dims = [in_features, *hidden, out_features]
         if min(dims) < 1:
             raise ConfigError(f"layer sizes must be positive, got {dims}")
-        keys = block_keys(len(dims) - 1)
+        keys = block_keys(len(dims) - 1, match=match)
         self.keys = keys
         self.family_seed = family_seed
         self.blocks = nn.ModuleDict({
@@ -161,9 +183,10 @@ class CoLoRAMLP(nn.Module):
                     assert isinstance(blk, CoLoRALinear)
                     fan_in = blk.base.in_features
                     bound = 1.0 / math.sqrt(fan_in)
-                    blk.base.weight.copy_(_family_matrix(family_seed, k, "W", blk.base.out_features, fan_in) * bound)
-                    blk.base.bias.copy_(_family_matrix(family_seed, k, "b", 1, blk.base.out_features)[0] * bound)
-                    blk.lora_A.copy_(_family_matrix(family_seed, k, "A", rank, fan_in) * bound)
+                    fk = _family_key(k)
+                    blk.base.weight.copy_(_family_matrix(family_seed, fk, "W", blk.base.out_features, fan_in) * bound)
+                    blk.base.bias.copy_(_family_matrix(family_seed, fk, "b", 1, blk.base.out_features)[0] * bound)
+                    blk.lora_A.copy_(_family_matrix(family_seed, fk, "A", rank, fan_in) * bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.flatten(1)

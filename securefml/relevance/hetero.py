@@ -8,6 +8,13 @@ across every client that has the matched block (``share=True``), or within the g
 (``share=False``: each architecture group trained alone).  Held-out clients of each
 architecture fine-tune the result on their support set and are scored on their query set.
 
+Held-out evaluation: each held-out client starts from its architecture's aggregate, fine-tunes
+``finetune_steps`` on its support set (at ``finetune_lr``, default the training rates) and is
+scored on its query set.  ``run_heterogeneous_budgets`` scores several such budgets after one
+training.  On the bundled benchmark every client has the same task, so the aggregate already is
+the right model for a held-out client; fine-tuning it on 2 images per class at the training
+rate overwrites part of it (``docs/relevance.md``, "The held-out fine-tuning was the limit").
+
 The aggregation here is plaintext: the shared and the architecture parts are two weighted
 means, so under a secure protocol each is one secure sum (over all clients, and per group).
 """
@@ -25,6 +32,7 @@ from securefml.data.base import Task
 from securefml.data.clusters import ClusteredDataset
 from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.relevance.colora import (
+    MATCH_RULES,
     CoLoRAMLP,
     HeteroUpload,
     aggregate_heterogeneous,
@@ -35,7 +43,7 @@ from securefml.relevance.colora import (
     shared_state,
 )
 
-__all__ = ["HeteroConfig", "HeteroResult", "run_heterogeneous", "architecture_name"]
+__all__ = ["HeteroConfig", "HeteroResult", "run_heterogeneous", "run_heterogeneous_budgets", "architecture_name"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,18 @@ class HeteroConfig:
         turned every architecture to NaN (accuracy 0.10, the collapse in ``docs/relevance.md``).
     shared_lr:
         Rate of the shared part (P, Q) when it should differ from ``lr`` (None: ``lr``).
+    a_lr:
+        Rate of every adapter's ``A`` when it should differ from ``lr`` (None: ``lr``).  Adam's
+        steps do not scale with a parameter: at 0.01 an entry of ``A`` (initial scale
+        ``1/sqrt(fan_in)``, 0.125 for 64 inputs) moves by up to 8 % of its scale per step, an
+        entry of ``P`` (scale 1) by 1 %, so ``A``'s directions, and with them what the shared
+        ``P``, ``Q`` mean, drift apart group by group much faster than ``P``, ``Q`` learn.
+    finetune_lr:
+        Rate of every adapter parameter while a held-out client fine-tunes on its support set
+        (None: the training rates).  A held-out client has 2 images per class, a training client
+        uses 5; Adam's first steps move every entry by about the rate whatever the gradient, so
+        at the training rate 0.01 five steps move each entry of ``A`` (scale 0.125) by up to 40 %
+        of its scale on 20 images, and the model the federation built is partly overwritten.
     rank, alpha:
         Adapter rank r and LoRA scaling numerator (``s = alpha / r``; default ``alpha = r``).
     share:
@@ -77,6 +97,10 @@ class HeteroConfig:
     shared_per_architecture:
         Average the shared part with every architecture counting the same
         (``aggregate_heterogeneous(per_architecture=True)``) instead of every client.
+    match:
+        Depth-matching rule of the blocks (``block_keys``): ``"ends"`` (output blocks of every
+        depth share one ``P``, ``Q``) or ``"depth"`` (output blocks share only with networks of
+        the same depth).
     seed:
         Cohort sampling and initialisation.
     """
@@ -94,8 +118,11 @@ class HeteroConfig:
     optimizer: str = "adam"
     alpha: float | None = None
     shared_lr: float | None = None
+    a_lr: float | None = None
+    finetune_lr: float | None = None
     freeze_A: bool = False
     shared_per_architecture: bool = False
+    match: str = "ends"
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -106,8 +133,14 @@ class HeteroConfig:
             raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.shared_lr is not None and not self.shared_lr > 0:
             raise ConfigError(f"shared_lr must be positive, got {self.shared_lr}")
+        if self.finetune_lr is not None and not self.finetune_lr > 0:
+            raise ConfigError(f"finetune_lr must be positive, got {self.finetune_lr}")
+        if self.a_lr is not None and not self.a_lr > 0:
+            raise ConfigError(f"a_lr must be positive, got {self.a_lr}")
         if self.alpha is not None and not self.alpha > 0:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
+        if self.match not in MATCH_RULES:
+            raise ConfigError(f"match must be one of {MATCH_RULES}, got {self.match!r}")
 
 
 @dataclass(frozen=True)
@@ -126,6 +159,28 @@ class HeteroResult:
 def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: torch.device | str = "cpu"
                       ) -> HeteroResult:
     """Train the Co-LoRA federation of ``data.architectures`` and score the held-out clients."""
+    res = run_heterogeneous_budgets(data, config, (config.finetune_steps,), device=device)
+    return next(iter(res.values()))
+
+
+#: a held-out fine-tuning budget: steps, or (steps, rate)
+Budget = int | tuple[int, float]
+
+
+def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budgets: Sequence[Budget], *,
+                              device: torch.device | str = "cpu") -> dict[tuple[int, float], HeteroResult]:
+    """Train once, then score the held-out clients after each fine-tuning budget.
+
+    A budget is ``steps`` (at the config's fine-tuning rate) or ``(steps, rate)``; the result
+    is keyed by ``(steps, rate)``.  Every budget starts from the same trained federation (each
+    held-out client reloads its architecture's aggregate and a fresh optimizer), so
+    ``result[(k, r)]`` equals what ``run_heterogeneous`` returns with ``finetune_steps=k,
+    finetune_lr=r``; comparing budgets costs one training instead of one per budget.
+    """
+    default_lr = config.finetune_lr if config.finetune_lr is not None else config.lr
+    keys = sorted({(int(b), default_lr) if isinstance(b, int) else (int(b[0]), float(b[1])) for b in budgets})
+    if not keys or any(k < 0 or not r > 0 for k, r in keys):
+        raise ConfigError(f"finetune_steps must be non-negative step counts and rates positive, got {list(budgets)}")
     if not data.architectures or len(data.heldout_architectures) != len(data.heldout):
         raise ConfigError("the dataset has no per-client architectures (use its heterogeneous variant)")
     dev = torch.device(device)
@@ -137,7 +192,7 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         torch.manual_seed(config.seed)
         m = CoLoRAMLP(in_features, s, classes, rank=config.rank, alpha=config.alpha,
                       generator=torch.Generator().manual_seed(config.seed),
-                      family_seed=config.seed if config.family else None).to(dev)
+                      family_seed=config.seed if config.family else None, match=config.match).to(dev)
         for name, p in m.named_parameters():
             if ".base." in name and config.freeze_backbone:  # the frozen backbone
                 p.requires_grad_(False)
@@ -147,7 +202,7 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
     state = {a: (shared_state(m), architecture_state(m)) for a, m in models.items()}
     arch_of = {t.client_id: architecture_name(s) for t, s in zip(data.train, data.architectures)}
 
-    def local(a: str, task: Task, steps: int, *, all_data: bool) -> CoLoRAMLP:
+    def local(a: str, task: Task, steps: int, *, all_data: bool, rate: float | None = None) -> CoLoRAMLP:
         m = models[a]
         with torch.no_grad():
             params = dict(m.named_parameters())
@@ -157,10 +212,16 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         t = task.to(dev)
         x = torch.cat([t.support_x, t.query_x]) if all_data else t.support_x
         y = torch.cat([t.support_y, t.query_y]) if all_data else t.support_y
-        own = [p for n, p in m.named_parameters() if p.requires_grad and not is_shared(n)]
-        common = [p for n, p in m.named_parameters() if p.requires_grad and is_shared(n)]
+        trained = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        split_a = config.a_lr is not None
+        own = [p for n, p in trained if not is_shared(n) and not (split_a and n.endswith(".lora_A"))]
+        common = [p for n, p in trained if is_shared(n)]
         groups = [{"params": own, "lr": config.lr},
                   {"params": common, "lr": config.shared_lr if config.shared_lr is not None else config.lr}]
+        if split_a:
+            groups.append({"params": [p for n, p in trained if n.endswith(".lora_A")], "lr": config.a_lr})
+        if rate is not None:  # held-out fine-tuning: one rate for every adapter parameter
+            groups = [{"params": [p for _, p in trained], "lr": rate}]
         opt: torch.optim.Optimizer = (torch.optim.SGD(groups, lr=config.lr) if config.optimizer == "sgd"
                                       else torch.optim.Adam(groups, lr=config.lr))
         for _ in range(steps):
@@ -193,15 +254,20 @@ def run_heterogeneous(data: ClusteredDataset, config: HeteroConfig, *, device: t
         for a in arch:
             state[a] = (shared[a], arch[a])
         log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups), len(arch))
-    per_client: dict[int, float] = {}
-    held_arch: dict[int, str] = {}
-    for t, s in zip(data.heldout, data.heldout_architectures):
-        a = architecture_name(s)
-        m = local(a, t, config.finetune_steps, all_data=False)
-        with torch.no_grad():
-            per_client[t.client_id] = float((m(t.query_x.to(dev)).argmax(1) == t.query_y.to(dev)).float().mean())
-        held_arch[t.client_id] = a
-    by_arch: dict[str, list[float]] = {}
-    for cid, acc in per_client.items():
-        by_arch.setdefault(held_arch[cid], []).append(acc)
-    return HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())}, held_arch)
+    results: dict[tuple[int, float], HeteroResult] = {}
+    for steps, rate in keys:
+        per_client: dict[int, float] = {}
+        held_arch: dict[int, str] = {}
+        for t, s in zip(data.heldout, data.heldout_architectures):
+            a = architecture_name(s)
+            m = local(a, t, steps, all_data=False, rate=None if config.finetune_lr is None and rate == config.lr
+                      else rate)
+            with torch.no_grad():
+                per_client[t.client_id] = float((m(t.query_x.to(dev)).argmax(1) == t.query_y.to(dev)).float().mean())
+            held_arch[t.client_id] = a
+        by_arch: dict[str, list[float]] = {}
+        for cid, acc in per_client.items():
+            by_arch.setdefault(held_arch[cid], []).append(acc)
+        results[(steps, rate)] = HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())},
+                                      held_arch)
+    return results

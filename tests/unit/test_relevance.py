@@ -389,6 +389,68 @@ def test_family_initialisation_nests_the_widths():
         CoLoRAMLP(64, (2048,), 10, family_seed=0)
 
 
+def test_depth_rule_keys_output_blocks_by_depth_and_keeps_the_family_initialisation():
+    assert block_keys(2, match="depth") == ("first", "last1") and block_keys(1, match="depth") == ("last0",)
+    assert block_keys(3, match="depth") == ("first", "mid1", "last2")
+    one, two = CoLoRAMLP(64, (64,), 10, rank=4, family_seed=5), CoLoRAMLP(64, (64,), 10, rank=4, family_seed=5,
+                                                                         match="depth")
+    assert torch.equal(one.blocks["last"].lora_A, two.blocks["last1"].lora_A)  # same family draw
+    deep = CoLoRAMLP(64, (64, 64), 10, rank=4, match="depth")
+    with torch.no_grad():
+        deep.blocks["last2"].P.fill_(3.0)
+    ups = [HeteroUpload(a, shared_state(m), architecture_state(m)) for a, m in (("64", two), ("64x64", deep))]
+    shared, _ = aggregate_heterogeneous(ups, share=True)
+    assert torch.equal(shared["64"]["last1.P"], torch.eye(4))  # the deeper output block is not averaged in
+    assert torch.equal(shared["64x64"]["last2.P"], torch.full((4, 4), 3.0))
+    assert torch.equal(shared["64"]["first.P"], shared["64x64"]["first.P"])  # input blocks still match
+    with pytest.raises(ConfigError, match="match"):
+        block_keys(2, match="width")
+
+
+def test_hetero_optimizer_gives_a_its_own_rate():
+    from securefml.relevance import HeteroConfig, run_heterogeneous
+    from securefml.relevance import hetero as hetero_mod
+
+    seen: list[list[tuple[int, float]]] = []
+    real = hetero_mod.torch.optim.Adam
+
+    def spy(groups, lr):
+        seen.append([(len(g["params"]), g["lr"]) for g in groups])
+        return real(groups, lr=lr)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(hetero_mod.torch.optim, "Adam", spy)
+    try:
+        d = make_digits_clusters(n_train=4, n_heldout=2, groups=1, k_shot=1, query=1, architectures="32")
+        run_heterogeneous(d, HeteroConfig(rounds=1, clients_per_round=2, local_steps=1, finetune_steps=1, rank=2,
+                                          lr=0.01, a_lr=0.002))
+    finally:
+        mp.undo()
+    # two blocks: B (own rate), P and Q (shared rate = lr), A (its own rate)
+    assert seen and all(g == [(2, 0.01), (4, 0.01), (2, 0.002)] for g in seen)
+    with pytest.raises(ConfigError, match="a_lr"):
+        HeteroConfig(a_lr=-1.0)
+
+
+def test_scoring_several_finetuning_budgets_equals_one_run_per_budget():
+    from securefml.relevance import HeteroConfig, run_heterogeneous, run_heterogeneous_budgets
+
+    d = make_digits_clusters(n_train=8, n_heldout=6, groups=1, k_shot=1, query=2, architectures="32,64", seed=3)
+    cfg = HeteroConfig(rounds=2, clients_per_round=4, local_steps=2, finetune_steps=3, rank=2)
+    scored = run_heterogeneous_budgets(d, cfg, [6, 0, 3, (3, 0.001)])
+    assert sorted(scored) == [(0, 0.01), (3, 0.001), (3, 0.01), (6, 0.01)]
+    for k in (0, 6):
+        assert scored[(k, 0.01)].per_client == run_heterogeneous(
+            d, HeteroConfig(**{**cfg.__dict__, "finetune_steps": k})).per_client
+    assert scored[(3, 0.01)].per_client == run_heterogeneous(d, cfg).per_client
+    slow = run_heterogeneous(d, HeteroConfig(**{**cfg.__dict__, "finetune_lr": 0.001}))
+    assert scored[(3, 0.001)].per_client == slow.per_client
+    with pytest.raises(ConfigError, match="finetune_steps"):
+        run_heterogeneous_budgets(d, cfg, [-1])
+    with pytest.raises(ConfigError, match="finetune_lr"):
+        HeteroConfig(finetune_lr=0.0)
+
+
 # -- command line -----------------------------------------------------------------------------------
 def test_cli_relevance_aggregation_writes_per_client_and_per_group_results(tmp_path):
     import json
