@@ -525,7 +525,7 @@ def render_robustness(data: dict[str, Any]) -> str:
         for r in data["protocols"]:
             lines.append(f"| {r['protocol']} | `{r['defense']}` | {r['setting']} | {r['malicious']:.0%} | "
                          f"{r['attack']} | {r['rounds']} | {_iv(r['last_k'])} | {_iv(r['plaintext_last_k'])} | "
-                         f"{_iv(r['minus_plaintext'])} | {'yes' if r['within_1_point'] else 'no'} | "
+                         f"{_iv(r['minus_plaintext'])} | {'yes' if r['within_1_point'] else ('above' if r['minus_plaintext']['mean'] > 0 else 'no')} | "
                          f"{len(r['seeds'])} |")
     if data.get("matrix"):
         lines += ["", f"Worst case over {', '.join(args['attacks'])} ({args['rounds']} rounds, "

@@ -287,10 +287,11 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 
 
 # -- protocols ------------------------------------------------------------------------------
-# CKKS runs the plaintext default on the decrypted Gram; bucketed SecAgg reveals bucket sums only (no
-# per-client geometry, no reputation): the candidates for its default, measured side by side
-PROTOCOLS = [("ckks", "recommended:ckks"), ("secagg:buckets=2", "cclip"), ("secagg:buckets=2", "medclip>>mean"),
-             ("secagg:buckets=2", "medclip>>cclip")]
+# CKKS runs the plaintext default on the decrypted Gram; bucketed SecAgg reveals bucket sums and the
+# public bucket membership: its default (bucket-level reputation) beside the rules without membership
+PROTOCOLS = [("ckks", "recommended:ckks"), ("secagg:buckets=2", "recommended:secagg-buckets"),
+             ("secagg:buckets=2", "medclip:history=10>>mean"), ("secagg:buckets=2", "cclip"),
+             ("secagg:buckets=2", "medclip>>mean"), ("secagg:buckets=2", "medclip>>cclip")]
 
 
 def protocol_config(args: argparse.Namespace, protocol: str, defense: str, attack: str, seed: int) -> RunConfig:
@@ -299,8 +300,14 @@ def protocol_config(args: argparse.Namespace, protocol: str, defense: str, attac
     return replace(base, protocol=protocol, defense=defense, rounds=args.protocol_rounds or args.rounds)
 
 
+def _protocol_rows(args: argparse.Namespace) -> list[tuple[str, str]]:
+    wanted = args.protocol_defenses
+    return [(p, d) for p, d in PROTOCOLS if not wanted or d in wanted]
+
+
 def protocol_configs(args: argparse.Namespace) -> list[RunConfig]:
-    return [protocol_config(args, p, d, a, s) for p, d in PROTOCOLS for a in args.protocol_attacks for s in args.seeds]
+    return [protocol_config(args, p, d, a, s) for p, d in _protocol_rows(args) for a in args.protocol_attacks
+            for s in args.seeds]
 
 
 def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
@@ -311,7 +318,7 @@ def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
     whether its mean is within 0.01.
     """
     out = []
-    for protocol, defense in PROTOCOLS:
+    for protocol, defense in _protocol_rows(args):
         for attack in args.protocol_attacks:
             pairs = []
             for seed in args.seeds:
@@ -427,6 +434,8 @@ def main() -> None:
     ap.add_argument("--divergence-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--protocol-attacks", nargs="+", default=["none", "signflip:scale=10"],
                     help="attacks of the protocols section (the matrix's first setting and fraction)")
+    ap.add_argument("--protocol-defenses", nargs="+",
+                    help="only the protocols rows with these defense specs (default: every row of PROTOCOLS)")
     ap.add_argument("--protocol-rounds", type=int, help="rounds of the protocols section (default: --rounds)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path("results/robustness-runs.jsonl"))
