@@ -523,9 +523,11 @@ def render_robustness(data: dict[str, Any]) -> str:
                   "minus plaintext | within 1 point | seeds |",
                   "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
         for r in data["protocols"]:
+            # "above": more than a point better than plaintext (not within 1 point, not a miss)
+            close = "yes" if r["within_1_point"] else ("above" if r["minus_plaintext"]["mean"] > 0 else "no")
             lines.append(f"| {r['protocol']} | `{r['defense']}` | {r['setting']} | {r['malicious']:.0%} | "
                          f"{r['attack']} | {r['rounds']} | {_iv(r['last_k'])} | {_iv(r['plaintext_last_k'])} | "
-                         f"{_iv(r['minus_plaintext'])} | {'yes' if r['within_1_point'] else ('above' if r['minus_plaintext']['mean'] > 0 else 'no')} | "
+                         f"{_iv(r['minus_plaintext'])} | {close} | "
                          f"{len(r['seeds'])} |")
     if data.get("matrix"):
         lines += ["", f"Worst case over {', '.join(args['attacks'])} ({args['rounds']} rounds, "

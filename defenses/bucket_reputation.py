@@ -309,4 +309,5 @@ class BucketReputation(BucketAware):
 
     def __repr__(self) -> str:
         return (f"BucketReputation({self.rule!r}, threshold={self.threshold}, min_rounds={self.min_rounds}, "
-                f"gate={self.gate}, gate_history={self.gate_history}, growth={self.growth}, rescore={self.rescore}, history={self.history}, window={self.window})")
+                f"gate={self.gate}, gate_history={self.gate_history}, growth={self.growth}, "
+                f"rescore={self.rescore}, history={self.history}, window={self.window})")

@@ -49,7 +49,8 @@ def _federation(rounds: int, *, scale: float, direction: torch.Tensor | None = N
     g = torch.Generator().manual_seed(seed)
     common = torch.randn(D, generator=g)
     for _ in range(rounds):
-        cohort = sorted(torch.randperm(8, generator=g)[:2].tolist() + (8 + torch.randperm(32, generator=g)[:8]).tolist())
+        attackers = torch.randperm(8, generator=g)[:2].tolist()
+        cohort = sorted(attackers + (8 + torch.randperm(32, generator=g)[:8]).tolist())
         x = {c: 0.5 * common + torch.randn(D, generator=g) for c in cohort}
         for c in cohort:
             if c < 8:
