@@ -529,6 +529,16 @@ def render_robustness(data: dict[str, Any]) -> str:
                          f"{r['attack']} | {r['rounds']} | {_iv(r['last_k'])} | {_iv(r['plaintext_last_k'])} | "
                          f"{_iv(r['minus_plaintext'])} | {close} | "
                          f"{len(r['seeds'])} |")
+    if data.get("demo"):
+        lines += ["", "The `make run` setting in plaintext (digits-fewshot FOMAML, 40 clients, 8 per round, "
+                      f"{data['demo'][0]['rounds']} rounds, 25 % unit sign flippers or none), each part of the "
+                      "default alone:", "",
+                  "| defense | attack | accuracy | per seed | minus the mean's | participations flagged | seeds |",
+                  "|---|---|---:|---|---:|---:|---:|"]
+        for r in data["demo"]:
+            lines.append(f"| `{r['defense']}` | {r['attack']} | {_iv(r['last_k'])} | "
+                         f"{' / '.join(f'{v:.3f}' for v in r['per_seed'])} | {_iv(r['minus_mean'])} | "
+                         f"{_iv(r['flagged_share'])} | {len(r['seeds'])} |")
     if data.get("matrix"):
         lines += ["", f"Worst case over {', '.join(args['attacks'])} ({args['rounds']} rounds, "
                       f"{args['clients_per_round']} per round; sorted by worst case):", "",
