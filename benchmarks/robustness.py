@@ -207,8 +207,8 @@ def detector_for(args: argparse.Namespace, protocol: str) -> str:
 
 def detection_config(args: argparse.Namespace, protocol: str, seed: int) -> RunConfig:
     return RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=args.detection_rounds, clients_per_round=8,
-                     seed=seed, protocol=protocol, defense=detector_for(args, protocol), attack="signflip:scale=1", malicious=0.25,
-                     last_k=args.last_k)
+                     seed=seed, protocol=protocol, defense=detector_for(args, protocol), attack="signflip:scale=1",
+                     malicious=0.25, last_k=args.last_k)
 
 
 def divergence_config(args: argparse.Namespace, protocol: str, seed: int) -> RunConfig:
