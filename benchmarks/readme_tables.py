@@ -518,14 +518,17 @@ def render_robustness(data: dict[str, Any]) -> str:
                          f"{r['accuracy_last_k']:.3f} |")
     if data.get("protocols"):
         lines += ["", "The recommended default under other protocols, against the same runs in plaintext "
-                      "(same cohorts, attack and seeds; last-k accuracy):", "",
+                      "(same cohorts, attack and seeds; the plaintext default unless the row names another; "
+                      "last-k accuracy):", "",
                   "| protocol | defense | setting | malicious | attack | rounds | accuracy | plaintext | "
                   "minus plaintext | within 1 point | seeds |",
                   "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
         for r in data["protocols"]:
             # "above": more than a point better than plaintext (not within 1 point, not a miss)
             close = "yes" if r["within_1_point"] else ("above" if r["minus_plaintext"]["mean"] > 0 else "no")
-            lines.append(f"| {r['protocol']} | `{r['defense']}` | {r['setting']} | {r['malicious']:.0%} | "
+            peer = r.get("plaintext_defense", "recommended")
+            name = f"`{r['defense']}`" + ("" if peer == "recommended" else f" (plaintext: `{peer}`)")
+            lines.append(f"| {r['protocol']} | {name} | {r['setting']} | {r['malicious']:.0%} | "
                          f"{r['attack']} | {r['rounds']} | {_iv(r['last_k'])} | {_iv(r['plaintext_last_k'])} | "
                          f"{_iv(r['minus_plaintext'])} | {close} | "
                          f"{len(r['seeds'])} |")

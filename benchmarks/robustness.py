@@ -296,11 +296,15 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 
 
 # -- protocols ------------------------------------------------------------------------------
-# CKKS runs the plaintext default on the decrypted Gram; bucketed SecAgg reveals bucket sums and the
-# public bucket membership: its default (bucket-level reputation) beside the rules without membership
-PROTOCOLS = [("ckks", "recommended:ckks"), ("secagg:buckets=2", "recommended:secagg-buckets"),
-             ("secagg:buckets=2", "medclip:history=10>>mean"), ("secagg:buckets=2", "cclip"),
-             ("secagg:buckets=2", "medclip>>mean"), ("secagg:buckets=2", "medclip>>cclip")]
+# (protocol, defense, plaintext peer): CKKS runs the plaintext default on the decrypted Gram; bucketed
+# SecAgg reveals bucket sums and the public bucket membership: its default (bucket-level reputation)
+# beside the rules without membership; the clip-first candidate under CKKS against itself in plaintext
+CANDIDATE = "medclip:history=10>>reputation>>mean"
+PROTOCOLS = [("ckks", "recommended:ckks", "recommended"), ("ckks", CANDIDATE, CANDIDATE),
+             ("secagg:buckets=2", "recommended:secagg-buckets", "recommended"),
+             ("secagg:buckets=2", "medclip:history=10>>mean", "recommended"),
+             ("secagg:buckets=2", "cclip", "recommended"), ("secagg:buckets=2", "medclip>>mean", "recommended"),
+             ("secagg:buckets=2", "medclip>>cclip", "recommended")]
 
 
 def protocol_config(args: argparse.Namespace, protocol: str, defense: str, attack: str, seed: int) -> RunConfig:
@@ -309,14 +313,16 @@ def protocol_config(args: argparse.Namespace, protocol: str, defense: str, attac
     return replace(base, protocol=protocol, defense=defense, rounds=args.protocol_rounds or args.rounds)
 
 
-def _protocol_rows(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _protocol_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     wanted = args.protocol_defenses
-    return [(p, d) for p, d in PROTOCOLS if not wanted or d in wanted]
+    return [(p, d, peer) for p, d, peer in PROTOCOLS if not wanted or d in wanted]
 
 
 def protocol_configs(args: argparse.Namespace) -> list[RunConfig]:
-    return [protocol_config(args, p, d, a, s) for p, d in _protocol_rows(args) for a in args.protocol_attacks
-            for s in args.seeds]
+    rows = _protocol_rows(args)
+    return ([protocol_config(args, p, d, a, s) for p, d, _ in rows for a in args.protocol_attacks for s in args.seeds]
+            + [protocol_config(args, "plaintext", peer, a, s) for peer in dict.fromkeys(peer for _, _, peer in rows)
+               for a in args.protocol_attacks for s in args.seeds])
 
 
 def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
@@ -327,19 +333,20 @@ def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
     whether its mean is within 0.01.
     """
     out = []
-    for protocol, defense in _protocol_rows(args):
+    for protocol, defense, peer in _protocol_rows(args):
         for attack in args.protocol_attacks:
             pairs = []
             for seed in args.seeds:
                 a = runner.get(protocol_config(args, protocol, defense, attack, seed))
-                b = runner.get(protocol_config(args, "plaintext", "recommended", attack, seed))
+                b = runner.get(protocol_config(args, "plaintext", peer, attack, seed))
                 if a is not None and b is not None:
                     pairs.append((seed, a, b))
             if not pairs:
                 continue
             diff = interval([a["last_k"] - b["last_k"] for _, a, b in pairs])
             out.append({
-                "protocol": protocol, "defense": defense, "attack": attack, "setting": args.settings[0],
+                "protocol": protocol, "defense": defense, "plaintext_defense": peer, "attack": attack,
+                "setting": args.settings[0],
                 "rounds": args.protocol_rounds or args.rounds,
                 "malicious": args.malicious[0], "seeds": [s for s, _, _ in pairs],
                 "last_k": interval([a["last_k"] for _, a, _ in pairs]),
@@ -508,8 +515,6 @@ def main() -> None:
         planned += [divergence_config(args, p, s) for p in ("plaintext", "ckks") for s in args.divergence_seeds]
     if "protocols" in args.sections:
         planned += protocol_configs(args)
-        planned += [protocol_config(args, "plaintext", "recommended", a, s) for a in args.protocol_attacks
-                    for s in args.seeds]
     if "matrix" in args.sections:
         planned += matrix_configs(args)
     if "demo" in args.sections:
