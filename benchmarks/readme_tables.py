@@ -567,15 +567,30 @@ def render_robustness(data: dict[str, Any]) -> str:
                          f"{r['accuracy_last_k']:.3f} |")
     if data.get("protocols"):
         lines += ["", "The recommended default under other protocols, against the same runs in plaintext "
-                      "(same cohorts, attack and seeds; last-k accuracy):", "",
+                      "(same cohorts, attack and seeds; the plaintext default unless the row names another; "
+                      "last-k accuracy):", "",
                   "| protocol | defense | setting | malicious | attack | rounds | accuracy | plaintext | "
                   "minus plaintext | within 1 point | seeds |",
                   "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
         for r in data["protocols"]:
-            lines.append(f"| {r['protocol']} | `{r['defense']}` | {r['setting']} | {r['malicious']:.0%} | "
+            # "above": more than a point better than plaintext (not within 1 point, not a miss)
+            close = "yes" if r["within_1_point"] else ("above" if r["minus_plaintext"]["mean"] > 0 else "no")
+            peer = r.get("plaintext_defense", "recommended")
+            name = f"`{r['defense']}`" + ("" if peer == "recommended" else f" (plaintext: `{peer}`)")
+            lines.append(f"| {r['protocol']} | {name} | {r['setting']} | {r['malicious']:.0%} | "
                          f"{r['attack']} | {r['rounds']} | {_iv(r['last_k'])} | {_iv(r['plaintext_last_k'])} | "
-                         f"{_iv(r['minus_plaintext'])} | {'yes' if r['within_1_point'] else 'no'} | "
+                         f"{_iv(r['minus_plaintext'])} | {close} | "
                          f"{len(r['seeds'])} |")
+    if data.get("demo"):
+        lines += ["", "The `make run` setting in plaintext (digits-fewshot FOMAML, 40 clients, 8 per round, "
+                      f"{data['demo'][0]['rounds']} rounds, 25 % unit sign flippers or none), each part of the "
+                      "default alone:", "",
+                  "| defense | attack | accuracy | per seed | minus the mean's | participations flagged | seeds |",
+                  "|---|---|---:|---|---:|---:|---:|"]
+        for r in data["demo"]:
+            lines.append(f"| `{r['defense']}` | {r['attack']} | {_iv(r['last_k'])} | "
+                         f"{' / '.join(f'{v:.3f}' for v in r['per_seed'])} | {_iv(r['minus_mean'])} | "
+                         f"{_iv(r['flagged_share'])} | {len(r['seeds'])} |")
     if data.get("matrix"):
         lines += ["", f"Worst case over {', '.join(args['attacks'])} ({args['rounds']} rounds, "
                       f"{args['clients_per_round']} per round; sorted by worst case):", "",

@@ -32,6 +32,10 @@ clean, and the gap of its clean accuracy to the plain mean's, each a mean over s
 95 % t-interval.  Rows are sorted by worst case.  ``complete`` says whether every run of a row
 finished (a partial run reports the rows it has).
 
+``demo``: the ``make run`` setting (digits-fewshot FOMAML, 40 clients, 8 per round,
+``--demo-rounds`` rounds, 25 % unit sign flippers or none), in plaintext: the recommended default,
+each of its parts alone and the clip-first candidate against the plain mean, per seed.
+
 Nothing is compared with a constant from an earlier run.
 """
 
@@ -196,10 +200,15 @@ def selection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 
 
 # -- detection ------------------------------------------------------------------------------
+def detector_for(args: argparse.Namespace, protocol: str) -> str:
+    """``--detector``; ``recommended`` under bucketed SecAgg is its own default (bucket-level reputation)."""
+    return "recommended:secagg-buckets" if args.detector == "recommended" and "buckets" in protocol else args.detector
+
+
 def detection_config(args: argparse.Namespace, protocol: str, seed: int) -> RunConfig:
     return RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=args.detection_rounds, clients_per_round=8,
-                     seed=seed, protocol=protocol, defense=args.detector, attack="signflip:scale=1", malicious=0.25,
-                     last_k=args.last_k)
+                     seed=seed, protocol=protocol, defense=detector_for(args, protocol), attack="signflip:scale=1",
+                     malicious=0.25, last_k=args.last_k)
 
 
 def divergence_config(args: argparse.Namespace, protocol: str, seed: int) -> RunConfig:
@@ -273,7 +282,7 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
                 continue
             cum = rec["cumulative"]
             out.append({
-                "protocol": protocol, "seed": seed, "defense": args.detector,
+                "protocol": protocol, "seed": seed, "defense": detector_for(args, protocol),
                 "final_cumulative": {"tpr": cum[-1]["tpr"], "fpr": cum[-1]["fpr"]},
                 "cumulative_every_10": cum[9::10],
                 "pooled_per_round": rec["pooled_per_round"],
@@ -287,10 +296,15 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 
 
 # -- protocols ------------------------------------------------------------------------------
-# CKKS runs the plaintext default on the decrypted Gram; bucketed SecAgg reveals bucket sums only (no
-# per-client geometry, no reputation): the candidates for its default, measured side by side
-PROTOCOLS = [("ckks", "recommended:ckks"), ("secagg:buckets=2", "cclip"), ("secagg:buckets=2", "medclip>>mean"),
-             ("secagg:buckets=2", "medclip>>cclip")]
+# (protocol, defense, plaintext peer): CKKS runs the plaintext default on the decrypted Gram; bucketed
+# SecAgg reveals bucket sums and the public bucket membership: its default (bucket-level reputation)
+# beside the rules without membership; the clip-first candidate under CKKS against itself in plaintext
+CANDIDATE = "medclip:history=10>>reputation>>mean"
+PROTOCOLS = [("ckks", "recommended:ckks", "recommended"), ("ckks", CANDIDATE, CANDIDATE),
+             ("secagg:buckets=2", "recommended:secagg-buckets", "recommended"),
+             ("secagg:buckets=2", "medclip:history=10>>mean", "recommended"),
+             ("secagg:buckets=2", "cclip", "recommended"), ("secagg:buckets=2", "medclip>>mean", "recommended"),
+             ("secagg:buckets=2", "medclip>>cclip", "recommended")]
 
 
 def protocol_config(args: argparse.Namespace, protocol: str, defense: str, attack: str, seed: int) -> RunConfig:
@@ -299,8 +313,16 @@ def protocol_config(args: argparse.Namespace, protocol: str, defense: str, attac
     return replace(base, protocol=protocol, defense=defense, rounds=args.protocol_rounds or args.rounds)
 
 
+def _protocol_rows(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    wanted = args.protocol_defenses
+    return [(p, d, peer) for p, d, peer in PROTOCOLS if not wanted or d in wanted]
+
+
 def protocol_configs(args: argparse.Namespace) -> list[RunConfig]:
-    return [protocol_config(args, p, d, a, s) for p, d in PROTOCOLS for a in args.protocol_attacks for s in args.seeds]
+    rows = _protocol_rows(args)
+    return ([protocol_config(args, p, d, a, s) for p, d, _ in rows for a in args.protocol_attacks for s in args.seeds]
+            + [protocol_config(args, "plaintext", peer, a, s) for peer in dict.fromkeys(peer for _, _, peer in rows)
+               for a in args.protocol_attacks for s in args.seeds])
 
 
 def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
@@ -311,19 +333,20 @@ def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
     whether its mean is within 0.01.
     """
     out = []
-    for protocol, defense in PROTOCOLS:
+    for protocol, defense, peer in _protocol_rows(args):
         for attack in args.protocol_attacks:
             pairs = []
             for seed in args.seeds:
                 a = runner.get(protocol_config(args, protocol, defense, attack, seed))
-                b = runner.get(protocol_config(args, "plaintext", "recommended", attack, seed))
+                b = runner.get(protocol_config(args, "plaintext", peer, attack, seed))
                 if a is not None and b is not None:
                     pairs.append((seed, a, b))
             if not pairs:
                 continue
             diff = interval([a["last_k"] - b["last_k"] for _, a, b in pairs])
             out.append({
-                "protocol": protocol, "defense": defense, "attack": attack, "setting": args.settings[0],
+                "protocol": protocol, "defense": defense, "plaintext_defense": peer, "attack": attack,
+                "setting": args.settings[0],
                 "rounds": args.protocol_rounds or args.rounds,
                 "malicious": args.malicious[0], "seeds": [s for s, _, _ in pairs],
                 "last_k": interval([a["last_k"] for _, a, _ in pairs]),
@@ -331,6 +354,50 @@ def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
                 "minus_plaintext": diff, "within_1_point": abs(diff["mean"]) <= 0.01,
                 "seconds": statistics.fmean(a["seconds"] for _, a, _ in pairs),
                 "plaintext_seconds": statistics.fmean(b["seconds"] for _, _, b in pairs),
+            })
+    return out
+
+
+# -- demo -----------------------------------------------------------------------------------
+# The `make run` setting (40 clients, 8 per round, 60 rounds), in plaintext: which part of the
+# recommended default costs accuracy without an attack there (issue 18), component by component
+DEMO_DEFENSES = ["mean", "recommended", "medclip>>mean", "reputation>>mean", "medclip:history=10>>reputation>>mean"]
+DEMO_ATTACKS = ["none", "signflip"]
+
+
+def demo_config(args: argparse.Namespace, defense: str, attack: str, seed: int) -> RunConfig:
+    return RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=args.demo_rounds, clients_per_round=8,
+                     seed=seed, defense=defense, attack=attack, malicious=0.25, last_k=args.last_k,
+                     dataset_options={"n_train": 40})
+
+
+def demo_configs(args: argparse.Namespace) -> list[RunConfig]:
+    return [demo_config(args, d, a, s) for d in DEMO_DEFENSES for a in DEMO_ATTACKS for s in args.seeds]
+
+
+def demo(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
+    """Per defense and attack: last-k accuracy, its difference to the plain mean's (same seed and
+    attack), and the share of participations the defense flagged (every one a false positive
+    without an attack)."""
+    out = []
+    for defense in DEMO_DEFENSES:
+        for attack in DEMO_ATTACKS:
+            pairs = []
+            for seed in args.seeds:
+                a = runner.get(demo_config(args, defense, attack, seed))
+                b = runner.get(demo_config(args, "mean", attack, seed))
+                if a is not None and b is not None:
+                    pairs.append((seed, a, b))
+            if not pairs:
+                continue
+            flagged = [sum(len(r["flagged"]) for r in a["rounds"]) / max(1, sum(len(r["cohort"]) for r in a["rounds"]))
+                       for _, a, _ in pairs]
+            out.append({
+                "defense": defense, "attack": attack, "rounds": args.demo_rounds, "seeds": [s for s, _, _ in pairs],
+                "last_k": interval([a["last_k"] for _, a, _ in pairs]),
+                "per_seed": [round(a["last_k"], 4) for _, a, _ in pairs],
+                "minus_mean": interval([a["last_k"] - b["last_k"] for _, a, b in pairs]),
+                "flagged_share": interval(flagged),
             })
     return out
 
@@ -408,7 +475,7 @@ def matrix(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", nargs="+", default=["selection", "detection", "divergence", "protocols", "matrix"],
-                    choices=["selection", "detection", "divergence", "protocols", "matrix"])
+                    choices=["selection", "detection", "divergence", "protocols", "matrix", "demo"])
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--clients-per-round", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -427,7 +494,10 @@ def main() -> None:
     ap.add_argument("--divergence-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--protocol-attacks", nargs="+", default=["none", "signflip:scale=10"],
                     help="attacks of the protocols section (the matrix's first setting and fraction)")
+    ap.add_argument("--protocol-defenses", nargs="+",
+                    help="only the protocols rows with these defense specs (default: every row of PROTOCOLS)")
     ap.add_argument("--protocol-rounds", type=int, help="rounds of the protocols section (default: --rounds)")
+    ap.add_argument("--demo-rounds", type=int, default=60, help="rounds of the demo section (the `make run` setting)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path("results/robustness-runs.jsonl"))
     ap.add_argument("--report-only", action="store_true", help="summarize the cache; run nothing")
@@ -445,10 +515,10 @@ def main() -> None:
         planned += [divergence_config(args, p, s) for p in ("plaintext", "ckks") for s in args.divergence_seeds]
     if "protocols" in args.sections:
         planned += protocol_configs(args)
-        planned += [protocol_config(args, "plaintext", "recommended", a, s) for a in args.protocol_attacks
-                    for s in args.seeds]
     if "matrix" in args.sections:
         planned += matrix_configs(args)
+    if "demo" in args.sections:
+        planned += demo_configs(args)
     if not args.report_only:
         runner.run(planned)
     result: dict[str, Any] = {
@@ -469,6 +539,8 @@ def main() -> None:
         result["protocols"] = protocols(args, runner)
     if "matrix" in args.sections:
         result["matrix"] = matrix(args, runner)
+    if "demo" in args.sections:
+        result["demo"] = demo(args, runner)
     write_report(result, args.out, indent=1)
 
 

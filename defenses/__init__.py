@@ -17,6 +17,8 @@ from securefml.defenses.base import (
     effective_f,
     register_mean_condition,
 )
+from securefml.defenses.bucket_reputation import BucketReputation
+from securefml.defenses.buckets import BucketAware, BucketMembership
 from securefml.defenses.budget import BYZANTINE_KEY, byzantine_budget, cohort_tail
 from securefml.defenses.cedar import CedarDetector
 from securefml.defenses.clustering import FLAME, DnC, FoolsGold
@@ -65,6 +67,9 @@ __all__ = [
     "DnC",
     "CedarDetector",
     "Reputation",
+    "BucketReputation",
+    "BucketAware",
+    "BucketMembership",
     "recommended",
     "MDA",
     "SMEA",
@@ -91,7 +96,8 @@ def make_defense(spec: str) -> Defense:
     pre-aggregators before the last rule.
 
     ``reputation[:k=v]>>rule`` wraps ``rule`` in per-client reputation (``Reputation``);
-    ``recommended[:protocol]`` is ``recommended(protocol)``.
+    ``bucketrep[:k=v]>>rule`` wraps ``rule`` in bucket-level reputation (``BucketReputation``,
+    for bucketed SecAgg); ``recommended[:protocol]`` is ``recommended(protocol)``.
 
     >>> make_defense("nnm:f=1>>krum:1")
     NNM(f=1, chunk=65536) >> Krum(f=1, chunk=65536)
@@ -111,6 +117,8 @@ def make_defense(spec: str) -> Defense:
     if head == "reputation":  # "reputation:threshold=2>>rule": reputation wraps the rest
         inner = make_defense(">>".join(parts[1:])) if len(parts) > 1 else None
         return Reputation(inner, **head_kwargs)
+    if head == "bucketrep":  # "bucketrep:gate=3>>medclip>>mean": bucket reputation wraps the rest
+        return BucketReputation(make_defense(">>".join(parts[1:])) if len(parts) > 1 else None, **head_kwargs)
     names = [parse_spec(part)[0] for part in parts]
     if "reputation" in names[1:]:  # "medclip>>reputation>>mean": pre-aggregators before the reputation
         i = names.index("reputation")

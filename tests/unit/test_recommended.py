@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from securefml.defenses import BYZANTINE_KEY, CenteredClipping, Reputation, make_defense, recommended
+from securefml.defenses import BYZANTINE_KEY, BucketReputation, Reputation, make_defense, recommended
 from securefml.errors import ConfigError
 from securefml.protocols.base import ClientUpdate, Reveals
 from securefml.protocols.ckks import CKKS
@@ -19,7 +19,7 @@ LAYOUT = LayerLayout([("a.weight", (8, 16)), ("a.bias", (8,)), ("b.weight", (3, 
 def test_one_rule_per_protocol_and_plain_secagg_refused():
     assert isinstance(recommended("plaintext"), Reputation)
     assert Reveals.GRAM in recommended("ckks").runs_on
-    assert isinstance(recommended("secagg-buckets"), CenteredClipping)
+    assert isinstance(recommended("secagg-buckets"), BucketReputation)
     with pytest.raises(ConfigError, match="bucketed"):
         recommended("secagg")
     with pytest.raises(ConfigError, match="choose one of"):
