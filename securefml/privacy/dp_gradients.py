@@ -115,7 +115,41 @@ def _under_transform(x: torch.Tensor) -> bool:
     return bool(functorch.is_batchedtensor(x) or functorch.is_gradtrackingtensor(x))
 
 
-class DPGradients(Gradients):
+class ReleasedGradients(Gradients):
+    """What every record-level DP gradient function shares: the guards around a released gradient.
+
+    A released gradient is sampled, clipped and noised once per call, so nothing may ask for
+    another one while it is computed (``_busy``), the diagnostic loss of ``with_value`` is taken
+    without releasing anything, and traced (uncovered, second-order) gradients are refused unless
+    the caller acknowledged them (``allow_traced``).  ``DPGradients`` (one client) and
+    ``CohortDPGradients`` (one client inside the vmap over a cohort) differ only in how they draw.
+    """
+
+    allow_traced: bool = False
+    #: traced (uncovered) gradient evaluations so far
+    traced_calls: int = 0
+    _busy: bool = False
+
+    def with_value(self, loss: LossFn, params: Params, batch: Batch) -> tuple[Params, torch.Tensor]:
+        g = self(loss, params, batch)
+        self._busy = True  # the diagnostic loss must not take released gradients either
+        try:
+            with torch.no_grad():
+                value = loss({k: v.detach() for k, v in params.items()}, *batch).detach()
+        finally:
+            self._busy = False
+        return g, value
+
+    def traced(self, loss: LossFn, params: Params, batch: Batch) -> Params:
+        if not self.allow_traced:
+            raise ConfigError("the learner differentiates through a gradient of local data (second-order): "
+                              "record-level DP cannot cover those examples; use user-level DP (--dp user), a "
+                              "first-order learner, or acknowledge with allow_support_leak=True")
+        self.traced_calls += 1
+        return super().traced(loss, params, batch)
+
+
+class DPGradients(ReleasedGradients):
     """One client's DP-SGD gradient function (its own ledger and noise stream).
 
     Parameters
@@ -203,24 +237,6 @@ class DPGradients(Gradients):
         self.ledger.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps += 1
         return released
-
-    def with_value(self, loss: LossFn, params: Params, batch: Batch) -> tuple[Params, torch.Tensor]:
-        g = self(loss, params, batch)
-        self._busy = True  # the diagnostic loss must not take released gradients either
-        try:
-            with torch.no_grad():
-                value = loss({k: v.detach() for k, v in params.items()}, *batch).detach()
-        finally:
-            self._busy = False
-        return g, value
-
-    def traced(self, loss: LossFn, params: Params, batch: Batch) -> Params:
-        if not self.allow_traced:
-            raise ConfigError("the learner differentiates through a gradient of local data (second-order): "
-                              "record-level DP cannot cover those examples; use user-level DP (--dp user), a "
-                              "first-order learner, or acknowledge with allow_support_leak=True")
-        self.traced_calls += 1
-        return super().traced(loss, params, batch)
 
     def per_sample(self, loss: LossFn, params: Params, batch: Batch) -> Params:
         """Per-example gradients by the configured engine (``auto``: expanded weights, else ``vmap``)."""

@@ -44,13 +44,13 @@ from torch.func import vmap
 
 from securefml.data.base import Task
 from securefml.errors import ConfigError
-from securefml.meta.gradients import Batch, Gradients, LossFn, Params
-from securefml.privacy.dp_gradients import DPGradients
+from securefml.meta.gradients import Batch, LossFn, Params
+from securefml.privacy.dp_gradients import DPGradients, ReleasedGradients
 
 __all__ = ["CohortDPGradients", "run_cohort"]
 
 
-class CohortDPGradients(Gradients):
+class CohortDPGradients(ReleasedGradients):
     """The DP gradient function of one client inside the vmap over a cohort (see the module docstring).
 
     Parameters
@@ -109,24 +109,6 @@ class CohortDPGradients(Gradients):
         for (k, v), part in zip(summed.items(), torch.split(noise, sizes)):
             out[k] = (v + part.reshape(v.shape).to(device=v.device, dtype=v.dtype)) / expected
         return out
-
-    def with_value(self, loss: LossFn, params: Params, batch: Batch) -> tuple[Params, torch.Tensor]:
-        g = self(loss, params, batch)
-        self._busy = True
-        try:
-            with torch.no_grad():
-                value = loss({k: v.detach() for k, v in params.items()}, *batch).detach()
-        finally:
-            self._busy = False
-        return g, value
-
-    def traced(self, loss: LossFn, params: Params, batch: Batch) -> Params:
-        if not self.allow_traced:
-            raise ConfigError("the learner differentiates through a gradient of local data (second-order): "
-                              "record-level DP cannot cover those examples; use user-level DP (--dp user), a "
-                              "first-order learner, or acknowledge with allow_support_leak=True")
-        self.traced_calls += 1
-        return super().traced(loss, params, batch)
 
     def __repr__(self) -> str:
         return f"CohortDPGradients({len(self.clients)} clients, noise_multiplier={self.noise_multiplier:.4g})"
