@@ -130,6 +130,13 @@ class ReleasedGradients(Gradients):
     traced_calls: int = 0
     _busy: bool = False
 
+    def _refuse_nested(self) -> None:
+        """A released gradient asked for inside another one's loss would be released per example."""
+        if self._busy:
+            raise ConfigError("a released gradient was requested inside the loss of another gradient: under "
+                              "record-level DP it would be sampled and noised once per example; take inner "
+                              "gradients before the outer loss, or as traced gradients (Gradients.traced)")
+
     def with_value(self, loss: LossFn, params: Params, batch: Batch) -> tuple[Params, torch.Tensor]:
         g = self(loss, params, batch)
         self._busy = True  # the diagnostic loss must not take released gradients either
@@ -216,10 +223,7 @@ class DPGradients(ReleasedGradients):
         if _under_transform(batch[0]):
             raise ConfigError("DP gradients cannot run under a torch.func transform (vmap over clients, an outer "
                               "grad): their coins, noise and ledger are one client's; run clients one at a time")
-        if self._busy:
-            raise ConfigError("a released gradient was requested inside the loss of another gradient: under "
-                              "record-level DP it would be sampled and noised once per example; take inner "
-                              "gradients before the outer loss, or as traced gradients (Gradients.traced)")
+        self._refuse_nested()
         x, y = batch
         n = int(x.shape[0])
         coins = self.source.bernoulli(n, self.sample_rate)

@@ -43,7 +43,6 @@ import torch
 from torch.func import vmap
 
 from securefml.data.base import Task
-from securefml.errors import ConfigError
 from securefml.meta.gradients import Batch, LossFn, Params
 from securefml.privacy.dp_gradients import DPGradients, ReleasedGradients
 
@@ -78,10 +77,7 @@ class CohortDPGradients(ReleasedGradients):
         self._busy = False
 
     def __call__(self, loss: LossFn, params: Params, batch: Batch) -> Params:
-        if self._busy:
-            raise ConfigError("a released gradient was requested inside the loss of another gradient: under "
-                              "record-level DP it would be sampled and noised once per example; take inner "
-                              "gradients before the outer loss, or as traced gradients (Gradients.traced)")
+        self._refuse_nested()
         x, y = batch
         n = int(x.shape[0])
         base = {k: v.detach() for k, v in params.items()}
