@@ -53,9 +53,27 @@ def stats_proto() -> CKKS:
     return CKKS(preset="stats")
 
 
+def announced_survivors(updates, policy):
+    """The clients the server keeps at the announcement stage: while more than ``min_contributors``
+    announced, the largest announcement is rejected as long as it carries more than ``max_share`` of
+    the round's weight or leaves fewer than ``min_contributors`` shares above ``negligible_share``
+    (docs/ckks.md, "One announced weight cannot deny the round"); ties go to the first announced."""
+    kept = list(updates)
+    while len(kept) > policy.min_contributors:
+        total = sum(u.weight for u in kept)
+        counted = sum(u.weight / total >= policy.negligible_share for u in kept)
+        top = max(kept, key=lambda u: u.weight)
+        if counted >= policy.min_contributors and top.weight / total <= policy.max_share_bound + 1e-12:
+            break
+        kept.remove(top)
+    return kept
+
+
 def plaintext_mean(layout, updates, policy):
-    """The per-layer weighted mean, with the layers the key holder's policy refuses withheld (a layer
-    shares a CKKS chunk with its neighbours, so a refused layer also withholds those it shares one with)."""
+    """The per-layer weighted mean of the clients kept at the announcement stage, with the layers the
+    key holder's policy refuses withheld (a layer shares a CKKS chunk with its neighbours, so a refused
+    layer also withholds those it shares one with)."""
+    updates = announced_survivors(updates, policy)
     agg, totals = weighted_layer_mean(
         layout, [u.vector for u in updates], [u.layers for u in updates], [u.weight for u in updates]
     )
@@ -81,14 +99,15 @@ def test_weighted_aggregate_within_ckks_bound(add_proto, layout, data):
     out = add_proto.run_round(next(ROUNDS), updates, layout, defense=Mean())
     expected, totals = plaintext_mean(layout, updates, add_proto.policy)
     assert out.layer_weight == pytest.approx(totals)
-    norm = sum(u.weight for u in updates)
-    max_abs = max(float(u.vector.abs().max()) for u in updates)
+    kept = announced_survivors(updates, add_proto.policy)
+    norm = sum(u.weight for u in kept)
+    max_abs = max(float(u.vector.abs().max()) for u in kept)
     got = out.aggregate.to(torch.float64)
     for name, s in layout.slices().items():
         if totals[name] == 0:
             assert torch.all(got[s] == 0)
             continue
-        m = sum(name in u.layers for u in updates)
+        m = sum(name in u.layers for u in kept)
         bound = sum_error_bound(m, max_abs) * norm / totals[name] + 1e-6 * max(1.0, max_abs)  # + float32 rounding
         assert float((got[s] - expected[s]).abs().max()) <= bound
 
