@@ -89,7 +89,7 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 #: predictive variance scales tried on training-pool clients (``BayesConfig.predictive_var_scale``)
 VAR_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: KL weights of the closed-form head variance step tried on training-pool clients (``head_variance_weight``)
-KAPPAS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
+KAPPAS = (1e-7, 1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2, 0.1, 1.0)
 KEYS = ("accuracy", "ece", "ece_floor", "ece_minus_floor", "ece_pooled", "ece_pooled_floor", "ece_adaptive",
         "l2_ce_debiased", "l2_ce_debiased_pooled", "l2_ce_plugin", "nll", "brier", "selective_accuracy",
         "ood_auroc", "mean_confidence")
