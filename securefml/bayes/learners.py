@@ -15,6 +15,11 @@ The meta-objective is the query set's negative log *predictive* likelihood after
 ``-mean_j log (1/S) sum_s p(y_j | x_j, w_s)`` with ``train_samples`` samples, differentiated
 through the inner steps (second order, like MAML; ``torch.func.grad`` of a ``grad``).
 
+Optionally (``BayesConfig.head_variance_step``) local inference ends with a closed-form step that
+sets the output layer's variances to the free energy's stationary point given the support set
+(``securefml.bayes.variance``): the gradient steps alone leave the posterior's variances at the
+prior's, so without it every client gets the same uncertainty.
+
 Bayesian Meta-SGD meta-learns, with the prior, one inner rate per mean *and* per log-variance
 (Meta-SGD, Li et al. 2017): ``alpha.<name>`` and ``alpha.logvar.<name>``.  Bayesian MAML uses
 the fixed ``inner_lr`` for all of them (cheap: no extra parameters).
