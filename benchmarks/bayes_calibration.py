@@ -38,7 +38,9 @@ sets after personalization, then shipped).  Choices are never made on held-out q
 
 For the Bayesian learners also ``<learner>-tempered`` (the predictive variance scale chosen on
 training-pool clients) and ``<learner>-ts-train`` (one temperature on the log of the Monte Carlo
-predictive fitted on training-pool clients, ``BayesConfig.temperature``); and every retrained
+predictive fitted on training-pool clients, ``BayesConfig.temperature``), ``<learner>-varstep``
+(the closed-form head variance step of ``securefml.bayes.variance`` applied to the kept model at
+scoring time, its KL weight chosen from ``KAPPAS`` on training-pool clients); and every retrained
 variant of ``benchmarks/bayes_variant.py`` whose kept runs are in ``--runs-dir``
 (``bayes-metasgd-<variant>``), with its ratios to Meta-SGD and to bayes-metasgd in ``checks``.
 
@@ -86,6 +88,8 @@ from securefml.personalize import personalize, personalized_probabilities
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 #: predictive variance scales tried on training-pool clients (``BayesConfig.predictive_var_scale``)
 VAR_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: KL weights of the closed-form head variance step tried on training-pool clients (``head_variance_weight``)
+KAPPAS = (1e-7, 1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2, 0.1, 1.0)
 KEYS = ("accuracy", "ece", "ece_floor", "ece_minus_floor", "ece_pooled", "ece_pooled_floor", "ece_adaptive",
         "l2_ce_debiased", "l2_ce_debiased_pooled", "l2_ce_plugin", "nll", "brier", "selective_accuracy",
         "ood_auroc", "mean_confidence")
@@ -230,6 +234,55 @@ def score_ts_train(algorithm: str, run: dict[str, Any], seed: int, big: Any, sma
     return out
 
 
+def score_varstep(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
+                  train_val: Any) -> dict[str, Any]:
+    """A kept Bayesian model with the closed-form head variance step applied at scoring time.
+
+    Local inference as trained, then the output layer's variances set to the free energy's
+    stationary point (``BayesConfig.head_variance_step``, ``securefml.bayes.variance``) with the KL
+    weight ``kappa`` of the step chosen from ``KAPPAS`` by the pooled query NLL of *training-pool*
+    clients after personalization (held-out clients fit nothing).  Also how the step's head
+    variances respond to each held-out client's support set: the mean over clients of the mean
+    head log-variance minus the prior's, and its spread across clients.
+    """
+    started = time.perf_counter()
+    learner, steps = _build(algorithm, big, seed)
+    params = learner.layout().unflatten(torch.tensor(run["vector"], dtype=torch.float32))
+
+    def stepped(kappa: float) -> Any:
+        return type(learner)(learner.model, learner.config, bayes=replace(
+            learner.bayes, head_variance_step=True, head_variance_weight=kappa))
+
+    curve: dict[str, float] = {}
+    for kappa in KAPPAS:
+        rep = personalize(stepped(kappa), params, train_val, steps=steps)
+        assert rep.calibration is not None
+        curve[str(kappa)] = rep.calibration.pooled["nll"]
+    best = min(KAPPAS, key=lambda k: curve[str(k)])
+    chosen = stepped(best)
+    name = f"{algorithm}-varstep"
+    head = chosen.net.head
+    prior = chosen.gaussian(params)
+    moved: dict[str, list[float]] = {"weight": [], "bias": []}
+    for t in big.heldout:
+        q = chosen.gaussian(chosen.adapt(params, t.support_x, t.support_y, t.kind, steps=steps))
+        for part in moved:
+            lv = f"{LOGVAR_PREFIX}{head}.{part}"
+            moved[part].append(float((q[lv] - prior[lv]).mean()))
+    response = {f"head_{part}_logvar_minus_prior": {"mean": statistics.fmean(v), "std_across_clients":
+                                                    statistics.stdev(v), "min": min(v), "max": max(v)}
+                for part, v in moved.items()}
+    out: dict[str, Any] = {"big": {name: score(chosen, params, big.heldout, steps)},
+                           "small": {name: score(chosen, params, small.heldout, steps)},
+                           "diagnosis": None,
+                           "chosen": {name: {"head_variance_weight": best, "train_pool_nll": curve,
+                                             "heldout_response": response}}}
+    out["small"][name].pop("per_client_sq_ce_debiased")
+    out["seconds"] = time.perf_counter() - started
+    print(f"seed {seed} {name}: {out['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
 def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
     """Every kept run of one seed; each learner's block is cached in ``cache`` (a rerun scores only new runs)."""
     seed, runs_dir, n_heldout, rounds, cache = job
@@ -244,6 +297,7 @@ def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
     variants = [bayes_variant.algorithm_name(v) for v in sorted(bayes_variant.VARIANTS)]
     parts = [(a, "main") for a in ("metasgd", "bayes-metasgd", "pfedbayes", "bayes-maml", *variants)]
     parts += [(a, "ts-train") for a in ("bayes-metasgd", "bayes-maml", *variants)]
+    parts += [(a, "varstep") for a in ("bayes-metasgd", "bayes-maml", *variants)]
     for algorithm, part in parts:
         path = Path(runs_dir) / f"{algorithm}_plaintext_main_r{rounds}_s{seed}.json"
         if not path.exists():
@@ -253,7 +307,7 @@ def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
         if kept is not None and kept.exists():
             block = json.loads(kept.read_text())
         else:
-            scorer = score_algorithm if part == "main" else score_ts_train
+            scorer = {"main": score_algorithm, "ts-train": score_ts_train, "varstep": score_varstep}[part]
             block = scorer(algorithm, json.loads(path.read_text()), seed, big, small, train_val)
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
@@ -359,10 +413,10 @@ def main() -> None:
                     [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(b, big[other])])
                 checks[f"accuracy bayes-metasgd - {other} (points)"] = interval(
                     [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(b, big[other])])
-    others = ["bayes-metasgd-tempered", "bayes-metasgd-ts-train"]
+    others = ["bayes-metasgd-tempered", "bayes-metasgd-ts-train", "bayes-metasgd-varstep", "bayes-maml-varstep"]
     for v in sorted(bayes_variant.VARIANTS):
         name = bayes_variant.algorithm_name(v)
-        others += [name, f"{name}-tempered", f"{name}-ts-train"]
+        others += [name, f"{name}-tempered", f"{name}-ts-train", f"{name}-varstep"]
     for other in others:
         if other not in big or "metasgd" not in big or len(big[other]) != len(big["metasgd"]):
             continue
@@ -379,6 +433,14 @@ def main() -> None:
         if "metasgd-ts-train" in big and len(big["metasgd-ts-train"]) == len(bt):
             checks[f"l2_ce_debiased {other} - metasgd-ts-train"] = interval(
                 [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(bt, big["metasgd-ts-train"])])
+            checks[f"l2_ce_debiased ratio {other} / metasgd-ts-train, paired bootstrap over clients"] = \
+                paired_bootstrap([x["per_client_sq_ce_debiased"] for x in bt],
+                                 [y["per_client_sq_ce_debiased"] for y in big["metasgd-ts-train"]])
+        if "pfedbayes" in big and len(big["pfedbayes"]) == len(bt):
+            checks[f"l2_ce_debiased {other} - pfedbayes"] = interval(
+                [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(bt, big["pfedbayes"])])
+        checks[f"ood_auroc difference {other} - metasgd"] = interval(
+            [x["ood_auroc"] - y["ood_auroc"] for x, y in zip(bt, m)])
     for v in sorted(bayes_variant.VARIANTS):  # did the retrained variant improve on the learner it changes?
         name = bayes_variant.algorithm_name(v)
         if name in big and "bayes-metasgd" in big and len(big[name]) == len(big["bayes-metasgd"]):

@@ -13,6 +13,11 @@ Variants (``VARIANTS``):
 * ``lograte``: ``BayesConfig(log_logvar_rates=True)``: the log-variances' inner rates are
   meta-learned on a log scale, so meta-training can grow them to the size the log-variances'
   gradients need (see ``BayesConfig.log_logvar_rates``).
+* ``kl1e-3``: ``BayesConfig(kl_weight=0.001)``; ``kl0``: no KL term.
+* ``headvar``: ``BayesConfig(head_variance_step=True)``: local inference ends with the closed-form
+  variance step of the output layer (``securefml.bayes.variance``, at the free energy's own KL
+  weight), inside the meta-objective, so the prior's head variances are meta-learned knowing
+  that each client's support set will narrow them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ VARIANTS: dict[str, BayesConfig] = {
     "lograte": BayesConfig(log_logvar_rates=True),
     "kl1e-3": BayesConfig(kl_weight=0.001),
     "kl0": BayesConfig(kl_weight=0.0),
+    "headvar": BayesConfig(head_variance_step=True),
 }
 #: bayes-metasgd's resolved hyper-parameters (securefml.experiment), given explicitly for the variant's name
 HP: dict[str, Any] = dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, outer_steps=1, server_opt="adam",

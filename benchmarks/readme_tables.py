@@ -238,10 +238,14 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
              "bayes-maml-tempered": "bayes-maml, tempered posterior", "pfedbayes": "pFedBayes"}
     names = {**names, "bayes-metasgd-ts-train": "bayes-metasgd + TS (training clients)",
              "bayes-maml-ts-train": "bayes-maml + TS (training clients)"}
-    for key, label in (("kl1e-3", "KL weight 0.001"), ("kl0", "KL weight 0"), ("lograte", "log-scale variance rates")):
+    names.update({"bayes-metasgd-varstep": "bayes-metasgd + head variance step (at scoring)",
+                  "bayes-maml-varstep": "bayes-maml + head variance step (at scoring)"})
+    for key, label in (("kl1e-3", "KL weight 0.001"), ("kl0", "KL weight 0"), ("lograte", "log-scale variance rates"),
+                       ("headvar", "head variance step in training")):
         v = f"bayes-metasgd-{key}"  # a retrained variant (benchmarks/bayes_variant.py)
         names.update({v: f"bayes-metasgd, {label}", f"{v}-tempered": f"bayes-metasgd, {label}, tempered posterior",
-                      f"{v}-ts-train": f"bayes-metasgd, {label}, + TS (training clients)"})
+                      f"{v}-ts-train": f"bayes-metasgd, {label}, + TS (training clients)",
+                      f"{v}-varstep": f"bayes-metasgd, {label}, + head variance step (at scoring)"})
     big = st["big"]
     lines = [f"The same trained models (200 rounds, seeds {', '.join(str(s) for s in st['seeds'])}) re-scored on "
              f"{big['heldout_clients']} new held-out clients per seed with {min(big['query_per_class'])}-"
@@ -274,7 +278,20 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
         lines += ["", f"bayes-metasgd / Meta-SGD, debiased L2-CE: ratio {_ci(ratio, 2)}{paired} (target <= 0.5), "
                   f"difference {_ci(diff)}; accuracy {_ci(acc, 1)} points; NLL difference "
                   f"{_ci(c['nll difference bayes-metasgd - metasgd'])}."]
-    for key in ("bayes-metasgd-kl1e-3", "bayes-metasgd-kl0", "bayes-metasgd-lograte"):  # retrained variants
+    for key in ("bayes-metasgd-varstep", "bayes-metasgd-headvar"):  # the variance step, at scoring and retrained
+        vs_m = c.get(f"l2_ce_debiased ratio {key} / metasgd")
+        if vs_m is None or key not in names:
+            continue
+        bm = c.get(f"l2_ce_debiased ratio {key} / metasgd, paired bootstrap over clients") or {}
+        bt = c.get(f"l2_ce_debiased ratio {key} / metasgd-ts-train, paired bootstrap over clients") or {}
+        lines += ["", f"{names[key]}, debiased L2-CE: ratio to Meta-SGD {_ci(vs_m, 2)} (paired bootstrap "
+                  f"[{bm.get('lo', math.nan):.2f}, {bm.get('hi', math.nan):.2f}]; target <= 0.5), to Meta-SGD + TS "
+                  f"(training clients) paired bootstrap [{bt.get('lo', math.nan):.2f}, {bt.get('hi', math.nan):.2f}]; "
+                  f"accuracy {_ci(c[f'accuracy difference {key} - metasgd (points)'], 1)} points, NLL difference "
+                  f"{_ci(c[f'nll difference {key} - metasgd'])}, out-of-task AUROC difference "
+                  f"{_ci(c.get(f'ood_auroc difference {key} - metasgd'))} against Meta-SGD."]
+    for key in ("bayes-metasgd-kl1e-3", "bayes-metasgd-kl0", "bayes-metasgd-lograte",
+                "bayes-metasgd-headvar"):  # retrained variants
         vs_m = c.get(f"l2_ce_debiased ratio {key} / metasgd")
         vs_b = c.get(f"l2_ce_debiased ratio {key} / bayes-metasgd")
         if vs_m is None or vs_b is None:

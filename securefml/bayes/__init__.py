@@ -7,6 +7,9 @@
 * ``MetaSGDTemperature`` (``metasgd-ts``): Meta-SGD with temperature scaling fitted on the support set;
   ``MetaSGDTemperatureCV`` (``metasgd-ts-cv``) fits it on cross-validated support predictions, and
   ``MetaSGDFixedTemperature`` applies one temperature fitted beforehand on training clients.
+* ``softmax_head_ggn_diagonal`` / ``stationary_logvar``: the closed-form variance step of the
+  output layer (``BayesConfig.head_variance_step``), so a client's posterior variance responds to
+  its support set (``securefml.bayes.variance``).
 * ``mean_log_variance`` / ``precision_weighted``: the two ways to merge Gaussian priors, and why
   the federation uses the first (``securefml.bayes.aggregation``).
 
@@ -31,6 +34,7 @@ from securefml.bayes.learners import (
 )
 from securefml.bayes.network import StochasticMLP
 from securefml.bayes.temperature import fit_temperature
+from securefml.bayes.variance import softmax_head_ggn_diagonal, stationary_logvar
 from securefml.meta import LEARNERS
 
 __all__ = [
@@ -54,6 +58,8 @@ __all__ = [
     "logvar_name",
     "mean_log_variance",
     "precision_weighted",
+    "softmax_head_ggn_diagonal",
+    "stationary_logvar",
 ]
 
 # The learners register in securefml.meta's LEARNERS with decorators beside their definitions

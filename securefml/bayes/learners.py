@@ -15,6 +15,11 @@ The meta-objective is the query set's negative log *predictive* likelihood after
 ``-mean_j log (1/S) sum_s p(y_j | x_j, w_s)`` with ``train_samples`` samples, differentiated
 through the inner steps (second order, like MAML; ``torch.func.grad`` of a ``grad``).
 
+Optionally (``BayesConfig.head_variance_step``) local inference ends with a closed-form step that
+sets the output layer's variances to the free energy's stationary point given the support set
+(``securefml.bayes.variance``): the gradient steps alone leave the posterior's variances at the
+prior's, so without it every client gets the same uncertainty.
+
 Bayesian Meta-SGD meta-learns, with the prior, one inner rate per mean *and* per log-variance
 (Meta-SGD, Li et al. 2017): ``alpha.<name>`` and ``alpha.logvar.<name>``.  Bayesian MAML uses
 the fixed ``inner_lr`` for all of them (cheap: no extra parameters).
@@ -69,6 +74,7 @@ from torch.func import grad
 from securefml.bayes.gaussian import LOGVAR_PREFIX, clamp_logvar, kl_params, logvar_name
 from securefml.bayes.network import StochasticMLP
 from securefml.bayes.temperature import fit_temperature
+from securefml.bayes.variance import softmax_head_ggn_diagonal, stationary_logvar
 from securefml.data.base import Task
 from securefml.errors import ConfigError
 from securefml.meta.base import MetaConfig, MetaLearner, Params
@@ -182,6 +188,27 @@ class BayesConfig:
         as before (``init_logvar_rate`` or ``inner_lr``).  Measured (60 rounds, seed 0): given the
         freedom, meta-training did not take it (output weights' rate 0.10 -> 0.18, plain 0.17;
         posterior log-variances still moved by 4e-5), so it stays off by default.
+    head_variance_step:
+        After the mean steps of local inference, set the output layer's log-variances to the
+        free energy's stationary point in the variances, ``1 / s2 = 1 / s2_prior + (n / kappa) *
+        E_q[per-example mean of the diagonal GGN of the support NLL]`` (``securefml.bayes.variance``
+        derives it from ``E_q NLL + kappa * KL / n``).  Why: the gradient steps leave the posterior's
+        log-variances at the prior's (moved by 3e-5 to 9e-5 on the 200-round models), so every
+        client gets the prior's uncertainty; with the step, a head weight whose feature the
+        client's support set exercises (and does not yet fit with certainty) gets a narrower
+        posterior, one it never sees keeps the prior's width.  The head's learned log-variance
+        rates are then unused (the step replaces what they would move).  The output layer must
+        be Gaussian.  Off by default.
+    head_variance_weight:
+        ``kappa`` in the step; ``None`` = ``kl_weight`` (the free energy's own weight).  A larger
+        value keeps the variance nearer the prior's.  For one value chosen by the federation on
+        *training* clients at scoring time (``benchmarks/bayes_calibration.py``).
+    head_variance_samples:
+        Monte Carlo samples (per support example) of the expectation over ``q`` in the step.
+    head_variance_iterations:
+        Evaluations of the step, each at the ``q`` the previous one produced (1 = one
+        natural-gradient step of size 1 from the current posterior; more = a fixed-point iteration
+        towards the exact stationary point).
     temperature:
         Predictions divide the log of the Monte Carlo predictive by this temperature
         (``forward`` only; softmax of the result is the predictive raised to ``1 / T`` and
@@ -203,8 +230,22 @@ class BayesConfig:
     predictive_var_scale: float = 1.0
     log_logvar_rates: bool = False
     temperature: float = 1.0
+    head_variance_step: bool = False
+    head_variance_weight: float | None = None
+    head_variance_samples: int = 8
+    head_variance_iterations: int = 1
 
     def __post_init__(self) -> None:
+        if self.head_variance_samples < 1 or self.head_variance_iterations < 1:
+            raise ConfigError(f"head_variance_samples and head_variance_iterations must be >= 1, got "
+                              f"{self.head_variance_samples} and {self.head_variance_iterations}")
+        if self.head_variance_weight is not None and not (math.isfinite(self.head_variance_weight)
+                                                          and self.head_variance_weight > 0):
+            raise ConfigError(f"head_variance_weight must be a positive number (or None), "
+                              f"got {self.head_variance_weight}")
+        if self.head_variance_step and self.variance_step_weight() <= 0:
+            raise ConfigError("head_variance_step needs a positive KL weight (kl_weight or head_variance_weight): "
+                              "with no KL term the stationary variance is 0")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature must be a positive number, got {self.temperature}")
         if not (math.isfinite(self.predictive_var_scale) and self.predictive_var_scale >= 0):
@@ -220,6 +261,11 @@ class BayesConfig:
             raise ConfigError(f"init_logvar must be in [-16, 2], got {self.init_logvar}")
         if not (self.kl_weight >= 0 and self.zeta >= 0):
             raise ConfigError("kl_weight and zeta must be >= 0")
+
+
+    def variance_step_weight(self) -> float:
+        """``kappa`` of the closed-form variance step (``head_variance_weight``, else ``kl_weight``)."""
+        return self.kl_weight if self.head_variance_weight is None else self.head_variance_weight
 
 
 class BayesianLearner(MetaLearner):
@@ -247,6 +293,9 @@ class BayesianLearner(MetaLearner):
             raise ConfigError(f"log_logvar_rates needs learned log-variance rates (bayes-metasgd); "
                               f"{self.name} has none")
         self.net = StochasticMLP(model, self.bayes.layers)
+        if self.bayes.head_variance_step and self.net.head not in self.net.bayesian_layers:
+            raise ConfigError(f"head_variance_step needs a Gaussian output layer; {self.net.head!r} is not among "
+                              f"the Gaussian layers {self.net.bayesian_layers}")
         self._train_generator = torch.Generator().manual_seed(self.bayes.seed + 1)
 
     # -- parameters ------------------------------------------------------------------------
@@ -349,7 +398,32 @@ class BayesianLearner(MetaLearner):
             q = {n: q[n] - rates[n] * g[n] for n in q}
             # a step may not leave the clamped range: outside it the gradient is zero and the entry is stuck
             q = {n: (clamp_logvar(v) if n.startswith(LOGVAR_PREFIX) else v) for n, v in q.items()}
+        if self.bayes.head_variance_step:
+            noise = self.net.draw_noise(x.shape[0], self.bayes.head_variance_samples, generator=generator,
+                                        device=x.device, dtype=x.dtype)
+            for _ in range(self.bayes.head_variance_iterations):
+                q = self.head_variance_step(q, prior, x, noise)
         return q
+
+    def head_variance_step(self, q: Params, prior: Params, x: torch.Tensor,
+                           noise: Sequence[torch.Tensor]) -> Params:
+        """One closed-form variance step of the output layer (``BayesConfig.head_variance_step``).
+
+        ``q`` and ``prior`` in natural units; ``noise`` for every Gaussian layer (``[n, S, out]``,
+        ``draw_noise``) samples the features and the head's logits under ``q``.  Returns ``q`` with
+        the head's log-variances at ``securefml.bayes.variance.stationary_logvar``; means unchanged.
+        Differentiable (the meta-gradient flows through it).
+        """
+        head = self.net.head
+        w, b = f"{head}.weight", f"{head}.bias"
+        h = self.net.head_inputs(q, x, noise)
+        var = nn.functional.linear(h * h, torch.exp(clamp_logvar(q[logvar_name(w)])),
+                                   torch.exp(clamp_logvar(q[logvar_name(b)])))
+        probs = torch.softmax(nn.functional.linear(h, q[w], q[b]) + torch.sqrt(var) * noise[-1], dim=-1)
+        ggn_w, ggn_b = softmax_head_ggn_diagonal(h, probs)
+        kappa = self.bayes.variance_step_weight()
+        return {**q, logvar_name(w): stationary_logvar(prior[logvar_name(w)], ggn_w, x.shape[0], kappa),
+                logvar_name(b): stationary_logvar(prior[logvar_name(b)], ggn_b, x.shape[0], kappa)}
 
     def adapt(self, params: Params, task_x: torch.Tensor, task_y: torch.Tensor, kind: str,
               *, steps: int | None = None) -> Params:
@@ -467,6 +541,9 @@ class PFedBayes(BayesianLearner):
         # were at chance (200 rounds, seed 0: log-variances -6 -> -3.3..-4.8, std above the weights'
         # mean magnitude 0.1; accuracy 26%)
         super().__init__(model, config, bayes=bayes or BayesConfig(logvar_unit=1.0))
+        if self.bayes.head_variance_step:
+            raise ConfigError("pfedbayes does not take head_variance_step (its local inference is pFedBayes' own); "
+                              "use bayes-metasgd or bayes-maml")
 
     def infer(self, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
               generator: torch.Generator) -> Params:

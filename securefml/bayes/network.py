@@ -98,8 +98,23 @@ class StochasticMLP:
                 for name in self.bayesian_layers]
 
     # -- forward ---------------------------------------------------------------------------
-    def logits(self, params: Params, x: torch.Tensor, noise: Sequence[torch.Tensor] | None) -> torch.Tensor:
-        """Sampled logits ``[n, S, C]`` (``S`` from the noise; ``noise=None``: the mean network, ``S = 1``)."""
+    @property
+    def head(self) -> str:
+        """The output layer (the last ``Linear``; ``ConfigError`` if a module follows it)."""
+        if self.steps[-1][0] != self.linear_layers[-1]:
+            raise ConfigError(f"the model's last layer {self.steps[-1][0]!r} is not Linear: no softmax head")
+        return self.linear_layers[-1]
+
+    def head_inputs(self, params: Params, x: torch.Tensor, noise: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The sampled inputs of the output layer ``[n, S, d]`` (noise for every Gaussian layer, the head's unused)."""
+        return self.logits(params, x, noise, stop_before=self.head)
+
+    def logits(self, params: Params, x: torch.Tensor, noise: Sequence[torch.Tensor] | None,
+               *, stop_before: str | None = None) -> torch.Tensor:
+        """Sampled logits ``[n, S, C]`` (``S`` from the noise; ``noise=None``: the mean network, ``S = 1``).
+
+        ``stop_before`` returns the input of that layer instead (``head_inputs``).
+        """
         h = x.flatten(1)
         samples = 1 if noise is None else int(noise[0].shape[1])
         if noise is not None and len(noise) != len(self.bayesian_layers):
@@ -107,6 +122,8 @@ class StochasticMLP:
         h = h.unsqueeze(1).expand(h.shape[0], samples, h.shape[1])
         k = 0
         for name, module in self.steps:
+            if name == stop_before:
+                return h
             if not isinstance(module, nn.Linear):
                 h = module(h)
                 continue
