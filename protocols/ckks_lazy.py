@@ -1,0 +1,244 @@
+"""Encrypted inner products with one relinearization per pair, through SEAL's evaluator.
+
+Why a module of its own
+-----------------------
+The Gram the key holder computes (``ckks_stats.encrypted_inner_products``) is, per pair of
+clients, ``sum_k a_k * b_k`` over the chunks followed by one rotate-and-sum.  Through TenSEAL's
+vectors every chunk product is relinearized (a key switch) and rescaled on its own: TenSEAL has
+no ``relinearize`` of its own, and its rotate-and-sum refuses the size-3 ciphertext an
+unrelinearized product is.  Relinearization is linear in the product's third component, so the
+chunk products of a pair can be summed first and relinearized once: ``chunks - 1`` key switches
+and rescales fewer per pair, the same value.  SEAL's evaluator, shipped in the TenSEAL wheel as
+``tenseal.sealapi``, exposes exactly those operations (multiply without relinearization,
+rescale, relinearize, rotations).
+
+Its classes are module-local (no object crosses between the two bindings) and its loaders read
+files, so the ciphertexts and the *public* evaluation keys (relinearization and Galois keys) go
+across as SEAL's own serialization through a private temporary directory that is removed when
+the computation ends.  The secret key never leaves TenSEAL: the results come back as TenSEAL
+vectors of the caller's context, and the caller decrypts them as before.
+
+What it computes, and what it does not change
+---------------------------------------------
+The same ciphertexts as the TenSEAL path, up to CKKS noise: each pair's result is a size-1
+vector whose slot 0 holds ``<u_i, u_j>`` after the same ``log2(slots)`` rotations (every slot
+holds the total: nothing but the entry is decrypted), at the same level (one rescale), so the
+same modulus headroom (inner products below 2**59 at scale 2**40) and the error bound of
+``ckks_stats.inner_product_error_bound`` hold.  The key holder's policy checks run before any
+of this and are untouched.  When ``tenseal.sealapi`` is missing or the context's keys cannot be
+carried over, ``available`` says so and the caller keeps the TenSEAL path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+
+import tenseal as ts
+
+from securefml.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+try:  # shipped with TenSEAL's wheel; absent from some builds
+    import tenseal.sealapi as _sa
+except ImportError:  # pragma: no cover - depends on the TenSEAL build
+    _sa = None
+
+__all__ = ["lazy_inner_products", "lazy_available"]
+
+_F64 = struct.Struct("<d")
+
+
+def lazy_available() -> bool:
+    """Whether SEAL's evaluator is importable beside TenSEAL."""
+    return _sa is not None
+
+
+# -- the few protobuf fields TenSEAL's messages carry (proto3 wire format) ----------------------
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ConfigError("truncated protobuf varint")
+        b = buf[pos]
+        pos += 1
+        out |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return out, pos
+        shift += 7
+
+
+def _fields(buf: bytes) -> dict[int, list[bytes]]:
+    """Length-delimited fields by number (other wire types are skipped)."""
+    out: dict[int, list[bytes]] = {}
+    pos = 0
+    while pos < len(buf):
+        tag, pos = _varint(buf, pos)
+        num, wt = tag >> 3, tag & 7
+        if wt == 0:
+            _, pos = _varint(buf, pos)
+        elif wt == 1:
+            pos += 8
+        elif wt == 5:
+            pos += 4
+        elif wt == 2:
+            n, pos = _varint(buf, pos)
+            out.setdefault(num, []).append(buf[pos : pos + n])
+            pos += n
+        else:
+            raise ConfigError(f"unsupported protobuf wire type {wt}")
+    return out
+
+
+def _enc_varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _vector_proto(seal_ct: bytes, scale: float) -> bytes:
+    """A one-slot ``CKKSVectorProto`` (sizes=[1], one ciphertext, scale)."""
+    sizes = _enc_varint(1)
+    return (
+        b"\x0a" + _enc_varint(len(sizes)) + sizes
+        + b"\x12" + _enc_varint(len(seal_ct)) + seal_ct
+        + b"\x19" + _F64.pack(scale)
+    )
+
+
+class _Engine:
+    """SEAL objects for one TenSEAL context: parameters, evaluator, public evaluation keys.
+
+    Built once per context (about 0.8 s: the Galois keys are tens of MB) and cached; the key
+    files live only while they are loaded.
+    """
+
+    def __init__(self, context: ts.Context) -> None:
+        if _sa is None:  # pragma: no cover
+            raise ConfigError("tenseal.sealapi is not available")
+        proto = _fields(
+            context.serialize(
+                save_public_key=False, save_secret_key=False, save_galois_keys=True, save_relin_keys=True
+            )
+        )
+        public = _fields(proto[2][0]) if 2 in proto else {}
+        if 1 not in proto or 4 not in public or 5 not in public:
+            raise ConfigError("the context carries no relinearization or Galois keys")
+        with tempfile.TemporaryDirectory(prefix="securefml-keys-") as keydir:
+            parms = _sa.EncryptionParameters(_sa.SCHEME_TYPE.CKKS)
+            parms.load(_write(keydir, "parms", proto[1][0]))
+            self.ctx = _sa.SEALContext(parms, True, _sa.SEC_LEVEL_TYPE.TC128)
+            self.relin = _sa.RelinKeys()
+            self.relin.load(self.ctx, _write(keydir, "relin", public[4][0]))
+            self.galois = _sa.GaloisKeys()
+            self.galois.load(self.ctx, _write(keydir, "galois", public[5][0]))
+        self.ev = _sa.Evaluator(self.ctx)
+        self.slots = parms.poly_modulus_degree() // 2
+
+    def load(self, vec: ts.CKKSVector, workdir: str) -> object:
+        cts = _fields(vec.serialize()).get(2, [])
+        if len(cts) != 1:
+            raise ConfigError("a chunk must be one ciphertext")
+        ct = _sa.Ciphertext()
+        ct.load(self.ctx, _write(workdir, "ct", cts[0]))
+        return ct
+
+    def dump(self, ct: object, workdir: str) -> bytes:
+        path = os.path.join(workdir, "out")
+        ct.save(path)  # type: ignore[attr-defined]
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    def pair(self, xs: Sequence[object], ys: Sequence[object] | None) -> object:
+        """sum_k x_k * y_k (``ys`` None: squares), one rescale, one relinearization, rotate-and-sum."""
+        ev = self.ev
+        acc = None
+        for k, x in enumerate(xs):
+            prod = _sa.Ciphertext()
+            if ys is None:
+                ev.square(x, prod)
+            else:
+                ev.multiply(x, ys[k], prod)
+            if acc is None:
+                acc = prod
+            else:
+                ev.add_inplace(acc, prod)
+        if acc is None:
+            raise ConfigError("cannot take an inner product of empty vectors")
+        ev.rescale_to_next_inplace(acc)
+        ev.relinearize_inplace(acc, self.relin)
+        tmp = _sa.Ciphertext()
+        step = self.slots // 2
+        while step >= 1:  # TenSEAL's sum_vector order: strides slots/2 ... 1
+            ev.rotate_vector(acc, step, self.galois, tmp)
+            ev.add_inplace(acc, tmp)
+            step //= 2
+        return acc
+
+
+def _write(directory: str, name: str, data: bytes) -> str:
+    path = os.path.join(directory, name)
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+# (the context's native object, its engine): the native object is held so its id stays unique
+_ENGINES: list[tuple[object, _Engine]] = []
+_MAX_ENGINES = 2
+
+
+def _engine_for(context: ts.Context) -> _Engine:
+    native = context.data
+    for held, eng in _ENGINES:
+        if held is native:
+            return eng
+    eng = _Engine(context)
+    _ENGINES.insert(0, (native, eng))
+    del _ENGINES[_MAX_ENGINES:]
+    return eng
+
+
+def lazy_inner_products(
+    chunks: Sequence[Sequence[ts.CKKSVector]],
+) -> dict[tuple[int, int], ts.CKKSVector]:
+    """<u_i, u_j> for all i <= j with one relinearization per pair (see the module docstring).
+
+    Same contract as ``ckks_stats.encrypted_inner_products``: ``chunks[i]`` is client i's list
+    of full-slot chunk ciphertexts under one context with relinearization and Galois keys;
+    returns size-1 TenSEAL vectors of that context.
+
+    Raises
+    ------
+    ConfigError
+        Unequal chunk lists, empty vectors, or a context whose keys cannot be carried over.
+    """
+    n = len(chunks)
+    if n and len({len(c) for c in chunks}) != 1:
+        raise ConfigError("encrypted inner products need every client to send the same chunks")
+    if not n:
+        return {}
+    if not chunks[0]:
+        raise ConfigError("cannot take an inner product of empty vectors")
+    context = chunks[0][0].context()
+    scale = float(context.global_scale)
+    eng = _engine_for(context)
+    with tempfile.TemporaryDirectory(prefix="securefml-gram-") as workdir:
+        loaded = [[eng.load(v, workdir) for v in row] for row in chunks]
+        out: dict[tuple[int, int], ts.CKKSVector] = {}
+        for i in range(n):
+            for j in range(i, n):
+                ct = eng.pair(loaded[i], None if i == j else loaded[j])
+                out[(i, j)] = ts.ckks_vector_from(context, _vector_proto(eng.dump(ct, workdir), scale))
+    log.debug("lazy Gram of %d clients x %d chunks", n, len(chunks[0]))
+    return out
