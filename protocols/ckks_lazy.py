@@ -32,6 +32,7 @@ carried over, ``available`` says so and the caller keeps the TenSEAL path.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import struct
 import tempfile
@@ -48,7 +49,7 @@ try:  # shipped with TenSEAL's wheel; absent from some builds
 except ImportError:  # pragma: no cover - depends on the TenSEAL build
     _sa = None
 
-__all__ = ["lazy_inner_products", "lazy_available"]
+__all__ = ["lazy_inner_products", "lazy_available", "low_level_factor"]
 
 _F64 = struct.Struct("<d")
 
@@ -143,6 +144,7 @@ class _Engine:
             self.galois = _sa.GaloisKeys()
             self.galois.load(self.ctx, _write(keydir, "galois", public[5][0]))
         self.ev = _sa.Evaluator(self.ctx)
+        self.encoder = _sa.CKKSEncoder(self.ctx)
         self.slots = parms.poly_modulus_degree() // 2
 
     def load(self, vec: ts.CKKSVector, workdir: str) -> object:
@@ -159,8 +161,17 @@ class _Engine:
         with open(path, "rb") as fh:
             return fh.read()
 
-    def pair(self, xs: Sequence[object], ys: Sequence[object] | None) -> object:
-        """sum_k x_k * y_k (``ys`` None: squares), one rescale, one relinearization, rotate-and-sum."""
+    def pair(
+        self, xs: Sequence[object], ys: Sequence[object] | None, factor: float | None = None
+    ) -> object:
+        """sum_k x_k * y_k (``ys`` None: squares), one rescale, one relinearization, rotate-and-sum.
+
+        With ``factor`` c, the sum is first multiplied by the constant 1 encoded at c times the
+        ciphertext's scale and rescaled once more: the payload is c * value at the lowest level,
+        declared at c times the scale, so it decrypts to the value; relinearization and the
+        rotations then run at that level (about half the cost; see the module docstring for
+        the headroom this needs).
+        """
         ev = self.ev
         acc = None
         for k, x in enumerate(xs):
@@ -176,6 +187,11 @@ class _Engine:
         if acc is None:
             raise ConfigError("cannot take an inner product of empty vectors")
         ev.rescale_to_next_inplace(acc)
+        if factor is not None:
+            one = _sa.Plaintext()
+            self.encoder.encode(1.0, acc.parms_id(), acc.scale * factor, one)
+            ev.multiply_plain_inplace(acc, one)
+            ev.rescale_to_next_inplace(acc)
         ev.relinearize_inplace(acc, self.relin)
         tmp = _sa.Ciphertext()
         step = self.slots // 2
@@ -209,14 +225,45 @@ def _engine_for(context: ts.Context) -> _Engine:
     return eng
 
 
+#: target bound of |c * <u_i, u_j>| at the lowest level (its modulus holds values below 2**19)
+_LOW_LEVEL_BOUND = 2.0**16
+#: the factors c the lowest level uses; a pair that would need a smaller one stays one level up
+_MIN_FACTOR, _MAX_FACTOR = 2.0**-10, 2.0**10
+
+
+def low_level_factor(sq_norm_i: float, sq_norm_j: float) -> float | None:
+    """The power-of-two factor c for pair (i, j) at the lowest level, or None to stay a level up.
+
+    By Cauchy-Schwarz every partial sum the rotations form, and the inner product itself, is at
+    most ``sqrt(||u_i||^2 ||u_j||^2)`` in absolute value; the decrypted squared norms are
+    widened by 2**-10 relative plus 2**-10 absolute (far above their CKKS error) before the
+    bound is taken, and c keeps ``c * bound <= 2**16``, eight times inside the lowest level's
+    headroom.
+    """
+    a, b = abs(sq_norm_i), abs(sq_norm_j)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    bound = math.sqrt(a * (1 + 2.0**-10) + 2.0**-10) * math.sqrt(b * (1 + 2.0**-10) + 2.0**-10)
+    if not math.isfinite(bound) or bound > _LOW_LEVEL_BOUND / _MIN_FACTOR:
+        return None
+    c = 2.0 ** math.floor(math.log2(_LOW_LEVEL_BOUND / bound))
+    if c < _MIN_FACTOR:
+        return None
+    return min(c, _MAX_FACTOR)
+
+
 def lazy_inner_products(
-    chunks: Sequence[Sequence[ts.CKKSVector]],
+    chunks: Sequence[Sequence[ts.CKKSVector]], *, low_level: bool = True
 ) -> dict[tuple[int, int], ts.CKKSVector]:
     """<u_i, u_j> for all i <= j with one relinearization per pair (see the module docstring).
 
     Same contract as ``ckks_stats.encrypted_inner_products``: ``chunks[i]`` is client i's list
     of full-slot chunk ciphertexts under one context with relinearization and Galois keys;
     returns size-1 TenSEAL vectors of that context.
+
+    With ``low_level`` and a context holding the secret key (the key holder's), the squared
+    norms are computed and decrypted first, and every other pair runs its relinearization and
+    rotations one level lower with the factor ``low_level_factor`` picks from the two norms.
 
     Raises
     ------
@@ -233,12 +280,20 @@ def lazy_inner_products(
     context = chunks[0][0].context()
     scale = float(context.global_scale)
     eng = _engine_for(context)
+    private = context.is_private()
     with tempfile.TemporaryDirectory(prefix="securefml-gram-") as workdir:
         loaded = [[eng.load(v, workdir) for v in row] for row in chunks]
+
+        def back(ct: object) -> ts.CKKSVector:
+            return ts.ckks_vector_from(context, _vector_proto(eng.dump(ct, workdir), scale))
+
         out: dict[tuple[int, int], ts.CKKSVector] = {}
         for i in range(n):
-            for j in range(i, n):
-                ct = eng.pair(loaded[i], None if i == j else loaded[j])
-                out[(i, j)] = ts.ckks_vector_from(context, _vector_proto(eng.dump(ct, workdir), scale))
+            out[(i, i)] = back(eng.pair(loaded[i], None))
+        norms = [float(out[(i, i)].decrypt()[0]) for i in range(n)] if private and low_level else None
+        for i in range(n):
+            for j in range(i + 1, n):
+                c = None if norms is None else low_level_factor(norms[i], norms[j])
+                out[(i, j)] = back(eng.pair(loaded[i], loaded[j], c))
     log.debug("lazy Gram of %d clients x %d chunks", n, len(chunks[0]))
     return out
