@@ -20,13 +20,34 @@ vectors of the caller's context, and the caller decrypts them as before.
 
 What it computes, and what it does not change
 ---------------------------------------------
-The same ciphertexts as the TenSEAL path, up to CKKS noise: each pair's result is a size-1
-vector whose slot 0 holds ``<u_i, u_j>`` after the same ``log2(slots)`` rotations (every slot
-holds the total: nothing but the entry is decrypted), at the same level (one rescale), so the
-same modulus headroom (inner products below 2**59 at scale 2**40) and the error bound of
-``ckks_stats.inner_product_error_bound`` hold.  The key holder's policy checks run before any
-of this and are untouched.  When ``tenseal.sealapi`` is missing or the context's keys cannot be
-carried over, ``available`` says so and the caller keeps the TenSEAL path.
+The same values as the TenSEAL path, within CKKS error (tested against it and against the
+exact Gram): each pair's result is a size-1 vector whose slots all hold ``<u_i, u_j>`` after
+``log2(slots)`` rotations, so nothing but the entry is ever decrypted (no partial sums sit in
+other slots).  The key holder's policy checks run before any of this and are untouched.  When
+``tenseal.sealapi`` is missing, ``lazy_available`` says so and the caller keeps the TenSEAL path.
+
+One level lower, for the key holder
+-----------------------------------
+Rotations dominate a pair once its products are summed, and a rotation (a key switch) costs
+about half as much one level lower (measured: ``benchmarks/ckks.py``, ``gram.primitives``).
+The ``stats`` preset has one level to spare after the product, but at that level the modulus
+holds values below about 2**19 at scale 2**40, where the product's level holds 2**59: an
+honest pair of large updates would wrap around.  So with a context that holds the secret key
+(the key holder's), the squared norms ``||u_i||^2`` are computed first at the product's level
+(full headroom) and decrypted, and each other pair gets a power-of-two factor ``c`` with
+``c * sqrt(||u_i||^2 ||u_j||^2) <= 2**16`` (``low_level_factor``).  By Cauchy-Schwarz every
+partial sum the rotations form, and the entry itself, is at most that in absolute value, so
+nothing wraps; the pair is multiplied by the constant 1 encoded at ``c`` times its scale,
+rescaled, relinearized and rotated at the lower level, and decrypts to ``<u_i, u_j>`` within
+``ckks_stats.inner_product_error_bound`` (tested for norms from 2**-8 to 2**12 per entry).  A pair whose factor would fall below
+2**-10 (``sqrt(||u_i||^2 ||u_j||^2) > 2**26``) stays at the product's level.  The key holder
+decrypts the norms a little earlier than before; they are entries of the Gram it returns.
+
+What a client beyond the honest range can do: entries large enough that its squared norm wraps
+the product's level (``MAX_ABS`` and ``d <= 2**27`` keep honest clients below it) already give
+it an arbitrary decrypted norm today; now its factor, and so its own off-diagonal entries, can
+be garbage as well.  The pairs of two other clients use only their own norms: their entries are
+unaffected (tested with hypothesis, entries up to 2**44).
 """
 
 from __future__ import annotations
