@@ -39,9 +39,10 @@ honest pair of large updates would wrap around.  So with a context that holds th
 partial sum the rotations form, and the entry itself, is at most that in absolute value, so
 nothing wraps; the pair is multiplied by the constant 1 encoded at ``c`` times its scale,
 rescaled, relinearized and rotated at the lower level, and decrypts to ``<u_i, u_j>`` within
-``ckks_stats.inner_product_error_bound`` (tested for norms from 2**-8 to 2**12 per entry).  A pair whose factor would fall below
-2**-10 (``sqrt(||u_i||^2 ||u_j||^2) > 2**26``) stays at the product's level.  The key holder
-decrypts the norms a little earlier than before; they are entries of the Gram it returns.
+``ckks_stats.inner_product_error_bound`` (tested for norms from 2**-8 to 2**12 per entry).
+A pair whose factor would fall below 2**-10 (``sqrt(||u_i||^2 ||u_j||^2) > 2**26``) stays at
+the product's level.  The key holder decrypts the norms a little earlier than before; they are
+entries of the Gram it returns.
 
 What a client beyond the honest range can do: entries large enough that its squared norm wraps
 the product's level (``MAX_ABS`` and ``d <= 2**27`` keep honest clients below it) already give
