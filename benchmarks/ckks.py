@@ -15,9 +15,13 @@
    once, in turn; the JSON has every run's CPU time and the ratios of the medians as well as of
    the best runs.
 2. Bytes on the wire per float32 for each preset.
-3. Encrypted Gram (stats preset, N clients x L_gram floats): multiply-accumulate over chunks
-   and one rotate-and-sum per pair, against N(N+1)/2 naive encrypted dot products (a
-   rotate-and-summed dot product per chunk).  Target (issue 15): speedup >= 20.
+3. Encrypted Gram (stats preset, N clients x L_gram floats), interleaved in one run: the key
+   holder's path (``ckks_lazy``: one relinearization per pair, norms first, the other pairs one
+   level lower), the same without the secret key (one relinearization per pair only), the
+   previous TenSEAL path (a relinearized product per chunk, one rotate-and-sum per pair), and
+   the naive encrypted dot products (a rotate-and-summed dot product per chunk; ``--naive-pairs``
+   of them, scaled to N(N+1)/2).  Wall and CPU time, load before and after, and SEAL's
+   primitives timed in the same run.  Target (issue 15): speedup >= 20.
 4. Cost of the key holder's verification (issue 11): the key holder decrypts only what it
    recomputes from signed uploads.  Measured in the same run against the unverified path it
    replaced (the server's own sum / encrypted Gram, decrypted as sent):
@@ -313,8 +317,6 @@ def _gram_primitives(secret: ts.Context, a: ts.CKKSVector, b: ts.CKKSVector, rep
         return out
 
     p0 = product()
-    p1 = product()
-    ev.rescale_to_next_inplace(p1)
     r1 = product()
     ev.rescale_to_next_inplace(r1)
     ev.relinearize_inplace(r1, eng.relin)
@@ -341,7 +343,6 @@ def _gram_primitives(secret: ts.Context, a: ts.CKKSVector, b: ts.CKKSVector, rep
         "seal_rotate_level2_s": med(lambda: ev.rotate_vector(r2, 1, eng.galois, sa.Ciphertext())),
         "seal_add_size3_s": med(lambda: ev.add(p0, p0, sa.Ciphertext())),
     }
-    del p1
     return out
 
 
@@ -411,8 +412,7 @@ def bench_gram(n: int, length: int, naive_pairs: int | None, seed: int, repeat: 
     k = frame.n_chunks
     # bound of any scheme that still relinearizes one TenSEAL product per chunk pair
     bound_tenseal = naive_pair / (k * prim["tenseal_product_s"])
-    # bound of any scheme with one relinearization per pair whose rotations all stay at level 1
-    # ... and of the floor the key holder path cannot go below: its products and one rescale
+    # the floor no pairwise scheme goes below: a pair's products, their additions, one rescale
     floor_products = k * prim["seal_product_no_relin_s"] + (k - 1) * prim["seal_add_size3_s"] + \
         prim["seal_rescale_size3_s"]
     return {
