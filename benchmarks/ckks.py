@@ -15,9 +15,13 @@
    once, in turn; the JSON has every run's CPU time and the ratios of the medians as well as of
    the best runs.
 2. Bytes on the wire per float32 for each preset.
-3. Encrypted Gram (stats preset, N clients x L_gram floats): multiply-accumulate over chunks
-   and one rotate-and-sum per pair, against N(N+1)/2 naive encrypted dot products (a
-   rotate-and-summed dot product per chunk).  Target (issue 15): speedup >= 20.
+3. Encrypted Gram (stats preset, N clients x L_gram floats), interleaved in one run: the key
+   holder's path (``ckks_lazy``: one relinearization per pair, norms first, the other pairs one
+   level lower), the same without the secret key (one relinearization per pair only), the
+   previous TenSEAL path (a relinearized product per chunk, one rotate-and-sum per pair), and
+   the naive encrypted dot products (a rotate-and-summed dot product per chunk; ``--naive-pairs``
+   of them, scaled to N(N+1)/2).  Wall and CPU time, load before and after, and SEAL's
+   primitives timed in the same run.  Target (issue 15): speedup >= 20.
 4. Cost of the key holder's verification (issue 11): the key holder decrypts only what it
    recomputes from signed uploads.  Measured in the same run against the unverified path it
    replaced (the server's own sum / encrypted Gram, decrypted as sent):
@@ -286,7 +290,76 @@ def bench_bytes(length: int) -> dict:
     return out
 
 
-def bench_gram(n: int, length: int, naive_pairs: int | None, seed: int) -> dict:
+def _gram_primitives(secret: ts.Context, a: ts.CKKSVector, b: ts.CKKSVector, repeat: int) -> dict:
+    """Per-operation costs in this run: TenSEAL's product and rotate-and-sum, SEAL's evaluator."""
+    import tenseal.sealapi as sa
+
+    from securefml.protocols import ckks_lazy
+
+    eng = ckks_lazy._engine_for(a.context())
+    ev = eng.ev
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        x, y = eng.load(a, d), eng.load(b, d)
+
+    def med(fn):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def product():
+        out = sa.Ciphertext()
+        ev.multiply(x, y, out)
+        return out
+
+    p0 = product()
+    r1 = product()
+    ev.rescale_to_next_inplace(r1)
+    ev.relinearize_inplace(r1, eng.relin)
+    r2 = sa.Ciphertext()
+    ev.mod_switch_to_next(r1, r2)
+
+    def relin_l1():
+        c = product()
+        ev.rescale_to_next_inplace(c)
+        ev.relinearize_inplace(c, eng.relin)
+
+    def rescale_l0():
+        c = product()
+        ev.rescale_to_next_inplace(c)
+
+    t_prod = med(product)
+    out = {
+        "tenseal_product_s": med(lambda: a * b),
+        "tenseal_product_and_rotate_sum_s": med(lambda: (a * b).sum()),
+        "seal_product_no_relin_s": t_prod,
+        "seal_rescale_size3_s": med(rescale_l0) - t_prod,
+        "seal_relin_level1_s": med(relin_l1) - med(rescale_l0),
+        "seal_rotate_level1_s": med(lambda: ev.rotate_vector(r1, 1, eng.galois, sa.Ciphertext())),
+        "seal_rotate_level2_s": med(lambda: ev.rotate_vector(r2, 1, eng.galois, sa.Ciphertext())),
+        "seal_add_size3_s": med(lambda: ev.add(p0, p0, sa.Ciphertext())),
+    }
+    return out
+
+
+def bench_gram(n: int, length: int, naive_pairs: int | None, seed: int, repeat: int = 2) -> dict:
+    """The Gram three ways, interleaved (A B C D A B C D ...), medians; naive on a pair sample.
+
+    * ``per_product``: TenSEAL's vectors, a relinearized product per chunk, one rotate-and-sum
+      per pair (the path before this change);
+    * ``lazy``: one relinearization per pair through SEAL's evaluator, public context (what a
+      party without the secret key gets);
+    * ``key_holder``: the key holder's path, its secret context: norms first, the other pairs one
+      level lower (``ckks_lazy``);
+    * ``naive``: a rotate-and-summed dot product per chunk, timed on ``naive_pairs`` pairs and
+      scaled to N(N+1)/2.
+    """
+    from securefml.protocols.ckks_lazy import lazy_inner_products
+
     proto, secret = make_proto("stats")
     layout, frame, msgs, _ = encrypt_round(proto, n, length, seed, mean=False)
     chunks = []
@@ -295,59 +368,96 @@ def bench_gram(n: int, length: int, naive_pairs: int | None, seed: int) -> dict:
         rec = proto.server.decode(0, i, m, frame)
         chunks.append([rec.chunks[k] for k in range(frame.n_chunks)])
         uploads.append(rec.upload)
-    c0, t0 = time.process_time(), time.perf_counter()
-    fast = encrypted_inner_products(chunks)
-    fast_s, fast_cpu = time.perf_counter() - t0, time.process_time() - c0
-    # unverified: the key holder decrypts the scalars the server computed, as sent
-    c0, t0 = time.process_time(), time.perf_counter()
-    unver = {p: ts.ckks_vector_from(secret, ct.serialize()).decrypt()[0] for p, ct in fast.items()}
-    unver_s, unver_cpu = fast_s + time.perf_counter() - t0, fast_cpu + time.process_time() - c0
-    # verified: the key holder checks the signatures and computes the Gram itself
-    c0, t0 = time.process_time(), time.perf_counter()
-    gram = proto.key_holder.decrypt_gram(GramRequest(0, frame, tuple(uploads)))
-    ver_s, ver_cpu = time.perf_counter() - t0, time.process_time() - c0
-    gram_diff = max(abs(float(gram.inner[i, j]) - unver[(i, j)]) for i, j in fast)
+    private = [[ts.ckks_vector_from(secret, ct.serialize()) for ct in row] for row in chunks]
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
     sample = pairs
     if naive_pairs is not None and naive_pairs < len(pairs):
         sample = random.Random(seed).sample(pairs, naive_pairs)
-    t0 = time.perf_counter()
-    naive = {(i, j): naive_inner_product(chunks[i], chunks[j]) for i, j in sample}
-    naive_sample_s = time.perf_counter() - t0
-    naive_s = naive_sample_s * len(pairs) / len(sample)
+    lazy_inner_products(chunks[:1])  # build the evaluation-key bridges outside the timings
+    lazy_inner_products(private[:1])
+    variants = {
+        "per_product": lambda: encrypted_inner_products(chunks, lazy=False),
+        "lazy": lambda: lazy_inner_products(chunks, low_level=False),
+        "key_holder": lambda: lazy_inner_products(private),
+        "naive_sample": lambda: {(i, j): naive_inner_product(chunks[i], chunks[j]) for i, j in sample},
+    }
+    wall: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    results: dict[str, dict] = {}
+    load_before = list(os.getloadavg())
+    for _ in range(repeat):
+        for name, fn in variants.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            results[name] = fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    load_after = list(os.getloadavg())
+    scale_naive = len(pairs) / len(sample)
+    med_w = {k: statistics.median(v) * (scale_naive if k == "naive_sample" else 1.0) for k, v in wall.items()}
+    med_c = {k: statistics.median(v) * (scale_naive if k == "naive_sample" else 1.0) for k, v in cpu.items()}
+
     def dec(ct):
         return ts.ckks_vector_from(secret, ct.serialize()).decrypt()[0]
 
-    diffs = [abs(dec(fast[p]) - dec(naive[p])) for p in sample[:10]]
-    a, b = chunks[0][0], chunks[min(1, n - 1)][0]
-    mul_s, _ = _best(lambda: a * b, 5)
-    rot_s, _ = _best(lambda: (a * b).sum(), 5)
-    naive_pair = naive_s / len(pairs)
+    kh = {p: dec(ct) for p, ct in results["key_holder"].items()}
+    pp = {p: dec(ct) for p, ct in results["per_product"].items()}
+    lz = {p: dec(ct) for p, ct in results["lazy"].items()}
+    nv = {p: dec(ct) for p, ct in results["naive_sample"].items()}
+    # the key holder's whole verified path (signatures, loading, Gram, decryption), once
+    c0, t0 = time.process_time(), time.perf_counter()
+    gram = proto.key_holder.decrypt_gram(GramRequest(0, frame, tuple(uploads)))
+    ver_s, ver_cpu = time.perf_counter() - t0, time.process_time() - c0
+    prim = _gram_primitives(secret, private[0][0], private[min(1, n - 1)][0], 7)
+    naive_pair = med_w["naive_sample"] / len(pairs)
+    k = frame.n_chunks
+    # bound of any scheme that still relinearizes one TenSEAL product per chunk pair
+    bound_tenseal = naive_pair / (k * prim["tenseal_product_s"])
+    # the floor no pairwise scheme goes below: a pair's products, their additions, one rescale
+    floor_products = k * prim["seal_product_no_relin_s"] + (k - 1) * prim["seal_add_size3_s"] + \
+        prim["seal_rescale_size3_s"]
     return {
         "clients": n,
         "length": length,
         "preset": "stats",
-        "chunks_per_client": frame.n_chunks,
+        "chunks_per_client": k,
         "pairs": len(pairs),
-        "encrypted_gram_s": fast_s,
+        "repeats_interleaved": repeat,
+        "load_avg_before": load_before,
+        "load_avg_after": load_after,
+        "encrypted_gram_s": med_w["key_holder"],
+        "encrypted_gram_cpu_s": med_c["key_holder"],
+        "per_product_gram_s": med_w["per_product"],
+        "per_product_gram_cpu_s": med_c["per_product"],
+        "lazy_public_gram_s": med_w["lazy"],
+        "lazy_public_gram_cpu_s": med_c["lazy"],
         "naive_pairs_timed": len(sample),
-        "naive_dot_products_s": naive_s,
+        "naive_dot_products_s": med_w["naive_sample"],
+        "naive_dot_products_cpu_s": med_c["naive_sample"],
         "naive_extrapolated": len(sample) != len(pairs),
-        "speedup_vs_naive": naive_s / fast_s,
+        "runs_wall_s": {kk: [round(t, 4) for t in v] for kk, v in wall.items()},
+        "runs_cpu_s": {kk: [round(t, 4) for t in v] for kk, v in cpu.items()},
+        "speedup_vs_naive": med_w["naive_sample"] / med_w["key_holder"],
+        "speedup_vs_naive_cpu": med_c["naive_sample"] / med_c["key_holder"],
+        "speedup_vs_per_product": med_w["per_product"] / med_w["key_holder"],
+        "speedup_vs_per_product_cpu": med_c["per_product"] / med_c["key_holder"],
+        "per_product_speedup_vs_naive_cpu": med_c["naive_sample"] / med_c["per_product"],
         "target_speedup_min": 20.0,
-        "max_abs_diff_fast_vs_naive": max(diffs),
+        "max_abs_diff_key_holder_vs_per_product": max(abs(kh[p] - pp[p]) for p in pairs),
+        "max_abs_diff_lazy_vs_per_product": max(abs(lz[p] - pp[p]) for p in pairs),
+        "max_abs_diff_key_holder_vs_naive": max(abs(kh[p] - nv[p]) for p in sample),
+        "max_abs_gram_entry": max(abs(v) for v in pp.values()),
         "primitives": {
-            "product_s": mul_s,
-            "product_and_rotate_sum_s": rot_s,
+            **prim,
             "naive_per_pair_s": naive_pair,
-            "speedup_bound_one_product_per_chunk": naive_pair / (frame.n_chunks * mul_s),
+            "speedup_bound_one_product_per_chunk": bound_tenseal,
+            "key_holder_floor_products_per_pair_s": floor_products,
+            "speedup_bound_products_and_rescale_only": naive_pair / floor_products,
         },
         "verification": {
-            "unverified_server_gram_plus_decrypt_s": unver_s,
             "verified_key_holder_gram_s": ver_s,
-            "ratio_verified_to_unverified": ver_s / unver_s,
-            "ratio_verified_to_unverified_cpu": ver_cpu / unver_cpu,
-            "max_abs_diff_verified_vs_unverified": gram_diff,
+            "verified_key_holder_gram_cpu_s": ver_cpu,
+            "max_abs_diff_verified_vs_key_holder_path": max(abs(float(gram.inner[i, j]) - kh[(i, j)])
+                                                            for i, j in pairs),
         },
     }
 
@@ -382,6 +492,8 @@ def main() -> None:
     ap.add_argument("--gram-length", type=int, default=100_000)
     ap.add_argument("--naive-pairs", type=int, default=None, help="time only this many naive pairs, then scale")
     ap.add_argument("--round-length", type=int, default=100_000)
+    ap.add_argument("--gram-clients", type=int, default=None, help="clients of the Gram part (default --clients)")
+    ap.add_argument("--gram-repeat", type=int, default=2, help="interleaved repeats of the Gram variants")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--parts", nargs="+", default=["aggregation", "bytes", "gram", "round"],
                     choices=["aggregation", "bytes", "gram", "round"])
@@ -404,7 +516,8 @@ def main() -> None:
     if "bytes" in args.parts:
         result["bytes"] = bench_bytes(min(args.length, 200_000))
     if "gram" in args.parts:
-        gram = result["gram"] = bench_gram(args.clients, args.gram_length, args.naive_pairs, 2)
+        gram = result["gram"] = bench_gram(args.gram_clients or args.clients, args.gram_length, args.naive_pairs, 2,
+                                           args.gram_repeat)
         met["gram_ge_20x_faster_than_naive"] = gram["speedup_vs_naive"] >= 20.0
     if "round" in args.parts:
         result["round"] = bench_round(min(args.clients, 10), args.round_length, max(1, min(args.repeat, 2)))
