@@ -313,9 +313,13 @@ def _spearman(a: list[float], b: list[float]) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
-    """Every kept run of one seed; each learner's block is cached in ``cache`` (a rerun scores only new runs)."""
-    seed, runs_dir, n_heldout, rounds, cache = job
+def run_seed(job: tuple[int, str, int, int, str | None, tuple[str, ...] | None]) -> dict[str, Any]:
+    """Every kept run of one seed; each learner's block is cached in ``cache`` (a rerun scores only new runs).
+
+    ``compute_only``: compute only these labels' missing blocks (cached blocks are always used), so
+    a scarce CPU can go to the blocks needed first.
+    """
+    seed, runs_dir, n_heldout, rounds, cache, compute_only = job
     torch.set_num_threads(1)
     started = time.perf_counter()
     q = max_query(seed)
@@ -327,9 +331,9 @@ def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
     variants = [bayes_variant.algorithm_name(v) for v in sorted(bayes_variant.VARIANTS)]
     parts = [(a, "main") for a in ("metasgd", "bayes-metasgd", "pfedbayes", "bayes-maml", *variants)]
     parts += [(a, "ts-train") for a in ("bayes-metasgd", "bayes-maml", *variants)]
-    parts += [(a, "varstep") for a in ("bayes-metasgd", "bayes-maml", *variants)]
-    parts += [(a, "varstep-all") for a in ("bayes-metasgd", "bayes-maml", *variants)
-              if not a.endswith("-allvar")]  # a model trained with the all-layer step has it already
+    # a model trained with the all-layer step is re-scored with it (its kappa re-chosen), not the head's alone
+    parts += [(a, "varstep") for a in ("bayes-metasgd", "bayes-maml", *variants) if not a.endswith("-allvar")]
+    parts += [(a, "varstep-all") for a in ("bayes-metasgd", "bayes-maml", *variants)]
     for algorithm, part in parts:
         path = Path(runs_dir) / f"{algorithm}_plaintext_main_r{rounds}_s{seed}.json"
         if not path.exists():
@@ -338,6 +342,8 @@ def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
         kept = Path(cache) / f"{label}_s{seed}_h{n_heldout}.json" if cache else None
         if kept is not None and kept.exists():
             block = json.loads(kept.read_text())
+        elif compute_only is not None and label not in compute_only:
+            continue
         else:
             scorer = {"main": score_algorithm, "ts-train": score_ts_train, "varstep": score_varstep,
                       "varstep-all": score_varstep_all}[part]
@@ -396,10 +402,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--cache", help="keep each learner's scores per seed here and reuse them (resume)")
+    ap.add_argument("--compute-only", nargs="+", help="compute only these labels' missing blocks (others: cache)")
     args = ap.parse_args()
     started = time.perf_counter()
     before = os.getloadavg()[0]
-    jobs = [(s, args.runs_dir, args.heldout, args.rounds, args.cache) for s in args.seeds]
+    only = tuple(args.compute_only) if args.compute_only else None
+    jobs = [(s, args.runs_dir, args.heldout, args.rounds, args.cache, only) for s in args.seeds]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         per_seed = list(pool.map(run_seed, jobs))
     report: dict[str, Any] = {
