@@ -40,7 +40,10 @@ For the Bayesian learners also ``<learner>-tempered`` (the predictive variance s
 training-pool clients) and ``<learner>-ts-train`` (one temperature on the log of the Monte Carlo
 predictive fitted on training-pool clients, ``BayesConfig.temperature``), ``<learner>-varstep``
 (the closed-form head variance step of ``securefml.bayes.variance`` applied to the kept model at
-scoring time, its KL weight chosen from ``KAPPAS`` on training-pool clients); and every retrained
+scoring time, its KL weight chosen from ``KAPPAS`` on training-pool clients), ``<learner>-varstep-all``
+(the same step in every Gaussian layer, ``BayesConfig.variance_step_layers``, exact diagonal GGN,
+kappa chosen the same way; the ``checks`` compare its training-pool NLL with the head-only step's,
+the only evidence a decision to retrain with it may use); and every retrained
 variant of ``benchmarks/bayes_variant.py`` whose kept runs are in ``--runs-dir``
 (``bayes-metasgd-<variant>``), with its ratios to Meta-SGD and to bayes-metasgd in ``checks``.
 
@@ -495,6 +498,28 @@ def main() -> None:
             checks[f"accuracy difference {name} - bayes-metasgd (points)"] = interval(
                 [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(bv, b)])
             checks[f"nll difference {name} - bayes-metasgd"] = interval([x["nll"] - y["nll"] for x, y in zip(bv, b)])
+    # did the all-layer step help on the *training-pool* clients (the only data a choice may use)?
+    step: dict[str, Any] = {}
+    bases = ("bayes-metasgd", "bayes-maml", *(bayes_variant.algorithm_name(v) for v in sorted(bayes_variant.VARIANTS)))
+    for base in bases:
+        both = [(r["chosen"].get(f"{base}-varstep-all"), r["chosen"].get(f"{base}-varstep")) for r in per_seed]
+        for seed, (a, h) in zip([r["seed"] for r in per_seed], both):
+            if a is not None and h is not None:
+                step[f"{base} seed {seed}"] = {"all_layers": min(a["train_pool_nll"].values()),
+                                               "head_only": min(h["train_pool_nll"].values()),
+                                               "kappa_all_layers": a["head_variance_weight"],
+                                               "kappa_head_only": h["head_variance_weight"]}
+    if step:
+        checks["all-layer vs head variance step, training-pool NLL at the chosen kappa"] = step
+    for base in ("bayes-metasgd", "bayes-metasgd-allvar"):
+        label = f"{base}-varstep-all"
+        resp = [r["chosen"][label]["heldout_response"] for r in per_seed if label in r["chosen"]]
+        if resp and len(resp) == len(per_seed):
+            key = ("spearman across held-out clients, mean log-variance vs query accuracy (all-layer step)"
+                   if base == "bayes-metasgd" else
+                   f"spearman across held-out clients, mean log-variance vs query accuracy ({base}, all-layer step)")
+            checks[key] = {k.replace("_logvar_minus_prior", ""): interval([r[k]["spearman_vs_query_accuracy"]
+                                                                            for r in resp]) for k in resp[0]}
     report["checks"] = checks
     report["chosen_on_training_clients"] = {r["seed"]: r["chosen"] for r in per_seed}
     report["diagnosis"] = {r["seed"]: r["diagnosis"] for r in per_seed}

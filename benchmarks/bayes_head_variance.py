@@ -4,7 +4,8 @@
 
 For the kept 200-round models of ``bayes-metasgd`` (local inference by gradient steps only) and
 ``bayes-metasgd-headvar`` (the closed-form head variance step of ``securefml.bayes.variance``
-inside local inference and the meta-objective, ``benchmarks/bayes_variant.py``), on the same 60
+inside local inference and the meta-objective, ``benchmarks/bayes_variant.py``) and
+``bayes-metasgd-allvar`` (the same step in every layer, ``BayesConfig.variance_step_layers``), on the same 60
 held-out clients per seed as ``benchmarks/bayes_calibration.py`` (large query sets): per client,
 the mean over the head's weights of ``posterior log-variance - prior log-variance``, then its mean
 and spread across clients; the share of head weights whose variance the client's support set
@@ -30,7 +31,7 @@ from peers import write_report
 from securefml.bayes import LOGVAR_PREFIX
 from securefml.data.digits import make_digits_fewshot
 
-LEARNERS = ("bayes-metasgd", "bayes-metasgd-headvar")
+LEARNERS = ("bayes-metasgd", "bayes-metasgd-headvar", "bayes-metasgd-allvar")
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
