@@ -240,7 +240,7 @@ def test_the_free_energy_is_nearly_stationary_in_every_layer_variance_at_the_ggn
 
     ratios = {layer: grad_norm(fixed, layer) / grad_norm(q, layer) for layer in ALL}
     assert ratios[HEAD] < 0.05
-    assert ratios["layers.2"] < 0.25 and ratios["layers.0"] < 0.25, ratios
+    assert ratios["layers.2"] < 0.15 and ratios["layers.0"] < 0.15, ratios  # measured 0.05 and 0.055
     for layer in ALL:
         assert bool((fixed[logvar_name(f"{layer}.weight")] <= prior[logvar_name(f"{layer}.weight")] + 1e-6).all())
 
