@@ -43,12 +43,18 @@ def measure(algorithm: str, run: dict[str, Any], seed: int, data: Any) -> dict[s
     learner, steps = _build(algorithm, data, seed)
     params = learner.layout().unflatten(torch.tensor(run["vector"], dtype=torch.float32))
     head = f"{LOGVAR_PREFIX}{learner.net.head}.weight"
-    prior = learner.gaussian(params)[head]
+    priors = learner.gaussian(params)
+    prior = priors[head]
+    hidden = [f"{LOGVAR_PREFIX}{n}.weight" for n in learner.net.bayesian_layers if n != learner.net.head]
     moved, narrowed, accuracy = [], [], []
+    moved_hidden: dict[str, list[float]] = {n: [] for n in hidden}
     with torch.no_grad():
         for t in data.heldout:
             adapted = learner.adapt(params, t.support_x, t.support_y, t.kind, steps=steps)
-            q = learner.gaussian({**params, **adapted})[head]
+            full = learner.gaussian({**params, **adapted})
+            q = full[head]
+            for n in hidden:
+                moved_hidden[n].append(float((full[n] - priors[n]).mean()))
             moved.append(float((q - prior).mean()))
             narrowed.append(float((q - prior < np.log(0.9)).float().mean()))
             pred = learner.forward({**params, **adapted}, t.query_x).argmax(-1)
@@ -59,6 +65,10 @@ def measure(algorithm: str, run: dict[str, Any], seed: int, data: Any) -> dict[s
             "share_of_head_weights_narrowed_over_10pct": statistics.fmean(narrowed),
             "prior_head_weight_std_mean": float(torch.exp(0.5 * prior).mean()),
             "spearman_head_logvar_vs_query_accuracy": _spearman(moved, accuracy),
+            "hidden_layers": {n[len(LOGVAR_PREFIX):]: {
+                "logvar_minus_prior_mean": statistics.fmean(v), "std_across_clients": statistics.stdev(v),
+                "spearman_logvar_vs_query_accuracy": _spearman(v, accuracy) if len(set(v)) > 1 else None}
+                for n, v in moved_hidden.items()},
             "clients": len(moved)}
 
 
@@ -68,6 +78,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--heldout", type=int, default=60)
     ap.add_argument("--out")
+    ap.add_argument("--learners", nargs="+", default=list(LEARNERS), choices=LEARNERS)
     args = ap.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -76,7 +87,7 @@ def main() -> None:
     for seed in args.seeds:
         data = make_digits_fewshot(seed=seed, n_heldout=args.heldout, query=max_query(seed))
         out["per_seed"][seed] = {}
-        for algorithm in LEARNERS:
+        for algorithm in args.learners:
             path = Path(args.runs_dir) / f"{algorithm}_plaintext_main_r200_s{seed}.json"
             if path.exists():
                 out["per_seed"][seed][algorithm] = measure(algorithm, json.loads(path.read_text()), seed, data)
