@@ -40,7 +40,10 @@ For the Bayesian learners also ``<learner>-tempered`` (the predictive variance s
 training-pool clients) and ``<learner>-ts-train`` (one temperature on the log of the Monte Carlo
 predictive fitted on training-pool clients, ``BayesConfig.temperature``), ``<learner>-varstep``
 (the closed-form head variance step of ``securefml.bayes.variance`` applied to the kept model at
-scoring time, its KL weight chosen from ``KAPPAS`` on training-pool clients); and every retrained
+scoring time, its KL weight chosen from ``KAPPAS`` on training-pool clients), ``<learner>-varstep-all``
+(the same step in every Gaussian layer, ``BayesConfig.variance_step_layers``, exact diagonal GGN,
+kappa chosen the same way; the ``checks`` compare its training-pool NLL with the head-only step's,
+the only evidence a decision to retrain with it may use); and every retrained
 variant of ``benchmarks/bayes_variant.py`` whose kept runs are in ``--runs-dir``
 (``bayes-metasgd-<variant>``), with its ratios to Meta-SGD and to bayes-metasgd in ``checks``.
 
@@ -235,15 +238,18 @@ def score_ts_train(algorithm: str, run: dict[str, Any], seed: int, big: Any, sma
 
 
 def score_varstep(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
-                  train_val: Any) -> dict[str, Any]:
-    """A kept Bayesian model with the closed-form head variance step applied at scoring time.
+                  train_val: Any, *, layers: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A kept Bayesian model with the closed-form variance step applied at scoring time.
 
-    Local inference as trained, then the output layer's variances set to the free energy's
-    stationary point (``BayesConfig.head_variance_step``, ``securefml.bayes.variance``) with the KL
-    weight ``kappa`` of the step chosen from ``KAPPAS`` by the pooled query NLL of *training-pool*
-    clients after personalization (held-out clients fit nothing).  Also how the step's head
-    variances respond to each held-out client's support set: the mean over clients of the mean
-    head log-variance minus the prior's, and its spread across clients.
+    Local inference as trained, then the output layer's variances (``layers=None``;
+    ``<algorithm>-varstep``) or every Gaussian layer's (``layers``: ``BayesConfig.variance_step_layers``,
+    exact diagonal GGN; ``<algorithm>-varstep-all``) set to the free energy's stationary point
+    (``securefml.bayes.variance``) with the KL weight ``kappa`` of the step chosen from ``KAPPAS``
+    by the pooled query NLL of *training-pool* clients after personalization (held-out clients fit
+    nothing).  Also how the step's variances respond to each held-out client's support set: per
+    layer, the mean over clients of the mean log-variance minus the prior's and its spread across
+    clients, and (all-layer step) the Spearman correlation across held-out clients between a
+    layer's mean posterior log-variance and the client's query accuracy.
     """
     started = time.perf_counter()
     learner, steps = _build(algorithm, big, seed)
@@ -251,7 +257,7 @@ def score_varstep(algorithm: str, run: dict[str, Any], seed: int, big: Any, smal
 
     def stepped(kappa: float) -> Any:
         return type(learner)(learner.model, learner.config, bayes=replace(
-            learner.bayes, head_variance_step=True, head_variance_weight=kappa))
+            learner.bayes, head_variance_step=True, head_variance_weight=kappa, variance_step_layers=layers))
 
     curve: dict[str, float] = {}
     for kappa in KAPPAS:
@@ -260,18 +266,31 @@ def score_varstep(algorithm: str, run: dict[str, Any], seed: int, big: Any, smal
         curve[str(kappa)] = rep.calibration.pooled["nll"]
     best = min(KAPPAS, key=lambda k: curve[str(k)])
     chosen = stepped(best)
-    name = f"{algorithm}-varstep"
-    head = chosen.net.head
+    name = f"{algorithm}-varstep" if layers is None else f"{algorithm}-varstep-all"
     prior = chosen.gaussian(params)
-    moved: dict[str, list[float]] = {"weight": [], "bias": []}
+    watched = [chosen.net.head] if layers is None else list(chosen.net.bayesian_layers)
+    moved: dict[str, list[float]] = {f"{layer}.{part}": [] for layer in watched for part in ("weight", "bias")}
+    accuracy: list[float] = []
     for t in big.heldout:
-        q = chosen.gaussian(chosen.adapt(params, t.support_x, t.support_y, t.kind, steps=steps))
-        for part in moved:
-            lv = f"{LOGVAR_PREFIX}{head}.{part}"
-            moved[part].append(float((q[lv] - prior[lv]).mean()))
-    response = {f"head_{part}_logvar_minus_prior": {"mean": statistics.fmean(v), "std_across_clients":
-                                                    statistics.stdev(v), "min": min(v), "max": max(v)}
-                for part, v in moved.items()}
+        adapted = chosen.adapt(params, t.support_x, t.support_y, t.kind, steps=steps)
+        q = chosen.gaussian(adapted)
+        for key in moved:
+            lv = f"{LOGVAR_PREFIX}{key}"
+            moved[key].append(float((q[lv] - prior[lv]).mean()))
+        if layers is not None:
+            with torch.no_grad():
+                pred = chosen.forward({**params, **adapted}, t.query_x).argmax(-1)
+            accuracy.append(float((pred == t.query_y).float().mean()))
+    if layers is None:
+        response: dict[str, Any] = {
+            f"head_{part}_logvar_minus_prior": {"mean": statistics.fmean(v), "std_across_clients":
+                                                statistics.stdev(v), "min": min(v), "max": max(v)}
+            for part, v in ((k.rsplit(".", 1)[1], v) for k, v in moved.items())}
+    else:
+        response = {f"{key}_logvar_minus_prior": {"mean": statistics.fmean(v), "std_across_clients":
+                                                  statistics.stdev(v), "min": min(v), "max": max(v),
+                                                  "spearman_vs_query_accuracy": _spearman(v, accuracy)}
+                    for key, v in moved.items()}
     out: dict[str, Any] = {"big": {name: score(chosen, params, big.heldout, steps)},
                            "small": {name: score(chosen, params, small.heldout, steps)},
                            "diagnosis": None,
@@ -283,9 +302,27 @@ def score_varstep(algorithm: str, run: dict[str, Any], seed: int, big: Any, smal
     return out
 
 
-def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
-    """Every kept run of one seed; each learner's block is cached in ``cache`` (a rerun scores only new runs)."""
-    seed, runs_dir, n_heldout, rounds, cache = job
+def score_varstep_all(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
+                      train_val: Any) -> dict[str, Any]:
+    """``score_varstep`` with the step in every Gaussian layer (``BayesConfig.variance_step_layers``)."""
+    learner, _ = _build(algorithm, big, seed)
+    return score_varstep(algorithm, run, seed, big, small, train_val, layers=learner.net.bayesian_layers)
+
+
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def run_seed(job: tuple[int, str, int, int, str | None, tuple[str, ...] | None]) -> dict[str, Any]:
+    """Every kept run of one seed; each learner's block is cached in ``cache`` (a rerun scores only new runs).
+
+    ``compute_only``: compute only these labels' missing blocks (cached blocks are always used), so
+    a scarce CPU can go to the blocks needed first.
+    """
+    seed, runs_dir, n_heldout, rounds, cache, compute_only = job
     torch.set_num_threads(1)
     started = time.perf_counter()
     q = max_query(seed)
@@ -297,7 +334,9 @@ def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
     variants = [bayes_variant.algorithm_name(v) for v in sorted(bayes_variant.VARIANTS)]
     parts = [(a, "main") for a in ("metasgd", "bayes-metasgd", "pfedbayes", "bayes-maml", *variants)]
     parts += [(a, "ts-train") for a in ("bayes-metasgd", "bayes-maml", *variants)]
-    parts += [(a, "varstep") for a in ("bayes-metasgd", "bayes-maml", *variants)]
+    # a model trained with the all-layer step is re-scored with it (its kappa re-chosen), not the head's alone
+    parts += [(a, "varstep") for a in ("bayes-metasgd", "bayes-maml", *variants) if not a.endswith("-allvar")]
+    parts += [(a, "varstep-all") for a in ("bayes-metasgd", "bayes-maml", *variants)]
     for algorithm, part in parts:
         path = Path(runs_dir) / f"{algorithm}_plaintext_main_r{rounds}_s{seed}.json"
         if not path.exists():
@@ -306,8 +345,11 @@ def run_seed(job: tuple[int, str, int, int, str | None]) -> dict[str, Any]:
         kept = Path(cache) / f"{label}_s{seed}_h{n_heldout}.json" if cache else None
         if kept is not None and kept.exists():
             block = json.loads(kept.read_text())
+        elif compute_only is not None and label not in compute_only:
+            continue
         else:
-            scorer = {"main": score_algorithm, "ts-train": score_ts_train, "varstep": score_varstep}[part]
+            scorer = {"main": score_algorithm, "ts-train": score_ts_train, "varstep": score_varstep,
+                      "varstep-all": score_varstep_all}[part]
             block = scorer(algorithm, json.loads(path.read_text()), seed, big, small, train_val)
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
@@ -363,10 +405,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--cache", help="keep each learner's scores per seed here and reuse them (resume)")
+    ap.add_argument("--compute-only", nargs="+", help="compute only these labels' missing blocks (others: cache)")
     args = ap.parse_args()
     started = time.perf_counter()
     before = os.getloadavg()[0]
-    jobs = [(s, args.runs_dir, args.heldout, args.rounds, args.cache) for s in args.seeds]
+    only = tuple(args.compute_only) if args.compute_only else None
+    jobs = [(s, args.runs_dir, args.heldout, args.rounds, args.cache, only) for s in args.seeds]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         per_seed = list(pool.map(run_seed, jobs))
     report: dict[str, Any] = {
@@ -413,10 +457,11 @@ def main() -> None:
                     [x["l2_ce_debiased"] - y["l2_ce_debiased"] for x, y in zip(b, big[other])])
                 checks[f"accuracy bayes-metasgd - {other} (points)"] = interval(
                     [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(b, big[other])])
-    others = ["bayes-metasgd-tempered", "bayes-metasgd-ts-train", "bayes-metasgd-varstep", "bayes-maml-varstep"]
+    others = ["bayes-metasgd-tempered", "bayes-metasgd-ts-train", "bayes-metasgd-varstep", "bayes-maml-varstep",
+              "bayes-metasgd-varstep-all", "bayes-maml-varstep-all"]
     for v in sorted(bayes_variant.VARIANTS):
         name = bayes_variant.algorithm_name(v)
-        others += [name, f"{name}-tempered", f"{name}-ts-train", f"{name}-varstep"]
+        others += [name, f"{name}-tempered", f"{name}-ts-train", f"{name}-varstep", f"{name}-varstep-all"]
     for other in others:
         if other not in big or "metasgd" not in big or len(big[other]) != len(big["metasgd"]):
             continue
@@ -453,6 +498,28 @@ def main() -> None:
             checks[f"accuracy difference {name} - bayes-metasgd (points)"] = interval(
                 [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(bv, b)])
             checks[f"nll difference {name} - bayes-metasgd"] = interval([x["nll"] - y["nll"] for x, y in zip(bv, b)])
+    # did the all-layer step help on the *training-pool* clients (the only data a choice may use)?
+    step: dict[str, Any] = {}
+    bases = ("bayes-metasgd", "bayes-maml", *(bayes_variant.algorithm_name(v) for v in sorted(bayes_variant.VARIANTS)))
+    for base in bases:
+        both = [(r["chosen"].get(f"{base}-varstep-all"), r["chosen"].get(f"{base}-varstep")) for r in per_seed]
+        for seed, (a, h) in zip([r["seed"] for r in per_seed], both):
+            if a is not None and h is not None:
+                step[f"{base} seed {seed}"] = {"all_layers": min(a["train_pool_nll"].values()),
+                                               "head_only": min(h["train_pool_nll"].values()),
+                                               "kappa_all_layers": a["head_variance_weight"],
+                                               "kappa_head_only": h["head_variance_weight"]}
+    if step:
+        checks["all-layer vs head variance step, training-pool NLL at the chosen kappa"] = step
+    for base in ("bayes-metasgd", "bayes-metasgd-allvar"):
+        label = f"{base}-varstep-all"
+        resp = [r["chosen"][label]["heldout_response"] for r in per_seed if label in r["chosen"]]
+        if resp and len(resp) == len(per_seed):
+            key = ("spearman across held-out clients, mean log-variance vs query accuracy (all-layer step)"
+                   if base == "bayes-metasgd" else
+                   f"spearman across held-out clients, mean log-variance vs query accuracy ({base}, all-layer step)")
+            checks[key] = {k.replace("_logvar_minus_prior", ""): interval([r[k]["spearman_vs_query_accuracy"]
+                                                                            for r in resp]) for k in resp[0]}
     report["checks"] = checks
     report["chosen_on_training_clients"] = {r["seed"]: r["chosen"] for r in per_seed}
     report["diagnosis"] = {r["seed"]: r["diagnosis"] for r in per_seed}

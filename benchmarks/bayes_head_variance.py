@@ -4,7 +4,8 @@
 
 For the kept 200-round models of ``bayes-metasgd`` (local inference by gradient steps only) and
 ``bayes-metasgd-headvar`` (the closed-form head variance step of ``securefml.bayes.variance``
-inside local inference and the meta-objective, ``benchmarks/bayes_variant.py``), on the same 60
+inside local inference and the meta-objective, ``benchmarks/bayes_variant.py``) and
+``bayes-metasgd-allvar`` (the same step in every layer, ``BayesConfig.variance_step_layers``), on the same 60
 held-out clients per seed as ``benchmarks/bayes_calibration.py`` (large query sets): per client,
 the mean over the head's weights of ``posterior log-variance - prior log-variance``, then its mean
 and spread across clients; the share of head weights whose variance the client's support set
@@ -30,7 +31,7 @@ from peers import write_report
 from securefml.bayes import LOGVAR_PREFIX
 from securefml.data.digits import make_digits_fewshot
 
-LEARNERS = ("bayes-metasgd", "bayes-metasgd-headvar")
+LEARNERS = ("bayes-metasgd", "bayes-metasgd-headvar", "bayes-metasgd-allvar")
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -42,12 +43,18 @@ def measure(algorithm: str, run: dict[str, Any], seed: int, data: Any) -> dict[s
     learner, steps = _build(algorithm, data, seed)
     params = learner.layout().unflatten(torch.tensor(run["vector"], dtype=torch.float32))
     head = f"{LOGVAR_PREFIX}{learner.net.head}.weight"
-    prior = learner.gaussian(params)[head]
+    priors = learner.gaussian(params)
+    prior = priors[head]
+    hidden = [f"{LOGVAR_PREFIX}{n}.weight" for n in learner.net.bayesian_layers if n != learner.net.head]
     moved, narrowed, accuracy = [], [], []
+    moved_hidden: dict[str, list[float]] = {n: [] for n in hidden}
     with torch.no_grad():
         for t in data.heldout:
             adapted = learner.adapt(params, t.support_x, t.support_y, t.kind, steps=steps)
-            q = learner.gaussian({**params, **adapted})[head]
+            full = learner.gaussian({**params, **adapted})
+            q = full[head]
+            for n in hidden:
+                moved_hidden[n].append(float((full[n] - priors[n]).mean()))
             moved.append(float((q - prior).mean()))
             narrowed.append(float((q - prior < np.log(0.9)).float().mean()))
             pred = learner.forward({**params, **adapted}, t.query_x).argmax(-1)
@@ -58,6 +65,10 @@ def measure(algorithm: str, run: dict[str, Any], seed: int, data: Any) -> dict[s
             "share_of_head_weights_narrowed_over_10pct": statistics.fmean(narrowed),
             "prior_head_weight_std_mean": float(torch.exp(0.5 * prior).mean()),
             "spearman_head_logvar_vs_query_accuracy": _spearman(moved, accuracy),
+            "hidden_layers": {n[len(LOGVAR_PREFIX):]: {
+                "logvar_minus_prior_mean": statistics.fmean(v), "std_across_clients": statistics.stdev(v),
+                "spearman_logvar_vs_query_accuracy": _spearman(v, accuracy) if len(set(v)) > 1 else None}
+                for n, v in moved_hidden.items()},
             "clients": len(moved)}
 
 
@@ -67,6 +78,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--heldout", type=int, default=60)
     ap.add_argument("--out")
+    ap.add_argument("--learners", nargs="+", default=list(LEARNERS), choices=LEARNERS)
     args = ap.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -75,7 +87,7 @@ def main() -> None:
     for seed in args.seeds:
         data = make_digits_fewshot(seed=seed, n_heldout=args.heldout, query=max_query(seed))
         out["per_seed"][seed] = {}
-        for algorithm in LEARNERS:
+        for algorithm in args.learners:
             path = Path(args.runs_dir) / f"{algorithm}_plaintext_main_r200_s{seed}.json"
             if path.exists():
                 out["per_seed"][seed][algorithm] = measure(algorithm, json.loads(path.read_text()), seed, data)

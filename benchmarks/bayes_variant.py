@@ -18,6 +18,8 @@ Variants (``VARIANTS``):
   variance step of the output layer (``securefml.bayes.variance``, at the free energy's own KL
   weight), inside the meta-objective, so the prior's head variances are meta-learned knowing
   that each client's support set will narrow them.
+* ``allvar``: the same step in every Gaussian layer (``BayesConfig.variance_step_layers``, the
+  exact diagonal GGN of the hidden layers too, ``securefml.bayes.variance.mlp_ggn_diagonal``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ VARIANTS: dict[str, BayesConfig] = {
     "kl1e-3": BayesConfig(kl_weight=0.001),
     "kl0": BayesConfig(kl_weight=0.0),
     "headvar": BayesConfig(head_variance_step=True),
+    "allvar": BayesConfig(head_variance_step=True, variance_step_layers=("layers.0", "layers.2", "layers.4")),
 }
 #: bayes-metasgd's resolved hyper-parameters (securefml.experiment), given explicitly for the variant's name
 HP: dict[str, Any] = dict(inner_steps=5, inner_lr=0.1, outer_lr=1.0, outer_steps=1, server_opt="adam",

@@ -239,13 +239,17 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
     names = {**names, "bayes-metasgd-ts-train": "bayes-metasgd + TS (training clients)",
              "bayes-maml-ts-train": "bayes-maml + TS (training clients)"}
     names.update({"bayes-metasgd-varstep": "bayes-metasgd + head variance step (at scoring)",
-                  "bayes-maml-varstep": "bayes-maml + head variance step (at scoring)"})
+                  "bayes-metasgd-varstep-all": "bayes-metasgd + all-layer variance step (at scoring)",
+                  "bayes-maml-varstep": "bayes-maml + head variance step (at scoring)",
+                  "bayes-maml-varstep-all": "bayes-maml + all-layer variance step (at scoring)"})
     for key, label in (("kl1e-3", "KL weight 0.001"), ("kl0", "KL weight 0"), ("lograte", "log-scale variance rates"),
-                       ("headvar", "head variance step in training")):
+                       ("headvar", "head variance step in training"),
+                       ("allvar", "all-layer variance step in training")):
         v = f"bayes-metasgd-{key}"  # a retrained variant (benchmarks/bayes_variant.py)
         names.update({v: f"bayes-metasgd, {label}", f"{v}-tempered": f"bayes-metasgd, {label}, tempered posterior",
                       f"{v}-ts-train": f"bayes-metasgd, {label}, + TS (training clients)",
-                      f"{v}-varstep": f"bayes-metasgd, {label}, + head variance step (at scoring)"})
+                      f"{v}-varstep": f"bayes-metasgd, {label}, + head variance step (at scoring)",
+                      f"{v}-varstep-all": f"bayes-metasgd, {label}, + all-layer variance step (at scoring)"})
     big = st["big"]
     lines = [f"The same trained models (200 rounds, seeds {', '.join(str(s) for s in st['seeds'])}) re-scored on "
              f"{big['heldout_clients']} new held-out clients per seed with {min(big['query_per_class'])}-"
@@ -278,7 +282,8 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
         lines += ["", f"bayes-metasgd / Meta-SGD, debiased L2-CE: ratio {_ci(ratio, 2)}{paired} (target <= 0.5), "
                   f"difference {_ci(diff)}; accuracy {_ci(acc, 1)} points; NLL difference "
                   f"{_ci(c['nll difference bayes-metasgd - metasgd'])}."]
-    for key in ("bayes-metasgd-varstep", "bayes-metasgd-headvar"):  # the variance step, at scoring and retrained
+    for key in ("bayes-metasgd-varstep", "bayes-metasgd-headvar", "bayes-metasgd-varstep-all",
+                "bayes-metasgd-allvar", "bayes-metasgd-allvar-varstep-all"):  # the variance step, scoring/retrained
         vs_m = c.get(f"l2_ce_debiased ratio {key} / metasgd")
         if vs_m is None or key not in names:
             continue
@@ -291,7 +296,7 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
                   f"{_ci(c[f'nll difference {key} - metasgd'])}, out-of-task AUROC difference "
                   f"{_ci(c.get(f'ood_auroc difference {key} - metasgd'))} against Meta-SGD."]
     for key in ("bayes-metasgd-kl1e-3", "bayes-metasgd-kl0", "bayes-metasgd-lograte",
-                "bayes-metasgd-headvar"):  # retrained variants
+                "bayes-metasgd-headvar", "bayes-metasgd-allvar"):  # retrained variants
         vs_m = c.get(f"l2_ce_debiased ratio {key} / metasgd")
         vs_b = c.get(f"l2_ce_debiased ratio {key} / bayes-metasgd")
         if vs_m is None or vs_b is None:
@@ -303,6 +308,16 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
                   f"(paired bootstrap [{bb.get('lo', math.nan):.2f}, {bb.get('hi', math.nan):.2f}]); accuracy "
                   f"{_ci(c[f'accuracy difference {key} - metasgd (points)'], 1)} points and NLL difference "
                   f"{_ci(c[f'nll difference {key} - metasgd'])} against Meta-SGD."]
+    step = c.get("all-layer vs head variance step, training-pool NLL at the chosen kappa")
+    if step:
+        lines += ["", "All-layer vs head-only variance step at scoring time, on *training-pool* clients (where "
+                  "kappa is chosen): pooled query NLL " + "; ".join(
+                      f"{k}: {v['all_layers']:.4f} vs {v['head_only']:.4f}" for k, v in step.items()) + "."]
+    rho = c.get("spearman across held-out clients, mean log-variance vs query accuracy (all-layer step)")
+    if rho:
+        lines += ["", "Spearman correlation across held-out clients between a layer's mean posterior log-variance "
+                  "and the client's query accuracy, all-layer step at scoring (mean [95% interval over seeds]): "
+                  + "; ".join(f"{k} {_ci(v, 2)}" for k, v in rho.items()) + "."]
     lines += ["", data["note"] + "."]
     return "\n".join(lines) + "\n"
 

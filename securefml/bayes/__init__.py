@@ -9,7 +9,8 @@
   ``MetaSGDFixedTemperature`` applies one temperature fitted beforehand on training clients.
 * ``softmax_head_ggn_diagonal`` / ``stationary_logvar``: the closed-form variance step of the
   output layer (``BayesConfig.head_variance_step``), so a client's posterior variance responds to
-  its support set (``securefml.bayes.variance``).
+  its support set (``securefml.bayes.variance``); ``mlp_ggn_diagonal``: the exact diagonal GGN of
+  every layer, for the step in the hidden layers too (``BayesConfig.variance_step_layers``).
 * ``mean_log_variance`` / ``precision_weighted``: the two ways to merge Gaussian priors, and why
   the federation uses the first (``securefml.bayes.aggregation``).
 
@@ -34,7 +35,7 @@ from securefml.bayes.learners import (
 )
 from securefml.bayes.network import StochasticMLP
 from securefml.bayes.temperature import fit_temperature
-from securefml.bayes.variance import softmax_head_ggn_diagonal, stationary_logvar
+from securefml.bayes.variance import mlp_ggn_diagonal, softmax_head_ggn_diagonal, stationary_logvar
 from securefml.meta import LEARNERS
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "kl_params",
     "logvar_name",
     "mean_log_variance",
+    "mlp_ggn_diagonal",
     "precision_weighted",
     "softmax_head_ggn_diagonal",
     "stationary_logvar",

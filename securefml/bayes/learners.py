@@ -18,7 +18,8 @@ through the inner steps (second order, like MAML; ``torch.func.grad`` of a ``gra
 Optionally (``BayesConfig.head_variance_step``) local inference ends with a closed-form step that
 sets the output layer's variances to the free energy's stationary point given the support set
 (``securefml.bayes.variance``): the gradient steps alone leave the posterior's variances at the
-prior's, so without it every client gets the same uncertainty.
+prior's, so without it every client gets the same uncertainty.  ``BayesConfig.variance_step_layers``
+extends the step to the hidden layers' Gaussian weights (exact diagonal GGN, weights sampled).
 
 Bayesian Meta-SGD meta-learns, with the prior, one inner rate per mean *and* per log-variance
 (Meta-SGD, Li et al. 2017): ``alpha.<name>`` and ``alpha.logvar.<name>``.  Bayesian MAML uses
@@ -74,7 +75,7 @@ from torch.func import grad
 from securefml.bayes.gaussian import LOGVAR_PREFIX, clamp_logvar, kl_params, logvar_name
 from securefml.bayes.network import StochasticMLP
 from securefml.bayes.temperature import fit_temperature
-from securefml.bayes.variance import softmax_head_ggn_diagonal, stationary_logvar
+from securefml.bayes.variance import ELEMENTWISE, mlp_ggn_diagonal, softmax_head_ggn_diagonal, stationary_logvar
 from securefml.data.base import Task
 from securefml.errors import ConfigError
 from securefml.meta.base import MetaConfig, MetaLearner, Params
@@ -209,6 +210,17 @@ class BayesConfig:
         Evaluations of the step, each at the ``q`` the previous one produced (1 = one
         natural-gradient step of size 1 from the current posterior; more = a fixed-point iteration
         towards the exact stationary point).
+    variance_step_layers:
+        The Gaussian layers whose log-variances the closed-form step sets (``head_variance_step``
+        must be on).  ``None``: the output layer only, its diagonal GGN from the sampled head
+        inputs and logits (``softmax_head_ggn_diagonal``).  A tuple of layer names (e.g. all three
+        ``("layers.0", "layers.2", "layers.4")``): each named layer, with the exact diagonal GGN
+        of every layer from one weight sample per Monte Carlo sample (``mlp_ggn_diagonal``: for a
+        hidden weight ``W_uj``, ``h_j^2 g_u^T Lambda g_u`` with ``g_u`` the logits' Jacobian in the
+        unit's pre-activation).  Why: the hidden layers' variances also stay at the prior's under
+        the gradient steps (``docs/bayes.md``), and the head's step alone narrowed the head most for
+        the clients the model fits worst; a step in the features lets the support set narrow the
+        uncertainty of the representation too.  The model's activations must be elementwise.
     temperature:
         Predictions divide the log of the Monte Carlo predictive by this temperature
         (``forward`` only; softmax of the result is the predictive raised to ``1 / T`` and
@@ -234,8 +246,15 @@ class BayesConfig:
     head_variance_weight: float | None = None
     head_variance_samples: int = 8
     head_variance_iterations: int = 1
+    variance_step_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.variance_step_layers is not None:
+            if not self.head_variance_step:
+                raise ConfigError("variance_step_layers chooses the layers of the closed-form variance step: "
+                                  "it needs head_variance_step=True")
+            if not self.variance_step_layers or len(set(self.variance_step_layers)) != len(self.variance_step_layers):
+                raise ConfigError(f"variance_step_layers must name distinct layers, got {self.variance_step_layers}")
         if self.head_variance_samples < 1 or self.head_variance_iterations < 1:
             raise ConfigError(f"head_variance_samples and head_variance_iterations must be >= 1, got "
                               f"{self.head_variance_samples} and {self.head_variance_iterations}")
@@ -293,10 +312,42 @@ class BayesianLearner(MetaLearner):
             raise ConfigError(f"log_logvar_rates needs learned log-variance rates (bayes-metasgd); "
                               f"{self.name} has none")
         self.net = StochasticMLP(model, self.bayes.layers)
-        if self.bayes.head_variance_step and self.net.head not in self.net.bayesian_layers:
+        if (self.bayes.head_variance_step and self.bayes.variance_step_layers is None
+                and self.net.head not in self.net.bayesian_layers):
             raise ConfigError(f"head_variance_step needs a Gaussian output layer; {self.net.head!r} is not among "
                               f"the Gaussian layers {self.net.bayesian_layers}")
+        self._step_layers: tuple[str, ...] | None = None
+        self._activations: dict[str, nn.Module | None] = {}
+        if self.bayes.variance_step_layers is not None:
+            unknown = [n for n in self.bayes.variance_step_layers if n not in self.net.bayesian_layers]
+            if unknown:
+                raise ConfigError(f"variance_step_layers {unknown} are not Gaussian layers; choose from "
+                                  f"{self.net.bayesian_layers}")
+            self._step_layers = tuple(n for n in self.net.bayesian_layers if n in self.bayes.variance_step_layers)
+            self._activations = self._layer_activations()
         self._train_generator = torch.Generator().manual_seed(self.bayes.seed + 1)
+
+    def _layer_activations(self) -> dict[str, nn.Module | None]:
+        """The activation after each ``Linear`` (``None`` after the head); ``ConfigError`` unless elementwise."""
+        head = self.net.head
+        if self.net.steps[0][0] != self.net.linear_layers[0]:
+            raise ConfigError(f"variance_step_layers needs the model to start with a Linear layer, it starts with "
+                              f"{self.net.steps[0][0]!r}")
+        acts: dict[str, nn.Module | None] = {}
+        current: str | None = None
+        for name, module in self.net.steps:
+            if isinstance(module, nn.Linear):
+                current = name
+                acts[name] = None
+            elif not isinstance(module, ELEMENTWISE) or acts[str(current)] is not None or current == head:
+                raise ConfigError(f"variance_step_layers needs one elementwise activation between Linear layers; "
+                                  f"{name!r} is {type(module).__name__}")
+            else:
+                acts[str(current)] = module
+        missing = [n for n in self.net.linear_layers[:-1] if acts[n] is None]
+        if missing:
+            raise ConfigError(f"variance_step_layers: hidden layers {missing} have no activation")
+        return acts
 
     # -- parameters ------------------------------------------------------------------------
     def init_params(self, device: torch.device | str | None = None) -> Params:
@@ -402,8 +453,48 @@ class BayesianLearner(MetaLearner):
             noise = self.net.draw_noise(x.shape[0], self.bayes.head_variance_samples, generator=generator,
                                         device=x.device, dtype=x.dtype)
             for _ in range(self.bayes.head_variance_iterations):
-                q = self.head_variance_step(q, prior, x, noise)
+                if self._step_layers is None:
+                    q = self.head_variance_step(q, prior, x, noise)
+                else:
+                    q = self.layer_variance_step(q, prior, x, self.draw_weights(
+                        q, self.bayes.head_variance_samples, generator=generator))
         return q
+
+    def draw_weights(self, q: Params, samples: int, *, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``samples`` draws of every Linear's weight and bias under ``q`` (natural units), ``[S, *shape]`` each.
+
+        Gaussian layers: ``mean + std * eps`` (``eps`` from ``generator`` on the CPU, then moved);
+        deterministic layers: their values repeated.
+        """
+        out = {}
+        for name in self.net.mean_names:
+            m = q[name]
+            if name in self.net.gaussian_names:
+                eps = torch.randn(samples, *m.shape, generator=generator, dtype=m.dtype).to(m.device)
+                out[name] = m + torch.exp(0.5 * clamp_logvar(q[logvar_name(name)])) * eps
+            else:
+                out[name] = m.unsqueeze(0).expand(samples, *m.shape)
+        return out
+
+    def layer_variance_step(self, q: Params, prior: Params, x: torch.Tensor,
+                            weights: Mapping[str, torch.Tensor]) -> Params:
+        """The closed-form variance step of the ``variance_step_layers`` (exact diagonal GGN of every layer).
+
+        ``q``, ``prior`` in natural units; ``weights`` sampled under ``q`` (``draw_weights``).  Returns
+        ``q`` with those layers' log-variances at ``stationary_logvar`` of ``mlp_ggn_diagonal``'s
+        diagonal; means and the other layers unchanged.  Differentiable.
+        """
+        layers = self.net.linear_layers
+        ggn = mlp_ggn_diagonal(x.flatten(1), [weights[f"{n}.weight"] for n in layers],
+                               [weights[f"{n}.bias"] for n in layers], [self._activations[n] for n in layers])
+        kappa = self.bayes.variance_step_weight()
+        out = dict(q)
+        for name, (gw, gb) in zip(layers, ggn):
+            if self._step_layers is not None and name in self._step_layers:
+                for part, g in (("weight", gw), ("bias", gb)):
+                    lv = logvar_name(f"{name}.{part}")
+                    out[lv] = stationary_logvar(prior[lv], g, x.shape[0], kappa)
+        return out
 
     def head_variance_step(self, q: Params, prior: Params, x: torch.Tensor,
                            noise: Sequence[torch.Tensor]) -> Params:
