@@ -41,6 +41,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shared_lr_2x": {"shared_lr": 0.02},
     "lr_half": {"lr": 0.005},
     "a_lr_0.001": {"a_lr": 0.001},
+    # pre-trained frozen backbones (``securefml.relevance.pretrain``; data: the training clients' pooled images)
+    "pretrain_family": {"pretrain": "family", "pretrain_steps": 300},
+    "pretrain_family_100": {"pretrain": "family", "pretrain_steps": 100},
+    "pretrain_family_30": {"pretrain": "family", "pretrain_steps": 30},
+    "pretrain_independent": {"pretrain": "independent", "pretrain_steps": 300},
 }
 
 
@@ -127,6 +132,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10, 20)))
     ap.add_argument("--heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
     ap.add_argument("--rows", help="append one JSON line per seed here")
+    ap.add_argument("--budgets", nargs="*", metavar="STEPS@RATE",
+                    help="held-out fine-tuning budgets to score (default: every one of BUDGETS)")
     ap.add_argument("--summarize", nargs="+", metavar="JSONL")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -138,8 +145,10 @@ def main() -> None:
     if not args.variant:
         ap.error("--variant or --summarize is required")
     torch.set_num_threads(1)
+    budgets = None if args.budgets is None else tuple(
+        (int(b.partition("@")[0]), float(b.partition("@")[2] or 0.01)) for b in args.budgets)
     for seed in args.seeds:
-        row = run_seed(args.variant, seed, args.heldout)
+        row = run_seed(args.variant, seed, args.heldout, budgets)
         print(json.dumps(row), flush=True)
         if args.rows:
             with open(args.rows, "a") as fh:

@@ -32,6 +32,7 @@ from securefml.relevance.hetero import (
     run_heterogeneous_budgets,
 )
 from securefml.relevance.policy import RelevancePolicy
+from securefml.relevance.pretrain import PRETRAIN_MODES, PretrainConfig, pretrain_backbones
 from securefml.relevance.server import ClientScores, RelevanceServer, RoundOptions
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
 from securefml.relevance.weights import (
@@ -55,6 +56,9 @@ __all__ = [
     "HeteroConfig",
     "HeteroResult",
     "HeteroUpload",
+    "PRETRAIN_MODES",
+    "PretrainConfig",
+    "pretrain_backbones",
     "architecture_name",
     "run_heterogeneous",
     "run_heterogeneous_budgets",

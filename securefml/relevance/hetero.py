@@ -42,6 +42,7 @@ from securefml.relevance.colora import (
     load_shared,
     shared_state,
 )
+from securefml.relevance.pretrain import PretrainConfig, pretrain_backbones
 
 __all__ = ["HeteroConfig", "HeteroResult", "run_heterogeneous", "run_heterogeneous_budgets", "architecture_name"]
 
@@ -101,6 +102,13 @@ class HeteroConfig:
         Depth-matching rule of the blocks (``block_keys``): ``"ends"`` (output blocks of every
         depth share one ``P``, ``Q``) or ``"depth"`` (output blocks share only with networks of
         the same depth).
+    pretrain, pretrain_steps, pretrain_lr:
+        Pre-train the frozen backbones before the federation starts (``securefml.relevance.pretrain``):
+        ``"none"`` (default: the seeded family backbones), ``"family"`` (one weight-sharing
+        super-network, the shapes stay nested) or ``"independent"`` (each shape on its own).
+        The pre-training set is the training clients' pooled support and query images (held-out
+        clients' images come from a disjoint pool); the shared and the alone runs get the same
+        backbones.  Adam at ``pretrain_lr`` for ``pretrain_steps`` minibatches of 256.
     seed:
         Cohort sampling and initialisation.
     """
@@ -123,6 +131,9 @@ class HeteroConfig:
     freeze_A: bool = False
     shared_per_architecture: bool = False
     match: str = "ends"
+    pretrain: str = "none"
+    pretrain_steps: int = 300
+    pretrain_lr: float = 0.01
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -141,6 +152,11 @@ class HeteroConfig:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
         if self.match not in MATCH_RULES:
             raise ConfigError(f"match must be one of {MATCH_RULES}, got {self.match!r}")
+        self.pretrain_config()  # validates pretrain, pretrain_steps, pretrain_lr
+
+    def pretrain_config(self) -> PretrainConfig:
+        """The backbone pre-training this config asks for (``mode="none"``: none)."""
+        return PretrainConfig(mode=self.pretrain, steps=self.pretrain_steps, lr=self.pretrain_lr, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -199,6 +215,13 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
             if name.endswith(".lora_A") and config.freeze_A:
                 p.requires_grad_(False)
         models[architecture_name(s)] = m
+    if config.pretrain != "none":
+        if config.pretrain == "family" and not config.family:
+            raise ConfigError("pretrain='family' needs family=True (nested initialisation)")
+        px = torch.cat([torch.cat([t.support_x, t.query_x]) for t in data.train])
+        py = torch.cat([torch.cat([t.support_y, t.query_y]) for t in data.train])
+        losses = pretrain_backbones(models, px, py, config.pretrain_config())
+        log.info("hetero: %s pre-training on %d pooled training images, losses %s", config.pretrain, len(py), losses)
     state = {a: (shared_state(m), architecture_state(m)) for a, m in models.items()}
     arch_of = {t.client_id: architecture_name(s) for t, s in zip(data.train, data.architectures)}
 
