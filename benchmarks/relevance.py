@@ -319,7 +319,8 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
         for label, share in (("shared", True), ("alone", False)):
             cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
                                lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
-                               share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture)
+                               share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture,
+                               pretrain=args.hetero_pretrain, pretrain_steps=args.hetero_pretrain_steps)
             scored = run_heterogeneous_budgets(data, cfg, budgets)
             for k in budgets:
                 for a, v in scored[k].per_architecture.items():
@@ -329,13 +330,17 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
            "rank": args.rank, "optimizer": "adam", "adapter_lr": args.hetero_lr,
            "heldout_clients": args.hetero_heldout, "heldout_shares": "equal per shape",
            "shared_per_architecture": args.hetero_per_architecture, "per_seed_by_finetune_budget": per_budget}
+    if args.hetero_pretrain != "none":  # recorded only when used, so earlier reports pool unchanged
+        out["pretrain"] = {"mode": args.hetero_pretrain, "steps": args.hetero_pretrain_steps,
+                           "data": "the training clients' pooled support and query images"}
     return hetero_primary(out, args.hetero_primary or budget_key((budget.finetune, args.hetero_lr)))
 
 
 def pool_hetero(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Two hetero sections of the same settings on different seeds, as one (headline budget: ``a``'s)."""
-    for key in ("architectures", "client_shares", "rank", "adapter_lr", "heldout_clients", "shared_per_architecture"):
-        if a[key] != b[key]:
+    for key in ("architectures", "client_shares", "rank", "adapter_lr", "heldout_clients", "shared_per_architecture",
+                "pretrain"):
+        if a.get(key) != b.get(key):
             raise SystemExit(f"hetero sections differ in {key}: {a[key]} vs {b[key]}")
     if set(a["seeds"]) & set(b["seeds"]):
         raise SystemExit(f"hetero sections share seeds {sorted(set(a['seeds']) & set(b['seeds']))}")
@@ -456,6 +461,9 @@ def main() -> None:
     ap.add_argument("--hetero-lr", type=float, default=0.01, help="Adam rate of the Co-LoRA adapters")
     ap.add_argument("--hetero-per-architecture", action="store_true",
                     help="Co-LoRA: every architecture counts the same in the shared P, Q")
+    ap.add_argument("--hetero-pretrain", default="none", choices=["none", "family", "independent"],
+                    help="Co-LoRA: pre-train the frozen backbones on the training clients' pooled images")
+    ap.add_argument("--hetero-pretrain-steps", type=int, default=300, help="Adam steps of that pre-training")
     ap.add_argument("--hetero-heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
     ap.add_argument("--hetero-budgets", nargs="*", default=["0", "20", "5@0.001", "20@0.001", "20@0.003"],
                     help="further held-out fine-tuning budgets STEPS[@ADAM_RATE] scored after the same training")

@@ -46,6 +46,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pretrain_family_100": {"pretrain": "family", "pretrain_steps": 100},
     "pretrain_family_30": {"pretrain": "family", "pretrain_steps": 30},
     "pretrain_independent": {"pretrain": "independent", "pretrain_steps": 300},
+    # conflicting tasks (4 digits-clusters groups, every shape in every group), relevance-weighted P, Q and A, B
+    "rela_groups4": {"relevance": True, "temperature": 0.2},
+}
+#: variant -> make_digits_clusters changes (default: one task, groups=1)
+VARIANT_DATA: dict[str, dict[str, Any]] = {
+    "rela_groups4": {"groups": 4, "architectures_per_group": True},
 }
 
 
@@ -58,8 +64,9 @@ def run_seed(variant: str, seed: int, heldout: int,
              args_budgets: tuple[tuple[int, float], ...] | None = None) -> dict[str, Any]:
     """One seed of ``variant``: shared and alone, scored after the configured and every ``BUDGETS`` budget."""
     t0 = time.perf_counter()
-    data = make_digits_clusters(seed=seed, groups=1, n_heldout=heldout, k_shot=2, query=3, architectures=SHAPES,
-                                architecture_shares=SHARES, heldout_architecture_shares=[1.0] * len(SHARES))
+    data = make_digits_clusters(**{"groups": 1, **VARIANT_DATA.get(variant, {})}, seed=seed, n_heldout=heldout,
+                                k_shot=2, query=3, architectures=SHAPES, architecture_shares=SHARES,
+                                heldout_architecture_shares=[1.0] * len(SHARES))
     row: dict[str, Any] = {"name": variant, "seed": seed, "by_budget": {}}
     for label, share in (("shared", True), ("alone", False)):
         cfg = HeteroConfig(**{**BASE, "seed": seed, "share": share, **VARIANTS[variant]})
@@ -115,7 +122,7 @@ def summarize(paths: list[str]) -> dict[str, Any]:
         seeds = sorted(by_seed)
         archs = sorted(by_seed[seeds[0]]["gain"])
         out[name] = {
-            "changes": VARIANTS.get(name, {}), "seeds": seeds,
+            "changes": VARIANTS.get(name, {}), "data_changes": VARIANT_DATA.get(name, {}), "seeds": seeds,
             "alone": {a: statistics.fmean(by_seed[s]["alone"][a] for s in seeds) for a in archs},
             "shared": {a: statistics.fmean(by_seed[s]["shared"][a] for s in seeds) for a in archs},
             "gain_ci95": {a: paired([by_seed[s]["gain"][a] for s in seeds]) for a in archs},
