@@ -313,14 +313,16 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     per_budget: dict[str, dict[str, dict[str, list[float]]]] = {
         budget_key(k): {"shared": {}, "alone": {}} for k in budgets}
     for seed in args.seeds:
-        data = make_digits_clusters(seed=seed, groups=1, n_heldout=args.hetero_heldout, k_shot=2, query=3,
-                                    architectures=shapes, architecture_shares=shares,
-                                    heldout_architecture_shares=[1.0, 1.0, 1.0])
+        data = make_digits_clusters(seed=seed, groups=args.hetero_groups, n_heldout=args.hetero_heldout, k_shot=2,
+                                    query=3, architectures=shapes, architecture_shares=shares,
+                                    heldout_architecture_shares=[1.0, 1.0, 1.0],
+                                    architectures_per_group=args.hetero_groups > 1)
         for label, share in (("shared", True), ("alone", False)):
             cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
                                lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
                                share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture,
-                               pretrain=args.hetero_pretrain, pretrain_steps=args.hetero_pretrain_steps)
+                               pretrain=args.hetero_pretrain, pretrain_steps=args.hetero_pretrain_steps,
+                               relevance=args.hetero_relevance, temperature=args.temperature)
             scored = run_heterogeneous_budgets(data, cfg, budgets)
             for k in budgets:
                 for a, v in scored[k].per_architecture.items():
@@ -330,6 +332,9 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
            "rank": args.rank, "optimizer": "adam", "adapter_lr": args.hetero_lr,
            "heldout_clients": args.hetero_heldout, "heldout_shares": "equal per shape",
            "shared_per_architecture": args.hetero_per_architecture, "per_seed_by_finetune_budget": per_budget}
+    if args.hetero_relevance or args.hetero_groups > 1:  # recorded only when used (earlier reports pool unchanged)
+        out["tasks"] = {"groups": args.hetero_groups, "every_shape_in_every_group": args.hetero_groups > 1,
+                        "relevance_weighted": args.hetero_relevance, "temperature": args.temperature}
     if args.hetero_pretrain != "none":  # recorded only when used, so earlier reports pool unchanged
         out["pretrain"] = {"mode": args.hetero_pretrain, "steps": args.hetero_pretrain_steps,
                            "data": "the training clients' pooled support and query images"}
@@ -339,7 +344,7 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
 def pool_hetero(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Two hetero sections of the same settings on different seeds, as one (headline budget: ``a``'s)."""
     for key in ("architectures", "client_shares", "rank", "adapter_lr", "heldout_clients", "shared_per_architecture",
-                "pretrain"):
+                "pretrain", "tasks"):
         if a.get(key) != b.get(key):
             raise SystemExit(f"hetero sections differ in {key}: {a[key]} vs {b[key]}")
     if set(a["seeds"]) & set(b["seeds"]):
@@ -464,6 +469,10 @@ def main() -> None:
     ap.add_argument("--hetero-pretrain", default="none", choices=["none", "family", "independent"],
                     help="Co-LoRA: pre-train the frozen backbones on the training clients' pooled images")
     ap.add_argument("--hetero-pretrain-steps", type=int, default=300, help="Adam steps of that pre-training")
+    ap.add_argument("--hetero-groups", type=int, default=1,
+                    help="Co-LoRA: digits-clusters task groups (> 1: conflicting tasks, every shape in every group)")
+    ap.add_argument("--hetero-relevance", action="store_true",
+                    help="Co-LoRA: per-client relevance-weighted P, Q (across shapes), A, B (within), at --temperature")
     ap.add_argument("--hetero-heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
     ap.add_argument("--hetero-budgets", nargs="*", default=["0", "20", "5@0.001", "20@0.001", "20@0.003"],
                     help="further held-out fine-tuning budgets STEPS[@ADAM_RATE] scored after the same training")

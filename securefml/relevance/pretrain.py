@@ -127,7 +127,7 @@ def pretrain_backbones(models: Mapping[str, CoLoRAMLP], x: torch.Tensor, y: torc
         raise ConfigError(f"pre-training needs matching non-empty x and y, got {tuple(x.shape)} and {tuple(y.shape)}")
     if not models:
         raise ConfigError("pre-training needs at least one model")
-    dev = next(iter(models.values())).blocks[next(iter(models.values())).keys[0]].base.weight.device
+    dev = _blocks(next(iter(models.values())))[0][1].base.weight.device
     x, y = x.to(dev).flatten(1), y.to(dev)
     batches = _batches(x.shape[0], config, dev)
     if config.mode == "independent":
