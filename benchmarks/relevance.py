@@ -341,6 +341,49 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     return hetero_primary(out, args.hetero_primary or budget_key((budget.finetune, args.hetero_lr)))
 
 
+BASE_ROUNDS = 30
+
+
+def hetero_from_rows(paths: list[str], primary: str) -> dict[str, Any]:
+    """A hetero section from ``relevance_hetero_variants.py --rows`` files (one JSON line per seed).
+
+    The variants script writes each seed as it finishes, so a long run on a shared machine
+    keeps every finished seed; this turns those rows (one variant) into the section
+    ``section_hetero`` would have written for the same seeds and settings.
+    """
+    from relevance_hetero_variants import BASE, SHAPES, SHARES, VARIANT_DATA, VARIANTS
+
+    rows: dict[int, dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as fh:
+            for line in fh:
+                if line.strip():
+                    r = json.loads(line)
+                    rows[int(r["seed"])] = r
+    names = {r["name"] for r in rows.values()}
+    if len(names) != 1:
+        raise SystemExit(f"rows of one variant expected, got {sorted(names)}")
+    name = names.pop()
+    seeds = sorted(rows)
+    default = f"{BASE['finetune_steps']}@{BASE['lr']:g}"
+    per_budget: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for seed in seeds:
+        r = rows[seed]
+        scored = {**r["by_budget"], default: {"shared": r["shared"], "alone": r["alone"]}}
+        for key, res in scored.items():
+            for label in ("shared", "alone"):
+                for a, v in res[label].items():
+                    per_budget.setdefault(key, {"shared": {}, "alone": {}})[label].setdefault(a, []).append(v)
+    changes = {**VARIANTS[name], **VARIANT_DATA.get(name, {})}
+    out = {"seeds": seeds, "architectures": SHAPES,
+           "client_shares": {"32": SHARES[0], "64": SHARES[1], "64x64": SHARES[2]},
+           "rank": BASE["rank"], "optimizer": BASE["optimizer"], "adapter_lr": BASE["lr"],
+           "heldout_clients": 96, "heldout_shares": "equal per shape", "shared_per_architecture": False,
+           "variant": name, "changes": changes, "per_seed_by_finetune_budget": per_budget,
+           "seconds": sum(rows[s]["s"] for s in seeds)}
+    return hetero_primary(out, primary)
+
+
 def pool_hetero(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Two hetero sections of the same settings on different seeds, as one (headline budget: ``a``'s)."""
     for key in ("architectures", "client_shares", "rank", "adapter_lr", "heldout_clients", "shared_per_architecture",
@@ -483,8 +526,18 @@ def main() -> None:
     ap.add_argument("--hetero-primary", metavar="STEPS@RATE",
                     help="the hetero section's headline fine-tuning budget (default: --finetune at --hetero-lr)")
     ap.add_argument("--update", metavar="JSON", help="with --combine: replace these sections of this combined report")
+    ap.add_argument("--hetero-from-rows", nargs="+", metavar="JSONL",
+                    help="write a report whose hetero section is built from relevance_hetero_variants.py rows")
     ap.add_argument("--only", nargs="+", default=["main", "shift", "secagg", "hetero", "malicious"])
     args = ap.parse_args()
+    if args.hetero_from_rows:
+        sec = hetero_from_rows(args.hetero_from_rows, args.hetero_primary or "0@0.01")
+        write_report({"runs": [{"file": p.rsplit("/", 1)[-1], "budget": {"rounds": BASE_ROUNDS, "cohort": 16,
+                                                                      "learner": "Co-LoRA adapters, Adam 0.01"},
+                                "seeds": sec["seeds"], "sections": ["hetero"]} for p in args.hetero_from_rows],
+                      "note": "timings taken on a shared, loaded 2-core machine", "hetero": sec}, args.out,
+                     default=float)
+        return
     if args.combine:
         merged = update(args.update, args.combine) if args.update else combine(args.combine)
         if args.hetero_primary and "hetero" in merged:

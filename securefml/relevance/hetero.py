@@ -15,6 +15,12 @@ training.  On the bundled benchmark every client has the same task, so the aggre
 the right model for a held-out client; fine-tuning it on 2 images per class at the training
 rate overwrites part of it (``docs/relevance.md``, "The held-out fine-tuning was the limit").
 
+Options for the smallest group (``docs/relevance.md``, "Two methods tried"): ``pretrain``
+pre-trains the frozen backbones on the training clients' pooled images before the federation
+(``securefml.relevance.pretrain``); ``relevance`` gives every client its own relevance-weighted
+aggregate (P, Q across architectures, A, B within), for data whose tasks conflict
+(``securefml.relevance.hetero_relevance``).
+
 The aggregation here is plaintext: the shared and the architecture parts are two weighted
 means, so under a secure protocol each is one secure sum (over all clients, and per group).
 """
