@@ -722,6 +722,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "flower": render_flower,
     "flower_state": render_flower_state,
     "relevance": render_relevance,
+    "relevance_hetero_rela": render_relevance,
     "robustness": render_robustness,
     "selection": render_selection,
     "secagg": render_secagg,

@@ -313,13 +313,16 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     per_budget: dict[str, dict[str, dict[str, list[float]]]] = {
         budget_key(k): {"shared": {}, "alone": {}} for k in budgets}
     for seed in args.seeds:
-        data = make_digits_clusters(seed=seed, groups=1, n_heldout=args.hetero_heldout, k_shot=2, query=3,
-                                    architectures=shapes, architecture_shares=shares,
-                                    heldout_architecture_shares=[1.0, 1.0, 1.0])
+        data = make_digits_clusters(seed=seed, groups=args.hetero_groups, n_heldout=args.hetero_heldout, k_shot=2,
+                                    query=3, architectures=shapes, architecture_shares=shares,
+                                    heldout_architecture_shares=[1.0, 1.0, 1.0],
+                                    architectures_per_group=args.hetero_groups > 1)
         for label, share in (("shared", True), ("alone", False)):
             cfg = HeteroConfig(rounds=budget.rounds, clients_per_round=budget.cohort, local_steps=budget.local_steps,
                                lr=args.hetero_lr, optimizer="adam", finetune_steps=budget.finetune, rank=args.rank,
-                               share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture)
+                               share=share, seed=seed, shared_per_architecture=args.hetero_per_architecture,
+                               pretrain=args.hetero_pretrain, pretrain_steps=args.hetero_pretrain_steps,
+                               relevance=args.hetero_relevance, temperature=args.temperature)
             scored = run_heterogeneous_budgets(data, cfg, budgets)
             for k in budgets:
                 for a, v in scored[k].per_architecture.items():
@@ -329,13 +332,63 @@ def section_hetero(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
            "rank": args.rank, "optimizer": "adam", "adapter_lr": args.hetero_lr,
            "heldout_clients": args.hetero_heldout, "heldout_shares": "equal per shape",
            "shared_per_architecture": args.hetero_per_architecture, "per_seed_by_finetune_budget": per_budget}
+    if args.hetero_relevance or args.hetero_groups > 1:  # recorded only when used (earlier reports pool unchanged)
+        out["tasks"] = {"groups": args.hetero_groups, "every_shape_in_every_group": args.hetero_groups > 1,
+                        "relevance_weighted": args.hetero_relevance, "temperature": args.temperature}
+    if args.hetero_pretrain != "none":  # recorded only when used, so earlier reports pool unchanged
+        out["pretrain"] = {"mode": args.hetero_pretrain, "steps": args.hetero_pretrain_steps,
+                           "data": "the training clients' pooled support and query images"}
     return hetero_primary(out, args.hetero_primary or budget_key((budget.finetune, args.hetero_lr)))
+
+
+BASE_ROUNDS = 30
+
+
+def hetero_from_rows(paths: list[str], primary: str) -> dict[str, Any]:
+    """A hetero section from ``relevance_hetero_variants.py --rows`` files (one JSON line per seed).
+
+    The variants script writes each seed as it finishes, so a long run on a shared machine
+    keeps every finished seed; this turns those rows (one variant) into the section
+    ``section_hetero`` would have written for the same seeds and settings.
+    """
+    from relevance_hetero_variants import BASE, SHAPES, SHARES, VARIANT_DATA, VARIANTS
+
+    rows: dict[int, dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as fh:
+            for line in fh:
+                if line.strip():
+                    r = json.loads(line)
+                    rows[int(r["seed"])] = r
+    names = {r["name"] for r in rows.values()}
+    if len(names) != 1:
+        raise SystemExit(f"rows of one variant expected, got {sorted(names)}")
+    name = names.pop()
+    seeds = sorted(rows)
+    default = f"{BASE['finetune_steps']}@{BASE['lr']:g}"
+    per_budget: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for seed in seeds:
+        r = rows[seed]
+        scored = {**r["by_budget"], default: {"shared": r["shared"], "alone": r["alone"]}}
+        for key, res in scored.items():
+            for label in ("shared", "alone"):
+                for a, v in res[label].items():
+                    per_budget.setdefault(key, {"shared": {}, "alone": {}})[label].setdefault(a, []).append(v)
+    changes = {**VARIANTS[name], **VARIANT_DATA.get(name, {})}
+    out = {"seeds": seeds, "architectures": SHAPES,
+           "client_shares": {"32": SHARES[0], "64": SHARES[1], "64x64": SHARES[2]},
+           "rank": BASE["rank"], "optimizer": BASE["optimizer"], "adapter_lr": BASE["lr"],
+           "heldout_clients": 96, "heldout_shares": "equal per shape", "shared_per_architecture": False,
+           "variant": name, "changes": changes, "per_seed_by_finetune_budget": per_budget,
+           "seconds": sum(rows[s]["s"] for s in seeds)}
+    return hetero_primary(out, primary)
 
 
 def pool_hetero(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Two hetero sections of the same settings on different seeds, as one (headline budget: ``a``'s)."""
-    for key in ("architectures", "client_shares", "rank", "adapter_lr", "heldout_clients", "shared_per_architecture"):
-        if a[key] != b[key]:
+    for key in ("architectures", "client_shares", "rank", "adapter_lr", "heldout_clients", "shared_per_architecture",
+                "pretrain", "tasks"):
+        if a.get(key) != b.get(key):
             raise SystemExit(f"hetero sections differ in {key}: {a[key]} vs {b[key]}")
     if set(a["seeds"]) & set(b["seeds"]):
         raise SystemExit(f"hetero sections share seeds {sorted(set(a['seeds']) & set(b['seeds']))}")
@@ -456,6 +509,13 @@ def main() -> None:
     ap.add_argument("--hetero-lr", type=float, default=0.01, help="Adam rate of the Co-LoRA adapters")
     ap.add_argument("--hetero-per-architecture", action="store_true",
                     help="Co-LoRA: every architecture counts the same in the shared P, Q")
+    ap.add_argument("--hetero-pretrain", default="none", choices=["none", "family", "independent"],
+                    help="Co-LoRA: pre-train the frozen backbones on the training clients' pooled images")
+    ap.add_argument("--hetero-pretrain-steps", type=int, default=300, help="Adam steps of that pre-training")
+    ap.add_argument("--hetero-groups", type=int, default=1,
+                    help="Co-LoRA: digits-clusters task groups (> 1: conflicting tasks, every shape in every group)")
+    ap.add_argument("--hetero-relevance", action="store_true",
+                    help="Co-LoRA: per-client relevance-weighted P, Q (across shapes), A, B (within), at --temperature")
     ap.add_argument("--hetero-heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
     ap.add_argument("--hetero-budgets", nargs="*", default=["0", "20", "5@0.001", "20@0.001", "20@0.003"],
                     help="further held-out fine-tuning budgets STEPS[@ADAM_RATE] scored after the same training")
@@ -466,8 +526,18 @@ def main() -> None:
     ap.add_argument("--hetero-primary", metavar="STEPS@RATE",
                     help="the hetero section's headline fine-tuning budget (default: --finetune at --hetero-lr)")
     ap.add_argument("--update", metavar="JSON", help="with --combine: replace these sections of this combined report")
+    ap.add_argument("--hetero-from-rows", nargs="+", metavar="JSONL",
+                    help="write a report whose hetero section is built from relevance_hetero_variants.py rows")
     ap.add_argument("--only", nargs="+", default=["main", "shift", "secagg", "hetero", "malicious"])
     args = ap.parse_args()
+    if args.hetero_from_rows:
+        sec = hetero_from_rows(args.hetero_from_rows, args.hetero_primary or "0@0.01")
+        write_report({"runs": [{"file": p.rsplit("/", 1)[-1], "budget": {"rounds": BASE_ROUNDS, "cohort": 16,
+                                                                      "learner": "Co-LoRA adapters, Adam 0.01"},
+                                "seeds": sec["seeds"], "sections": ["hetero"]} for p in args.hetero_from_rows],
+                      "note": "timings taken on a shared, loaded 2-core machine", "hetero": sec}, args.out,
+                     default=float)
+        return
     if args.combine:
         merged = update(args.update, args.combine) if args.update else combine(args.combine)
         if args.hetero_primary and "hetero" in merged:

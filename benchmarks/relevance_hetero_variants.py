@@ -41,6 +41,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shared_lr_2x": {"shared_lr": 0.02},
     "lr_half": {"lr": 0.005},
     "a_lr_0.001": {"a_lr": 0.001},
+    # pre-trained frozen backbones (``securefml.relevance.pretrain``; data: the training clients' pooled images)
+    "pretrain_family": {"pretrain": "family", "pretrain_steps": 300},
+    "pretrain_family_100": {"pretrain": "family", "pretrain_steps": 100},
+    "pretrain_family_30": {"pretrain": "family", "pretrain_steps": 30},
+    "pretrain_independent": {"pretrain": "independent", "pretrain_steps": 300},
+    # conflicting tasks (4 digits-clusters groups, every shape in every group), relevance-weighted P, Q and A, B
+    "rela_groups4": {"relevance": True, "temperature": 0.2},
+}
+#: variant -> make_digits_clusters changes (default: one task, groups=1)
+VARIANT_DATA: dict[str, dict[str, Any]] = {
+    "rela_groups4": {"groups": 4, "architectures_per_group": True},
 }
 
 
@@ -53,8 +64,9 @@ def run_seed(variant: str, seed: int, heldout: int,
              args_budgets: tuple[tuple[int, float], ...] | None = None) -> dict[str, Any]:
     """One seed of ``variant``: shared and alone, scored after the configured and every ``BUDGETS`` budget."""
     t0 = time.perf_counter()
-    data = make_digits_clusters(seed=seed, groups=1, n_heldout=heldout, k_shot=2, query=3, architectures=SHAPES,
-                                architecture_shares=SHARES, heldout_architecture_shares=[1.0] * len(SHARES))
+    data = make_digits_clusters(**{"groups": 1, **VARIANT_DATA.get(variant, {})}, seed=seed, n_heldout=heldout,
+                                k_shot=2, query=3, architectures=SHAPES, architecture_shares=SHARES,
+                                heldout_architecture_shares=[1.0] * len(SHARES))
     row: dict[str, Any] = {"name": variant, "seed": seed, "by_budget": {}}
     for label, share in (("shared", True), ("alone", False)):
         cfg = HeteroConfig(**{**BASE, "seed": seed, "share": share, **VARIANTS[variant]})
@@ -110,7 +122,7 @@ def summarize(paths: list[str]) -> dict[str, Any]:
         seeds = sorted(by_seed)
         archs = sorted(by_seed[seeds[0]]["gain"])
         out[name] = {
-            "changes": VARIANTS.get(name, {}), "seeds": seeds,
+            "changes": VARIANTS.get(name, {}), "data_changes": VARIANT_DATA.get(name, {}), "seeds": seeds,
             "alone": {a: statistics.fmean(by_seed[s]["alone"][a] for s in seeds) for a in archs},
             "shared": {a: statistics.fmean(by_seed[s]["shared"][a] for s in seeds) for a in archs},
             "gain_ci95": {a: paired([by_seed[s]["gain"][a] for s in seeds]) for a in archs},
@@ -127,6 +139,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10, 20)))
     ap.add_argument("--heldout", type=int, default=96, help="held-out clients, equal shares of the shapes")
     ap.add_argument("--rows", help="append one JSON line per seed here")
+    ap.add_argument("--budgets", nargs="*", metavar="STEPS@RATE",
+                    help="held-out fine-tuning budgets to score (default: every one of BUDGETS)")
     ap.add_argument("--summarize", nargs="+", metavar="JSONL")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -138,8 +152,10 @@ def main() -> None:
     if not args.variant:
         ap.error("--variant or --summarize is required")
     torch.set_num_threads(1)
+    budgets = None if args.budgets is None else tuple(
+        (int(b.partition("@")[0]), float(b.partition("@")[2] or 0.01)) for b in args.budgets)
     for seed in args.seeds:
-        row = run_seed(args.variant, seed, args.heldout)
+        row = run_seed(args.variant, seed, args.heldout, budgets)
         print(json.dumps(row), flush=True)
         if args.rows:
             with open(args.rows, "a") as fh:

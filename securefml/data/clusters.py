@@ -122,6 +122,7 @@ def make_digits_clusters(
     architectures: str | Sequence[Sequence[int]] | None = None,
     architecture_shares: Sequence[float] | None = None,
     heldout_architecture_shares: Sequence[float] | None = None,
+    architectures_per_group: bool = False,
     transform: str = "pixels",
     seed: int = 0,
 ) -> ClusteredDataset:
@@ -152,6 +153,10 @@ def make_digits_clusters(
         Shares of the shapes among held-out clients (default: ``architecture_shares``).  The
         held-out clients only measure; equal shares give the smallest training group as many
         held-out clients as the others, so its accuracy is not the noisiest figure.
+    architectures_per_group:
+        Assign the shapes within each group (training and held-out separately), so every group
+        has every shape in the given shares (the interleaved global assignment can leave a
+        group without the smallest shape when its count is not a multiple of ``groups``).
     """
     if not 1 <= groups <= 10:
         raise ConfigError(f"groups must be in [1, 10], got {groups}")
@@ -207,14 +212,29 @@ def make_digits_clusters(
     held_arch: tuple[tuple[int, ...], ...] = ()
     if architectures is not None:
         shapes = parse_architectures(architectures)
-        arch = _assign(shapes, architecture_shares, n_train)
         held_shares = architecture_shares if heldout_architecture_shares is None else heldout_architecture_shares
-        held_arch = _assign(shapes, held_shares, n_heldout)
+        if architectures_per_group:
+            arch = _assign_per_group(shapes, architecture_shares, train_groups)
+            held_arch = _assign_per_group(shapes, held_shares, held_groups)
+        else:
+            arch = _assign(shapes, architecture_shares, n_train)
+            held_arch = _assign(shapes, held_shares, n_heldout)
     return ClusteredDataset(
         "digits-clusters", tuple(train), tuple(heldout), (64,), "classification", 10,
         groups=tuple(train_groups), heldout_groups=tuple(held_groups), permutations=tuple(perms),
         shift_round=shift_round, shifted=tuple(shifted), architectures=arch, heldout_architectures=held_arch,
     )
+
+
+def _assign_per_group(shapes: Sequence[tuple[int, ...]], shares: Sequence[float] | None,
+                      groups: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """``_assign`` within each group: every group gets the shapes in the same proportions."""
+    out: list[tuple[int, ...]] = [()] * len(groups)
+    for g in sorted(set(groups)):
+        members = [i for i, h in enumerate(groups) if h == g]
+        for i, s in zip(members, _assign(shapes, shares, len(members))):
+            out[i] = s
+    return tuple(out)
 
 
 def _assign(shapes: Sequence[tuple[int, ...]], shares: Sequence[float] | None, n: int) -> tuple[tuple[int, ...], ...]:

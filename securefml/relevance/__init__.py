@@ -31,7 +31,9 @@ from securefml.relevance.hetero import (
     run_heterogeneous,
     run_heterogeneous_budgets,
 )
+from securefml.relevance.hetero_relevance import relevance_aggregate_heterogeneous, restricted_rows
 from securefml.relevance.policy import RelevancePolicy
+from securefml.relevance.pretrain import PRETRAIN_MODES, PretrainConfig, pretrain_backbones
 from securefml.relevance.server import ClientScores, RelevanceServer, RoundOptions
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
 from securefml.relevance.weights import (
@@ -55,6 +57,11 @@ __all__ = [
     "HeteroConfig",
     "HeteroResult",
     "HeteroUpload",
+    "PRETRAIN_MODES",
+    "relevance_aggregate_heterogeneous",
+    "restricted_rows",
+    "PretrainConfig",
+    "pretrain_backbones",
     "architecture_name",
     "run_heterogeneous",
     "run_heterogeneous_budgets",

@@ -15,6 +15,12 @@ training.  On the bundled benchmark every client has the same task, so the aggre
 the right model for a held-out client; fine-tuning it on 2 images per class at the training
 rate overwrites part of it (``docs/relevance.md``, "The held-out fine-tuning was the limit").
 
+Options for the smallest group (``docs/relevance.md``, "Two methods tried"): ``pretrain``
+pre-trains the frozen backbones on the training clients' pooled images before the federation
+(``securefml.relevance.pretrain``); ``relevance`` gives every client its own relevance-weighted
+aggregate (P, Q across architectures, A, B within), for data whose tasks conflict
+(``securefml.relevance.hetero_relevance``).
+
 The aggregation here is plaintext: the shared and the architecture parts are two weighted
 means, so under a secure protocol each is one secure sum (over all clients, and per group).
 """
@@ -42,6 +48,10 @@ from securefml.relevance.colora import (
     load_shared,
     shared_state,
 )
+from securefml.relevance.hetero_relevance import relevance_aggregate_heterogeneous
+from securefml.relevance.pretrain import PretrainConfig, pretrain_backbones
+from securefml.relevance.task_vectors import TaskVectorizer
+from securefml.relevance.weights import cross_weights, relevance_weights
 
 __all__ = ["HeteroConfig", "HeteroResult", "run_heterogeneous", "run_heterogeneous_budgets", "architecture_name"]
 
@@ -101,6 +111,23 @@ class HeteroConfig:
         Depth-matching rule of the blocks (``block_keys``): ``"ends"`` (output blocks of every
         depth share one ``P``, ``Q``) or ``"depth"`` (output blocks share only with networks of
         the same depth).
+    pretrain, pretrain_steps, pretrain_lr:
+        Pre-train the frozen backbones before the federation starts (``securefml.relevance.pretrain``):
+        ``"none"`` (default: the seeded family backbones), ``"family"`` (one weight-sharing
+        super-network, the shapes stay nested) or ``"independent"`` (each shape on its own).
+        The pre-training set is the training clients' pooled support and query images (held-out
+        clients' images come from a disjoint pool); the shared and the alone runs get the same
+        backbones.  Adam at ``pretrain_lr`` for ``pretrain_steps`` minibatches of 256.
+    relevance, temperature:
+        Personalized aggregation by task relevance (FedMosaic's RELA with Co-LoRA,
+        ``securefml.relevance.hetero_relevance``): every client keeps its own adapters; each
+        round a cohort client's shared part is the relevance-weighted mean over the cohort
+        (every architecture with ``share``, its own otherwise) and its architecture part the
+        relevance-weighted mean within its architecture.  Weights: ``softmax(sim / temperature)``
+        of the cosine similarities of task vectors (self included), the task vector being the
+        gradient of a frozen seeded reference MLP's last layer on the client's support set.  A
+        held-out client is given the same mix of the training clients' personalized adapters,
+        weighted by its own task vector.  For data whose tasks conflict (``groups > 1``).
     seed:
         Cohort sampling and initialisation.
     """
@@ -123,6 +150,11 @@ class HeteroConfig:
     freeze_A: bool = False
     shared_per_architecture: bool = False
     match: str = "ends"
+    pretrain: str = "none"
+    pretrain_steps: int = 300
+    pretrain_lr: float = 0.01
+    relevance: bool = False
+    temperature: float = 0.2
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -141,6 +173,13 @@ class HeteroConfig:
             raise ConfigError(f"alpha must be positive, got {self.alpha}")
         if self.match not in MATCH_RULES:
             raise ConfigError(f"match must be one of {MATCH_RULES}, got {self.match!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        self.pretrain_config()  # validates pretrain, pretrain_steps, pretrain_lr
+
+    def pretrain_config(self) -> PretrainConfig:
+        """The backbone pre-training this config asks for (``mode="none"``: none)."""
+        return PretrainConfig(mode=self.pretrain, steps=self.pretrain_steps, lr=self.pretrain_lr, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -199,16 +238,33 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
             if name.endswith(".lora_A") and config.freeze_A:
                 p.requires_grad_(False)
         models[architecture_name(s)] = m
+    if config.pretrain != "none":
+        if config.pretrain == "family" and not config.family:
+            raise ConfigError("pretrain='family' needs family=True (nested initialisation)")
+        px = torch.cat([torch.cat([t.support_x, t.query_x]) for t in data.train])
+        py = torch.cat([torch.cat([t.support_y, t.query_y]) for t in data.train])
+        losses = pretrain_backbones(models, px, py, config.pretrain_config())
+        log.info("hetero: %s pre-training on %d pooled training images, losses %s", config.pretrain, len(py), losses)
     state = {a: (shared_state(m), architecture_state(m)) for a, m in models.items()}
     arch_of = {t.client_id: architecture_name(s) for t, s in zip(data.train, data.architectures)}
 
-    def local(a: str, task: Task, steps: int, *, all_data: bool, rate: float | None = None) -> CoLoRAMLP:
+    own: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}  # relevance: per client
+    vectors: dict[int, torch.Tensor] = {}
+    if config.relevance:
+        vectors = _task_vectors(data, in_features, classes, config.seed, dev)
+
+    def start(a: str, cid: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return own.get(cid, state[a]) if config.relevance else state[a]
+
+    def local(a: str, task: Task, steps: int, *, all_data: bool, rate: float | None = None,
+              begin: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> CoLoRAMLP:
         m = models[a]
+        st = begin if begin is not None else start(a, task.client_id)
         with torch.no_grad():
             params = dict(m.named_parameters())
-            for n, v in state[a][1].items():
+            for n, v in st[1].items():
                 params[n].copy_(v)
-        load_shared(m, state[a][0])
+        load_shared(m, st[0])
         t = task.to(dev)
         x = torch.cat([t.support_x, t.query_x]) if all_data else t.support_x
         y = torch.cat([t.support_y, t.query_y]) if all_data else t.support_y
@@ -249,11 +305,21 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         if not ups:
             log.warning("hetero round %d: no usable upload", rnd)
             continue
-        shared, arch = aggregate_heterogeneous(ups, share=config.share,
-                                              per_architecture=config.shared_per_architecture)
-        for a in arch:
-            state[a] = (shared[a], arch[a])
-        log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups), len(arch))
+        if config.relevance:
+            vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
+            w = relevance_weights(_cosine(vec, vec), temperature=config.temperature, include_self=True)
+            for u, pers in zip(ups, relevance_aggregate_heterogeneous(ups, w, share=config.share)):
+                own[int(u.client_id or 0)] = pers
+        else:
+            shared, arch = aggregate_heterogeneous(ups, share=config.share,
+                                                  per_architecture=config.shared_per_architecture)
+            for a in arch:
+                state[a] = (shared[a], arch[a])
+        log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups),
+                 len({u.architecture for u in ups}))
+    held_start: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+    if config.relevance:
+        held_start = _heldout_mix(data, own, vectors, arch_of, config)
     results: dict[tuple[int, float], HeteroResult] = {}
     for steps, rate in keys:
         per_client: dict[int, float] = {}
@@ -261,7 +327,7 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         for t, s in zip(data.heldout, data.heldout_architectures):
             a = architecture_name(s)
             m = local(a, t, steps, all_data=False, rate=None if config.finetune_lr is None and rate == config.lr
-                      else rate)
+                      else rate, begin=held_start.get(t.client_id))
             with torch.no_grad():
                 per_client[t.client_id] = float((m(t.query_x.to(dev)).argmax(1) == t.query_y.to(dev)).float().mean())
             held_arch[t.client_id] = a
@@ -271,3 +337,49 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         results[(steps, rate)] = HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())},
                                       held_arch)
     return results
+
+
+def _task_vectors(data: ClusteredDataset, in_features: int, classes: int, seed: int,
+                  device: torch.device) -> dict[int, torch.Tensor]:
+    """Every client's task vector: the last-layer gradient of a frozen seeded reference MLP on its support set.
+
+    The reference network is the same for every architecture (task vectors must be comparable
+    across shapes) and depends only on ``seed``, so every party can rebuild it.
+    """
+    torch.manual_seed(seed)
+    ref = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_features, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, classes)).to(device)
+    vz = TaskVectorizer(ref, dict(ref.named_parameters()), device=device)
+    return {t.client_id: vz(t) for t in (*data.train, *data.heldout)}
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    return (a64 / a64.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ \
+        (b64 / b64.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
+
+
+def _heldout_mix(data: ClusteredDataset, own: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+                 vectors: dict[int, torch.Tensor], arch_of: dict[int, str], config: HeteroConfig
+                 ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """A held-out client's start: the training clients' personalized adapters mixed by its relevance to them."""
+    trained = sorted(own)
+    if not trained:
+        return {}
+    v_train = torch.stack([vectors[c] for c in trained])
+    ups = [HeteroUpload(arch_of[c], own[c][0], own[c][1], client_id=c) for c in trained]
+    out: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+    for t, s in zip(data.heldout, data.heldout_architectures):
+        a = architecture_name(s)
+        mine = [j for j, c in enumerate(trained) if arch_of[c] == a]
+        if not mine:
+            continue
+        row = cross_weights(_cosine(vectors[t.client_id][None, :], v_train), temperature=config.temperature)[0]
+        # the held-out client as a (zero-weight) first member, so the training rule yields its mix
+        first = ups[mine[0]]
+        w = torch.zeros(len(ups) + 1, len(ups) + 1, dtype=torch.float64)
+        w[0, 1:] = row
+        w[1:, 1:] = torch.eye(len(ups), dtype=torch.float64)
+        probe = HeteroUpload(a, first.shared, first.arch, client_id=t.client_id)
+        out[t.client_id] = relevance_aggregate_heterogeneous([probe, *ups], w, share=config.share)[0]
+    return out
