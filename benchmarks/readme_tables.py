@@ -677,6 +677,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "flower_state": render_flower_state,
     "relevance": render_relevance,
     "robustness": render_robustness,
+    "robustness_rules": render_robustness,
     "selection": render_selection,
     "secagg": render_secagg,
 }
