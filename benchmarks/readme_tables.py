@@ -724,6 +724,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "relevance": render_relevance,
     "relevance_hetero_rela": render_relevance,
     "robustness": render_robustness,
+    "robustness_rules": render_robustness,
     "selection": render_selection,
     "secagg": render_secagg,
 }

@@ -22,7 +22,7 @@ the reputation detector's cumulative TPR/FPR (every client seen so far, flagged 
 participation) every 10 rounds, and the pooled per-round rates, per protocol and seed.
 
 ``protocols``: the recommended default under CKKS (on the decrypted Gram) and bucketed SecAgg
-(centered clipping on bucket means) against the same plaintext runs (matrix's first setting and
+(bucket-level reputation, ``recommended:secagg-buckets``) against the same plaintext runs (matrix's first setting and
 fraction; ``--protocol-attacks``), per-seed differences.
 
 ``matrix``: for each setting (digits-fewshot with FOMAML and MAML, digits-skew with FedAvg),
@@ -34,7 +34,8 @@ finished (a partial run reports the rows it has).
 
 ``demo``: the ``make run`` setting (digits-fewshot FOMAML, 40 clients, 8 per round,
 ``--demo-rounds`` rounds, 25 % unit sign flippers or none), in plaintext: the recommended default,
-each of its parts alone and the clip-first candidate against the plain mean, per seed.
+the previous default (``reputation>>medclip>>mean``) and each of its parts alone against the plain
+mean, per seed.
 
 Nothing is compared with a constant from an earlier run.
 """
@@ -59,6 +60,7 @@ from typing import Any
 import torch
 from peers import write_report
 
+from securefml.defenses import PREVIOUS_RECOMMENDED_SPEC
 from securefml.errors import SecureFMLError
 from securefml.experiment import RunConfig, run_experiment
 
@@ -298,9 +300,9 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 # -- protocols ------------------------------------------------------------------------------
 # (protocol, defense, plaintext peer): CKKS runs the plaintext default on the decrypted Gram; bucketed
 # SecAgg reveals bucket sums and the public bucket membership: its default (bucket-level reputation)
-# beside the rules without membership; the clip-first candidate under CKKS against itself in plaintext
-CANDIDATE = "medclip:history=10>>reputation>>mean"
-PROTOCOLS = [("ckks", "recommended:ckks", "recommended"), ("ckks", CANDIDATE, CANDIDATE),
+# beside the rules without membership; the previous default under CKKS against itself in plaintext
+PREVIOUS = PREVIOUS_RECOMMENDED_SPEC
+PROTOCOLS = [("ckks", "recommended", "recommended"), ("ckks", PREVIOUS, PREVIOUS),
              ("secagg:buckets=2", "recommended:secagg-buckets", "recommended"),
              ("secagg:buckets=2", "medclip:history=10>>mean", "recommended"),
              ("secagg:buckets=2", "cclip", "recommended"), ("secagg:buckets=2", "medclip>>mean", "recommended"),
@@ -361,7 +363,7 @@ def protocols(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
 # -- demo -----------------------------------------------------------------------------------
 # The `make run` setting (40 clients, 8 per round, 60 rounds), in plaintext: which part of the
 # recommended default costs accuracy without an attack there (issue 18), component by component
-DEMO_DEFENSES = ["mean", "recommended", "medclip>>mean", "reputation>>mean", "medclip:history=10>>reputation>>mean"]
+DEMO_DEFENSES = ["mean", "recommended", PREVIOUS_RECOMMENDED_SPEC, "medclip>>mean", "reputation>>mean"]
 DEMO_ATTACKS = ["none", "signflip"]
 
 

@@ -28,7 +28,7 @@ from securefml.defenses.geometric import CenteredClipping, GeometricMedian
 from securefml.defenses.mean import Mean
 from securefml.defenses.metrics import DetectionRates, DetectionTracker, cumulative_detection, detection_rates
 from securefml.defenses.preaggregators import ARC, NNM, Bucketing, Clipping, MedianClipping
-from securefml.defenses.preset import recommended
+from securefml.defenses.preset import PREVIOUS_RECOMMENDED_SPEC, RECOMMENDED_SPEC, recommended
 from securefml.defenses.registry import DEFENSES
 from securefml.defenses.reputation import Reputation
 from securefml.defenses.subsets import CAF, MDA, SMEA
@@ -71,6 +71,8 @@ __all__ = [
     "BucketAware",
     "BucketMembership",
     "recommended",
+    "RECOMMENDED_SPEC",
+    "PREVIOUS_RECOMMENDED_SPEC",
     "MDA",
     "SMEA",
     "CAF",

@@ -191,6 +191,12 @@ class Reputation(Defense):
         (0: score each round once, against its own consensus, as it arrives).
     history:
         How many recent rounds' cosine matrices are stored and re-scored.
+    soft:
+        Down-weight the members that cannot be flagged yet (seen fewer than ``min_rounds``
+        times) by their round's score: weight times ``clip(1 + z / sigma, 0, 1)``, ``z`` the
+        member's cosine to the consensus and ``sigma`` the pooled scale (False, the default: full
+        weight until flagged).  Meant for attackers that act before ``min_rounds``; measured in
+        ``docs/robustness.md``.
 
     Notes
     -----
@@ -204,7 +210,11 @@ class Reputation(Defense):
     def __init__(
         self, rule: Defense | None = None, *, threshold: float = 0.0, min_rounds: int = 3, window: int = 2000,
         consensus: str = "unflagged", duplicate: float | None = 0.99, rescore: int = 6, history: int = 250,
+        soft: bool = False,
     ) -> None:
+        if not isinstance(soft, bool):
+            raise ConfigError(f"soft must be True or False, got {soft!r}")
+        self.soft = soft
         if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0 <= threshold < float("inf")):
             raise ConfigError(f"threshold must be non-negative and finite, got {threshold!r}")
         if isinstance(rescore, bool) or not isinstance(rescore, int) or rescore < 0:
@@ -364,11 +374,27 @@ class Reputation(Defense):
         flagged = tuple(c for c, k in zip(ids, keep.tolist()) if not k)
         return AggregationResult(res.aggregate, ids, weights=res.weights, scores=None, flagged=flagged, info=info)
 
+    def _soft_weights(
+        self, ids: tuple[int, ...], z: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """``soft``: scale the weights of members not yet flaggable by ``clip(1 + z / sigma, 0, 1)``.
+
+        Unchanged when that would leave the kept members no weight at all (the rule needs some).
+        """
+        if not self.soft:
+            return weights
+        young = torch.tensor([self._count.get(int(c), 0) < self.min_rounds for c in ids])
+        factor = (1.0 + z.to(torch.float64).cpu() / self.scale()).clamp(0.0, 1.0)
+        factor = torch.where(young, factor, torch.ones_like(factor))
+        scaled = weights * factor.to(weights.device, weights.dtype)
+        return scaled if float(scaled[keep.to(weights.device)].sum()) > 0 else weights
+
     # -- entry points ------------------------------------------------------------------------
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]
     ) -> AggregationResult:
         z, keep = self._observe(Gram.from_updates(updates, client_ids))
+        weights = self._soft_weights(client_ids, z, weights, keep)
         idx = keep.nonzero().flatten()
         sub_ids = tuple(client_ids[i] for i in idx.tolist())
         res = self.rule.aggregate(updates[idx.to(updates.device)], weights[idx.to(weights.device)], sub_ids,
@@ -379,6 +405,7 @@ class Reputation(Defense):
         if Reveals.GRAM not in self.rule.runs_on:
             raise ConfigError(f"{self.rule!r} cannot run on a Gram matrix")
         z, keep = self._observe(gram)
+        weights = self._soft_weights(gram.client_ids, z, weights, keep)
         idx = keep.nonzero().flatten()
         res = self.rule.decide_gram(gram.subset(idx.tolist()), weights[idx], context=context)
         return self._finish(res, gram.client_ids, keep, z)
@@ -414,4 +441,4 @@ class Reputation(Defense):
     def __repr__(self) -> str:
         return (f"Reputation({self.rule!r}, threshold={self.threshold}, min_rounds={self.min_rounds}, "
                 f"window={self.window}, consensus={self.consensus!r}, duplicate={self.duplicate}, "
-                f"rescore={self.rescore}, history={self.history})")
+                f"rescore={self.rescore}, history={self.history}" + (", soft=True)" if self.soft else ")"))

@@ -5,7 +5,7 @@ directions and their scales, arbitrarily; the honest rows are heterogeneous.  Cl
 
 * ``MedianClipping`` shortens every Byzantine row to at most the ``ceil(n/2)``-th smallest
   *honest* norm, and scaling a Byzantine row further never changes the output;
-* the recommended default (``Reputation(MedianClipping >> Mean)``) returns bit-for-bit the
+* the recommended default (``MedianClipping(history=10) >> Reputation(Mean)``) returns bit-for-bit the
   same aggregates and flags over many rounds whether the sign flippers send 1.5x, 10x or
   1e6x their update: a 10x attacker is exactly as strong as any attacker already at the bound;
 * the Gram path (what CKKS reveals) computes the same clipping as the plaintext path.
