@@ -191,15 +191,18 @@ def test_minmax_gamma_on_a_known_configuration() -> None:
 # -- Fang et al. ----------------------------------------------------------------------------
 
 
-def _brute_krum(x: torch.Tensor, f: int) -> int:
+def _brute_krum_scores(x: torch.Tensor, f: int) -> list[float]:
     n = x.shape[0]
-    best, best_score = -1, math.inf
+    scores = []
     for i in range(n):
         d = sorted(float(((x[i] - x[j]) ** 2).sum()) for j in range(n) if j != i)
-        score = sum(d[: max(1, n - f - 2)])
-        if score < best_score:
-            best, best_score = i, score
-    return best
+        scores.append(sum(d[: max(1, n - f - 2)]))
+    return scores
+
+
+def _brute_krum(x: torch.Tensor, f: int) -> int:
+    scores = _brute_krum_scores(x, f)
+    return min(range(len(scores)), key=scores.__getitem__)
 
 
 @SETTINGS
@@ -215,8 +218,11 @@ def test_fang_krum_gets_a_malicious_row_selected(data) -> None:
     if lam > attack.threshold:  # the search succeeded: Krum (checked independently) picks a malicious row
         assert _brute_krum(torch.cat([out, honest]), ctx.n_malicious) < own.shape[0]
     rows = torch.cat([out, honest])
-    assert int(krum_scores(sq_distances_from_gram(stable_gram(rows)), ctx.n_malicious).argmin()) == _brute_krum(
-        rows, ctx.n_malicious)
+    # the fast scores pick a row whose brute-force score is the minimum (the malicious rows are
+    # identical, so their scores tie and either index is Krum's choice)
+    brute = _brute_krum_scores(rows, ctx.n_malicious)
+    picked = int(krum_scores(sq_distances_from_gram(stable_gram(rows)), ctx.n_malicious).argmin())
+    assert brute[picked] <= min(brute) * (1 + 1e-9) + 1e-12
 
 
 def test_fang_krum_succeeds_on_noisy_honest_updates() -> None:
