@@ -490,7 +490,7 @@ class BayesianLearner(MetaLearner):
         kappa = self.bayes.variance_step_weight()
         out = dict(q)
         for name, (gw, gb) in zip(layers, ggn):
-            if self._step_layers is not None and name in self._step_layers:
+            if name in (self._step_layers or ()):
                 for part, g in (("weight", gw), ("bias", gb)):
                     lv = logvar_name(f"{name}.{part}")
                     out[lv] = stationary_logvar(prior[lv], g, x.shape[0], kappa)
@@ -507,10 +507,8 @@ class BayesianLearner(MetaLearner):
         """
         head = self.net.head
         w, b = f"{head}.weight", f"{head}.bias"
-        h = self.net.head_inputs(q, x, noise)
-        var = nn.functional.linear(h * h, torch.exp(clamp_logvar(q[logvar_name(w)])),
-                                   torch.exp(clamp_logvar(q[logvar_name(b)])))
-        probs = torch.softmax(nn.functional.linear(h, q[w], q[b]) + torch.sqrt(var) * noise[-1], dim=-1)
+        h, logits = self.net.head_inputs_and_logits(q, x, noise)
+        probs = torch.softmax(logits, dim=-1)
         ggn_w, ggn_b = softmax_head_ggn_diagonal(h, probs)
         kappa = self.bayes.variance_step_weight()
         return {**q, logvar_name(w): stationary_logvar(prior[logvar_name(w)], ggn_w, x.shape[0], kappa),

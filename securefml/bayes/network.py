@@ -105,28 +105,36 @@ class StochasticMLP:
             raise ConfigError(f"the model's last layer {self.steps[-1][0]!r} is not Linear: no softmax head")
         return self.linear_layers[-1]
 
-    def head_inputs(self, params: Params, x: torch.Tensor, noise: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The sampled inputs of the output layer ``[n, S, d]`` (noise for every Gaussian layer, the head's unused)."""
-        return self.logits(params, x, noise, stop_before=self.head)
+    def head_inputs(self, params: Params, x: torch.Tensor, noise: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """The sampled inputs of the output layer ``[n, S, d]`` (``head_inputs_and_logits``'s first part)."""
+        return self.head_inputs_and_logits(params, x, noise)[0]
 
-    def logits(self, params: Params, x: torch.Tensor, noise: Sequence[torch.Tensor] | None,
-               *, stop_before: str | None = None) -> torch.Tensor:
-        """Sampled logits ``[n, S, C]`` (``S`` from the noise; ``noise=None``: the mean network, ``S = 1``).
+    def logits(self, params: Params, x: torch.Tensor, noise: Sequence[torch.Tensor] | None) -> torch.Tensor:
+        """Sampled logits ``[n, S, C]`` (``S`` from the noise; ``noise=None``: the mean network, ``S = 1``)."""
+        return self.head_inputs_and_logits(params, x, noise)[1]
 
-        ``stop_before`` returns the input of that layer instead (``head_inputs``).
+    def head_inputs_and_logits(self, params: Params, x: torch.Tensor,
+                               noise: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sampled forward pass: the output layer's inputs ``[n, S, d]`` and the logits ``[n, S, C]``.
+
+        Both from the same samples, so the closed-form variance step (``BayesianLearner``) reads the
+        features and the head's logits of one pass instead of re-deriving the head's local
+        reparameterization.
         """
+        head = self.linear_layers[-1]
         h = x.flatten(1)
         samples = 1 if noise is None else int(noise[0].shape[1])
         if noise is not None and len(noise) != len(self.bayesian_layers):
             raise ConfigError(f"noise for {len(noise)} layers, the network has {len(self.bayesian_layers)} Gaussian")
         h = h.unsqueeze(1).expand(h.shape[0], samples, h.shape[1])
+        head_input = h
         k = 0
         for name, module in self.steps:
-            if name == stop_before:
-                return h
             if not isinstance(module, nn.Linear):
                 h = module(h)
                 continue
+            if name == head:
+                head_input = h
             w, b = params[f"{name}.weight"], params[f"{name}.bias"]
             mean = functional_call(module, {"weight": w, "bias": b}, (h,))
             if noise is not None and name in self.bayesian_layers:
@@ -137,7 +145,7 @@ class StochasticMLP:
                 k += 1
             else:
                 h = mean
-        return h
+        return head_input, h
 
     def log_predictive(self, params: Params, x: torch.Tensor, noise: Sequence[torch.Tensor] | None) -> torch.Tensor:
         """``log (1/S) sum_s softmax(logits_s)``: the Monte Carlo predictive's log-probabilities ``[n, C]``."""

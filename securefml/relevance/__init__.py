@@ -39,6 +39,7 @@ from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, T
 from securefml.relevance.weights import (
     check_effective,
     cosine_similarity,
+    cross_cosine,
     cross_weights,
     effective_contributors,
     relevance_weights,
@@ -81,6 +82,7 @@ __all__ = [
     "TaskVectorizer",
     "check_effective",
     "cosine_similarity",
+    "cross_cosine",
     "cross_weights",
     "effective_contributors",
     "parse_relevance_spec",

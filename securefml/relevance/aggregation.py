@@ -62,6 +62,7 @@ from securefml.protocols.secagg import SecAggPlus
 from securefml.relevance.encrypted import EncryptedRelevance
 from securefml.relevance.grouping import relevance_groups
 from securefml.relevance.weights import (
+    cross_cosine,
     cross_weights,
     effective_contributors,
     relevance_weights,
@@ -268,10 +269,7 @@ class RelevanceAggregation:
 
     def heldout_weights(self, new_vectors: torch.Tensor, train_vectors: torch.Tensor) -> torch.Tensor:
         """``[h, n]`` weights of new (held-out) clients over training clients, plaintext cosines."""
-        a = new_vectors.to(torch.float64)
-        b = train_vectors.to(torch.float64)
-        cos = (a @ b.T) / (a.norm(dim=1, keepdim=True).clamp_min(1e-12) * b.norm(dim=1)[None, :].clamp_min(1e-12))
-        return self.cross_from_cosines(cos)
+        return self.cross_from_cosines(cross_cosine(new_vectors, train_vectors))
 
     def cross_from_cosines(self, cos: torch.Tensor) -> torch.Tensor:
         """``[h, n]`` held-out weights from their cosines to the training clients, tempered.

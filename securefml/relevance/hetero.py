@@ -51,7 +51,7 @@ from securefml.relevance.colora import (
 from securefml.relevance.hetero_relevance import relevance_aggregate_heterogeneous
 from securefml.relevance.pretrain import PretrainConfig, pretrain_backbones
 from securefml.relevance.task_vectors import TaskVectorizer
-from securefml.relevance.weights import cross_weights, relevance_weights
+from securefml.relevance.weights import cosine_similarity, cross_cosine, cross_weights, relevance_weights
 
 __all__ = ["HeteroConfig", "HeteroResult", "run_heterogeneous", "run_heterogeneous_budgets", "architecture_name"]
 
@@ -307,7 +307,7 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
             continue
         if config.relevance:
             vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
-            w = relevance_weights(_cosine(vec, vec), temperature=config.temperature, include_self=True)
+            w = relevance_weights(cosine_similarity(vec), temperature=config.temperature, include_self=True)
             for u, pers in zip(ups, relevance_aggregate_heterogeneous(ups, w, share=config.share)):
                 own[int(u.client_id or 0)] = pers
         else:
@@ -353,12 +353,6 @@ def _task_vectors(data: ClusteredDataset, in_features: int, classes: int, seed: 
     return {t.client_id: vz(t) for t in (*data.train, *data.heldout)}
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    return (a64 / a64.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ \
-        (b64 / b64.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
-
-
 def _heldout_mix(data: ClusteredDataset, own: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
                  vectors: dict[int, torch.Tensor], arch_of: dict[int, str], config: HeteroConfig
                  ) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
@@ -374,7 +368,7 @@ def _heldout_mix(data: ClusteredDataset, own: dict[int, tuple[dict[str, torch.Te
         mine = [j for j, c in enumerate(trained) if arch_of[c] == a]
         if not mine:
             continue
-        row = cross_weights(_cosine(vectors[t.client_id][None, :], v_train), temperature=config.temperature)[0]
+        row = cross_weights(cross_cosine(vectors[t.client_id][None, :], v_train), temperature=config.temperature)[0]
         # the held-out client as a (zero-weight) first member, so the training rule yields its mix
         first = ups[mine[0]]
         w = torch.zeros(len(ups) + 1, len(ups) + 1, dtype=torch.float64)

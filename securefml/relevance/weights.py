@@ -48,6 +48,7 @@ __all__ = [
     "cosine_similarity",
     "relevance_weights",
     "cross_weights",
+    "cross_cosine",
     "effective_contributors",
     "temper",
     "temper_row",
@@ -59,6 +60,12 @@ __all__ = [
 def cosine_similarity(vectors: torch.Tensor) -> torch.Tensor:
     """``[n, n]`` cosine similarities of the rows of ``vectors`` (float64) via their Gram."""
     return Gram.from_updates(vectors).cosine()
+
+
+def cross_cosine(new: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """``[h, n]`` cosine similarities (float64) of each row of ``new`` to each row of ``train``."""
+    a, b = new.to(torch.float64), train.to(torch.float64)
+    return (a @ b.T) / (a.norm(dim=1, keepdim=True).clamp_min(1e-12) * b.norm(dim=1)[None, :].clamp_min(1e-12))
 
 
 def _candidates(n: int, include_self: bool, device: torch.device | None = None) -> torch.Tensor:
