@@ -41,6 +41,8 @@ Usage: ``python benchmarks/secagg.py [--quick] [--no-checks] [--only-checks-cost
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import statistics
 import threading
@@ -54,8 +56,11 @@ from securefml.defenses import Mean
 from securefml.protocols import ClientUpdate, Plaintext, SecAggPlus
 from securefml.protocols.base import finish_round
 from securefml.protocols.prg import MaskStreams, keystream, new_seed
+from securefml.protocols.quantize import FixedPoint
+from securefml.protocols.secagg_client import MaskJob
 from securefml.protocols.secagg_halves import SecAggClientHalf
-from securefml.protocols.secagg_masking import available_cpus
+from securefml.protocols.secagg_masking import available_cpus, run_mask_job_threaded
+from securefml.protocols.secagg_server import SecAggServer
 from securefml.testing.secagg_strategies import DropAt
 from securefml.updates import LayerLayout
 
@@ -236,7 +241,27 @@ def scenario(n: int, length: int, k: int | None, drop_frac: float, floor: float,
     return best
 
 
-VARIANTS = {"one_thread": OneThreadSecAgg, "mask_threads": MaskThreadsSecAgg, "concurrent_replies": SecAggPlus}
+class HeldMessagesSecAgg(SecAggPlus):
+    """Concurrent replies, but the server keeps each masked message itself (the design before issue 15's
+    second pass): every message stays referenced until the unmask, so each is fresh memory."""
+
+
+@contextlib.contextmanager
+def _server_holds(proto: SecAggPlus):  # noqa: ANN202
+    """While a ``HeldMessagesSecAgg`` round runs, the server keeps the message's view, not a copy."""
+    if not isinstance(proto, HeldMessagesSecAgg):
+        yield
+        return
+    own = SecAggServer.__dict__["_hold"]
+    SecAggServer._hold = staticmethod(lambda vec: vec)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SecAggServer._hold = own  # type: ignore[method-assign]
+
+
+VARIANTS = {"one_thread": OneThreadSecAgg, "mask_threads": MaskThreadsSecAgg, "concurrent_replies": SecAggPlus,
+            "held_messages": HeldMessagesSecAgg}
 KEYS = ("round_s", "main_process_cpu_s", "idle_cores_bound_s")
 
 
@@ -250,9 +275,11 @@ def workers_comparison(n: int, length: int, k: int, rounds: int) -> dict:
     for rep in range(rounds):
         for name, proto in order if rep % 2 == 0 else order[::-1]:
             r += 1
-            res[name].append(timed_round(proto, ups, layout, 100 + r))
+            with _server_holds(proto):
+                res[name].append(timed_round(proto, ups, layout, 100 + r))
     med = {name: {key: statistics.median(x[key] for x in runs) for key in KEYS} for name, runs in res.items()}
     one, old, new = med["one_thread"], med["mask_threads"], med["concurrent_replies"]
+    held = med["held_messages"]
     return {
         "n": n, "L": length, "k": k, "rounds": rounds, "cpus": available_cpus(),
         "reply_pool_threads": res["concurrent_replies"][0]["reply_pool_threads"],
@@ -265,6 +292,80 @@ def workers_comparison(n: int, length: int, k: int, rounds: int) -> dict:
         "bound_concurrent_over_mask_threads": new["idle_cores_bound_s"] / old["idle_cores_bound_s"],
         "cpu_concurrent_over_mask_threads": new["main_process_cpu_s"] / old["main_process_cpu_s"],
         "wall_mask_threads_over_one": old["round_s"] / one["round_s"],
+        # issue 15, second pass: the server copies each vector into warm memory and the message is freed
+        "wall_concurrent_over_held_messages": new["round_s"] / held["round_s"],
+        "bound_concurrent_over_held_messages": new["idle_cores_bound_s"] / held["idle_cores_bound_s"],
+        "cpu_concurrent_over_held_messages": new["main_process_cpu_s"] / held["main_process_cpu_s"],
+    }
+
+
+def _previous_rounding(fp: FixedPoint, x: np.ndarray, weight: float, out: np.ndarray, seed: bytes,
+                       chunk: int = 1 << 15) -> None:
+    """The stochastic rounding before issue 15's second pass: ``floor(v + r / 2**32)`` in float64.
+
+    Kept here as the peer of ``FixedPoint.encode``'s integer form (same chunking, same keystream
+    call), so the two are timed on the same input in the same run.
+    """
+    from securefml.protocols.secagg_masking import _ctr
+
+    factor = min(weight, fp.max_weight) * fp.scale
+    hi = fp.clip * factor
+    enc = _ctr(seed, 0, 4)
+    rnd = np.empty(chunk + 4, dtype=np.uint32)
+    rview = rnd.view(np.uint8)
+    zeros = memoryview(bytes(chunk * 4))
+    tmp, uni = np.empty(chunk), np.empty(chunk)
+    signed = out.view(np.int32)
+    for start in range(0, x.size, chunk):
+        stop = min(start + chunk, x.size)
+        m = stop - start
+        t = tmp[:m]
+        np.multiply(x[start:stop], np.float64(factor), out=t)
+        if not math.isfinite(np.add.reduce(t)):
+            raise ValueError("non-finite entry")
+        enc.update_into(zeros[: m * 4], rview)
+        np.clip(t, -hi, hi, out=t)
+        u = uni[:m]
+        np.multiply(rnd[:m], 2.0**-32, out=u)
+        t += u
+        np.floor(t, out=t)
+        np.copyto(signed[start:stop], t, casting="unsafe")
+
+
+def rounding_kernels(length: int, k: int, repeats: int) -> dict:
+    """CPU ms of one client's rounding, previous float64 form vs the integer form, interleaved (medians).
+
+    Also one whole masked input (the integer rounding plus ``k + 1`` mask streams, one thread)
+    and the ``k + 1`` streams alone on the same input (``MaskStreams``): the masked input's cost
+    above its floor.
+    """
+    fp = FixedPoint(1.0, 100, 32, max_weight=8.0)
+    x = (np.random.default_rng(7).standard_normal(length) * 0.05).astype(np.float32)
+    seed = new_seed()
+    out = np.empty(length + 1, dtype=np.uint32)
+    acc = np.zeros(length + 1, dtype=np.uint32)
+    job = MaskJob(x, 3.0, fp, [new_seed() for _ in range(k + 1)], [], 1, 1, {"commit": b"c" * 32})
+    streams = [new_seed() for _ in range(k + 1)]
+    cands = {
+        "previous_float64_floor": lambda: _previous_rounding(fp, x, 3.0, out, seed),
+        "integer_trunc": lambda: fp.encode(x, 3.0, seed=seed, out=out),
+        "masked_input_one_thread": lambda: run_mask_job_threaded(job, 1),
+        "mask_streams_alone": lambda: MaskStreams(streams).apply(acc),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in cands}
+    for f in cands.values():
+        f()  # warm-up
+    for rep in range(repeats):
+        for name, f in (list(cands.items()) if rep % 2 == 0 else list(cands.items())[::-1]):
+            c0 = time.thread_time()
+            f()
+            runs[name].append((time.thread_time() - c0) * 1e3)
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    return {
+        "L": length, "k": k, "repeats": repeats, "unit": "CPU ms of the calling thread",
+        "median_ms": med, "min_ms": {name: min(v) for name, v in runs.items()},
+        "integer_over_previous": med["integer_trunc"] / med["previous_float64_floor"],
+        "masked_input_over_streams": med["masked_input_one_thread"] / med["mask_streams_alone"],
     }
 
 
@@ -312,6 +413,7 @@ def main() -> None:
         "secaggplus": scenario(n, big, 15, 0.0, floor, 2, checks, args.rounds),
         "secaggplus_10pct_dropouts": scenario(n, big, 15, 0.1, floor, 3, checks, args.rounds),
     }
+    out["rounding"] = rounding_kernels(big, 15, 21)
     out["workers_1_vs_auto"] = workers_comparison(n, big, 15, args.comparison_rounds)
     if args.repeats:
         out["checks_cost"] = checks_cost(n, big, 15, args.repeats, False)

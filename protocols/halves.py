@@ -270,7 +270,7 @@ def simulate(
                 share = max(1, available_cpus() // size)
                 futures = {p: pool.submit(_respond_on_pool, h, stage, m, share, spent) for p, m, h in pooled}
             for party, message, half in due:
-                fut = futures.get(party)
+                fut = futures.pop(party, None)
                 reply, err = fut.result() if fut is not None else _respond(half, stage, message)
                 _take(server, transport, seen, stopped, stage, party, reply, err)
         finally:

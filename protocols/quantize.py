@@ -2,9 +2,12 @@
 
 Why: masks only cancel in a ring, so SecAgg sums integers modulo ``2**bits``.  A client
 clips every entry of its update to ``[-clip, clip]``, multiplies by its weight ``w`` (its
-sample count, at most ``max_weight``), scales by ``scale`` and rounds *stochastically* in
-float64 (``floor(v * scale + u)``, ``u`` uniform on the 2**32-point grid of [0, 1) from an
-AES-256-CTR stream: unbiased up to 2**-32 of a unit, error below one unit).  One
+sample count, at most ``max_weight``), scales by ``scale`` and rounds *stochastically*:
+``q = floor((trunc(2**32 v) + r) / 2**32)`` with ``v`` the scaled entry computed in float64 and
+``r`` a uniform 32-bit word from an AES-256-CTR stream, in exact int64 arithmetic.  Given ``v``,
+``E[q] = trunc(2**32 v) / 2**32``: unbiased up to 2**-32 of a unit, error below one unit (the
+earlier float64 form ``floor(v + r / 2**32)`` rounded the sum to float64 first; issue 15 moved
+to the integer form, which is exact and takes fewer numpy passes).  One
 extra coordinate carries the weight itself, rounded to nearest on its own scale, so the
 server learns only the *total* weight of the clients in the sum, never a single weight.
 
@@ -121,6 +124,16 @@ class FixedPoint:
     def mask(self) -> int:
         return (1 << self.bits) - 1
 
+    def rounding_factors(self, weight: float) -> tuple[float, float]:
+        """``(2**32 * w * scale, 2**32 * clip * w * scale)`` for a weight ``w <= max_weight``.
+
+        The stochastic rounding works on ``2**32`` times the scaled entry: both factors are
+        the float64 ``w * scale`` and ``clip * w * scale`` times a power of two, so exact scalings
+        of them (the same rounding as without the ``2**32``).
+        """
+        factor = weight * self.scale
+        return factor * 2.0**32, self.clip * factor * 2.0**32
+
     def error_bound(self, m: int, total_weight: float) -> float:
         """Worst-case absolute error per entry of the decoded weighted mean of ``m`` clients."""
         ew = m / (2 * self.weight_scale)
@@ -153,30 +166,29 @@ class FixedPoint:
             out = np.empty(x.size + 1, dtype=self.dtype)
         elif out.shape != (x.size + 1,) or out.dtype != self.dtype:
             raise ConfigError(f"out must be a [{x.size + 1}] {self.dtype} array")
-        factor = w * self.scale
-        lim = self.clip
+        factor, hi = self.rounding_factors(w)
         enc = Cipher(algorithms.AES(seed or new_seed()), modes.CTR(bytes(16))).encryptor()
         rnd = np.empty(_CHUNK + 4, dtype=np.uint32)  # 32 random bits per entry for the rounding
         rview = rnd.view(np.uint8)
         zeros = memoryview(bytes(_CHUNK * 4))
         tmp = np.empty(_CHUNK, dtype=np.float64)
-        uni = np.empty(_CHUNK, dtype=np.float64)
+        acc = np.empty(_CHUNK, dtype=np.int64)
         signed = out.view(np.int16 if self.dtype.itemsize == 2 else np.int32)
         for start in range(0, x.size, _CHUNK):
             part = x[start : start + _CHUNK]
             m = part.size
             if not np.isfinite(part).all():
                 raise InvalidUpdateError("update contains NaN or Inf", sender=sender)
-            enc.update_into(zeros[: m * 4], rview)  # type: ignore[arg-type]  # an ndarray is a writable buffer
             t = tmp[:m]
-            np.clip(part, -lim, lim, out=t)
-            t *= factor
-            u = uni[:m]
-            np.multiply(rnd[:m], 2.0**-32, out=u)
-            t += u
-            np.floor(t, out=t)
-            # |t| <= budget + 1 < 2**(bits-1): the signed cast is exact and wraps into the ring
-            np.copyto(signed[start : start + m], t, casting="unsafe")
+            np.multiply(part, factor, out=t, dtype=np.float64)  # 2**32 * w * s * x, rounded once
+            np.clip(t, -hi, hi, out=t)  # == 2**32 * fl(w * s * clip(x)): rounding is monotone
+            a = acc[:m]
+            np.copyto(a, t, casting="unsafe")  # trunc: |t| < 2**63
+            enc.update_into(zeros[: m * 4], rview)  # type: ignore[arg-type]  # an ndarray is a writable buffer
+            a += rnd[:m]  # + r, r uniform on [0, 2**32)
+            a >>= 32  # floor((trunc(t) + r) / 2**32)
+            # |q| <= budget + 1 < 2**(bits-1): the signed cast is exact and wraps into the ring
+            np.copyto(signed[start : start + m], a, casting="unsafe")
             if chunk_hook is not None:
                 chunk_hook(out[start : start + m])
         out[-1:] = int(round(w * self.weight_scale)) & self.mask

@@ -559,7 +559,9 @@ class SecAggClientHalf(ClientHalf):
             job.ring_noise = self.ring_noise(job)
         times: list[MaskTimes] = []
         reply = run_mask_job_threaded(job, self.workers, times=times)
-        clipped = _clipped_entries(self.vector, fp.clip)
+        # the masked input counts what it clipped (its range check is one pass it makes anyway);
+        # with a noise hook it counts the noised vector, so the update itself is counted here
+        clipped = times[0].clipped_entries if self.noise_fn is None else _clipped_entries(self.vector, fp.clip)
         over = self.weight > fp.max_weight
         if clipped:
             log.debug("client %s: %d of %d entries clipped to +-%g", self.party, clipped, job.vector.size, fp.clip)

@@ -111,6 +111,7 @@ class MaskTimes:
     """
 
     per_range: tuple[float, ...]
+    clipped_entries: int = 0  # entries of the input outside [-clip, clip] (the masked input's own count)
 
 
 @dataclass
@@ -132,16 +133,23 @@ def _scratch(name: str, size: int, dtype: np.dtype | type) -> np.ndarray:
 
 
 def _quantize_and_mask(job: MaskJob, rounding_seed: bytes, part: _Range, out: np.ndarray,
-                       noise: np.ndarray | None) -> float:
-    """Entries ``[part.start, part.stop)`` of the masked input (and the weight word if ``part.last``)."""
+                       noise: np.ndarray | None) -> tuple[float, int]:
+    """Entries ``[part.start, part.stop)`` of the masked input (and the weight word if ``part.last``).
+
+    Returns the thread's CPU seconds and how many entries of the range were clipped.  The
+    rounding is ``FixedPoint.encode``'s, word for word, in four numpy passes per chunk: the
+    range check (``min`` and ``max``, which also catch a NaN or an infinity), the float64 product
+    written straight into int64 (``trunc(2**32 * w * s * x)``), the add of the 32-bit rounding
+    word, and the copy of each int64's high word (the floor of the sum over ``2**32``).
+    """
     c0 = time.thread_time()
     fp: FixedPoint = job.fixed_point
     dt = fp.dtype
     item = dt.itemsize
     x = job.vector
     w = min(float(job.weight), fp.max_weight)
-    factor = w * fp.scale
-    hi = fp.clip * factor  # clip(x, -c, c) * f == clip(x * f, -c * f, c * f) bit for bit (x is exact in float64)
+    factor, hi = fp.rounding_factors(w)
+    lim = fp.clip
     rnd_enc = _ctr(rounding_seed, part.start, 4)  # 32 random bits per entry, as FixedPoint.encode
     streams: list[tuple[Callable[..., object], np.ufunc]] = [(_ctr(s, part.start, item).update_into, np.add)
                                                              for s in job.plus]
@@ -152,22 +160,29 @@ def _quantize_and_mask(job: MaskJob, rounding_seed: bytes, part: _Range, out: np
     ks = _scratch("ks", CHUNK * item + 16, np.uint8)
     ksw = ks[: CHUNK * item].view(dt)
     tmp = _scratch("tmp", CHUNK, np.float64)
-    uni = _scratch("uni", CHUNK, np.float64)
+    acc = _scratch("acc", CHUNK, np.int64)
+    high = acc.view(np.int32)[1::2] if sys.byteorder == "little" else acc.view(np.int32)[0::2]
     signed = out.view(np.int16 if item == 2 else np.int32)
+    clipped = 0
     for start in range(part.start, part.stop, CHUNK):
         stop = min(start + CHUNK, part.stop)
         m = stop - start
-        t = tmp[:m]
-        np.multiply(x[start:stop], np.float64(factor), out=t)  # in float64, as FixedPoint.encode
-        if not math.isfinite(np.add.reduce(t)):  # a NaN or an infinity survives the sum (float64 cannot overflow here)
+        xs = x[start:stop]
+        lo, up = float(np.minimum.reduce(xs)), float(np.maximum.reduce(xs))  # a NaN propagates to both
+        if not (math.isfinite(lo) and math.isfinite(up)):
             raise InvalidUpdateError("update contains NaN or Inf", sender=job.client_id)
+        a = acc[:m]
+        if lo < -lim or up > lim:
+            t = tmp[:m]
+            np.multiply(xs, factor, out=t, dtype=np.float64)
+            np.clip(t, -hi, hi, out=t)  # == clip(x, -c, c) * f bit for bit (rounding is monotone)
+            np.copyto(a, t, casting="unsafe")
+            clipped += int(np.count_nonzero(np.abs(xs) > lim))
+        else:  # in range (the usual case): product in float64, truncated into int64 in one pass
+            np.multiply(xs, factor, out=a, dtype=np.float64, casting="unsafe")
         rnd_enc.update_into(zeros[: m * 4], rview)
-        np.clip(t, -hi, hi, out=t)  # one pass (no NaN is left: the sum above was finite)
-        u = uni[:m]
-        np.multiply(rnd[:m], 2.0**-32, out=u)
-        t += u
-        np.floor(t, out=t)
-        np.copyto(signed[start:stop], t, casting="unsafe")  # |t| < 2**(bits-1): exact, wraps into the ring
+        np.add(a, rnd[:m], out=a)
+        np.copyto(signed[start:stop], high[:m], casting="unsafe")  # |q| < 2**(bits-1): wraps into the ring
         sub = out[start:stop]
         if noise is not None:
             sub += noise[start:stop]
@@ -188,7 +203,7 @@ def _quantize_and_mask(job: MaskJob, rounding_seed: bytes, part: _Range, out: np
     if fp.bits != 8 * item:
         region = out[part.start : part.stop + (1 if part.last else 0)]
         region &= fp.dtype.type(fp.mask)
-    return time.thread_time() - c0
+    return time.thread_time() - c0, clipped
 
 
 def _ranges(entries: int, workers: int) -> list[_Range]:
@@ -245,7 +260,7 @@ def run_mask_job_threaded(
     out = raw[4:].view(fp.dtype)
     seed = rounding_seed or new_seed()
     parts = _ranges(n, workers)
-    futures: list[Future[float]] = []
+    futures: list[Future[tuple[float, int]]] = []
     if len(parts) > 1:
         pool = _executor(len(parts) - 1)
         futures = [pool.submit(_quantize_and_mask, job, seed, p, out, noise) for p in parts[1:]]
@@ -255,9 +270,9 @@ def run_mask_job_threaded(
         for f in futures:  # no range may still write into the buffer once this call returns
             f.exception()
         raise
-    rest = [f.result() for f in futures]  # re-raises a range's error
+    done = [first, *(f.result() for f in futures)]  # re-raises a range's error
     if times is not None:
-        times.append(MaskTimes((first, *rest)))
+        times.append(MaskTimes(tuple(c for c, _ in done), sum(k for _, k in done)))
     if sys.byteorder != "little":  # pragma: no cover - the wire is little-endian
         out.byteswap(inplace=True)
     fields = dict(job.fields)

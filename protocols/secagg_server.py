@@ -46,6 +46,7 @@ import numpy as np
 
 from securefml.errors import DecryptionError, MalformedMessageError, ProtocolAbort, ProtocolError, ReplayError
 from securefml.protocols import shamir
+from securefml.protocols.secagg_buffers import POOL
 from securefml.protocols.secagg_client import B_SHARE, KEY_RECORD_BYTES, S_SHARE, UNMASK_RECORD_BYTES
 from securefml.protocols.secagg_crypto import (
     SEALED_BYTES,
@@ -278,7 +279,19 @@ class SecAggServer:
         vec = unpack_array(env.field("vector"), expected_len=self.plan.length + 1, sender=sender)
         if vec.dtype != fp.dtype:
             raise MalformedMessageError(f"masked vector must be {fp.dtype}, got {vec.dtype}", sender=sender)
-        st.masked[sender] = _Masked(vec, peers, commit)
+        st.masked[sender] = _Masked(self._hold(vec), peers, commit)
+
+    @staticmethod
+    def _hold(vec: np.ndarray) -> np.ndarray:
+        """What the server keeps of an accepted masked vector until the unmask: a copy in warm memory.
+
+        Not the message itself (``vec`` is a view of it): a copy in a ``secagg_buffers`` buffer
+        lets the driver free the message, so the next client's message reuses its pages instead
+        of faulting in fresh ones (``docs/performance.md``).
+        """
+        held = POOL.take(vec.size, vec.dtype)
+        np.copyto(held, vec)
+        return held
 
     def close_masked(self) -> tuple[int, ...]:
         """Fix the contributors ``C`` and the dropped set ``D``; returns ``C``."""
@@ -395,7 +408,15 @@ class SecAggServer:
         total = unmask_sum([st.masked[c].vector for c in st.contributors], plus, minus + seeds)
         if fp.bits != 8 * fp.dtype.itemsize:
             total &= fp.dtype.type(fp.mask)
+        self._release_vectors()
         return total
+
+    def _release_vectors(self) -> None:
+        """Give the held masked vectors back to the pool: the sum is taken, none is read again."""
+        st = self.state
+        POOL.give(m.vector for m in st.masked.values())
+        for m in st.masked.values():
+            m.vector = np.empty(0, dtype=m.vector.dtype)
 
     def _recover(
         self, points: list[tuple[int, bytes]], client: int, culprits: set[int], check: Callable[[bytes], bool]
