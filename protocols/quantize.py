@@ -40,6 +40,7 @@ total weight by at most ``m / (2 * weight_scale)``, so the weighted mean is off 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,9 +50,74 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from securefml.errors import AggregateOutOfRange, ConfigError, InvalidUpdateError
 from securefml.protocols.prg import new_seed
 
-__all__ = ["FixedPoint"]
+__all__ = ["FixedPoint", "RoundingScratch", "round_chunk"]
 
 _CHUNK = 1 << 15
+
+
+class RoundingScratch:
+    """Reusable buffers of ``round_chunk`` for chunks of up to ``size`` entries (one per thread)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.words = np.empty(size + 4, dtype=np.uint32)  # the rounding words (AES-CTR output)
+        self.zeros = memoryview(bytes(size * 4))
+        self.tmp = np.empty(size, dtype=np.float64)
+        self.acc = np.empty(size, dtype=np.int64)
+        ints = self.acc.view(np.int32)
+        self.high = ints[1::2] if sys.byteorder == "little" else ints[0::2]  # each int64's high word
+
+
+def round_chunk(
+    xs: np.ndarray,
+    factor: float,
+    hi: float,
+    clip: float,
+    keystream_into: Callable[[memoryview, memoryview], object],
+    scratch: RoundingScratch,
+    out: np.ndarray,
+    *,
+    sender: int | None = None,
+) -> int:
+    """Stochastically round one chunk into ``out`` (signed ints of the ring); returns the clipped count.
+
+    ``q = floor((trunc(v) + r) / 2**32)`` with ``v = min(max(factor * x, -hi), hi)`` in float64
+    (``factor, hi = FixedPoint.rounding_factors(w)``) and ``r`` the chunk's next 32-bit words
+    of ``keystream_into`` (an AES-CTR ``update_into``).  Four numpy passes in the usual case:
+    the range check (``min`` and ``max``; a NaN or an infinity makes them non-finite), the product
+    computed in float64 and truncated straight into int64, the add of ``r``, the copy of each
+    int64's high word (the arithmetic shift by 32).  Entries outside ``[-clip, clip]`` take one
+    float64 pass more (clipping the product equals clipping ``x`` first: rounding is monotone).
+
+    Raises
+    ------
+    InvalidUpdateError
+        A NaN or infinite entry (naming ``sender``), before anything is written.
+    """
+    m = xs.size
+    if m > scratch.size:
+        raise ConfigError(f"a chunk of {m} entries does not fit scratch buffers of {scratch.size}")
+    if m == 0:
+        return 0
+    lo, up = float(np.minimum.reduce(xs)), float(np.maximum.reduce(xs))  # a NaN propagates to both
+    if not (math.isfinite(lo) and math.isfinite(up)):
+        raise InvalidUpdateError("update contains NaN or Inf", sender=sender)
+    a = scratch.acc[:m]
+    clipped = 0
+    if lo < -clip or up > clip:
+        t = scratch.tmp[:m]
+        np.multiply(xs, factor, out=t, dtype=np.float64)
+        np.clip(t, -hi, hi, out=t)
+        np.copyto(a, t, casting="unsafe")  # trunc toward zero; |t| <= hi < 2**63
+        clipped = int(np.count_nonzero(np.abs(xs) > clip))
+    else:  # the usual case: product in float64, truncated into int64, one pass
+        np.multiply(xs, factor, out=a, dtype=np.float64, casting="unsafe")
+    keystream_into(scratch.zeros[: m * 4], scratch.words.view(np.uint8))  # type: ignore[arg-type]
+    np.add(a, scratch.words[:m], out=a)  # + r, r uniform on [0, 2**32): no overflow below 2**63
+    # the high word is floor((trunc(v) + r) / 2**32); |q| <= budget + 1 < 2**(bits-1), so the
+    # signed cast is exact and wraps into the ring
+    np.copyto(out, scratch.high[:m], casting="unsafe")
+    return clipped
 
 
 @dataclass(frozen=True)
@@ -168,29 +234,14 @@ class FixedPoint:
             raise ConfigError(f"out must be a [{x.size + 1}] {self.dtype} array")
         factor, hi = self.rounding_factors(w)
         enc = Cipher(algorithms.AES(seed or new_seed()), modes.CTR(bytes(16))).encryptor()
-        rnd = np.empty(_CHUNK + 4, dtype=np.uint32)  # 32 random bits per entry for the rounding
-        rview = rnd.view(np.uint8)
-        zeros = memoryview(bytes(_CHUNK * 4))
-        tmp = np.empty(_CHUNK, dtype=np.float64)
-        acc = np.empty(_CHUNK, dtype=np.int64)
+        scratch = RoundingScratch(min(_CHUNK, max(1, x.size)))
         signed = out.view(np.int16 if self.dtype.itemsize == 2 else np.int32)
         for start in range(0, x.size, _CHUNK):
-            part = x[start : start + _CHUNK]
-            m = part.size
-            if not np.isfinite(part).all():
-                raise InvalidUpdateError("update contains NaN or Inf", sender=sender)
-            t = tmp[:m]
-            np.multiply(part, factor, out=t, dtype=np.float64)  # 2**32 * w * s * x, rounded once
-            np.clip(t, -hi, hi, out=t)  # == 2**32 * fl(w * s * clip(x)): rounding is monotone
-            a = acc[:m]
-            np.copyto(a, t, casting="unsafe")  # trunc: |t| < 2**63
-            enc.update_into(zeros[: m * 4], rview)  # type: ignore[arg-type]  # an ndarray is a writable buffer
-            a += rnd[:m]  # + r, r uniform on [0, 2**32)
-            a >>= 32  # floor((trunc(t) + r) / 2**32)
-            # |q| <= budget + 1 < 2**(bits-1): the signed cast is exact and wraps into the ring
-            np.copyto(signed[start : start + m], a, casting="unsafe")
+            stop = min(start + _CHUNK, x.size)
+            round_chunk(x[start:stop], factor, hi, self.clip, enc.update_into, scratch, signed[start:stop],
+                        sender=sender)
             if chunk_hook is not None:
-                chunk_hook(out[start : start + m])
+                chunk_hook(out[start:stop])
         out[-1:] = int(round(w * self.weight_scale)) & self.mask
         if chunk_hook is not None:
             chunk_hook(out[-1:])

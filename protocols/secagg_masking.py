@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from securefml.errors import ConfigError, InvalidUpdateError
 from securefml.protocols.halves import available_cpus, reply_cpus
 from securefml.protocols.prg import SEED_BYTES, new_seed
-from securefml.protocols.quantize import FixedPoint
+from securefml.protocols.quantize import FixedPoint, RoundingScratch, round_chunk
 from securefml.protocols.secagg_client import MaskJob
 from securefml.protocols.secagg_messages import KIND, Stage
 from securefml.protocols.wire import Envelope, encode
@@ -132,15 +132,21 @@ def _scratch(name: str, size: int, dtype: np.dtype | type) -> np.ndarray:
     return arr
 
 
+def _rounding_scratch() -> RoundingScratch:
+    scratch = cast("RoundingScratch | None", getattr(_local, "rounding", None))
+    if scratch is None:
+        scratch = _local.rounding = RoundingScratch(CHUNK)
+    return scratch
+
+
 def _quantize_and_mask(job: MaskJob, rounding_seed: bytes, part: _Range, out: np.ndarray,
                        noise: np.ndarray | None) -> tuple[float, int]:
     """Entries ``[part.start, part.stop)`` of the masked input (and the weight word if ``part.last``).
 
     Returns the thread's CPU seconds and how many entries of the range were clipped.  The
-    rounding is ``FixedPoint.encode``'s, word for word, in four numpy passes per chunk: the
-    range check (``min`` and ``max``, which also catch a NaN or an infinity), the float64 product
-    written straight into int64 (``trunc(2**32 * w * s * x)``), the add of the 32-bit rounding
-    word, and the copy of each int64's high word (the floor of the sum over ``2**32``).
+    rounding is ``quantize.round_chunk``, the kernel of ``FixedPoint.encode`` (four numpy passes
+    per chunk), started at the range's counter of the rounding stream; then every mask stream
+    is added to the chunk while it is in cache.
     """
     c0 = time.thread_time()
     fp: FixedPoint = job.fixed_point
@@ -154,35 +160,17 @@ def _quantize_and_mask(job: MaskJob, rounding_seed: bytes, part: _Range, out: np
     streams: list[tuple[Callable[..., object], np.ufunc]] = [(_ctr(s, part.start, item).update_into, np.add)
                                                              for s in job.plus]
     streams += [(_ctr(s, part.start, item).update_into, np.subtract) for s in job.minus]
-    rnd = _scratch("rnd", CHUNK + 4, np.uint32)
-    rview = rnd.view(np.uint8)
-    zeros = memoryview(bytes(CHUNK * 4))
+    scratch = _rounding_scratch()
+    zeros = scratch.zeros
     ks = _scratch("ks", CHUNK * item + 16, np.uint8)
     ksw = ks[: CHUNK * item].view(dt)
-    tmp = _scratch("tmp", CHUNK, np.float64)
-    acc = _scratch("acc", CHUNK, np.int64)
-    high = acc.view(np.int32)[1::2] if sys.byteorder == "little" else acc.view(np.int32)[0::2]
     signed = out.view(np.int16 if item == 2 else np.int32)
     clipped = 0
     for start in range(part.start, part.stop, CHUNK):
         stop = min(start + CHUNK, part.stop)
         m = stop - start
-        xs = x[start:stop]
-        lo, up = float(np.minimum.reduce(xs)), float(np.maximum.reduce(xs))  # a NaN propagates to both
-        if not (math.isfinite(lo) and math.isfinite(up)):
-            raise InvalidUpdateError("update contains NaN or Inf", sender=job.client_id)
-        a = acc[:m]
-        if lo < -lim or up > lim:
-            t = tmp[:m]
-            np.multiply(xs, factor, out=t, dtype=np.float64)
-            np.clip(t, -hi, hi, out=t)  # == clip(x, -c, c) * f bit for bit (rounding is monotone)
-            np.copyto(a, t, casting="unsafe")
-            clipped += int(np.count_nonzero(np.abs(xs) > lim))
-        else:  # in range (the usual case): product in float64, truncated into int64 in one pass
-            np.multiply(xs, factor, out=a, dtype=np.float64, casting="unsafe")
-        rnd_enc.update_into(zeros[: m * 4], rview)
-        np.add(a, rnd[:m], out=a)
-        np.copyto(signed[start:stop], high[:m], casting="unsafe")  # |q| < 2**(bits-1): wraps into the ring
+        clipped += round_chunk(x[start:stop], factor, hi, lim, rnd_enc.update_into, scratch, signed[start:stop],
+                               sender=job.client_id)
         sub = out[start:stop]
         if noise is not None:
             sub += noise[start:stop]
