@@ -35,6 +35,9 @@
    The same run times the primitives (one relinearized ciphertext product, one rotate-and-sum)
    and reports the speedup bound of any scheme that still needs one relinearized product per
    chunk pair: ``naive per pair / (chunks * product)``.
+6. ``--parts threads`` (issue 15): whether SEAL's evaluator releases the GIL (a spinning peer
+   thread under a 1 s switch interval does not slow its rotations: it does not), and the lazy
+   Gram's pairs on one thread against two, interleaved, wall and CPU.
 5. Whole rounds through the halves (``CKKS.run_round``: announce, upload, key holder), mean
    (add-only) and MultiKrum (stats), with the server's own timing split (``--round-length``).
 
@@ -462,6 +465,100 @@ def bench_gram(n: int, length: int, naive_pairs: int | None, seed: int, repeat: 
     }
 
 
+def bench_threads(repeat: int) -> dict:
+    """Does SEAL's evaluator (``tenseal.sealapi``) release the GIL?  Two tests, same run.
+
+    1. A peer thread spins in Python while the main thread runs rotations, with a 1 s switch
+       interval: if a call released the GIL, the peer would take it and keep it for up to the
+       interval, and the rotations would stall (the test ``benchmarks/secagg.py`` applies to
+       AES-CTR, whose calls do release it).  Not slowed: the calls hold the GIL.
+    2. The lazy Gram's pairs on one thread and split over two threads, interleaved, wall and
+       CPU: only a released GIL lets two threads use two cores.
+    """
+    import sys
+    import tempfile
+    import threading
+
+    from securefml.protocols import ckks_lazy
+
+    proto, secret = make_proto("stats")
+    slots = 4096
+    rng = np.random.default_rng(5)
+    chunks = [[ts.ckks_vector(secret, rng.normal(0, 0.01, slots)) for _ in range(5)] for _ in range(4)]
+    eng = ckks_lazy._engine_for(secret)
+    import tenseal.sealapi as sa
+
+    with tempfile.TemporaryDirectory() as d:
+        loaded = [[eng.load(v, d) for v in row] for row in chunks]
+    prod = sa.Ciphertext()
+    eng.ev.multiply(loaded[0][0], loaded[1][0], prod)
+    eng.ev.rescale_to_next_inplace(prod)
+    eng.ev.relinearize_inplace(prod, eng.relin)
+
+    def rotations(k: int = 40) -> float:
+        t0 = time.perf_counter()
+        tmp = sa.Ciphertext()
+        for _ in range(k):
+            eng.ev.rotate_vector(prod, 1, eng.galois, tmp)
+        return time.perf_counter() - t0
+
+    rotations(4)
+    old = sys.getswitchinterval()
+    alone, with_peer = [], []
+    try:
+        sys.setswitchinterval(1.0)
+        for _ in range(repeat):
+            alone.append(rotations())
+            stop = threading.Event()
+
+            def spin() -> None:
+                while not stop.is_set():
+                    pass
+
+            th = threading.Thread(target=spin)
+            th.start()
+            try:
+                with_peer.append(rotations())
+            finally:
+                stop.set()
+                th.join()
+    finally:
+        sys.setswitchinterval(old)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)] * 2
+
+    def work(ps: list[tuple[int, int]]) -> None:
+        for i, j in ps:
+            eng.pair(loaded[i], loaded[j], None)
+
+    def two_threads() -> None:
+        ths = [threading.Thread(target=work, args=(pairs[k::2],)) for k in range(2)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+
+    runs: dict[str, list[tuple[float, float]]] = {"one_thread": [], "two_threads": []}
+    for r in range(repeat):
+        order = [("one_thread", lambda: work(pairs)), ("two_threads", two_threads)]
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            runs[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    med = {name: {"wall_s": statistics.median(w for w, _ in v), "cpu_s": statistics.median(c for _, c in v)}
+           for name, v in runs.items()}
+    slowed = statistics.median(with_peer) / statistics.median(alone)
+    return {
+        "rotations": 40, "repeat": repeat,
+        "rotations_alone_s": alone, "rotations_with_spinning_peer_s": with_peer,
+        "slowdown_with_peer": slowed,
+        "releases_gil": slowed > 3.0,
+        "pairs": len(pairs), "chunks": 5,
+        "median": med,
+        "wall_two_over_one_thread": med["two_threads"]["wall_s"] / med["one_thread"]["wall_s"],
+        "cpu_two_over_one_thread": med["two_threads"]["cpu_s"] / med["one_thread"]["cpu_s"],
+    }
+
+
 def bench_round(n: int, length: int, repeat: int) -> dict:
     """Whole rounds through the halves: the generic driver, the server, the key holder."""
     from securefml.defenses import Mean, MultiKrum
@@ -496,7 +593,7 @@ def main() -> None:
     ap.add_argument("--gram-repeat", type=int, default=2, help="interleaved repeats of the Gram variants")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--parts", nargs="+", default=["aggregation", "bytes", "gram", "round"],
-                    choices=["aggregation", "bytes", "gram", "round"])
+                    choices=["aggregation", "bytes", "gram", "round", "threads"])
     ap.add_argument("--out", default="", help="also write the JSON here; parts not run are kept from the file, "
                     "each with the machine line of the run that measured it")
     args = ap.parse_args()
@@ -519,6 +616,8 @@ def main() -> None:
         gram = result["gram"] = bench_gram(args.gram_clients or args.clients, args.gram_length, args.naive_pairs, 2,
                                            args.gram_repeat)
         met["gram_ge_20x_faster_than_naive"] = gram["speedup_vs_naive"] >= 20.0
+    if "threads" in args.parts:
+        result["threads"] = bench_threads(max(3, min(args.repeat, 7)))
     if "round" in args.parts:
         result["round"] = bench_round(min(args.clients, 10), args.round_length, max(1, min(args.repeat, 2)))
     result["targets_met"] = met
@@ -536,7 +635,8 @@ def _merge(path: str, result: dict, parts: list[str]) -> dict:
             old = json.load(fh)
     except FileNotFoundError:
         return result
-    machines = old.get("machine_by_part") or {p: old.get("machine") for p in ("aggregation", "bytes", "gram", "round")
+    machines = old.get("machine_by_part") or {p: old.get("machine") for p in ("aggregation", "bytes", "gram", "round",
+                                                                              "threads")
                                                if p in old}
     merged = dict(old)
     merged.update({k: v for k, v in result.items() if k not in ("targets_met",)})

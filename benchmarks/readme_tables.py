@@ -332,7 +332,7 @@ def render_ckks(data: dict[str, Any]) -> str:
         return f"{mm.get('utc', 'date not recorded')} (1-min load average {shown})"
 
     runs = {}
-    for part in ("aggregation", "bytes", "gram", "round"):
+    for part in ("aggregation", "bytes", "gram", "round", "threads"):
         if part in data:
             runs.setdefault(stamp(by_part.get(part, m)), []).append(part)
     when = "; ".join(f"{', '.join(parts)} measured {st}" for st, parts in runs.items())
@@ -386,6 +386,12 @@ def render_ckks(data: dict[str, Any]) -> str:
             if "speedup_bound_products_and_rescale_only" in pr:
                 lines.append(f"| bound if a pair cost only its chunk products and one rescale (same run) | "
                              f"{_r(pr['speedup_bound_products_and_rescale_only'])} | - | - |")
+    th = data.get("threads")
+    if th:
+        lines.append(f"| SEAL's evaluator (`tenseal.sealapi`) releases the GIL: rotations with a spinning peer thread "
+                     f"(1 s switch interval) / lazy Gram pairs on two threads vs one, interleaved | "
+                     f"{_r(th['slowdown_with_peer'])} / {_r(th['wall_two_over_one_thread'])} wall, "
+                     f"{_r(th['cpu_two_over_one_thread'])} CPU | - | {'yes' if th['releases_gil'] else 'no'} |")
     r = data.get("round")
     if r:
         for name in ("mean", "multikrum"):
@@ -446,6 +452,23 @@ def render_secagg(data: dict[str, Any]) -> str:
         f"| max error vs documented bound | {sp['max_abs_error']:.1e} vs {sp['error_bound']:.2e} | within | "
         f"{'yes' if sp['max_abs_error'] <= sp['error_bound'] else 'no'} |",
     ]
+    if "held_messages" in med:  # issue 15, second pass: the server's vectors in reused warm buffers
+        hm = med["held_messages"]
+        lines.append(f"| concurrent replies vs the same with the server holding each message (before), interleaved: "
+                     f"median bound / CPU / wall | {_s(new['idle_cores_bound_s'])} vs {_s(hm['idle_cores_bound_s'])} s / "
+                     f"{_s(new['main_process_cpu_s'])} vs {_s(hm['main_process_cpu_s'])} s / {_s(new['round_s'])} vs "
+                     f"{_s(hm['round_s'])} s: {_r(wc['bound_concurrent_over_held_messages'])} / "
+                     f"{_r(wc['cpu_concurrent_over_held_messages'])} / {_r(wc['wall_concurrent_over_held_messages'])}"
+                     " | - | - |")
+    if "rounding" in data:
+        rd = data["rounding"]
+        rm = rd["median_ms"]
+        lines.append(f"| one client's stochastic rounding, L={rd['L']:,}: previous float64 form / integer form, "
+                     f"interleaved ({rd['repeats']} each), median CPU | {rm['previous_float64_floor']:.2f} / "
+                     f"{rm['integer_trunc']:.2f} ms ({_r(rd['integer_over_previous'])}) | - | - |")
+        lines.append(f"| one client's masked input (rounding + {rd['k'] + 1} mask streams, one thread) / the "
+                     f"{rd['k'] + 1} streams alone | {rm['masked_input_one_thread']:.2f} / "
+                     f"{rm['mask_streams_alone']:.2f} ms ({_r(rd['masked_input_over_streams'])}) | - | - |")
     if "checks_cost" in data:
         cc = data["checks_cost"]
         lines.append(f"| issue-11 checks on / off, median round / CPU ({cc['repeats']} interleaved pairs) | "
