@@ -511,7 +511,7 @@ def bench_threads(repeat: int) -> dict:
             alone.append(rotations())
             stop = threading.Event()
 
-            def spin() -> None:
+            def spin(stop: threading.Event = stop) -> None:
                 while not stop.is_set():
                     pass
 

@@ -455,7 +455,8 @@ def render_secagg(data: dict[str, Any]) -> str:
     if "held_messages" in med:  # issue 15, second pass: the server's vectors in reused warm buffers
         hm = med["held_messages"]
         lines.append(f"| concurrent replies vs the same with the server holding each message (before), interleaved: "
-                     f"median bound / CPU / wall | {_s(new['idle_cores_bound_s'])} vs {_s(hm['idle_cores_bound_s'])} s / "
+                     f"median bound / CPU / wall | {_s(new['idle_cores_bound_s'])} vs "
+                     f"{_s(hm['idle_cores_bound_s'])} s / "
                      f"{_s(new['main_process_cpu_s'])} vs {_s(hm['main_process_cpu_s'])} s / {_s(new['round_s'])} vs "
                      f"{_s(hm['round_s'])} s: {_r(wc['bound_concurrent_over_held_messages'])} / "
                      f"{_r(wc['cpu_concurrent_over_held_messages'])} / {_r(wc['wall_concurrent_over_held_messages'])}"

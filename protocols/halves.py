@@ -35,7 +35,10 @@ rejections, dropouts, the revealed value) is the sequential one whatever the thr
 (tested with hypothesis in ``tests/property/test_halves_concurrent.py``).  A client half run in
 the pool sees ``reply_cpus()`` (its share of the CPUs) so that it does not start threads of its
 own on top of the pool's.  Threads, not processes: a process pool would serialize every
-message both ways, and the halves' state stays where it is.
+message both ways, and the halves' state stays where it is.  The driver keeps no reply once it
+is delivered (its future is dropped then, not at the end of the stage): a server half that keeps
+only what it needs of a large reply lets its memory be reused by the next one (SecAgg+'s masked
+vectors, ``secagg_buffers``).
 """
 
 from __future__ import annotations
@@ -270,7 +273,7 @@ def simulate(
                 share = max(1, available_cpus() // size)
                 futures = {p: pool.submit(_respond_on_pool, h, stage, m, share, spent) for p, m, h in pooled}
             for party, message, half in due:
-                fut = futures.pop(party, None)
+                fut = futures.pop(party, None)  # the reply is not kept past its delivery
                 reply, err = fut.result() if fut is not None else _respond(half, stage, message)
                 _take(server, transport, seen, stopped, stage, party, reply, err)
         finally:

@@ -25,7 +25,6 @@ in the client's own process and see nothing the client does not already hold.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
