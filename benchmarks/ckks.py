@@ -48,6 +48,7 @@ Usage: ``python benchmarks/ckks.py [--clients 20] [--length 1000000] [--gram-len
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -559,26 +560,58 @@ def bench_threads(repeat: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _gram_as_before(on: bool):  # noqa: ANN202
+    """The key holder's Gram before issue 15's third pass: every loaded chunk re-serialized for SEAL,
+    the bridge's files on the default temporary directory (disk-backed here)."""
+    if not on:
+        yield
+        return
+    from securefml.protocols import ckks_keys, ckks_lazy
+
+    own_products, own_dir = ckks_keys.encrypted_inner_products, ckks_lazy._scratch_dir
+    ckks_keys.encrypted_inner_products = lambda chunks, **kw: own_products(chunks)  # type: ignore[assignment]
+    ckks_lazy._scratch_dir = lambda: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ckks_keys.encrypted_inner_products = own_products  # type: ignore[assignment]
+        ckks_lazy._scratch_dir = own_dir  # type: ignore[assignment]
+
+
 def bench_round(n: int, length: int, repeat: int) -> dict:
-    """Whole rounds through the halves: the generic driver, the server, the key holder."""
+    """Whole rounds through the halves: the generic driver, the server, the key holder; interleaved.
+
+    ``multikrum_before`` is the MultiKrum round with the key holder's Gram as it was before issue
+    15's third pass (``_gram_as_before``), timed in the same run.
+    """
     from securefml.defenses import Mean, MultiKrum
 
     layout = LayerLayout([("model.weight", (length,))])
     gen = torch.Generator().manual_seed(3)
     ups = [ClientUpdate(i, torch.randn(length, generator=gen) * 0.01, layout.layer_names, 1.0) for i in range(n)]
-    out: dict[str, object] = {"clients": n, "length": length}
-    for preset, name, rule in (("add-only", "mean", Mean()), ("stats", "multikrum", MultiKrum(f=1))):
-        proto, _ = make_proto(preset)
-        best = cpu = float("inf")
-        timing: dict = {}
-        for r in range(repeat):
-            c0, t0 = time.process_time(), time.perf_counter()
-            res = proto.run_round(r, ups, layout, defense=rule)
-            wall = time.perf_counter() - t0
-            if wall < best:
-                timing = dict(res.extras["timing"])  # type: ignore[arg-type]
-            best, cpu = min(best, wall), min(cpu, time.process_time() - c0)
-        out[name] = {"round_s": best, "round_cpu_s": cpu, "server_timing_s": timing}
+    out: dict[str, object] = {"clients": n, "length": length, "repeat": repeat}
+    variants = [("add-only", "mean", Mean(), False), ("stats", "multikrum", MultiKrum(f=1), False),
+                ("stats", "multikrum_before", MultiKrum(f=1), True)]
+    protos = {name: make_proto(preset)[0] for preset, name, _, _ in variants}
+    runs: dict[str, list[tuple[float, float, dict]]] = {name: [] for _, name, _, _ in variants}
+    for r in range(repeat):
+        for _, name, rule, before in variants if r % 2 == 0 else variants[::-1]:
+            with _gram_as_before(before):
+                c0, t0 = time.process_time(), time.perf_counter()
+                res = protos[name].run_round(r, ups, layout, defense=rule)
+                runs[name].append((time.perf_counter() - t0, time.process_time() - c0,
+                                   dict(res.extras["timing"])))  # type: ignore[arg-type]
+    for name, rs in runs.items():
+        best = min(rs, key=lambda x: x[0])
+        out[name] = {"round_s": best[0], "round_cpu_s": min(x[1] for x in rs), "server_timing_s": best[2],
+                     "median_round_s": statistics.median(x[0] for x in rs),
+                     "median_round_cpu_s": statistics.median(x[1] for x in rs)}
+    mk, mb, mn = out["multikrum"], out["multikrum_before"], out["mean"]
+    out["multikrum_over_mean_cpu"] = mk["median_round_cpu_s"] / mn["median_round_cpu_s"]  # type: ignore[index]
+    out["multikrum_before_over_mean_cpu"] = mb["median_round_cpu_s"] / mn["median_round_cpu_s"]  # type: ignore[index]
+    out["multikrum_over_before_cpu"] = mk["median_round_cpu_s"] / mb["median_round_cpu_s"]  # type: ignore[index]
+    out["multikrum_over_before_wall"] = mk["median_round_s"] / mb["median_round_s"]  # type: ignore[index]
     return out
 
 
@@ -619,7 +652,7 @@ def main() -> None:
     if "threads" in args.parts:
         result["threads"] = bench_threads(max(3, min(args.repeat, 7)))
     if "round" in args.parts:
-        result["round"] = bench_round(min(args.clients, 10), args.round_length, max(1, min(args.repeat, 2)))
+        result["round"] = bench_round(min(args.clients, 10), args.round_length, max(1, min(args.repeat, 3)))
     result["targets_met"] = met
     if args.out:
         merged = _merge(args.out, result, args.parts)

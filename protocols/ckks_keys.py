@@ -464,9 +464,10 @@ class CKKSKeyHolder:
                 )
             self._check_upload(ref, request.round_idx, frame, full=True)
         order = list(uploads.values()) + ([ref] if ref is not None else [])
-        vectors = [[self._load(bytes(u.chunks[k]), u.sender) for k in range(frame.n_chunks)] for u in order]
-        try:
-            inner = encrypted_inner_products(vectors)
+        blobs = [[bytes(u.chunks[k]) for k in range(frame.n_chunks)] for u in order]
+        vectors = [[self._load(b, u.sender) for b in row] for u, row in zip(order, blobs, strict=True)]
+        try:  # the lazy path reads SEAL's ciphertexts from the very bytes loaded and checked here
+            inner = encrypted_inner_products(vectors, blobs=blobs)
         except Exception:
             raise DecryptionError("the uploads' inner products cannot be computed") from None
         self._ledger_for(request.round_idx, frame).gram = True

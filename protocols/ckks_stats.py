@@ -222,7 +222,8 @@ class PackingFrame:
 
 
 def encrypted_inner_products(
-    chunks: Sequence[Sequence[ts.CKKSVector]], *, lazy: bool | None = None
+    chunks: Sequence[Sequence[ts.CKKSVector]], *, lazy: bool | None = None,
+    blobs: Sequence[Sequence[bytes]] | None = None,
 ) -> dict[tuple[int, int], ts.CKKSVector]:
     """<u_i, u_j> for all i <= j: multiply-accumulate over chunks, one rotate-and-sum per pair.
 
@@ -232,7 +233,8 @@ def encrypted_inner_products(
     ``lazy`` (default: whenever SEAL's evaluator is importable and there are two chunks or
     more) sums each pair's chunk products before relinearizing them once
     (``ckks_lazy.lazy_inner_products``: same values within CKKS error, same level and
-    headroom); ``False`` keeps TenSEAL's vectors, which relinearize every product.
+    headroom); ``False`` keeps TenSEAL's vectors, which relinearize every product.  ``blobs``
+    (the bytes each chunk was loaded from) spare the lazy path a re-serialization of every chunk.
     """
     n = len(chunks)
     if n and len({len(c) for c in chunks}) != 1:
@@ -240,7 +242,7 @@ def encrypted_inner_products(
     if lazy is None:
         lazy = lazy_available() and n > 0 and len(chunks[0]) >= 2
     if lazy:
-        return lazy_inner_products(chunks)
+        return lazy_inner_products(chunks, blobs=blobs)
     out: dict[tuple[int, int], ts.CKKSVector] = {}
     for i in range(n):
         for j in range(i, n):

@@ -156,3 +156,21 @@ def test_the_factor_keeps_every_partial_sum_inside_the_lowest_level(a, b):
     assert 2.0**-10 <= c <= 2.0**10 and math.log2(c).is_integer()
     # Cauchy-Schwarz: |any partial sum of <u_i, u_j>| <= sqrt(|u_i|^2 |u_j|^2)
     assert c * math.sqrt(abs(a)) * math.sqrt(abs(b)) <= 2.0**16
+
+
+def test_reading_the_loaded_bytes_gives_the_gram_of_the_re_serialized_vectors() -> None:
+    """The key holder passes the bytes it loaded each chunk from: the same SEAL ciphertexts, so the
+    same Gram bit for bit as re-serializing every loaded vector (issue 15)."""
+    rng = np.random.default_rng(11)
+    blobs = [[ts.ckks_vector(_PUBLIC, rng.normal(0, 0.1, _SLOTS).tolist()).serialize() for _ in range(2)]
+             for _ in range(3)]
+    loaded = [[ts.ckks_vector_from(_SECRET, b) for b in row] for row in blobs]
+    plain = lazy_inner_products(loaded)
+    fast = lazy_inner_products(loaded, blobs=blobs)
+    assert plain.keys() == fast.keys()
+    for key in plain:
+        assert plain[key].serialize() == fast[key].serialize()
+    with pytest.raises(ConfigError):
+        lazy_inner_products(loaded, blobs=blobs[:2])
+    with pytest.raises(ConfigError):
+        lazy_inner_products(loaded, blobs=[row[:1] for row in blobs])
