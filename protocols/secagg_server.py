@@ -28,6 +28,11 @@ their keys but are not in ``C``: their pairwise masks are removed from the neigh
 ``C`` that used them, with the masking key reconstructed from ``t`` shares (only clients that
 dropped after the exclusion list was fixed need this).
 
+What the server keeps of a masked input: once every check of ``receive_masked`` passed, a copy
+of the vector in a reused buffer (``secagg_buffers``), not the message, so the message's memory
+serves the next one; the close's mask-list check still sees every accepted vector (a client it
+rejects is not summed), and ``finish`` returns the buffers after the unmask.
+
 Blame (``_recover``): with more than ``t`` revealed shares of a secret, the server finds the
 polynomial a strict majority of them lie on; responders off it are rejected by name, and if
 its secret does not match the dealer's seed commitment the *dealer* is rejected by name (its
