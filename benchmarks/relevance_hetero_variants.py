@@ -48,10 +48,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pretrain_independent": {"pretrain": "independent", "pretrain_steps": 300},
     # conflicting tasks (4 digits-clusters groups, every shape in every group), relevance-weighted P, Q and A, B
     "rela_groups4": {"relevance": True, "temperature": 0.2},
+    # the same, evidence-gated: a client with >= m effective same-architecture contributors keeps its own P, Q
+    "rela_groups4_evidence2": {"relevance": True, "temperature": 0.2, "own_evidence": 2.0},
+    "rela_groups4_evidence4": {"relevance": True, "temperature": 0.2, "own_evidence": 4.0},
 }
 #: variant -> make_digits_clusters changes (default: one task, groups=1)
 VARIANT_DATA: dict[str, dict[str, Any]] = {
     "rela_groups4": {"groups": 4, "architectures_per_group": True},
+    "rela_groups4_evidence2": {"groups": 4, "architectures_per_group": True},
+    "rela_groups4_evidence4": {"groups": 4, "architectures_per_group": True},
 }
 
 

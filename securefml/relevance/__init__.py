@@ -31,7 +31,7 @@ from securefml.relevance.hetero import (
     run_heterogeneous,
     run_heterogeneous_budgets,
 )
-from securefml.relevance.hetero_relevance import relevance_aggregate_heterogeneous, restricted_rows
+from securefml.relevance.hetero_relevance import cross_share, relevance_aggregate_heterogeneous, restricted_rows
 from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.pretrain import PRETRAIN_MODES, PretrainConfig, pretrain_backbones
 from securefml.relevance.server import ClientScores, RelevanceServer, RoundOptions
@@ -60,6 +60,7 @@ __all__ = [
     "HeteroUpload",
     "PRETRAIN_MODES",
     "relevance_aggregate_heterogeneous",
+    "cross_share",
     "restricted_rows",
     "PretrainConfig",
     "pretrain_backbones",

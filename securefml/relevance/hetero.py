@@ -128,6 +128,12 @@ class HeteroConfig:
         gradient of a frozen seeded reference MLP's last layer on the client's support set.  A
         held-out client is given the same mix of the training clients' personalized adapters,
         weighted by its own task vector.  For data whose tasks conflict (``groups > 1``).
+    own_evidence:
+        Evidence-gated sharing with ``relevance`` and ``share`` (``hetero_relevance``): a client
+        whose relevance row has ``own_evidence`` or more effective contributors in its own
+        architecture keeps that architecture's shared part, one with a single one (itself) takes
+        the cross-architecture part, linearly in between.  None (default): every client takes
+        the cross-architecture part.  Held-out clients follow the same rule on their row.
     seed:
         Cohort sampling and initialisation.
     """
@@ -155,6 +161,7 @@ class HeteroConfig:
     pretrain_lr: float = 0.01
     relevance: bool = False
     temperature: float = 0.2
+    own_evidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -175,6 +182,9 @@ class HeteroConfig:
             raise ConfigError(f"match must be one of {MATCH_RULES}, got {self.match!r}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.own_evidence is not None and not self.own_evidence > 1:
+            raise ConfigError(f"own_evidence must be > 1 (effective same-architecture contributors), "
+                              f"got {self.own_evidence}")
         self.pretrain_config()  # validates pretrain, pretrain_steps, pretrain_lr
 
     def pretrain_config(self) -> PretrainConfig:
@@ -308,7 +318,8 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         if config.relevance:
             vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
             w = relevance_weights(cosine_similarity(vec), temperature=config.temperature, include_self=True)
-            for u, pers in zip(ups, relevance_aggregate_heterogeneous(ups, w, share=config.share)):
+            for u, pers in zip(ups, relevance_aggregate_heterogeneous(ups, w, share=config.share,
+                                                                             own_evidence=config.own_evidence)):
                 own[int(u.client_id or 0)] = pers
         else:
             shared, arch = aggregate_heterogeneous(ups, share=config.share,
@@ -375,5 +386,6 @@ def _heldout_mix(data: ClusteredDataset, own: dict[int, tuple[dict[str, torch.Te
         w[0, 1:] = row
         w[1:, 1:] = torch.eye(len(ups), dtype=torch.float64)
         probe = HeteroUpload(a, first.shared, first.arch, client_id=t.client_id)
-        out[t.client_id] = relevance_aggregate_heterogeneous([probe, *ups], w, share=config.share)[0]
+        out[t.client_id] = relevance_aggregate_heterogeneous([probe, *ups], w, share=config.share,
+                                                            own_evidence=config.own_evidence)[0]
     return out
