@@ -179,7 +179,8 @@ def main() -> None:
         if VARIANT_DATA.get(args.alone_from[1]) != VARIANT_DATA.get(args.variant):
             ap.error(f"{args.alone_from[1]} runs on other data than {args.variant}")
         with open(args.alone_from[0]) as fh:
-            kept = {int(r["seed"]): r for r in map(json.loads, filter(str.strip, fh)) if r["name"] == args.alone_from[1]}
+            rows = [json.loads(line) for line in fh if line.strip()]
+        kept = {int(r["seed"]): r for r in rows if r["name"] == args.alone_from[1]}
     for seed in args.seeds:
         if args.alone_from and seed not in kept:
             ap.error(f"no {args.alone_from[1]} row of seed {seed} in {args.alone_from[0]}")

@@ -32,6 +32,14 @@ from securefml.relevance.hetero import (
     run_heterogeneous_budgets,
 )
 from securefml.relevance.hetero_relevance import cross_share, relevance_aggregate_heterogeneous, restricted_rows
+from securefml.relevance.hetero_secure import (
+    SECURE_MODES,
+    CombinationFamily,
+    SecureHeteroRelevance,
+    SecureRound,
+    combination_families,
+    combine_plain,
+)
 from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.pretrain import PRETRAIN_MODES, PretrainConfig, pretrain_backbones
 from securefml.relevance.server import ClientScores, RelevanceServer, RoundOptions
@@ -61,6 +69,12 @@ __all__ = [
     "PRETRAIN_MODES",
     "relevance_aggregate_heterogeneous",
     "cross_share",
+    "SECURE_MODES",
+    "CombinationFamily",
+    "SecureHeteroRelevance",
+    "SecureRound",
+    "combination_families",
+    "combine_plain",
     "restricted_rows",
     "PretrainConfig",
     "pretrain_backbones",

@@ -49,6 +49,8 @@ from securefml.relevance.colora import (
     shared_state,
 )
 from securefml.relevance.hetero_relevance import relevance_aggregate_heterogeneous
+from securefml.relevance.hetero_secure import SECURE_MODES, SecureHeteroRelevance
+from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.pretrain import PretrainConfig, pretrain_backbones
 from securefml.relevance.task_vectors import TaskVectorizer
 from securefml.relevance.weights import cosine_similarity, cross_cosine, cross_weights, relevance_weights
@@ -134,6 +136,14 @@ class HeteroConfig:
         architecture keeps that architecture's shared part, one with a single one (itself) takes
         the cross-architecture part, linearly in between.  None (default): every client takes
         the cross-architecture part.  Held-out clients follow the same rule on their row.
+    protocol, min_effective:
+        How the relevance-weighted combinations are computed (``relevance`` only):
+        ``"plaintext"`` (default, no policy), ``"ckks"`` (``hetero_secure``: the task vectors'
+        Gram and every per-client combination decrypted by a CKKS key holder whose
+        ``RelevancePolicy(min_effective)`` refuses concentrated rows; a refused training row
+        keeps the client's own tensors, a held-out one is tempered or starts from the public
+        initialisation) or ``"policy"`` (the same rows and policy in plaintext: the reference
+        CKKS is compared with).
     seed:
         Cohort sampling and initialisation.
     """
@@ -162,6 +172,8 @@ class HeteroConfig:
     relevance: bool = False
     temperature: float = 0.2
     own_evidence: float | None = None
+    protocol: str = "plaintext"
+    min_effective: float = 2.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -185,6 +197,13 @@ class HeteroConfig:
         if self.own_evidence is not None and not self.own_evidence > 1:
             raise ConfigError(f"own_evidence must be > 1 (effective same-architecture contributors), "
                               f"got {self.own_evidence}")
+        if self.protocol not in ("plaintext", *SECURE_MODES):
+            raise ConfigError(f"protocol must be 'plaintext', 'ckks' or 'policy', got {self.protocol!r}")
+        if self.protocol != "plaintext" and not self.relevance:
+            raise ConfigError("protocol 'ckks' / 'policy' applies to the relevance-weighted aggregation "
+                              "(relevance=True)")
+        if not self.min_effective >= 1:
+            raise ConfigError(f"min_effective must be >= 1, got {self.min_effective}")
         self.pretrain_config()  # validates pretrain, pretrain_steps, pretrain_lr
 
     def pretrain_config(self) -> PretrainConfig:
@@ -199,6 +218,8 @@ class HeteroResult:
     per_client: dict[int, float]
     per_architecture: dict[str, float]
     architecture_of: dict[int, str]
+    refused_rows: int = 0
+    bytes_uploaded: int = 0
 
     @property
     def mean(self) -> float:
@@ -262,6 +283,15 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
     vectors: dict[int, torch.Tensor] = {}
     if config.relevance:
         vectors = _task_vectors(data, in_features, classes, config.seed, dev)
+    secure: SecureHeteroRelevance | None = None
+    refused_rows = bytes_uploaded = 0
+    if config.protocol != "plaintext":
+        learned = {n for m in models.values() for n, p in m.named_parameters() if p.requires_grad}
+        secure = SecureHeteroRelevance(RelevancePolicy(min_effective=config.min_effective), mode=config.protocol,
+                                       temperature=config.temperature, share=config.share,
+                                       own_evidence=config.own_evidence, trainable=learned.__contains__)
+        parties = [t.client_id for t in (*data.train, *data.heldout)]
+        secure.register(0, parties, torch.stack([vectors[c] for c in parties]))  # task vectors are fixed
 
     def start(a: str, cid: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         return own.get(cid, state[a]) if config.relevance else state[a]
@@ -315,7 +345,14 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         if not ups:
             log.warning("hetero round %d: no usable upload", rnd)
             continue
-        if config.relevance:
+        if secure is not None:
+            vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
+            got = secure.aggregate(rnd, ups, vec)
+            refused_rows += len(got.refused)
+            bytes_uploaded += got.bytes_uploaded
+            for j, u in enumerate(ups):
+                own[int(u.client_id or 0)] = got.states[j]
+        elif config.relevance:
             vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
             w = relevance_weights(cosine_similarity(vec), temperature=config.temperature, include_self=True)
             for u, pers in zip(ups, relevance_aggregate_heterogeneous(ups, w, share=config.share,
@@ -329,7 +366,14 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups),
                  len({u.architecture for u in ups}))
     held_start: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
-    if config.relevance:
+    if secure is not None and own:
+        trained = sorted(own)
+        held_start = secure.heldout(
+            config.rounds, [HeteroUpload(arch_of[c], own[c][0], own[c][1], client_id=c) for c in trained],
+            torch.stack([vectors[c] for c in trained]),
+            [(t.client_id, architecture_name(s)) for t, s in zip(data.heldout, data.heldout_architectures)],
+            torch.stack([vectors[t.client_id] for t in data.heldout]), state)
+    elif config.relevance:
         held_start = _heldout_mix(data, own, vectors, arch_of, config)
     results: dict[tuple[int, float], HeteroResult] = {}
     for steps, rate in keys:
@@ -346,7 +390,7 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         for cid, acc in per_client.items():
             by_arch.setdefault(held_arch[cid], []).append(acc)
         results[(steps, rate)] = HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())},
-                                      held_arch)
+                                              held_arch, refused_rows, bytes_uploaded)
     return results
 
 
