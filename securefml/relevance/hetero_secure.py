@@ -159,15 +159,15 @@ def combination_families(
     for (cand, keys_t), rec_l in grouped.items():
         mask = torch.zeros(n, dtype=torch.bool)
         mask[list(cand)] = True
-        rows = []
+        picked: list[torch.Tensor] = []
         for i in rec_l:
             row = restricted_rows(weights[i:i + 1], mask[None, :])[0]
             li = float(lam[i])
             if li < 1.0:
                 row = li * row + (1.0 - li) * restricted_rows(weights[i:i + 1], (mask & same[i])[None, :])[0]
-            rows.append(row[list(cand)])
+            picked.append(row[list(cand)])
         families.append(CombinationFamily(f"shared {','.join(keys_t)}", "shared", keys_t, cand, tuple(rec_l),
-                                          torch.stack(rows)))
+                                          torch.stack(picked)))
     return families
 
 
@@ -353,9 +353,9 @@ class SecureHeteroRelevance:
             else:
                 for r in range(rows.shape[0]):
                     row = _prepared(rows[r])
-                    why = self._violation(row, contrib_ids)
-                    if why is not None:
-                        res.refused[(fam.recipients[r], fam.label)] = f"refused before asking: {why}"
+                    verdict = self._violation(row, contrib_ids)
+                    if verdict is not None:
+                        res.refused[(fam.recipients[r], fam.label)] = f"refused before asking: {verdict}"
                         continue
                     decrypted[r] = row @ vectors
                     res.applied[(fam.recipients[r], fam.label)] = row
