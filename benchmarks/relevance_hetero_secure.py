@@ -38,12 +38,13 @@ PROTOCOLS = ("plaintext", "policy", "ckks")
 BUDGETS = ((0, 0.01), (5, 0.001))
 
 
-def run_seed(seed: int, heldout: int, changes: dict[str, Any], rounds: int) -> dict[str, Any]:
+def run_seed(seed: int, heldout: int, changes: dict[str, Any], rounds: int,
+             protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, Any]:
     data = make_digits_clusters(groups=4, architectures_per_group=True, seed=seed, n_heldout=heldout, k_shot=2,
                                 query=3, architectures=SHAPES, architecture_shares=SHARES,
                                 heldout_architecture_shares=[1.0] * len(SHARES))
     row: dict[str, Any] = {"seed": seed, "changes": changes, "rounds": rounds, "by_protocol": {}}
-    for proto in PROTOCOLS:
+    for proto in protocols:
         t0 = time.perf_counter()
         cfg = HeteroConfig(**{**BASE, "rounds": rounds, "seed": seed, "share": True, "relevance": True,
                               "temperature": 0.2, **changes, "protocol": proto})
@@ -63,12 +64,16 @@ def summarize(path: str) -> dict[str, Any]:
     out: dict[str, Any] = {"seeds": [r["seed"] for r in rows], "changes": rows[0]["changes"] if rows else {},
                            "rounds": rows[0]["rounds"] if rows else None, "by_budget": {}}
     archs = sorted(rows[0]["by_protocol"]["plaintext"]["by_budget"]["0@0.01"]) if rows else []
+    protos = [p for p in PROTOCOLS if all(p in r["by_protocol"] for r in rows)]
+    pairs = {"ckks_minus_policy": ("ckks", "policy"), "policy_minus_plaintext": ("policy", "plaintext"),
+             "ckks_minus_plaintext": ("ckks", "plaintext")}
     for b in (f"{k}@{r:g}" for k, r in BUDGETS):
         acc = {p: {a: statistics.fmean(r["by_protocol"][p]["by_budget"][b][a] for r in rows) for a in archs}
-               for p in PROTOCOLS}
+               for p in protos}
         diff = {}
-        for name, (x, y) in {"ckks_minus_policy": ("ckks", "policy"), "policy_minus_plaintext": ("policy", "plaintext"),
-                             "ckks_minus_plaintext": ("ckks", "plaintext")}.items():
+        for name, (x, y) in pairs.items():
+            if x not in protos or y not in protos:
+                continue
             per = {a: [r["by_protocol"][x]["by_budget"][b][a] - r["by_protocol"][y]["by_budget"][b][a] for r in rows]
                    for a in archs}
             mean_all = [statistics.fmean(per[a][k] for a in archs) for k in range(len(rows))]
@@ -76,11 +81,12 @@ def summarize(path: str) -> dict[str, Any]:
                           "all_shapes_per_seed": mean_all,
                           "all_shapes_max_abs": max(abs(x) for x in mean_all)}
         out["by_budget"][b] = {"accuracy": acc, "differences": diff}
-    out["refused_rows"] = {p: [r["by_protocol"][p]["refused_rows"] for r in rows] for p in PROTOCOLS}
-    out["bytes_uploaded_ckks"] = [r["by_protocol"]["ckks"]["bytes_uploaded"] for r in rows]
-    out["seconds"] = {p: [r["by_protocol"][p]["s"] for r in rows] for p in PROTOCOLS}
+    out["refused_rows"] = {p: [r["by_protocol"][p]["refused_rows"] for r in rows] for p in protos}
+    if "ckks" in protos:
+        out["bytes_uploaded_ckks"] = [r["by_protocol"]["ckks"]["bytes_uploaded"] for r in rows]
+    out["seconds"] = {p: [r["by_protocol"][p]["s"] for r in rows] for p in protos}
     out["time_ratio_vs_plaintext"] = {p: statistics.fmean(r["by_protocol"][p]["s"] / r["by_protocol"]["plaintext"]["s"]
-                                                          for r in rows) for p in PROTOCOLS}
+                                                          for r in rows) for p in protos}
     return out
 
 
@@ -91,6 +97,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=int(BASE["rounds"]))
     ap.add_argument("--own-evidence", type=float, default=None)
     ap.add_argument("--min-effective", type=float, default=2.0)
+    ap.add_argument("--clients-per-round", type=int, default=int(BASE["clients_per_round"]))
+    ap.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     ap.add_argument("--rows")
     ap.add_argument("--summarize")
     ap.add_argument("--out")
@@ -102,10 +110,12 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     changes: dict[str, Any] = {"min_effective": args.min_effective}
+    if args.clients_per_round != BASE["clients_per_round"]:
+        changes["clients_per_round"] = args.clients_per_round
     if args.own_evidence is not None:
         changes["own_evidence"] = args.own_evidence
     for seed in args.seeds:
-        row = run_seed(seed, args.heldout, changes, args.rounds)
+        row = run_seed(seed, args.heldout, changes, args.rounds, tuple(args.protocols))
         print(json.dumps(row), flush=True)
         if args.rows:
             with open(args.rows, "a") as fh:
