@@ -21,8 +21,12 @@ pre-trains the frozen backbones on the training clients' pooled images before th
 aggregate (P, Q across architectures, A, B within), for data whose tasks conflict
 (``securefml.relevance.hetero_relevance``).
 
-The aggregation here is plaintext: the shared and the architecture parts are two weighted
-means, so under a secure protocol each is one secure sum (over all clients, and per group).
+The plain (``relevance=False``) aggregation here is plaintext: the shared and the architecture
+parts are two weighted means, so under a secure protocol each is one secure sum (over all
+clients, and per group).  The relevance-weighted one runs under CKKS with
+``protocol="ckks"`` (``securefml.relevance.hetero_secure``: the task vectors' Gram and every
+per-client combination decrypted by a key holder that enforces ``RelevancePolicy``), or as its
+plaintext twin with ``protocol="policy"``.
 """
 
 from __future__ import annotations

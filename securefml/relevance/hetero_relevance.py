@@ -37,7 +37,7 @@ Guarantees (tested): every client's effective weights over its candidates form a
 and permuting the clients permutes the per-client aggregates the same way (the rule does not
 depend on the order of uploads).  The weights come from task vectors, so what this leaks and
 how it is enforced under a secure protocol is the relevance step's (``docs/relevance.md``);
-this module runs in plaintext.
+this module runs in plaintext, ``hetero_secure`` computes the same rows under CKKS.
 """
 
 from __future__ import annotations
