@@ -48,10 +48,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pretrain_independent": {"pretrain": "independent", "pretrain_steps": 300},
     # conflicting tasks (4 digits-clusters groups, every shape in every group), relevance-weighted P, Q and A, B
     "rela_groups4": {"relevance": True, "temperature": 0.2},
+    # the same, evidence-gated: a client with >= m effective same-architecture contributors keeps its own P, Q
+    "rela_groups4_evidence2": {"relevance": True, "temperature": 0.2, "own_evidence": 2.0},
+    "rela_groups4_evidence4": {"relevance": True, "temperature": 0.2, "own_evidence": 4.0},
 }
 #: variant -> make_digits_clusters changes (default: one task, groups=1)
 VARIANT_DATA: dict[str, dict[str, Any]] = {
     "rela_groups4": {"groups": 4, "architectures_per_group": True},
+    "rela_groups4_evidence2": {"groups": 4, "architectures_per_group": True},
+    "rela_groups4_evidence4": {"groups": 4, "architectures_per_group": True},
 }
 
 
@@ -61,14 +66,27 @@ BUDGETS: tuple[tuple[int, float], ...] = ((0, 0.01), (5, 0.01), (10, 0.01), (20,
 
 
 def run_seed(variant: str, seed: int, heldout: int,
-             args_budgets: tuple[tuple[int, float], ...] | None = None) -> dict[str, Any]:
-    """One seed of ``variant``: shared and alone, scored after the configured and every ``BUDGETS`` budget."""
+             args_budgets: tuple[tuple[int, float], ...] | None = None,
+             alone_row: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One seed of ``variant``: shared and alone, scored after the configured and every ``BUDGETS`` budget.
+
+    ``alone_row``: a kept row of the same seed and data whose alone run this variant's equals
+    (a variant that changes only the shared run, e.g. ``own_evidence``, which ``share=False``
+    ignores); its alone accuracies are copied instead of training the alone run again.
+    """
     t0 = time.perf_counter()
     data = make_digits_clusters(**{"groups": 1, **VARIANT_DATA.get(variant, {})}, seed=seed, n_heldout=heldout,
                                 k_shot=2, query=3, architectures=SHAPES, architecture_shares=SHARES,
                                 heldout_architecture_shares=[1.0] * len(SHARES))
     row: dict[str, Any] = {"name": variant, "seed": seed, "by_budget": {}}
     for label, share in (("shared", True), ("alone", False)):
+        if label == "alone" and alone_row is not None:
+            row["alone"] = alone_row["alone"]
+            row["alone_from"] = alone_row["name"]
+            for k, v in alone_row["by_budget"].items():
+                if k in row["by_budget"]:
+                    row["by_budget"][k]["alone"] = v["alone"]
+            continue
         cfg = HeteroConfig(**{**BASE, "seed": seed, "share": share, **VARIANTS[variant]})
         default = (cfg.finetune_steps, cfg.finetune_lr if cfg.finetune_lr is not None else cfg.lr)
         budgets = BUDGETS if args_budgets is None else args_budgets
@@ -141,6 +159,8 @@ def main() -> None:
     ap.add_argument("--rows", help="append one JSON line per seed here")
     ap.add_argument("--budgets", nargs="*", metavar="STEPS@RATE",
                     help="held-out fine-tuning budgets to score (default: every one of BUDGETS)")
+    ap.add_argument("--alone-from", nargs=2, metavar=("JSONL", "VARIANT"),
+                    help="copy the alone run from VARIANT's rows in JSONL (same seed and data) instead of training it")
     ap.add_argument("--summarize", nargs="+", metavar="JSONL")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -154,8 +174,17 @@ def main() -> None:
     torch.set_num_threads(1)
     budgets = None if args.budgets is None else tuple(
         (int(b.partition("@")[0]), float(b.partition("@")[2] or 0.01)) for b in args.budgets)
+    kept: dict[int, dict[str, Any]] = {}
+    if args.alone_from:
+        if VARIANT_DATA.get(args.alone_from[1]) != VARIANT_DATA.get(args.variant):
+            ap.error(f"{args.alone_from[1]} runs on other data than {args.variant}")
+        with open(args.alone_from[0]) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        kept = {int(r["seed"]): r for r in rows if r["name"] == args.alone_from[1]}
     for seed in args.seeds:
-        row = run_seed(args.variant, seed, args.heldout, budgets)
+        if args.alone_from and seed not in kept:
+            ap.error(f"no {args.alone_from[1]} row of seed {seed} in {args.alone_from[0]}")
+        row = run_seed(args.variant, seed, args.heldout, budgets, kept.get(seed))
         print(json.dumps(row), flush=True)
         if args.rows:
             with open(args.rows, "a") as fh:

@@ -31,7 +31,15 @@ from securefml.relevance.hetero import (
     run_heterogeneous,
     run_heterogeneous_budgets,
 )
-from securefml.relevance.hetero_relevance import relevance_aggregate_heterogeneous, restricted_rows
+from securefml.relevance.hetero_relevance import cross_share, relevance_aggregate_heterogeneous, restricted_rows
+from securefml.relevance.hetero_secure import (
+    SECURE_MODES,
+    CombinationFamily,
+    SecureHeteroRelevance,
+    SecureRound,
+    combination_families,
+    combine_plain,
+)
 from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.pretrain import PRETRAIN_MODES, PretrainConfig, pretrain_backbones
 from securefml.relevance.server import ClientScores, RelevanceServer, RoundOptions
@@ -60,6 +68,13 @@ __all__ = [
     "HeteroUpload",
     "PRETRAIN_MODES",
     "relevance_aggregate_heterogeneous",
+    "cross_share",
+    "SECURE_MODES",
+    "CombinationFamily",
+    "SecureHeteroRelevance",
+    "SecureRound",
+    "combination_families",
+    "combine_plain",
     "restricted_rows",
     "PretrainConfig",
     "pretrain_backbones",

@@ -21,8 +21,12 @@ pre-trains the frozen backbones on the training clients' pooled images before th
 aggregate (P, Q across architectures, A, B within), for data whose tasks conflict
 (``securefml.relevance.hetero_relevance``).
 
-The aggregation here is plaintext: the shared and the architecture parts are two weighted
-means, so under a secure protocol each is one secure sum (over all clients, and per group).
+The plain (``relevance=False``) aggregation here is plaintext: the shared and the architecture
+parts are two weighted means, so under a secure protocol each is one secure sum (over all
+clients, and per group).  The relevance-weighted one runs under CKKS with
+``protocol="ckks"`` (``securefml.relevance.hetero_secure``: the task vectors' Gram and every
+per-client combination decrypted by a key holder that enforces ``RelevancePolicy``), or as its
+plaintext twin with ``protocol="policy"``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ from securefml.relevance.colora import (
     shared_state,
 )
 from securefml.relevance.hetero_relevance import relevance_aggregate_heterogeneous
+from securefml.relevance.hetero_secure import SECURE_MODES, SecureHeteroRelevance
+from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.pretrain import PretrainConfig, pretrain_backbones
 from securefml.relevance.task_vectors import TaskVectorizer
 from securefml.relevance.weights import cosine_similarity, cross_cosine, cross_weights, relevance_weights
@@ -128,6 +134,20 @@ class HeteroConfig:
         gradient of a frozen seeded reference MLP's last layer on the client's support set.  A
         held-out client is given the same mix of the training clients' personalized adapters,
         weighted by its own task vector.  For data whose tasks conflict (``groups > 1``).
+    own_evidence:
+        Evidence-gated sharing with ``relevance`` and ``share`` (``hetero_relevance``): a client
+        whose relevance row has ``own_evidence`` or more effective contributors in its own
+        architecture keeps that architecture's shared part, one with a single one (itself) takes
+        the cross-architecture part, linearly in between.  None (default): every client takes
+        the cross-architecture part.  Held-out clients follow the same rule on their row.
+    protocol, min_effective:
+        How the relevance-weighted combinations are computed (``relevance`` only):
+        ``"plaintext"`` (default, no policy), ``"ckks"`` (``hetero_secure``: the task vectors'
+        Gram and every per-client combination decrypted by a CKKS key holder whose
+        ``RelevancePolicy(min_effective)`` refuses concentrated rows; a refused training row
+        keeps the client's own tensors, a held-out one is tempered or starts from the public
+        initialisation) or ``"policy"`` (the same rows and policy in plaintext: the reference
+        CKKS is compared with).
     seed:
         Cohort sampling and initialisation.
     """
@@ -155,6 +175,9 @@ class HeteroConfig:
     pretrain_lr: float = 0.01
     relevance: bool = False
     temperature: float = 0.2
+    own_evidence: float | None = None
+    protocol: str = "plaintext"
+    min_effective: float = 2.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -175,6 +198,16 @@ class HeteroConfig:
             raise ConfigError(f"match must be one of {MATCH_RULES}, got {self.match!r}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.own_evidence is not None and not self.own_evidence > 1:
+            raise ConfigError(f"own_evidence must be > 1 (effective same-architecture contributors), "
+                              f"got {self.own_evidence}")
+        if self.protocol not in ("plaintext", *SECURE_MODES):
+            raise ConfigError(f"protocol must be 'plaintext', 'ckks' or 'policy', got {self.protocol!r}")
+        if self.protocol != "plaintext" and not self.relevance:
+            raise ConfigError("protocol 'ckks' / 'policy' applies to the relevance-weighted aggregation "
+                              "(relevance=True)")
+        if not self.min_effective >= 1:
+            raise ConfigError(f"min_effective must be >= 1, got {self.min_effective}")
         self.pretrain_config()  # validates pretrain, pretrain_steps, pretrain_lr
 
     def pretrain_config(self) -> PretrainConfig:
@@ -189,6 +222,8 @@ class HeteroResult:
     per_client: dict[int, float]
     per_architecture: dict[str, float]
     architecture_of: dict[int, str]
+    refused_rows: int = 0
+    bytes_uploaded: int = 0
 
     @property
     def mean(self) -> float:
@@ -252,6 +287,15 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
     vectors: dict[int, torch.Tensor] = {}
     if config.relevance:
         vectors = _task_vectors(data, in_features, classes, config.seed, dev)
+    secure: SecureHeteroRelevance | None = None
+    refused_rows = bytes_uploaded = 0
+    if config.protocol != "plaintext":
+        learned = {n for m in models.values() for n, p in m.named_parameters() if p.requires_grad}
+        secure = SecureHeteroRelevance(RelevancePolicy(min_effective=config.min_effective), mode=config.protocol,
+                                       temperature=config.temperature, share=config.share,
+                                       own_evidence=config.own_evidence, trainable=learned.__contains__)
+        parties = [t.client_id for t in (*data.train, *data.heldout)]
+        secure.register(0, parties, torch.stack([vectors[c] for c in parties]))  # task vectors are fixed
 
     def start(a: str, cid: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         return own.get(cid, state[a]) if config.relevance else state[a]
@@ -305,10 +349,18 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         if not ups:
             log.warning("hetero round %d: no usable upload", rnd)
             continue
-        if config.relevance:
+        if secure is not None:
+            vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
+            got = secure.aggregate(rnd, ups, vec)
+            refused_rows += len(got.refused)
+            bytes_uploaded += got.bytes_uploaded
+            for j, u in enumerate(ups):
+                own[int(u.client_id or 0)] = got.states[j]
+        elif config.relevance:
             vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
             w = relevance_weights(cosine_similarity(vec), temperature=config.temperature, include_self=True)
-            for u, pers in zip(ups, relevance_aggregate_heterogeneous(ups, w, share=config.share)):
+            for u, pers in zip(ups, relevance_aggregate_heterogeneous(ups, w, share=config.share,
+                                                                             own_evidence=config.own_evidence)):
                 own[int(u.client_id or 0)] = pers
         else:
             shared, arch = aggregate_heterogeneous(ups, share=config.share,
@@ -318,7 +370,14 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups),
                  len({u.architecture for u in ups}))
     held_start: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
-    if config.relevance:
+    if secure is not None and own:
+        trained = sorted(own)
+        held_start = secure.heldout(
+            config.rounds, [HeteroUpload(arch_of[c], own[c][0], own[c][1], client_id=c) for c in trained],
+            torch.stack([vectors[c] for c in trained]),
+            [(t.client_id, architecture_name(s)) for t, s in zip(data.heldout, data.heldout_architectures)],
+            torch.stack([vectors[t.client_id] for t in data.heldout]), state)
+    elif config.relevance:
         held_start = _heldout_mix(data, own, vectors, arch_of, config)
     results: dict[tuple[int, float], HeteroResult] = {}
     for steps, rate in keys:
@@ -335,7 +394,7 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         for cid, acc in per_client.items():
             by_arch.setdefault(held_arch[cid], []).append(acc)
         results[(steps, rate)] = HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())},
-                                      held_arch)
+                                              held_arch, refused_rows, bytes_uploaded)
     return results
 
 
@@ -375,5 +434,6 @@ def _heldout_mix(data: ClusteredDataset, own: dict[int, tuple[dict[str, torch.Te
         w[0, 1:] = row
         w[1:, 1:] = torch.eye(len(ups), dtype=torch.float64)
         probe = HeteroUpload(a, first.shared, first.arch, client_id=t.client_id)
-        out[t.client_id] = relevance_aggregate_heterogeneous([probe, *ups], w, share=config.share)[0]
+        out[t.client_id] = relevance_aggregate_heterogeneous([probe, *ups], w, share=config.share,
+                                                            own_evidence=config.own_evidence)[0]
     return out

@@ -12,6 +12,22 @@ cosine similarities of their task vectors):
 * architecture part of client i (base, ``A``, ``B``): the same, over the clients of i's
   architecture only (the issue's definition: ``A``, ``B`` stay within the group).
 
+Evidence-gated sharing (``own_evidence=m``, optional, ``share=True`` only): a client whose own
+architecture already holds enough relevant evidence keeps that architecture's shared part
+instead of the cross-architecture one.  For client i let ``p`` be its relevance row restricted
+to its own architecture (self included, renormalised) and ``n_own = 1 / sum p^2`` its effective
+number of same-architecture contributors; the client takes
+
+    ``shared_i = lam_i * cross_i + (1 - lam_i) * own_i``,  ``lam_i = clip((m - n_own) / (m - 1), 0, 1)``
+
+where ``cross_i`` is the relevance-weighted mean over every architecture and ``own_i`` the one
+over its own.  A client alone with its task in its architecture (``n_own = 1``, the smallest
+group's case) takes the whole cross-architecture part; one with ``m`` or more equally relevant
+same-architecture contributors (the largest group's case) keeps its own, so the other shapes'
+P, Q cannot pull it away from what its group learns alone, while its own P, Q still reach the
+others.  Both candidates are mixtures of the same uploads with the same weights, so the rule
+adds no data and nothing to what the server learns; ``lam_i`` depends only on the weight row.
+
 Why relevance weights on the shared part: when the clients' tasks conflict (``digits-clusters``
 with several groups), the plain mean of ``P``, ``Q`` mixes the conflicting tasks' adapters;
 weighting by relevance pools mainly the clients of the same task, whatever their architecture,
@@ -21,7 +37,7 @@ Guarantees (tested): every client's effective weights over its candidates form a
 and permuting the clients permutes the per-client aggregates the same way (the rule does not
 depend on the order of uploads).  The weights come from task vectors, so what this leaks and
 how it is enforced under a secure protocol is the relevance step's (``docs/relevance.md``);
-this module runs in plaintext.
+this module runs in plaintext, ``hetero_secure`` computes the same rows under CKKS.
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ import torch
 from securefml.errors import ConfigError
 from securefml.relevance.colora import HeteroUpload, check_upload
 
-__all__ = ["restricted_rows", "relevance_aggregate_heterogeneous"]
+__all__ = ["restricted_rows", "relevance_aggregate_heterogeneous", "cross_share"]
 
 State = dict[str, torch.Tensor]
 
@@ -52,6 +68,22 @@ def restricted_rows(weights: torch.Tensor, candidates: torch.Tensor) -> torch.Te
     return torch.where(total > 0, w / total.clamp_min(1e-300), uniform)
 
 
+def cross_share(weights: torch.Tensor, same: torch.Tensor, own_evidence: float | None) -> torch.Tensor:
+    """Per client, the share ``lam_i`` of the cross-architecture shared part (module docstring).
+
+    ``weights`` ``[n, n]`` relevance rows, ``same`` ``[n, n]`` bool (same architecture);
+    ``own_evidence`` None gives 1 for every client (plain cross-architecture sharing).
+    """
+    n = weights.shape[0]
+    if own_evidence is None:
+        return torch.ones(n, dtype=torch.float64)
+    if not own_evidence > 1:
+        raise ConfigError(f"own_evidence must be > 1 (effective same-architecture contributors), got {own_evidence}")
+    p = restricted_rows(weights, same)
+    n_own = 1.0 / (p * p).sum(1).clamp_min(1e-300)
+    return ((own_evidence - n_own) / (own_evidence - 1.0)).clamp(0.0, 1.0)
+
+
 def _combine(states: Sequence[Mapping[str, torch.Tensor]], row: torch.Tensor, key: str) -> torch.Tensor:
     acc = torch.zeros_like(states[0][key], dtype=torch.float64)
     for wj, s in zip(row.tolist(), states):
@@ -61,7 +93,8 @@ def _combine(states: Sequence[Mapping[str, torch.Tensor]], row: torch.Tensor, ke
 
 
 def relevance_aggregate_heterogeneous(
-    uploads: Sequence[HeteroUpload], weights: torch.Tensor, *, share: bool = True
+    uploads: Sequence[HeteroUpload], weights: torch.Tensor, *, share: bool = True,
+    own_evidence: float | None = None,
 ) -> list[tuple[State, State]]:
     """Per-client ``(shared part, architecture part)`` aggregates (see the module docstring).
 
@@ -73,6 +106,10 @@ def relevance_aggregate_heterogeneous(
         ``[n, n]`` non-negative relevance weights, row i for client i (self may be included).
     share:
         Pool the shared part across architectures (True) or within the architecture (False).
+    own_evidence:
+        Evidence-gated sharing (``share=True``): the effective number of same-architecture
+        contributors at which a client keeps its own architecture's shared part (module
+        docstring); None: every client takes the cross-architecture part.
 
     Returns
     -------
@@ -89,6 +126,7 @@ def relevance_aggregate_heterogeneous(
     archs = [u.architecture for u in uploads]
     same = torch.tensor([[a == b for b in archs] for a in archs], dtype=torch.bool)
     arch_rows = restricted_rows(weights, same)
+    lam = cross_share(weights, same, own_evidence if share else None)
     out: list[tuple[State, State]] = []
     for i, u in enumerate(uploads):
         group = [j for j in range(n) if same[i, j]]
@@ -97,6 +135,7 @@ def relevance_aggregate_heterogeneous(
             raise ConfigError(f"uploads of architecture {u.architecture!r} must hold the same parameters")
         arch_i = {k: _combine(arch_states, arch_rows[i, group], k) for k in u.arch}
         shared_i: State = {}
+        li = float(lam[i])
         for key, value in u.shared.items():
             cand = torch.tensor([(share or same[i, j].item()) and key in uploads[j].shared for j in range(n)],
                                 dtype=torch.bool)
@@ -104,6 +143,9 @@ def relevance_aggregate_heterogeneous(
             if shapes != {tuple(value.shape)}:
                 raise ConfigError(f"shared {key} has shapes {sorted(shapes)} across clients: ranks differ")
             row = restricted_rows(weights[i:i + 1], cand[None, :])[0]
+            if li < 1.0:  # evidence-gated: mix in the own-architecture row
+                own = cand & same[i]
+                row = li * row + (1.0 - li) * restricted_rows(weights[i:i + 1], own[None, :])[0]
             having = [j for j in range(n) if cand[j]]
             shared_i[key] = _combine([uploads[j].shared for j in having], row[having], key)
         out.append((shared_i, arch_i))

@@ -16,6 +16,7 @@ from securefml.relevance import (
     HeteroConfig,
     HeteroUpload,
     architecture_state,
+    cross_share,
     relevance_aggregate_heterogeneous,
     relevance_weights,
     restricted_rows,
@@ -140,3 +141,74 @@ def test_relevance_federation_beats_the_plain_mean_when_tasks_conflict():
     plain = run_heterogeneous(data, HeteroConfig(**base))
     rela = run_heterogeneous(data, HeteroConfig(**base, relevance=True, temperature=0.2))
     assert rela.mean > plain.mean + 0.1
+
+
+# -- evidence-gated sharing (own_evidence) -------------------------------------------------------------
+
+
+def _gated(uploads: list[HeteroUpload], w: torch.Tensor, m: float) -> torch.Tensor:
+    """The rows evidence-gated sharing applies to the shared part, from the definition in the docstring."""
+    archs = [u.architecture for u in uploads]
+    same = torch.tensor([[a == b for b in archs] for a in archs])
+    own = restricted_rows(w, same)
+    n_own = 1.0 / (own * own).sum(1)
+    lam = ((m - n_own) / (m - 1)).clamp(0, 1)
+    return lam[:, None] * restricted_rows(w, torch.ones_like(same)) + (1 - lam[:, None]) * own
+
+
+@settings(max_examples=15, deadline=None)
+@given(archs=archs_strategy, seed=st.integers(0, 10_000), m=st.floats(1.01, 6.0))
+def test_evidence_gated_rows_are_distributions_and_the_aggregate_their_mixture(archs, seed, m):
+    uploads = _uploads(archs, seed)
+    w = _weights(len(archs), seed)
+    rows = _gated(uploads, w, m)
+    assert bool((rows >= 0).all())
+    assert torch.allclose(rows.sum(1), torch.ones(len(archs), dtype=torch.float64))
+    out = relevance_aggregate_heterogeneous(uploads, w, share=True, own_evidence=m)
+    stack = torch.stack([u.shared["last.P"].to(torch.float64) for u in uploads])
+    for i, (shared_i, _) in enumerate(out):
+        assert torch.allclose(shared_i["last.P"].to(torch.float64), torch.einsum("j,jab->ab", rows[i], stack),
+                              atol=1e-5)
+    # the architecture part does not depend on the gate
+    for (_, a_gated), (_, a_plain) in zip(out, relevance_aggregate_heterogeneous(uploads, w, share=True)):
+        assert all(torch.equal(a_gated[k], a_plain[k]) for k in a_plain)
+
+
+@settings(max_examples=10, deadline=None)
+@given(archs=archs_strategy, seed=st.integers(0, 10_000), m=st.floats(1.01, 6.0), data=st.data())
+def test_evidence_gated_aggregates_are_permutation_equivariant(archs, seed, m, data):
+    uploads = _uploads(archs, seed)
+    w = _weights(len(archs), seed)
+    perm = data.draw(st.permutations(range(len(archs))))
+    p = torch.tensor(perm)
+    out = relevance_aggregate_heterogeneous(uploads, w, share=True, own_evidence=m)
+    out_p = relevance_aggregate_heterogeneous([uploads[i] for i in perm], w[p][:, p], share=True, own_evidence=m)
+    for k, i in enumerate(perm):
+        for n in out[i][0]:
+            assert torch.allclose(out[i][0][n], out_p[k][0][n], atol=1e-6), n
+
+
+def test_evidence_gate_keeps_own_part_with_evidence_and_takes_the_cross_part_alone():
+    # clients 0, 1, 2 are 64x64 and equally relevant to each other; client 3 is the only 32-wide one
+    uploads = _uploads(["64x64", "64x64", "64x64", "32"], 4)
+    w = torch.full((4, 4), 0.25, dtype=torch.float64)
+    gated = relevance_aggregate_heterogeneous(uploads, w, share=True, own_evidence=3.0)
+    alone = relevance_aggregate_heterogeneous(uploads, w, share=False)
+    cross = relevance_aggregate_heterogeneous(uploads, w, share=True)
+    for k in gated[0][0]:  # n_own = 3 >= m: the largest group keeps what it would have alone
+        assert torch.allclose(gated[0][0][k], alone[0][0][k], atol=1e-6)
+    for k in gated[3][0]:  # n_own = 1: the lone 32-wide client takes the whole cross-architecture part
+        assert torch.allclose(gated[3][0][k], cross[3][0][k], atol=1e-6)
+    assert not torch.allclose(gated[0][0]["last.P"], cross[0][0]["last.P"])
+    # halfway: n_own = 3 with m = 5 gives lam = 1/2
+    half = relevance_aggregate_heterogeneous(uploads, w, share=True, own_evidence=5.0)
+    assert torch.allclose(half[0][0]["last.P"], (cross[0][0]["last.P"] + alone[0][0]["last.P"]) / 2, atol=1e-6)
+    assert torch.allclose(cross_share(w, torch.tensor([[True] * 3 + [False]] * 3 + [[False] * 3 + [True]]), 5.0),
+                          torch.tensor([0.5, 0.5, 0.5, 1.0], dtype=torch.float64))
+
+
+def test_own_evidence_must_exceed_one():
+    with pytest.raises(ConfigError, match="own_evidence"):
+        HeteroConfig(relevance=True, own_evidence=1.0)
+    with pytest.raises(ConfigError, match="own_evidence"):
+        cross_share(torch.ones(2, 2) / 2, torch.ones(2, 2, dtype=torch.bool), 0.5)
