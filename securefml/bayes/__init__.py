@@ -11,6 +11,10 @@
   output layer (``BayesConfig.head_variance_step``), so a client's posterior variance responds to
   its support set (``securefml.bayes.variance``); ``mlp_ggn_diagonal``: the exact diagonal GGN of
   every layer, for the step in the hidden layers too (``BayesConfig.variance_step_layers``).
+* ``empirical_bayes_log_scale`` / ``scaled_posterior_logvars``: a per-client, per-layer scale of the
+  prior's variances fitted on the support set by the free energy under an inverse-gamma hyper-prior
+  (``BayesConfig.prior_scale_strength``), so a support set the prior explains badly widens the
+  posterior (``securefml.bayes.hierarchical``).
 * ``mean_log_variance`` / ``precision_weighted``: the two ways to merge Gaussian priors, and why
   the federation uses the first (``securefml.bayes.aggregation``).
 
@@ -20,6 +24,7 @@ selector, defense and user-level DP like the deterministic ones.  See ``docs/bay
 
 from securefml.bayes.aggregation import mean_log_variance, precision_weighted
 from securefml.bayes.gaussian import LOGVAR_PREFIX, kl_diagonal, kl_params, logvar_name
+from securefml.bayes.hierarchical import empirical_bayes_log_scale, scaled_posterior_logvars
 from securefml.bayes.learners import (
     LOGRATE_MAX,
     LOGRATE_MIN,
@@ -53,6 +58,7 @@ __all__ = [
     "MetaSGDTemperatureCV",
     "PFedBayes",
     "StochasticMLP",
+    "empirical_bayes_log_scale",
     "fit_temperature",
     "kl_diagonal",
     "kl_params",
@@ -60,6 +66,7 @@ __all__ = [
     "mean_log_variance",
     "mlp_ggn_diagonal",
     "precision_weighted",
+    "scaled_posterior_logvars",
     "softmax_head_ggn_diagonal",
     "stationary_logvar",
 ]
