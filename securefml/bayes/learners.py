@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -76,6 +76,7 @@ from securefml.bayes.gaussian import LOGVAR_PREFIX, clamp_logvar, kl_params, log
 from securefml.bayes.hierarchical import scaled_posterior_logvars
 from securefml.bayes.network import StochasticMLP
 from securefml.bayes.temperature import fit_temperature
+from securefml.bayes.temperature_prior import TemperaturePrior, out_of_fold_logits, shot_folds
 from securefml.bayes.variance import ELEMENTWISE, mlp_ggn_diagonal, softmax_head_ggn_diagonal, stationary_logvar
 from securefml.data.base import Task
 from securefml.errors import ConfigError
@@ -242,6 +243,20 @@ class BayesConfig:
         meta-training's tempered KL set.
     prior_scale_iterations:
         Contraction steps of the scale's root-finding (each at least halves the error).
+    temperature_prior:
+        ``None`` (default): no per-client temperature.  A ``TemperaturePrior`` (``log T ~ N(m,
+        tau^2)``, fitted by the federation on *training* clients, ``fit_temperature_prior``): in
+        ``adapt`` each client splits its support set into ``temperature_folds`` stratified folds,
+        runs local inference on the others and predicts each held-out fold (the log of the Monte
+        Carlo predictive), and divides its predictions by the posterior mean temperature given
+        those out-of-fold predictions (``securefml.bayes.temperature_prior``).  Why: the variance
+        of a Gaussian posterior over a 5-shot likelihood narrows most for the clients the model
+        fits worst (``docs/bayes.md``); out-of-fold mistakes measure misfit directly, and the
+        shared prior holds a client without any mistakes near the federation's level instead of
+        letting it fit the grid's minimum.  Costs ``temperature_folds`` extra local inferences per
+        client; meta-training never sees it.  Not with ``temperature`` != 1.
+    temperature_folds:
+        Folds of the out-of-fold predictions (``temperature_prior``), >= 2.
     temperature:
         Predictions divide the log of the Monte Carlo predictive by this temperature
         (``forward`` only; softmax of the result is the predictive raised to ``1 / T`` and
@@ -271,8 +286,15 @@ class BayesConfig:
     prior_scale_strength: float | None = None
     prior_scale_modes: tuple[tuple[str, float], ...] | None = None
     prior_scale_iterations: int = 40
+    temperature_prior: TemperaturePrior | None = None
+    temperature_folds: int = 5
 
     def __post_init__(self) -> None:
+        if self.temperature_prior is not None and self.temperature != 1.0:
+            raise ConfigError("temperature_prior fits a temperature per client; it cannot be combined with a fixed "
+                              f"temperature ({self.temperature})")
+        if self.temperature_folds < 2:
+            raise ConfigError(f"temperature_folds must be >= 2, got {self.temperature_folds}")
         if self.prior_scale_strength is not None:
             if not self.head_variance_step:
                 raise ConfigError("prior_scale_strength scales the prior of the closed-form variance step: "
@@ -446,6 +468,8 @@ class BayesianLearner(MetaLearner):
         noise = self._prediction_noise(self.net.draw_noise(x.shape[0], self.bayes.eval_samples, generator=gen,
                                                            device=x.device, dtype=x.dtype))
         logp = self.net.log_predictive(self.gaussian(params), x, noise)
+        if TEMPERATURE_KEY in params:  # a client's own temperature (BayesConfig.temperature_prior)
+            return logp / params[TEMPERATURE_KEY]
         return logp if self.bayes.temperature == 1.0 else logp / self.bayes.temperature
 
     def _prediction_noise(self, noise: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -599,8 +623,40 @@ class BayesianLearner(MetaLearner):
         """
         self._check_kind(kind)
         steps = self.config.inner_steps if steps is None else steps
-        q = self.infer(params, task_x, task_y, steps=steps, generator=torch.Generator().manual_seed(self.bayes.seed))
+        posterior = self._posterior(params, task_x, task_y, steps)
+        prior = self.bayes.temperature_prior
+        if prior is None:
+            return posterior
+        logits, labels = self.out_of_fold_log_predictive(params, task_x, task_y, steps=steps)
+        ref = next(iter(posterior.values()))
+        t = prior.temperature(logits, labels)
+        return {**posterior, TEMPERATURE_KEY: torch.tensor(t, dtype=ref.dtype, device=ref.device)}
+
+    def _posterior(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
+        q = self.infer(params, x, y, steps=steps, generator=torch.Generator().manual_seed(self.bayes.seed))
         return self.stored(q)
+
+    def out_of_fold_log_predictive(self, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """Out-of-fold log predictives on a support set (``temperature_folds`` stratified folds), untempered.
+
+        The evidence of ``BayesConfig.temperature_prior`` for this client; also what the federation
+        fits that prior on (training clients, ``fit_temperature_prior``).
+        """
+        steps = self.config.inner_steps if steps is None else steps
+        plain = replace(self.bayes, temperature=1.0)
+
+        def adapted(xk: torch.Tensor, yk: torch.Tensor):  # type: ignore[no-untyped-def]
+            post = self._posterior(params, xk, yk, steps)
+            return lambda xo: self._untempered_forward({**params, **post}, xo, plain)
+
+        return out_of_fold_logits(adapted, x, y, folds=self.bayes.temperature_folds)
+
+    def _untempered_forward(self, params: Params, x: torch.Tensor, bayes: BayesConfig) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(bayes.seed)
+        noise = self._prediction_noise(self.net.draw_noise(x.shape[0], bayes.eval_samples, generator=gen,
+                                                           device=x.device, dtype=x.dtype))
+        return self.net.log_predictive(self.gaussian(params), x, noise)
 
     # -- meta-training ---------------------------------------------------------------------
     def query_nll(self, params: Params, task: Task, seed: int) -> torch.Tensor:
@@ -774,17 +830,7 @@ class MetaSGDTemperature(MetaSGD):
         return {**adapted, TEMPERATURE_KEY: torch.tensor(t, dtype=logits.dtype, device=logits.device)}
 
 
-def _shot_folds(labels: torch.Tensor, folds: int) -> torch.Tensor:
-    """Fold of each support example: its rank among the examples of its class, modulo ``folds``.
-
-    Every fold then holds about one shot of every class, so a model adapted on the other folds
-    still sees every class (stratified k-fold on the support set).
-    """
-    fold = torch.empty_like(labels)
-    for c in labels.unique():
-        idx = torch.nonzero(labels == c).flatten()
-        fold[idx] = torch.arange(idx.numel(), device=labels.device) % folds
-    return fold
+_shot_folds = shot_folds  # the stratified folds of the cross-validated temperatures
 
 
 @LEARNERS.register("metasgd-ts-cv")
@@ -810,11 +856,15 @@ class MetaSGDTemperatureCV(MetaSGDTemperature):
     name = "metasgd-ts-cv"
 
     def __init__(self, model: nn.Module, config: MetaConfig | None = None, *, folds: int = 5,
-                 first_order: bool = False, gradients: Gradients | None = None) -> None:
+                 first_order: bool = False, gradients: Gradients | None = None,
+                 prior: TemperaturePrior | None = None) -> None:
         super().__init__(model, config, first_order=first_order, gradients=gradients)
         if folds < 2:
             raise ConfigError(f"cross-validated temperature scaling needs folds >= 2, got {folds}")
         self.folds = folds
+        #: with a prior shared by the federation (``securefml.bayes.temperature_prior``), the client's
+        #: temperature is the posterior mean given its out-of-fold logits instead of their maximum likelihood
+        self.prior = prior
 
     def query_loss(self, params: Params, task: Task) -> torch.Tensor:
         adapted = MetaSGD.adapt(self, params, task.support_x, task.support_y, task.kind)
@@ -825,19 +875,22 @@ class MetaSGDTemperatureCV(MetaSGDTemperature):
         adapted = MetaSGD.adapt(self, params, task_x, task_y, kind, steps=steps)
         if kind != "classification":
             return adapted
-        fold = _shot_folds(task_y, self.folds)
-        logits, labels = [], []
-        with torch.no_grad():
-            for f in range(int(fold.max()) + 1 if fold.numel() else 0):
-                out, keep = fold == f, fold != f
-                if not bool(out.any()) or not bool(keep.any()):
-                    continue
-                part = MetaSGD.adapt(self, params, task_x[keep], task_y[keep], kind, steps=steps)
-                logits.append(MetaSGD.forward(self, {**params, **part}, task_x[out]))
-                labels.append(task_y[out])
-        t = fit_temperature(torch.cat(logits), torch.cat(labels)) if len(logits) >= 2 else 1.0
+        logits, labels = self.out_of_fold_logits(params, task_x, task_y, steps=steps)
+        if self.prior is not None:
+            t = self.prior.temperature(logits, labels)
+        else:
+            t = fit_temperature(logits, labels) if logits is not None and labels is not None else 1.0
         ref = next(iter(adapted.values()))
         return {**adapted, TEMPERATURE_KEY: torch.tensor(t, dtype=ref.dtype, device=ref.device)}
+
+    def out_of_fold_logits(self, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """Meta-SGD's out-of-fold logits on a support set (``folds`` stratified folds, untempered)."""
+        def adapted(xk: torch.Tensor, yk: torch.Tensor):  # type: ignore[no-untyped-def]
+            part = MetaSGD.adapt(self, params, xk, yk, "classification", steps=steps)
+            return lambda xo: MetaSGD.forward(self, {**params, **part}, xo)
+
+        return out_of_fold_logits(adapted, x, y, folds=self.folds)
 
     def calibrate(self, adapted: Params, support_x: torch.Tensor, support_y: torch.Tensor, kind: str) -> Params:
         return adapted  # the temperature was fitted in ``adapt``, out of fold
