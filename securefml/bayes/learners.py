@@ -767,8 +767,8 @@ class PFedBayes(BayesianLearner):
                               "use bayes-metasgd or bayes-maml")
 
     def infer(self, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-              generator: torch.Generator) -> Params:
-        prior = self.gaussian(params)
+              generator: torch.Generator, scales: dict[str, torch.Tensor] | None = None) -> Params:
+        prior = self.gaussian(params)  # no variance step here (refused in __init__), so no scales either
         q = dict(prior)
         step = grad(lambda q_, noise: self.free_energy(q_, prior, x, y, noise, weight=self.bayes.zeta))
         for _ in range(steps):
