@@ -337,7 +337,7 @@ def _accuracy(learner: Any, adapted: Any, params: Any, task: Any) -> float:
 
 
 def score_ebscale(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
-                  train_val: Any) -> dict[str, Any]:
+                  train_val: Any, *, fixed: tuple[float, float] | None = None) -> dict[str, Any]:
     """A kept Bayesian model with the all-layer variance step under a per-client empirical-Bayes prior scale.
 
     ``securefml.bayes.hierarchical``: each held-out client fits, per Gaussian layer, a scale ``s`` of
@@ -348,6 +348,10 @@ def score_ebscale(algorithm: str, run: dict[str, Any], seed: int, big: Any, smal
     misfit correlation: Spearman across held-out clients of each layer's mean posterior
     log-variance (and of its ``log s``) against the client's query accuracy (negative = the
     clients the model fits worst get the widest posteriors).
+
+    ``fixed = (kappa, nu)``: no choice, a diagnostic (``<algorithm>-ebscale-own``: the free energy's
+    own KL weight and the weakest hyper-prior, mode 1), to show what the scale does where it is free
+    to act, whatever the training-pool NLL says.
     """
     started = time.perf_counter()
     learner, steps = _build(algorithm, big, seed)
@@ -361,7 +365,7 @@ def score_ebscale(algorithm: str, run: dict[str, Any], seed: int, big: Any, smal
 
     curve: dict[str, float] = {}
     configs: dict[str, tuple[float, float, Any]] = {}
-    for kappa in EB_KAPPAS:
+    for kappa in EB_KAPPAS if fixed is None else ():
         pre = make(kappa, 1e-3)
         logs = [pre.prior_log_scales(params, t.support_x, t.support_y, t.kind, steps=steps) for t in train_val]
         federation = tuple((layer, math.exp(statistics.fmean(d[layer] for d in logs))) for layer in layers)
@@ -373,9 +377,13 @@ def score_ebscale(algorithm: str, run: dict[str, Any], seed: int, big: Any, smal
                 assert rep.calibration is not None
                 curve[key] = rep.calibration.pooled["nll"]
                 configs[key] = (kappa, nu, modes)
-    best = min(curve, key=lambda k: curve[k])
+    if fixed is not None:
+        best = f"kappa={fixed[0]} nu={fixed[1]} mode=unit (fixed, not chosen)"
+        configs[best] = (fixed[0], fixed[1], None)
+    else:
+        best = min(curve, key=lambda k: curve[k])
     chosen = make(*configs[best])
-    name = f"{algorithm}-ebscale"
+    name = f"{algorithm}-ebscale" if fixed is None else f"{algorithm}-ebscale-own"
     prior = chosen.gaussian(params)
     moved: dict[str, list[float]] = {layer: [] for layer in layers}
     scales: dict[str, list[float]] = {layer: [] for layer in layers}
@@ -405,6 +413,13 @@ def score_ebscale(algorithm: str, run: dict[str, Any], seed: int, big: Any, smal
     out["seconds"] = time.perf_counter() - started
     print(f"seed {seed} {name}: {out['seconds']:.0f} s", file=sys.stderr, flush=True)
     return out
+
+
+def score_ebscale_own(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
+                      train_val: Any) -> dict[str, Any]:
+    """``score_ebscale`` at the learner's own KL weight and ``nu`` = 1 (a diagnostic, no choice)."""
+    learner, _ = _build(algorithm, big, seed)
+    return score_ebscale(algorithm, run, seed, big, small, train_val, fixed=(learner.bayes.kl_weight, 1.0))
 
 
 def _memo_out_of_fold(learner: Any, attr: str, cache: dict[Any, Any]) -> Any:
@@ -531,6 +546,7 @@ def run_seed(job: tuple[int, str, int, int, str | None, tuple[str, ...] | None])
     parts += [(a, "varstep-all") for a in ("bayes-metasgd", "bayes-maml", *variants)]
     parts += [(a, "ts-hier") for a in ("metasgd", "bayes-metasgd-allvar", "bayes-metasgd")]
     parts += [(a, "ebscale") for a in ("bayes-metasgd-allvar", "bayes-metasgd")]
+    parts += [(a, "ebscale-own") for a in ("bayes-metasgd-allvar", "bayes-metasgd")]
     for algorithm, part in parts:
         path = Path(runs_dir) / f"{algorithm}_plaintext_main_r{rounds}_s{seed}.json"
         if not path.exists():
@@ -543,7 +559,8 @@ def run_seed(job: tuple[int, str, int, int, str | None, tuple[str, ...] | None])
             continue
         else:
             scorer = {"main": score_algorithm, "ts-train": score_ts_train, "varstep": score_varstep,
-                      "varstep-all": score_varstep_all, "ts-hier": score_ts_hier, "ebscale": score_ebscale}[part]
+                      "varstep-all": score_varstep_all, "ts-hier": score_ts_hier, "ebscale": score_ebscale,
+                      "ebscale-own": score_ebscale_own}[part]
             block = scorer(algorithm, json.loads(path.read_text()), seed, big, small, train_val)
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
@@ -653,11 +670,11 @@ def main() -> None:
                     [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(b, big[other])])
     others = ["bayes-metasgd-tempered", "bayes-metasgd-ts-train", "bayes-metasgd-varstep", "bayes-maml-varstep",
               "bayes-metasgd-varstep-all", "bayes-maml-varstep-all", "metasgd-ts-hier", "bayes-metasgd-ts-hier",
-              "bayes-metasgd-ebscale", "metasgd-ts-hier-nll", "bayes-metasgd-ts-hier-nll"]
+              "bayes-metasgd-ebscale", "metasgd-ts-hier-nll", "bayes-metasgd-ts-hier-nll", "bayes-metasgd-ebscale-own"]
     for v in sorted(bayes_variant.VARIANTS):
         name = bayes_variant.algorithm_name(v)
         others += [name, f"{name}-tempered", f"{name}-ts-train", f"{name}-varstep", f"{name}-varstep-all",
-                   f"{name}-ts-hier", f"{name}-ts-hier-nll", f"{name}-ebscale"]
+                   f"{name}-ts-hier", f"{name}-ts-hier-nll", f"{name}-ebscale", f"{name}-ebscale-own"]
     for other in others:
         if other not in big or "metasgd" not in big or len(big[other]) != len(big["metasgd"]):
             continue
@@ -717,7 +734,8 @@ def main() -> None:
             checks[key] = {k.replace("_logvar_minus_prior", ""): interval([r[k]["spearman_vs_query_accuracy"]
                                                                             for r in resp]) for k in resp[0]}
     # misfit correlation of the per-client width (empirical-Bayes scale) and temperature (federation prior)
-    for label in ("bayes-metasgd-ebscale", "bayes-metasgd-allvar-ebscale", "metasgd-ts-hier", "bayes-metasgd-ts-hier",
+    for label in ("bayes-metasgd-ebscale", "bayes-metasgd-allvar-ebscale", "bayes-metasgd-ebscale-own",
+                  "bayes-metasgd-allvar-ebscale-own", "metasgd-ts-hier", "bayes-metasgd-ts-hier",
                   "bayes-metasgd-allvar-ts-hier", "metasgd-ts-hier-nll", "bayes-metasgd-ts-hier-nll",
                   "bayes-metasgd-allvar-ts-hier-nll"):
         resp = [r["chosen"][label]["heldout_response"] for r in per_seed if label in r["chosen"]]

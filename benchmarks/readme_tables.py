@@ -256,7 +256,12 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
                   "bayes-metasgd-allvar-ts-hier": "bayes-metasgd, all-layer variance step in training, + per-client "
                                                   "TS under a federation prior",
                   "bayes-metasgd-allvar-ebscale": "bayes-metasgd, all-layer variance step in training, + "
-                                                  "empirical-Bayes prior scale (at scoring)"})
+                                                  "empirical-Bayes prior scale (at scoring)",
+                  "bayes-metasgd-ebscale-own": "bayes-metasgd + empirical-Bayes prior scale at its own KL weight, "
+                                               "nu = 1 (diagnostic, not chosen)",
+                  "bayes-metasgd-allvar-ebscale-own": "bayes-metasgd, all-layer variance step in training, + "
+                                                      "empirical-Bayes prior scale at its own KL weight, nu = 1 "
+                                                      "(diagnostic, not chosen)"})
     big = st["big"]
     lines = [f"The same trained models (200 rounds, seeds {', '.join(str(s) for s in st['seeds'])}) re-scored on "
              f"{big['heldout_clients']} new held-out clients per seed with {min(big['query_per_class'])}-"
