@@ -20,6 +20,11 @@ sets the output layer's variances to the free energy's stationary point given th
 (``securefml.bayes.variance``): the gradient steps alone leave the posterior's variances at the
 prior's, so without it every client gets the same uncertainty.  ``BayesConfig.variance_step_layers``
 extends the step to the hidden layers' Gaussian weights (exact diagonal GGN, weights sampled).
+``BayesConfig.prior_scale_strength`` lets each client scale the prior's variances of the stepped
+layers by an empirical-Bayes fit on its support set (``securefml.bayes.hierarchical``), so a
+support set the prior explains badly can widen the posterior; ``BayesConfig.temperature_prior``
+gives each client a predictive temperature from its out-of-fold support predictions under a
+prior the federation fits on training clients (``securefml.bayes.temperature_prior``).
 
 Bayesian Meta-SGD meta-learns, with the prior, one inner rate per mean *and* per log-variance
 (Meta-SGD, Li et al. 2017): ``alpha.<name>`` and ``alpha.logvar.<name>``.  Bayesian MAML uses
