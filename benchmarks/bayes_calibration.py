@@ -47,6 +47,15 @@ the only evidence a decision to retrain with it may use); and every retrained
 variant of ``benchmarks/bayes_variant.py`` whose kept runs are in ``--runs-dir``
 (``bayes-metasgd-<variant>``), with its ratios to Meta-SGD and to bayes-metasgd in ``checks``.
 
+Misfit-tracking variants (issue 16's last round; choices on training-pool clients only):
+``<learner>-ebscale`` (the all-layer variance step under a per-client empirical-Bayes scale of the
+prior's variances, ``securefml.bayes.hierarchical``; ``(kappa, nu, mode)`` by the training-pool NLL)
+and ``<learner>-ts-hier`` / ``metasgd-ts-hier`` (a per-client temperature from out-of-fold support
+predictions under a log-normal prior fitted by type-II maximum likelihood on training-pool clients'
+support sets, ``securefml.bayes.temperature_prior``); both report the Spearman correlation across
+held-out clients of the per-client width or temperature against query accuracy.  They are scored
+on the large query sets only.
+
 Also: ``diagnosis`` per Bayesian learner, how far local inference moves the posterior from the
 prior (mean |posterior - prior| of means and log-variances, over held-out clients), the prior's
 standard deviation per layer, and the spread of the Monte Carlo samples' probabilities.
@@ -73,12 +82,16 @@ from peers import write_report
 
 from securefml.bayes import (
     LOGVAR_PREFIX,
+    TEMPERATURE_KEY,
     BayesianLearner,
     MetaSGDFixedTemperature,
     MetaSGDTemperature,
     MetaSGDTemperatureCV,
+    TemperaturePrior,
     fit_temperature,
+    fit_temperature_prior,
 )
+from securefml.bayes.temperature_prior import TAU_GRID
 from securefml.calibration import calibrated_ece_floor, squared_calibration_error
 from securefml.data import load_dataset
 from securefml.data.digits import load_digits_tensors, make_digits_fewshot
@@ -309,6 +322,200 @@ def score_varstep_all(algorithm: str, run: dict[str, Any], seed: int, big: Any, 
     return score_varstep(algorithm, run, seed, big, small, train_val, layers=learner.net.bayesian_layers)
 
 
+#: the empirical-Bayes prior scale's grid (``BayesConfig.prior_scale_strength``): KL weights of the step,
+#: hyper-prior strengths nu, and the hyper-prior's mode (1, or the federation's: the geometric mean of the
+#: training clients' scales at nu = 1e-3)
+EB_KAPPAS = (1e-7, 1e-4, 1e-2)
+EB_STRENGTHS = (1.0, 30.0, 1e3, 3e4)
+EB_MODES = ("unit", "federation")
+
+
+def _accuracy(learner: Any, adapted: Any, params: Any, task: Any) -> float:
+    with torch.no_grad():
+        pred = learner.forward({**params, **adapted}, task.query_x).argmax(-1)
+    return float((pred == task.query_y).float().mean())
+
+
+def score_ebscale(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
+                  train_val: Any, *, fixed: tuple[float, float] | None = None) -> dict[str, Any]:
+    """A kept Bayesian model with the all-layer variance step under a per-client empirical-Bayes prior scale.
+
+    ``securefml.bayes.hierarchical``: each held-out client fits, per Gaussian layer, a scale ``s`` of
+    the prior's variances by the free energy under an inverse-gamma hyper-prior (strength ``nu``,
+    mode 1 or the federation's level), so a support set that pulls the means further than the
+    prior expects widens the posterior.  ``(kappa, nu, mode)`` chosen from ``EB_KAPPAS x
+    EB_STRENGTHS x EB_MODES`` by the pooled query NLL of *training-pool* clients.  Also the
+    misfit correlation: Spearman across held-out clients of each layer's mean posterior
+    log-variance (and of its ``log s``) against the client's query accuracy (negative = the
+    clients the model fits worst get the widest posteriors).
+
+    ``fixed = (kappa, nu)``: no choice, a diagnostic (``<algorithm>-ebscale-own``: the free energy's
+    own KL weight and the weakest hyper-prior, mode 1), to show what the scale does where it is free
+    to act, whatever the training-pool NLL says.
+    """
+    started = time.perf_counter()
+    learner, steps = _build(algorithm, big, seed)
+    params = learner.layout().unflatten(torch.tensor(run["vector"], dtype=torch.float32))
+    layers = learner.net.bayesian_layers
+
+    def make(kappa: float, nu: float, modes: Any = None) -> Any:
+        return type(learner)(learner.model, learner.config, bayes=replace(
+            learner.bayes, head_variance_step=True, head_variance_weight=kappa, variance_step_layers=layers,
+            prior_scale_strength=nu, prior_scale_modes=modes))
+
+    curve: dict[str, float] = {}
+    configs: dict[str, tuple[float, float, Any]] = {}
+    for kappa in EB_KAPPAS if fixed is None else ():
+        pre = make(kappa, 1e-3)
+        logs = [pre.prior_log_scales(params, t.support_x, t.support_y, t.kind, steps=steps) for t in train_val]
+        federation = tuple((layer, math.exp(statistics.fmean(d[layer] for d in logs))) for layer in layers)
+        for nu in EB_STRENGTHS:
+            for mode in EB_MODES:
+                modes = None if mode == "unit" else federation
+                key = f"kappa={kappa} nu={nu} mode={mode}"
+                rep = personalize(make(kappa, nu, modes), params, train_val, steps=steps)
+                assert rep.calibration is not None
+                curve[key] = rep.calibration.pooled["nll"]
+                configs[key] = (kappa, nu, modes)
+    if fixed is not None:
+        best = f"kappa={fixed[0]} nu={fixed[1]} mode=unit (fixed, not chosen)"
+        configs[best] = (fixed[0], fixed[1], None)
+    else:
+        best = min(curve, key=lambda k: curve[k])
+    chosen = make(*configs[best])
+    name = f"{algorithm}-ebscale" if fixed is None else f"{algorithm}-ebscale-own"
+    prior = chosen.gaussian(params)
+    moved: dict[str, list[float]] = {layer: [] for layer in layers}
+    scales: dict[str, list[float]] = {layer: [] for layer in layers}
+    accuracy: list[float] = []
+    for t in big.heldout:
+        adapted = chosen.adapt(params, t.support_x, t.support_y, t.kind, steps=steps)
+        q = chosen.gaussian(adapted)
+        log_s = chosen.prior_log_scales(params, t.support_x, t.support_y, t.kind, steps=steps)
+        for layer in layers:
+            lv = f"{LOGVAR_PREFIX}{layer}.weight"
+            moved[layer].append(float((q[lv] - prior[lv]).mean()))
+            scales[layer].append(log_s[layer])
+        accuracy.append(_accuracy(chosen, adapted, params, t))
+    response = {f"{layer}.weight_logvar_minus_prior": {
+        "mean": statistics.fmean(moved[layer]), "std_across_clients": statistics.stdev(moved[layer]),
+        "min": min(moved[layer]), "max": max(moved[layer]),
+        "spearman_vs_query_accuracy": _spearman(moved[layer], accuracy)} for layer in layers}
+    response.update({f"{layer}_log_scale": {
+        "mean": statistics.fmean(scales[layer]), "std_across_clients": statistics.stdev(scales[layer]),
+        "spearman_vs_query_accuracy": _spearman(scales[layer], accuracy)} for layer in layers})
+    kappa, nu, modes = configs[best]
+    out: dict[str, Any] = {"big": {name: score(chosen, params, big.heldout, steps)}, "small": {},
+                           "diagnosis": None,
+                           "chosen": {name: {"head_variance_weight": kappa, "prior_scale_strength": nu,
+                                             "prior_scale_modes": modes, "chosen": best, "train_pool_nll": curve,
+                                             "heldout_response": response}}}
+    out["seconds"] = time.perf_counter() - started
+    print(f"seed {seed} {name}: {out['seconds']:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def score_ebscale_own(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
+                      train_val: Any) -> dict[str, Any]:
+    """``score_ebscale`` at the learner's own KL weight and ``nu`` = 1 (a diagnostic, no choice)."""
+    learner, _ = _build(algorithm, big, seed)
+    return score_ebscale(algorithm, run, seed, big, small, train_val, fixed=(learner.bayes.kl_weight, 1.0))
+
+
+def _memo_out_of_fold(learner: Any, attr: str, cache: dict[Any, Any]) -> Any:
+    """Cache ``learner.<attr>`` (out-of-fold predictions) per support set in ``cache`` (shared by learners on
+    the same model: scoring adapts each client twice, and two priors see the same out-of-fold predictions)."""
+    plain = getattr(learner, attr)
+
+    def cached(params: Any, x: torch.Tensor, y: torch.Tensor, *, steps: int | None = None) -> Any:
+        key = (x.data_ptr(), tuple(x.shape), steps)
+        if key not in cache:
+            cache[key] = plain(params, x, y, steps=steps)
+        return cache[key]
+
+    setattr(learner, attr, cached)
+    return learner
+
+
+def score_ts_hier(algorithm: str, run: dict[str, Any], seed: int, big: Any, small: Any,
+                  train_val: Any) -> dict[str, Any]:
+    """A per-client temperature from cross-validated support predictions under a federation prior.
+
+    ``securefml.bayes.temperature_prior``: the federation fits ``log T ~ N(m, tau^2)`` on
+    *training-pool* clients; each held-out client's temperature is the posterior mean given its own
+    out-of-fold support predictions.  Two ways to fit the prior, both on training clients only:
+
+    * ``<algorithm>-ts-hier``: ``(m, tau)`` by type-II maximum likelihood of the training clients'
+      out-of-fold support predictions (``fit_temperature_prior``; their query sets are not used);
+    * ``<algorithm>-ts-hier-nll``: for each ``tau`` in ``TAU_GRID``, ``m`` by type-II maximum
+      likelihood, and ``tau`` by the pooled query NLL of the training clients after each takes its
+      own posterior temperature (the spread that predicts best, not the one the support sets explain best).
+
+    ``metasgd``: ``MetaSGDTemperatureCV(prior=...)``; Bayesian learners: ``BayesConfig.temperature_prior``
+    on the Monte Carlo predictive.  Also the misfit correlation (Spearman across held-out clients of
+    ``log T`` against query accuracy; negative = the clients the model fits worst get the highest
+    temperatures) and how many clients made no out-of-fold mistake.
+    """
+    started = time.perf_counter()
+    learner, steps = _build(algorithm, big, seed)
+    params = learner.layout().unflatten(torch.tensor(run["vector"], dtype=torch.float32))
+    cache: dict[Any, Any] = {}
+    metasgd = algorithm == "metasgd"
+    attr = "out_of_fold_logits" if metasgd else "out_of_fold_log_predictive"
+
+    def with_prior(prior: Any) -> Any:
+        if metasgd:
+            return _memo_out_of_fold(_build("metasgd-ts-cv", big, seed, prior=prior)[0], attr, cache)
+        return _memo_out_of_fold(type(learner)(learner.model, learner.config,
+                                               bayes=replace(learner.bayes, temperature_prior=prior)), attr, cache)
+
+    probe = with_prior(TemperaturePrior())
+    oof = [getattr(probe, attr)(params, t.support_x, t.support_y, steps=steps) for t in train_val]
+    evidence = [(z, y) for z, y in oof if z is not None and y is not None]
+    # the untempered query predictions of the training clients' final models, for the NLL choice of tau
+    base = _build("metasgd", big, seed)[0] if metasgd else learner
+    query_logits = []
+    for t in train_val:
+        adapted = {**params, **base.adapt(params, t.support_x, t.support_y, t.kind, steps=steps)}
+        with torch.no_grad():
+            query_logits.append(base.forward(adapted, t.query_x).to(torch.float64))
+    curve: dict[str, float] = {}
+    priors: dict[str, Any] = {}
+    for tau in TAU_GRID:
+        prior = fit_temperature_prior(evidence, taus=(tau,))
+        nll = []
+        for (z, y), logits, t in zip(oof, query_logits, train_val):
+            temp = prior.temperature(z, y)
+            nll.append(torch.nn.functional.cross_entropy(logits / temp, t.query_y, reduction="sum"))
+        curve[str(tau)] = float(sum(nll)) / sum(int(t.query_y.numel()) for t in train_val)
+        priors[str(tau)] = prior
+    by_nll = priors[min(curve, key=lambda k: curve[k])]
+    by_evidence = fit_temperature_prior(evidence)
+    train_clean = sum(int(z is not None and bool((z.argmax(-1) == y).all())) for z, y in oof) / len(train_val)
+    out: dict[str, Any] = {"big": {}, "small": {}, "diagnosis": None, "chosen": {}}
+    for name, prior in ((f"{algorithm}-ts-hier", by_evidence), (f"{algorithm}-ts-hier-nll", by_nll)):
+        chosen = with_prior(prior)
+        temps, accuracy, clean = [], [], 0
+        for t in big.heldout:
+            adapted = chosen.adapt(params, t.support_x, t.support_y, t.kind, steps=steps)
+            temps.append(math.log(float(adapted[TEMPERATURE_KEY])))
+            accuracy.append(_accuracy(chosen, adapted, params, t))
+            z, y = getattr(chosen, attr)(params, t.support_x, t.support_y, steps=steps)
+            clean += int(z is not None and bool((z.argmax(-1) == y).all()))
+        response = {"log_temperature": {"mean": statistics.fmean(temps),
+                                        "std_across_clients": statistics.stdev(temps), "min": min(temps),
+                                        "max": max(temps), "spearman_vs_query_accuracy": _spearman(temps, accuracy)},
+                    "heldout_clients_without_out_of_fold_mistakes": clean / len(big.heldout),
+                    "training_clients_without_out_of_fold_mistakes": train_clean}
+        out["big"][name] = score(chosen, params, big.heldout, steps)
+        out["chosen"][name] = {"log_t0": prior.log_t0, "temperature_t0": math.exp(prior.log_t0), "tau": prior.tau,
+                               "heldout_response": response}
+        print(f"seed {seed} {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    out["chosen"][f"{algorithm}-ts-hier-nll"]["train_pool_query_nll_by_tau"] = curve
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
 def _spearman(a: list[float], b: list[float]) -> float | None:
     if len(set(a)) < 2 or len(set(b)) < 2:
         return None
@@ -337,6 +544,9 @@ def run_seed(job: tuple[int, str, int, int, str | None, tuple[str, ...] | None])
     # a model trained with the all-layer step is re-scored with it (its kappa re-chosen), not the head's alone
     parts += [(a, "varstep") for a in ("bayes-metasgd", "bayes-maml", *variants) if not a.endswith("-allvar")]
     parts += [(a, "varstep-all") for a in ("bayes-metasgd", "bayes-maml", *variants)]
+    parts += [(a, "ts-hier") for a in ("metasgd", "bayes-metasgd-allvar", "bayes-metasgd")]
+    parts += [(a, "ebscale") for a in ("bayes-metasgd-allvar", "bayes-metasgd")]
+    parts += [(a, "ebscale-own") for a in ("bayes-metasgd-allvar", "bayes-metasgd")]
     for algorithm, part in parts:
         path = Path(runs_dir) / f"{algorithm}_plaintext_main_r{rounds}_s{seed}.json"
         if not path.exists():
@@ -349,7 +559,8 @@ def run_seed(job: tuple[int, str, int, int, str | None, tuple[str, ...] | None])
             continue
         else:
             scorer = {"main": score_algorithm, "ts-train": score_ts_train, "varstep": score_varstep,
-                      "varstep-all": score_varstep_all}[part]
+                      "varstep-all": score_varstep_all, "ts-hier": score_ts_hier, "ebscale": score_ebscale,
+                      "ebscale-own": score_ebscale_own}[part]
             block = scorer(algorithm, json.loads(path.read_text()), seed, big, small, train_val)
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
@@ -458,10 +669,12 @@ def main() -> None:
                 checks[f"accuracy bayes-metasgd - {other} (points)"] = interval(
                     [100 * (x["accuracy"] - y["accuracy"]) for x, y in zip(b, big[other])])
     others = ["bayes-metasgd-tempered", "bayes-metasgd-ts-train", "bayes-metasgd-varstep", "bayes-maml-varstep",
-              "bayes-metasgd-varstep-all", "bayes-maml-varstep-all"]
+              "bayes-metasgd-varstep-all", "bayes-maml-varstep-all", "metasgd-ts-hier", "bayes-metasgd-ts-hier",
+              "bayes-metasgd-ebscale", "metasgd-ts-hier-nll", "bayes-metasgd-ts-hier-nll", "bayes-metasgd-ebscale-own"]
     for v in sorted(bayes_variant.VARIANTS):
         name = bayes_variant.algorithm_name(v)
-        others += [name, f"{name}-tempered", f"{name}-ts-train", f"{name}-varstep", f"{name}-varstep-all"]
+        others += [name, f"{name}-tempered", f"{name}-ts-train", f"{name}-varstep", f"{name}-varstep-all",
+                   f"{name}-ts-hier", f"{name}-ts-hier-nll", f"{name}-ebscale", f"{name}-ebscale-own"]
     for other in others:
         if other not in big or "metasgd" not in big or len(big[other]) != len(big["metasgd"]):
             continue
@@ -520,6 +733,16 @@ def main() -> None:
                    f"spearman across held-out clients, mean log-variance vs query accuracy ({base}, all-layer step)")
             checks[key] = {k.replace("_logvar_minus_prior", ""): interval([r[k]["spearman_vs_query_accuracy"]
                                                                             for r in resp]) for k in resp[0]}
+    # misfit correlation of the per-client width (empirical-Bayes scale) and temperature (federation prior)
+    for label in ("bayes-metasgd-ebscale", "bayes-metasgd-allvar-ebscale", "bayes-metasgd-ebscale-own",
+                  "bayes-metasgd-allvar-ebscale-own", "metasgd-ts-hier", "bayes-metasgd-ts-hier",
+                  "bayes-metasgd-allvar-ts-hier", "metasgd-ts-hier-nll", "bayes-metasgd-ts-hier-nll",
+                  "bayes-metasgd-allvar-ts-hier-nll"):
+        resp = [r["chosen"][label]["heldout_response"] for r in per_seed if label in r["chosen"]]
+        if resp and len(resp) == len(per_seed):
+            checks[f"spearman across held-out clients vs query accuracy ({label})"] = {
+                k: interval([r[k]["spearman_vs_query_accuracy"] for r in resp]) for k in resp[0]
+                if isinstance(resp[0][k], dict)}
     report["checks"] = checks
     report["chosen_on_training_clients"] = {r["seed"]: r["chosen"] for r in per_seed}
     report["diagnosis"] = {r["seed"]: r["diagnosis"] for r in per_seed}

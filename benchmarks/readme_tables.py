@@ -250,6 +250,18 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
                       f"{v}-ts-train": f"bayes-metasgd, {label}, + TS (training clients)",
                       f"{v}-varstep": f"bayes-metasgd, {label}, + head variance step (at scoring)",
                       f"{v}-varstep-all": f"bayes-metasgd, {label}, + all-layer variance step (at scoring)"})
+    names.update({"metasgd-ts-hier": "Meta-SGD + per-client TS under a federation prior",
+                  "bayes-metasgd-ts-hier": "bayes-metasgd + per-client TS under a federation prior",
+                  "bayes-metasgd-ebscale": "bayes-metasgd + empirical-Bayes prior scale (at scoring)",
+                  "bayes-metasgd-allvar-ts-hier": "bayes-metasgd, all-layer variance step in training, + per-client "
+                                                  "TS under a federation prior",
+                  "bayes-metasgd-allvar-ebscale": "bayes-metasgd, all-layer variance step in training, + "
+                                                  "empirical-Bayes prior scale (at scoring)",
+                  "bayes-metasgd-ebscale-own": "bayes-metasgd + empirical-Bayes prior scale at its own KL weight, "
+                                               "nu = 1 (diagnostic, not chosen)",
+                  "bayes-metasgd-allvar-ebscale-own": "bayes-metasgd, all-layer variance step in training, + "
+                                                      "empirical-Bayes prior scale at its own KL weight, nu = 1 "
+                                                      "(diagnostic, not chosen)"})
     big = st["big"]
     lines = [f"The same trained models (200 rounds, seeds {', '.join(str(s) for s in st['seeds'])}) re-scored on "
              f"{big['heldout_clients']} new held-out clients per seed with {min(big['query_per_class'])}-"
@@ -318,6 +330,26 @@ def render_bayes_calibration(data: dict[str, Any]) -> str:
         lines += ["", "Spearman correlation across held-out clients between a layer's mean posterior log-variance "
                   "and the client's query accuracy, all-layer step at scoring (mean [95% interval over seeds]): "
                   + "; ".join(f"{k} {_ci(v, 2)}" for k, v in rho.items()) + "."]
+    misfit = [(k[len("spearman across held-out clients vs query accuracy ("):-1], v) for k, v in c.items()
+              if k.startswith("spearman across held-out clients vs query accuracy (")]
+    if misfit:
+        lines += ["", "Misfit-tracking variants (per-client width or temperature chosen on the support set, "
+                  "hyper-parameters on training-pool clients), Spearman correlation across held-out clients with "
+                  "query accuracy (negative: the clients fitted worst get the widest posterior or highest "
+                  "temperature): " + "; ".join(
+                      f"{names.get(label, label)}: " + ", ".join(f"{k} {_ci(v, 2)}" for k, v in rho_.items())
+                      for label, rho_ in misfit) + "."]
+        for key in ("metasgd-ts-hier", "bayes-metasgd-ts-hier", "bayes-metasgd-ebscale",
+                    "bayes-metasgd-allvar-ts-hier", "bayes-metasgd-allvar-ebscale"):
+            bm = c.get(f"l2_ce_debiased ratio {key} / metasgd, paired bootstrap over clients")
+            if not bm or key not in data["big"]:
+                continue
+            lines += ["", f"{names[key]}, debiased L2-CE: ratio to Meta-SGD "
+                      f"{_ci(c.get(f'l2_ce_debiased ratio {key} / metasgd'), 2)} (paired bootstrap "
+                      f"[{bm.get('lo', math.nan):.2f}, {bm.get('hi', math.nan):.2f}]; target <= 0.5); accuracy "
+                      f"{_ci(c[f'accuracy difference {key} - metasgd (points)'], 1)} points, NLL difference "
+                      f"{_ci(c[f'nll difference {key} - metasgd'])}, out-of-task AUROC difference "
+                      f"{_ci(c.get(f'ood_auroc difference {key} - metasgd'))} against Meta-SGD."]
     lines += ["", data["note"] + "."]
     return "\n".join(lines) + "\n"
 

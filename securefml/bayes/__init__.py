@@ -11,6 +11,14 @@
   output layer (``BayesConfig.head_variance_step``), so a client's posterior variance responds to
   its support set (``securefml.bayes.variance``); ``mlp_ggn_diagonal``: the exact diagonal GGN of
   every layer, for the step in the hidden layers too (``BayesConfig.variance_step_layers``).
+* ``empirical_bayes_log_scale`` / ``scaled_posterior_logvars``: a per-client, per-layer scale of the
+  prior's variances fitted on the support set by the free energy under an inverse-gamma hyper-prior
+  (``BayesConfig.prior_scale_strength``), so a support set the prior explains badly widens the
+  posterior (``securefml.bayes.hierarchical``).
+* ``TemperaturePrior`` / ``fit_temperature_prior``: a per-client predictive temperature from
+  cross-validated support predictions under a log-normal prior the federation fits on training
+  clients (``BayesConfig.temperature_prior``, ``MetaSGDTemperatureCV(prior=...)``;
+  ``securefml.bayes.temperature_prior``).
 * ``mean_log_variance`` / ``precision_weighted``: the two ways to merge Gaussian priors, and why
   the federation uses the first (``securefml.bayes.aggregation``).
 
@@ -20,6 +28,7 @@ selector, defense and user-level DP like the deterministic ones.  See ``docs/bay
 
 from securefml.bayes.aggregation import mean_log_variance, precision_weighted
 from securefml.bayes.gaussian import LOGVAR_PREFIX, kl_diagonal, kl_params, logvar_name
+from securefml.bayes.hierarchical import empirical_bayes_log_scale, scaled_posterior_logvars
 from securefml.bayes.learners import (
     LOGRATE_MAX,
     LOGRATE_MIN,
@@ -35,6 +44,12 @@ from securefml.bayes.learners import (
 )
 from securefml.bayes.network import StochasticMLP
 from securefml.bayes.temperature import fit_temperature
+from securefml.bayes.temperature_prior import (
+    TemperaturePrior,
+    fit_temperature_prior,
+    out_of_fold_logits,
+    temperature_log_likelihood,
+)
 from securefml.bayes.variance import mlp_ggn_diagonal, softmax_head_ggn_diagonal, stationary_logvar
 from securefml.meta import LEARNERS
 
@@ -53,15 +68,21 @@ __all__ = [
     "MetaSGDTemperatureCV",
     "PFedBayes",
     "StochasticMLP",
+    "TemperaturePrior",
+    "empirical_bayes_log_scale",
     "fit_temperature",
+    "fit_temperature_prior",
     "kl_diagonal",
     "kl_params",
     "logvar_name",
     "mean_log_variance",
     "mlp_ggn_diagonal",
+    "out_of_fold_logits",
     "precision_weighted",
+    "scaled_posterior_logvars",
     "softmax_head_ggn_diagonal",
     "stationary_logvar",
+    "temperature_log_likelihood",
 ]
 
 # The learners register in securefml.meta's LEARNERS with decorators beside their definitions

@@ -20,6 +20,11 @@ sets the output layer's variances to the free energy's stationary point given th
 (``securefml.bayes.variance``): the gradient steps alone leave the posterior's variances at the
 prior's, so without it every client gets the same uncertainty.  ``BayesConfig.variance_step_layers``
 extends the step to the hidden layers' Gaussian weights (exact diagonal GGN, weights sampled).
+``BayesConfig.prior_scale_strength`` lets each client scale the prior's variances of the stepped
+layers by an empirical-Bayes fit on its support set (``securefml.bayes.hierarchical``), so a
+support set the prior explains badly can widen the posterior; ``BayesConfig.temperature_prior``
+gives each client a predictive temperature from its out-of-fold support predictions under a
+prior the federation fits on training clients (``securefml.bayes.temperature_prior``).
 
 Bayesian Meta-SGD meta-learns, with the prior, one inner rate per mean *and* per log-variance
 (Meta-SGD, Li et al. 2017): ``alpha.<name>`` and ``alpha.logvar.<name>``.  Bayesian MAML uses
@@ -66,15 +71,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.func import grad
 
 from securefml.bayes.gaussian import LOGVAR_PREFIX, clamp_logvar, kl_params, logvar_name
+from securefml.bayes.hierarchical import scaled_posterior_logvars
 from securefml.bayes.network import StochasticMLP
 from securefml.bayes.temperature import fit_temperature
+from securefml.bayes.temperature_prior import TemperaturePrior, out_of_fold_logits, shot_folds
 from securefml.bayes.variance import ELEMENTWISE, mlp_ggn_diagonal, softmax_head_ggn_diagonal, stationary_logvar
 from securefml.data.base import Task
 from securefml.errors import ConfigError
@@ -221,6 +228,40 @@ class BayesConfig:
         the gradient steps (``docs/bayes.md``), and the head's step alone narrowed the head most for
         the clients the model fits worst; a step in the features lets the support set narrow the
         uncertainty of the representation too.  The model's activations must be elementwise.
+    prior_scale_strength:
+        ``None`` (default): the closed-form variance step uses the meta-learned prior as it is.  A
+        positive ``nu``: each client first fits, per Gaussian layer of the step, a scale ``s`` of
+        the prior's variances by the free energy with an inverse-gamma hyper-prior of pseudo-count
+        ``nu`` (mode ``s = 1``; ``securefml.bayes.hierarchical``): ``s = (A + 2 nu) / (gamma + 2 nu)``
+        with ``A`` the means' squared displacement from the prior in prior variances and ``gamma``
+        the number of directions the support set determines.  Why: the variance step can only
+        narrow, and narrowed most for the clients the model fits worst (``docs/bayes.md``); with the
+        scale, a support set that pulls the means further than the prior expects widens the
+        client's posterior.  Needs ``head_variance_step``; ``nu`` is chosen by the federation on
+        training clients (``benchmarks/bayes_calibration.py``).
+    prior_scale_modes:
+        The hyper-prior's mode per layer, ``((layer, s0), ...)``; a layer not named (and ``None``,
+        the default) has mode 1, the meta-learned prior itself.  For a location of the hyper-prior
+        fitted by the federation on *training* clients (``benchmarks/bayes_calibration.py``: the
+        geometric mean of their per-client scales), so that a client is widened or narrowed
+        relative to the clients the federation has seen, not relative to a prior whose level the
+        meta-training's tempered KL set.
+    prior_scale_iterations:
+        Contraction steps of the scale's root-finding (each at least halves the error).
+    temperature_prior:
+        ``None`` (default): no per-client temperature.  A ``TemperaturePrior`` (``log T ~ N(m,
+        tau^2)``, fitted by the federation on *training* clients, ``fit_temperature_prior``): in
+        ``adapt`` each client splits its support set into ``temperature_folds`` stratified folds,
+        runs local inference on the others and predicts each held-out fold (the log of the Monte
+        Carlo predictive), and divides its predictions by the posterior mean temperature given
+        those out-of-fold predictions (``securefml.bayes.temperature_prior``).  Why: the variance
+        of a Gaussian posterior over a 5-shot likelihood narrows most for the clients the model
+        fits worst (``docs/bayes.md``); out-of-fold mistakes measure misfit directly, and the
+        shared prior holds a client without any mistakes near the federation's level instead of
+        letting it fit the grid's minimum.  Costs ``temperature_folds`` extra local inferences per
+        client; meta-training never sees it.  Not with ``temperature`` != 1.
+    temperature_folds:
+        Folds of the out-of-fold predictions (``temperature_prior``), >= 2.
     temperature:
         Predictions divide the log of the Monte Carlo predictive by this temperature
         (``forward`` only; softmax of the result is the predictive raised to ``1 / T`` and
@@ -247,8 +288,36 @@ class BayesConfig:
     head_variance_samples: int = 8
     head_variance_iterations: int = 1
     variance_step_layers: tuple[str, ...] | None = None
+    prior_scale_strength: float | None = None
+    prior_scale_modes: tuple[tuple[str, float], ...] | None = None
+    prior_scale_iterations: int = 40
+    temperature_prior: TemperaturePrior | None = None
+    temperature_folds: int = 5
 
     def __post_init__(self) -> None:
+        if self.temperature_prior is not None and self.temperature != 1.0:
+            raise ConfigError("temperature_prior fits a temperature per client; it cannot be combined with a fixed "
+                              f"temperature ({self.temperature})")
+        if self.temperature_folds < 2:
+            raise ConfigError(f"temperature_folds must be >= 2, got {self.temperature_folds}")
+        if self.prior_scale_strength is not None:
+            if not self.head_variance_step:
+                raise ConfigError("prior_scale_strength scales the prior of the closed-form variance step: "
+                                  "it needs head_variance_step=True")
+            if not (math.isfinite(self.prior_scale_strength) and self.prior_scale_strength > 0):
+                raise ConfigError(f"prior_scale_strength must be a positive number (or None), "
+                                  f"got {self.prior_scale_strength}")
+        if self.prior_scale_modes is not None:
+            if self.prior_scale_strength is None:
+                raise ConfigError("prior_scale_modes locates the prior scale's hyper-prior: "
+                                  "it needs prior_scale_strength")
+            names = [m[0] for m in self.prior_scale_modes]
+            if len(set(names)) != len(names) or not all(math.isfinite(m[1]) and m[1] > 0
+                                                        for m in self.prior_scale_modes):
+                raise ConfigError(f"prior_scale_modes must give distinct layers positive modes, "
+                                  f"got {self.prior_scale_modes}")
+        if self.prior_scale_iterations < 1:
+            raise ConfigError(f"prior_scale_iterations must be >= 1, got {self.prior_scale_iterations}")
         if self.variance_step_layers is not None:
             if not self.head_variance_step:
                 raise ConfigError("variance_step_layers chooses the layers of the closed-form variance step: "
@@ -281,6 +350,10 @@ class BayesConfig:
         if not (self.kl_weight >= 0 and self.zeta >= 0):
             raise ConfigError("kl_weight and zeta must be >= 0")
 
+
+    def prior_scale_mode(self, layer: str) -> float:
+        """The hyper-prior's mode of ``layer``'s prior scale (``prior_scale_modes``; 1 if not named)."""
+        return dict(self.prior_scale_modes or ()).get(layer, 1.0)
 
     def variance_step_weight(self) -> float:
         """``kappa`` of the closed-form variance step (``head_variance_weight``, else ``kl_weight``)."""
@@ -325,6 +398,10 @@ class BayesianLearner(MetaLearner):
                                   f"{self.net.bayesian_layers}")
             self._step_layers = tuple(n for n in self.net.bayesian_layers if n in self.bayes.variance_step_layers)
             self._activations = self._layer_activations()
+        unknown_modes = [m[0] for m in self.bayes.prior_scale_modes or () if m[0] not in self.net.bayesian_layers]
+        if unknown_modes:
+            raise ConfigError(f"prior_scale_modes names {unknown_modes}, not Gaussian layers; choose from "
+                              f"{self.net.bayesian_layers}")
         self._train_generator = torch.Generator().manual_seed(self.bayes.seed + 1)
 
     def _layer_activations(self) -> dict[str, nn.Module | None]:
@@ -396,6 +473,8 @@ class BayesianLearner(MetaLearner):
         noise = self._prediction_noise(self.net.draw_noise(x.shape[0], self.bayes.eval_samples, generator=gen,
                                                            device=x.device, dtype=x.dtype))
         logp = self.net.log_predictive(self.gaussian(params), x, noise)
+        if TEMPERATURE_KEY in params:  # a client's own temperature (BayesConfig.temperature_prior)
+            return logp / params[TEMPERATURE_KEY]
         return logp if self.bayes.temperature == 1.0 else logp / self.bayes.temperature
 
     def _prediction_noise(self, noise: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -432,10 +511,11 @@ class BayesianLearner(MetaLearner):
         return 1.0
 
     def infer(self, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-              generator: torch.Generator) -> Params:
+              generator: torch.Generator, scales: dict[str, torch.Tensor] | None = None) -> Params:
         """``steps`` steps of variational inference from the prior in ``params`` (differentiable).
 
-        Returns the posterior in natural units (``gaussian``); ``adapt`` stores it.
+        Returns the posterior in natural units (``gaussian``); ``adapt`` stores it.  ``scales``, if
+        given, receives each stepped layer's ``log s`` (``BayesConfig.prior_scale_strength``).
         """
         prior = self.gaussian(params)
         rates = self.rates(params)
@@ -454,11 +534,23 @@ class BayesianLearner(MetaLearner):
                                         device=x.device, dtype=x.dtype)
             for _ in range(self.bayes.head_variance_iterations):
                 if self._step_layers is None:
-                    q = self.head_variance_step(q, prior, x, noise)
+                    q = self.head_variance_step(q, prior, x, noise, scales=scales)
                 else:
                     q = self.layer_variance_step(q, prior, x, self.draw_weights(
-                        q, self.bayes.head_variance_samples, generator=generator))
+                        q, self.bayes.head_variance_samples, generator=generator), scales=scales)
         return q
+
+    def prior_log_scales(self, params: Params, task_x: torch.Tensor, task_y: torch.Tensor, kind: str,
+                         *, steps: int | None = None) -> dict[str, float]:
+        """Each stepped layer's fitted ``log s`` for this support set (local inference exactly as ``adapt``'s)."""
+        self._check_kind(kind)
+        if self.bayes.prior_scale_strength is None:
+            raise ConfigError("prior_log_scales needs BayesConfig.prior_scale_strength")
+        scales: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            self.infer(params, task_x, task_y, steps=self.config.inner_steps if steps is None else steps,
+                       generator=torch.Generator().manual_seed(self.bayes.seed), scales=scales)
+        return {k: float(v) for k, v in scales.items()}
 
     def draw_weights(self, q: Params, samples: int, *, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """``samples`` draws of every Linear's weight and bias under ``q`` (natural units), ``[S, *shape]`` each.
@@ -477,7 +569,8 @@ class BayesianLearner(MetaLearner):
         return out
 
     def layer_variance_step(self, q: Params, prior: Params, x: torch.Tensor,
-                            weights: Mapping[str, torch.Tensor]) -> Params:
+                            weights: Mapping[str, torch.Tensor],
+                            scales: dict[str, torch.Tensor] | None = None) -> Params:
         """The closed-form variance step of the ``variance_step_layers`` (exact diagonal GGN of every layer).
 
         ``q``, ``prior`` in natural units; ``weights`` sampled under ``q`` (``draw_weights``).  Returns
@@ -487,17 +580,32 @@ class BayesianLearner(MetaLearner):
         layers = self.net.linear_layers
         ggn = mlp_ggn_diagonal(x.flatten(1), [weights[f"{n}.weight"] for n in layers],
                                [weights[f"{n}.bias"] for n in layers], [self._activations[n] for n in layers])
-        kappa = self.bayes.variance_step_weight()
         out = dict(q)
         for name, (gw, gb) in zip(layers, ggn):
             if name in (self._step_layers or ()):
-                for part, g in (("weight", gw), ("bias", gb)):
-                    lv = logvar_name(f"{name}.{part}")
-                    out[lv] = stationary_logvar(prior[lv], g, x.shape[0], kappa)
+                out.update(self._layer_logvars(q, prior, name, gw, gb, x.shape[0], scales))
         return out
 
+    def _layer_logvars(self, q: Params, prior: Params, layer: str, ggn_w: torch.Tensor, ggn_b: torch.Tensor,
+                       n: int, scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """One layer's stationary log-variances: under the prior as learned, or scaled per client.
+
+        (``BayesConfig.prior_scale_strength``; ``securefml.bayes.hierarchical``.)
+        """
+        kappa = self.bayes.variance_step_weight()
+        w, b = logvar_name(f"{layer}.weight"), logvar_name(f"{layer}.bias")
+        if self.bayes.prior_scale_strength is None:
+            return {w: stationary_logvar(prior[w], ggn_w, n, kappa), b: stationary_logvar(prior[b], ggn_b, n, kappa)}
+        (lw, lb), log_s = scaled_posterior_logvars(
+            [q[f"{layer}.weight"], q[f"{layer}.bias"]], [prior[f"{layer}.weight"], prior[f"{layer}.bias"]],
+            [prior[w], prior[b]], [ggn_w, ggn_b], n, kappa, strength=self.bayes.prior_scale_strength,
+            mode=self.bayes.prior_scale_mode(layer), iterations=self.bayes.prior_scale_iterations)
+        if scales is not None:
+            scales[layer] = log_s
+        return {w: lw, b: lb}
+
     def head_variance_step(self, q: Params, prior: Params, x: torch.Tensor,
-                           noise: Sequence[torch.Tensor]) -> Params:
+                           noise: Sequence[torch.Tensor], scales: dict[str, torch.Tensor] | None = None) -> Params:
         """One closed-form variance step of the output layer (``BayesConfig.head_variance_step``).
 
         ``q`` and ``prior`` in natural units; ``noise`` for every Gaussian layer (``[n, S, out]``,
@@ -506,13 +614,10 @@ class BayesianLearner(MetaLearner):
         Differentiable (the meta-gradient flows through it).
         """
         head = self.net.head
-        w, b = f"{head}.weight", f"{head}.bias"
         h, logits = self.net.head_inputs_and_logits(q, x, noise)
         probs = torch.softmax(logits, dim=-1)
         ggn_w, ggn_b = softmax_head_ggn_diagonal(h, probs)
-        kappa = self.bayes.variance_step_weight()
-        return {**q, logvar_name(w): stationary_logvar(prior[logvar_name(w)], ggn_w, x.shape[0], kappa),
-                logvar_name(b): stationary_logvar(prior[logvar_name(b)], ggn_b, x.shape[0], kappa)}
+        return {**q, **self._layer_logvars(q, prior, head, ggn_w, ggn_b, x.shape[0], scales)}
 
     def adapt(self, params: Params, task_x: torch.Tensor, task_y: torch.Tensor, kind: str,
               *, steps: int | None = None) -> Params:
@@ -523,8 +628,40 @@ class BayesianLearner(MetaLearner):
         """
         self._check_kind(kind)
         steps = self.config.inner_steps if steps is None else steps
-        q = self.infer(params, task_x, task_y, steps=steps, generator=torch.Generator().manual_seed(self.bayes.seed))
+        posterior = self._posterior(params, task_x, task_y, steps)
+        prior = self.bayes.temperature_prior
+        if prior is None:
+            return posterior
+        logits, labels = self.out_of_fold_log_predictive(params, task_x, task_y, steps=steps)
+        ref = next(iter(posterior.values()))
+        t = prior.temperature(logits, labels)
+        return {**posterior, TEMPERATURE_KEY: torch.tensor(t, dtype=ref.dtype, device=ref.device)}
+
+    def _posterior(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int) -> Params:
+        q = self.infer(params, x, y, steps=steps, generator=torch.Generator().manual_seed(self.bayes.seed))
         return self.stored(q)
+
+    def out_of_fold_log_predictive(self, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """Out-of-fold log predictives on a support set (``temperature_folds`` stratified folds), untempered.
+
+        The evidence of ``BayesConfig.temperature_prior`` for this client; also what the federation
+        fits that prior on (training clients, ``fit_temperature_prior``).
+        """
+        steps = self.config.inner_steps if steps is None else steps
+        plain = replace(self.bayes, temperature=1.0)
+
+        def adapted(xk: torch.Tensor, yk: torch.Tensor):  # type: ignore[no-untyped-def]
+            post = self._posterior(params, xk, yk, steps)
+            return lambda xo: self._untempered_forward({**params, **post}, xo, plain)
+
+        return out_of_fold_logits(adapted, x, y, folds=self.bayes.temperature_folds)
+
+    def _untempered_forward(self, params: Params, x: torch.Tensor, bayes: BayesConfig) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(bayes.seed)
+        noise = self._prediction_noise(self.net.draw_noise(x.shape[0], bayes.eval_samples, generator=gen,
+                                                           device=x.device, dtype=x.dtype))
+        return self.net.log_predictive(self.gaussian(params), x, noise)
 
     # -- meta-training ---------------------------------------------------------------------
     def query_nll(self, params: Params, task: Task, seed: int) -> torch.Tensor:
@@ -635,8 +772,8 @@ class PFedBayes(BayesianLearner):
                               "use bayes-metasgd or bayes-maml")
 
     def infer(self, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-              generator: torch.Generator) -> Params:
-        prior = self.gaussian(params)
+              generator: torch.Generator, scales: dict[str, torch.Tensor] | None = None) -> Params:
+        prior = self.gaussian(params)  # no variance step here (refused in __init__), so no scales either
         q = dict(prior)
         step = grad(lambda q_, noise: self.free_energy(q_, prior, x, y, noise, weight=self.bayes.zeta))
         for _ in range(steps):
@@ -698,17 +835,7 @@ class MetaSGDTemperature(MetaSGD):
         return {**adapted, TEMPERATURE_KEY: torch.tensor(t, dtype=logits.dtype, device=logits.device)}
 
 
-def _shot_folds(labels: torch.Tensor, folds: int) -> torch.Tensor:
-    """Fold of each support example: its rank among the examples of its class, modulo ``folds``.
-
-    Every fold then holds about one shot of every class, so a model adapted on the other folds
-    still sees every class (stratified k-fold on the support set).
-    """
-    fold = torch.empty_like(labels)
-    for c in labels.unique():
-        idx = torch.nonzero(labels == c).flatten()
-        fold[idx] = torch.arange(idx.numel(), device=labels.device) % folds
-    return fold
+_shot_folds = shot_folds  # the stratified folds of the cross-validated temperatures
 
 
 @LEARNERS.register("metasgd-ts-cv")
@@ -734,11 +861,15 @@ class MetaSGDTemperatureCV(MetaSGDTemperature):
     name = "metasgd-ts-cv"
 
     def __init__(self, model: nn.Module, config: MetaConfig | None = None, *, folds: int = 5,
-                 first_order: bool = False, gradients: Gradients | None = None) -> None:
+                 first_order: bool = False, gradients: Gradients | None = None,
+                 prior: TemperaturePrior | None = None) -> None:
         super().__init__(model, config, first_order=first_order, gradients=gradients)
         if folds < 2:
             raise ConfigError(f"cross-validated temperature scaling needs folds >= 2, got {folds}")
         self.folds = folds
+        #: with a prior shared by the federation (``securefml.bayes.temperature_prior``), the client's
+        #: temperature is the posterior mean given its out-of-fold logits instead of their maximum likelihood
+        self.prior = prior
 
     def query_loss(self, params: Params, task: Task) -> torch.Tensor:
         adapted = MetaSGD.adapt(self, params, task.support_x, task.support_y, task.kind)
@@ -749,19 +880,22 @@ class MetaSGDTemperatureCV(MetaSGDTemperature):
         adapted = MetaSGD.adapt(self, params, task_x, task_y, kind, steps=steps)
         if kind != "classification":
             return adapted
-        fold = _shot_folds(task_y, self.folds)
-        logits, labels = [], []
-        with torch.no_grad():
-            for f in range(int(fold.max()) + 1 if fold.numel() else 0):
-                out, keep = fold == f, fold != f
-                if not bool(out.any()) or not bool(keep.any()):
-                    continue
-                part = MetaSGD.adapt(self, params, task_x[keep], task_y[keep], kind, steps=steps)
-                logits.append(MetaSGD.forward(self, {**params, **part}, task_x[out]))
-                labels.append(task_y[out])
-        t = fit_temperature(torch.cat(logits), torch.cat(labels)) if len(logits) >= 2 else 1.0
+        logits, labels = self.out_of_fold_logits(params, task_x, task_y, steps=steps)
+        if self.prior is not None:
+            t = self.prior.temperature(logits, labels)
+        else:
+            t = fit_temperature(logits, labels) if logits is not None and labels is not None else 1.0
         ref = next(iter(adapted.values()))
         return {**adapted, TEMPERATURE_KEY: torch.tensor(t, dtype=ref.dtype, device=ref.device)}
+
+    def out_of_fold_logits(self, params: Params, x: torch.Tensor, y: torch.Tensor, *, steps: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """Meta-SGD's out-of-fold logits on a support set (``folds`` stratified folds, untempered)."""
+        def adapted(xk: torch.Tensor, yk: torch.Tensor):  # type: ignore[no-untyped-def]
+            part = MetaSGD.adapt(self, params, xk, yk, "classification", steps=steps)
+            return lambda xo: MetaSGD.forward(self, {**params, **part}, xo)
+
+        return out_of_fold_logits(adapted, x, y, folds=self.folds)
 
     def calibrate(self, adapted: Params, support_x: torch.Tensor, support_y: torch.Tensor, kind: str) -> Params:
         return adapted  # the temperature was fitted in ``adapt``, out of fold
