@@ -88,8 +88,8 @@ from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.reveals import Reveals
 
-__all__ = ["consensus_cosine", "batched_consensus_cosine", "cosine_matrix", "duplicates", "robust_scale",
-           "Reputation"]
+__all__ = ["consensus_cosine", "batched_consensus_cosine", "cosine_matrix", "copy_groups", "duplicates",
+           "robust_scale", "Reputation"]
 
 
 def consensus_cosine(inner: torch.Tensor, include: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -159,6 +159,37 @@ def duplicates(inner: torch.Tensor, threshold: float) -> torch.Tensor:
     return cos.max(dim=1).values >= threshold if g.shape[0] > 1 else torch.zeros(g.shape[0], dtype=torch.bool)
 
 
+def copy_groups(inner: torch.Tensor, threshold: float) -> list[list[int]]:
+    """The groups of near-copies of a round: connected components of ``cosine >= threshold``, from a Gram.
+
+    Only rows with at least one near-copy appear; each group lists row indices in ascending order.
+    Connected components (not cliques), so a chain of near-copies is one group, whatever order the
+    rows arrive in.
+    """
+    n = inner.shape[0]
+    if n < 2:
+        return []
+    cos = cosine_matrix(inner)
+    cos.fill_diagonal_(-2.0)
+    near = (cos >= threshold).tolist()
+    seen: set[int] = set()
+    groups: list[list[int]] = []
+    for start in range(n):
+        if start in seen or not any(near[start]):
+            continue
+        stack, group = [start], []
+        seen.add(start)
+        while stack:
+            i = stack.pop()
+            group.append(i)
+            for j in range(n):
+                if near[i][j] and j not in seen:
+                    seen.add(j)
+                    stack.append(j)
+        groups.append(sorted(group))
+    return groups
+
+
 def robust_scale(values: torch.Tensor) -> float:
     """1.4826 times the median absolute deviation (the standard deviation for normal data)."""
     med = values.median()
@@ -197,6 +228,14 @@ class Reputation(Defense):
         member's cosine to the consensus and ``sigma`` the pooled scale (False, the default: full
         weight until flagged).  Meant for attackers that act before ``min_rounds``; measured in
         ``docs/robustness.md``.
+    copies:
+        What reaches the wrapped rule from a group of near-copies (rows whose cosine is at least
+        ``duplicate``): ``"exclude"`` (the default) leaves the whole group out; ``"one"`` lets one
+        member through, the non-flagged member with the highest statistic, so the group weighs
+        as one client.  Under mimic (colluders copying an honest update) ``"one"`` keeps the
+        copied honest update at its own weight instead of dropping it; under a common crafted
+        vector (ALIE, IPM) it lets that vector through at one client's weight.  The evidence is
+        the same either way (every near-copy scores -1).  Measured in ``docs/robustness.md``.
 
     Notes
     -----
@@ -210,8 +249,11 @@ class Reputation(Defense):
     def __init__(
         self, rule: Defense | None = None, *, threshold: float = 0.0, min_rounds: int = 3, window: int = 2000,
         consensus: str = "unflagged", duplicate: float | None = 0.99, rescore: int = 6, history: int = 250,
-        soft: bool = False,
+        soft: bool = False, copies: str = "exclude",
     ) -> None:
+        if copies not in ("exclude", "one"):
+            raise ConfigError(f"copies must be 'exclude' or 'one', got {copies!r}")
+        self.copies = copies
         if not isinstance(soft, bool):
             raise ConfigError(f"soft must be True or False, got {soft!r}")
         self.soft = soft
@@ -291,7 +333,8 @@ class Reputation(Defense):
             self._count[c] = self._count.get(c, 0) + 1
             self._sum[c] = self._sum.get(c, 0.0) + zi
             self._recent.append(zi)
-        return z, self._cap(ids, torch.tensor([not self.is_flagged(c) for c in ids]) & ~dup)
+        keep = torch.tensor([not self.is_flagged(c) for c in ids]) & ~dup
+        return z, self._cap(ids, self._admit_one_copy(gram, keep, dup))
 
     def _observe_rescored(self, gram: Gram) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the round's cosine matrix, re-score every stored round against today's trust."""
@@ -302,7 +345,26 @@ class Reputation(Defense):
             return torch.zeros(gram.n, dtype=torch.float64), self._cap(ids, ~dup)
         self._rounds.append((tuple(int(c) for c in ids), cosine_matrix(gram.inner).cpu(), dup.cpu()))
         z = self._rescore()
-        return z, self._cap(ids, torch.tensor([not self.is_flagged(c) for c in ids]) & ~dup)
+        keep = torch.tensor([not self.is_flagged(c) for c in ids]) & ~dup
+        return z, self._cap(ids, self._admit_one_copy(gram, keep, dup))
+
+    def _admit_one_copy(self, gram: Gram, keep: torch.Tensor, dup: torch.Tensor) -> torch.Tensor:
+        """``copies="one"``: let one non-flagged member of each group of near-copies through.
+
+        The member with the highest statistic (ties: the lowest row); a group whose members are
+        all flagged stays out.  Near-copies carry one update between them, so admitting one row
+        adds at most one client's weight of that update (after clipping, at most the bound).
+        """
+        if self.copies != "one" or self.duplicate is None or not bool(dup.any()):
+            return keep
+        keep = keep.clone()
+        ids = gram.client_ids
+        for group in copy_groups(gram.inner, self.duplicate):
+            candidates = [i for i in group if not self.is_flagged(ids[i])]
+            if candidates:
+                best = max(candidates, key=lambda i: (self.statistic(ids[i]) or 0.0, -i))
+                keep[best] = True
+        return keep
 
     def _rescore(self) -> torch.Tensor:
         """Recompute every stored round's scores; ``rescore`` passes; returns the last round's scores.
@@ -441,4 +503,5 @@ class Reputation(Defense):
     def __repr__(self) -> str:
         return (f"Reputation({self.rule!r}, threshold={self.threshold}, min_rounds={self.min_rounds}, "
                 f"window={self.window}, consensus={self.consensus!r}, duplicate={self.duplicate}, "
-                f"rescore={self.rescore}, history={self.history}" + (", soft=True)" if self.soft else ")"))
+                f"rescore={self.rescore}, history={self.history}" + (", soft=True" if self.soft else "")
+                + (f", copies={self.copies!r})" if self.copies != "exclude" else ")"))
