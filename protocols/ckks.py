@@ -56,7 +56,7 @@ from securefml.protocols.ckks_params import KEY_HOLDER_PARTY, KIND, MAX_ABS, pac
 from securefml.protocols.ckks_policy import REFERENCE_PARTY, DecryptionPolicy
 from securefml.protocols.ckks_server import CKKSServer, ReceivedCiphertexts
 from securefml.protocols.ckks_server_half import CKKSRoundStats, CKKSServerHalf
-from securefml.protocols.ckks_stats import PackingFrame
+from securefml.protocols.ckks_stats import PackingFrame, check_zero_floor
 from securefml.protocols.halves import ClientHalf
 from securefml.protocols.registry import PROTOCOLS
 from securefml.updates import LayerLayout
@@ -125,7 +125,9 @@ class CKKS(AggregationProtocol):
 
     Assumptions and guarantees
     --------------------------
-    The decrypted aggregate matches the plaintext one within ``ckks_stats.sum_error_bound``;
+    The decrypted aggregate matches the plaintext one within ``ckks_stats.sum_error_bound`` plus
+    the resolution floor ``zero_floor`` (below); an entry that is 0 in every upload decrypts to
+    exactly 0 with overwhelming probability;
     Gram entries within ``inner_product_error_bound``.  Robust rules need every client to send
     the same layers (a server-dictated selection plan).
 
@@ -144,6 +146,14 @@ class CKKS(AggregationProtocol):
         (whose reference party is ``REFERENCE_PARTY``).
     replay_window:
         Rounds of ciphertext digests the server remembers to reject replays.
+    zero_floor:
+        Resolution floor tau of the decode: decrypted entries with ``|x| < tau`` become exactly 0
+        (mean sums and robust combinations), so an entry that is 0 in every upload stays 0 as it
+        does in plaintext and SecAgg, instead of CKKS noise that a scale-free server optimizer
+        (Adam) amplifies.  None (default): ``ckks_stats.default_zero_floor`` of the preset's
+        scale (2^-23 ~ 1.2e-7 at 2^40, ~100 fresh-noise standard deviations); 0 disables it.
+        Each entry then stays within the documented bound plus tau (``error_bound`` includes
+        it); entries decoded at ``|x| >= tau`` are unchanged.  See ``ckks_stats``.
 
     References
     ----------
@@ -164,7 +174,9 @@ class CKKS(AggregationProtocol):
         min_contributors: int = 2,
         policy: DecryptionPolicy | None = None,
         replay_window: int = 8,
+        zero_floor: float | None = None,
     ) -> None:
+        self.zero_floor = None if zero_floor is None else check_zero_floor(zero_floor)
         if key_holder is None:
             policy = policy or DecryptionPolicy(min_contributors=min_contributors)
             key_holder = CKKSKeyHolder.generate(preset, policy=policy)
@@ -240,7 +252,7 @@ class CKKS(AggregationProtocol):
         return CKKSServerHalf(
             round_idx, layout, cohort, public_context=self._public, preset=self.preset, policy=self.policy,
             defense=setup.defense, combine=setup.combine, server=self.server,
-            reference_party=self._reference_party(setup) if robust else None,
+            reference_party=self._reference_party(setup) if robust else None, zero_floor=self.zero_floor,
         )
 
     def client_half(self, round_idx: int, layout: LayerLayout, update: ClientUpdate) -> CKKSClientHalf:

@@ -68,7 +68,13 @@ from securefml.protocols.ckks_keys import CKKSPreset
 from securefml.protocols.ckks_params import KEY_HOLDER_PARTY, packing_frame
 from securefml.protocols.ckks_policy import SKIP_BELOW, AggregateRequest, DecryptionPolicy, GramRequest
 from securefml.protocols.ckks_server import CKKSServer, ReceivedCiphertexts
-from securefml.protocols.ckks_stats import PackingFrame, sum_error_bound
+from securefml.protocols.ckks_stats import (
+    PackingFrame,
+    apply_zero_floor,
+    check_zero_floor,
+    default_zero_floor,
+    sum_error_bound,
+)
 from securefml.protocols.halves import ServerHalf, StageMessages
 from securefml.reveals import GramCombiner, GramDecision, RevealedGram, RevealedLayerMeans
 from securefml.rounds import nothing_accepted
@@ -138,6 +144,11 @@ class CKKSServerHalf(ServerHalf):
         Party id of the reference party to ask for its signed reference (robust rounds), or None.
     key_holder_party:
         The key holder's party id.
+    zero_floor:
+        The resolution floor tau (``ckks_stats.apply_zero_floor``): decrypted entries with
+        ``|x| < tau`` become exactly 0, in the mean path's decrypted sums and in the Gram path's
+        decrypted combination.  None: ``default_zero_floor(preset.scale_bits)`` (2^-23 at scale
+        2^40); 0 disables it.  The mean path's ``error_bound`` includes tau.
     """
 
     def __init__(
@@ -154,6 +165,7 @@ class CKKSServerHalf(ServerHalf):
         server: CKKSServer | None = None,
         reference_party: int | None = None,
         key_holder_party: int = KEY_HOLDER_PARTY,
+        zero_floor: float | None = None,
     ) -> None:
         ids = [int(c) for c in cohort]
         if len(set(ids)) != len(ids):
@@ -168,6 +180,8 @@ class CKKSServerHalf(ServerHalf):
         self.cohort = tuple(sorted(ids))
         self.server = server or CKKSServer(public_context, preset)
         self.preset = self.server.preset
+        self.zero_floor = (default_zero_floor(self.preset.scale_bits) if zero_floor is None
+                           else check_zero_floor(zero_floor))
         self.policy = policy
         self.defense = defense
         self.gram_mode = gram_mode
@@ -469,6 +483,8 @@ class CKKSServerHalf(ServerHalf):
         for k, values in dec.items():
             lo, hi = frame.chunk_range(k)
             packed[lo:hi] = values[: hi - lo]
+        # the floor acts on the decrypted sums, where the CKKS noise lives, before the per-layer rescale
+        packed = apply_zero_floor(packed, self.zero_floor)
         counts = self._layer_counts()
         totals: dict[str, float] = dict.fromkeys(self.layout.layer_names, 0.0)
         for rec in self._received.values():
@@ -494,7 +510,7 @@ class CKKSServerHalf(ServerHalf):
             client_ids=tuple(sorted(self._received)),
             withheld_layers=tuple(withheld),
             layer_counts=counts,
-            error_bound=sum_error_bound(max(1, len(self._received)), 1.0) * amplification,
+            error_bound=(sum_error_bound(max(1, len(self._received)), 1.0) + self.zero_floor) * amplification,
             rejected=dict(self._rejected),
             stats=self._stats(),
         )
@@ -507,8 +523,9 @@ class CKKSServerHalf(ServerHalf):
         combination = None
         kept = 0.0
         if self._decrypted is not None and frame is not None and self._decision is not None:
-            combination = torch.from_numpy(
-                np.concatenate([self._decrypted[k][: frame.chunk_len(k)] for k in range(frame.n_chunks)]))
+            combination = torch.from_numpy(apply_zero_floor(
+                np.concatenate([self._decrypted[k][: frame.chunk_len(k)] for k in range(frame.n_chunks)]),
+                self.zero_floor))
             kept = float(sum(self._received[c].weight for c in ids if abs(self._coeffs[c]) > SKIP_BELOW))
         return RevealedGram(
             client_ids=ids,
