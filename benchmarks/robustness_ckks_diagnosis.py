@@ -1,6 +1,7 @@
 """Why CKKS detection on seed 2 differs from plaintext: the diagnostic behind ``docs/robustness.md``.
 
     python benchmarks/robustness_ckks_diagnosis.py --part zeros [--seed 2]
+    python benchmarks/robustness_ckks_diagnosis.py --part floor [--seed 2] [--rounds 20] [--out x.json]
     python benchmarks/robustness_ckks_diagnosis.py --part detection [--seed 2] [--floor 1e-7] [--out x.json]
 
 The detection setting of ``benchmarks/robustness.py`` (digits-fewshot FOMAML, 25 % unit-scale
@@ -9,6 +10,13 @@ sign flippers, 100 clients, 8 per round, ``recommended``), plaintext and CKKS, r
 ``zeros``: one round per protocol; how many aggregate entries are exactly 0 in plaintext, how
 large the CKKS decryption makes them, and how far the server's Adam then moves the two models
 apart on those entries and on all others.
+
+``floor``: the decode's resolution floor (``CKKS(zero_floor=...)``, ``protocols/ckks_stats.py``)
+before and after, measured in one run: ``zeros`` with ``ckks:zero_floor=0`` (the decode as it was)
+and with the default floor, then a ``--rounds`` trajectory of plaintext, CKKS without and CKKS
+with the floor (same config, seed and cohorts): the largest and the mean absolute difference of
+each CKKS global model from the plaintext one, the ratio of the two differences (the floor's
+effect, measured in the same run), and the personalized accuracy of each.
 
 ``detection``: 100 rounds per protocol, without and with a *floor*: every aggregate entry whose
 magnitude is below ``--floor`` is set to 0 before the server's optimizer step (a diagnostic
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from typing import Any
 
 import torch
@@ -51,9 +60,10 @@ def patch_floor(floor: float) -> None:
     optimizer.ServerOptimizer.step = step  # type: ignore[method-assign]
 
 
-def zeros(seed: int) -> dict[str, Any]:
+def zeros(seed: int, ckks: str = "ckks") -> dict[str, Any]:
+    """One round of plaintext and of the CKKS spec ``ckks``: how the two models part on the zero entries."""
     state: dict[str, dict[str, torch.Tensor]] = {}
-    for protocol in ("plaintext", "ckks"):
+    for protocol in ("plaintext", ckks):
         cap: dict[str, torch.Tensor] = {}
 
         def finish(server: Any, data: Any, cap: dict[str, torch.Tensor] = cap) -> None:
@@ -61,17 +71,45 @@ def zeros(seed: int) -> dict[str, Any]:
             cap["aggregate"] = server.model._exp_avg.clone() / 0.1  # Adam's first moment after one step
         run_experiment(config(protocol, seed, 1), on_finish=finish)
         state[protocol] = cap
-    p, c = state["plaintext"], state["ckks"]
+    p, c = state["plaintext"], state[ckks]
     zero = p["aggregate"] == 0
     moved = (p["vector"] - c["vector"]).abs()
     return {
         "entries": int(zero.numel()),
         "exactly_zero_in_plaintext": int(zero.sum()),
         "ckks_max_abs_on_those": float(c["aggregate"][zero].abs().max()) if bool(zero.any()) else 0.0,
+        "ckks_exactly_zero_on_those": int((c["aggregate"][zero] == 0).sum()),
         "aggregate_relative_difference": float((p["aggregate"] - c["aggregate"]).norm() / p["aggregate"].norm()),
         "model_difference_on_zero_entries": float(moved[zero].norm()),
         "model_difference_elsewhere": float(moved[~zero].norm()),
     }
+
+
+def trajectory(seed: int, rounds: int) -> dict[str, Any]:
+    """``rounds`` rounds of plaintext, CKKS without the floor and CKKS with it: how far the models part."""
+    vectors: dict[str, torch.Tensor] = {}
+    accuracy: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for protocol in ("plaintext", "ckks:zero_floor=0", "ckks"):
+        cap: dict[str, torch.Tensor] = {}
+
+        def finish(server: Any, data: Any, cap: dict[str, torch.Tensor] = cap) -> None:
+            cap["vector"] = server.model._vector.clone()
+        t0 = time.perf_counter()
+        result = run_experiment(config(protocol, seed, rounds), on_finish=finish)
+        seconds[protocol] = time.perf_counter() - t0
+        vectors[protocol] = cap["vector"]
+        accuracy[protocol] = result.metrics.get("personalized", {}).get("accuracy")
+    plain = vectors["plaintext"]
+    diff = {p: (vectors[p] - plain).abs() for p in ("ckks:zero_floor=0", "ckks")}
+    out: dict[str, Any] = {"rounds": rounds, "entries": int(plain.numel()), "accuracy": accuracy,
+                           "seconds": seconds}
+    for p, d in diff.items():
+        out[p] = {"max_abs_difference": float(d.max()), "mean_abs_difference": float(d.mean()),
+                  "relative_norm_difference": float(d.norm() / plain.norm())}
+    out["mean_difference_ratio_floor_over_none"] = (
+        out["ckks"]["mean_abs_difference"] / max(out["ckks:zero_floor=0"]["mean_abs_difference"], 1e-30))
+    return out
 
 
 def detection_run(protocol: str, seed: int) -> dict[str, Any]:
@@ -114,7 +152,8 @@ def detection_run(protocol: str, seed: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("zeros", "detection"), required=True)
+    ap.add_argument("--part", choices=("zeros", "floor", "detection"), required=True)
+    ap.add_argument("--rounds", type=int, default=20, help="floor: trajectory length")
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--floor", type=float, default=0.0, help="detection: zero aggregate entries below this")
     ap.add_argument("--out", default=None)
@@ -122,6 +161,9 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.part == "zeros":
         report: dict[str, Any] = {"seed": args.seed, "zeros": zeros(args.seed)}
+    elif args.part == "floor":
+        report = {"seed": args.seed, "zeros_without_floor": zeros(args.seed, "ckks:zero_floor=0"),
+                  "zeros_with_floor": zeros(args.seed, "ckks"), "trajectory": trajectory(args.seed, args.rounds)}
     else:
         patch_floor(args.floor)
         runs = [detection_run(p, args.seed) for p in ("plaintext", "ckks")]
