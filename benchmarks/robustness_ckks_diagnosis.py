@@ -1,7 +1,7 @@
 """Why CKKS detection on seed 2 differs from plaintext: the diagnostic behind ``docs/robustness.md``.
 
     python benchmarks/robustness_ckks_diagnosis.py --part zeros [--seed 2]
-    python benchmarks/robustness_ckks_diagnosis.py --part floor [--seed 2] [--rounds 20] [--out x.json]
+    python benchmarks/robustness_ckks_diagnosis.py --part floor [--seed 2] [--rounds 20] [--repeats 3] [--out x.json]
     python benchmarks/robustness_ckks_diagnosis.py --part detection [--seed 2] [--floor 1e-7] [--out x.json]
 
 The detection setting of ``benchmarks/robustness.py`` (digits-fewshot FOMAML, 25 % unit-scale
@@ -41,6 +41,10 @@ import torch
 import securefml.optimizer as optimizer
 from securefml.defenses import recommended
 from securefml.experiment import RunConfig, run_experiment
+from securefml.protocols.ckks_stats import default_zero_floor
+
+#: the default resolution floor at scale 2^40 (``ckks_stats.default_zero_floor(40)``)
+TAU = default_zero_floor(40)
 
 
 def config(protocol: str, seed: int, rounds: int) -> RunConfig:
@@ -73,6 +77,7 @@ def zeros(seed: int, ckks: str = "ckks") -> dict[str, Any]:
         state[protocol] = cap
     p, c = state["plaintext"], state[ckks]
     zero = p["aggregate"] == 0
+    tiny = ~zero & (p["aggregate"].abs() < TAU)  # nonzero in plaintext, below the default floor
     moved = (p["vector"] - c["vector"]).abs()
     return {
         "entries": int(zero.numel()),
@@ -82,6 +87,9 @@ def zeros(seed: int, ckks: str = "ckks") -> dict[str, Any]:
         "aggregate_relative_difference": float((p["aggregate"] - c["aggregate"]).norm() / p["aggregate"].norm()),
         "model_difference_on_zero_entries": float(moved[zero].norm()),
         "model_difference_elsewhere": float(moved[~zero].norm()),
+        "nonzero_below_floor_in_plaintext": int(tiny.sum()),
+        "model_difference_on_nonzero_below_floor": float(moved[tiny].norm()),
+        "model_difference_at_or_above_floor": float(moved[~zero & ~tiny].norm()),
     }
 
 
@@ -154,6 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("zeros", "floor", "detection"), required=True)
     ap.add_argument("--rounds", type=int, default=20, help="floor: trajectory length")
+    ap.add_argument("--repeats", type=int, default=3, help="floor: runs of each (CKKS encryption is randomized)")
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--floor", type=float, default=0.0, help="detection: zero aggregate entries below this")
     ap.add_argument("--out", default=None)
@@ -162,8 +171,10 @@ def main() -> None:
     if args.part == "zeros":
         report: dict[str, Any] = {"seed": args.seed, "zeros": zeros(args.seed)}
     elif args.part == "floor":
-        report = {"seed": args.seed, "zeros_without_floor": zeros(args.seed, "ckks:zero_floor=0"),
-                  "zeros_with_floor": zeros(args.seed, "ckks"), "trajectory": trajectory(args.seed, args.rounds)}
+        report = {"seed": args.seed, "floor": TAU, "repeats": args.repeats,
+                  "zeros_without_floor": [zeros(args.seed, "ckks:zero_floor=0") for _ in range(args.repeats)],
+                  "zeros_with_floor": [zeros(args.seed, "ckks") for _ in range(args.repeats)],
+                  "trajectory": [trajectory(args.seed, args.rounds) for _ in range(args.repeats)]}
     else:
         patch_floor(args.floor)
         runs = [detection_run(p, args.seed) for p in ("plaintext", "ckks")]
