@@ -1,6 +1,7 @@
 """Why CKKS detection on seed 2 differs from plaintext: the diagnostic behind ``docs/robustness.md``.
 
     python benchmarks/robustness_ckks_diagnosis.py --part zeros [--seed 2]
+    python benchmarks/robustness_ckks_diagnosis.py --part noise [--repeats 3]
     python benchmarks/robustness_ckks_diagnosis.py --part floor [--seed 2] [--rounds 20] [--repeats 3] [--out x.json]
     python benchmarks/robustness_ckks_diagnosis.py --part detection [--seed 2] [--floor 1e-7] [--out x.json]
 
@@ -11,7 +12,11 @@ sign flippers, 100 clients, 8 per round, ``recommended``), plaintext and CKKS, r
 large the CKKS decryption makes them, and how far the server's Adam then moves the two models
 apart on those entries and on all others.
 
-``floor``: the decode's resolution floor (``CKKS(zero_floor=...)``, ``protocols/ckks_stats.py``)
+``noise``: the decryption noise on exactly-zero entries (no floor), real ciphertexts, both paths:
+what the default floor is sized against.
+
+``floor`` (writes ``benchmarks/json/robustness_ckks_diagnosis.json`` with ``--out``): ``noise``,
+then the decode's resolution floor (``CKKS(zero_floor=...)``, ``protocols/ckks_stats.py``)
 before and after, measured in one run: ``zeros`` with ``ckks:zero_floor=0`` (the decode as it was)
 and with the default floor, then a ``--rounds`` trajectory of plaintext, CKKS without and CKKS
 with the floor (same config, seed and cohorts): the largest and the mean absolute difference of
@@ -84,6 +89,7 @@ def zeros(seed: int, ckks: str = "ckks") -> dict[str, Any]:
         "exactly_zero_in_plaintext": int(zero.sum()),
         "ckks_max_abs_on_those": float(c["aggregate"][zero].abs().max()) if bool(zero.any()) else 0.0,
         "ckks_exactly_zero_on_those": int((c["aggregate"][zero] == 0).sum()),
+        "ckks_std_on_those": float(c["aggregate"][zero].double().std()) if bool(zero.any()) else 0.0,
         "aggregate_relative_difference": float((p["aggregate"] - c["aggregate"]).norm() / p["aggregate"].norm()),
         "model_difference_on_zero_entries": float(moved[zero].norm()),
         "model_difference_elsewhere": float(moved[~zero].norm()),
@@ -91,6 +97,42 @@ def zeros(seed: int, ckks: str = "ckks") -> dict[str, Any]:
         "model_difference_on_nonzero_below_floor": float(moved[tiny].norm()),
         "model_difference_at_or_above_floor": float(moved[~zero & ~tiny].norm()),
     }
+
+
+def noise(repeats: int) -> list[dict[str, Any]]:
+    """The decryption noise on entries that are 0 in every upload, real ciphertexts, no floor.
+
+    Mean path (``add-only``, prescaled uploads) and Gram path (``stats``, the key holder's
+    coefficient-weighted sum) for m = 4, 8, 16 uploads of 4 full chunks each: the noise's standard
+    deviation, its largest magnitude, that magnitude in standard deviations, and the floor's
+    margin over it (tau / max), pooled over ``repeats`` rounds.
+    """
+    from securefml.defenses import NormBound
+    from securefml.defenses.mean import Mean
+    from securefml.protocols.base import ClientUpdate
+    from securefml.protocols.ckks import CKKS
+    from securefml.updates import LayerLayout
+
+    layout = LayerLayout([("w", (4, 4096))])
+    protos = {"mean": CKKS(preset="add-only", zero_floor=0), "gram": CKKS(preset="stats", zero_floor=0)}
+    gen = torch.Generator().manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    rounds = iter(range(1, 10**6))
+    for path, proto in protos.items():
+        for m in (4, 8, 16):
+            pooled = []
+            for _ in range(repeats):
+                x = torch.randn(m, layout.numel, generator=gen) * 0.01
+                x[:, ::2] = 0.0  # every other entry is 0 in every upload
+                ups = [ClientUpdate(i, x[i], layout.layer_names, 1.0) for i in range(m)]
+                rule = Mean() if path == "mean" else NormBound(1e6)
+                out = proto.run_round(next(rounds), ups, layout, defense=rule)
+                pooled.append(out.aggregate[::2].to(torch.float64))
+            z = torch.cat(pooled)
+            std, peak = float(z.std()), float(z.abs().max())
+            rows.append({"path": path, "uploads": m, "entries": int(z.numel()), "std": std, "max_abs": peak,
+                         "max_in_std": peak / std, "floor_over_max": TAU / peak, "floor_in_std": TAU / std})
+    return rows
 
 
 def trajectory(seed: int, rounds: int) -> dict[str, Any]:
@@ -160,7 +202,7 @@ def detection_run(protocol: str, seed: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("zeros", "floor", "detection"), required=True)
+    ap.add_argument("--part", choices=("zeros", "noise", "floor", "detection"), required=True)
     ap.add_argument("--rounds", type=int, default=20, help="floor: trajectory length")
     ap.add_argument("--repeats", type=int, default=3, help="floor: runs of each (CKKS encryption is randomized)")
     ap.add_argument("--seed", type=int, default=2)
@@ -170,8 +212,10 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.part == "zeros":
         report: dict[str, Any] = {"seed": args.seed, "zeros": zeros(args.seed)}
+    elif args.part == "noise":
+        report = {"floor": TAU, "noise": noise(args.repeats)}
     elif args.part == "floor":
-        report = {"seed": args.seed, "floor": TAU, "repeats": args.repeats,
+        report = {"seed": args.seed, "floor": TAU, "repeats": args.repeats, "noise": noise(args.repeats),
                   "zeros_without_floor": [zeros(args.seed, "ckks:zero_floor=0") for _ in range(args.repeats)],
                   "zeros_with_floor": [zeros(args.seed, "ckks") for _ in range(args.repeats)],
                   "trajectory": [trajectory(args.seed, args.rounds) for _ in range(args.repeats)]}

@@ -10,7 +10,6 @@ rounding already maps 0 to 0 (why plaintext and SecAgg need no floor).
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -109,6 +108,7 @@ def test_without_the_floor_shared_zeros_are_ckks_noise(add_proto):
     assert int((noise != 0).sum()) > 0.9 * int(zero.sum())
     sigma = float(noise.std())
     assert 1e-10 < sigma < TAU / 8  # the floor sits many noise standard deviations out
+    assert float(noise.abs().max()) < TAU / 2  # and above the largest noise (measured margin 3x or more)
     assert bool(torch.all(floored[zero] == 0))
     keep = raw.abs() >= TAU
     assert torch.equal(floored[keep], raw[keep])  # entries at or above tau are unchanged
@@ -137,13 +137,6 @@ def test_zero_floor_zero_disables_the_floor():
     out = proto.run_round(next(ROUNDS), updates, LAYOUT, defense=Mean())
     assert int((out.aggregate[zero] != 0).sum()) > 0
     assert out.extras["error_bound"] == pytest.approx(sum_error_bound(4, 1.0))
-
-
-def test_gaussian_tail_at_the_default_floor_is_negligible():
-    """The quantified claim: noise std ~1.2e-9 * sqrt(m); P(|noise| > tau) per entry at m = 16, 100."""
-    for m, limit in ((16, 1e-100), (100, 1e-15)):
-        sigma = 1.2e-9 * math.sqrt(m)
-        assert math.erfc(TAU / (sigma * math.sqrt(2))) < limit
 
 
 def test_secagg_stochastic_rounding_maps_zero_to_zero():
