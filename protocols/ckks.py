@@ -127,7 +127,7 @@ class CKKS(AggregationProtocol):
     --------------------------
     The decrypted aggregate matches the plaintext one within ``ckks_stats.sum_error_bound`` plus
     the resolution floor ``zero_floor`` (below); an entry that is 0 in every upload decrypts to
-    exactly 0 whenever its noise is below the floor (measured margin 3x or more up to 16 uploads);
+    exactly 0 whenever its noise is below the floor (measured margin 2.9x or more up to 16 uploads);
     Gram entries within ``inner_product_error_bound``.  Robust rules need every client to send
     the same layers (a server-dictated selection plan).
 
@@ -152,7 +152,7 @@ class CKKS(AggregationProtocol):
         does in plaintext and SecAgg, instead of CKKS noise that a scale-free server optimizer
         (Adam) amplifies.  None (default): ``ckks_stats.default_zero_floor`` of the preset's
         scale (2^-23 ~ 1.2e-7 at 2^40; 24-48 noise standard deviations of a sum of 4-16 uploads,
-        3x or more the largest noise measured); 0 disables it.
+        2.9x or more the largest noise measured); 0 disables it.
         Each entry then stays within the documented bound plus tau (``error_bound`` includes
         it); entries decoded at ``|x| >= tau`` are unchanged.  See ``ckks_stats``.
 

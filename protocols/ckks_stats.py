@@ -37,15 +37,15 @@ real TenSEAL ciphertexts (n = 8192, scale 2^40; ``benchmarks/robustness_ckks_dia
 --part noise``, 24,576 zero entries per row), the decrypted sum of m uploads carries noise of
 standard deviation about ``1.2e-9 * sqrt(m)`` per slot (2.5e-9 / 3.5e-9 / 5.0e-9 at m = 4 / 8 /
 16), the same on the mean path and on the key holder's coefficient-weighted sum of a robust
-round; its tails are heavier than a Gaussian's (the largest magnitude is 7-10 standard
-deviations, at most 3.8e-8).  Plaintext aggregation and SecAgg are exact on an entry that is 0
+round; its tails are heavier than a Gaussian's (the largest magnitude is 6.6-8.9 standard
+deviations, at most 4.1e-8).  Plaintext aggregation and SecAgg are exact on an entry that is 0
 in every upload (SecAgg's stochastic rounding maps 0 to 0); under CKKS that entry decodes to
 noise, and a scale-free consumer (the server's Adam, whose step is ``m / (sqrt(v) + eps)`` with
 eps 1e-8) turns noise of 1e-9..1e-8 into a step of a sizeable fraction of its learning rate.
 
 ``apply_zero_floor`` therefore sets every decoded entry with ``|x| < tau`` to exactly 0.  The
 default ``tau = default_zero_floor(scale_bits) = 2^(17 - scale_bits)`` (2^-23 ~ 1.19e-7 at scale
-2^40) is 24-48 noise standard deviations for m = 4..16 and 3.1-6.5 times the largest noise
+2^40) is 24-48 noise standard deviations for m = 4..16 and 2.9-7.1 times the largest noise
 measured, while it is 2^-3 of the smallest error bound the protocol already documents
 (``sum_error_bound(1, 0) = 2^-20``).  Guarantees, for any tau >= 0 (0 disables the floor):
 
@@ -53,7 +53,7 @@ measured, while it is 2^-3 of the smallest error bound the protocol already docu
 * every entry stays within the documented error bound plus tau of its plaintext value (a
   floored entry moved by ``|x| < tau``), so the reported ``error_bound`` includes tau;
 * an entry that is 0 in every upload decodes to exactly 0 whenever its noise is below tau:
-  in every measured case (m <= 16, both paths) with a margin of 3x or more.  The noise grows as
+  in every measured case (m <= 16, both paths) with a margin of 2.9x or more.  The noise grows as
   ``sqrt(m)``, so the margin shrinks to about 1 near m ~ 150 uploads: raise tau there.  This is
   a measurement, not a proven tail bound (the tails are not Gaussian).
 

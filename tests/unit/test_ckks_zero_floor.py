@@ -108,7 +108,7 @@ def test_without_the_floor_shared_zeros_are_ckks_noise(add_proto):
     assert int((noise != 0).sum()) > 0.9 * int(zero.sum())
     sigma = float(noise.std())
     assert 1e-10 < sigma < TAU / 8  # the floor sits many noise standard deviations out
-    assert float(noise.abs().max()) < TAU / 2  # and above the largest noise (measured margin 3x or more)
+    assert float(noise.abs().max()) < TAU / 2  # and above the largest noise (measured: tau / 3.8 at 8 uploads)
     assert bool(torch.all(floored[zero] == 0))
     keep = raw.abs() >= TAU
     assert torch.equal(floored[keep], raw[keep])  # entries at or above tau are unchanged
