@@ -23,7 +23,10 @@ A ``ckks-blame`` reply (the key holder could not verify one upload; it decrypted
 rejects that client and the same stage is asked again without it.
 
 Reveals ``RevealedLayerMeans`` (weighted mean) or ``RevealedGram`` (robust rules), with the
-round's ``CKKSRoundStats``.
+round's ``CKKSRoundStats``.  Where decrypted values become tensors (``_revealed_mean``,
+``_revealed_gram``) the resolution floor ``zero_floor`` sets entries below it to exactly 0, so
+that an entry that is 0 in every upload is 0 as in plaintext, not CKKS noise a scale-free server
+optimizer amplifies (``ckks_stats``, *Resolution floor*).
 """
 
 from __future__ import annotations
