@@ -25,7 +25,8 @@ effect, measured in the same run), and the personalized accuracy of each.
 
 ``detection``: 100 rounds per protocol, without and with a *floor*: every aggregate entry whose
 magnitude is below ``--floor`` is set to 0 before the server's optimizer step (a diagnostic
-patch of ``ServerOptimizer.step`` in this process only, not a library option).  Per run: the
+patch of ``ServerOptimizer.step`` in this process only, applied to both protocols; CKKS now also
+has the library's decode floor ``zero_floor`` by default, so ``--floor 0`` measures the library).  Per run: the
 cumulative TPR / FPR at the last round (a client counts as flagged when excluded at its latest
 participation, as in the benchmark), the missed attackers with their final statistic and the
 number of attackers and exclusions in their last cohort (the exclusion cap is 3 of 8), the
