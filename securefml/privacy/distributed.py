@@ -185,11 +185,26 @@ class DistributedSkellam:
         return out
 
     # -- accounting -----------------------------------------------------------------------------------
-    def end_round(self, round_idx: int, accepted: Sequence[int]) -> None:
-        """Account the round's release for each contributor (``accepted``), with the variance actually released."""
+    def end_round(self, round_idx: int, accepted: Sequence[int]) -> bool:
+        """Account the round's release for each contributor (``accepted``), with the variance actually released.
+
+        Returns whether the round released anything (and was accounted): a round without
+        contributors (an empty Poisson cohort, one below the protocol's minimum) releases nothing.
+        A round whose contributors were summed although no client drew a noise share for it
+        released their sum without noise: it is accounted as an unbounded loss for each of them
+        (epsilon becomes infinite and says so), never skipped.
+        """
         params = self._round.pop(round_idx, None)
-        if params is None or not accepted:
-            return
+        if not accepted:
+            return False
+        if params is None:
+            log.error("round %d: %d contributors were summed but no noise share was drawn for the round: "
+                      "accounted as an unbounded privacy loss", round_idx, len(accepted))
+            for c in accepted:
+                self._rdp[c] = self._rdp.get(c, np.zeros(len(ORDERS))) + np.full(len(ORDERS), math.inf)
+            self.variance_per_round.append(0.0)
+            self.rounds_accounted += 1
+            return True
         l1, l2, v_c = params
         m = len(accepted)
         variance = m * v_c
@@ -202,6 +217,7 @@ class DistributedSkellam:
         for c in accepted:
             self._rdp[c] = self._rdp.get(c, np.zeros(len(ORDERS))) + curve
         self.rounds_accounted += 1
+        return True
 
     def epsilon_per_client(self) -> dict[int, float]:
         return {c: rdp_to_epsilon(r, self.delta) for c, r in sorted(self._rdp.items())}

@@ -147,9 +147,13 @@ class UserLevelDP:
             assert self.distributed is not None
             if accepted is None:
                 raise ConfigError("distributed DP accounts per contributor: pass accepted= (the round's contributors)")
-            self.distributed.end_round(round_idx, accepted)
-        else:
-            self.ledger.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            # a round that released nothing (no contributor) costs nothing and is not counted
+            if self.distributed.end_round(round_idx, accepted):
+                self.rounds_accounted += 1
+            return
+        # central: every round is one sampled Gaussian step, an empty cohort included (the
+        # amplification by sampling assumes the server steps every round, whatever it drew)
+        self.ledger.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.rounds_accounted += 1
 
     def epsilon(self) -> float:

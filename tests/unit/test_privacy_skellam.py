@@ -141,3 +141,32 @@ def test_distributed_dp_run_through_secagg_stays_within_target() -> None:
     # no dropouts here, and cohorts below min_survivors are skipped: no deficit, so the target holds
     assert priv["deficit_rounds"] == []
     assert 0 < priv["epsilon_max"] <= 8.0 + 1e-9
+
+
+def test_rounds_accounted_counts_only_rounds_that_released_and_a_noiseless_release_is_unbounded() -> None:
+    """The report's ``rounds_accounted`` equals the rounds the distributed accountant charged.
+
+    A round without contributors (an empty Poisson cohort, or one below SecAgg's minimum that the
+    run skips) releases nothing and costs nothing; a round whose contributors were summed with no
+    noise share drawn for it is charged as an unbounded loss, never skipped.
+    """
+    from securefml.privacy import Ledger, UserLevelDP
+    from securefml.privacy.distributed import DistributedSkellam
+    from securefml.protocols.secagg_client import MaskJob
+
+    mech = DistributedSkellam(clip=1.0, noise_multiplier=1.0, min_survivors=2, delta=1e-5,
+                              source=NoiseSource.seeded(0))
+    dp = UserLevelDP(clip=1.0, noise_multiplier=1.0, expected_cohort=3, sample_rate=0.5,
+                     ledger=Ledger("rdp", 1e-5), placement="distributed", distributed=mech)
+    fp = FixedPoint((2**31 - 1 - 3) / (3 * 100.0), 3)  # an integer scale of 100 per unit: small Poisson means
+    for c in (0, 1, 2):
+        mech.ring_noise(MaskJob(np.zeros(50, np.float32), 1.0, fp, [], [], c, 0, {}))
+    dp.end_round(0, accepted=[0, 1, 2])
+    dp.end_round(1, accepted=[])  # nothing released
+    assert dp.rounds_accounted == mech.rounds_accounted == len(mech.variance_per_round) == 1
+    eps_before = dp.epsilon()
+    assert 0 < eps_before < math.inf
+    dp.end_round(2, accepted=[0, 1])  # summed, but no client drew a share for round 2
+    assert dp.rounds_accounted == mech.rounds_accounted == len(mech.variance_per_round) == 2
+    per_client = mech.epsilon_per_client()
+    assert per_client[0] == per_client[1] == math.inf and per_client[2] == pytest.approx(eps_before)
