@@ -32,6 +32,7 @@ from securefml.relevance.hetero import (
     run_heterogeneous_budgets,
 )
 from securefml.relevance.hetero_relevance import cross_share, relevance_aggregate_heterogeneous, restricted_rows
+from securefml.relevance.support_choice import check_grid, choose_shared, mix_shared, pick, shot_folds, support_split_loss
 from securefml.relevance.hetero_secure import (
     SECURE_MODES,
     CombinationFamily,
@@ -69,6 +70,12 @@ __all__ = [
     "PRETRAIN_MODES",
     "relevance_aggregate_heterogeneous",
     "cross_share",
+    "check_grid",
+    "choose_shared",
+    "mix_shared",
+    "pick",
+    "shot_folds",
+    "support_split_loss",
     "SECURE_MODES",
     "CombinationFamily",
     "SecureHeteroRelevance",
