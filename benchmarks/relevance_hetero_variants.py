@@ -159,6 +159,14 @@ def summarize(paths: list[str]) -> dict[str, Any]:
             "by_finetune_budget": _by_budget([by_seed[s] for s in seeds], archs),
             "seconds_per_seed": statistics.fmean(by_seed[s]["s"] for s in seeds),
         }
+        if all("chosen_lambda" in by_seed[s] for s in seeds):  # support-split choice: counts over the seeds
+            out[name]["heldout_chosen_lambda"] = {
+                a: {lam: sum(by_seed[s]["chosen_lambda"][a].get(lam, 0) for s in seeds)
+                    for lam in sorted({k for s in seeds for k in by_seed[s]["chosen_lambda"][a]}, key=float)}
+                for a in archs}
+            out[name]["training_choices"] = {
+                lam: sum(by_seed[s]["training_choices"].get(lam, 0) for s in seeds)
+                for lam in sorted({k for s in seeds for k in by_seed[s]["training_choices"]}, key=float)}
     return out
 
 
