@@ -19,7 +19,10 @@ Options for the smallest group (``docs/relevance.md``, "Two methods tried"): ``p
 pre-trains the frozen backbones on the training clients' pooled images before the federation
 (``securefml.relevance.pretrain``); ``relevance`` gives every client its own relevance-weighted
 aggregate (P, Q across architectures, A, B within), for data whose tasks conflict
-(``securefml.relevance.hetero_relevance``).
+(``securefml.relevance.hetero_relevance``); with it, ``support_choice`` lets every client pick
+its mix of the cross- and own-architecture shared part on a split of its own support set
+(``securefml.relevance.support_choice``; on the development seeds it met neither target and is
+not the default).
 
 The plain (``relevance=False``) aggregation here is plaintext: the shared and the architecture
 parts are two weighted means, so under a secure protocol each is one secure sum (over all
