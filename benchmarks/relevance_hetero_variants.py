@@ -51,12 +51,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the same, evidence-gated: a client with >= m effective same-architecture contributors keeps its own P, Q
     "rela_groups4_evidence2": {"relevance": True, "temperature": 0.2, "own_evidence": 2.0},
     "rela_groups4_evidence4": {"relevance": True, "temperature": 0.2, "own_evidence": 4.0},
+    # the same, support-split choice: each client picks lam in {0, 0.5, 1} of cross vs own P, Q on its support set
+    "rela_groups4_choice": {"relevance": True, "temperature": 0.2, "support_choice": (0.0, 0.5, 1.0),
+                            "choice_steps": 5, "choice_lr": 0.001},
 }
 #: variant -> make_digits_clusters changes (default: one task, groups=1)
 VARIANT_DATA: dict[str, dict[str, Any]] = {
     "rela_groups4": {"groups": 4, "architectures_per_group": True},
     "rela_groups4_evidence2": {"groups": 4, "architectures_per_group": True},
     "rela_groups4_evidence4": {"groups": 4, "architectures_per_group": True},
+    "rela_groups4_choice": {"groups": 4, "architectures_per_group": True},
 }
 
 
@@ -92,6 +96,13 @@ def run_seed(variant: str, seed: int, heldout: int,
         budgets = BUDGETS if args_budgets is None else args_budgets
         res = run_heterogeneous_budgets(data, cfg, (*budgets, default))
         row[label] = res[default].per_architecture
+        if res[default].chosen_lambda:  # support-split choice: held-out clients' lam per shape, training counts
+            chosen = res[default].chosen_lambda
+            row["chosen_lambda"] = {a: {f"{lam:g}": sum(1 for c, v in chosen.items() if v == lam
+                                                         and res[default].architecture_of[c] == a)
+                                        for lam in sorted(set(chosen.values()))}
+                                    for a in sorted(set(res[default].architecture_of.values()))}
+            row["training_choices"] = {f"{lam:g}": n for lam, n in res[default].training_choices.items()}
         for k in budgets:
             row["by_budget"].setdefault(f"{k[0]}@{k[1]:g}", {})[label] = res[k].per_architecture
     row["gain"] = {a: round(row["shared"][a] - row["alone"][a], 4) for a in row["shared"]}
@@ -148,6 +159,14 @@ def summarize(paths: list[str]) -> dict[str, Any]:
             "by_finetune_budget": _by_budget([by_seed[s] for s in seeds], archs),
             "seconds_per_seed": statistics.fmean(by_seed[s]["s"] for s in seeds),
         }
+        if all("chosen_lambda" in by_seed[s] for s in seeds):  # support-split choice: counts over the seeds
+            out[name]["heldout_chosen_lambda"] = {
+                a: {lam: sum(by_seed[s]["chosen_lambda"][a].get(lam, 0) for s in seeds)
+                    for lam in sorted({k for s in seeds for k in by_seed[s]["chosen_lambda"][a]}, key=float)}
+                for a in archs}
+            out[name]["training_choices"] = {
+                lam: sum(by_seed[s]["training_choices"].get(lam, 0) for s in seeds)
+                for lam in sorted({k for s in seeds for k in by_seed[s]["training_choices"]}, key=float)}
     return out
 
 

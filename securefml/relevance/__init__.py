@@ -43,6 +43,14 @@ from securefml.relevance.hetero_secure import (
 from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.pretrain import PRETRAIN_MODES, PretrainConfig, pretrain_backbones
 from securefml.relevance.server import ClientScores, RelevanceServer, RoundOptions
+from securefml.relevance.support_choice import (
+    check_grid,
+    choose_shared,
+    mix_shared,
+    pick,
+    shot_folds,
+    support_split_loss,
+)
 from securefml.relevance.task_vectors import TaskVectorConfig, TaskVectorizer, TaskVectorSmoother
 from securefml.relevance.weights import (
     check_effective,
@@ -69,6 +77,12 @@ __all__ = [
     "PRETRAIN_MODES",
     "relevance_aggregate_heterogeneous",
     "cross_share",
+    "check_grid",
+    "choose_shared",
+    "mix_shared",
+    "pick",
+    "shot_folds",
+    "support_split_loss",
     "SECURE_MODES",
     "CombinationFamily",
     "SecureHeteroRelevance",

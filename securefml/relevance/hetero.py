@@ -19,7 +19,10 @@ Options for the smallest group (``docs/relevance.md``, "Two methods tried"): ``p
 pre-trains the frozen backbones on the training clients' pooled images before the federation
 (``securefml.relevance.pretrain``); ``relevance`` gives every client its own relevance-weighted
 aggregate (P, Q across architectures, A, B within), for data whose tasks conflict
-(``securefml.relevance.hetero_relevance``).
+(``securefml.relevance.hetero_relevance``); with it, ``support_choice`` lets every client pick
+its mix of the cross- and own-architecture shared part on a split of its own support set
+(``securefml.relevance.support_choice``; on the development seeds it met neither target and is
+not the default).
 
 The plain (``relevance=False``) aggregation here is plaintext: the shared and the architecture
 parts are two weighted means, so under a secure protocol each is one secure sum (over all
@@ -34,7 +37,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -56,6 +59,7 @@ from securefml.relevance.hetero_relevance import relevance_aggregate_heterogeneo
 from securefml.relevance.hetero_secure import SECURE_MODES, SecureHeteroRelevance
 from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.pretrain import PretrainConfig, pretrain_backbones
+from securefml.relevance.support_choice import check_grid, choose_shared, support_split_loss
 from securefml.relevance.task_vectors import TaskVectorizer
 from securefml.relevance.weights import cosine_similarity, cross_cosine, cross_weights, relevance_weights
 
@@ -140,6 +144,15 @@ class HeteroConfig:
         architecture keeps that architecture's shared part, one with a single one (itself) takes
         the cross-architecture part, linearly in between.  None (default): every client takes
         the cross-architecture part.  Held-out clients follow the same rule on their row.
+    support_choice, choice_steps, choice_lr:
+        Support-split choice with ``relevance`` and ``share`` (``securefml.relevance.support_choice``):
+        a grid of mixing weights ``lam`` (e.g. ``(0.0, 0.5, 1.0)``); after every aggregation each
+        cohort client, and each held-out client before it fine-tunes, takes
+        ``lam * cross + (1 - lam) * own`` (the relevance-weighted shared part over every
+        architecture, and over its own) for the ``lam`` whose leave-one-shot-out score on its own
+        support set is lowest (adapted ``choice_steps`` Adam steps at ``choice_lr``, scored by
+        cross-entropy on the held-out shot).  None (default): every client takes the cross part.
+        ``share=False`` ignores it (both candidates are the own-architecture part).
     protocol, min_effective:
         How the relevance-weighted combinations are computed (``relevance`` only):
         ``"plaintext"`` (default, no policy), ``"ckks"`` (``hetero_secure``: the task vectors'
@@ -178,6 +191,9 @@ class HeteroConfig:
     own_evidence: float | None = None
     protocol: str = "plaintext"
     min_effective: float = 2.0
+    support_choice: tuple[float, ...] | None = None
+    choice_steps: int = 5
+    choice_lr: float = 0.001
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_steps < 0 or self.finetune_steps < 0:
@@ -208,6 +224,14 @@ class HeteroConfig:
                               "(relevance=True)")
         if not self.min_effective >= 1:
             raise ConfigError(f"min_effective must be >= 1, got {self.min_effective}")
+        if self.support_choice is not None:
+            check_grid(self.support_choice)
+            if not self.relevance or self.protocol != "plaintext" or self.own_evidence is not None:
+                raise ConfigError("support_choice applies to the plaintext relevance-weighted aggregation "
+                                  "(relevance=True, protocol='plaintext', own_evidence None)")
+        if self.choice_steps < 0 or not self.choice_lr > 0:
+            raise ConfigError(f"choice_steps must be >= 0 and choice_lr positive, got {self.choice_steps}, "
+                              f"{self.choice_lr}")
         self.pretrain_config()  # validates pretrain, pretrain_steps, pretrain_lr
 
     def pretrain_config(self) -> PretrainConfig:
@@ -224,6 +248,8 @@ class HeteroResult:
     architecture_of: dict[int, str]
     refused_rows: int = 0
     bytes_uploaded: int = 0
+    chosen_lambda: dict[int, float] = field(default_factory=dict)
+    training_choices: dict[float, int] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -301,7 +327,8 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         return own.get(cid, state[a]) if config.relevance else state[a]
 
     def local(a: str, task: Task, steps: int, *, all_data: bool, rate: float | None = None,
-              begin: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> CoLoRAMLP:
+              begin: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+              examples: tuple[torch.Tensor, torch.Tensor] | None = None) -> CoLoRAMLP:
         m = models[a]
         st = begin if begin is not None else start(a, task.client_id)
         with torch.no_grad():
@@ -312,6 +339,8 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         t = task.to(dev)
         x = torch.cat([t.support_x, t.query_x]) if all_data else t.support_x
         y = torch.cat([t.support_y, t.query_y]) if all_data else t.support_y
+        if examples is not None:  # a support split (``support_choice``)
+            x, y = examples[0].to(dev), examples[1].to(dev)
         trained = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
         split_a = config.a_lr is not None
         own = [p for n, p in trained if not is_shared(n) and not (split_a and n.endswith(".lora_A"))]
@@ -329,6 +358,23 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
             torch.nn.functional.cross_entropy(m(x), y).backward()
             opt.step()
         return m
+
+    task_of = {t.client_id: t for t in data.train}
+    chosen_lambda: dict[int, float] = {}
+    training_choices: dict[float, int] = {}
+
+    def choose(a: str, task: Task, cross: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+               mine: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> tuple[float, dict[str, torch.Tensor]]:
+        """The client's support-split choice between the cross- and own-architecture shared part."""
+        def score(shared: dict[str, torch.Tensor]) -> float:
+            def fit(x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.nn.Module:
+                return local(a, task, steps, all_data=False, rate=config.choice_lr, begin=(shared, cross[1]),
+                             examples=(x, y))
+            return support_split_loss(fit, task.support_x.to(dev), task.support_y.to(dev), config.choice_steps,
+                                      client=task.client_id)
+        assert config.support_choice is not None
+        lam, chosen, _ = choose_shared(cross[0], mine[0], config.support_choice, score)
+        return lam, chosen
 
     gen = torch.Generator().manual_seed(config.seed)
     per_round = min(config.clients_per_round, len(data.train))
@@ -359,8 +405,14 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         elif config.relevance:
             vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
             w = relevance_weights(cosine_similarity(vec), temperature=config.temperature, include_self=True)
-            for u, pers in zip(ups, relevance_aggregate_heterogeneous(ups, w, share=config.share,
-                                                                             own_evidence=config.own_evidence)):
+            cross = relevance_aggregate_heterogeneous(ups, w, share=config.share, own_evidence=config.own_evidence)
+            if config.support_choice is not None and config.share:
+                mine = relevance_aggregate_heterogeneous(ups, w, share=False)
+                for j, u in enumerate(ups):
+                    lam, chosen = choose(u.architecture, task_of[int(u.client_id or 0)], cross[j], mine[j])
+                    cross[j] = (chosen, cross[j][1])
+                    training_choices[lam] = training_choices.get(lam, 0) + 1
+            for u, pers in zip(ups, cross):
                 own[int(u.client_id or 0)] = pers
         else:
             shared, arch = aggregate_heterogeneous(ups, share=config.share,
@@ -379,6 +431,13 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
             torch.stack([vectors[t.client_id] for t in data.heldout]), state)
     elif config.relevance:
         held_start = _heldout_mix(data, own, vectors, arch_of, config)
+        if config.support_choice is not None and config.share:
+            held_own = _heldout_mix(data, own, vectors, arch_of, replace(config, share=False))
+            for t, s in zip(data.heldout, data.heldout_architectures):
+                if t.client_id in held_start:
+                    lam, chosen = choose(architecture_name(s), t, held_start[t.client_id], held_own[t.client_id])
+                    held_start[t.client_id] = (chosen, held_start[t.client_id][1])
+                    chosen_lambda[t.client_id] = lam
     results: dict[tuple[int, float], HeteroResult] = {}
     for steps, rate in keys:
         per_client: dict[int, float] = {}
@@ -394,7 +453,8 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         for cid, acc in per_client.items():
             by_arch.setdefault(held_arch[cid], []).append(acc)
         results[(steps, rate)] = HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())},
-                                              held_arch, refused_rows, bytes_uploaded)
+                                              held_arch, refused_rows, bytes_uploaded, dict(chosen_lambda),
+                                              dict(sorted(training_choices.items())))
     return results
 
 
