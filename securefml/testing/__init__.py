@@ -25,6 +25,7 @@ from securefml.testing.adversarial_secagg import (
 )
 from securefml.testing.defense_checks import (
     BYZANTINE_KINDS,
+    GramWeightedMean,
     UpdateBatch,
     assert_gram_matches_plaintext,
     assert_permutation_invariant,
@@ -54,6 +55,7 @@ __all__ = [
     "BYZANTINE_KINDS",
     "DROP_STAGES",
     "DropAt",
+    "GramWeightedMean",
     "Replay",
     "SecAggScenario",
     "ServerMoves",

@@ -29,6 +29,8 @@ from hypothesis import strategies as st
 
 from securefml.defenses.base import AggregationResult, Defense
 from securefml.errors import ConfigError
+from securefml.gram import Gram
+from securefml.reveals import Reveals
 
 __all__ = [
     "BYZANTINE_KINDS",
@@ -40,6 +42,7 @@ __all__ = [
     "assert_selects_honest",
     "assert_weighted_mean",
     "assert_gram_matches_plaintext",
+    "GramWeightedMean",
 ]
 
 #: What a Byzantine row may be.  "far": a point at distance >= ``far_factor`` x sqrt(n) x the
@@ -301,3 +304,26 @@ def assert_gram_matches_plaintext(
     torch.testing.assert_close(on_gram.weights.cpu(), plain.weights.to(torch.float64).cpu(), atol=atol, rtol=rtol)
     if set(plain.flagged) != set(on_gram.flagged):
         raise AssertionError(f"flags differ: plaintext {sorted(plain.flagged)} vs Gram {sorted(on_gram.flagged)}")
+
+
+class GramWeightedMean(Defense):
+    """A geometry rule whose decision is the sample-weighted mean, computed through the Gram path.
+
+    Why: under CKKS a rule that runs on the Gram makes the key holder decrypt a Gram and then a
+    coefficient-weighted combination; this rule's coefficients are the plain weighted mean, so a
+    test can compare the Gram path's decrypted combination with the plaintext mean directly
+    (the error bounds, the decode's resolution floor) without a rule's own decision in between.
+    Testing only: it never runs on plaintext updates.
+    """
+
+    name = "gram-mean"
+    runs_on = frozenset({Reveals.UPDATES, Reveals.GRAM})
+
+    def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *,
+                  context: Mapping[str, Any]) -> AggregationResult:  # pragma: no cover - not used
+        raise ConfigError("GramWeightedMean runs through the Gram path only")
+
+    def aggregate_gram(self, gram: Gram, weights: torch.Tensor | None = None, *,
+                       context: Mapping[str, Any] | None = None) -> AggregationResult:
+        w = torch.ones(gram.n, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+        return AggregationResult(None, gram.client_ids, weights=w / w.sum())

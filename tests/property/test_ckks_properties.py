@@ -16,12 +16,12 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.mean import Mean
 from securefml.gram import Gram
-from securefml.protocols.base import ClientUpdate, Reveals, Transport, weighted_layer_mean
+from securefml.protocols.base import ClientUpdate, Transport, weighted_layer_mean
 from securefml.protocols.ckks import CKKS
 from securefml.protocols.ckks_stats import PackingFrame, inner_product_error_bound, sum_error_bound
+from securefml.testing.defense_checks import GramWeightedMean
 from securefml.testing.layered import layer_layouts, layered_updates
 from securefml.updates import LayerLayout
 
@@ -29,18 +29,6 @@ ROUNDS = itertools.count(1)
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-class GramWeightedMean(Defense):
-    """Test-only geometry rule: the sample-weighted mean, but computed through the Gram path."""
-
-    name = "gram-mean"
-    runs_on = frozenset({Reveals.UPDATES, Reveals.GRAM})
-
-    def aggregate(self, updates, weights, client_ids, *, context):  # pragma: no cover - not used here
-        raise AssertionError
-
-    def aggregate_gram(self, gram, weights=None, *, context=None):
-        w = torch.ones(gram.n, dtype=torch.float64) if weights is None else weights.to(torch.float64)
-        return AggregationResult(None, gram.client_ids, weights=w / w.sum())
 
 
 @pytest.fixture(scope="module")

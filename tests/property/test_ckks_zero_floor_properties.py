@@ -16,11 +16,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.mean import Mean
-from securefml.protocols.base import ClientUpdate, Reveals
+from securefml.protocols.base import ClientUpdate
 from securefml.protocols.ckks import CKKS
 from securefml.protocols.ckks_stats import default_zero_floor, sum_error_bound
+from securefml.testing.defense_checks import GramWeightedMean
 from securefml.updates import LayerLayout
 
 ROUNDS = itertools.count(1)
@@ -30,18 +30,6 @@ NEAR = [0.0, 0.5 * TAU, 0.99 * TAU, 1.01 * TAU, 2.0 * TAU, 10.0 * TAU]
 ENTRY = st.one_of(st.sampled_from(NEAR + [-v for v in NEAR]), st.floats(-1.0, 1.0, width=32))
 
 
-class GramWeightedMean(Defense):
-    """Test-only geometry rule: the sample-weighted mean, computed through the Gram path."""
-
-    name = "gram-mean"
-    runs_on = frozenset({Reveals.UPDATES, Reveals.GRAM})
-
-    def aggregate(self, updates, weights, client_ids, *, context):  # pragma: no cover - not used here
-        raise AssertionError
-
-    def aggregate_gram(self, gram, weights=None, *, context=None):
-        w = torch.ones(gram.n, dtype=torch.float64) if weights is None else weights.to(torch.float64)
-        return AggregationResult(None, gram.client_ids, weights=w / w.sum())
 
 
 @st.composite

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from securefml.defenses.base import AggregationResult, Defense
 from securefml.defenses.mean import Mean
 from securefml.errors import ConfigError
-from securefml.protocols.base import ClientUpdate, Reveals
+from securefml.protocols.base import ClientUpdate
 from securefml.protocols.ckks import CKKS
 from securefml.protocols.ckks_stats import apply_zero_floor, check_zero_floor, default_zero_floor, sum_error_bound
 from securefml.protocols.quantize import FixedPoint
+from securefml.testing.defense_checks import GramWeightedMean
 from securefml.updates import LayerLayout
 
 ROUNDS = itertools.count(1)  # the key holder decrypts each round once
@@ -29,18 +29,6 @@ LAYOUT = LayerLayout([("a.weight", (30, 100)), ("a.bias", (30,)), ("b.weight", (
 TAU = 2.0**-23
 
 
-class GramWeightedMean(Defense):
-    """Test-only geometry rule: the sample-weighted mean, computed through the Gram path."""
-
-    name = "gram-mean"
-    runs_on = frozenset({Reveals.UPDATES, Reveals.GRAM})
-
-    def aggregate(self, updates, weights, client_ids, *, context):  # pragma: no cover - not used here
-        raise AssertionError
-
-    def aggregate_gram(self, gram, weights=None, *, context=None):
-        w = torch.ones(gram.n, dtype=torch.float64) if weights is None else weights.to(torch.float64)
-        return AggregationResult(None, gram.client_ids, weights=w / w.sum())
 
 
 @pytest.fixture(scope="module")
