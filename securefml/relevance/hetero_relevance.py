@@ -49,10 +49,25 @@ import torch
 from securefml.errors import ConfigError
 from securefml.relevance.colora import HeteroUpload, check_upload
 
-__all__ = ["restricted_rows", "relevance_aggregate_heterogeneous", "cross_share"]
+__all__ = ["restricted_rows", "relevance_aggregate_heterogeneous", "cross_share", "check_rows"]
 
 State = dict[str, torch.Tensor]
 
+
+def check_rows(uploads: Sequence[HeteroUpload], weights: torch.Tensor) -> int:
+    """The number of uploads, after refusing an empty round, a bad weight matrix or a bad upload.
+
+    Both the plaintext rule and its CKKS twin (``hetero_secure``) start here, so both refuse
+    the same inputs with the same typed errors before any work.
+    """
+    n = len(uploads)
+    if n == 0:
+        raise ConfigError("no uploads to aggregate")
+    if weights.shape != (n, n) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ConfigError(f"weights must be a finite non-negative [{n}, {n}] matrix, got {tuple(weights.shape)}")
+    for u in uploads:
+        check_upload(u)
+    return n
 
 def restricted_rows(weights: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Each row of ``weights`` restricted to its ``candidates`` (bool mask) and renormalised.
@@ -116,13 +131,7 @@ def relevance_aggregate_heterogeneous(
     list
         ``out[i] = (shared_i, arch_i)`` for ``uploads[i]``.
     """
-    n = len(uploads)
-    if n == 0:
-        raise ConfigError("no uploads to aggregate")
-    if weights.shape != (n, n) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-        raise ConfigError(f"weights must be a finite non-negative [{n}, {n}] matrix, got {tuple(weights.shape)}")
-    for u in uploads:
-        check_upload(u)
+    n = check_rows(uploads, weights)
     archs = [u.architecture for u in uploads]
     same = torch.tensor([[a == b for b in archs] for a in archs], dtype=torch.bool)
     arch_rows = restricted_rows(weights, same)

@@ -59,9 +59,9 @@ import torch
 from securefml.errors import ConfigError
 from securefml.gram import Gram
 from securefml.protocols.ckks_policy import SKIP_BELOW
-from securefml.relevance.colora import HeteroUpload, check_upload
+from securefml.relevance.colora import HeteroUpload
 from securefml.relevance.encrypted import EncryptedRelevance
-from securefml.relevance.hetero_relevance import cross_share, restricted_rows
+from securefml.relevance.hetero_relevance import check_rows, cross_share, restricted_rows
 from securefml.relevance.policy import RelevancePolicy
 from securefml.relevance.weights import cross_weights, relevance_weights, temper_row
 
@@ -117,13 +117,7 @@ def combination_families(
     must be equal across each architecture's uploads.  ``recipients`` restricts the rows to
     those positions (None: every upload).
     """
-    n = len(uploads)
-    if n == 0:
-        raise ConfigError("no uploads to aggregate")
-    if weights.shape != (n, n) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-        raise ConfigError(f"weights must be a finite non-negative [{n}, {n}] matrix, got {tuple(weights.shape)}")
-    for u in uploads:
-        check_upload(u)
+    n = check_rows(uploads, weights)
     who = list(range(n)) if recipients is None else [int(i) for i in recipients]
     archs = [u.architecture for u in uploads]
     same = torch.tensor([[a == b for b in archs] for a in archs], dtype=torch.bool)
