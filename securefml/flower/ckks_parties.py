@@ -49,6 +49,7 @@ from securefml.protocols.ckks_keys import CKKSKeyHolder, context_fingerprint, ge
 from securefml.protocols.ckks_params import KEY_HOLDER_PARTY
 from securefml.protocols.ckks_policy import DecryptionPolicy
 from securefml.protocols.ckks_server import CKKSServer
+from securefml.protocols.ckks_stats import check_zero_floor
 from securefml.protocols.halves import ClientHalf
 from securefml.rounds import ClientUpdate
 from securefml.updates import LayerLayout
@@ -105,6 +106,8 @@ class PublicCKKS(CKKS):
         in the ServerApp, which signs nothing.
     replay_window:
         Rounds of ciphertext digests the server half remembers.
+    zero_floor:
+        The decode's resolution floor, as ``CKKS(zero_floor=...)`` (None: the preset's default).
     """
 
     def __init__(
@@ -115,8 +118,10 @@ class PublicCKKS(CKKS):
         *,
         signer_for: Callable[[int], UploadSigner] | None = None,
         replay_window: int = 8,
+        zero_floor: float | None = None,
     ) -> None:
         p = get_preset(preset)
+        self.zero_floor = None if zero_floor is None else check_zero_floor(zero_floor)
         self.key_holder = None  # type: ignore[assignment]  # on its own SuperNode, never here
         self.preset = p
         self._policy = policy
