@@ -2,6 +2,7 @@ import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 torch.set_num_threads(1)
+
+if TYPE_CHECKING:
+    from securefml.protocols.ckks import CKKS
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +26,22 @@ def readme_tables() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def add_proto() -> "CKKS":
+    """A CKKS protocol on the add-only preset (weighted means), one per test module.
+
+    The import stays inside the fixture, so collecting the suite does not load TenSEAL.
+    """
+    from securefml.protocols.ckks import CKKS
+
+    return CKKS(preset="add-only")
+
+
+@pytest.fixture(scope="module")
+def stats_proto() -> "CKKS":
+    """A CKKS protocol on the stats preset (Gram and robust rules), one per test module."""
+    from securefml.protocols.ckks import CKKS
+
+    return CKKS(preset="stats")

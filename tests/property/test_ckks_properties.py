@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from securefml.defenses.mean import Mean
 from securefml.gram import Gram
 from securefml.protocols.base import ClientUpdate, Transport, weighted_layer_mean
-from securefml.protocols.ckks import CKKS
 from securefml.protocols.ckks_stats import PackingFrame, inner_product_error_bound, sum_error_bound
 from securefml.testing.defense_checks import GramWeightedMean
 from securefml.testing.layered import layer_layouts, layered_updates
@@ -30,15 +29,6 @@ SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[Healt
 
 
 
-
-@pytest.fixture(scope="module")
-def add_proto() -> CKKS:
-    return CKKS(preset="add-only")
-
-
-@pytest.fixture(scope="module")
-def stats_proto() -> CKKS:
-    return CKKS(preset="stats")
 
 
 def announced_survivors(updates, policy):

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from securefml.defenses.mean import Mean
 from securefml.protocols.base import ClientUpdate
-from securefml.protocols.ckks import CKKS
 from securefml.protocols.ckks_stats import default_zero_floor, sum_error_bound
 from securefml.testing.defense_checks import GramWeightedMean
 from securefml.updates import LayerLayout
@@ -42,15 +41,6 @@ def uploads(draw: st.DrawFn) -> tuple[list[ClientUpdate], torch.Tensor]:
     x[:, shared] = 0.0  # zero in every upload
     return [ClientUpdate(i, x[i], LAYOUT.layer_names, 1.0) for i in range(n)], (x == 0).all(0)
 
-
-@pytest.fixture(scope="module")
-def add_proto() -> CKKS:
-    return CKKS(preset="add-only")
-
-
-@pytest.fixture(scope="module")
-def stats_proto() -> CKKS:
-    return CKKS(preset="stats")
 
 
 def plain_mean(updates: list[ClientUpdate]) -> torch.Tensor:

@@ -31,15 +31,6 @@ TAU = 2.0**-23
 
 
 
-@pytest.fixture(scope="module")
-def add_proto() -> CKKS:
-    return CKKS(preset="add-only")
-
-
-@pytest.fixture(scope="module")
-def stats_proto() -> CKKS:
-    return CKKS(preset="stats")
-
 
 def shared_zero_updates(n: int, seed: int = 0) -> tuple[list[ClientUpdate], torch.Tensor]:
     """n clients whose updates are 0 on the same entries (a third of them), random elsewhere."""
