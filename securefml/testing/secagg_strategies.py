@@ -19,12 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from hypothesis import strategies as st
 
 from securefml.errors import ConfigError
-from securefml.protocols.base import Transport
+from securefml.protocols.base import ClientUpdate, Transport
 from securefml.protocols.secagg_graph import neighbour_graph, round_seed
 from securefml.protocols.secagg_plan import RoundPlan
+from securefml.updates import LayerLayout
 
 __all__ = [
     "DROP_STAGES",
@@ -133,6 +135,13 @@ class SecAggScenario:
     k: int
     t: int
     drops: Mapping[int, str]
+
+    def round_inputs(self) -> tuple[LayerLayout, list[ClientUpdate]]:
+        """The scenario as one round's inputs: a one-layer layout and each client's update of it."""
+        layout = LayerLayout([("w.weight", (self.vectors.shape[1],))])
+        updates = [ClientUpdate(c, torch.from_numpy(self.vectors[i]), ("w",), self.weights[i])
+                   for i, c in enumerate(self.cohort)]
+        return layout, updates
 
 
 @st.composite

@@ -194,9 +194,7 @@ def _secagg_round(scn, transport, workers, monkeypatch):  # noqa: ANN001, ANN202
     monkeypatch.setattr(secagg_masking, "new_seed", lambda: FIXED_ROUNDING)
     monkeypatch.setattr(secagg_halves, "MIN_WORDS_PER_WORKER", 0)  # small test vectors: run concurrently anyway
     monkeypatch.setattr(protocols_base, "simulate", functools.partial(simulate, workers=workers))
-    m = scn.vectors.shape[1]
-    layout = LayerLayout([("w.weight", (m,))])
-    ups = [ClientUpdate(c, torch.from_numpy(scn.vectors[i]), ("w",), scn.weights[i]) for i, c in enumerate(scn.cohort)]
+    layout, ups = scn.round_inputs()
     proto = SecAggPlus(neighbours=scn.k, threshold=scn.t, max_weight=128.0)
     try:
         out = proto.run_round(0, ups, layout, defense=Mean(), transport=transport)

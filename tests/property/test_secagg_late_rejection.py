@@ -55,9 +55,7 @@ class _ListsFewerPeers(Transport):
 
 
 def _round(scn, transport: Transport):  # noqa: ANN001, ANN202
-    m = scn.vectors.shape[1]
-    layout = LayerLayout([("w.weight", (m,))])
-    ups = [ClientUpdate(c, torch.from_numpy(scn.vectors[i]), ("w",), scn.weights[i]) for i, c in enumerate(scn.cohort)]
+    layout, ups = scn.round_inputs()
     proto = SecAggPlus(neighbours=scn.k, threshold=scn.t, max_weight=128.0)
     try:
         out = proto.run_round(0, ups, layout, defense=Mean(), transport=transport)

@@ -7,14 +7,13 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from securefml.defenses.mean import Mean
 from securefml.errors import ProtocolAbort
 from securefml.protocols import shamir
-from securefml.protocols.base import ClientUpdate, Transport
+from securefml.protocols.base import Transport
 from securefml.protocols.quantize import FixedPoint
 from securefml.protocols.secagg import SecAggPlus
 from securefml.protocols.secagg_crypto import SEALED_BYTES
@@ -27,15 +26,12 @@ from securefml.testing.secagg_strategies import (
     secagg_scenarios,
     update_vectors,
 )
-from securefml.updates import LayerLayout
 
 FAST = settings(max_examples=20, deadline=None)
 
 
 def _run(scn, transport, round_idx=0, proto=None):  # noqa: ANN001, ANN202
-    m = scn.vectors.shape[1]
-    layout = LayerLayout([("w.weight", (m,))])
-    ups = [ClientUpdate(c, torch.from_numpy(scn.vectors[i]), ("w",), scn.weights[i]) for i, c in enumerate(scn.cohort)]
+    layout, ups = scn.round_inputs()
     proto = proto or SecAggPlus(neighbours=scn.k, threshold=scn.t)
     return proto, layout, proto.run_round(round_idx, ups, layout, defense=Mean(), transport=transport)
 
