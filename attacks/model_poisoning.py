@@ -271,8 +271,18 @@ class ALIE(Attack):
         self.omniscient = bool(omniscient)
 
     def z_for(self, context: AttackContext) -> float:
-        """The ``z`` applied in this round."""
-        return self.z if self.z is not None else alie_z(context.n_clients, context.n_malicious)
+        """The ``z`` applied in this round.
+
+        A random cohort can hold a Byzantine majority (``f > n // 2``: a cohort of 10 at 25 %
+        does so in about 2 % of rounds).  The paper's formula has no ``z`` there (``s <= 0``: the
+        attackers need no honest recruit), and raising would end an evaluation run on a draw of
+        the cohort, not on anything the user configured.  Such a round uses the ``z`` of the
+        largest ``f`` the formula covers, ``f = n // 2`` (``s = 1``), the strongest deviation in
+        the paper's family; no rule is expected to resist that round anyway.
+        """
+        if self.z is not None:
+            return self.z
+        return alie_z(context.n_clients, min(context.n_malicious, context.n_clients // 2))
 
     def poison_updates(self, own: torch.Tensor, context: AttackContext) -> torch.Tensor:
         benign = benign_reference(own, context, omniscient=self.omniscient).to(torch.float64)

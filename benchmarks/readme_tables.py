@@ -647,7 +647,8 @@ def render_robustness(data: dict[str, Any]) -> str:
                           for e in errors)
         kinds = sorted({e["error"].split(" for ")[0] for e in errors})
         lines.append(f"{len(errors)} runs raised ({'; '.join(kinds)}: a cohort held a Byzantine majority); each "
-                     f"is left out of its seed's worst case: {where}.")
+                     f"is left out of its seed's worst case: {where}. (ALIE no longer raises in such a "
+                     f"round: it uses the z of f = n // 2; these runs predate that.)")
     if data.get("selection"):
         lines += ["", f"Selection (digits-fewshot FOMAML, 10 per round, {args['selection_rounds']} rounds):", "",
                   "| selection | rounds | accuracy | minus all layers | bytes vs all layers | seeds |",

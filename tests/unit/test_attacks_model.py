@@ -7,7 +7,7 @@ from statistics import NormalDist
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from securefml.attacks import (
@@ -115,6 +115,24 @@ def test_alie_z_matches_the_paper_formula() -> None:
         assert alie_z(n, f) == pytest.approx(NormalDist().inv_cdf((n - s) / n))
     with pytest.raises(ConfigError):
         alie_z(10, 0)
+
+
+@SETTINGS
+@given(n=st.integers(2, 40), extra=st.integers(0, 40), d=st.integers(1, 6))
+def test_alie_in_a_byzantine_majority_cohort_uses_the_largest_defined_z(n: int, extra: int, d: int) -> None:
+    """A random cohort with more than n // 2 attackers must not end the run: ALIE uses z(n, n // 2)."""
+    f = min(n - 1, n // 2 + 1 + extra)
+    assume(f > n // 2)  # n = 2, 3: no majority short of the whole cohort
+    with pytest.raises(ConfigError):
+        alie_z(n, f)
+    honest = torch.randn(n - f, d, dtype=torch.float64, generator=torch.Generator().manual_seed(n + d))
+    ctx = AttackContext(round=0, n_clients=n, n_malicious=f, honest_updates=honest)
+    z = ALIE().z_for(ctx)
+    assert z == alie_z(n, n // 2) == pytest.approx(NormalDist().inv_cdf((n - 1) / n))
+    std = honest.std(0, correction=1) if n - f > 1 else torch.zeros(d, dtype=torch.float64)
+    out = ALIE().poison_updates(torch.zeros(f, d, dtype=torch.float64), ctx)
+    assert torch.allclose(out, (honest.mean(0) - z * std).expand(f, d))
+    assert ALIE(z=0.5).z_for(ctx) == 0.5
 
 
 @SETTINGS
