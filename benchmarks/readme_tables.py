@@ -646,9 +646,10 @@ def render_robustness(data: dict[str, Any]) -> str:
         where = "; ".join(f"{e['algorithm']} `{e['defense']}` {e['attack']} {e['malicious']:.0%} seed {e['seed']}"
                           for e in errors)
         kinds = sorted({e["error"].split(" for ")[0] for e in errors})
+        alie = (" (ALIE no longer raises in such a round: it uses the z of f = n // 2; these runs predate that.)"
+                if any(e["error"].startswith("ConfigError: ALIE") for e in errors) else "")
         lines.append(f"{len(errors)} runs raised ({'; '.join(kinds)}: a cohort held a Byzantine majority); each "
-                     f"is left out of its seed's worst case: {where}. (ALIE no longer raises in such a "
-                     f"round: it uses the z of f = n // 2; these runs predate that.)")
+                     f"is left out of its seed's worst case: {where}.{alie}")
     if data.get("selection"):
         lines += ["", f"Selection (digits-fewshot FOMAML, 10 per round, {args['selection_rounds']} rounds):", "",
                   "| selection | rounds | accuracy | minus all layers | bytes vs all layers | seeds |",
@@ -789,6 +790,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "relevance_hetero_rela": render_relevance,
     "robustness": render_robustness,
     "robustness_rules": render_robustness,
+    "robustness_matrix100": render_robustness,
     "selection": render_selection,
     "secagg": render_secagg,
 }
