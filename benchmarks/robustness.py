@@ -106,13 +106,16 @@ def summarize(cfg: RunConfig) -> dict[str, Any]:
     cum = det["cumulative"]
     return {
         # per round: who took part, who was flagged, the aggregate's norm (plaintext vs CKKS)
-        "rounds": [{"cohort": h["cohort"], "flagged": h["flagged"], "update_norm": h["update_norm"]}
-                   for h in res.history],
+        # (and who the detector flagged: ``suspected``, flagged whether or not the cap let it through)
+        "rounds": [{"cohort": h["cohort"], "flagged": h["flagged"], "suspected": h.get("suspected", []),
+                    "update_norm": h["update_norm"]} for h in res.history],
         "key": key_of(cfg),
         "final": m["personalized"]["accuracy"],
         "last_k": m["personalized_last_k"]["mean"],
         "bytes": m["bytes_uploaded"],
         "cumulative": [{k: c[k] for k in ("round", "tpr", "fpr")} for c in cum],
+        "cumulative_detector": [{k: c[k] for k in ("round", "tpr", "fpr")} for c in det["detector"]["cumulative"]],
+        "pooled_per_round_detector": {"tpr": det["detector"]["tpr"], "fpr": det["detector"]["fpr"]},
         "malicious_ids": list(det["malicious_ids"]),
         "pooled_per_round": {"tpr": det["tpr"], "fpr": det["fpr"]},
         "seconds": time.perf_counter() - started,
