@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -185,14 +184,13 @@ def test_every_exclusion_is_a_suspect_a_near_copy_or_non_finite(seed, n, n_bad, 
             assert len(excluded_finite) == (len(finite) - 1) // 2
 
 
-@pytest.mark.parametrize("protocol", ["plaintext"])
-def test_a_run_scores_detection_both_ways(protocol):
+def test_a_run_scores_detection_both_ways():
     """``metrics.detection``: the exclusions (as before) and ``detector``, the same counts on the suspects."""
     from securefml.experiment import RunConfig, run_experiment
 
     torch.set_num_threads(1)
     res = run_experiment(RunConfig(dataset="digits-fewshot", algorithm="fomaml", rounds=8, clients_per_round=8, seed=0,
-                                   protocol=protocol, defense="recommended", attack="signflip:scale=1",
+                                   protocol="plaintext", defense="recommended", attack="signflip:scale=1",
                                    malicious=0.25, last_k=1))
     det = res.metrics["detection"]
     by_detector = det["detector"]
