@@ -659,23 +659,7 @@ def render_robustness(data: dict[str, Any]) -> str:
             lines.append(f"| `{r['select']}` | {r['rounds']} | {_iv(r['last_k'])} | {_iv(r.get('minus_all_layers'))} | "
                          f"{f'{b:.2f}' if b is not None else '-'} | {len(r['seeds'])} |")
     if data.get("detection"):
-        lines += ["", f"Detection (digits-fewshot FOMAML, 100 clients, 25 % unit-scale sign flippers, 8 per round, "
-                      f"{args['detection_rounds']} rounds, `{args['detector']}`); cumulative TPR / FPR:", "",
-                  "| protocol | seed | round 10 | round 50 | last round | met (TPR >= 0.8, FPR <= 0.1) | "
-                  "pooled per round | accuracy |",
-                  "|---|---:|---|---|---|---|---|---:|"]
-        for r in data["detection"]:
-            every = {c["round"]: c for c in r["cumulative_every_10"]}
-
-            def at(rnd: int, every: dict[int, Any] = every) -> str:
-                c = every.get(rnd)
-                return f"{c['tpr']:.2f} / {c['fpr']:.2f}" if c else "-"
-
-            fin, pooled = r["final_cumulative"], r["pooled_per_round"]
-            lines.append(f"| {r['protocol']} | {r['seed']} | {at(9)} | {at(49)} | "
-                         f"{fin['tpr']:.2f} / {fin['fpr']:.2f} | "
-                         f"{'yes' if r['target_met'] else 'no'} | {pooled['tpr']:.2f} / {pooled['fpr']:.2f} | "
-                         f"{r['accuracy_last_k']:.3f} |")
+        lines += _detection_table(data["detection"], data.get("detection_args", args), data.get("detection_measured"))
     if data.get("protocols"):
         lines += ["", "The recommended default under other protocols, against the same runs in plaintext "
                       "(same cohorts, attack and seeds; the plaintext default unless the row names another; "
@@ -744,12 +728,70 @@ def render_robustness(data: dict[str, Any]) -> str:
                          + f"worst case {rec['worst_case']['mean']:.3f} ({rec['worst_attack']}), drop "
                          f"{100 * drop:.1f} points ({'met' if drop <= 0.05 else 'missed'}); {vs}.")
     if data.get("detection"):
-        met = [r for r in data["detection"] if r["target_met"]]
-        by = sorted({r["protocol"] for r in data["detection"]})
-        lines += ["", "Detection target (cumulative TPR >= 0.8 at FPR <= 0.1 by the last round): "
-                  + "; ".join(f"{p}: met in {sum(r['protocol'] == p for r in met)} of "
-                              f"{sum(r['protocol'] == p for r in data['detection'])} seeds" for p in by) + "."]
+        lines += ["", _detection_target(data["detection"])]
     return "\n".join(lines) + "\n"
+
+
+def _has_detector(rows: list[dict[str, Any]]) -> bool:
+    """Whether the detection rows carry the detector's own counts (runs recorded before did not)."""
+    return all("final_cumulative_detector" in r for r in rows)
+
+
+def _pair(c: dict[str, Any] | None) -> str:
+    return f"{c['tpr']:.2f} / {c['fpr']:.2f}" if c and c.get("tpr") is not None else "-"
+
+
+def _detection_table(rows: list[dict[str, Any]], args: dict[str, Any], measured: dict[str, Any] | None) -> list[str]:
+    """The detection table: on the detector's flags and on the exclusions when the rows have both."""
+    head = (f"Detection (digits-fewshot FOMAML, 100 clients, 25 % unit-scale sign flippers, 8 per round, "
+            f"{args['detection_rounds']} rounds, `{args['detector']}`); cumulative TPR / FPR")
+    out = [""]
+    if measured:  # the detection runs were re-measured apart from the other sections
+        loads = [x for x in measured.get("load_avg_1min_at_finish", []) if x is not None]
+        load = f"{min(loads):.2f}-{max(loads):.2f}" if loads else "?"
+        out += [f"Detection runs measured {measured.get('first_start_utc', '?')} to "
+                f"{measured.get('last_finish_utc', '?')} on {measured.get('cpus', '?')} CPUs shared with other work "
+                f"(1-min load average {load} as each run finished), one torch thread per run; "
+                f"{measured.get('runs_done', '?')} of {measured.get('runs_planned', '?')} planned runs finished.", ""]
+    if not _has_detector(rows):
+        out += [head + ":", "",
+                "| protocol | seed | round 10 | round 50 | last round | met (TPR >= 0.8, FPR <= 0.1) | "
+                "pooled per round | accuracy |",
+                "|---|---:|---|---|---|---|---|---:|"]
+        for r in rows:
+            every = {c["round"]: c for c in r["cumulative_every_10"]}
+            out.append(f"| {r['protocol']} | {r['seed']} | {_pair(every.get(9))} | {_pair(every.get(49))} | "
+                       f"{_pair(r['final_cumulative'])} | {'yes' if r['target_met'] else 'no'} | "
+                       f"{_pair(r['pooled_per_round'])} | {r['accuracy_last_k']:.3f} |")
+        return out
+    out += [head + ", counted on the detector's flags (detected: flagged by the detector at its latest "
+                   "participation) and on the exclusions (detected: excluded then; at most 3 of 8 per round):", "",
+            "| protocol | seed | round 10 | round 50 | last round | met | last round, excluded | met, excluded | "
+            "pooled per round | pooled per round, excluded | accuracy |",
+            "|---|---:|---|---|---|---|---|---|---|---|---:|"]
+    for r in rows:
+        every = {c["round"]: c for c in r["cumulative_every_10_detector"]}
+        out.append(f"| {r['protocol']} | {r['seed']} | {_pair(every.get(9))} | {_pair(every.get(49))} | "
+                   f"{_pair(r['final_cumulative_detector'])} | {'yes' if r['target_met_detector'] else 'no'} | "
+                   f"{_pair(r['final_cumulative'])} | {'yes' if r['target_met_excluded'] else 'no'} | "
+                   f"{_pair(r['pooled_per_round_detector'])} | {_pair(r['pooled_per_round'])} | "
+                   f"{r['accuracy_last_k']:.3f} |")
+    return out
+
+
+def _detection_target(rows: list[dict[str, Any]]) -> str:
+    """The detection-target line; on the detector's flags, the exclusions beside them, when both exist."""
+    by = sorted({r["protocol"] for r in rows})
+
+    def count(key: str) -> str:
+        return "; ".join(f"{p}: met in {sum(r['protocol'] == p and bool(r[key]) for r in rows)} of "
+                         f"{sum(r['protocol'] == p for r in rows)} seeds" for p in by)
+
+    line = "Detection target (cumulative TPR >= 0.8 at FPR <= 0.1 by the last round): "
+    if not _has_detector(rows):
+        return line + count("target_met") + "."
+    return line + "on the detector's flags, " + count("target_met_detector") + "; on the exclusions, " + \
+        count("target_met_excluded") + "."
 
 
 def render_selection(data: dict[str, Any]) -> str:

@@ -18,8 +18,11 @@ layer-granular ``topk`` rotation at 50 %; chunked rotation at 50 % with and with
 feedback, dictated and staggered.
 
 ``detection``: digits-fewshot FOMAML, 25 % unit-scale sign flippers, 100 clients, 8 per round:
-the reputation detector's cumulative TPR/FPR (every client seen so far, flagged at its latest
-participation) every 10 rounds, and the pooled per-round rates, per protocol and seed.
+the reputation detector's cumulative TPR/FPR (every client seen so far, counted at its latest
+participation) every 10 rounds, and the pooled per-round rates, per protocol and seed, counted
+twice from the same run: on the clients the detector flagged (``RoundRecord.suspected``; the
+target is judged on these) and on the ones the defense excluded (``RoundRecord.flagged``: at
+most ``(n - 1) // 2`` of a cohort).
 
 ``protocols``: the recommended default under CKKS (on the decrypted Gram) and bucketed SecAgg
 (bucket-level reputation, ``recommended:secagg-buckets``) against the same plaintext runs (matrix's first setting and
@@ -106,13 +109,16 @@ def summarize(cfg: RunConfig) -> dict[str, Any]:
     cum = det["cumulative"]
     return {
         # per round: who took part, who was flagged, the aggregate's norm (plaintext vs CKKS)
-        "rounds": [{"cohort": h["cohort"], "flagged": h["flagged"], "update_norm": h["update_norm"]}
-                   for h in res.history],
+        # (and who the detector flagged: ``suspected``, flagged whether or not the cap let it through)
+        "rounds": [{"cohort": h["cohort"], "flagged": h["flagged"], "suspected": h.get("suspected", []),
+                    "update_norm": h["update_norm"]} for h in res.history],
         "key": key_of(cfg),
         "final": m["personalized"]["accuracy"],
         "last_k": m["personalized_last_k"]["mean"],
         "bytes": m["bytes_uploaded"],
         "cumulative": [{k: c[k] for k in ("round", "tpr", "fpr")} for c in cum],
+        "cumulative_detector": [{k: c[k] for k in ("round", "tpr", "fpr")} for c in det["detector"]["cumulative"]],
+        "pooled_per_round_detector": {"tpr": det["detector"]["tpr"], "fpr": det["detector"]["fpr"]},
         "malicious_ids": list(det["malicious_ids"]),
         "pooled_per_round": {"tpr": det["tpr"], "fpr": det["fpr"]},
         "seconds": time.perf_counter() - started,
@@ -245,12 +251,16 @@ def divergence(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]
     return out
 
 
-def per_round_rates(rec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each round's TPR / FPR over that round's cohort (None where the cohort had no such client)."""
+def per_round_rates(rec: dict[str, Any], key: str = "flagged") -> list[dict[str, Any]]:
+    """Each round's TPR / FPR over that round's cohort (None where the cohort had no such client).
+
+    ``key``: ``"flagged"`` scores the clients the defense excluded, ``"suspected"`` the ones its
+    detector flagged (excluded or not).
+    """
     bad = set(rec["malicious_ids"])
     out = []
     for i, r in enumerate(rec["rounds"]):
-        flagged = set(r["flagged"])
+        flagged = set(r[key])
         pos = [c for c in r["cohort"] if c in bad]
         neg = [c for c in r["cohort"] if c not in bad]
         out.append({"round": i, "malicious": len(pos), "flagged": len(flagged & set(r["cohort"])),
@@ -259,12 +269,12 @@ def per_round_rates(rec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _pooled(rows: list[dict[str, Any]], rec: dict[str, Any]) -> dict[str, float | None]:
+def _pooled(rows: list[dict[str, Any]], rec: dict[str, Any], key: str = "flagged") -> dict[str, float | None]:
     bad = set(rec["malicious_ids"])
     tp = fp = pos = neg = 0
     for row in rows:
         r = rec["rounds"][row["round"]]
-        flagged = set(r["flagged"])
+        flagged = set(r[key])
         for c in r["cohort"]:
             if c in bad:
                 pos += 1
@@ -275,7 +285,21 @@ def _pooled(rows: list[dict[str, Any]], rec: dict[str, Any]) -> dict[str, float 
     return {"tpr": tp / pos if pos else None, "fpr": fp / neg if neg else None}
 
 
+def _met(c: dict[str, Any]) -> bool:
+    """Issue 18's detection target on one cumulative point: TPR >= 0.8 at FPR <= 0.1."""
+    return c["tpr"] is not None and c["fpr"] is not None and c["tpr"] >= 0.8 and c["fpr"] <= 0.1
+
+
 def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
+    """Cumulative and per-round detection, counted two ways (both from the same run).
+
+    *Excluded* (``final_cumulative``, ``per_round``...): a client counts as detected when the
+    defense excluded it at its latest participation; ``Reputation`` excludes at most
+    ``(n - 1) // 2`` of a cohort, so this is the action, capped.  *Detector*
+    (``..._detector``): when the detector flagged it at its latest participation
+    (``RoundRecord.suspected``), excluded or not.  ``target_met`` is judged on the detector's
+    flags (they are its detection); ``target_met_excluded`` beside it.
+    """
     out = []
     for protocol in args.detection_protocols:
         for seed in args.seeds:
@@ -283,7 +307,7 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
             if rec is None:
                 continue
             cum = rec["cumulative"]
-            out.append({
+            row: dict[str, Any] = {
                 "protocol": protocol, "seed": seed, "defense": detector_for(args, protocol),
                 "final_cumulative": {"tpr": cum[-1]["tpr"], "fpr": cum[-1]["fpr"]},
                 "cumulative_every_10": cum[9::10],
@@ -291,9 +315,26 @@ def detection(args: argparse.Namespace, runner: Runner) -> list[dict[str, Any]]:
                 **({"per_round": (per := per_round_rates(rec)), "pooled_last_10_rounds": _pooled(per[-10:], rec)}
                    if "malicious_ids" in rec else {}),
                 "accuracy_last_k": rec["last_k"], "accuracy_final": rec["final"],
-                "target_met": cum[-1]["tpr"] >= 0.8 and cum[-1]["fpr"] <= 0.1,
+                "target_met_excluded": _met(cum[-1]),
+                "target_met": _met(cum[-1]),
                 "seconds": rec["seconds"],
-            })
+            }
+            det = rec.get("cumulative_detector")
+            if det:  # runs recorded before the detector's flags were kept have only the exclusions
+                per_d = per_round_rates(rec, "suspected")
+                row.update({
+                    "final_cumulative_detector": {"tpr": det[-1]["tpr"], "fpr": det[-1]["fpr"]},
+                    "cumulative_every_10_detector": det[9::10],
+                    "pooled_per_round_detector": rec["pooled_per_round_detector"],
+                    "per_round_detector": per_d,
+                    "pooled_last_10_rounds_detector": _pooled(per_d[-10:], rec, "suspected"),
+                    "target_met_detector": _met(det[-1]),
+                    "target_met": _met(det[-1]),
+                    "counted_on": "detector",
+                })
+            else:
+                row["counted_on"] = "excluded"
+            out.append(row)
     return out
 
 
@@ -504,6 +545,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path("results/robustness-runs.jsonl"))
     ap.add_argument("--report-only", action="store_true", help="summarize the cache; run nothing")
     ap.add_argument("--out", type=Path, help="also write the JSON here (e.g. benchmarks/json/robustness.json)")
+    ap.add_argument("--merge-into", type=Path,
+                    help="replace only the sections run here in this existing JSON (the others stay as they are), "
+                         "each with its own '<section>_measured' record of when its runs ran")
     args = ap.parse_args()
     torch.set_num_threads(1)
     runner = Runner(args.cache, args.workers)
@@ -544,6 +588,50 @@ def main() -> None:
     if "demo" in args.sections:
         result["demo"] = demo(args, runner)
     write_report(result, args.out, indent=1)
+    if args.merge_into is not None:
+        merge_sections(args.merge_into, result, args, runner, planned)
+
+
+#: result key of each section (``--sections`` name -> key of its block in the JSON)
+SECTION_KEYS = {"selection": "selection", "detection": "detection", "divergence": "plaintext_vs_ckks",
+                "protocols": "protocols", "matrix": "matrix", "demo": "demo"}
+
+
+def runs_measured(runner: Runner, planned: list[RunConfig]) -> dict[str, Any]:
+    """When a set of cached runs ran: first start to last finish, and the load at each finish."""
+    recs = [r for c in planned if (r := runner.done.get(key_of(c))) is not None and "seconds" in r]
+    out: dict[str, Any] = {"runs_planned": len(planned), "runs_done": sum(runner.get(c) is not None for c in planned),
+                           "cpus": os.cpu_count(), "torch_threads": 1, "torch": torch.__version__,
+                           "python": platform.python_version()}
+    if recs:
+        ends = [datetime.fromisoformat(r["finished_utc"]) for r in recs]
+        starts = [e.timestamp() - float(r["seconds"]) for e, r in zip(ends, recs)]
+        out.update(first_start_utc=datetime.fromtimestamp(min(starts), timezone.utc).isoformat(timespec="seconds"),
+                   last_finish_utc=max(ends).isoformat(timespec="seconds"),
+                   load_avg_1min_at_finish=[r.get("load_avg_1min") for r in recs],
+                   seconds_per_run=[round(float(r["seconds"]), 1) for r in recs])
+    return out
+
+
+def merge_sections(path: Path, result: dict[str, Any], args: argparse.Namespace, runner: Runner,
+                   planned: list[RunConfig]) -> None:
+    """Write this run's sections into ``path``, leaving every other section of it untouched.
+
+    Sections whose runs cannot be redone on this machine (a matrix of hundreds of runs) keep
+    their numbers; each replaced section gets ``<key>_measured`` (its runs' own times and
+    load) and ``<key>_args`` (the arguments it was computed with), so a renderer never dates a
+    section by another's run.
+    """
+    data = json.loads(path.read_text())
+    configs = {"detection": [detection_config(args, p, s) for p in args.detection_protocols for s in args.seeds]}
+    for section in args.sections:
+        key = SECTION_KEYS[section]
+        if key not in result:
+            continue
+        data[key] = result[key]
+        data[f"{key}_measured"] = runs_measured(runner, configs.get(section, planned))
+        data[f"{key}_args"] = result["args"]
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":

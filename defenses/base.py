@@ -55,7 +55,13 @@ class AggregationResult:
     scores:
         Per-input scores the rule computed (meaning depends on the rule), or None.
     flagged:
-        Client ids the rule considers Byzantine (excluded or down-weighted).
+        Client ids the rule considers Byzantine (excluded or down-weighted): the rule's action.
+    suspected:
+        Client ids of the input that the rule's *detector* flags after this round's evidence,
+        whether or not they were acted on (``Reputation`` excludes at most ``(n - 1) // 2`` of
+        a cohort, so a flagged client can still reach the rule; ``BucketReputation`` names
+        clients, never buckets).  Empty for rules without a detector.  Detection is scored on
+        this set, the action on ``flagged`` (``defenses.metrics``).
     client_ids:
         The ids the rows referred to, in order.
     flagged_buckets:
@@ -80,6 +86,7 @@ class AggregationResult:
     info: dict[str, Any] = field(default_factory=dict)
     noise_std: float = 0.0
     flagged_buckets: tuple[int, ...] = ()
+    suspected: tuple[int, ...] = ()
 
 
 def prepare_inputs(
@@ -395,6 +402,8 @@ class Composed(Defense):
         if not set(row_ids) <= set(client_ids):
             res.info["flagged_rows"] = res.flagged
             res.flagged = ()
+            res.info["suspected_rows"] = res.suspected
+            res.suspected = ()
         res.client_ids = client_ids
         return res
 

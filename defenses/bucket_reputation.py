@@ -272,7 +272,8 @@ class BucketReputation(BucketAware):
                 "evidence": {c: self.statistic(c) for c in membership.clients}, "gated_buckets":
                 tuple(int(b) for b in gated.nonzero().flatten().tolist())}
         return AggregationResult(res.aggregate, membership.clients, weights=None, scores=None, flagged=flagged,
-                                 info=info, flagged_buckets=tuple(int(b) for b in drop.nonzero().flatten().tolist()))
+                                 info=info, flagged_buckets=tuple(int(b) for b in drop.nonzero().flatten().tolist()),
+                                 suspected=flagged)
 
     def aggregate(
         self, updates: torch.Tensor, weights: torch.Tensor, client_ids: tuple[int, ...], *, context: Mapping[str, Any]

@@ -1,5 +1,9 @@
 """Detection metrics: how well a defense's ``flagged`` ids match the known malicious clients.
 
+The same functions score either set a round records: ``flagged`` (the clients the defense
+excluded, its action) or ``suspected`` (the clients its detector flags, excluded or not;
+``AggregationResult.suspected``); ``metrics.detection`` in ``result.json`` holds both.
+
 In an attack evaluation the malicious ids are known, so every round's flags can be scored:
 the true positive rate (malicious clients flagged / malicious clients in the cohort) and the
 false positive rate (honest clients flagged / honest clients in the cohort), per round and

@@ -434,7 +434,12 @@ class Reputation(Defense):
         info = dict(res.info)
         info.update(rule_flagged=res.flagged, scores=z, evidence={c: self.statistic(c) for c in ids})
         flagged = tuple(c for c, k in zip(ids, keep.tolist()) if not k)
-        return AggregationResult(res.aggregate, ids, weights=res.weights, scores=None, flagged=flagged, info=info)
+        # the detector's verdict, before the cap: every member flagged now (plus what a wrapped
+        # detector suspects), so detection is not scored on the capped exclusion
+        inner = set(res.suspected)
+        suspected = tuple(c for c in ids if self.is_flagged(c) or c in inner)
+        return AggregationResult(res.aggregate, ids, weights=res.weights, scores=None, flagged=flagged, info=info,
+                                 suspected=suspected)
 
     def _soft_weights(
         self, ids: tuple[int, ...], z: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor

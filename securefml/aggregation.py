@@ -146,7 +146,9 @@ def _aggregate_gram(
     nothing = dict.fromkeys(layout.layer_names, 0.0)
     result = revealed.decision.result if revealed.decision is not None else None
     flagged = tuple(result.flagged) if result is not None else ()
-    out = RoundOutput(zeros, nothing, ids, rejected, flagged=flagged, bytes_uploaded=bytes_uploaded, defense=result)
+    suspected = tuple(result.suspected) if result is not None else ()
+    out = RoundOutput(zeros, nothing, ids, rejected, flagged=flagged, bytes_uploaded=bytes_uploaded, defense=result,
+                      suspected=suspected)
     out.extras["layer_counts"] = dict(revealed.layer_counts)
     if revealed.gram is not None:
         out.extras["gram"] = revealed.gram
@@ -196,7 +198,8 @@ def _aggregate_sums(
     if revealed.kind is Reveals.BUCKETS:  # positions among the revealed sums; a flag never names a client
         extras["flagged_buckets"] = list(result.flagged_buckets)
     return RoundOutput(full, totals, accepted, rejected, flagged=tuple(result.flagged),
-                       bytes_uploaded=bytes_uploaded, defense=result, extras=extras)
+                       bytes_uploaded=bytes_uploaded, defense=result, extras=extras,
+                       suspected=tuple(result.suspected))
 
 
 def gram_combiner(defense: Defense, context: Mapping[str, object] | None = None) -> GramCombiner:
@@ -277,4 +280,4 @@ def aggregate_plain(
     assert result.aggregate is not None
     agg = layout.scatter(result.aggregate.to(torch.float32), layers)
     return RoundOutput(agg, totals, ids, rejected, flagged=tuple(result.flagged), bytes_uploaded=nbytes,
-                       defense=result)
+                       defense=result, suspected=tuple(result.suspected))

@@ -233,6 +233,11 @@ def summary_rows(result: RunResult) -> list[tuple[str, Any]]:
     if "heterogeneous" in m:
         het = m["heterogeneous"]
         rows.append(("co-lora shared / alone", f"{het['shared']['accuracy']:.4f} / {het['alone']['accuracy']:.4f}"))
+    if det.get("detector", {}).get("suspected_total"):  # a rule with a detector: its flags, before the cap
+        at = [k for k, _ in rows].index("detection TPR / FPR")
+        rows[at:at + 1] = [("detection TPR / FPR, excluded", rows[at][1]),
+                           ("detection TPR / FPR, detector's flags",
+                            f"{_fmt(det['detector']['tpr'])} / {_fmt(det['detector']['fpr'])}")]
     return rows
 
 

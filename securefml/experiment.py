@@ -373,10 +373,14 @@ def run_experiment(
     last_scores.append((config.rounds - 1, personalized.mean))
     global_only = personalize(learner, server.params, data.heldout, steps=0, device=device)
     tracker = DetectionTracker(tuple(malicious_ids))
+    by_detector = DetectionTracker(tuple(malicious_ids))
     for r in history:
         tracker.update(r.round, flagged=r.flagged, cohort_ids=r.accepted)
+        by_detector.update(r.round, flagged=r.suspected, cohort_ids=r.accepted)
     overall = tracker.overall()
     cumulative = cumulative_detection(((r.round, r.accepted, r.flagged) for r in history), malicious_ids)
+    cumulative_suspected = cumulative_detection(((r.round, r.accepted, r.suspected) for r in history), malicious_ids)
+    detector_overall = by_detector.overall()
     metrics = {
         "personalized": personalized.to_dict(),
         "global": global_only.to_dict(),
@@ -395,6 +399,15 @@ def run_experiment(
             "flagged_total": overall.tp + overall.fp,
             **tracker.to_dict(),
             "cumulative": [{"round": i, **c.to_dict()} for i, c in cumulative],
+            # the same counts on the detector's flags (RoundRecord.suspected), before the
+            # exclusion cap; all zero for a rule without a detector
+            "detector": {
+                "tpr": detector_overall.tpr,
+                "fpr": detector_overall.fpr,
+                "suspected_total": detector_overall.tp + detector_overall.fp,
+                **by_detector.to_dict(),
+                "cumulative": [{"round": i, **c.to_dict()} for i, c in cumulative_suspected],
+            },
         },
     }
     if config.aggregation != "mean" or config.architectures is not None or bool(getattr(data, "heldout_groups", None)):

@@ -63,10 +63,11 @@ class RoundOutput:
     layer_weight: dict[str, float]  # total weight behind each layer (0 = keep global value)
     accepted: tuple[int, ...]
     rejected: dict[int, str] = field(default_factory=dict)
-    flagged: tuple[int, ...] = ()
+    flagged: tuple[int, ...] = ()  # excluded / down-weighted by the rule (its action)
     bytes_uploaded: int = 0
     defense: AggregationResult | None = None
     extras: dict[str, object] = field(default_factory=dict)
+    suspected: tuple[int, ...] = ()  # flagged by the rule's detector, acted on or not (AggregationResult.suspected)
 
 
 class Transport:

@@ -53,6 +53,9 @@ class RoundRecord:
     seconds: float
     uploaded_layers: dict[str, int] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the accepted clients the defense's detector flagged (``AggregationResult.suspected``),
+    #: beside ``flagged``, the ones it excluded; empty for a rule without a detector
+    suspected: list[int] = field(default_factory=list)
 
 
 class Server:
@@ -238,6 +241,7 @@ class Server:
             seconds=time.perf_counter() - start,
             uploaded_layers=uploaded,
             extras=json_ready(extras),
+            suspected=list(out.suspected),
         )
 
     def adversary_step(self, cohort: Sequence[Client], results: Sequence[LocalResult],

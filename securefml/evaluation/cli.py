@@ -26,8 +26,10 @@ __all__ = ["add_eval_parser", "run_eval", "preset", "ProgressBars", "PRESETS"]
 
 
 _CUMULATIVE = {
-    "tpr_cumulative": "cumulative detection TPR (last round)",
-    "fpr_cumulative": "cumulative detection FPR (last round)",
+    "tpr_cumulative": "cumulative detection TPR (last round), on the exclusions",
+    "fpr_cumulative": "cumulative detection FPR (last round), on the exclusions",
+    "tpr_cumulative_detector": "cumulative detection TPR (last round), on the detector's flags",
+    "fpr_cumulative_detector": "cumulative detection FPR (last round), on the detector's flags",
 }
 
 
@@ -92,7 +94,8 @@ def run_eval(args: argparse.Namespace) -> int:
     # personalized accuracy is the headline: global accuracy of a meta-initialization is near
     # chance by design on the few-shot datasets, so alone it reads as if every defense failed
     metric_name = _metric_of(ev.records)
-    for metric in ("personalized", "personalized_last_k", "global", "tpr_cumulative", "fpr_cumulative"):
+    for metric in ("personalized", "personalized_last_k", "global", "tpr_cumulative_detector",
+                   "fpr_cumulative_detector", "tpr_cumulative", "fpr_cumulative"):
         table = markdown_table(ev.records, metric)
         if table and any(r.get(metric) is not None for r in ev.records):
             title = TITLES.get(metric, _CUMULATIVE.get(metric, metric)).format(metric=metric_name)

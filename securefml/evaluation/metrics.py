@@ -153,6 +153,15 @@ def cell_metrics(result: RunResult) -> dict[str, Any]:
         "personalized_per_client": list(pers["per_client"]),
         "asr_personalized_per_client": m.get("asr_personalized_per_client"),
         "detection_per_round": det["per_round"],
+        # every client seen, detected if *excluded* at its latest participation (the capped action)
         "tpr_cumulative": det["cumulative"][-1]["tpr"] if det.get("cumulative") else None,
         "fpr_cumulative": det["cumulative"][-1]["fpr"] if det.get("cumulative") else None,
+        # the same, detected if the detector *flagged* it then (excluded or not); None without one
+        "tpr_cumulative_detector": _last(det.get("detector", {}).get("cumulative"), "tpr"),
+        "fpr_cumulative_detector": _last(det.get("detector", {}).get("cumulative"), "fpr"),
     }
+
+
+def _last(series: list[dict[str, Any]] | None, key: str) -> Any:
+    """``key`` of a per-round series' last entry (None for a missing or empty series, older results)."""
+    return series[-1][key] if series else None

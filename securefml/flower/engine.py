@@ -285,9 +285,11 @@ def _result(config: RunConfig, hp: Mapping[str, Any], strategy: SecureStrategy, 
     metric = "accuracy" if kind == "classification" else "mse"
     evals = strategy.evaluations.get(config.rounds - 1, {})
     tracker = DetectionTracker(tuple(malicious))
+    by_detector = DetectionTracker(tuple(malicious))  # on the detector's flags, before the exclusion cap
     history = []
     for rec in strategy.history:
         tracker.update(rec.round, flagged=rec.flagged, cohort_ids=rec.accepted)
+        by_detector.update(rec.round, flagged=rec.suspected, cohort_ids=rec.accepted)
         entry = asdict(rec)
         entry["malicious"] = [c for c in rec.cohort if c in set(malicious)]
         history.append(entry)
@@ -301,7 +303,10 @@ def _result(config: RunConfig, hp: Mapping[str, Any], strategy: SecureStrategy, 
         "rejected": int(sum(len(r.rejected) for r in strategy.history)),
         "dropped": int(sum(len(r.dropped) for r in strategy.history)),
         "detection": {"malicious_ids": list(malicious), "tpr": overall.tpr, "fpr": overall.fpr,
-                      "flagged_total": overall.tp + overall.fp, **tracker.to_dict()},
+                      "flagged_total": overall.tp + overall.fp, **tracker.to_dict(),
+                      "detector": {"tpr": by_detector.overall().tpr, "fpr": by_detector.overall().fpr,
+                                   "suspected_total": by_detector.overall().tp + by_detector.overall().fp,
+                                   **by_detector.to_dict()}},
     }
     cfg = asdict(config)
     cfg["engine"] = "flower"

@@ -129,6 +129,8 @@ class FlowerRound:
     seconds: float
     stages: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the accepted clients the defense's detector flagged, excluded or not (``RoundOutput.suspected``)
+    suspected: list[int] = field(default_factory=list)
 
 
 class SecureStrategy(Strategy):
@@ -442,6 +444,7 @@ class SecureStrategy(Strategy):
             seconds=time.perf_counter() - rnd.started,
             stages=list(rnd.stages),
             extras=json_ready(out.extras),
+            suspected=list(out.suspected),
         )
 
 

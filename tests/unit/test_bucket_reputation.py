@@ -126,6 +126,7 @@ def test_secagg_buckets_give_the_rule_membership_and_it_decides_as_on_plain_buck
         ref = plain.decide_buckets(means, torch.full((len(members),), 2.0, dtype=torch.float64),
                                    BucketMembership.of(members), context={})
         assert out.flagged == ref.flagged
+        assert out.suspected == ref.suspected == ref.flagged  # the detector's verdict, by client, through SecAgg+
         assert list(out.extras["flagged_buckets"]) == list(ref.flagged_buckets)
         agg = layout.gather(out.aggregate, layout.layer_names).to(torch.float64)
         assert float((agg - ref.aggregate.to(torch.float64)).abs().max()) <= 10 * out.extras["error_bound"] + 1e-6

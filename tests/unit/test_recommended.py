@@ -53,6 +53,7 @@ def test_recommended_under_ckks_makes_the_plaintext_decisions_over_rounds():
         enc = proto.run_round(rnd, ups, LAYOUT, defense=enc_rule, context=ctx)
         plain = Plaintext().run_round(rnd, ups, LAYOUT, defense=plain_rule, context=ctx)
         assert enc.flagged == plain.flagged
+        assert enc.suspected == plain.suspected  # the detector's verdict, not only the capped action
         bound = 10 * sum_error_bound(8, float(x.abs().max()))
         assert torch.allclose(enc.aggregate, plain.aggregate, atol=bound)
     assert enc_rule.rule.flagged_ids() == plain_rule.rule.flagged_ids() == (0, 1)  # the reputation after the clip

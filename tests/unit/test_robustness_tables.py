@@ -58,3 +58,76 @@ def test_every_section_renders_from_its_json(tmp_path, readme_tables):
             "best other rule's worst case 0.200: met.") in new
     assert "plaintext: met in 0 of 1 seeds." in new
     assert mod.regenerate(new, tmp_path)[1] == []  # idempotent
+
+
+def _with_detector(row: dict, **extra) -> dict:
+    """A detection row as ``benchmarks/robustness.py`` writes it once the runs record the detector's flags."""
+    return {**row, "final_cumulative_detector": {"tpr": 0.84, "fpr": 0.04},
+            "cumulative_every_10_detector": [{"round": 9, "tpr": 0.2, "fpr": 0.0},
+                                             {"round": 49, "tpr": 0.6, "fpr": 0.05}],
+            "pooled_per_round_detector": {"tpr": 0.55, "fpr": 0.08},
+            "target_met_detector": True, "target_met_excluded": False, "target_met": True, **extra}
+
+
+def test_the_detection_table_shows_both_counts_and_when_its_runs_ran(tmp_path, readme_tables):
+    data = {**DATA, "detection": [_with_detector(DATA["detection"][0])],
+            "detection_measured": {"first_start_utc": "2026-12-02T18:00:00+00:00",
+                                   "last_finish_utc": "2026-12-02T18:30:00+00:00", "cpus": 2,
+                                   "load_avg_1min_at_finish": [1.5, 3.25], "runs_done": 1, "runs_planned": 1}}
+    (tmp_path / "robustness.json").write_text(json.dumps(data))
+    text = "<!-- bench:robustness -->\nold\n<!-- /bench:robustness -->\n"
+    new, _, _ = readme_tables.regenerate(text, tmp_path)
+    # detector's flags first (round 10, 50, last, met), then the exclusions, the pooled rates, accuracy
+    assert ("| plaintext | 0 | 0.20 / 0.00 | 0.60 / 0.05 | 0.84 / 0.04 | yes | 0.72 / 0.09 | no | "
+            "0.55 / 0.08 | 0.50 / 0.07 | 0.766 |") in new
+    assert ("Detection runs measured 2026-12-02T18:00:00+00:00 to 2026-12-02T18:30:00+00:00 on 2 CPUs shared with "
+            "other work (1-min load average 1.50-3.25 as each run finished)") in new
+    assert ("on the detector's flags, plaintext: met in 1 of 1 seeds; on the exclusions, plaintext: met in 0 of 1 "
+            "seeds.") in new
+    assert "Summarized" not in new and "Measured 2026-12-02T00:30:00+00:00" in new  # the other sections' date
+
+
+def _robustness_script():
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its sibling ``peers``
+    spec = importlib.util.spec_from_file_location("robustness_bench", ROOT / "benchmarks" / "robustness.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detection_is_counted_on_the_detectors_flags_and_merged_alone(tmp_path):
+    """``detection`` scores one cached run both ways; ``merge_sections`` replaces only that section."""
+    import argparse
+
+    bench = _robustness_script()
+    args = argparse.Namespace(detection_protocols=["plaintext"], seeds=[0], detection_rounds=2, detector="recommended",
+                              last_k=1, sections=["detection"])
+    cfg = bench.detection_config(args, "plaintext", 0)
+    # two rounds; malicious 0, 1, 2; round 1 flags all three but the cap lets one through
+    rounds = [{"cohort": [0, 1, 5, 6], "flagged": [], "suspected": [], "update_norm": 1.0},
+              {"cohort": [0, 1, 2, 5, 6], "flagged": [0, 1], "suspected": [0, 1, 2], "update_norm": 1.0}]
+    rec = {"key": bench.key_of(cfg), "rounds": rounds, "malicious_ids": [0, 1, 2], "final": 0.5, "last_k": 0.5,
+           "cumulative": [{"round": 0, "tpr": 0.0, "fpr": 0.0}, {"round": 1, "tpr": 2 / 3, "fpr": 0.0}],
+           "cumulative_detector": [{"round": 0, "tpr": 0.0, "fpr": 0.0}, {"round": 1, "tpr": 1.0, "fpr": 0.0}],
+           "pooled_per_round": {"tpr": 0.4, "fpr": 0.0}, "pooled_per_round_detector": {"tpr": 0.6, "fpr": 0.0},
+           "seconds": 60.0, "finished_utc": "2026-12-02T18:01:00+00:00", "load_avg_1min": 1.0}
+    cache = tmp_path / "runs.jsonl"
+    cache.write_text(json.dumps(rec) + "\n")
+    runner = bench.Runner(cache, 1)
+    (row,) = bench.detection(args, runner)
+    assert row["per_round_detector"][1] == {"round": 1, "malicious": 3, "flagged": 3, "tpr": 1.0, "fpr": 0.0}
+    assert row["per_round"][1]["tpr"] == 2 / 3
+    assert row["target_met_detector"] and not row["target_met_excluded"] and row["target_met"]
+    assert row["counted_on"] == "detector"
+    target = tmp_path / "robustness.json"
+    target.write_text(json.dumps({"matrix": [{"kept": True}], "detection": [{"old": True}], "args": {"x": 1}}))
+    bench.merge_sections(target, {"detection": [row], "args": {"y": 2}}, args, runner, [cfg])
+    merged = json.loads(target.read_text())
+    assert merged["matrix"] == [{"kept": True}] and merged["args"] == {"x": 1}
+    assert merged["detection"] == [row] and merged["detection_args"] == {"y": 2}
+    assert merged["detection_measured"]["first_start_utc"] == "2026-12-02T18:00:00+00:00"
+    assert merged["detection_measured"]["runs_done"] == 1
