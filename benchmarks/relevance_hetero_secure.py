@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--min-effective", type=float, default=2.0)
     ap.add_argument("--clients-per-round", type=int, default=int(BASE["clients_per_round"]))
     ap.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(CKKS_RUNS))
+    ap.add_argument("--group-min-link", type=float, default=None,
+                    help="secagg / groups: the grouping's average-cosine threshold (default HeteroConfig's)")
     ap.add_argument("--heldout-pool", action="store_true",
                     help="secagg / groups: held-out clients take the pooled small sets' mean, not the initialisation")
     ap.add_argument("--rows")
@@ -129,6 +131,8 @@ def main() -> None:
         changes["clients_per_round"] = args.clients_per_round
     if args.own_evidence is not None:
         changes["own_evidence"] = args.own_evidence
+    if args.group_min_link is not None:
+        changes["group_min_link"] = args.group_min_link
     if args.heldout_pool:
         changes["heldout_pool"] = True
     for seed in args.seeds:

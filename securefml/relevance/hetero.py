@@ -29,7 +29,9 @@ parts are two weighted means, so under a secure protocol each is one secure sum 
 clients, and per group).  The relevance-weighted one runs under CKKS with
 ``protocol="ckks"`` (``securefml.relevance.hetero_secure``: the task vectors' Gram and every
 per-client combination decrypted by a key holder that enforces ``RelevancePolicy``), or as its
-plaintext twin with ``protocol="policy"``.
+plaintext twin with ``protocol="policy"``; under SecAgg+ grouping with ``protocol="secagg"``
+(``securefml.relevance.hetero_grouped``: relevance groups, each part securely summed over the
+group's members that hold it), or as its plaintext twin with ``protocol="groups"``.
 """
 
 from __future__ import annotations
@@ -170,7 +172,9 @@ class HeteroConfig:
     min_group_size, group_min_link, secagg_clip:
         ``"secagg"`` / ``"groups"``: the smallest summed set (None: ``ceil(min_effective) + 1``,
         3 by default, as ``RelevanceConfig.group_size``), the grouping's average-cosine threshold
-        (default 0.25, as the homogeneous SecAgg+ path) and SecAgg+'s clip range of an entry.
+        (default 0.45, ``hetero_grouped``: chosen on development seeds for these task vectors;
+        the homogeneous SecAgg+ path's 0.25 merged two tasks on one seed) and SecAgg+'s clip
+        range of an entry.
     heldout_pool:
         ``"secagg"`` / ``"groups"``: a held-out client whose joined group has fewer than
         ``group_size`` clients of its shape (or of a ``mid<k>`` block) takes the mean over the
