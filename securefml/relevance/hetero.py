@@ -250,6 +250,8 @@ class HeteroConfig:
             raise ConfigError(f"min_group_size must be >= 2 (a secure sum needs 2 clients), got {self.min_group_size}")
         if self.group_min_link is not None and not -1.0 <= self.group_min_link <= 1.0:
             raise ConfigError(f"group_min_link is a cosine in [-1, 1], got {self.group_min_link}")
+        if self.heldout_pool and self.protocol not in GROUPED_MODES:
+            raise ConfigError(f"heldout_pool applies to the grouped protocols {GROUPED_MODES}, not {self.protocol!r}")
         if not (math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
             raise ConfigError(f"secagg_clip must be positive and finite, got {self.secagg_clip}")
         if not self.min_effective >= 1:

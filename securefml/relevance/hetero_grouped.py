@@ -46,7 +46,12 @@ same rule over their task vectors; each held-out client joins the group of at le
 does) and takes that group's means of the training clients' current states: the shared part,
 and the architecture part of its own shape if the group has at least ``min_size`` clients of it.
 A part the group cannot provide (no or too few holders) is the architecture's public seeded
-initialisation, as under CKKS when a held-out row is refused.
+initialisation, as under CKKS when a held-out row is refused; with ``heldout_pool`` it is the
+mean over the small sets of every group pooled into one, when that pool reaches ``min_size``.
+
+A secure sum that aborts or loses a member raises ``ProtocolError`` naming the set (the
+in-process simulation has no dropouts; a deployment would let the set's members keep their
+own tensors instead, as for a set below ``min_size``).
 
 Threat model and declared leakage
 ---------------------------------
@@ -146,15 +151,8 @@ def summed_sets(uploads: Sequence[HeteroUpload], group_of: Mapping[int, tuple[in
     who = list(range(n)) if recipients is None else [int(i) for i in recipients]
     if any(i not in group_of for i in who):
         raise ConfigError("every recipient needs a group")
-    block = torch.zeros(n, n, dtype=torch.float64)
-    for i in who:
-        block[i, list(group_of[i])] = 1.0
-        if block[i].sum() == 0:
-            block[i, i] = 1.0
-    for i in range(n):
-        if block[i].sum() == 0:  # a position that only contributes: any valid row (it receives nothing here)
-            block[i, i] = 1.0
-    fams = combination_families(uploads, block, trainable=trainable, recipients=who)
+    # only which tensors form a family and who holds them are used here, not the families' rows
+    fams = combination_families(uploads, torch.eye(n, dtype=torch.float64), trainable=trainable, recipients=who)
     sums: dict[tuple[str, tuple[int, ...]], list[int]] = {}
     info: dict[str, tuple[str, tuple[str, ...]]] = {}
     kept: dict[tuple[int, str], str] = {}

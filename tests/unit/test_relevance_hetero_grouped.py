@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from securefml.errors import ConfigError, ProtocolError
+from securefml.protocols.quantize import FixedPoint
 from securefml.relevance import (
     CoLoRAMLP,
     GroupedHeteroRelevance,
@@ -18,6 +19,7 @@ from securefml.relevance import (
     shared_state,
     summed_sets,
 )
+from securefml.relevance.hetero_grouped import DEFAULT_CLIP
 
 SHAPES = {"32": (32,), "64": (64,), "64x64": (64, 64)}
 
@@ -83,6 +85,10 @@ def test_secagg_group_sums_equal_the_plain_group_sums_within_the_protocols_bound
             for k, v in half.items():
                 worst = max(worst, float((mine[k].to(torch.float64) - v.to(torch.float64)).abs().max()))
     assert worst <= sec.error_bound + 1e-7  # + float32 storage of the states
+    # the reported bound is the protocol's documented one for these sets (FixedPoint.error_bound, weight 1 each)
+    documented = max(FixedPoint(DEFAULT_CLIP, len(s.members)).error_bound(len(s.members), float(len(s.members)))
+                     for s in sec.sums)
+    assert sec.error_bound == pytest.approx(documented)
     # the plain twin is the group mean of each part over the members that hold it
     g0 = [0, 1, 2, 3, 4, 5, 6]
     for k in ("first.P", "last.Q"):
@@ -202,6 +208,8 @@ def test_bad_configuration_and_inputs_are_refused():
         HeteroConfig(protocol="secagg")
     with pytest.raises(ConfigError, match="min_group_size"):
         HeteroConfig(relevance=True, protocol="secagg", min_group_size=1)
+    with pytest.raises(ConfigError, match="heldout_pool"):
+        HeteroConfig(relevance=True, protocol="ckks", heldout_pool=True)
     with pytest.raises(ConfigError, match="secagg_clip"):
         HeteroConfig(relevance=True, protocol="secagg", secagg_clip=0.0)
     ups = _uploads(["64", "64", "64"], 0)
