@@ -18,7 +18,8 @@ groups, shapes 32, 64, 64x64 in the shares 1/8, 5/16, 9/16 in every group, the s
 
 ``ckks - policy`` is CKKS's own error; ``policy - plaintext`` is what the policy costs;
 ``secagg - groups`` is SecAgg+'s quantization and ``groups - plaintext`` what grouping costs.
-``--protocols`` picks the runs (default: the CKKS comparison's three).  Held-out
+``--protocols`` picks the runs (default: the CKKS comparison's three); ``--architecture-shares``
+changes the training shares of the three shapes (held-out clients stay in equal shares).  Held-out
 clients: ``--heldout`` (default 24, equal shares): the key holder's Gram of every party's task
 vector is one pairwise product per pair, and 96 held-out clients would make it the run's main
 cost.  Timings (taken on a shared, loaded machine) are reported with the ratio of each run to
@@ -46,11 +47,13 @@ BUDGETS = ((0, 0.01), (5, 0.001))
 
 
 def run_seed(seed: int, heldout: int, changes: dict[str, Any], rounds: int,
-             protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, Any]:
+             protocols: tuple[str, ...] = PROTOCOLS, shares: list[float] | None = None) -> dict[str, Any]:
     data = make_digits_clusters(groups=4, architectures_per_group=True, seed=seed, n_heldout=heldout, k_shot=2,
-                                query=3, architectures=SHAPES, architecture_shares=SHARES,
+                                query=3, architectures=SHAPES, architecture_shares=shares or SHARES,
                                 heldout_architecture_shares=[1.0] * len(SHARES))
     row: dict[str, Any] = {"seed": seed, "changes": changes, "rounds": rounds, "by_protocol": {}}
+    if shares is not None:
+        row["architecture_shares"] = shares
     for proto in protocols:
         t0 = time.perf_counter()
         cfg = HeteroConfig(**{**BASE, "rounds": rounds, "seed": seed, "share": True, "relevance": True,
@@ -70,6 +73,7 @@ def summarize(path: str) -> dict[str, Any]:
         rows = [json.loads(line) for line in fh if line.strip()]
     rows.sort(key=lambda r: r["seed"])
     out: dict[str, Any] = {"seeds": [r["seed"] for r in rows], "changes": rows[0]["changes"] if rows else {},
+                           "architecture_shares": rows[0].get("architecture_shares", SHARES) if rows else SHARES,
                            "rounds": rows[0]["rounds"] if rows else None, "by_budget": {}}
     archs = sorted(rows[0]["by_protocol"]["plaintext"]["by_budget"]["0@0.01"]) if rows else []
     protos = [p for p in PROTOCOLS if all(p in r["by_protocol"] for r in rows)]
@@ -115,6 +119,8 @@ def main() -> None:
                     help="secagg / groups: the grouping's average-cosine threshold (default HeteroConfig's)")
     ap.add_argument("--heldout-pool", action="store_true",
                     help="secagg / groups: held-out clients take the pooled small sets' mean, not the initialisation")
+    ap.add_argument("--architecture-shares", type=float, nargs=3, default=None,
+                    help="training shares of the shapes 32, 64, 64x64 (default 1/8, 5/16, 9/16)")
     ap.add_argument("--rows")
     ap.add_argument("--summarize")
     ap.add_argument("--out")
@@ -136,7 +142,7 @@ def main() -> None:
     if args.heldout_pool:
         changes["heldout_pool"] = True
     for seed in args.seeds:
-        row = run_seed(seed, args.heldout, changes, args.rounds, tuple(args.protocols))
+        row = run_seed(seed, args.heldout, changes, args.rounds, tuple(args.protocols), args.architecture_shares)
         print(json.dumps(row), flush=True)
         if args.rows:
             with open(args.rows, "a") as fh:
