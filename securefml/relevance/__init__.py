@@ -31,6 +31,13 @@ from securefml.relevance.hetero import (
     run_heterogeneous,
     run_heterogeneous_budgets,
 )
+from securefml.relevance.hetero_grouped import (
+    GROUPED_MODES,
+    GroupedHeteroRelevance,
+    GroupedRound,
+    GroupSum,
+    summed_sets,
+)
 from securefml.relevance.hetero_relevance import cross_share, relevance_aggregate_heterogeneous, restricted_rows
 from securefml.relevance.hetero_secure import (
     SECURE_MODES,
@@ -76,6 +83,11 @@ __all__ = [
     "HeteroUpload",
     "PRETRAIN_MODES",
     "relevance_aggregate_heterogeneous",
+    "GroupedHeteroRelevance",
+    "GroupedRound",
+    "GroupSum",
+    "summed_sets",
+    "GROUPED_MODES",
     "cross_share",
     "check_grid",
     "choose_shared",

@@ -29,12 +29,15 @@ parts are two weighted means, so under a secure protocol each is one secure sum 
 clients, and per group).  The relevance-weighted one runs under CKKS with
 ``protocol="ckks"`` (``securefml.relevance.hetero_secure``: the task vectors' Gram and every
 per-client combination decrypted by a key holder that enforces ``RelevancePolicy``), or as its
-plaintext twin with ``protocol="policy"``.
+plaintext twin with ``protocol="policy"``; under SecAgg+ grouping with ``protocol="secagg"``
+(``securefml.relevance.hetero_grouped``: relevance groups, each part securely summed over the
+group's members that hold it), or as its plaintext twin with ``protocol="groups"``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -55,6 +58,7 @@ from securefml.relevance.colora import (
     load_shared,
     shared_state,
 )
+from securefml.relevance.hetero_grouped import DEFAULT_CLIP, DEFAULT_MIN_LINK, GROUPED_MODES, GroupedHeteroRelevance
 from securefml.relevance.hetero_relevance import relevance_aggregate_heterogeneous
 from securefml.relevance.hetero_secure import SECURE_MODES, SecureHeteroRelevance
 from securefml.relevance.policy import RelevancePolicy
@@ -160,7 +164,22 @@ class HeteroConfig:
         ``RelevancePolicy(min_effective)`` refuses concentrated rows; a refused training row
         keeps the client's own tensors, a held-out one is tempered or starts from the public
         initialisation) or ``"policy"`` (the same rows and policy in plaintext: the reference
-        CKKS is compared with).
+        CKKS is compared with); ``"secagg"`` (``hetero_grouped``: the cohort grouped by
+        task-vector cosines, every part securely summed with SecAgg+ over the group's members
+        that hold it, each member given its group's mean; a set below ``group_size`` is not
+        summed and its members keep their own tensors) or ``"groups"`` (the same groups and
+        sets, plain sums: the reference SecAgg+ is compared with).
+    min_group_size, group_min_link, secagg_clip:
+        ``"secagg"`` / ``"groups"``: the smallest summed set (None: ``ceil(min_effective) + 1``,
+        3 by default, as ``RelevanceConfig.group_size``), the grouping's average-cosine threshold
+        (default 0.45, ``hetero_grouped``: chosen on development seeds for these task vectors;
+        the homogeneous SecAgg+ path's 0.25 merged two tasks on one seed) and SecAgg+'s clip
+        range of an entry.
+    heldout_pool:
+        ``"secagg"`` / ``"groups"``: a held-out client whose joined group has fewer than
+        ``group_size`` clients of its shape (or of a ``mid<k>`` block) takes the mean over the
+        pooled small sets of every group (``hetero_grouped``) instead of the public seeded
+        initialisation (default False).
     seed:
         Cohort sampling and initialisation.
     """
@@ -191,6 +210,10 @@ class HeteroConfig:
     own_evidence: float | None = None
     protocol: str = "plaintext"
     min_effective: float = 2.0
+    min_group_size: int | None = None
+    group_min_link: float | None = DEFAULT_MIN_LINK
+    secagg_clip: float = DEFAULT_CLIP
+    heldout_pool: bool = False
     support_choice: tuple[float, ...] | None = None
     choice_steps: int = 5
     choice_lr: float = 0.001
@@ -217,11 +240,20 @@ class HeteroConfig:
         if self.own_evidence is not None and not self.own_evidence > 1:
             raise ConfigError(f"own_evidence must be > 1 (effective same-architecture contributors), "
                               f"got {self.own_evidence}")
-        if self.protocol not in ("plaintext", *SECURE_MODES):
-            raise ConfigError(f"protocol must be 'plaintext', 'ckks' or 'policy', got {self.protocol!r}")
+        if self.protocol not in ("plaintext", *SECURE_MODES, *GROUPED_MODES):
+            raise ConfigError(f"protocol must be one of {('plaintext', *SECURE_MODES, *GROUPED_MODES)}, "
+                              f"got {self.protocol!r}")
         if self.protocol != "plaintext" and not self.relevance:
-            raise ConfigError("protocol 'ckks' / 'policy' applies to the relevance-weighted aggregation "
+            raise ConfigError(f"protocol {self.protocol!r} applies to the relevance-weighted aggregation "
                               "(relevance=True)")
+        if self.min_group_size is not None and self.min_group_size < 2:
+            raise ConfigError(f"min_group_size must be >= 2 (a secure sum needs 2 clients), got {self.min_group_size}")
+        if self.group_min_link is not None and not -1.0 <= self.group_min_link <= 1.0:
+            raise ConfigError(f"group_min_link is a cosine in [-1, 1], got {self.group_min_link}")
+        if self.heldout_pool and self.protocol not in GROUPED_MODES:
+            raise ConfigError(f"heldout_pool applies to the grouped protocols {GROUPED_MODES}, not {self.protocol!r}")
+        if not (math.isfinite(self.secagg_clip) and self.secagg_clip > 0):
+            raise ConfigError(f"secagg_clip must be positive and finite, got {self.secagg_clip}")
         if not self.min_effective >= 1:
             raise ConfigError(f"min_effective must be >= 1, got {self.min_effective}")
         if self.support_choice is not None:
@@ -234,6 +266,11 @@ class HeteroConfig:
                               f"{self.choice_lr}")
         self.pretrain_config()  # validates pretrain, pretrain_steps, pretrain_lr
 
+    @property
+    def group_size(self) -> int:
+        """Smallest summed set under ``"secagg"`` / ``"groups"``."""
+        return self.min_group_size if self.min_group_size is not None else int(math.ceil(self.min_effective)) + 1
+
     def pretrain_config(self) -> PretrainConfig:
         """The backbone pre-training this config asks for (``mode="none"``: none)."""
         return PretrainConfig(mode=self.pretrain, steps=self.pretrain_steps, lr=self.pretrain_lr, seed=self.seed)
@@ -241,7 +278,12 @@ class HeteroConfig:
 
 @dataclass(frozen=True)
 class HeteroResult:
-    """Held-out accuracy per client and per architecture."""
+    """Held-out accuracy per client and per architecture.
+
+    ``refused_rows``: (client, family) combinations not applied over the run (CKKS / policy:
+    rows refused; secagg / groups: sets below the minimum size, whose members kept their own
+    tensors).  ``error_bound``: secagg, the largest per-entry decoding bound of a summed mean.
+    """
 
     per_client: dict[int, float]
     per_architecture: dict[str, float]
@@ -250,6 +292,7 @@ class HeteroResult:
     bytes_uploaded: int = 0
     chosen_lambda: dict[int, float] = field(default_factory=dict)
     training_choices: dict[float, int] = field(default_factory=dict)
+    error_bound: float = 0.0
 
     @property
     def mean(self) -> float:
@@ -314,9 +357,15 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
     if config.relevance:
         vectors = _task_vectors(data, in_features, classes, config.seed, dev)
     secure: SecureHeteroRelevance | None = None
+    grouped: GroupedHeteroRelevance | None = None
     refused_rows = bytes_uploaded = 0
-    if config.protocol != "plaintext":
-        learned = {n for m in models.values() for n, p in m.named_parameters() if p.requires_grad}
+    error_bound = 0.0
+    learned = {n for m in models.values() for n, p in m.named_parameters() if p.requires_grad}
+    if config.protocol in GROUPED_MODES:
+        grouped = GroupedHeteroRelevance(mode=config.protocol, min_size=config.group_size,
+                                         min_link=config.group_min_link, trainable=learned.__contains__,
+                                         clip=config.secagg_clip, heldout_pool=config.heldout_pool)
+    elif config.protocol != "plaintext":
         secure = SecureHeteroRelevance(RelevancePolicy(min_effective=config.min_effective), mode=config.protocol,
                                        temperature=config.temperature, share=config.share,
                                        own_evidence=config.own_evidence, trainable=learned.__contains__)
@@ -395,7 +444,15 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         if not ups:
             log.warning("hetero round %d: no usable upload", rnd)
             continue
-        if secure is not None:
+        if grouped is not None:
+            vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
+            step = grouped.aggregate(rnd, ups, vec)
+            refused_rows += len(step.kept)
+            bytes_uploaded += step.bytes_uploaded
+            error_bound = max(error_bound, step.error_bound)
+            for j, u in enumerate(ups):
+                own[int(u.client_id or 0)] = step.states[j]
+        elif secure is not None:
             vec = torch.stack([vectors[int(u.client_id or 0)] for u in ups])
             got = secure.aggregate(rnd, ups, vec)
             refused_rows += len(got.refused)
@@ -422,7 +479,16 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
         log.info("hetero round %d: %d uploads over %d architectures", rnd, len(ups),
                  len({u.architecture for u in ups}))
     held_start: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
-    if secure is not None and own:
+    if grouped is not None and own:
+        trained = sorted(own)
+        held_start, held_step = grouped.heldout(
+            config.rounds, [HeteroUpload(arch_of[c], own[c][0], own[c][1], client_id=c) for c in trained],
+            torch.stack([vectors[c] for c in trained]),
+            [(t.client_id, architecture_name(s)) for t, s in zip(data.heldout, data.heldout_architectures)],
+            torch.stack([vectors[t.client_id] for t in data.heldout]), state)
+        bytes_uploaded += held_step.bytes_uploaded
+        error_bound = max(error_bound, held_step.error_bound)
+    elif secure is not None and own:
         trained = sorted(own)
         held_start = secure.heldout(
             config.rounds, [HeteroUpload(arch_of[c], own[c][0], own[c][1], client_id=c) for c in trained],
@@ -454,7 +520,7 @@ def run_heterogeneous_budgets(data: ClusteredDataset, config: HeteroConfig, budg
             by_arch.setdefault(held_arch[cid], []).append(acc)
         results[(steps, rate)] = HeteroResult(per_client, {a: statistics.fmean(v) for a, v in sorted(by_arch.items())},
                                               held_arch, refused_rows, bytes_uploaded, dict(chosen_lambda),
-                                              dict(sorted(training_choices.items())))
+                                              dict(sorted(training_choices.items())), error_bound)
     return results
 
 
