@@ -1,7 +1,7 @@
 """Why CKKS runs of the detection setting score below plaintext over 100 rounds: chaos or CKKS.
 
     nice -n 10 python benchmarks/robustness_ckks_gap.py \\
-        --parts noise perturb curves floor gram perturb_gram repeat summary --repeats 3 \\
+        --parts noise perturb curves floor gram perturb_gram perturb_gram_split repeat summary --repeats 3 \\
         --out benchmarks/json/robustness_ckks_gap.json
 
 The detection setting of ``benchmarks/robustness.py`` (digits-fewshot FOMAML, 100 clients, 25 %
@@ -43,6 +43,9 @@ symmetric): ``gram``, and ``all`` (that and the ``ckks`` aggregate noise).
 
 ``summary``: paired differences from the unperturbed plaintext run per kind of run (CKKS cached
 and fresh, each perturbation), computed from the parts above and the 12 cached runs; no runs.
+
+``perturb_gram_split``: the same with the noise on the clipping norms alone (``norms``) and on
+the detector's Gram alone (``cosines``).
 
 ``repeat``: a fresh CKKS run per ``--repeat-seeds`` (attack on, library defaults): a second draw
 of CKKS's randomized encryption beside the one in ``benchmarks/json/robustness.json``.
@@ -98,7 +101,7 @@ class Patch:
         def scales(clip: MedianClipping, norms: torch.Tensor, context: Any) -> torch.Tensor:
             if patch.keep:
                 patch.norms.append(norms.detach().clone().to(torch.float64))
-            if patch.mode in ("gram", "all") and norms.numel():
+            if patch.mode in ("gram", "all", "norms") and norms.numel():
                 norms = norms * (1 + patch.norm_rel * torch.randn(norms.shape, generator=patch.gen,
                                                                   dtype=torch.float64).to(norms.dtype))
             return patch.original_scales(clip, norms, context)
@@ -108,7 +111,7 @@ class Patch:
             if patch.keep:
                 d = inner.diagonal().clamp_min(1e-300).sqrt()
                 patch.cosines.append(inner / (d[:, None] * d[None, :]))
-            if patch.mode in ("gram", "all") and gram.n:
+            if patch.mode in ("gram", "all", "cosines") and gram.n:
                 d = inner.diagonal().clamp_min(0).sqrt()
                 noise = torch.randn(inner.shape, generator=patch.gen, dtype=torch.float64)
                 noise = (noise + noise.T) / 2 ** 0.5
@@ -248,7 +251,8 @@ def gram_noise(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) -> N
                          "cosine": statistics.median(r["cosine_error_std"] for r in rows)}
 
 
-def perturb_gram(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) -> None:
+def perturb_gram(args: argparse.Namespace, patch: Patch, out: dict[str, Any], *,
+                 modes: tuple[str, str] = ("gram", "all"), key: str = "perturb_gram") -> None:
     """Plaintext with CKKS-sized noise on the Gram-derived quantities (``gram``) and on those and the
     aggregate together (``all``); the unperturbed runs are the ``perturb`` part's."""
     g = out["gram_noise"]
@@ -256,7 +260,7 @@ def perturb_gram(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) ->
     rows = []
     for seed in args.seeds:
         row: dict[str, Any] = {"seed": seed, "attack": "signflip", "plaintext": base[(seed, "signflip")]}
-        for mode in ("gram", "all"):
+        for mode in modes:
             vals = []
             for k in range(args.repeats):
                 patch.set(mode, seed=k, sigma=out["noise_sigma"], norm_rel=g["norm_rel"], gram_rel=g["cosine"])
@@ -264,11 +268,17 @@ def perturb_gram(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) ->
                 vals.append(last5(res))
             row[mode] = vals
             row[f"{mode}_minus_plaintext"] = [v - row["plaintext"] for v in vals]
-        print(f"perturb_gram seed {seed}: {row['plaintext']:.3f} gram {[round(v, 3) for v in row['gram']]} "
-              f"all {[round(v, 3) for v in row['all']]}", flush=True)
+        print(f"{key} seed {seed}: {row['plaintext']:.3f} " + " ".join(
+            f"{m} {[round(v, 3) for v in row[m]]}" for m in modes), flush=True)
         rows.append(row)
     patch.set("off")
-    out["perturb_gram"] = {"norm_rel": g["norm_rel"], "gram_rel": g["cosine"], "rows": rows}
+    out[key] = {"norm_rel": g["norm_rel"], "gram_rel": g["cosine"], "rows": rows}
+
+
+def perturb_gram_split(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) -> None:
+    """``perturb_gram``'s noise on the clipping norms alone (``norms``) and on the detector's Gram alone
+    (``cosines``): which of the two moves the runs."""
+    perturb_gram(args, patch, out, modes=("norms", "cosines"), key="perturb_gram_split")
 
 
 def perturb(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) -> None:
@@ -342,7 +352,8 @@ def summary(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) -> None
         "ckks_all_minus_plaintext": _spread(ckks_cached + ckks_fresh),
         "ckks_fresh_minus_cached": {s: fresh[s] - cached[("ckks", s)] for s in sorted(fresh)},
     }
-    for part, modes in (("perturb", ("ckks", "tiny")), ("perturb_gram", ("gram", "all"))):
+    for part, modes in (("perturb", ("ckks", "tiny")), ("perturb_gram", ("gram", "all")),
+                        ("perturb_gram_split", ("norms", "cosines"))):
         for attack in ("signflip", "none"):
             rows = [r for r in out.get(part, {}).get("rows", []) if r["attack"] == attack]
             for mode in modes:
@@ -351,13 +362,34 @@ def summary(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) -> None
                     res[f"{part}_{mode}_{attack}_minus_plaintext"] = _spread(diffs)
     res["none_ckks_minus_plaintext"] = {p["seed"]: p["last_5_ckks_minus_plaintext"]
                                         for p in out.get("curves", []) if p["attack"] == "none"}
+    if args.cache:
+        res["cached_trajectories"] = cached_trajectories(Path(args.cache), args.cache_seeds)
     out["summary"] = res
+
+
+def cached_trajectories(path: Path, seeds: list[int]) -> list[dict[str, Any]]:
+    """Per round of the cached detection runs (``benchmarks/robustness.py --cache`` format) on ``seeds``:
+    aggregate norm, attackers in the cohort, attackers and honest clients excluded."""
+    rows = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        key = json.loads(rec["key"])
+        if key["seed"] not in seeds or key["rounds"] != 100 or key["attack"] != ATTACKS["signflip"]:
+            continue
+        bad = set(rec["malicious_ids"])
+        rows.append({"protocol": key["protocol"], "seed": key["seed"], "last_5": rec["last_k"],
+                     "update_norm": [r["update_norm"] for r in rec["rounds"]],
+                     "attackers": [sum(c in bad for c in r["cohort"]) for r in rec["rounds"]],
+                     "attackers_excluded": [sum(c in bad for c in r["flagged"]) for r in rec["rounds"]],
+                     "honest_excluded": [sum(c not in bad for c in r["flagged"]) for r in rec["rounds"]]})
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="+",
-                    default=["noise", "perturb", "curves", "floor", "gram", "perturb_gram", "repeat", "summary"])
+                    default=["noise", "perturb", "curves", "floor", "gram", "perturb_gram", "perturb_gram_split",
+                             "repeat", "summary"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     ap.add_argument("--curve-seeds", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--floor-seeds", type=int, nargs="+", default=[0])
@@ -366,6 +398,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--sigma", type=float, default=None, help="noise std of the ckks-like perturbation")
+    ap.add_argument("--cache", help="the summary part: a benchmarks/robustness.py cache holding the cached runs")
+    ap.add_argument("--cache-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out")
     ap.add_argument("--resume", help="a JSON this script wrote: its parts are kept, the new ones added")
     args = ap.parse_args()
@@ -376,7 +410,8 @@ def main() -> None:
     out["args"].update({p: vars(args) for p in args.parts})
     for part in args.parts:
         {"noise": noise, "curves": curves, "perturb": perturb, "floor": floor, "gram": gram_noise,
-         "perturb_gram": perturb_gram, "repeat": repeat, "summary": summary}[part](args, patch, out)
+         "perturb_gram": perturb_gram, "repeat": repeat, "summary": summary,
+         "perturb_gram_split": perturb_gram_split}[part](args, patch, out)
         if args.out:  # after every part, so a stopped run keeps what it measured
             Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     write_report(out, args.out, indent=1)
