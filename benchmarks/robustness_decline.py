@@ -18,18 +18,29 @@ personalized accuracy.  ``last_5`` is the matrix's score (mean of the last 5 rou
 * ``oracle``: the attackers never upload (removed from every cohort from round 0; a diagnostic,
   not a defense), the recommended default on the rest;
 * ``attack-0-10``: the attackers flip only in rounds 0-10 and are honest afterwards;
-* ``attack-30-``: honest in rounds 0-29, flip from round 30 on.
+* ``attack-30-``: honest in rounds 0-29, flip from round 30 on;
+* ``attack-0-30``: flip in rounds 0-29, honest afterwards;
+* ``oracle-30-``: the attack in rounds 0-29, then the attackers never upload again.
+
+``--labels`` runs only some of them and merges their runs into the section already in ``--out``.
 
 ``candidates``: the default and option settings of the defense under the attack and clean, for
 choosing an option on development seeds.
+
+``matrix``: ``benchmarks/robustness.py``'s matrix (same configurations, same summary; its own
+cache, ``--cache``) for ``--candidates`` at ``--fractions``, every attack and none, ``--seeds``.
+
+Each section is stored under its own key of ``--out``; the other sections already there are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,8 +102,8 @@ def dead_units(params: dict[str, torch.Tensor], inputs: torch.Tensor) -> list[fl
 class Probe:
     """What the instrumented server records; one per run."""
 
-    def __init__(self, *, oracle: bool, eval_every: int, rounds: int) -> None:
-        self.oracle, self.eval_every, self.rounds = oracle, eval_every, rounds
+    def __init__(self, *, oracle_from: int | None, eval_every: int, rounds: int) -> None:
+        self.oracle_from, self.eval_every, self.rounds = oracle_from, eval_every, rounds
         self.data: Any = None
         self.steps = 0
         self.inputs: torch.Tensor | None = None
@@ -110,7 +121,7 @@ class DiagServer(Server):
         probe = PROBE
         assert probe is not None
         attackers_in = sum(c.malicious for c in cohort)
-        if probe.oracle:
+        if probe.oracle_from is not None and round_idx >= probe.oracle_from:
             cohort = [c for c in cohort if not c.malicious]
         before = self.model.vector.clone()
         rec = super().run_round(round_idx, cohort, **kw)
@@ -137,13 +148,13 @@ class DiagServer(Server):
 
 
 def run(label: str, defense_spec: str, attack: str, seed: int, args: argparse.Namespace, *,
-        oracle: bool = False, window: tuple[int, int] | None = None) -> dict[str, Any]:
+        oracle_from: int | None = None, window: tuple[int, int] | None = None) -> dict[str, Any]:
     global PROBE
     cfg = RunConfig(dataset="digits-fewshot", algorithm=args.algorithm, rounds=args.rounds, clients_per_round=10,
                     seed=seed, defense=defense_spec, attack=attack, malicious=args.malicious, last_k=5)
     data = experiment.load_dataset(cfg.dataset, seed=seed)
     defense = make_defense(defense_spec)
-    probe = Probe(oracle=oracle, eval_every=args.eval_every, rounds=args.rounds)
+    probe = Probe(oracle_from=oracle_from, eval_every=args.eval_every, rounds=args.rounds)
     probe.data, probe.steps = data, cfg.resolved(data.kind)["finetune_steps"]
     probe.inputs = torch.cat([t.support_x for t in data.heldout])
     probe.medclip = _medclip(defense)
@@ -155,7 +166,8 @@ def run(label: str, defense_spec: str, attack: str, seed: int, args: argparse.Na
     res = run_experiment(cfg, dataset=data, defense=defense, attack=inst)
     PROBE = None
     last5 = res.metrics["personalized_last_k"]["mean"]
-    return {"label": label, "defense": defense_spec, "attack": attack, "seed": seed, "oracle": oracle,
+    return {"label": label, "defense": defense_spec, "attack": attack, "seed": seed,
+            "oracle": oracle_from == 0, "oracle_from": oracle_from,
             "window": list(window) if window else None, "last_5": last5,
             "seconds": round(time.perf_counter() - t0, 1), "rounds": probe.rows}
 
@@ -187,33 +199,69 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def matrix_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The robustness matrix (``benchmarks/robustness.py``'s functions) for the candidate defenses."""
+    import robustness
+
+    ns = argparse.Namespace(rounds=args.rounds, clients_per_round=10, seeds=args.seeds, malicious=args.fractions,
+                            defenses=args.candidates, settings=args.settings, attacks=robustness.ATTACKS,
+                            last_k=5)
+    runner = robustness.Runner(Path(args.cache), 1)
+    planned = robustness.matrix_configs(ns)
+    runner.run(planned)
+    return {"args": {k: v for k, v in vars(ns).items()}, "errors": runner.errors(planned),
+            "runs_done": sum(runner.get(c) is not None for c in planned), "runs_planned": len(planned),
+            "matrix": robustness.matrix(ns, runner)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--section", choices=["diagnosis", "candidates"], default="diagnosis")
+    ap.add_argument("--section", choices=["diagnosis", "candidates", "matrix"], default="diagnosis")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--malicious", type=float, default=0.2)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.2, 0.25], help="matrix: malicious fractions")
+    ap.add_argument("--settings", nargs="+", default=["digits-fewshot/fomaml"], help="matrix: dataset/algorithm")
+    ap.add_argument("--cache", default="results/robustness-decline-runs.jsonl", help="matrix: the runs' cache")
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--algorithm", default="fomaml")
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--candidates", nargs="+", default=[DEFAULT])
+    ap.add_argument("--labels", nargs="+", help="diagnosis: only these ablations, merged into the section in --out")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(1)
     experiment.Server = DiagServer  # type: ignore[misc]  # the instrumented server, for these runs only
     runs: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        if args.section == "diagnosis":
-            runs.append(run("attack", DEFAULT, ATTACK, seed, args))
-            runs.append(run("clean", DEFAULT, "none", seed, args))
-            runs.append(run("mean-clean", "mean", "none", seed, args))
-            runs.append(run("oracle", DEFAULT, ATTACK, seed, args, oracle=True))
-            runs.append(run("attack-0-10", DEFAULT, ATTACK, seed, args, window=(0, 11)))
-            runs.append(run("attack-30-", DEFAULT, ATTACK, seed, args, window=(30, args.rounds)))
-        else:
-            for spec in args.candidates:
-                runs.append(run(f"{spec} | {ATTACK}", spec, ATTACK, seed, args))
-                runs.append(run(f"{spec} | none", spec, "none", seed, args))
-    write_report({"args": vars(args), "summary": summary(runs), "runs": runs}, args.out, indent=1)
+    if args.section == "matrix":
+        section = matrix_section(args)
+    else:
+        for seed in args.seeds:
+            if args.section == "diagnosis":
+                ablations: dict[str, dict[str, Any]] = {
+                    "attack": dict(spec=DEFAULT, attack=ATTACK), "clean": dict(spec=DEFAULT, attack="none"),
+                    "mean-clean": dict(spec="mean", attack="none"),
+                    "oracle": dict(spec=DEFAULT, attack=ATTACK, oracle_from=0),
+                    "attack-0-10": dict(spec=DEFAULT, attack=ATTACK, window=(0, 11)),
+                    "attack-30-": dict(spec=DEFAULT, attack=ATTACK, window=(30, args.rounds)),
+                    "attack-0-30": dict(spec=DEFAULT, attack=ATTACK, window=(0, 30)),
+                    "oracle-30-": dict(spec=DEFAULT, attack=ATTACK, oracle_from=30),
+                }
+                for label in args.labels or list(ablations):
+                    kw: dict[str, Any] = dict(ablations[label])
+                    runs.append(run(label, kw.pop("spec"), kw.pop("attack"), seed, args, **kw))
+            else:
+                for spec in args.candidates:
+                    runs.append(run(f"{spec} | {ATTACK}", spec, ATTACK, seed, args))
+                    runs.append(run(f"{spec} | none", spec, "none", seed, args))
+    report: dict[str, Any] = {}
+    if args.out and Path(args.out).exists():
+        report = json.loads(Path(args.out).read_text())
+    if args.section != "matrix":
+        if args.labels and args.section in report:  # merge: replace these labels' runs, keep the others
+            runs = [r for r in report[args.section]["runs"] if r["label"] not in args.labels] + runs
+        section = {"args": vars(args), "summary": summary(runs), "runs": runs}
+    report[args.section] = section
+    write_report(report, args.out, indent=1)
 
 
 if __name__ == "__main__":
