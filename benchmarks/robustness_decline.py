@@ -261,7 +261,18 @@ def main() -> None:
             runs = [r for r in report[args.section]["runs"] if r["label"] not in args.labels] + runs
         section = {"args": vars(args), "summary": summary(runs), "runs": runs}
     report[args.section] = section
-    write_report(report, args.out, indent=1)
+    write_report(rounded(report), args.out, indent=None)
+
+
+def rounded(value: Any, digits: int = 6) -> Any:
+    """``value`` with every float rounded to ``digits`` decimals (the per-round series stay readable in size)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
 
 
 if __name__ == "__main__":
