@@ -214,16 +214,22 @@ def round0_error(plain: torch.Tensor, ckks: torch.Tensor) -> dict[str, Any]:
             "plaintext_zero": int((plain == 0).sum())}
 
 
+def round0(patch: Patch, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One unperturbed round per protocol on the same uploads: its (norms, cosines, aggregate)."""
+    rec = {}
+    for protocol in ("plaintext", "ckks"):
+        patch.set("off", keep=True)
+        run(config(protocol, "signflip", seed, 1, 1))
+        rec[protocol] = (patch.norms[0], patch.cosines[0], patch.aggregates[0])
+    return rec
+
+
 def noise(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) -> None:
     """One round of plaintext and CKKS per seed (identical uploads): CKKS's error on the aggregate."""
     rows = []
     for seed in args.seeds:
-        aggs = {}
-        for protocol in ("plaintext", "ckks"):
-            patch.set("off", keep=True)
-            run(config(protocol, "signflip", seed, 1, 1))
-            aggs[protocol] = patch.aggregates[0]
-        rows.append({"seed": seed, **round0_error(aggs["plaintext"], aggs["ckks"])})
+        rec = round0(patch, seed)
+        rows.append({"seed": seed, **round0_error(rec["plaintext"][2], rec["ckks"][2])})
         print(f"noise seed {seed}: {rows[-1]}", flush=True)
     out["noise"] = rows
     out["noise_sigma"] = statistics.median(r["std"] for r in rows)
@@ -234,11 +240,7 @@ def gram_noise(args: argparse.Namespace, patch: Patch, out: dict[str, Any]) -> N
     the decrypted Gram's diagonal) and on the cosines the detector scores (from the decrypted Gram)."""
     rows = []
     for seed in args.seeds:
-        rec = {}
-        for protocol in ("plaintext", "ckks"):
-            patch.set("off", keep=True)
-            run(config(protocol, "signflip", seed, 1, 1))
-            rec[protocol] = (patch.norms[0], patch.cosines[0], patch.aggregates[0])
+        rec = round0(patch, seed)
         (np_, cp, ap), (nc, cc, ac) = rec["plaintext"], rec["ckks"]
         off = ~torch.eye(cp.shape[0], dtype=torch.bool)
         rows.append({"seed": seed, "norm_relative_error_std": float((nc / np_ - 1).std()),

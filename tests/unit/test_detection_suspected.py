@@ -32,20 +32,14 @@ from securefml.gram import Gram
 from securefml.protocols.base import ClientUpdate
 from securefml.protocols.plaintext import Plaintext
 from securefml.updates import LayerLayout
+from tests.defense_rounds import signflip_round
 
 LAYOUT = LayerLayout([("a.weight", (6, 10)), ("a.bias", (6,))])
 D = LAYOUT.numel
 
 
 def _round(g: torch.Generator, ids, bad, d: int = D, signal: float = 0.6) -> torch.Tensor:
-    """Heterogeneous honest updates sharing a weak common direction; ``bad`` rows sign-flipped."""
-    common = torch.zeros(d, dtype=torch.float64)
-    common[0] = 1.0
-    x = signal * common + torch.randn(len(ids), d, generator=g, dtype=torch.float64) / d**0.5
-    for i, c in enumerate(ids):
-        if c in bad:
-            x[i] = -x[i]
-    return x
+    return signflip_round(g, ids, bad, d, signal)
 
 
 def _trained(rep: Reputation, seed: int = 0, rounds: int = 60) -> tuple[Reputation, set[int]]:

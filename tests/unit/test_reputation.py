@@ -11,17 +11,9 @@ from securefml.defenses import CoordinateMedian, Krum, Mean, Reputation, cumulat
 from securefml.defenses.reputation import consensus_cosine
 from securefml.errors import ConfigError
 from securefml.gram import Gram
+from tests.defense_rounds import signflip_round
 
-
-def _round(g: torch.Generator, ids, bad, d=60, signal=0.6):
-    """Heterogeneous honest updates sharing a weak common direction; ``bad`` rows are sign-flipped."""
-    common = torch.zeros(d, dtype=torch.float64)
-    common[0] = 1.0
-    x = signal * common + torch.randn(len(ids), d, generator=g, dtype=torch.float64) / d**0.5
-    for i, c in enumerate(ids):
-        if c in bad:
-            x[i] = -x[i]
-    return x
+_round = signflip_round  # the round this module's tests build
 
 
 def test_consensus_cosine_matches_a_direct_computation():
