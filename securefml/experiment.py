@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,19 @@ class RunResult:
         return target
 
 
+def _detection_scores(history: Sequence[RoundRecord], malicious_ids: Sequence[int],
+                      ids_of: Callable[[RoundRecord], Sequence[int]], *, total_key: str) -> dict[str, Any]:
+    """Per-round, overall and cumulative detection rates of one id set of the rounds' records
+    (``flagged``: the defense's exclusions; ``suspected``: its detector's flags)."""
+    tracker = DetectionTracker(tuple(malicious_ids))
+    for r in history:
+        tracker.update(r.round, flagged=ids_of(r), cohort_ids=r.accepted)
+    overall = tracker.overall()
+    cumulative = cumulative_detection(((r.round, r.accepted, ids_of(r)) for r in history), malicious_ids)
+    return {"tpr": overall.tpr, "fpr": overall.fpr, total_key: overall.tp + overall.fp, **tracker.to_dict(),
+            "cumulative": [{"round": i, **c.to_dict()} for i, c in cumulative]}
+
+
 def _json_default(obj: object) -> object:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
@@ -372,15 +385,6 @@ def run_experiment(
     personalized = personalize(learner, server.params, data.heldout, steps=steps, device=device)
     last_scores.append((config.rounds - 1, personalized.mean))
     global_only = personalize(learner, server.params, data.heldout, steps=0, device=device)
-    tracker = DetectionTracker(tuple(malicious_ids))
-    by_detector = DetectionTracker(tuple(malicious_ids))
-    for r in history:
-        tracker.update(r.round, flagged=r.flagged, cohort_ids=r.accepted)
-        by_detector.update(r.round, flagged=r.suspected, cohort_ids=r.accepted)
-    overall = tracker.overall()
-    cumulative = cumulative_detection(((r.round, r.accepted, r.flagged) for r in history), malicious_ids)
-    cumulative_suspected = cumulative_detection(((r.round, r.accepted, r.suspected) for r in history), malicious_ids)
-    detector_overall = by_detector.overall()
     metrics = {
         "personalized": personalized.to_dict(),
         "global": global_only.to_dict(),
@@ -394,20 +398,10 @@ def run_experiment(
         "rejected": int(sum(len(r.rejected) for r in history)),
         "detection": {
             "malicious_ids": malicious_ids,
-            "tpr": overall.tpr,
-            "fpr": overall.fpr,
-            "flagged_total": overall.tp + overall.fp,
-            **tracker.to_dict(),
-            "cumulative": [{"round": i, **c.to_dict()} for i, c in cumulative],
+            **_detection_scores(history, malicious_ids, lambda r: r.flagged, total_key="flagged_total"),
             # the same counts on the detector's flags (RoundRecord.suspected), before the
             # exclusion cap; all zero for a rule without a detector
-            "detector": {
-                "tpr": detector_overall.tpr,
-                "fpr": detector_overall.fpr,
-                "suspected_total": detector_overall.tp + detector_overall.fp,
-                **by_detector.to_dict(),
-                "cumulative": [{"round": i, **c.to_dict()} for i, c in cumulative_suspected],
-            },
+            "detector": _detection_scores(history, malicious_ids, lambda r: r.suspected, total_key="suspected_total"),
         },
     }
     if config.aggregation != "mean" or config.architectures is not None or bool(getattr(data, "heldout_groups", None)):
